@@ -1,0 +1,1 @@
+"""Runtime: load a plan + GGUF and execute it (cpu reference backend; cuda backend)."""

@@ -1,0 +1,15 @@
+"""ggfuse: compile GGUF hybrid Gated-DeltaNet + MoE models into a fused prefill plan and run it.
+
+    import ggfuse
+    m = ggfuse.load("model.gguf", device="cpu")
+    logits = m.prefill([1, 2, 3])     # [3, n_vocab]
+"""
+__version__ = "0.1.0"
+
+
+def load(path, device="auto", chunk=None, gguf=None):
+    from ggfuse.runtime.api import load as _load
+    return _load(path, device=device, chunk=chunk, gguf=gguf)
+
+
+__all__ = ["load", "__version__"]

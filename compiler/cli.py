@@ -1,0 +1,232 @@
+"""The `ggfuse` command: compile, inspect, run, synth, bench.
+
+Every user-facing failure (bad GGUF, unsupported input, wrong plan, no device) is one line on
+stderr and exit code 2; --debug shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from ggfuse.errors import GGFuseError
+
+EXAMPLE_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                             "qwen35moe-tiny-q4_k_m.gguf")
+
+
+def _human(n: float, unit: str = "B") -> str:
+    for prefix in ("", "K", "M", "G", "T", "P"):
+        if abs(n) < 1000 or prefix == "P":
+            return f"{n:.1f} {prefix}{unit}" if prefix else f"{n:.0f} {unit}"
+        n /= 1000.0
+    return f"{n} {unit}"
+
+
+def _passes_list(s):
+    return [p for p in s.split(",") if p] if s else None
+
+
+# ---- compile ---------------------------------------------------------------------------------
+
+def cmd_compile(args) -> int:
+    from ggfuse.compiler.driver import compile_gguf
+    plan = compile_gguf(args.model, chunk=args.chunk, passes=_passes_list(args.passes),
+                        skip=_passes_list(args.skip_pass) or (), dump_dir=args.dump_dir,
+                        **({"vram_budget": args.vram_budget} if args.vram_budget else {}))
+    out = args.output or (os.path.splitext(args.model)[0] + ".ggfuse.json")
+    plan.save(out)
+    s = plan.stats
+    print(f"wrote {out}: {plan.arch}, {len(plan.graph)} nodes, chunk {plan.chunk}, "
+          f"{_human(s['flops_per_chunk'], 'FLOP')}/chunk, weights {_human(s['weight_bytes'])}")
+    return 0
+
+
+# ---- inspect ---------------------------------------------------------------------------------
+
+def inspect_summary(plan) -> dict:
+    from ggfuse.compiler.stats import graph_stats
+    s = graph_stats(plan.graph, plan.chunk)
+    hp = plan.hparams
+    return {
+        "arch": plan.arch,
+        "version": list(plan.version),
+        "source": plan.source,
+        "chunk": plan.chunk,
+        "passes": plan.passes,
+        "hparams": {k: hp[k] for k in sorted(hp) if k not in ("extra",)},
+        "n_nodes": len(plan.graph),
+        "ops": s["op_counts"],
+        "ops_before_passes": plan.stats.get("op_counts_before", None),
+        "weights_by_type": s["weights_by_type"],
+        "weight_bytes": s["weight_bytes"],
+        "flops_per_chunk": s["flops_per_chunk"],
+        "flops_by_op": s["flops_by_op"],
+        "activation_bytes_naive": s["activation_bytes_naive"],
+        "bytes_per_chunk": s["bytes_per_chunk"],
+        "memory": plan.stats.get("memory"),
+        "prefetch": plan.stats.get("prefetch"),
+        "segments": plan.stats.get("segments"),
+        "states": {k: n.outputs[0].to_json() for k, n in sorted(plan.graph.states().items())},
+    }
+
+
+def print_summary(d: dict) -> None:
+    hp = d["hparams"]
+    print(f"plan  {d['arch']}  format {'.'.join(map(str, d['version']))}  chunk {d['chunk']}  nodes {d['n_nodes']}")
+    print(f"source {d['source'].get('path')}  ({_human(d['source'].get('size', 0))}, header {str(d['source'].get('header_sha256'))[:16]})")
+    rec = hp.get("recurrent") or []
+    print(f"layers {hp.get('n_layer')}  (deltanet {sum(rec)}, attention {len(rec) - sum(rec)})  "
+          f"d_model {hp.get('n_embd')}  vocab {hp.get('n_vocab')}  experts {hp.get('n_expert')} top-{hp.get('n_expert_used')}")
+    if d["passes"]:
+        print("passes " + ", ".join(d["passes"]))
+    print("\nops by kind" + ("                      before passes" if d.get("ops_before_passes") else ""))
+    before = d.get("ops_before_passes") or {}
+    for op in sorted(set(d["ops"]) | set(before)):
+        b = f"{before.get(op, 0):>8}" if before else ""
+        print(f"  {op:<28}{d['ops'].get(op, 0):>6}   {b}")
+    print("\nweights by type")
+    for t, e in d["weights_by_type"].items():
+        print(f"  {t:<8}{e['count']:>6} tensors {_human(e['bytes']):>12}")
+    print(f"  {'total':<8}{'':>14}{_human(d['weight_bytes']):>13}")
+    print(f"\nper chunk of {d['chunk']} tokens (first chunk)")
+    print(f"  FLOPs            {_human(d['flops_per_chunk'], 'FLOP')}")
+    for op, f in sorted(d["flops_by_op"].items(), key=lambda kv: -kv[1])[:8]:
+        print(f"    {op:<24}{_human(f, 'FLOP'):>14}  {100.0 * f / max(d['flops_per_chunk'], 1):5.1f}%")
+    print(f"  weight bytes     {_human(d['weight_bytes'])}")
+    print(f"  activations      {_human(d['activation_bytes_naive'])} (naive sum of every value)")
+    if d.get("memory"):
+        m = d["memory"]
+        print(f"  activation arena {_human(m['peak_bytes'])} planned peak vs {_human(m['naive_bytes'])} naive")
+    if d.get("prefetch"):
+        p = d["prefetch"]
+        print(f"\nvram budget {_human(p.get('budget_bytes', 0))}: resident {_human(p.get('resident_bytes', 0))}, "
+              f"streamed per chunk {_human(p.get('bytes_moved_per_chunk', 0))}")
+    if d.get("segments"):
+        print(f"capture segments {len(d['segments'])}")
+    print(f"\nstates carried between calls: {len(d['states'])}")
+
+
+def cmd_inspect(args) -> int:
+    from ggfuse.compiler.plan import load_plan
+    plan = load_plan(args.plan)
+    d = inspect_summary(plan)
+    if args.dot:
+        from ggfuse.ir.printer import to_dot
+        with open(args.dot, "w") as f:
+            f.write(to_dot(plan.graph, weights=args.dot_weights))
+        print(f"wrote {args.dot} (render: dot -Tsvg {args.dot} -o graph.svg)", file=sys.stderr)
+    if args.text:
+        from ggfuse.ir.printer import to_text
+        sys.stdout.write(to_text(plan.graph))
+    elif args.json:
+        print(json.dumps(d, indent=1, sort_keys=True))
+    elif not args.dot:
+        print_summary(d)
+    return 0
+
+
+# ---- run -------------------------------------------------------------------------------------
+
+def _parse_tokens(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise GGFuseError(None, f"--tokens must be comma-separated integers, got {s!r}") from None
+
+
+def cmd_run(args) -> int:
+    import ggfuse
+    model_path = args.model or EXAMPLE_MODEL
+    if not args.model:
+        print(f"no model given: running the example model {os.path.relpath(model_path)}", file=sys.stderr)
+    m = ggfuse.load(model_path, device=args.device, chunk=args.chunk)
+    tokens = _parse_tokens(args.tokens)
+    if not tokens:
+        raise GGFuseError(None, "--tokens is empty")
+    logits = m.prefill(tokens)
+    if args.logits:
+        np.save(args.logits, logits)
+        print(f"wrote logits {logits.shape} to {args.logits}", file=sys.stderr)
+    last = logits[-1].astype(np.float64)
+    p = np.exp(last - last.max())
+    p /= p.sum()
+    vocab = m.vocab()
+    print(f"{m.arch} on {m.device}: {len(tokens)} tokens in, top-5 next tokens:")
+    for t in np.argsort(-last, kind="stable")[:5]:
+        text = f"  {vocab[t]!r}" if vocab is not None and t < len(vocab) else ""
+        print(f"  {int(t):>8}  logit {last[t]:9.4f}  p {p[t]:.4f}{text}")
+    return 0
+
+
+# ---- main ------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ggfuse", description="Compile GGUF hybrid GDN + MoE models into a fused prefill plan and run it.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compile", help="GGUF -> plan file")
+    c.add_argument("model")
+    c.add_argument("-o", "--output", help="plan path (default MODEL.ggfuse.json)")
+    c.add_argument("--chunk", type=int, default=512, help="prefill chunk length (default 512)")
+    c.add_argument("--passes", help="comma-separated passes to run (default: the whole pipeline)")
+    c.add_argument("--skip-pass", help="comma-separated passes to skip")
+    c.add_argument("--dump-dir", help="write the graph as text after each pass into this folder")
+    c.add_argument("--vram-budget", help="device memory budget, e.g. 12GiB: plan expert streaming")
+    c.set_defaults(fn=cmd_compile)
+
+    i = sub.add_parser("inspect", help="summarise a plan")
+    i.add_argument("plan")
+    i.add_argument("--json", action="store_true", help="the summary as JSON")
+    i.add_argument("--dot", metavar="FILE", help="write the graph as Graphviz dot")
+    i.add_argument("--dot-weights", action="store_true", help="include weight nodes in --dot")
+    i.add_argument("--text", action="store_true", help="print the whole graph, one node per line")
+    i.set_defaults(fn=cmd_inspect)
+
+    r = sub.add_parser("run", help="prefill tokens and print the top-5 next tokens")
+    r.add_argument("model", nargs="?", help="GGUF or plan (default: the example model)")
+    r.add_argument("--tokens", default="1,2,3", help="comma-separated token ids (default 1,2,3)")
+    r.add_argument("--logits", help="save all logits [n_tokens, vocab] to this .npy")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--chunk", type=int, default=None)
+    r.set_defaults(fn=cmd_run)
+
+    try:
+        from ggfuse.compiler.synth import add_synth_parser
+        add_synth_parser(sub)
+    except ImportError:
+        pass
+    try:
+        from ggfuse.runtime.bench import add_bench_parser
+        add_bench_parser(sub)
+    except ImportError:
+        pass
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except GGFuseError as e:
+        if args.debug:
+            raise
+        print(f"ggfuse: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        if args.debug:
+            raise
+        print("ggfuse: error: out of host memory (try a smaller --chunk)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ggfuse: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

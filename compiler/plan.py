@@ -1,0 +1,113 @@
+"""The plan file: what the compiler writes and the runtime executes.
+
+Plain data, sorted JSON, no callables. Version rule (as torch/_export/serde/schema.py does):
+bump MINOR for additions an older runtime can ignore; bump MAJOR when a field changes meaning or
+a runtime must understand something new to execute correctly (new ops, new step semantics).
+The loader refuses an unknown MAJOR and says to recompile.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from ggfuse.errors import PlanError
+from ggfuse.ir.graph import Graph
+from ggfuse.ir.serialize import graph_from_json, node_to_json
+
+PLAN_FORMAT = "ggfuse-plan"
+PLAN_VERSION = (1, 0)
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    name: str
+    ggml_type: str
+    shape: tuple          # numpy order (GGUF ne reversed)
+    offset: int           # absolute byte offset in the GGUF file
+    nbytes: int
+
+    def to_json(self):
+        return {"name": self.name, "ggml_type": self.ggml_type, "shape": list(self.shape),
+                "offset": self.offset, "nbytes": self.nbytes}
+
+
+@dataclass
+class Plan:
+    source: dict                       # {"path", "size", "header_sha256"}
+    arch: str
+    hparams: dict
+    chunk: int
+    graph: Graph                       # steps = graph.topo(): the op schedule
+    weights: list[WeightEntry]
+    passes: list[str] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+    version: tuple = PLAN_VERSION
+
+    def to_json(self) -> dict:
+        g = self.graph
+        steps = [node_to_json(n) for n in g.topo()]
+        return {
+            "format": PLAN_FORMAT,
+            "version": list(self.version),
+            "source": self.source,
+            "arch": self.arch,
+            "hparams": self.hparams,
+            "chunk": self.chunk,
+            "passes": list(self.passes),
+            "steps": steps,
+            "outputs": {k: str(v) for k, v in sorted(g.outputs.items())},
+            "states": {k: n.outputs[0].to_json() for k, n in sorted(g.states().items())},
+            "buffers": buffers_of(g),
+            "weights": [w.to_json() for w in sorted(self.weights, key=lambda w: w.offset)],
+            "graph_meta": g.meta,
+            "stats": self.stats,
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True, indent=1) + "\n"
+
+    def save(self, path: str) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(self.dumps())
+        os.replace(tmp, path)
+
+
+def buffers_of(g: Graph) -> list[dict]:
+    """Every activation value the schedule produces, with its type (weights excluded)."""
+    out = []
+    for n in g.topo():
+        if n.op.value == "weight":
+            continue
+        for i, t in enumerate(n.outputs):
+            entry = {"value": str(n.value(i)), **t.to_json()}
+            if "offset" in n.meta and i == 0:
+                entry["offset"] = n.meta["offset"]
+            out.append(entry)
+    return out
+
+
+def load_plan(path: str) -> Plan:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise PlanError(path, "no such plan file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PlanError(path, f"not a readable plan file ({e.__class__.__name__}: {e})") from None
+    if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
+        raise PlanError(path, f"not a ggfuse plan (format field is {d.get('format') if isinstance(d, dict) else None!r})")
+    ver = tuple(d.get("version", (0, 0)))
+    if len(ver) != 2 or ver[0] != PLAN_VERSION[0]:
+        raise PlanError(path, f"plan format version {'.'.join(map(str, ver))} is not supported by this ggfuse "
+                              f"(reads {PLAN_VERSION[0]}.x); recompile it with `ggfuse compile`")
+    try:
+        graph = graph_from_json({"name": d["arch"], "nodes": d["steps"], "outputs": d["outputs"],
+                                 "meta": d.get("graph_meta", {})})
+        weights = [WeightEntry(w["name"], w["ggml_type"], tuple(w["shape"]), int(w["offset"]), int(w["nbytes"]))
+                   for w in d["weights"]]
+        return Plan(source=d["source"], arch=d["arch"], hparams=d["hparams"], chunk=int(d["chunk"]), graph=graph,
+                    weights=weights, passes=list(d.get("passes", [])), stats=d.get("stats", {}), version=ver)
+    except (KeyError, TypeError, ValueError) as e:
+        raise PlanError(path, f"plan is missing or has a malformed field ({e.__class__.__name__}: {e})") from None

@@ -1,0 +1,45 @@
+"""The oracle: execute any graph with the numpy reference ops, freeing each value after its
+last use."""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from ggfuse.ir.graph import Graph, Node
+from ggfuse.ir.ops import OPS, Op
+from ggfuse.ir.types import shape_eval
+
+
+def interpret(g: Graph, feeds: Mapping[str, np.ndarray], weight: Callable[[Node], Any],
+              env: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """Run `g`. feeds: INPUT name -> array; weight(node) -> array or lazy weight; env binds the
+    shape symbols (T, P). Returns every named graph output."""
+    order = g.topo()
+    last_use: dict = {}
+    for i, n in enumerate(order):
+        for v in n.inputs:
+            last_use[v] = i
+    keep = set(g.outputs.values())
+    vals: dict = {}
+    for i, n in enumerate(order):
+        if n.op == Op.INPUT:
+            name = n.attrs.key
+            if name not in feeds:
+                raise KeyError(f"no value fed for graph input {name!r}")
+            x = feeds[name]
+            want = shape_eval(n.outputs[0].shape, env)
+            if tuple(x.shape) != want:
+                raise ValueError(f"input {name!r} has shape {x.shape}, graph expects {want}")
+            outs = (x,)
+        elif n.op == Op.WEIGHT:
+            outs = (weight(n),)
+        else:
+            args = [vals[v] for v in n.inputs]
+            outs = OPS[n.op].ref(n.attrs, env, *args)
+        for j, o in enumerate(outs):
+            vals[n.value(j)] = o
+        for v in n.inputs:
+            if last_use.get(v) == i and v not in keep:
+                vals.pop(v, None)
+    return {k: vals[v] for k, v in g.outputs.items()}

@@ -1,0 +1,56 @@
+"""Numpy references for rotary embeddings and causal attention over a KV cache."""
+from __future__ import annotations
+
+import numpy as np
+
+F32 = np.float32
+
+
+def rope(x: np.ndarray, pos: np.ndarray, *, n_dims: int, freq_base: float, mode: str = "neox",
+         freq_scale: float = 1.0, sections=()) -> np.ndarray:
+    """Rotate the first n_dims dims of each head; the rest pass through.
+
+    x [T, H, D], pos [T] (absolute positions). mode "neox" pairs dim i with i + n_dims/2,
+    "normal" pairs 2i with 2i+1. "imrope" (Qwen3.5's interleaved multi-section rope) gives
+    every section the same position for text tokens, which makes it exactly "neox".
+    """
+    T, H, D = x.shape
+    half = n_dims // 2
+    inv = freq_base ** (-np.arange(half, dtype=np.float64) * 2.0 / n_dims)
+    theta = (pos.astype(np.float64)[:, None] * freq_scale) * inv[None, :]  # [T, half]
+    cos = np.cos(theta).astype(F32)[:, None, :]
+    sin = np.sin(theta).astype(F32)[:, None, :]
+    y = x.astype(F32, copy=True)
+    if mode in ("neox", "imrope", "mrope"):
+        x0, x1 = x[..., :half], x[..., half:n_dims]
+        y[..., :half] = x0 * cos - x1 * sin
+        y[..., half:n_dims] = x0 * sin + x1 * cos
+    elif mode == "normal":
+        x0, x1 = x[..., 0:n_dims:2], x[..., 1:n_dims:2]
+        y[..., 0:n_dims:2] = x0 * cos - x1 * sin
+        y[..., 1:n_dims:2] = x0 * sin + x1 * cos
+    else:
+        raise ValueError(f"unknown rope mode {mode!r}")
+    return y
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, scale: float) -> np.ndarray:
+    """Causal GQA attention of a chunk over its cache.
+
+    q [T, Hq, D]; k [S, Hkv, D], v [S, Hkv, Dv] with S = P + T (the first P rows are earlier
+    chunks). Query t sits at position P + t and sees keys 0..P+t. Query head h reads KV head
+    h // (Hq / Hkv). Returns [T, Hq, Dv].
+    """
+    T, Hq, D = q.shape
+    S, Hkv, _ = k.shape
+    P = S - T
+    group = Hq // Hkv
+    kh = np.repeat(k, group, axis=1).astype(np.float64)  # [S, Hq, D]
+    vh = np.repeat(v, group, axis=1).astype(np.float64)
+    s = np.einsum("thd,shd->hts", q.astype(np.float64), kh) * scale
+    mask = np.arange(S)[None, :] > (P + np.arange(T))[:, None]  # [T, S]
+    s = np.where(mask[None], -np.inf, s)
+    s = s - s.max(axis=-1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("hts,shd->thd", p, vh).astype(F32)

@@ -1,0 +1,96 @@
+"""`ggfuse.load(...)`: a plan or a GGUF in, a model with prefill() and reset() out."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ggfuse.compiler.driver import DEFAULT_CHUNK, check_source, compile_gguf
+from ggfuse.compiler.gguf_file import GGUFFile
+from ggfuse.compiler.plan import load_plan
+from ggfuse.errors import DeviceError, GGFuseError
+
+
+def _is_plan(path: str) -> bool:
+    if path.endswith(".json"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(1) == b"{"
+    except OSError:
+        return False
+
+
+def cuda_available() -> bool:
+    try:
+        from ggfuse.runtime import cuda  # noqa: F401  (the GPU issue provides it)
+    except ImportError:
+        return False
+    return cuda.available()
+
+
+class Model:
+    """A loaded model. prefill() feeds tokens and returns logits for every position it was
+    given; state (KV cache, conv window, recurrent state) carries over to the next call."""
+
+    def __init__(self, plan, gf, backend, chunk: int):
+        self.plan = plan
+        self.gguf = gf
+        self.backend = backend
+        self.chunk = chunk
+        self.arch = plan.arch
+        self.hparams = plan.hparams
+        self.n_vocab = int(plan.hparams.get("n_vocab", 0))
+        self.device = backend.name
+
+    @property
+    def n_past(self) -> int:
+        return self.backend.n_past
+
+    def reset(self) -> None:
+        self.backend.reset()
+
+    def prefill(self, token_ids) -> np.ndarray:
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            return np.zeros((0, self.n_vocab), dtype=np.float32)
+        if ids.min() < 0 or (self.n_vocab and ids.max() >= self.n_vocab):
+            bad = int(ids[(ids < 0) | (ids >= self.n_vocab)][0])
+            raise GGFuseError(self.gguf.path, f"token id {bad} is outside the vocabulary 0..{self.n_vocab - 1}")
+        outs = [self.backend.run_chunk(ids[i:i + self.chunk]) for i in range(0, ids.size, self.chunk)]
+        return np.concatenate(outs, axis=0)
+
+    def vocab(self):
+        return self.gguf.vocab()
+
+
+def load(path: str, device: str = "auto", chunk: int | None = None, gguf: str | None = None) -> Model:
+    """Load a plan (.json) or a GGUF (compiled on the fly).
+
+    device: "cpu" (numpy reference), "cuda", or "auto" (cuda when available, else cpu).
+    chunk: prefill chunk length (default: the plan's, or 512 for a GGUF).
+    gguf: the GGUF a plan runs against, when it moved since compile time.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise GGFuseError(None, f"unknown device {device!r} (use auto, cpu or cuda)")
+    if _is_plan(path):
+        plan = load_plan(path)
+        src = gguf or plan.source["path"]
+        if not os.path.isabs(src) and not os.path.exists(src):
+            src = os.path.join(os.path.dirname(os.path.abspath(path)), src)
+        gf = GGUFFile(src)
+        check_source(plan, gf, path)
+    else:
+        gf = GGUFFile(path)
+        plan = compile_gguf(path, chunk=chunk or DEFAULT_CHUNK, gf=gf)
+    if device == "auto":
+        device = "cuda" if cuda_available() else "cpu"
+    if device == "cuda":
+        if not cuda_available():
+            raise DeviceError(path, "the cuda device is not available (no GPU, or cupy/cuda-python not installed); use device='cpu'")
+        from ggfuse.runtime.cuda import CUDABackend
+        backend = CUDABackend(plan, gf, chunk=chunk or plan.chunk)
+    else:
+        from ggfuse.runtime.cpu import CPUBackend
+        backend = CPUBackend(plan, gf)
+    return Model(plan, gf, backend, chunk or plan.chunk)

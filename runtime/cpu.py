@@ -1,0 +1,42 @@
+"""The cpu device: executes a plan's graph chunk by chunk with the numpy reference ops.
+
+It is the correctness baseline for all GPU work and runs in CI.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ggfuse.ir.interpret import interpret
+from ggfuse.ir.types import shape_eval
+from ggfuse.runtime.weights import WeightStore
+
+
+class CPUBackend:
+    name = "cpu"
+
+    def __init__(self, plan, gf):
+        self.plan = plan
+        self.graph = plan.graph
+        self.weights = WeightStore(gf)
+        self.state_inputs = self.graph.states()
+        self.input_names = set(self.graph.inputs())
+        self.reset()
+
+    def reset(self) -> None:
+        env = {"P": 0, "T": 0}
+        self.state = {k: np.zeros(shape_eval(n.outputs[0].shape, env), dtype=np.float32)
+                      for k, n in self.state_inputs.items()}
+        self.n_past = 0
+
+    def run_chunk(self, tokens: np.ndarray) -> np.ndarray:
+        T = int(tokens.shape[0])
+        env = {"T": T, "P": self.n_past}
+        feeds = dict(self.state)
+        feeds["tokens"] = tokens.astype(np.int32)
+        feeds["positions"] = (self.n_past + np.arange(T)).astype(np.int32)
+        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
+        out = interpret(self.graph, feeds, self.weights, env)
+        for k in self.state_inputs:
+            self.state[k] = out[k]
+        self.n_past += T
+        return out["logits"]
