@@ -53,6 +53,22 @@ class Op(str, Enum):
     TAKE_ALONG = "take_along"
     MUL_MAT_ID = "mul_mat_id"
 
+    # ---- produced by the passes (registered in ir/ops_fused_*.py) ----
+    # recurrent: chunked (WY/UT) gated delta rule, conv with fused activation
+    CHUNK_GATED_DELTA_RULE = "chunk_gated_delta_rule"
+    SSM_CONV_SILU = "ssm_conv_silu"
+    # MoE: routing + counting sort, grouped GEMM over expert-sorted tokens
+    MOE_ROUTE = "moe_route"
+    MOE_GROUPED_GEMM = "moe_grouped_gemm"
+    # elementwise fusions
+    ADD_RMS_NORM = "add_rms_norm"          # residual add + RMSNorm: (normed, sum)
+    NORM_ROPE = "norm_rope"                # q/k RMSNorm + partial RoPE
+    SIGMOID_MUL = "sigmoid_mul"            # attention output gate: x * sigmoid(g)
+    GATED_RMS_NORM = "gated_rms_norm"      # DeltaNet output: rms_norm(o, w) * silu(z)
+    FFN_SWIGLU = "ffn_swiglu"              # dense FFN gate+up+SwiGLU: silu(x Wg) * (x Wu)
+    # transfers (expert streaming under a VRAM budget)
+    FETCH_WEIGHTS = "fetch_weights"        # host -> device copy on the copy stream
+
 
 class InferError(ValueError):
     pass
@@ -383,8 +399,21 @@ register(Op.MUL_MAT_ID, 3, _infer_mul_mat_id,
          lambda a, env, w, x, ids: (moe_ref.mul_mat_id(w, x, ids),), _flops_mul_mat_id)
 
 
+def _register_fused():
+    # Ops produced by the passes live beside the pass that makes them; importing registers them.
+    import importlib
+    for mod in ("ops_fused_deltanet", "ops_fused_moe", "ops_fused_elementwise", "ops_fused_transfer"):
+        try:
+            importlib.import_module(f"ggfuse.ir.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"ggfuse.ir.{mod}":
+                raise
+
+
 def infer(op: Op, attrs, ins) -> tuple[TensorType, ...]:
-    d = OPS[op]
+    d = OPS.get(op)
+    if d is None:
+        raise InferError(f"op {op.value} has no registered rule")
     lo, hi = d.arity
     if not lo <= len(ins) <= hi:
         raise InferError(f"{op.value} takes {lo}..{hi} inputs, got {len(ins)}")
@@ -392,3 +421,5 @@ def infer(op: Op, attrs, ins) -> tuple[TensorType, ...]:
 
 
 __all__ = ["Op", "OpDef", "OPS", "register", "infer", "InferError", "dim_mul"]
+
+_register_fused()

@@ -250,3 +250,32 @@ def test_close(bad):
     f.close()
     with pytest.raises(ValueError, match="closed"):
         f.raw(TOKEN_EMBD[0])
+
+
+def test_fuzz_never_leaks_other_exceptions(tmp_path, bad):
+    """Random byte damage to the header/metadata/tensor table: either the file
+    still opens, or a one-line GGFuseError -- never another exception or a hang."""
+    import random
+    src = bad["valid"].read_bytes()
+    head = GGUFFile(bad["valid"]).data_offset
+    rng = random.Random(0)
+    path = tmp_path / "fuzz.gguf"
+    for _ in range(300):
+        d = bytearray(src)
+        if rng.random() < 0.5:
+            for _ in range(rng.randint(1, 4)):
+                d[rng.randrange(head)] = rng.randrange(256)
+        else:  # overwrite 8 bytes with a random u64: lengths, counts, offsets
+            at = rng.randrange(8, head - 8)
+            d[at:at + 8] = rng.randrange(1 << 64).to_bytes(8, "little")
+        path.write_bytes(bytes(d))
+        t0 = time.perf_counter()
+        try:
+            f = GGUFFile(path)
+            for k in f.keys():
+                f.key(k)
+            for name in f.tensors:
+                f.dequantize(name)
+        except GGFuseError as e:
+            assert "\n" not in str(e) and str(e).startswith(str(path))
+        assert time.perf_counter() - t0 < 1.0

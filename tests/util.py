@@ -1,0 +1,47 @@
+"""Helpers shared by the tests: fixture paths and running a graph on the CPU reference."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ggfuse.ir.interpret import interpret
+from ggfuse.ir.types import shape_eval
+from ggfuse.runtime.weights import WeightStore
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURES = os.path.join(HERE, "fixtures")
+ARCHS = ("qwen35moe", "qwen35", "qwen3next", "qwen3moe")
+QUANTS = ("f32", "q8_0", "q4_k_m")
+
+
+def fixture(arch: str, quant: str = "f32") -> str:
+    return os.path.join(FIXTURES, arch, f"{quant}.gguf")
+
+
+def refs(arch: str) -> dict:
+    with np.load(os.path.join(FIXTURES, arch, "refs.npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+def run_graph(graph, gf, tokens, chunk: int) -> np.ndarray:
+    """Logits of `tokens` fed through `graph` in chunks of `chunk`, state carried."""
+    weights = WeightStore(gf)
+    states = graph.states()
+    inputs = set(graph.inputs())
+    state = {k: np.zeros(shape_eval(n.outputs[0].shape, {"P": 0, "T": 0}), np.float32) for k, n in states.items()}
+    out = []
+    tokens = np.asarray(tokens, dtype=np.int32)
+    for s in range(0, len(tokens), chunk):
+        t = tokens[s:s + chunk]
+        feeds = {**state, "tokens": t, "positions": (s + np.arange(len(t))).astype(np.int32)}
+        res = interpret(graph, {k: v for k, v in feeds.items() if k in inputs}, weights, {"T": len(t), "P": s})
+        for k in states:
+            state[k] = res[k]
+        out.append(res["logits"])
+    return np.concatenate(out)
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| relative to max |b|."""
+    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / max(np.max(np.abs(b)), 1e-30))
