@@ -36,7 +36,7 @@ def cmd_compile(args) -> int:
     from ggfuse.compiler.driver import compile_gguf
     plan = compile_gguf(args.model, chunk=args.chunk, passes=_passes_list(args.passes),
                         skip=_passes_list(args.skip_pass) or (), dump_dir=args.dump_dir,
-                        **({"vram_budget": args.vram_budget} if args.vram_budget else {}))
+                        vram_budget=args.vram_budget, max_context=args.max_context)
     out = args.output or (os.path.splitext(args.model)[0] + ".ggfuse.json")
     plan.save(out)
     s = plan.stats
@@ -60,7 +60,7 @@ def inspect_summary(plan) -> dict:
         "hparams": {k: hp[k] for k in sorted(hp) if k not in ("extra",)},
         "n_nodes": len(plan.graph),
         "ops": s["op_counts"],
-        "ops_before_passes": plan.stats.get("op_counts_before", None),
+        "ops_before_passes": plan.stats.get("op_counts_before"),
         "weights_by_type": s["weights_by_type"],
         "weight_bytes": s["weight_bytes"],
         "flops_per_chunk": s["flops_per_chunk"],
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-pass", help="comma-separated passes to skip")
     c.add_argument("--dump-dir", help="write the graph as text after each pass into this folder")
     c.add_argument("--vram-budget", help="device memory budget, e.g. 12GiB: plan expert streaming")
+    c.add_argument("--max-context", type=int, default=8192, help="longest prompt the KV cache is sized for (default 8192)")
     c.set_defaults(fn=cmd_compile)
 
     i = sub.add_parser("inspect", help="summarise a plan")

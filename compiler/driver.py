@@ -11,6 +11,7 @@ from ggfuse.compiler.stats import graph_stats
 from ggfuse.errors import GGUFFormatError, UnsupportedError
 from ggfuse.ir.graph import Graph
 from ggfuse.ir.verify import verify
+from ggfuse.passes.pipeline import run_pipeline
 
 DEFAULT_CHUNK = 512
 
@@ -34,24 +35,20 @@ def weight_table(gf: GGUFFile, g: Graph) -> list[WeightEntry]:
 
 
 def compile_gguf(path: str, *, chunk: int = DEFAULT_CHUNK, passes: Sequence[str] | None = None,
-                 skip: Sequence[str] = (), dump_dir: str | None = None, gf: GGUFFile | None = None) -> Plan:
+                 skip: Sequence[str] = (), dump_dir: str | None = None, gf: GGUFFile | None = None,
+                 vram_budget=None, max_context: int = 8192) -> Plan:
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}")
     gf = gf or GGUFFile(path)
     g = build_graph(gf)
-    applied: list[str] = []
-    try:
-        from ggfuse.passes.pipeline import run_pipeline  # the passes issue fills this in
-    except ImportError:
-        run_pipeline = None
-    if run_pipeline is not None:
-        g, applied = run_pipeline(g, chunk=chunk, only=passes, skip=skip, dump_dir=dump_dir)
-    elif dump_dir:
-        from ggfuse.ir.printer import to_text
-        os.makedirs(dump_dir, exist_ok=True)
-        with open(os.path.join(dump_dir, "00-frontend.txt"), "w") as f:
-            f.write(to_text(g))
+    g, applied = run_pipeline(g, chunk=chunk, only=passes, skip=skip, dump_dir=dump_dir,
+                              vram_budget=vram_budget, max_context=max_context)
     ident = gf.identity()
+    stats = graph_stats(g, chunk)
+    stats["op_counts_before"] = g.meta.get("op_counts_before")
+    for k in ("memory", "prefetch", "segments"):
+        if k in g.meta:
+            stats[k] = g.meta[k]
     return Plan(
         source={"path": os.path.abspath(gf.path), **ident},
         arch=gf.arch,
@@ -60,7 +57,7 @@ def compile_gguf(path: str, *, chunk: int = DEFAULT_CHUNK, passes: Sequence[str]
         graph=g,
         weights=weight_table(gf, g),
         passes=applied,
-        stats=graph_stats(g, chunk),
+        stats=stats,
     )
 
 

@@ -166,7 +166,10 @@ class Graph:
 
     def topo(self) -> list[Node]:
         """Deterministic topological order (ties broken by node id)."""
-        return [self._g.nodes[n]["node"] for n in nx.lexicographical_topological_sort(self._g)]
+        # A node may ask to be issued right after another (meta "sched_key": that id + 0.5), as
+        # the expert prefetch does; everything else keeps its id order.
+        key = lambda n: (self._g.nodes[n]["node"].meta.get("sched_key", n), n)  # noqa: E731
+        return [self._g.nodes[n]["node"] for n in nx.lexicographical_topological_sort(self._g, key=key)]
 
     def type_of(self, v: Value) -> TensorType:
         node = self.node(v.node)
