@@ -73,6 +73,10 @@ def load(path: str, device: str = "auto", chunk: int | None = None, gguf: str | 
     """
     if device not in ("auto", "cpu", "cuda"):
         raise GGFuseError(None, f"unknown device {device!r} (use auto, cpu or cuda)")
+    if device == "auto":
+        device = "cuda" if cuda_available() else "cpu"
+    if device == "cuda" and not cuda_available():
+        raise DeviceError(path, "the cuda device is not available (no GPU, or cupy/cuda-python not installed); use device='cpu'")
     if _is_plan(path):
         plan = load_plan(path)
         src = gguf or plan.source["path"]
@@ -83,11 +87,7 @@ def load(path: str, device: str = "auto", chunk: int | None = None, gguf: str | 
     else:
         gf = GGUFFile(path)
         plan = compile_gguf(path, chunk=chunk or DEFAULT_CHUNK, gf=gf)
-    if device == "auto":
-        device = "cuda" if cuda_available() else "cpu"
     if device == "cuda":
-        if not cuda_available():
-            raise DeviceError(path, "the cuda device is not available (no GPU, or cupy/cuda-python not installed); use device='cpu'")
         from ggfuse.runtime.cuda import CUDABackend
         backend = CUDABackend(plan, gf, chunk=chunk or plan.chunk)
     else:

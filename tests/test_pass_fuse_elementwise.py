@@ -1,0 +1,75 @@
+"""passes/fuse_elementwise.py on the plain graphs of every architecture: which fused nodes exist
+afterwards (counts from the hparams), and logits with and without the pass."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from util import ARCHS, fixture, rel_err, run_graph
+
+from ggfuse.compiler.driver import build_graph
+from ggfuse.compiler.gguf_file import GGUFFile
+from ggfuse.ir.ops import Op
+from ggfuse.ir.printer import to_text
+from ggfuse.ir.verify import verify
+from ggfuse.passes import fuse_elementwise
+
+GATED_ATTENTION = {"qwen35moe", "qwen35", "qwen3next"}  # hybrid models gate attention output
+DENSE_FFN = {"qwen35"}
+# How many nodes one fusion saves: the ops it replaces minus the one it makes.
+SAVES = {Op.ADD_RMS_NORM: 1, Op.NORM_ROPE: 1, Op.SIGMOID_MUL: 1, Op.GATED_RMS_NORM: 2, Op.FFN_SWIGLU: 3}
+
+
+def _load(arch):
+    path = fixture(arch, "f32")
+    if not os.path.exists(path):
+        pytest.skip(f"fixture {path} not built")
+    gf = GGUFFile(path)
+    return gf, build_graph(gf)
+
+
+def _expected(arch, g) -> dict:
+    hp = g.meta["hparams"]
+    n_layer = hp["n_layer"]
+    n_attn = sum(not r for r in hp["recurrent"])
+    weights = {n.attrs.tensor for n in g.weights()}
+    n_shared = sum(f"blk.{il}.ffn_up_shexp.weight" in weights for il in range(n_layer))
+    n_dense = n_layer if arch in DENSE_FFN else 0
+    return {
+        # each layer: attention residual -> post-attention norm, FFN residual -> next layer's
+        # attention norm (or the output norm after the last layer)
+        Op.ADD_RMS_NORM: 2 * n_layer,
+        Op.NORM_ROPE: 2 * n_attn,  # q and k
+        Op.SIGMOID_MUL: (n_attn if arch in GATED_ATTENTION else 0) + n_shared,
+        Op.GATED_RMS_NORM: n_layer - n_attn,
+        Op.FFN_SWIGLU: n_dense + n_shared,
+    }
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_structure(arch):
+    _, g = _load(arch)
+    before = to_text(g)
+    res = fuse_elementwise.run(g)
+    out = res.graph
+    verify(out)
+    assert res.changed and to_text(g) == before  # the input graph is left as it was
+    want = _expected(arch, g)
+    assert {op: len(out.by_op(op)) for op in want} == want
+    assert len(g) - len(out) == sum(SAVES[op] * n for op, n in want.items())
+    # Every RMSNorm follows a residual add, a q/k head or the DeltaNet output, except the first
+    # layer's, which reads the embedding; no RoPE is left unfused.
+    assert [n.name for n in out.by_op(Op.RMS_NORM)] == ["blk.0.attn_norm"]
+    assert not out.by_op(Op.ROPE)
+    assert out.outputs.keys() == g.outputs.keys()
+    assert not fuse_elementwise.run(out).changed  # a fixed point
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_numbers(arch):
+    gf, g = _load(arch)
+    tokens = np.random.default_rng(1).integers(0, g.meta["hparams"]["n_vocab"], 40)
+    want = run_graph(g, gf, tokens, chunk=16)  # 16 does not divide 40: state carried across chunks
+    got = run_graph(fuse_elementwise.run(g).graph, gf, tokens, chunk=16)
+    assert rel_err(got, want) < 1e-5
