@@ -143,10 +143,10 @@ def cmd_run(args) -> int:
     model_path = args.model or EXAMPLE_MODEL
     if not args.model:
         print(f"no model given: running the example model {os.path.relpath(model_path)}", file=sys.stderr)
-    m = ggfuse.load(model_path, device=args.device, chunk=args.chunk)
     tokens = _parse_tokens(args.tokens)
     if not tokens:
         raise GGFuseError(None, "--tokens is empty")
+    m = ggfuse.load(model_path, device=args.device, chunk=args.chunk)
     logits = m.prefill(tokens)
     if args.logits:
         np.save(args.logits, logits)

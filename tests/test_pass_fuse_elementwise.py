@@ -13,7 +13,7 @@ from ggfuse.compiler.gguf_file import GGUFFile
 from ggfuse.ir.ops import Op
 from ggfuse.ir.printer import to_text
 from ggfuse.ir.verify import verify
-from ggfuse.passes import fuse_elementwise
+from ggfuse.passes import fuse_elementwise, fuse_moe
 
 GATED_ATTENTION = {"qwen35moe", "qwen35", "qwen3next"}  # hybrid models gate attention output
 DENSE_FFN = {"qwen35"}
@@ -73,3 +73,16 @@ def test_numbers(arch):
     want = run_graph(g, gf, tokens, chunk=16)  # 16 does not divide 40: state carried across chunks
     got = run_graph(fuse_elementwise.run(g).graph, gf, tokens, chunk=16)
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_after_fuse_moe(arch):
+    # In the pipeline fuse_moe runs first and may absorb the shared expert with its gate; the
+    # attention, norm and DeltaNet fusions do not depend on it.
+    _, g = _load(arch)
+    out = fuse_elementwise.run(fuse_moe.run(g).graph).graph
+    verify(out)
+    want = _expected(arch, g)
+    for op in (Op.ADD_RMS_NORM, Op.NORM_ROPE, Op.GATED_RMS_NORM):
+        assert len(out.by_op(op)) == want[op]
+    assert [n.name for n in out.by_op(Op.RMS_NORM)] == ["blk.0.attn_norm"]
