@@ -385,7 +385,10 @@ def _gen_blocks(rng: np.random.Generator, t: QT, n_blocks: int, std: float) -> n
 def _gen_f32(rng: np.random.Generator, init: tuple, n: int) -> np.ndarray:
     kind = init[0]
     if kind == "w":
-        return rng.standard_normal(n, dtype=np.float32) * np.float32(init[1])
+        # Uniform with the wanted std: the shape of the distribution does not
+        # matter here, and int16 bits -> float is ~4x faster than standard_normal.
+        scale = np.float32(init[1] * np.sqrt(3.0) / 32768.0)
+        return _random_bytes(rng, 2 * n).view(np.int16).astype(np.float32) * scale
     if kind == "norm":
         # RMSNorm weights ~1 (the converter already stores Qwen3.5/Next norms +1).
         return 1.0 + 0.05 * rng.standard_normal(n, dtype=np.float32)

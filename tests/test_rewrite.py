@@ -157,3 +157,10 @@ def test_rules_that_never_settle_are_an_error():
     loop = Rule("loop", Pat(Op.SCALE, cap("x")), lambda g, m: g.add(Op.SCALE, (m["x"],), factor=1.0))
     with pytest.raises(RewriteError, match="fixed point"):
         rewrite(_scale_chain(1), [loop], max_sweeps=3)
+
+
+def test_where_predicate_filters_nodes():
+    only_small = Rule("merge_small", Pat(Op.SCALE, Pat(Op.SCALE, cap("x"), sole_use=True, name="inner",
+                                                       where=lambda n: n.name == "s0")), _MERGE.build)
+    out, n = rewrite(_scale_chain(3), [only_small])
+    assert n == 1 and out.op_counts()["scale"] == 2  # s0+s1 merged; the merged node is not named s0

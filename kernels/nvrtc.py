@@ -1,0 +1,145 @@
+"""Compile CUDA C++ kernels with NVRTC (through cuda-python) and cache the cubins on disk.
+
+    mod = load_module("kernels/dense/elementwise.cu")     # cupy.RawModule, compiled for this GPU
+    fn = mod.get_function("rms_norm_f32")
+
+The cache key is the source text (with every #include "..." of kernels/ inlined), the target
+arch, the options and the NVRTC version, so an edit, another GPU or another toolkit recompiles.
+`compile_cubin` needs no GPU: the CPU-only tests compile every kernel for sm_89 and sm_90.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+import threading
+
+KERNELS_DIR = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OPTIONS = ("-std=c++17", "-default-device", "--use_fast_math", "-lineinfo")
+_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.M)
+_lock = threading.Lock()
+_modules: dict = {}
+
+
+class KernelBuildError(RuntimeError):
+    pass
+
+
+def cache_dir() -> str:
+    d = os.environ.get("GGFUSE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ggfuse", "cubin")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def cuda_include_dirs() -> list[str]:
+    """Where cuda_bf16.h and friends live: CUDA_HOME, /usr/local/cuda, or the pip wheels."""
+    cands = []
+    for env in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(env):
+            cands.append(os.path.join(os.environ[env], "include"))
+    cands.append("/usr/local/cuda/include")
+    try:
+        import nvidia
+        for base in nvidia.__path__:
+            cands += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+            cands += sorted(glob.glob(os.path.join(base, "cuda_runtime", "include")))
+    except ImportError:
+        pass
+    return [d for d in cands if os.path.exists(os.path.join(d, "cuda_bf16.h"))][:1]
+
+
+def expand_source(path: str, seen=None) -> str:
+    """Source with local #include "x" inlined (NVRTC cannot see our files otherwise)."""
+    seen = set() if seen is None else seen
+    path = os.path.abspath(path)
+    if path in seen:
+        return ""
+    seen.add(path)
+    with open(path) as f:
+        text = f.read()
+
+    def sub(m):
+        inc = os.path.join(os.path.dirname(path), m.group(1))
+        if not os.path.exists(inc):
+            inc = os.path.join(KERNELS_DIR, m.group(1))
+        return expand_source(inc, seen)
+    return _INCLUDE.sub(sub, text)
+
+
+def nvrtc_version() -> str:
+    from cuda.bindings import nvrtc
+    err, major, minor = nvrtc.nvrtcVersion()
+    return f"{major}.{minor}"
+
+
+def _check(res, prog=None, what="nvrtc"):
+    from cuda.bindings import nvrtc
+    err = res[0] if isinstance(res, tuple) else res
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        log = ""
+        if prog is not None:
+            _, n = nvrtc.nvrtcGetProgramLogSize(prog)
+            buf = b" " * n
+            nvrtc.nvrtcGetProgramLog(prog, buf)
+            log = buf.decode(errors="replace")
+        raise KernelBuildError(f"{what} failed ({err}):\n{log}")
+    return res
+
+
+def compile_cubin(path: str, arch: str, options=(), defines: dict | None = None) -> bytes:
+    """Compile one .cu file for `arch` ("sm_90", "sm_89", "sm_90a") to a cubin, via the cache."""
+    from cuda.bindings import nvrtc
+    src = expand_source(path)
+    defs = [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
+    opts = [f"--gpu-architecture={arch}", *DEFAULT_OPTIONS, *options, *defs]
+    opts += [f"-I{d}" for d in cuda_include_dirs()]
+    key = hashlib.sha256("\0".join([src, arch, *opts, nvrtc_version()]).encode()).hexdigest()[:32]
+    out = os.path.join(cache_dir(), f"{os.path.basename(path)}.{arch}.{key}.cubin")
+    if os.path.exists(out):
+        with open(out, "rb") as f:
+            return f.read()
+    prog = _check(nvrtc.nvrtcCreateProgram(src.encode(), os.path.basename(path).encode(), 0, [], []))[1]
+    try:
+        bopts = [o.encode() for o in opts]
+        _check(nvrtc.nvrtcCompileProgram(prog, len(bopts), bopts), prog, f"compiling {os.path.relpath(path, KERNELS_DIR)} for {arch}")
+        _, n = _check(nvrtc.nvrtcGetCUBINSize(prog))
+        cubin = b" " * n
+        _check(nvrtc.nvrtcGetCUBIN(prog, cubin))
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    tmp = out + f".{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(cubin)
+    os.replace(tmp, out)
+    return cubin
+
+
+def device_arch() -> str:
+    import cupy
+    return f"sm_{cupy.cuda.Device().compute_capability}"  # CuPy gives "90", "89"
+
+
+def load_module(path: str, options=(), defines: dict | None = None):
+    """The compiled module for the current GPU (a cupy.RawModule), built once per process."""
+    import cupy
+    if not os.path.isabs(path):
+        path = os.path.join(KERNELS_DIR, path)
+    arch = device_arch()
+    key = (path, arch, tuple(options), tuple(sorted((defines or {}).items())))
+    with _lock:
+        mod = _modules.get(key)
+        if mod is None:
+            cubin = compile_cubin(path, arch, options, defines)
+            fd = os.path.join(cache_dir(), f"load.{hashlib.sha256(cubin).hexdigest()[:24]}.cubin")
+            if not os.path.exists(fd):
+                with open(fd, "wb") as f:
+                    f.write(cubin)
+            mod = cupy.RawModule(path=fd)
+            _modules[key] = mod
+    return mod
+
+
+def all_sources() -> list[str]:
+    """Every kernel source file (the CPU-only compile test walks these)."""
+    return sorted(glob.glob(os.path.join(KERNELS_DIR, "**", "*.cu"), recursive=True))
