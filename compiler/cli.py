@@ -101,12 +101,22 @@ def print_summary(d: dict) -> None:
     if d.get("memory"):
         m = d["memory"]
         print(f"  activation arena {_human(m['peak_bytes'])} planned peak vs {_human(m['naive_bytes'])} naive")
-    if d.get("prefetch"):
-        p = d["prefetch"]
-        print(f"\nvram budget {_human(p.get('budget_bytes', 0))}: resident {_human(p.get('resident_bytes', 0))}, "
-              f"streamed per chunk {_human(p.get('bytes_moved_per_chunk', 0))}")
+    p = d.get("prefetch") or {}
+    if p.get("budget_bytes"):
+        print(f"\nvram budget {_human(p['budget_bytes'])}: resident {_human(p['resident_bytes'])} "
+              f"({', '.join(f'{k} {_human(v)}' for k, v in p['fixed_bytes'].items())}, pinned experts of "
+              f"{len(p['pinned_layers'])} layers, {p['slots']} streaming slots)")
+        print(f"  streamed layers {p['streamed_layers']} ({p['mode']} fetch), moved per chunk {_human(p['bytes_moved_per_chunk'])}")
+        if p.get("predicted"):
+            q = p["predicted"]
+            print(f"  predicted per chunk: transfer {q['transfer_ms']:.2f} ms at {q['h2d_gbps']} GB/s, compute "
+                  f"{q['compute_ms']:.2f} ms, chunk {q['chunk_ms']:.2f} ms, {100 * q['hidden_fraction']:.0f}% of transfer hidden")
+    elif p:
+        print(f"\nall weights resident: {_human(p['resident_bytes'])} with KV cache at {p['max_context']} tokens")
     if d.get("segments"):
-        print(f"capture segments {len(d['segments'])}")
+        print(f"capture segments {len(d['segments'])}: " + "; ".join(
+            f"#{s['id']} {s['n_nodes']} nodes ({s['starts_with']})" for s in d["segments"][:4]) +
+            (" ..." if len(d["segments"]) > 4 else ""))
     print(f"\nstates carried between calls: {len(d['states'])}")
 
 

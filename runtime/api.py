@@ -22,10 +22,7 @@ def _is_plan(path: str) -> bool:
 
 
 def cuda_available() -> bool:
-    try:
-        from ggfuse.runtime import cuda  # noqa: F401  (the GPU issue provides it)
-    except ImportError:
-        return False
+    from ggfuse.runtime import cuda
     return cuda.available()
 
 
