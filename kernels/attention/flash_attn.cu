@@ -166,10 +166,21 @@ __device__ __forceinline__ void flash_attn_prefill(
     // ldmatrix lane addressing. A (Q, x4): matrices (rows 0-7,k 0-7) (rows 8-15,k 0-7) (rows 0-7,k 8-15)
     // (rows 8-15,k 8-15). B from K (x4): (n 0-7,k 0-7) (n 0-7,k 8-15) (n 8-15,k 0-7) (n 8-15,k 8-15).
     // B from V (x4.trans): (keys 0-7,dv 0-7) (keys 8-15,dv 0-7) (keys 0-7,dv 8-15) (keys 8-15,dv 8-15).
+    // Chunk c of row r sits at chunk c ^ (r & 7); with c = 8 * hi + lo that is 8 * hi + (lo ^ (r & 7)),
+    // and every row a lane addresses has the same r & 7 (= lane % 8). So each operand needs just four
+    // per-lane base addresses (lo = 0, 2, 4, 6 plus the lane's x4 chunk bit) and the rest of the
+    // offset is an immediate: no per-(kc, np) address registers for the compiler to hoist.
     const int lm = lane / 8, lr = lane % 8;
     const int a_row = warp * 16 + lr + (lm & 1) * 8, a_chunk = lm >> 1;
     const int k_row = lr + (lm >> 1) * 8, k_chunk = lm & 1;
     const int v_row = lr + (lm & 1) * 8, v_chunk = lm >> 1;
+    unsigned q_base[4], k_base[4], v_base[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        q_base[i] = sQ + swz<DC>(a_row, 2 * i + a_chunk);
+        k_base[i] = sK + swz<DC>(k_row, 2 * i + k_chunk);
+        v_base[i] = sV + swz<VC>(v_row, 2 * i + v_chunk);
+    }
 
     for (int j = 0; j < n_tiles; ++j) {
         const int n0 = j * BLOCK_N;
@@ -184,11 +195,11 @@ __device__ __forceinline__ void flash_attn_prefill(
 #pragma unroll
             for (int kc = 0; kc < D / 16; ++kc) {
                 unsigned a0, a1, a2, a3;
-                ldmatrix_x4(sQ + swz<DC>(a_row, 2 * kc + a_chunk), a0, a1, a2, a3);
+                ldmatrix_x4(q_base[kc % 4] + (kc / 4) * 128, a0, a1, a2, a3);
 #pragma unroll
                 for (int np = 0; np < NT / 2; ++np) {
                     unsigned b0, b1, b2, b3;
-                    ldmatrix_x4(sK + swz<DC>(np * 16 + k_row, 2 * kc + k_chunk), b0, b1, b2, b3);
+                    ldmatrix_x4(k_base[kc % 4] + np * 16 * D * 2 + (kc / 4) * 128, b0, b1, b2, b3);
                     mma_bf16_16816(s[2 * np], a0, a1, a2, a3, b0, b1);
                     mma_bf16_16816(s[2 * np + 1], a0, a1, a2, a3, b2, b3);
                 }
@@ -251,7 +262,7 @@ __device__ __forceinline__ void flash_attn_prefill(
 #pragma unroll
                 for (int dp = 0; dp < OT8 / 2; ++dp) {
                     unsigned b0, b1, b2, b3;
-                    ldmatrix_x4_trans(sV + swz<VC>(kc * 16 + v_row, 2 * dp + v_chunk), b0, b1, b2, b3);
+                    ldmatrix_x4_trans(v_base[dp % 4] + kc * 16 * DV * 2 + (dp / 4) * 128, b0, b1, b2, b3);
                     mma_bf16_16816(o[2 * dp], a0, a1, a2, a3, b0, b1);
                     mma_bf16_16816(o[2 * dp + 1], a0, a1, a2, a3, b2, b3);
                 }

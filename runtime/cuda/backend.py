@@ -1,0 +1,238 @@
+"""CUDABackend: executes a plan's schedule with NVRTC kernels, one CUDA graph per chunk.
+
+Life of a model:
+1. weights go from the memory-mapped GGUF to the device once (progress on stderr), each in the
+   form the runtime chooses per tensor: 1-D tensors as f32; stacked experts and the embedding
+   table kept quantised (raw GGUF bytes, read by the kernels directly); other matrices
+   dequantised to bf16 on the device when they fit, else kept quantised;
+2. one activation arena laid out by the plan's memory plan (recomputed if the plan was compiled
+   for another chunk), plus state buffers: a bf16 KV cache of max_context rows per attention
+   layer, the conv windows and DeltaNet states in f32;
+3. the schedule becomes a list of bound kernel launches (runtime/cuda/ops.py); the first chunk
+   runs them eagerly (module loading, validation), then they are captured once on the compute
+   stream as a CUDA graph and every chunk replays it. Everything that changes between chunks
+   (token ids, positions, tokens already cached P, valid tokens of a padded last chunk) lives in
+   small device buffers copied in before the replay, never in kernel arguments.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+from ggfuse.errors import DeviceError, GGFuseError
+from ggfuse.ir.ops import Op
+from ggfuse.ir.types import DType, shape_eval
+
+
+def _progress(done: int, total: int, t0: float, what: str, final: bool = False):
+    if not sys.stderr.isatty() and not final and done % max(total // 8, 1) > 0:
+        return
+    el = max(time.perf_counter() - t0, 1e-9)
+    msg = f"\r{what}: {done / 2**20:8.1f} / {total / 2**20:.1f} MiB  {done / el / 2**30:5.2f} GiB/s"
+    sys.stderr.write(msg + ("\n" if final or not sys.stderr.isatty() else ""))
+    sys.stderr.flush()
+
+
+class DeviceBuffers:
+    """Every value of the schedule as a CuPy array: weights, arena views, states, I/O."""
+
+    def __init__(self):
+        self.values = {}     # Value -> cupy array (shape at T = chunk)
+        self.weights = {}    # tensor name -> (cupy array, format, ggml type, shape)
+
+
+class CUDABackend:
+    name = "cuda"
+
+    def __init__(self, plan, gf, chunk: int | None = None, *, max_context: int | None = None,
+                 progress: bool = True):
+        import cupy as cp
+        from ggfuse.passes import plan_memory
+
+        self.cp = cp
+        self.plan = plan
+        self.gf = gf
+        self.chunk = int(chunk or plan.chunk)
+        pre = plan.stats.get("prefetch") or {}
+        self.max_context = int(max_context or pre.get("max_context") or 8192)
+        g = plan.graph
+        if (g.meta.get("memory") or {}).get("chunk") != self.chunk:
+            g = plan_memory.run(g, chunk=self.chunk).graph
+        self.graph = g
+        self.env = {"T": self.chunk, "P": self.max_context - self.chunk}
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.copy_stream = cp.cuda.Stream(non_blocking=True)
+        self.progress = progress and os.environ.get("GGFUSE_QUIET") != "1"
+        self.buf = DeviceBuffers()
+        try:
+            self._check_fits()
+            self._upload_weights()
+            self._allocate()
+        except cp.cuda.memory.OutOfMemoryError as e:
+            raise DeviceError(gf.path, f"out of GPU memory while loading ({e}); try a smaller --chunk, a lower "
+                                       f"--max-context, or compile with --vram-budget") from None
+        from ggfuse.runtime.cuda.ops import build_launches
+        self.launches = build_launches(self)
+        self.cuda_graph = None
+        self.reset()
+
+    # ---- memory -------------------------------------------------------------------------------
+    def _weight_format(self, node) -> str:
+        shape = tuple(node.attrs.shape)
+        t = node.attrs.get("ggml_type", "F32")
+        if len(shape) == 1 or (len(shape) == 2 and shape[0] == 1):
+            return "f32"
+        if len(shape) == 3 or node.attrs.tensor == "token_embd.weight" and not self._tied_head():
+            return "raw"
+        if t in ("F32", "F16", "BF16") or self._bf16_dense:
+            return "bf16"
+        return "raw"
+
+    def _tied_head(self) -> bool:
+        return "output.weight" not in self.gf.tensors
+
+    def _check_fits(self):
+        cp = self.cp
+        free, total = cp.cuda.runtime.memGetInfo()
+        w_raw = sum(w.nbytes for w in self.plan.weights)
+        dense_bf16 = sum(int(np.prod(w.shape)) * 2 for w in self.plan.weights if len(w.shape) == 2)
+        states = self._state_bytes()
+        arena = (self.graph.meta.get("memory") or {}).get("peak_bytes", 0)
+        need_raw = w_raw + states + arena + (256 << 20)
+        self._bf16_dense = need_raw + dense_bf16 < 0.92 * free
+        if need_raw > 0.95 * free:
+            raise DeviceError(self.gf.path, f"the model needs {need_raw / 2**30:.2f} GiB on the GPU (weights "
+                                            f"{w_raw / 2**30:.2f}, KV cache and states at {self.max_context} tokens "
+                                            f"{states / 2**30:.2f}, activations of a {self.chunk}-token chunk "
+                                            f"{arena / 2**30:.2f}) but {free / 2**30:.2f} GiB are free of "
+                                            f"{total / 2**30:.2f}; compile with --vram-budget "
+                                            f"{max(1, int(free * 0.9 / 2**30))}GiB or use a smaller --chunk / --max-context")
+
+    def _state_bytes(self) -> int:
+        n = 0
+        for name, node in self.graph.states().items():
+            shape = shape_eval(node.outputs[0].shape, {"P": self.max_context, "T": 0})
+            n += int(np.prod(shape)) * (2 if "k_cache" in name or "v_cache" in name else 4)
+        return n
+
+    def _upload_weights(self):
+        cp = self.cp
+        from ggfuse.kernels.dense import launch as dense
+        total = sum(w.nbytes for w in self.plan.weights)
+        done = 0
+        t0 = time.perf_counter()
+        nodes = {}
+        for n in self.graph.weights():
+            nodes.setdefault(n.attrs.tensor, n)
+        pinned = cp.cuda.alloc_pinned_memory(max((w.nbytes for w in self.plan.weights), default=1))
+        staging = np.frombuffer(pinned, dtype=np.uint8, count=max((w.nbytes for w in self.plan.weights), default=1))
+        for w in self.plan.weights:
+            node = nodes[w.name]
+            fmt = self._weight_format(node)
+            raw = self.gf.raw(w.name)
+            staging[:w.nbytes] = raw
+            dev = cp.empty(w.nbytes, dtype=cp.uint8)
+            dev.set(staging[:w.nbytes], stream=self.copy_stream)
+            self.copy_stream.synchronize()
+            if fmt == "raw":
+                arr = dev
+            else:
+                n_el = int(np.prod(w.shape))
+                out = cp.empty(n_el, dtype=cp.float32 if fmt == "f32" else cp.uint16)
+                row = w.shape[-1]
+                dense.dequantize(dev, w.ggml_type, n_el // row, row, out, "f32" if fmt == "f32" else "bf16",
+                                 stream=self.copy_stream)
+                self.copy_stream.synchronize()
+                del dev
+                arr = out.reshape(tuple(node.attrs.shape)) if fmt == "f32" else out.reshape(w.shape)
+            self.buf.weights[w.name] = (arr, fmt, w.ggml_type, tuple(w.shape))
+            done += w.nbytes
+            if self.progress:
+                _progress(done, total, t0, "uploading weights")
+        if self.progress:
+            _progress(done, total, t0, "uploading weights", final=True)
+
+    def _allocate(self):
+        cp = self.cp
+        mem = self.graph.meta["memory"]
+        self.arena = cp.empty(max(mem["peak_bytes"], 256), dtype=cp.uint8)
+        self.tokens_dev = cp.zeros(self.chunk, dtype=cp.int32)
+        self.pos_dev = cp.zeros(self.chunk, dtype=cp.int32)
+        self.past_dev = cp.zeros(1, dtype=cp.int32)
+        self.nvalid_dev = cp.zeros(1, dtype=cp.int32)
+        self.states = {}
+        for name, node in self.graph.states().items():
+            t = node.outputs[0]
+            if "P" in str(t.shape[0]):
+                shape = (self.max_context,) + tuple(int(d) for d in t.shape[1:])
+                self.states[name] = cp.zeros(shape, dtype=cp.uint16)  # bf16 bits
+            else:
+                self.states[name] = cp.zeros(tuple(int(d) for d in t.shape), dtype=cp.float32)
+
+    def arena_view(self, node, index: int = 0):
+        """The arena bytes of a value as a CuPy array of its shape at T = chunk."""
+        cp = self.cp
+        off = node.meta["arena"][index]
+        t = node.outputs[index]
+        shape = shape_eval(t.shape, {"T": self.chunk, "P": 0})
+        dt = {DType.F32: cp.float32, DType.I32: cp.int32, DType.BF16: cp.uint16}[t.dtype]
+        n = int(np.prod(shape)) * np.dtype(dt).itemsize
+        return self.arena[off:off + n].view(dt).reshape(shape)
+
+    # ---- execution ----------------------------------------------------------------------------
+    def reset(self) -> None:
+        for a in self.states.values():
+            a.fill(0)
+        self.n_past = 0
+        self.cp.cuda.Device().synchronize()
+
+    def _run_launches(self):
+        for fn in self.launches:
+            fn()
+
+    def run_chunk(self, tokens: np.ndarray, want: str = "all") -> np.ndarray:
+        cp = self.cp
+        n = int(tokens.shape[0])
+        if n > self.chunk:
+            raise GGFuseError(None, f"chunk of {n} tokens is longer than the compiled chunk {self.chunk}")
+        if self.n_past + self.chunk > self.max_context:
+            raise GGFuseError(self.gf.path, f"prompt reaches {self.n_past + n} tokens but the KV cache holds "
+                                            f"{self.max_context}; compile with a larger --max-context")
+        host = np.zeros(self.chunk, dtype=np.int32)
+        host[:n] = tokens
+        pos = (self.n_past + np.arange(self.chunk)).astype(np.int32)
+        s = self.stream
+        self.tokens_dev.set(host, stream=s)
+        self.pos_dev.set(pos, stream=s)
+        self.past_dev.set(np.array([self.n_past], np.int32), stream=s)
+        self.nvalid_dev.set(np.array([n], np.int32), stream=s)
+        if self.cuda_graph is None and os.environ.get("GGFUSE_EAGER") != "1":
+            with s:
+                self._run_launches()      # first chunk: eager (loads modules, checks launches)
+            s.synchronize()
+            self._capture()
+        elif self.cuda_graph is None:
+            with s:
+                self._run_launches()
+        else:
+            self.cuda_graph.launch(s)
+        self.n_past += n
+        logits = self.logits_view
+        rows = logits[n - 1:n] if want == "last" else logits[:n]
+        out = cp.asnumpy(rows, stream=s)
+        s.synchronize()
+        return out
+
+    def _capture(self):
+        s = self.stream
+        # Capturing records the launches without running them; the state the eager first chunk
+        # produced stays as it is.
+        s.begin_capture()
+        try:
+            self._run_launches()
+        finally:
+            g = s.end_capture()
+        self.cuda_graph = g
