@@ -16,9 +16,16 @@ configs. See ``PRESETS`` for the numbers.
 Quantized tensors are not quantized from float data: random *valid* blocks
 are generated directly (random quants and sub-block scales, a super-block
 scale chosen for the wanted std), which is what makes writing ~20 GB take
-minutes instead of hours. Everything is deterministic given ``seed``, and a
-tensor's bytes depend only on (seed, tensor name), so a shortened file's
-layers are byte-identical to the full model's first layers.
+minutes instead of hours. Everything is deterministic given ``seed``: a
+tensor's bytes depend only on (seed, name, shape, ggml type), so a shortened
+file's layers match the full model's first layers wherever the quant mix
+gives them the same type.
+
+Not modelled: the MTP (next-token-prediction) block. The current converter
+exports it by default (block_count 41 and nextn_predict_layers for
+Qwen3.5-35B-A3B), but the GGUFs people actually run were made without it
+(e.g. 733 tensors, block_count 40 for Qwen3.5-35B-A3B Q4_K_M), so the presets
+follow those.
 """
 
 from __future__ import annotations
@@ -628,6 +635,8 @@ def write_synth(preset: str, quant: str, out_path: str | os.PathLike[str], *,
     # Tensor data + generous room for the header (the vocab dominates it).
     need = summary["tensor_bytes"] + 32 * len(specs) + 64 * p.n_vocab + (1 << 20)
     out_dir = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(out_dir):
+        raise GGFuseError(out_path, f"output directory {out_dir} does not exist")
     free = shutil.disk_usage(out_dir).free
     if free < need:
         raise GGFuseError(out_path, f"not enough disk space: writing this file needs {need} bytes "

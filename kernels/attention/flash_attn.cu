@@ -87,22 +87,38 @@ __device__ __forceinline__ void store2(__nv_bfloat16* p, float a, float b) {
 
 // Issue the cp.async copies of key rows [n0, n0 + BLOCK_N) of one KV head into a swizzled tile;
 // rows >= n_end are zero-filled (V must be finite there: 0 * NaN would poison O).
+// Thread tid copies chunk c = tid % CHUNKS of rows r0 + i * RP (r0 = tid / CHUNKS, RP = rows per
+// pass). Adding RP < 8 to a row flips fixed bits of (row & 7), so the swizzled destinations take
+// only 8 / RP distinct per-thread bases plus immediates; the source is one pointer stepped by RP
+// rows. Written this way the compiler keeps ~4 registers for the copy instead of hoisting 16
+// 64-bit addresses out of the key loop (which spilled at D = 256).
 template <int W>
-__device__ __forceinline__ void load_kv_tile(unsigned tile, const __nv_bfloat16* cache, int row_stride,
-                                             int n0, int n_end, int tid) {
-    constexpr int CHUNKS = W / 8;
-    constexpr int PER_THREAD = BLOCK_N * CHUNKS / THREADS;
-    static_assert(BLOCK_N * CHUNKS % THREADS == 0, "tile copy must split evenly over the block");
+struct TileCopy {
+    static constexpr int CHUNKS = W / 8;
+    static constexpr int RP = THREADS / CHUNKS;
+    static constexpr int PER_THREAD = BLOCK_N / RP;
+    static constexpr int VARIANTS = RP >= 8 ? 1 : 8 / RP;
+    static_assert(THREADS % CHUNKS == 0 && BLOCK_N % RP == 0 && PER_THREAD % VARIANTS == 0, "tile copy must split evenly");
+    unsigned dst[VARIANTS];
+    int r0, c;
+    __device__ __forceinline__ TileCopy(unsigned tile, int tid) {
+        r0 = tid / CHUNKS;
+        c = tid % CHUNKS;
 #pragma unroll
-    for (int i = 0; i < PER_THREAD; ++i) {
-        const int idx = tid + i * THREADS;
-        const int r = idx / CHUNKS, c = idx % CHUNKS;
-        const int n = n0 + r;
-        const bool ok = n < n_end;
-        const __nv_bfloat16* src = cache + (ok ? static_cast<long long>(n) * row_stride + c * 8 : 0);
-        cp_async16(tile + swz<CHUNKS>(r, c), src, ok ? 16 : 0);
+        for (int v = 0; v < VARIANTS; ++v) dst[v] = tile + swz<CHUNKS>(r0 + v * RP, c);
     }
-}
+    __device__ __forceinline__ void issue(const __nv_bfloat16* cache, int row_stride, int n0, int n_end) const {
+        const int lim = n_end - n0 - r0;          // row r0 + i * RP exists iff i * RP < lim
+        const __nv_bfloat16* src = cache + static_cast<long long>(n0 + r0) * row_stride + c * 8;
+        const long long step = static_cast<long long>(RP) * row_stride;
+#pragma unroll
+        for (int i = 0; i < PER_THREAD; ++i) {
+            const bool ok = i * RP < lim;
+            cp_async16(dst[i % VARIANTS] + (i / VARIANTS) * (VARIANTS * RP) * CHUNKS * 16, ok ? src : cache, ok ? 16 : 0);
+            src += step;
+        }
+    }
+};
 
 template <int D, int DV, typename QT, typename OT>
 __device__ __forceinline__ void flash_attn_prefill(
@@ -138,7 +154,6 @@ __device__ __forceinline__ void flash_attn_prefill(
     }
     const int n_end = P + m0 + rows;              // keys [0, n_end) are visible to some valid row
     const int n_tiles = (n_end + BLOCK_N - 1) / BLOCK_N;
-    const int kv_stride = Hkv * D;                // elements between consecutive cache rows (D == DV head stride below)
     const __nv_bfloat16* kh = k_cache + static_cast<long long>(hk) * D;
     const __nv_bfloat16* vh = v_cache + static_cast<long long>(hk) * DV;
 
@@ -149,9 +164,11 @@ __device__ __forceinline__ void flash_attn_prefill(
         if (r < rows) v = load8_bf16(q + static_cast<long long>(m0 + r) * q_stride_t + static_cast<long long>(h) * q_stride_h + c * 8);
         asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" :: "r"(sQ + swz<DC>(r, c)), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
     }
-    load_kv_tile<D>(sK, kh, kv_stride, 0, n_end, tid);
+    const TileCopy<D> k_copy(sK, tid);
+    const TileCopy<DV> v_copy(sV, tid);
+    k_copy.issue(kh, Hkv * D, 0, n_end);
     cp_async_commit();
-    load_kv_tile<DV>(sV, vh, Hkv * DV, 0, n_end, tid);
+    v_copy.issue(vh, Hkv * DV, 0, n_end);
     cp_async_commit();
 
     const float sl2 = scale * LOG2E;
@@ -193,20 +210,23 @@ __device__ __forceinline__ void flash_attn_prefill(
         for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
         if (active) {
 #pragma unroll
-            for (int kc = 0; kc < D / 16; ++kc) {
+            for (int kq = 0; kq < D / 64; ++kq) {   // 64-wide slices of D: chunk offset kq * 8 is an immediate
+#pragma unroll
+            for (int kc = 0; kc < 4; ++kc) {
                 unsigned a0, a1, a2, a3;
-                ldmatrix_x4(q_base[kc % 4] + (kc / 4) * 128, a0, a1, a2, a3);
+                ldmatrix_x4(q_base[kc] + kq * 128, a0, a1, a2, a3);
 #pragma unroll
                 for (int np = 0; np < NT / 2; ++np) {
                     unsigned b0, b1, b2, b3;
-                    ldmatrix_x4(k_base[kc % 4] + np * 16 * D * 2 + (kc / 4) * 128, b0, b1, b2, b3);
+                    ldmatrix_x4(k_base[kc] + np * 16 * D * 2 + kq * 128, b0, b1, b2, b3);
                     mma_bf16_16816(s[2 * np], a0, a1, a2, a3, b0, b1);
                     mma_bf16_16816(s[2 * np + 1], a0, a1, a2, a3, b2, b3);
                 }
             }
+            }
         }
         __syncthreads();                          // every warp is done reading K[j]
-        if (j + 1 < n_tiles) load_kv_tile<D>(sK, kh, kv_stride, n0 + BLOCK_N, n_end, tid);
+        if (j + 1 < n_tiles) k_copy.issue(kh, Hkv * D, n0 + BLOCK_N, n_end);
         cp_async_commit();
 
         unsigned p[NT][2];                        // P = softmax numerators as bf16 A fragments
@@ -269,7 +289,7 @@ __device__ __forceinline__ void flash_attn_prefill(
             }
         }
         __syncthreads();                          // every warp is done reading V[j]
-        if (j + 1 < n_tiles) load_kv_tile<DV>(sV, vh, Hkv * DV, n0 + BLOCK_N, n_end, tid);
+        if (j + 1 < n_tiles) v_copy.issue(vh, Hkv * DV, n0 + BLOCK_N, n_end);
         cp_async_commit();
     }
     cp_async_wait<0>();

@@ -54,3 +54,29 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, scale: float) -> n
     p = np.exp(s)
     p /= p.sum(axis=-1, keepdims=True)
     return np.einsum("hts,shd->thd", p, vh).astype(F32)
+
+
+def attention_cache(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, P: int, *, scale: float) -> np.ndarray:
+    """`attention` of a chunk over a KV cache buffer: q [T, Hq, D]; k_cache [max_ctx, Hkv, D],
+    v_cache [max_ctx, Hkv, Dv] whose rows 0..P+T-1 are live (the chunk's own K/V at P..P+T-1).
+    Returns [T, Hq, Dv]."""
+    S = P + q.shape[0]
+    return attention(q, k_cache[:S], v_cache[:S], scale=scale)
+
+
+def kv_append(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, P: int) -> None:
+    """Write a chunk's keys and values into the cache, in place: k_cache[P + t] = k[t],
+    v_cache[P + t] = v[t] for t < T, rounded to the cache's dtype (bf16 on the GPU; the
+    reference rounds through `round_bf16` when the cache is float32 standing in for bf16).
+    k, v [T, Hkv, D]; k_cache, v_cache [max_ctx, Hkv, D]. Rows P + t >= max_ctx are dropped."""
+    T = k.shape[0]
+    n = max(0, min(T, k_cache.shape[0] - P))
+    k_cache[P:P + n] = k[:n]
+    v_cache[P:P + n] = v[:n]
+
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> nearest bfloat16 (ties to even), returned as float32 (NaN not handled)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16
+    return u.astype(np.uint32).view(np.float32).reshape(np.shape(x))

@@ -129,3 +129,29 @@ def _unit_lower_inverse(strict: np.ndarray) -> np.ndarray:
     for i in range(1, L):
         A[:, i, :i] = -np.einsum("hj,hjc->hc", strict[:, i, :i], A[:, :i, :i])
     return A
+
+
+def ssm_conv_state(x: np.ndarray, state: np.ndarray, *, n_valid: int | None = None) -> np.ndarray:
+    """The conv window after a (possibly padded) chunk: the last Kc-1 rows of
+    concat(state, x[:n_valid]). x [T, C]; state [Kc-1, C] -> [Kc-1, C]. n_valid None means T,
+    which is `ssm_conv`'s new state; a chunk padded past n_valid leaves the window as if the
+    padding had never been seen."""
+    n = x.shape[0] if n_valid is None else int(n_valid)
+    xs = np.concatenate([state.astype(F32), x[:n].astype(F32)], axis=0)
+    return xs[xs.shape[0] - state.shape[0]:].copy()
+
+
+def deltanet_gates(alpha: np.ndarray, beta_lin: np.ndarray, dt_bias, ssm_a, *, n_valid: int | None = None):
+    """The gated delta rule's per-token gates, as the plain graph computes them:
+        g = softplus(alpha + dt_bias) * ssm_a      (ssm_a = -exp(A_log) <= 0, so g <= 0)
+        beta = sigmoid(beta_lin)
+    alpha, beta_lin [T, Hv]; dt_bias, ssm_a [Hv] -> (g [T, Hv], beta [T, Hv]).
+    Rows t >= n_valid (padding of a fixed-size chunk) get g = 0 and beta = 0: the recurrence
+    then keeps the state exactly (decay exp(0) = 1, update beta * (...) = 0)."""
+    from ggfuse.kernels.dense import ref as dense_ref
+    g = dense_ref.mul(dense_ref.softplus(dense_ref.add(alpha, dt_bias)), ssm_a)
+    beta = dense_ref.sigmoid(beta_lin)
+    if n_valid is not None:
+        g[int(n_valid):] = 0.0
+        beta[int(n_valid):] = 0.0
+    return g, beta

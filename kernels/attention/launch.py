@@ -1,0 +1,106 @@
+"""Launchers for the attention kernels (CuPy arrays in, nothing allocated, no host sync: capturable).
+
+bf16 tensors are CuPy arrays of any 2-byte dtype (uint16 in practice: CuPy has no bfloat16) that
+hold the raw bf16 bits.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from ggfuse.kernels.nvrtc import load_module
+
+SOURCE = "attention/flash_attn.cu"
+BLOCK_M = 64          # query rows per block (flash_attn.cu fa::BLOCK_M)
+BLOCK_N = 64          # key rows per tile (fa::BLOCK_N)
+THREADS = 128         # 4 warps (fa::THREADS)
+HEAD_DIMS = (64, 128, 256)
+
+_lock = threading.Lock()
+_functions: dict = {}
+
+
+def _dtype_name(dtype, what: str) -> str:
+    """'f32' or 'bf16' from a ggfuse DType / string / numpy dtype (2-byte dtypes mean bf16 bits)."""
+    if isinstance(dtype, str):   # DType is a str enum: DType.BF16 == "bf16"
+        name = str(dtype.value if hasattr(dtype, "value") else dtype).lower()
+        if name in ("f32", "float32"):
+            return "f32"
+        if name in ("bf16", "bfloat16"):
+            return "bf16"
+        raise ValueError(f"flash_attn_prefill: {what} dtype must be f32 or bf16, got {dtype!r}")
+    dt = np.dtype(dtype)
+    if dt == np.float32:
+        return "f32"
+    if dt.itemsize == 2 and dt != np.float16:
+        return "bf16"
+    raise ValueError(f"flash_attn_prefill: {what} dtype must be float32 or a 2-byte bf16 container, got {dt}")
+
+
+def smem_bytes(D: int, Dv: int) -> int:
+    """Dynamic shared memory of one block: Q [64, D] + K [64, D] + V [64, Dv] tiles, bf16."""
+    return 2 * (BLOCK_M * D + BLOCK_N * D + BLOCK_N * Dv)
+
+
+def _function(D: int, q_kind: str, o_kind: str):
+    import cupy
+    key = (cupy.cuda.Device().id, D, q_kind, o_kind)
+    with _lock:
+        fn = _functions.get(key)
+        if fn is None:
+            fn = load_module(SOURCE).get_function(f"flash_attn_prefill_d{D}_q{q_kind}_o{o_kind}")
+            # Above 48 KB a kernel must opt in; done once here, outside any capture. Prefer the
+            # largest smem carveout so two 97 KB blocks fit on an sm_90 SM.
+            fn.max_dynamic_shared_size_bytes = smem_bytes(D, D)
+            fn.preferred_shared_memory_carveout = 100
+            _functions[key] = fn
+    return fn
+
+
+def prepare(D: int, q_dtype, out_dtype) -> None:
+    """Compile/load the kernel variant and set its smem limit. Call before capturing a graph: module
+    loading and function attributes are not stream work and should not happen mid-capture."""
+    _function(D, _dtype_name(q_dtype, "q"), _dtype_name(out_dtype, "out"))
+
+
+def flash_attn_prefill(q, q_dtype, q_stride_t: int, q_stride_h: int, k_cache, v_cache, out,
+                       T: int, Hq: int, Hkv: int, D: int, Dv: int, scale: float,
+                       past_dev, n_valid_dev, stream=None) -> None:
+    """Causal GQA attention of a chunk's queries over the bf16 KV cache.
+
+    q [T, Hq, D] (f32 or bf16 per q_dtype) with element strides q_stride_t, q_stride_h (unit
+    stride along D; strides and the base address 16-byte aligned); k_cache [max_ctx, Hkv, D] and
+    v_cache [max_ctx, Hkv, Dv] bf16, contiguous; out [T, Hq, Dv] f32 or bf16 (by out.dtype),
+    contiguous. past_dev = int32[1] holding P (cache rows before this chunk; the chunk's own K/V are
+    already at rows P..P+T-1); n_valid_dev = int32[1], rows t >= n_valid get zeros. Query t sees keys
+    0..P+t; query head h reads KV head h // (Hq // Hkv). The grid depends on T and Hq only, so a
+    captured graph stays valid when P or n_valid change.
+    """
+    q_kind = _dtype_name(q_dtype, "q")
+    o_kind = _dtype_name(out.dtype, "out")
+    if D != Dv or D not in HEAD_DIMS:
+        raise ValueError(f"flash_attn_prefill: head dims D={D}, Dv={Dv}; supported D == Dv in {HEAD_DIMS}")
+    if Hkv <= 0 or Hq % Hkv:
+        raise ValueError(f"flash_attn_prefill: Hq={Hq} must be a multiple of Hkv={Hkv}")
+    if not scale > 0:
+        raise ValueError(f"flash_attn_prefill: scale must be positive, got {scale}")
+    q_item = 4 if q_kind == "f32" else 2
+    if q.itemsize != q_item:
+        raise ValueError(f"flash_attn_prefill: q_dtype {q_kind} but q has {q.itemsize}-byte elements")
+    if q.data.ptr % 16 or (q_stride_t * q_item) % 16 or (q_stride_h * q_item) % 16:
+        raise ValueError(f"flash_attn_prefill: q base and strides ({q_stride_t}, {q_stride_h}) must be 16-byte aligned")
+    for name, a, w in (("k_cache", k_cache, D), ("v_cache", v_cache, Dv)):
+        if a.itemsize != 2 or not a.flags.c_contiguous or a.size % (Hkv * w):
+            raise ValueError(f"flash_attn_prefill: {name} must be contiguous bf16 [max_ctx, {Hkv}, {w}], "
+                             f"got {a.dtype} {a.shape}")
+    if out.size != T * Hq * Dv or not out.flags.c_contiguous:
+        raise ValueError(f"flash_attn_prefill: out must be contiguous [{T}, {Hq}, {Dv}], got {out.shape}")
+    if T <= 0:
+        return
+    fn = _function(D, q_kind, o_kind)
+    grid = (Hq, (T + BLOCK_M - 1) // BLOCK_M, 1)
+    fn(grid, (THREADS, 1, 1),
+       (q, np.int64(q_stride_t), np.int64(q_stride_h), k_cache, v_cache, out,
+        np.int32(T), np.int32(Hq), np.int32(Hkv), np.float32(scale), past_dev, n_valid_dev),
+       shared_mem=smem_bytes(D, Dv), stream=stream)

@@ -1,0 +1,422 @@
+"""Launchers for kernels/dense/dequant.cu and kernels/dense/elementwise.cu.
+
+Every function takes CuPy arrays (outputs included: nothing is allocated here), plain Python
+ints/floats, and `stream` (a cupy.cuda.Stream, or None for the current stream). Nothing
+synchronises the host, so every launcher can be captured into a CUDA graph.
+
+Views: activations may be strided views (a column slice of a wider buffer, q inside a
+[T, H, 2*hd] q|gate projection, ...). The launchers read the view's strides; only the last
+dim has to be contiguous. A 2-D operand [T, H*D] is accepted wherever the op works on
+[T, H, D] and is split into heads of D. Outputs may alias inputs (same view) except in
+ssm_conv_silu. Run-time scalars that change between graph replays (P, n_valid) are device
+int32 arrays of one element.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+
+from ggfuse.kernels.nvrtc import load_module
+from ggfuse.kernels.quant.types import qtype as _qtype
+
+NULL = np.uint64(0)
+_THREADS = 256
+_MAX_BLOCKS = 1 << 20  # grid-stride loops cover the rest
+
+
+# ---- plumbing ------------------------------------------------------------------------------------
+
+def _fn(path: str, name: str):
+    return load_module(path).get_function(name)
+
+
+def _launch(path: str, name: str, grid, block, args, stream):
+    fn = _fn(path, name)
+    with (stream if stream is not None else contextlib.nullcontext()):
+        fn(tuple(grid), tuple(block), tuple(args))
+
+
+def _ptr(a) -> np.uint64:
+    return NULL if a is None else np.uint64(a.data.ptr)
+
+
+def _dtype_name(a) -> str:
+    """Kernel suffix of an output's storage: float32 -> f32; bf16 is stored as uint16 words
+    (CuPy has no bfloat16 dtype; ml_dtypes' bfloat16 is accepted too)."""
+    dt = np.dtype(a.dtype)
+    if dt == np.float32:
+        return "f32"
+    if dt == np.uint16 or dt.name == "bfloat16":
+        return "bf16"
+    raise TypeError(f"expected a float32 or bf16 (uint16 storage) array, got {a.dtype}")
+
+
+def _check_f32(a, what: str):
+    if np.dtype(a.dtype) != np.float32:
+        raise TypeError(f"{what}: expected float32, got {a.dtype}")
+
+
+def _check_i32(a, what: str):
+    if a is not None and (np.dtype(a.dtype) != np.int32 or a.size < 1):
+        raise TypeError(f"{what}: expected a device int32 array, got {a.dtype} of size {a.size}")
+
+
+def _view(a, T: int, H: int, D: int, what: str):
+    """(st, sh) in elements of operand `a` seen as [T, H, D] with a contiguous last dim."""
+    item = a.itemsize
+    if a.strides[-1] != item and a.shape[-1] > 1:
+        raise ValueError(f"{what}: the last dim must be contiguous (strides {a.strides})")
+    if any(s % item for s in a.strides):
+        raise ValueError(f"{what}: strides {a.strides} are not multiples of the item size {item}")
+    if a.ndim == 3 and tuple(a.shape) == (T, H, D):
+        return a.strides[0] // item, a.strides[1] // item
+    if a.ndim == 2 and tuple(a.shape) == (T, H * D):
+        return a.strides[0] // item, D
+    if a.ndim == 1 and T == 1 and a.shape[0] == H * D:
+        return 0, D
+    raise ValueError(f"{what}: shape {tuple(a.shape)} does not match [T, H, D] = [{T}, {H}, {D}] (or [T, H*D])")
+
+
+def _thd(*arrays):
+    """[T, H, D] of the operation: the shape of the first 3-D operand, else [T, 1, N]."""
+    for a in arrays:
+        if a is not None and a.ndim == 3:
+            return tuple(int(s) for s in a.shape)
+    a = arrays[0]
+    if a.ndim == 2:
+        return int(a.shape[0]), 1, int(a.shape[1])
+    if a.ndim == 1:
+        return 1, 1, int(a.shape[0])
+    raise ValueError(f"expected a 1-, 2- or 3-D operand, got shape {a.shape}")
+
+
+def _vec_ok(arrays_views, D: int, V: int = 4) -> bool:
+    """Whether every operand allows V-wide accesses: D, strides and addresses aligned."""
+    if D % V:
+        return False
+    for a, strides in arrays_views:
+        if a is None:
+            continue
+        if a.data.ptr % (V * a.itemsize):
+            return False
+        if any(s % V for s in strides):
+            return False
+    return True
+
+
+def _blocks(n_threads: int, threads: int = _THREADS) -> int:
+    return max(1, min(_MAX_BLOCKS, -(-n_threads // threads)))
+
+
+# ---- dequantisation ------------------------------------------------------------------------------
+
+DEQUANT = "dense/dequant.cu"
+
+
+def dequantize(raw, qtype, n_rows: int, row_len: int, out, *, row0: int = 0, stream=None):
+    """out[r, :] = dequant(raw row row0 + r), r < n_rows.
+
+    raw: uint8 [...] the whole tensor's GGUF bytes (rows of row_len elements, quantised
+    independently); qtype: DType / GGMLQuantizationType / ggml id / name; out: float32 or bf16
+    (uint16 storage) with n_rows * row_len elements, contiguous, 16-byte aligned. Bit-exact
+    with gguf.quants.dequantize (f32 out; bf16 out is that value rounded to nearest even).
+    """
+    qt = _qtype(qtype)
+    rb = qt.row_bytes(row_len)
+    n = n_rows * row_len
+    if raw.dtype != np.uint8:
+        raise TypeError(f"dequantize: raw must be uint8 bytes, got {raw.dtype}")
+    if raw.size < (row0 + n_rows) * rb:
+        raise ValueError(f"dequantize: raw has {raw.size} bytes, rows {row0}..{row0 + n_rows} of {rb} need {(row0 + n_rows) * rb}")
+    if out.size != n or not out.flags.c_contiguous or out.data.ptr % 16:
+        raise ValueError(f"dequantize: out must be contiguous, 16-byte aligned, {n} elements (got {out.size})")
+    name = f"dequantize_{qt.name}_{_dtype_name(out)}"
+    src = np.uint64(raw.data.ptr + row0 * rb)
+    _launch(DEQUANT, name, (_blocks(-(-n // 8)),), (_THREADS,), (src, np.int64(n), _ptr(out)), stream)
+
+
+def get_rows(raw, qtype, row_len: int, ids, out, n_tokens: int | None = None, *, stream=None):
+    """Embedding lookup straight from the quantised table: out[t] = table[ids[t]], t < n_tokens.
+
+    raw: uint8 table bytes [V rows]; ids: int32 [>= n_tokens] on the device (out-of-range ids
+    are clamped to [0, V-1]); out: float32 or bf16 [n_tokens, row_len], contiguous, 16-byte aligned.
+    """
+    qt = _qtype(qtype)
+    rb = qt.row_bytes(row_len)
+    n_tokens = int(ids.size) if n_tokens is None else int(n_tokens)
+    n_table = raw.size // rb
+    _check_i32(ids, "get_rows ids")
+    if out.size != n_tokens * row_len or not out.flags.c_contiguous or out.data.ptr % 16:
+        raise ValueError(f"get_rows: out must be contiguous, 16-byte aligned, [{n_tokens}, {row_len}] (got {out.shape})")
+    if n_tokens == 0:
+        return
+    name = f"get_rows_{qt.name}_{_dtype_name(out)}"
+    args = (_ptr(raw), np.int32(n_table), np.int32(row_len), np.int64(rb), _ptr(ids), np.int32(n_tokens), _ptr(out))
+    _launch(DEQUANT, name, (n_tokens,), (_THREADS,), args, stream)
+
+
+# ---- row norms -----------------------------------------------------------------------------------
+
+ELEMENTWISE = "dense/elementwise.cu"
+
+
+def _row_norm(a, b, w, z, out, out_sum, *, eps: float, l2: bool, stream, what: str):
+    T, H, D = _thd(a, b, z, out, out_sum)
+    for arr, nm in ((a, "a"), (b, "b"), (z, "z"), (out_sum, "out_sum"), (w, "w")):
+        if arr is not None:
+            _check_f32(arr, f"{what} {nm}")
+    if w is not None and (w.size != D or not w.flags.c_contiguous):
+        raise ValueError(f"{what}: weight must be contiguous [{D}], got {w.shape}")
+    views = [(x, _view(x, T, H, D, f"{what} {nm}") if x is not None else (0, 0))
+             for x, nm in ((a, "a"), (b, "b"), (z, "z"), (out, "out"), (out_sum, "out_sum"))]
+    if D > 4096:
+        raise ValueError(f"{what}: rows of {D} > 4096 elements are not supported")
+    G = 32 if D <= 512 else 256
+    V = 4 if _vec_ok(views + [(w, ())], D) else 1
+    name = f"row_norm_g{G}_v{V}_{_dtype_name(out)}"
+    n_rows = T * H
+    (sa, sb, sz, so, ss) = [v for _, v in views]
+    args = (_ptr(a), np.int64(sa[0]), np.int64(sa[1]), _ptr(b), np.int64(sb[0]), np.int64(sb[1]),
+            _ptr(w), _ptr(z), np.int64(sz[0]), np.int64(sz[1]),
+            _ptr(out), np.int64(so[0]), np.int64(so[1]), _ptr(out_sum), np.int64(ss[0]), np.int64(ss[1]),
+            np.int32(n_rows), np.int32(H), np.int32(D), np.float32(eps), np.int32(1 if l2 else 0))
+    if n_rows == 0:
+        return
+    grid = (-(-n_rows // 8),) if G == 32 else (n_rows,)
+    _launch(ELEMENTWISE, name, grid, (256,), args, stream)
+
+
+def rms_norm(x, w, out, *, eps: float, stream=None):
+    """out = x / sqrt(mean(x^2) + eps) * w over the last dim. x [T, D] or [T, H, D] (per head)
+    f32 view; w [D] f32 or None; out like x, f32 or bf16. D <= 4096."""
+    _row_norm(x, None, w, None, out, None, eps=eps, l2=False, stream=stream, what="rms_norm")
+
+
+def add_rms_norm(a, b, w, out_norm, out_sum, *, eps: float, stream=None):
+    """out_sum = a + b; out_norm = rms_norm(out_sum) * w. a, b, out_sum [T, D] f32; w [D];
+    out_norm [T, D] f32 or bf16. out_sum may be a or b (in-place residual)."""
+    _row_norm(a, b, w, None, out_norm, out_sum, eps=eps, l2=False, stream=stream, what="add_rms_norm")
+
+
+def l2_norm(x, out, *, eps: float, stream=None):
+    """out = x / sqrt(sum(x^2) + eps) over the last dim (per head). x [T, H, D] f32 view (e.g. q/k
+    column slices of the conv output); out like x (f32 or bf16)."""
+    _row_norm(x, None, None, None, out, None, eps=eps, l2=True, stream=stream, what="l2_norm")
+
+
+def gated_rms_norm(o, w, z, out, *, eps: float, stream=None):
+    """out = rms_norm(o) * w * silu(z) per head. o, z [T, Hv, V] f32 views (z may be [T, Hv*V]);
+    w [V]; out [T, Hv, V] or [T, Hv*V], f32 or bf16."""
+    _row_norm(o, None, w, z, out, None, eps=eps, l2=False, stream=stream, what="gated_rms_norm")
+
+
+# ---- norm + rope -----------------------------------------------------------------------------------
+
+_ROPE_MODES = {"neox": 0, "imrope": 0, "mrope": 0, "normal": 1}
+
+
+def norm_rope(x, w, pos, out, *, eps: float, n_dims: int, freq_base: float, freq_scale: float = 1.0,
+              mode: str = "neox", stream=None):
+    """Per-head RMSNorm (weight w [D]) then RoPE of the first n_dims dims of each head.
+
+    x [T, H, D] f32 view (e.g. q inside a [T, H, 2*D] q|gate buffer); pos int32 [T] on the
+    device (absolute positions); out [T, H, D] f32 view. mode "neox" ("imrope" text-only is
+    the same) pairs i with i + n_dims/2, "normal" pairs 2i with 2i+1. D <= 512.
+    """
+    _check_f32(x, "norm_rope x")
+    _check_f32(out, "norm_rope out")
+    _check_i32(pos, "norm_rope pos")
+    if x.ndim != 3:
+        raise ValueError(f"norm_rope: x must be [T, H, D], got {x.shape}")
+    T, H, D = (int(s) for s in x.shape)
+    if D > 512 or n_dims > D or n_dims % 2:
+        raise ValueError(f"norm_rope: need D <= 512 and even n_dims <= D (D={D}, n_dims={n_dims})")
+    if mode not in _ROPE_MODES:
+        raise ValueError(f"norm_rope: unknown rope mode {mode!r}")
+    if w.size != D:
+        raise ValueError(f"norm_rope: weight must be [{D}], got {w.shape}")
+    xs, os_ = _view(x, T, H, D, "norm_rope x"), _view(out, T, H, D, "norm_rope out")
+    if T == 0:
+        return
+    args = (_ptr(x), np.int64(xs[0]), np.int64(xs[1]), _ptr(w), _ptr(pos), _ptr(out), np.int64(os_[0]), np.int64(os_[1]),
+            np.int32(H), np.int32(D), np.int32(n_dims), np.float64(freq_base), np.float64(freq_scale),
+            np.float32(eps), np.int32(_ROPE_MODES[mode]))
+    _launch(ELEMENTWISE, "norm_rope_f32", (T,), (256,), args, stream)
+
+
+# ---- elementwise binary ----------------------------------------------------------------------------
+
+_EW_OPS = {"add": 0, "mul": 1, "sigmoid_mul": 2, "silu_mul": 3, "scale": 4, "copy": 5}
+
+
+def _ew(op: str, a, b, out, *, factor: float = 1.0, stream=None):
+    T, H, D = _thd(a, b if (b is not None and b.shape[-1] != 1) else None, out)
+    _check_f32(a, f"{op} a")
+    bcast = False
+    sb = (0, 0)
+    if b is not None:
+        _check_f32(b, f"{op} b")
+        if b.shape[-1] == 1 and D != 1:  # [T, 1] or [T, H, 1] gate broadcast along d
+            bcast = True
+            if b.ndim == 2 and b.shape[0] == T and H == 1:
+                sb = (b.strides[0] // b.itemsize, 0)
+            elif b.ndim == 3 and tuple(b.shape[:2]) == (T, H):
+                sb = (b.strides[0] // b.itemsize, b.strides[1] // b.itemsize)
+            else:
+                raise ValueError(f"{op}: broadcast operand {b.shape} does not match [T, H] = [{T}, {H}]")
+        else:
+            sb = _view(b, T, H, D, f"{op} b")
+    sa, so = _view(a, T, H, D, f"{op} a"), _view(out, T, H, D, f"{op} out")
+    views = [(a, sa), (out, so)] + ([] if (b is None or bcast) else [(b, sb)])
+    V = 4 if _vec_ok(views, D) else 1
+    n_rows = T * H
+    if n_rows * D == 0:
+        return
+    args = (_ptr(a), np.int64(sa[0]), np.int64(sa[1]), _ptr(b), np.int64(sb[0]), np.int64(sb[1]), np.int32(bcast),
+            _ptr(out), np.int64(so[0]), np.int64(so[1]), np.int32(n_rows), np.int32(H), np.int32(D),
+            np.int32(_EW_OPS[op]), np.float32(factor))
+    _launch(ELEMENTWISE, f"ew_v{V}_{_dtype_name(out)}", (_blocks(n_rows * D // V),), (_THREADS,), args, stream)
+
+
+def add(a, b, out, *, stream=None):
+    """out = a + b (residual). [T, N] or [T, H, D] f32 views; out f32 or bf16."""
+    _ew("add", a, b, out, stream=stream)
+
+
+def mul(a, b, out, *, stream=None):
+    """out = a * b; b may be [T, 1] (broadcast along the row)."""
+    _ew("mul", a, b, out, stream=stream)
+
+
+def sigmoid_mul(x, g, out, *, stream=None):
+    """Output gate: out = x * sigmoid(g). x [T, N] / [T, H, D]; g the same shape as a (strided)
+    view, e.g. the gate half of a [T, H, 2*D] q|gate buffer, or [T, 1] broadcast; out f32/bf16."""
+    _ew("sigmoid_mul", x, g, out, stream=stream)
+
+
+def silu_mul(a, b, out, *, stream=None):
+    """SwiGLU: out = silu(a) * b. a, b [T, F] f32 views (e.g. the halves of a [T, 2F] gate|up
+    output); out [T, F] f32 or bf16 (for the down GEMM)."""
+    _ew("silu_mul", a, b, out, stream=stream)
+
+
+def scale(x, out, factor: float, *, stream=None):
+    """out = x * factor."""
+    _ew("scale", x, None, out, factor=factor, stream=stream)
+
+
+def copy(src, dst, *, stream=None):
+    """Strided 2-D/3-D copy (slice, concat piece, f32 -> bf16 conversion): dst = src.
+    src f32 view; dst f32 or bf16 view of the same [T, N] / [T, H, D] shape."""
+    _ew("copy", src, None, dst, stream=stream)
+
+
+# ---- DeltaNet ----------------------------------------------------------------------------------------
+
+def deltanet_gates(alpha, beta_lin, dt_bias, ssm_a, g_out, beta_out, n_valid=None, *, stream=None):
+    """g = softplus(alpha + dt_bias) * ssm_a, beta = sigmoid(beta_lin); rows t >= n_valid -> 0.
+
+    alpha, beta_lin: [T, Hv] f32 views, or [T, Hk, r] views (value head h = c*r + j at [t, c, j],
+    Qwen3-Next's interleaved ba projection) with r = Hv / Hk; dt_bias, ssm_a [Hv] f32;
+    g_out, beta_out [T, Hv] f32 contiguous; n_valid: device int32 [1] or None (all valid).
+    """
+    if alpha.ndim == 3:
+        T, nc, r = (int(s) for s in alpha.shape)
+        Hv = nc * r
+    else:
+        T, Hv = (int(s) for s in alpha.shape)
+        nc, r = 1, Hv
+
+    def grouped(a, what):
+        _check_f32(a, f"deltanet_gates {what}")
+        if a.ndim == 3:
+            if tuple(a.shape) != (T, nc, r) or a.strides[2] != a.itemsize:
+                raise ValueError(f"deltanet_gates {what}: expected [{T}, {nc}, {r}] with a contiguous last dim, got {a.shape}")
+            return a.strides[0] // a.itemsize, a.strides[1] // a.itemsize
+        if tuple(a.shape) != (T, Hv) or (Hv > 1 and a.strides[1] != a.itemsize):
+            raise ValueError(f"deltanet_gates {what}: expected [{T}, {Hv}], got {a.shape}")
+        return a.strides[0] // a.itemsize, Hv
+    sa, sb = grouped(alpha, "alpha"), grouped(beta_lin, "beta_lin")
+    for arr, nm, n in ((dt_bias, "dt_bias", Hv), (ssm_a, "ssm_a", Hv), (g_out, "g_out", T * Hv), (beta_out, "beta_out", T * Hv)):
+        _check_f32(arr, f"deltanet_gates {nm}")
+        if arr.size != n or not arr.flags.c_contiguous:
+            raise ValueError(f"deltanet_gates {nm}: expected {n} contiguous elements, got {arr.shape}")
+    _check_i32(n_valid, "deltanet_gates n_valid")
+    if T * Hv == 0:
+        return
+    args = (_ptr(alpha), np.int64(sa[0]), np.int64(sa[1]), _ptr(beta_lin), np.int64(sb[0]), np.int64(sb[1]),
+            np.int32(r), _ptr(dt_bias), _ptr(ssm_a), _ptr(g_out), _ptr(beta_out), _ptr(n_valid),
+            np.int32(T), np.int32(Hv))
+    _launch(ELEMENTWISE, "deltanet_gates_f32", (_blocks(T * Hv),), (_THREADS,), args, stream)
+
+
+_CONV_TT = 16
+
+
+def ssm_conv_silu(x, conv_state, w, out, n_valid=None, *, stream=None):
+    """out = silu(causal depthwise conv of concat(conv_state, x) with w); conv_state is then
+    replaced IN PLACE by the window ending at token n_valid - 1 (the last Kc-1 rows of
+    concat(conv_state, x[:n_valid])).
+
+    x [T, C] f32 view (row stride allowed); conv_state [Kc-1, C] f32 contiguous; w [C, Kc] f32
+    contiguous; out [T, C] f32 view, must not overlap x; n_valid device int32 [1] or None (= T).
+    Two launches (conv, then state update) on the same stream.
+    """
+    T, C = (int(s) for s in x.shape)
+    Kc = int(w.shape[1])
+    for arr, nm in ((x, "x"), (conv_state, "conv_state"), (w, "w"), (out, "out")):
+        _check_f32(arr, f"ssm_conv_silu {nm}")
+    if tuple(w.shape) != (C, Kc) or not w.flags.c_contiguous:
+        raise ValueError(f"ssm_conv_silu: w must be contiguous [{C}, Kc], got {w.shape}")
+    if tuple(conv_state.shape) != (Kc - 1, C) or not conv_state.flags.c_contiguous:
+        raise ValueError(f"ssm_conv_silu: conv_state must be contiguous [{Kc - 1}, {C}], got {conv_state.shape}")
+    if Kc not in (2, 3, 4):
+        raise ValueError(f"ssm_conv_silu: conv kernel width {Kc} not in (2, 3, 4)")
+    sx, so = _view(x, T, 1, C, "ssm_conv_silu x"), _view(out, T, 1, C, "ssm_conv_silu out")
+    _check_i32(n_valid, "ssm_conv_silu n_valid")
+    if T == 0:
+        return
+    gx = -(-C // _THREADS)
+    _launch(ELEMENTWISE, f"ssm_conv_silu_k{Kc}", (gx, -(-T // _CONV_TT)), (_THREADS,),
+            (_ptr(x), np.int64(sx[0]), _ptr(conv_state), _ptr(w), _ptr(out), np.int64(so[0]), np.int32(T), np.int32(C)),
+            stream)
+    _launch(ELEMENTWISE, f"ssm_conv_state_k{Kc}", (gx,), (_THREADS,),
+            (_ptr(x), np.int64(sx[0]), _ptr(conv_state), _ptr(n_valid), np.int32(T), np.int32(C)), stream)
+
+
+# ---- attention KV cache ------------------------------------------------------------------------------
+
+def kv_append(k, v, k_cache, v_cache, p_dev, *, stream=None):
+    """k_cache[P + t] = bf16(k[t]), v_cache[P + t] = bf16(v[t]) for t < T, P = p_dev[0].
+
+    k, v [T, Hkv, D] f32 views (v may be a slice of a fused projection, [T, Hkv*D] accepted);
+    k_cache, v_cache [max_ctx, Hkv, D] bf16 (uint16 storage) contiguous; p_dev int32 [1] on the
+    device. Rows P + t >= max_ctx are dropped.
+    """
+    max_ctx, Hkv, D = (int(s) for s in k_cache.shape)
+    T = int(k.shape[0])
+    for arr, nm in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        if tuple(arr.shape) != (max_ctx, Hkv, D) or not arr.flags.c_contiguous or _dtype_name(arr) != "bf16":
+            raise ValueError(f"kv_append: {nm} must be contiguous bf16 [{max_ctx}, {Hkv}, {D}], got {arr.dtype} {arr.shape}")
+    _check_f32(k, "kv_append k")
+    _check_f32(v, "kv_append v")
+    sk, sv = _view(k, T, Hkv, D, "kv_append k"), _view(v, T, Hkv, D, "kv_append v")
+    _check_i32(p_dev, "kv_append P")
+    if T == 0:
+        return
+    args = (_ptr(k), np.int64(sk[0]), np.int64(sk[1]), _ptr(v), np.int64(sv[0]), np.int64(sv[1]),
+            _ptr(k_cache), _ptr(v_cache), _ptr(p_dev), np.int32(T), np.int32(Hkv), np.int32(D), np.int32(max_ctx))
+    _launch(ELEMENTWISE, "kv_append_bf16", (_blocks(T * Hkv * D), 2), (_THREADS,), args, stream)
+
+
+def argmax_rows(x, out, *, stream=None):
+    """out[r] = argmax(x[r]) (first maximum). x [R, N] f32 view; out int32 [R]."""
+    R, N = (int(s) for s in x.shape)
+    _check_f32(x, "argmax_rows x")
+    _check_i32(out, "argmax_rows out")
+    sx = _view(x, R, 1, N, "argmax_rows x")
+    if R == 0:
+        return
+    _launch(ELEMENTWISE, "argmax_rows_f32", (R,), (_THREADS,), (_ptr(x), np.int64(sx[0]), _ptr(out), np.int32(N)), stream)

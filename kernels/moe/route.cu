@@ -1,0 +1,145 @@
+// MoE router on the device: softmax/sigmoid + top-k + renormalisation, then a stable counting
+// sort of the T*k slots by expert into the tile-padded layout of kernels/moe/ref.py. Four small
+// kernels, no host round trip, deterministic (counts are order-free; positions come from
+// per-chunk prefix sums and in-chunk ranks, not from atomics).
+//
+//   moe_topk     grid ceil(T / 8), 256 threads (a warp per token)
+//   moe_hist     grid C = ceil(T*k / 256), 256 threads: hist[c, e] = slots of chunk c on expert e;
+//                also fills sorted_slots with -1 (the padding)
+//   moe_scan     1 block of 1024 threads: hist[c, e] -> exclusive prefix over chunks, offsets
+//   moe_scatter  grid C, 256 threads: sorted_slots[off[e] + hist[c, e] + rank] = slot
+// Tokens t >= n_valid[0] (the padded tail of a chunk) get ids 0..k-1 and weight 0 and take no
+// part in the sort.
+#include "common.cuh"
+
+#define ROUTE_MAX_PER_LANE 16   // E <= 512
+#define ROUTE_CHUNK 256
+
+extern "C" __global__ void __launch_bounds__(256)
+moe_topk(const float* __restrict__ logits, int T, int E, int k, int gating, int norm, float scale,
+         const int* __restrict__ n_valid, int* __restrict__ ids, float* __restrict__ weights) {
+    const int lane = threadIdx.x & 31;
+    const int t = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (t >= T) return;
+    if (t >= n_valid[0]) {
+        for (int j = lane; j < k; j += 32) {
+            ids[(long long)t * k + j] = j;
+            weights[(long long)t * k + j] = 0.f;
+        }
+        return;
+    }
+    const float* row = logits + (long long)t * E;
+    float v[ROUTE_MAX_PER_LANE];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < ROUTE_MAX_PER_LANE; ++i) {
+        const int e = lane + 32 * i;
+        v[i] = e < E ? row[e] : -INFINITY;
+        mx = fmaxf(mx, v[i]);
+    }
+    mx = warp_max(mx);
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < ROUTE_MAX_PER_LANE; ++i)
+        if (lane + 32 * i < E) sum += __expf(v[i] - mx);
+    sum = warp_sum(sum);
+
+    // k rounds of a warp arg-max over the logits (the probabilities are monotonic in them);
+    // ties go to the lower expert index, as numpy's stable argsort of -p.
+    unsigned taken = 0;
+    float my_v = 0.f;
+    int my_e = 0;
+    for (int j = 0; j < k; ++j) {
+        float bv = -INFINITY;
+        int be = 0x7fffffff;
+#pragma unroll
+        for (int i = 0; i < ROUTE_MAX_PER_LANE; ++i) {
+            const int e = lane + 32 * i;
+            if (e < E && !((taken >> i) & 1) && (v[i] > bv || be == 0x7fffffff)) { bv = v[i]; be = e; }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(GGF_FULL_MASK, bv, o);
+            const int oe = __shfl_xor_sync(GGF_FULL_MASK, be, o);
+            if (ov > bv || (ov == bv && oe < be) || be == 0x7fffffff) { bv = ov; be = oe; }
+        }
+        if ((be & 31) == lane) taken |= 1u << (be >> 5);
+        if (lane == j) { my_v = bv; my_e = be; }
+    }
+    float p = gating == 0 ? __expf(my_v - mx) / sum : 1.f / (1.f + __expf(-my_v));
+    if (norm) {
+        const float s = warp_sum(lane < k ? p : 0.f);
+        p = p / fmaxf(s, 6.103515625e-5f);
+    }
+    if (scale != 0.f && scale != 1.f) p *= scale;
+    if (lane < k) {
+        ids[(long long)t * k + lane] = my_e;
+        weights[(long long)t * k + lane] = p;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ROUTE_CHUNK)
+moe_hist(const int* __restrict__ ids, int T, int k, int E, const int* __restrict__ n_valid,
+         int* __restrict__ hist, int* __restrict__ sorted_slots, long long n_sorted) {
+    extern __shared__ int s_count[];   // E ints
+    for (int e = threadIdx.x; e < E; e += ROUTE_CHUNK) s_count[e] = 0;
+    for (long long i = (long long)blockIdx.x * ROUTE_CHUNK + threadIdx.x; i < n_sorted;
+         i += (long long)gridDim.x * ROUTE_CHUNK)
+        sorted_slots[i] = -1;
+    __syncthreads();
+    const long long slot = (long long)blockIdx.x * ROUTE_CHUNK + threadIdx.x;
+    if (slot < (long long)T * k && slot / k < n_valid[0]) atomicAdd(&s_count[ids[slot]], 1);
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += ROUTE_CHUNK) hist[(long long)blockIdx.x * E + e] = s_count[e];
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+moe_scan(int* __restrict__ hist, int n_chunks, int E, int tile, int* __restrict__ offsets) {
+    __shared__ int s_warp[32];
+    const int e = threadIdx.x, lane = e & 31, w = e >> 5;
+    int run = 0;
+    if (e < E) {
+        for (int c = 0; c < n_chunks; ++c) {
+            const int v = hist[(long long)c * E + e];
+            hist[(long long)c * E + e] = run;
+            run += v;
+        }
+    }
+    const int padded = (run + tile - 1) / tile * tile;
+    int incl = padded;                       // inclusive scan over e
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(GGF_FULL_MASK, incl, o);
+        if (lane >= o) incl += y;
+    }
+    if (lane == 31) s_warp[w] = incl;
+    __syncthreads();
+    if (w == 0) {
+        int x = s_warp[lane];
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(GGF_FULL_MASK, x, o);
+            if (lane >= o) x += y;
+        }
+        s_warp[lane] = x;                    // inclusive over warps
+    }
+    __syncthreads();
+    incl += w > 0 ? s_warp[w - 1] : 0;
+    if (e < E) offsets[e] = incl - padded;
+    if (e == E - 1) offsets[E] = incl;
+}
+
+extern "C" __global__ void __launch_bounds__(ROUTE_CHUNK)
+moe_scatter(const int* __restrict__ ids, int T, int k, int E, const int* __restrict__ n_valid,
+            const int* __restrict__ hist, const int* __restrict__ offsets, int* __restrict__ sorted_slots) {
+    __shared__ int s_e[ROUTE_CHUNK];
+    const long long slot = (long long)blockIdx.x * ROUTE_CHUNK + threadIdx.x;
+    const bool valid = slot < (long long)T * k && slot / k < n_valid[0];
+    const int e = valid ? ids[slot] : -1;
+    s_e[threadIdx.x] = e;
+    __syncthreads();
+    if (!valid) return;
+    int rank = 0;                            // earlier slots of this chunk on the same expert
+    for (int j = 0; j < (int)threadIdx.x; ++j) rank += s_e[j] == e;
+    sorted_slots[offsets[e] + hist[(long long)blockIdx.x * E + e] + rank] = (int)slot;
+}
