@@ -94,48 +94,53 @@ def fixed_bytes(g: Graph, *, chunk: int, max_context: int, reserve: int = RESERV
             "reserve": reserve}
 
 
-def choose_streamed(layer_bytes: dict[int, int], avail: int) -> tuple[list[int], int]:
-    """(streamed layers, slots). Fewest streamed layers; two slots when more than one streams."""
+def stream_order(layers: list[int]) -> list[int]:
+    """The order in which layers start streaming as the budget shrinks: spread through the
+    stack (a van der Corput sequence over positions), so any prefix is spread too, and the first
+    layer last (its fetch has no earlier compute to hide under). A fixed order makes the
+    streamed sets nested, so a larger budget never streams more."""
+    def vdc(i: int) -> float:
+        x, f = 0.0, 0.5
+        while i:
+            x += f * (i & 1)
+            i >>= 1
+            f /= 2
+        return x
+    n = len(layers)
+    ranks = sorted(range(n), key=lambda i: (i == 0, vdc(i)))
+    return [layers[i] for i in ranks]
+
+
+def choose_streamed(layer_bytes: dict[int, int], avail: int):
+    """(streamed layers, slots): the fewest bytes moved per chunk; on a tie two slots (so one
+    layer's experts arrive while the previous streamed layer computes). None if nothing fits."""
     layers = list(layer_bytes)
-    total = sum(layer_bytes.values())
-    if total <= avail:
+    if sum(layer_bytes.values()) <= avail:
         return [], 0
+    order = stream_order(layers)
     slot = max(layer_bytes.values())
+    best = None
     for slots in (2, 1):
         room = avail - slots * slot
         if room < 0:
             continue
-        # pin as many layers as fit, then spread the streamed ones evenly through the stack
-        n_pin = 0
-        acc = 0
-        for b in sorted(layer_bytes.values()):
-            if acc + b > room:
+        for n in range(1, len(order) + 1):
+            streamed = order[:n]
+            if sum(b for l, b in layer_bytes.items() if l not in streamed) <= room:
                 break
-            acc += b
-            n_pin += 1
-        n_stream = len(layers) - n_pin
-        if slots == 2 and n_stream < 2:
-            continue
-        picks = sorted({layers[min(len(layers) - 1, int((j + 1) * len(layers) / n_stream) - 1)] for j in range(n_stream)})
-        i = len(layers) - 1
-        while len(picks) < n_stream:  # rounding collisions: fill from the back
-            if layers[i] not in picks:
-                picks.append(layers[i])
-            i -= 1
-        picks = sorted(picks)
-        # the pinned set must fit exactly, whichever layers it is
-        if sum(layer_bytes[l] for l in layers if l not in picks) > room:
-            continue
-        return picks, slots
-    return None, None
+        moved = sum(layer_bytes[l] for l in streamed)
+        if slots == 2 and n < 2:
+            continue  # a second slot only helps when two layers stream
+        if best is None or moved < best[0]:
+            best = (moved, sorted(streamed), slots)
+    return (None, None) if best is None else best[1:]
 
 
-def _ids_input(g: Graph, consumer) -> Value | None:
-    for v in consumer.inputs:
-        t = g.type_of(v)
-        if t.dtype == DType.I32 and t.rank == 2:
-            return v
-    return None
+def _routing_input(g: Graph, consumer) -> Value | None:
+    """The routing value a routed fetch waits for: the expert offsets of a fused grouped GEMM
+    (which experts got tokens), or the expert ids of a plain per-token expert matmul."""
+    i32 = [v for v in consumer.inputs if g.type_of(v).dtype == DType.I32]
+    return i32[-1] if i32 else None
 
 
 def _layer_flops(g: Graph, chunk: int) -> dict[int, float]:
@@ -234,7 +239,7 @@ def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CON
         if prev_release[s] is not None:
             control.append(prev_release[s])
         if routed:
-            ids = _ids_input(g, users[0])
+            ids = _routing_input(g, users[0])
             if ids is not None:
                 control.append(ids)
         inputs = [w.out for w in ws] + control

@@ -136,6 +136,34 @@ def default_v_block(V: int) -> int:
     return min(64, V)
 
 
+def prepare(K: int, V: int, v_block: int | None = None) -> None:
+    """Compile/load the kernels and set their shared-memory limits. Call before capturing a graph:
+    module loading and function attributes are not stream work."""
+    _kernels(K, V, v_block or default_v_block(V))
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """The two launches of one call, arguments resolved (the bench times them separately)."""
+    ks: _Kernels
+    in_kind: str
+    out_dtype: str
+    prep_grid: tuple
+    prep_args: tuple
+    recur_grid: tuple
+    recur_block: tuple
+    recur_args: tuple
+
+    def prep(self, stream=None) -> None:
+        with stream if stream is not None else contextlib.nullcontext():
+            self.ks.prep[self.in_kind](self.prep_grid, (128, 1, 1), self.prep_args, shared_mem=self.ks.prep_smem)
+
+    def recur(self, stream=None) -> None:
+        with stream if stream is not None else contextlib.nullcontext():
+            self.ks.recur[self.out_dtype](self.recur_grid, self.recur_block, self.recur_args,
+                                          shared_mem=self.ks.recur_smem)
+
+
 def chunk_gated_delta_rule(q, k, v, q_k_row_stride: int, q_col_off: int, k_col_off: int,
                            v_row_stride: int, v_col_off: int, g, beta, state, out, out_dtype: str,
                            T: int, Hk: int, Hv: int, K: int, V: int, scale: float, head_map,
@@ -146,9 +174,19 @@ def chunk_gated_delta_rule(q, k, v, q_k_row_stride: int, q_col_off: int, k_col_o
     workspace: a CuPy array of at least workspace_bytes(T, Hv, K, V, Hk=Hk, in_dtype=...) bytes.
     v_block: value columns per recurrence CTA (16 per warp; default 64).
     """
-    import cupy
     if T <= 0:
         return
+    launch = plan(q, k, v, q_k_row_stride, q_col_off, k_col_off, v_row_stride, v_col_off, g, beta, state,
+                  out, out_dtype, T, Hk, Hv, K, V, scale, head_map, workspace, v_block=v_block)
+    launch.prep(stream)
+    launch.recur(stream)
+
+
+def plan(q, k, v, q_k_row_stride, q_col_off, k_col_off, v_row_stride, v_col_off, g, beta, state, out,
+         out_dtype, T, Hk, Hv, K, V, scale, head_map, workspace, *, v_block=None) -> _Launch:
+    """Check the arguments and resolve both launches (arguments as `chunk_gated_delta_rule`)."""
+    if T <= 0:
+        raise ValueError(f"chunk_gated_delta_rule: T must be positive, got {T}")
     if K not in (64, 128) or V not in (64, 128):
         raise ValueError(f"chunk_gated_delta_rule: K and V must be 64 or 128, got K={K} V={V}")
     if Hk <= 0 or Hv % Hk:
@@ -174,8 +212,9 @@ def chunk_gated_delta_rule(q, k, v, q_k_row_stride: int, q_col_off: int, k_col_o
     _check_f32(g, (T, Hv), "g")
     _check_f32(beta, (T, Hv), "beta")
     _check_f32(state, (Hv, K, V), "state")
-    if out.size < T * Hv * V:
-        raise ValueError(f"chunk_gated_delta_rule: out holds {out.size} elements, needs {T * Hv * V}")
+    if out.size < T * Hv * V or not out.flags.c_contiguous:
+        raise ValueError(f"chunk_gated_delta_rule: out must be contiguous with >= {T * Hv * V} elements, "
+                         f"got {out.shape}")
     copies = in_kind == "f32"
     offs, need = _workspace_layout(T, Hv, K, V, Hk, copies)
     wbytes = workspace.size * workspace.dtype.itemsize
@@ -187,28 +226,24 @@ def chunk_gated_delta_rule(q, k, v, q_k_row_stride: int, q_col_off: int, k_col_o
     u64, i64, i32, f32 = np.uint64, np.int64, np.int32, np.float32
     wp = workspace.data.ptr
     tinv, p, f = u64(wp + offs["tinv"]), u64(wp + offs["p"]), u64(wp + offs["f"])
-    qp = q.data.ptr + q_col_off * isz
-    kp = k.data.ptr + k_col_off * isz
-    vp = v.data.ptr + v_col_off * isz
+    qp = u64(q.data.ptr + q_col_off * isz)
+    kp = u64(k.data.ptr + k_col_off * isz)
+    vp = u64(v.data.ptr + v_col_off * isz)
     if copies:
         qc, kc, vc = (u64(wp + offs[n]) for n in ("qc", "kc", "vc"))
         rq, rk, rqk_stride, rv, rv_stride = qc, kc, Hk * K, vc, Hv * V
     else:
         qc = kc = vc = u64(0)
-        rq, rk, rqk_stride, rv, rv_stride = u64(qp), u64(kp), q_k_row_stride, u64(vp), v_row_stride
-    NT = num_chunks(T)
+        rq, rk, rqk_stride, rv, rv_stride = qp, kp, q_k_row_stride, vp, v_row_stride
     npairs = (Hv // Hk + 1) // 2
-    ctx = stream if stream is not None else contextlib.nullcontext()
-    with ctx:
-        ks.prep[in_kind]((NT, Hk * npairs, 1), (128, 1, 1),
-                         (u64(qp), u64(kp), i64(q_k_row_stride), u64(vp), i64(v_row_stride),
-                          g, beta, tinv, p, f, qc, kc, vc,
-                          i32(T), i32(Hk), i32(Hv), f32(scale), i32(hm)),
-                         shared_mem=ks.prep_smem)
-        ks.recur[out_dtype]((Hv * (V // vb), 1, 1), (2 * vb, 1, 1),
-                            (rq, rk, i64(rqk_stride), rv, i64(rv_stride), tinv, p, f, state, out,
-                             i32(T), i32(Hk), i32(Hv), f32(scale), i32(hm)),
-                            shared_mem=ks.recur_smem)
+    return _Launch(
+        ks, in_kind, out_dtype,
+        (num_chunks(T), Hk * npairs, 1),
+        (qp, kp, i64(q_k_row_stride), vp, i64(v_row_stride), g, beta, tinv, p, f, qc, kc, vc,
+         i32(T), i32(Hk), i32(Hv), f32(scale), i32(hm)),
+        (Hv * (V // vb), 1, 1), (2 * vb, 1, 1),
+        (rq, rk, i64(rqk_stride), rv, i64(rv_stride), tinv, p, f, state, out,
+         i32(T), i32(Hk), i32(Hv), f32(scale), i32(hm)))
 
 
 def flops(T: int, Hk: int, Hv: int, K: int, V: int) -> float:

@@ -14,7 +14,6 @@ int32 arrays of one element.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import numpy as np
 
