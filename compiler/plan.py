@@ -16,7 +16,11 @@ from ggfuse.ir.graph import Graph
 from ggfuse.ir.serialize import graph_from_json, node_to_json
 
 PLAN_FORMAT = "ggfuse-plan"
-PLAN_VERSION = (1, 0)
+# History: 1.0 the frontend's plain graph (token-recurrent DeltaNet, per-token expert matmuls).
+#          2.0 the pass pipeline: fused ops (moe_route, moe_grouped_gemm, chunk_gated_delta_rule,
+#              elementwise fusions, fetch_weights) a 1.x runtime cannot execute, plus arena offsets,
+#              the expert prefetch schedule and capture segments.
+PLAN_VERSION = (2, 0)
 
 
 @dataclass(frozen=True)
