@@ -616,7 +616,7 @@ class _Progress:
 def write_synth(preset: str, quant: str, out_path: str | os.PathLike[str], *,
                 layers: int | None = None, seed: int = 0, progress: bool = True,
                 vocab: int | None = None, experts: int | None = None,
-                progress_cb: Callable[[int, int], None] | None = None) -> dict:
+                progress_cb: Callable[[int, int], None] | None = None, sparse: bool = False) -> dict:
     """Write a synthetic GGUF of `preset` in the llama.cpp mix `quant`.
 
     layers:  keep only the first N layers (block_count = N); the hybrid
@@ -625,6 +625,9 @@ def write_synth(preset: str, quant: str, out_path: str | os.PathLike[str], *,
              expert count so that CPU tests stay small; the result is no
              longer the real model's structure.
     progress_cb(bytes_done, bytes_total) is called as data is written.
+    sparse:  write only the header and tensor table and leave the data a hole of the right size
+             (reads as zeros, takes a few MB on disk): enough for the compiler, which plans from
+             shapes and types and never reads the data (real-shape planning tests use it).
     Returns the describe() summary (without 'tensors') plus path, bytes
     (file size), seconds and mb_per_s.
     """
@@ -638,7 +641,7 @@ def write_synth(preset: str, quant: str, out_path: str | os.PathLike[str], *,
     if not os.path.isdir(out_dir):
         raise GGFuseError(out_path, f"output directory {out_dir} does not exist")
     free = shutil.disk_usage(out_dir).free
-    if free < need:
+    if free < need and not sparse:
         raise GGFuseError(out_path, f"not enough disk space: writing this file needs {need} bytes "
                           f"({need / 1e9:.1f} GB), {free} bytes ({free / 1e9:.1f} GB) free in {out_dir}")
 
@@ -657,7 +660,15 @@ def write_synth(preset: str, quant: str, out_path: str | os.PathLike[str], *,
         w.write_ti_data_to_file()
         fout = w.fout[0]
         align = w.data_alignment
-        _write_data(fout, specs, seed, align, prog, progress_cb)
+        if sparse:
+            fout.flush()
+            end = fout.tell()
+            for spec in specs:
+                end += -end % align + spec.nbytes
+            end += -end % align
+            fout.truncate(end)
+        else:
+            _write_data(fout, specs, seed, align, prog, progress_cb)
         w.close()
         os.replace(tmp, out_path)
     except BaseException:

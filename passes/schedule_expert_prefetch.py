@@ -112,28 +112,26 @@ def stream_order(layers: list[int]) -> list[int]:
 
 
 def choose_streamed(layer_bytes: dict[int, int], avail: int):
-    """(streamed layers, slots): the fewest bytes moved per chunk; on a tie two slots (so one
-    layer's experts arrive while the previous streamed layer computes). None if nothing fits."""
-    layers = list(layer_bytes)
+    """(streamed layers, slots), or (None, None) when not even one layer's slot fits.
+
+    Two slots whenever they fit, so one layer's experts arrive while the previous streamed layer
+    computes: at real sizes a chunk's compute is shorter than its transfers, so hiding transfer
+    under compute beats pinning one more layer. With room for one slot only, every layer streams
+    through it. Streamed sets are prefixes of one fixed order, so they are nested and a larger
+    budget never streams more bytes."""
     if sum(layer_bytes.values()) <= avail:
         return [], 0
-    order = stream_order(layers)
+    order = stream_order(list(layer_bytes))
     slot = max(layer_bytes.values())
-    best = None
-    for slots in (2, 1):
-        room = avail - slots * slot
-        if room < 0:
-            continue
-        for n in range(1, len(order) + 1):
-            streamed = order[:n]
-            if sum(b for l, b in layer_bytes.items() if l not in streamed) <= room:
-                break
-        moved = sum(layer_bytes[l] for l in streamed)
-        if slots == 2 and n < 2:
-            continue  # a second slot only helps when two layers stream
-        if best is None or moved < best[0]:
-            best = (moved, sorted(streamed), slots)
-    return (None, None) if best is None else best[1:]
+    if avail < slot:
+        return None, None
+    if avail < 2 * slot:
+        return sorted(order), 1
+    room = avail - 2 * slot
+    for n in range(1, len(order) + 1):
+        if sum(b for l, b in layer_bytes.items() if l not in order[:n]) <= room:
+            return sorted(order[:n]), 2
+    return sorted(order), 2
 
 
 def _routing_input(g: Graph, consumer) -> Value | None:

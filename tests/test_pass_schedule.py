@@ -131,3 +131,46 @@ def test_parse_bytes():
     assert sep.parse_bytes(1234) == 1234
     with pytest.raises(GGFuseError, match="size"):
         sep.parse_bytes("twelve")
+
+
+@pytest.fixture(scope="module")
+def real_35b(tmp_path_factory):
+    """Qwen3.5-35B-A3B Q4_K_M at its real shapes: header and tensor table only (the data is a
+    sparse hole), which is all the compiler needs to plan."""
+    from ggfuse.compiler.synth import write_synth
+    path = tmp_path_factory.mktemp("real") / "qwen3.5-35b-a3b-q4_k_m.gguf"
+    write_synth("qwen3.5-35b-a3b", "q4_k_m", path, sparse=True, progress=False)
+    gf = GGUFFile(str(path))
+    return gf, build_graph(gf)
+
+
+def test_real_35b_under_12gib(real_35b):
+    gf, g0 = real_35b
+    assert sum(t.nbytes for t in gf.tensors.values()) > 20e9
+    moved = {}
+    for gib in (12, 16, 24, 40):
+        g, _ = run_pipeline(g0, chunk=2048, vram_budget=f"{gib}GiB", max_context=8192,
+                            only=["fuse_moe", "rewrite_deltanet_chunked", "fuse_elementwise", "schedule_expert_prefetch"])
+        p = g.meta["prefetch"]
+        assert p["resident_bytes"] <= p["budget_bytes"] == gib << 30
+        moved[gib] = p["bytes_moved_per_chunk"]
+        fetches = g.by_op(Op.FETCH_WEIGHTS)
+        assert sorted(f.attrs.layer for f in fetches) == p["streamed_layers"]
+        order = {n.id: i for i, n in enumerate(g.topo())}
+        for f in fetches:
+            users = [u for i in range(len(f.outputs)) for u, _ in g.uses_of(f.value(i))]
+            assert users and all(u.op == Op.MOE_GROUPED_GEMM and order[f.id] < order[u.id] for u in users)
+            # and the raw expert weights of a streamed layer feed nothing but the fetch
+            for v in f.inputs[: f.attrs.n_weights]:
+                assert [u.op for u in g.users(v.node)] == [Op.FETCH_WEIGHTS]
+        if gib == 12:
+            assert len(p["streamed_layers"]) > 10 and p["slots"] == 2
+            assert 0 < p["predicted"]["hidden_fraction"] <= 1
+    assert moved[12] >= moved[16] >= moved[24] >= moved[40]
+    assert moved[40] == 0
+
+
+def test_real_35b_too_small_budget(real_35b):
+    gf, g0 = real_35b
+    with pytest.raises(GGFuseError, match="minimum is"):
+        run_pipeline(g0, chunk=2048, vram_budget="2GiB", only=["fuse_moe", "schedule_expert_prefetch"])

@@ -43,18 +43,12 @@ def _row(name, us, nbytes):
     print(f"{name:<44} {us:9.2f} us {gbs:9.1f} GB/s  floor {floor:8.2f} us  ({gbs / HBM_GBS * 100:5.1f}% of 3.0 TB/s)")
 
 
-def main():
-    import cupy as cp
-    from ggfuse.kernels.dense import launch
-    from ggfuse.kernels.quant.types import qtype
+T, D, N_COPIES = 4096, 2048, 3
 
-    rng = np.random.default_rng(0)
-    T, D = 4096, 2048
-    n_copies = 3
-    print(f"device: {cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)['name'].decode()}")
-    print(f"{'kernel':<44} {'median':>12} {'achieved':>14}")
 
-    # rms_norm / add_rms_norm [4096, 2048]
+def bench_norms(cp, launch, rng):
+    """rms_norm / add_rms_norm [4096, 2048]."""
+    n_copies = N_COPIES
     xs = [cp.asarray(rng.standard_normal((T, D), dtype=np.float32)) for _ in range(n_copies)]
     bs = [cp.asarray(rng.standard_normal((T, D), dtype=np.float32)) for _ in range(n_copies)]
     w = cp.asarray(rng.standard_normal(D, dtype=np.float32))
@@ -72,10 +66,10 @@ def main():
     us = _time_graphs(cp, [lambda s, a=a, b=b: launch.add_rms_norm(a, b, w, out16, sums, eps=1e-6, stream=s)
                            for a, b in zip(xs, bs)])
     _row("add_rms_norm [4096,2048] ->bf16 norm + sum", us, 3 * act + act // 2)
-    del xs, bs, out32, out16, sums
 
-    # dequantize one Q4_K expert matrix [512, 2048]
-    q4k = qtype("q4_k")
+
+def bench_dequant(cp, launch, rng, q4k):
+    """dequantize one Q4_K expert matrix [512, 2048]."""
     n_rows, row_len = 512, 2048
     rb = q4k.row_bytes(row_len)
     raws = [cp.asarray(rng.integers(0, 256, size=n_rows * rb, dtype=np.uint8)) for _ in range(8)]
@@ -88,16 +82,31 @@ def main():
     _row("dequantize Q4_K [512,2048] -> f32", us, qbytes + n_rows * row_len * 4)
     us = _time_graphs(cp, [lambda s, r=r: launch.dequantize(r, q4k, n_rows, row_len, o16, stream=s) for r in raws])
     _row("dequantize Q4_K [512,2048] -> bf16", us, qbytes + n_rows * row_len * 2)
-    del raws, o32, o16
 
-    # get_rows: 4096 tokens from the [248320, 2048] Q4_K embedding table
-    V = 248320
+
+def bench_get_rows(cp, launch, rng, q4k):
+    """get_rows: 4096 tokens from the [248320, 2048] Q4_K embedding table."""
+    V, row_len = 248320, D
+    rb = q4k.row_bytes(row_len)
     table = cp.asarray(rng.integers(0, 256, size=V * rb, dtype=np.uint8))
     table.reshape(-1, 144)[:, 0:4] = cp.asarray(np.array([0x1400, 0x1400], np.uint16).view(np.uint8))
-    ids = [cp.asarray(rng.integers(0, V, size=T).astype(np.int32)) for _ in range(n_copies)]
+    ids = [cp.asarray(rng.integers(0, V, size=T).astype(np.int32)) for _ in range(N_COPIES)]
     emb = cp.empty((T, row_len), cp.float32)
     us = _time_graphs(cp, [lambda s, i=i: launch.get_rows(table, q4k, row_len, i, emb, stream=s) for i in ids])
     _row("get_rows Q4_K 4096 of [248320,2048] -> f32", us, T * rb + T * row_len * 4)
+
+
+def main():
+    import cupy as cp
+    from ggfuse.kernels.dense import launch
+    from ggfuse.kernels.quant.types import qtype
+
+    rng = np.random.default_rng(0)
+    print(f"device: {cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)['name'].decode()}")
+    print(f"{'kernel':<44} {'median':>12} {'achieved':>14}")
+    bench_norms(cp, launch, rng)
+    bench_dequant(cp, launch, rng, qtype("q4_k"))
+    bench_get_rows(cp, launch, rng, qtype("q4_k"))
 
 
 if __name__ == "__main__":

@@ -215,8 +215,8 @@ extern "C" __global__ void __launch_bounds__(NR_WARPS * 32) norm_rope_f32(
 // b_bcast: b has one value per (t, h) (b[t*st + h*sh]) broadcast along d ([T, 1] gates).
 // One thread per V consecutive elements of a row.
 template<int V, typename O>
-__device__ __forceinline__ void ew_impl(const float* __restrict__ a, View va, const float* __restrict__ b, View vb,
-                                        int b_bcast, O* __restrict__ out, View vo, int n_rows, int H, int D,
+__device__ __forceinline__ void ew_impl(const float* a, View va, const float* b, View vb,
+                                        int b_bcast, O* out, View vo, int n_rows, int H, int D,
                                         int op, float factor) {
     const int Dv = D / V;
     const long long n = (long long)n_rows * Dv;

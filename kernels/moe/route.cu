@@ -30,11 +30,11 @@ moe_topk(const float* __restrict__ logits, int T, int E, int k, int gating, int 
     }
     const float* row = logits + (long long)t * E;
     float v[ROUTE_MAX_PER_LANE];
-    float mx = -INFINITY;
+    float mx = __int_as_float(0xff800000);
 #pragma unroll
     for (int i = 0; i < ROUTE_MAX_PER_LANE; ++i) {
         const int e = lane + 32 * i;
-        v[i] = e < E ? row[e] : -INFINITY;
+        v[i] = e < E ? row[e] : __int_as_float(0xff800000);
         mx = fmaxf(mx, v[i]);
     }
     mx = warp_max(mx);
@@ -50,7 +50,7 @@ moe_topk(const float* __restrict__ logits, int T, int E, int k, int gating, int 
     float my_v = 0.f;
     int my_e = 0;
     for (int j = 0; j < k; ++j) {
-        float bv = -INFINITY;
+        float bv = __int_as_float(0xff800000);
         int be = 0x7fffffff;
 #pragma unroll
         for (int i = 0; i < ROUTE_MAX_PER_LANE; ++i) {
