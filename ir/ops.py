@@ -57,6 +57,7 @@ class Op(str, Enum):
     # recurrent: chunked (WY/UT) gated delta rule, conv with fused activation
     CHUNK_GATED_DELTA_RULE = "chunk_gated_delta_rule"
     SSM_CONV_SILU = "ssm_conv_silu"
+    DELTANET_GATES = "deltanet_gates"      # g = softplus(alpha + dt_bias) * ssm_a, beta = sigmoid(b)
     # MoE: routing + counting sort, grouped GEMM over expert-sorted tokens
     MOE_ROUTE = "moe_route"
     MOE_GROUPED_GEMM = "moe_grouped_gemm"

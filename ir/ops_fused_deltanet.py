@@ -4,7 +4,8 @@ inference is the plain op's rule."""
 from __future__ import annotations
 
 from ggfuse.ir.ops import Op, _infer_gdr, _infer_ssm_conv, _numel, _req, register
-from ggfuse.ir.types import dim_eval
+from ggfuse.ir.types import DType, TensorType, dim_eval
+from ggfuse.kernels.dequant.ref import dense
 from ggfuse.kernels.deltanet import ref as dn_ref
 from ggfuse.kernels.dense import ref as dense_ref
 
@@ -38,3 +39,15 @@ register(Op.SSM_CONV_SILU, 3, _infer_ssm_conv,
          lambda a, env, x, s, w: dn_ref.ssm_conv_silu(x, s, dense_ref.dense(w)),
          lambda a, ins, outs, env: (2 * ins[2].shape[1] + 1) * _numel(outs[0], env),  # SiLU as 1, like Op.SILU
          n_outputs=2)
+
+
+def _infer_gates(a, ins):
+    alpha, beta_lin, dt_bias, ssm_a = ins
+    _req(alpha.rank == 2 and tuple(alpha.shape) == tuple(beta_lin.shape), "deltanet_gates wants alpha, beta_lin [T, Hv]")
+    _req(tuple(dt_bias.shape) == (alpha.shape[1],) == tuple(ssm_a.shape), "dt_bias and ssm_a must be [Hv]")
+    return (TensorType(alpha.shape, DType.F32), TensorType(alpha.shape, DType.F32))
+
+
+register(Op.DELTANET_GATES, 4, _infer_gates,
+         lambda a, env, alpha, b, dtb, A: dn_ref.deltanet_gates(alpha, b, dense(dtb), dense(A)),
+         lambda a, ins, outs, env: 8 * outs[0].numel(env), n_outputs=2)

@@ -28,5 +28,41 @@ def run(g: Graph, *, chunk: int = 64) -> PassResult:
         g.replace_node(n.id, op=Op.SSM_CONV_SILU)
         g.replace_uses(silu.out, y)
         changed = True
-    g.dce()  # the bypassed SILUs
+    changed |= _fuse_gates(g)
+    g.dce()  # the bypassed SILUs and gate chains
     return PassResult(g, changed)
+
+
+def _sole_user(g: Graph, v, op: Op):
+    uses = g.uses_of(v)
+    if len(uses) == 1 and uses[0][0].op == op and v not in g.outputs.values():
+        return uses[0][0]
+    return None
+
+
+def _fuse_gates(g: Graph) -> bool:
+    """g = softplus(alpha + dt_bias) * ssm_a and beta = sigmoid(beta_lin), the per-token gates of
+    each delta rule, become one DELTANET_GATES node (one kernel, which also zeroes the gates of a
+    padded chunk's tail so the carried state stays exact)."""
+    changed = False
+    for n in g.by_op(Op.CHUNK_GATED_DELTA_RULE) + g.by_op(Op.GATED_DELTA_RULE):
+        g_in, beta_in = n.inputs[3], n.inputs[4]
+        mul, sig = g.node(g_in.node), g.node(beta_in.node)
+        if mul.op != Op.MUL or sig.op != Op.SIGMOID or _sole_user(g, beta_in, n.op) is None or _sole_user(g, g_in, n.op) is None:
+            continue
+        sp_v, ssm_a = mul.inputs
+        sp = g.node(sp_v.node)
+        if sp.op != Op.SOFTPLUS or _sole_user(g, sp_v, Op.MUL) is None:
+            continue
+        add = g.node(sp.inputs[0].node)
+        if add.op != Op.ADD or _sole_user(g, add.out, Op.SOFTPLUS) is None:
+            continue
+        alpha, dt_bias = add.inputs
+        if g.node(dt_bias.node).op != Op.WEIGHT or g.node(ssm_a.node).op != Op.WEIGHT:
+            continue
+        gates = g.add(Op.DELTANET_GATES, [alpha, sig.inputs[0], dt_bias, ssm_a], name=n.name.replace("delta_rule", "gates"))
+        ins = list(g.node(n.id).inputs)
+        ins[3], ins[4] = gates
+        g.replace_node(n.id, inputs=tuple(ins))
+        changed = True
+    return changed

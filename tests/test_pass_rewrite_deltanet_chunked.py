@@ -85,3 +85,20 @@ def test_logits_unchanged(arch, run_chunk, dn_chunk):
     out = rewrite_deltanet_chunked.run(g, chunk=dn_chunk).graph
     got = run_graph(out, gf, _tokens(g), run_chunk)
     assert rel_err(got, _baseline(arch, run_chunk)) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["qwen35moe", "qwen35", "qwen3next"])
+def test_gates_fused_one_per_deltanet_layer(arch):
+    from ggfuse.compiler.driver import build_graph
+    from ggfuse.compiler.gguf_file import GGUFFile
+    from ggfuse.ir.ops import Op
+    from ggfuse.passes import rewrite_deltanet_chunked
+    from util import fixture
+    g = build_graph(GGUFFile(fixture(arch)))
+    out = rewrite_deltanet_chunked.run(g).graph
+    n_rec = sum(g.meta["hparams"]["recurrent"])
+    assert len(out.by_op(Op.DELTANET_GATES)) == n_rec
+    assert not out.by_op(Op.SOFTPLUS)
+    for n in out.by_op(Op.CHUNK_GATED_DELTA_RULE):
+        assert out.node(n.inputs[3].node).op == Op.DELTANET_GATES
+        assert n.inputs[3].node == n.inputs[4].node
