@@ -47,14 +47,25 @@ class Model:
     def reset(self) -> None:
         self.backend.reset()
 
-    def prefill(self, token_ids) -> np.ndarray:
+    def prefill(self, token_ids, logits: str = "all") -> np.ndarray:
+        """Feed tokens; returns logits [n, vocab] for every position ("all", the default) or only
+        the last position's [1, vocab] ("last": what time-to-first-token needs)."""
+        if logits not in ("all", "last"):
+            raise GGFuseError(None, f"logits must be 'all' or 'last', got {logits!r}")
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             return np.zeros((0, self.n_vocab), dtype=np.float32)
         if ids.min() < 0 or (self.n_vocab and ids.max() >= self.n_vocab):
             bad = int(ids[(ids < 0) | (ids >= self.n_vocab)][0])
             raise GGFuseError(self.gguf.path, f"token id {bad} is outside the vocabulary 0..{self.n_vocab - 1}")
-        outs = [self.backend.run_chunk(ids[i:i + self.chunk]) for i in range(0, ids.size, self.chunk)]
+        starts = list(range(0, ids.size, self.chunk))
+        outs = []
+        for i in starts:
+            last = i == starts[-1]
+            want = logits if logits == "all" else ("last" if last else "none")
+            out = self.backend.run_chunk(ids[i:i + self.chunk], want)
+            if out is not None:
+                outs.append(out)
         return np.concatenate(outs, axis=0)
 
     def vocab(self):

@@ -28,7 +28,7 @@ class CPUBackend:
                       for k, n in self.state_inputs.items()}
         self.n_past = 0
 
-    def run_chunk(self, tokens: np.ndarray) -> np.ndarray:
+    def run_chunk(self, tokens: np.ndarray, want: str = "all") -> np.ndarray:
         T = int(tokens.shape[0])
         env = {"T": T, "P": self.n_past}
         feeds = dict(self.state)
@@ -39,4 +39,6 @@ class CPUBackend:
         for k in self.state_inputs:
             self.state[k] = out[k]
         self.n_past += T
-        return out["logits"]
+        if want == "none":
+            return None
+        return out["logits"][-1:] if want == "last" else out["logits"]

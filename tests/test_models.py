@@ -66,3 +66,13 @@ def test_distance_to_llama_cpp_on_the_quantised_file_is_reported(quant, record_p
         d = rel_err(out, r[f"llama_{quant}"])
         record_property(f"{arch}_{quant}_vs_llama_quantised", d)
         assert d < 0.25, f"{arch} {quant}: {d:.3f} of max |logit| from llama.cpp on the quantised file"
+
+
+def test_last_logits_only():
+    r = refs("qwen35moe")
+    m = ggfuse.load(fixture("qwen35moe"), device="cpu", chunk=16)
+    all_ = m.prefill(r["tokens"])
+    m.reset()
+    last = m.prefill(r["tokens"], logits="last")
+    assert last.shape == (1, all_.shape[1])
+    np.testing.assert_array_equal(last[0], all_[-1])

@@ -419,3 +419,21 @@ def argmax_rows(x, out, *, stream=None):
     if R == 0:
         return
     _launch(ELEMENTWISE, "argmax_rows_f32", (R,), (_THREADS,), (_ptr(x), np.int64(sx[0]), _ptr(out), np.int32(N)), stream)
+
+
+# ---- small row kernels (kernels/dense/misc.cu) ---------------------------------------------------
+
+def rowdot_sigmoid(x, w, out, *, stream=None):
+    """out[t] = sigmoid(x[t] . w): x [T, D] f32 (row stride allowed), w [D] f32, out [T] or [T, 1]."""
+    T, D = x.shape
+    _check_f32(x, "rowdot_sigmoid x")
+    _launch("dense/misc.cu", "rowdot_sigmoid_f32", (_blocks(T * 32),), (_THREADS,),
+            (_ptr(x), np.int64(x.strides[0] // 4), _ptr(w), _ptr(out), np.int32(T), np.int32(D)), stream)
+
+
+def axpy_rows(out, y, s, *, stream=None):
+    """out[t, :] += y[t, :] * s[t]: out, y [T, D] f32 (row strides allowed), s [T] or [T, 1] f32."""
+    T, D = out.shape
+    _launch("dense/misc.cu", "axpy_rows_f32", (_blocks(T * D),), (_THREADS,),
+            (_ptr(out), np.int64(out.strides[0] // 4), _ptr(y), np.int64(y.strides[0] // 4), _ptr(s),
+             np.int32(T), np.int32(D)), stream)

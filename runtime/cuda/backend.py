@@ -193,8 +193,9 @@ class CUDABackend:
         for fn in self.launches:
             fn()
 
-    def run_chunk(self, tokens: np.ndarray, want: str = "all") -> np.ndarray:
-        cp = self.cp
+    def stage_inputs(self, tokens: np.ndarray) -> int:
+        """Copy a chunk's token ids, positions, P and n_valid into their device buffers (stream
+        ordered before the replay that reads them). Returns n_valid."""
         n = int(tokens.shape[0])
         if n > self.chunk:
             raise GGFuseError(None, f"chunk of {n} tokens is longer than the compiled chunk {self.chunk}")
@@ -209,6 +210,12 @@ class CUDABackend:
         self.pos_dev.set(pos, stream=s)
         self.past_dev.set(np.array([self.n_past], np.int32), stream=s)
         self.nvalid_dev.set(np.array([n], np.int32), stream=s)
+        return n
+
+    def run_chunk(self, tokens: np.ndarray, want: str = "all") -> np.ndarray:
+        cp = self.cp
+        n = self.stage_inputs(tokens)
+        s = self.stream
         if self.cuda_graph is None and os.environ.get("GGFUSE_EAGER") != "1":
             with s:
                 self._run_launches()      # first chunk: eager (loads modules, checks launches)
@@ -220,6 +227,8 @@ class CUDABackend:
         else:
             self.cuda_graph.launch(s)
         self.n_past += n
+        if want == "none":
+            return None
         logits = self.logits_view
         rows = logits[n - 1:n] if want == "last" else logits[:n]
         out = cp.asnumpy(rows, stream=s)

@@ -1,0 +1,31 @@
+// Small row kernels the runtime composes around the big ones.
+//   rowdot_sigmoid: out[t] = sigmoid(dot(x[t, :], w))      (the shared expert's gate, [T, D] x [D])
+//   axpy_rows:      out[t, :] += y[t, :] * s[t]             (adding the gated shared expert)
+// x, y, out rows have strides (elements); D is the row length.
+#include "common.cuh"
+
+extern "C" __global__ void rowdot_sigmoid_f32(const float* __restrict__ x, long long ldx,
+                                              const float* __restrict__ w, float* __restrict__ out,
+                                              int T, int D) {
+    // one warp per row
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (warp >= T) return;
+    const float* xr = x + (long long)warp * ldx;
+    float acc = 0.f;
+    for (int i = lane; i < D; i += 32) acc += xr[i] * w[i];
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) out[warp] = 1.f / (1.f + __expf(-acc));
+}
+
+extern "C" __global__ void axpy_rows_f32(float* __restrict__ out, long long ldo,
+                                         const float* __restrict__ y, long long ldy,
+                                         const float* __restrict__ s, int T, int D) {
+    const long long n = (long long)T * D;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long t = i / D, d = i - t * D;
+        out[t * ldo + d] += y[t * ldy + d] * s[t];
+    }
+}

@@ -1,0 +1,167 @@
+"""Launchers for the MoE kernels: the device router (moe/route.cu) and the grouped expert GEMMs
+(moe/grouped_gemm.cu). Layout of sorted_slots / expert_offsets: kernels/moe/ref.py.
+
+    moe_route(logits, T, E, k, True, 0.0, MOE_TILE, n_valid, ids, wts, slots, offs, scratch, s)
+    moe_gate_up(x, "bf16", w_gate, w_up, "q4_k", E, F, D, slots, offs, k, h, s)     # h [S, F] bf16
+    moe_down(h, w_down, "q6_k", E, D, F, slots, offs, wts, k, out, s)               # out [T, D] f32
+
+Buffers come from the caller (no allocation, no host sync: capturable):
+    ids [T, k] i32, wts [T, k] f32, slots [sorted_len(T, k, E, tile)] i32, offs [E + 1] i32,
+    scratch [route_scratch_ints(T, k, E)] i32, h [sorted_len(...), F] bf16.
+The grouped GEMMs need tile % 128 == 0 (a 128-row block tile never mixes two experts): use
+MOE_TILE for the MOE_ROUTE node's `tile`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ggfuse.kernels.gemm import launch as gl
+from ggfuse.kernels.nvrtc import load_module
+from ggfuse.kernels.quant.types import qtype
+
+ROUTE_SOURCE = "moe/route.cu"
+GEMM_SOURCE = "moe/grouped_gemm.cu"
+MOE_TILE = 128          # the grouped GEMM's row tile (gemm_core.cuh BM)
+ROUTE_CHUNK = 256       # slots per histogram chunk (route.cu)
+MAX_EXPERTS = 512       # route.cu ROUTE_MAX_PER_LANE * 32
+GATINGS = {"softmax": 0, "sigmoid": 1}
+
+
+def sorted_len(T: int, k: int, E: int, tile: int) -> int:
+    """Static length of sorted_slots (ref.padded_length)."""
+    return T * k + E * (tile - 1)
+
+
+def route_scratch_ints(T: int, k: int, E: int) -> int:
+    """int32 scratch of moe_route: one E-bin histogram per 256-slot chunk."""
+    return max(1, -(-T * k // ROUTE_CHUNK)) * E
+
+
+def _route_fn(name: str):
+    return load_module(ROUTE_SOURCE).get_function(name)
+
+
+def prepare(x_dtype, w_gate_type, w_down_type) -> None:
+    """Load and configure the router and the grouped GEMM variants; call before capturing."""
+    for n in ("moe_topk", "moe_hist", "moe_scan", "moe_scatter"):
+        _route_fn(n)
+    gu, dn = gl.weight_name(w_gate_type), gl.weight_name(w_down_type)
+    gl.function(GEMM_SOURCE, f"moe_gate_up_{gl.act_kind(x_dtype, 'x')}a_{gu}", gu)
+    gl.function(GEMM_SOURCE, f"moe_down_{dn}", dn)
+
+
+def moe_route(logits, T: int, E: int, k: int, norm: bool, scale: float, tile: int, n_valid_dev,
+              ids_out, weights_out, sorted_slots_out, expert_offsets_out, scratch, stream=None,
+              *, gating: str = "softmax") -> None:
+    """Router probabilities, top-k and the expert-sorted, tile-padded slot layout, on the device.
+
+    logits [T, E] f32 (the router GEMM's output, contiguous); n_valid_dev int32[1]: tokens
+    t >= n_valid are padding (ids 0..k-1, weight 0, not sorted). Outputs as ref.moe_route:
+    ids [T, k] i32 (most probable first, ties to the lower index), weights [T, k] f32
+    (/ max(sum, 2^-14) if norm, * scale unless scale is 0 or 1), sorted_slots
+    [T*k + E*(tile-1)] i32, expert_offsets [E+1] i32. Deterministic.
+    """
+    if not 0 < k <= min(E, 32) or E > MAX_EXPERTS:
+        raise ValueError(f"moe_route: need 0 < k <= min(E, 32) and E <= {MAX_EXPERTS}, got k={k}, E={E}")
+    if gating not in GATINGS:
+        raise ValueError(f"moe_route: gating {gating!r} is not one of {sorted(GATINGS)}")
+    S = sorted_len(T, k, E, tile)
+    n_chunks = -(-T * k // ROUTE_CHUNK)
+    checks = ((logits, T * E, 4, "logits"), (ids_out, T * k, 4, "ids_out"), (weights_out, T * k, 4, "weights_out"),
+              (sorted_slots_out, S, 4, "sorted_slots_out"), (expert_offsets_out, E + 1, 4, "expert_offsets_out"),
+              (scratch, route_scratch_ints(T, k, E), 4, "scratch"))
+    for arr, n, isz, name in checks:
+        if arr.size < n or arr.itemsize != isz or not arr.flags.c_contiguous:
+            raise ValueError(f"moe_route: {name} must be contiguous with >= {n} {isz}-byte elements, "
+                             f"got {arr.dtype} {arr.shape}")
+    n_chunks_launch = max(n_chunks, 1)   # an empty chunk still fills sorted_slots with -1
+    if T > 0:
+        _route_fn("moe_topk")(((T + 7) // 8, 1, 1), (256, 1, 1),
+                              (logits, np.int32(T), np.int32(E), np.int32(k), np.int32(GATINGS[gating]),
+                               np.int32(bool(norm)), np.float32(scale), n_valid_dev, ids_out, weights_out),
+                              stream=stream)
+    _route_fn("moe_hist")((n_chunks_launch, 1, 1), (ROUTE_CHUNK, 1, 1),
+                          (ids_out, np.int32(T), np.int32(k), np.int32(E), n_valid_dev, scratch,
+                           sorted_slots_out, np.int64(S)),
+                          shared_mem=4 * E, stream=stream)
+    _route_fn("moe_scan")((1, 1, 1), (1024, 1, 1),
+                          (scratch, np.int32(n_chunks_launch), np.int32(E), np.int32(tile), expert_offsets_out),
+                          stream=stream)
+    if T > 0:
+        _route_fn("moe_scatter")((n_chunks, 1, 1), (ROUTE_CHUNK, 1, 1),
+                                 (ids_out, np.int32(T), np.int32(k), np.int32(E), n_valid_dev, scratch,
+                                  expert_offsets_out, sorted_slots_out),
+                                 stream=stream)
+
+
+def _check_layout(fn: str, sorted_slots, expert_offsets, E: int) -> int:
+    S = sorted_slots.size
+    if sorted_slots.itemsize != 4 or expert_offsets.itemsize != 4 or expert_offsets.size != E + 1:
+        raise ValueError(f"{fn}: sorted_slots must be int32 and expert_offsets int32[{E + 1}]")
+    return S
+
+
+def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted_slots, expert_offsets,
+                k: int, h_out, stream=None, *, ldx: int | None = None) -> None:
+    """h[r] = silu(x[tok] Wg_e^T) * (x[tok] Wu_e^T) for every sorted row r of expert e.
+
+    x [T, ldx] f32 or bf16 (x_dtype); w_gate, w_up [E, F, D] raw GGUF bytes (w_up None: w_gate is
+    the merged [E, 2F, D] gate_up, gate rows first); h_out [S, F] bf16 (S = sorted_slots.size),
+    rows of padding slots get 0, rows from expert_offsets[E] on are not written. The layout's tile
+    must be a multiple of MOE_TILE. grid (ceil(F/64), S // 128); tiles past the layout exit.
+    """
+    a_kind, w_name = gl.act_kind(x_dtype, "x"), gl.weight_name(w_type)
+    ldx = D if ldx is None else ldx
+    gl.check_operands("moe_gate_up", x, a_kind, ldx, D, w_gate, w_name)
+    S = _check_layout("moe_gate_up", sorted_slots, expert_offsets, E)
+    rb = qtype(w_name).row_bytes(D)
+    if w_up is None:
+        up_ptr, e_bytes = w_gate.data.ptr + F * rb, 2 * F * rb
+    else:
+        if w_up.data.ptr % 16:
+            raise ValueError("moe_gate_up: w_up base address must be 16-byte aligned")
+        up_ptr, e_bytes = w_up.data.ptr, F * rb
+    if h_out.itemsize != 2 or h_out.size < S * F:
+        raise ValueError(f"moe_gate_up: h_out must be bf16 [{S}, {F}], got {h_out.dtype} {h_out.shape}")
+    if S < MOE_TILE or F <= 0:
+        return
+    fn = gl.function(GEMM_SOURCE, f"moe_gate_up_{a_kind}a_{w_name}", w_name)
+    grid = ((F + 63) // 64, S // MOE_TILE, 1)
+    fn(grid, (gl.THREADS, 1, 1),
+       (gl.ptr(x), np.int64(ldx), gl.ptr(w_gate), np.uint64(up_ptr), np.int64(rb), np.int64(e_bytes),
+        np.int32(F), np.int32(D), gl.ptr(h_out), np.int64(F), sorted_slots, expert_offsets, np.int32(E), np.int32(k)),
+       shared_mem=gl.smem_bytes(w_name, gl.device_cc()), stream=stream)
+
+
+def moe_down(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_offsets, weights, k: int, out,
+             stream=None, *, zero_out: bool = True) -> None:
+    """out[tok] (+)= sum over the token's slots of weights[slot] * (h[r] Wd_e^T).
+
+    h [S, F] bf16 (moe_gate_up's output); w_down [E, D, F] raw GGUF bytes; weights [T, k] f32;
+    out [T, D] f32, contiguous. zero_out clears `out` first (a capturable memset); with
+    zero_out=False the experts are added to what is there (e.g. the shared expert's output).
+    The scatter uses f32 atomics (vector red.v2 on sm_90), so the order of the k additions per
+    element, and hence the last bit, may vary between runs.
+    """
+    import cupy
+    w_name = gl.weight_name(w_type)
+    gl.check_operands("moe_down", h, "bf16", F, F, w_down, w_name)
+    S = _check_layout("moe_down", sorted_slots, expert_offsets, E)
+    if out.itemsize != 4 or out.data.ptr % 8 or not out.flags.c_contiguous or out.size % D:
+        raise ValueError(f"moe_down: out must be contiguous f32 [T, {D}], got {out.dtype} {out.shape}")
+    if weights.itemsize != 4:
+        raise ValueError("moe_down: weights must be f32 [T, k]")
+    if zero_out:
+        sptr = 0 if stream is None else stream.ptr
+        if stream is None:
+            sptr = cupy.cuda.get_current_stream().ptr
+        cupy.cuda.runtime.memsetAsync(out.data.ptr, 0, out.nbytes, sptr)
+    if S < MOE_TILE or D <= 0:
+        return
+    rb = qtype(w_name).row_bytes(F)
+    fn = gl.function(GEMM_SOURCE, f"moe_down_{w_name}", w_name)
+    grid = ((D + gl.BN - 1) // gl.BN, S // MOE_TILE, 1)
+    fn(grid, (gl.THREADS, 1, 1),
+       (gl.ptr(h), np.int64(F), gl.ptr(w_down), np.int64(rb), np.int64(D * rb), np.int32(D), np.int32(F),
+        gl.ptr(out), np.int64(D), sorted_slots, expert_offsets, np.int32(E), np.int32(k), weights),
+       shared_mem=gl.smem_bytes(w_name, gl.device_cc()), stream=stream)

@@ -1,0 +1,217 @@
+"""`ggfuse bench`: prefill throughput and time-to-first-token per prompt length, peak device
+memory and a per-phase breakdown, optionally side by side with llama.cpp's llama-bench.
+
+Timing: the model is compiled and loaded once; for each prompt length, one warm-up prefill (it
+captures the chunk's CUDA graph), then R timed prefills (CUDA events around the whole prefill,
+host work included, so the figure is what a user waits for); the median is reported. The phase
+breakdown comes from one instrumented eager prefill with an event after every kernel launch,
+each launch charged to its op's phase; phases are shown as fractions of that eager run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from ggfuse.errors import GGFuseError
+
+PHASES = {
+    "get_rows": "embedding",
+    "attention": "full attention", "norm_rope": "full attention", "sigmoid_mul": "full attention",
+    "chunk_gated_delta_rule": "deltanet", "gated_delta_rule": "deltanet", "ssm_conv_silu": "deltanet",
+    "deltanet_gates": "deltanet", "l2_norm": "deltanet", "gated_rms_norm": "deltanet",
+    "moe_route": "moe routing", "moe_grouped_gemm": "moe gemm", "ffn_swiglu": "dense matmuls",
+    "matmul": "dense matmuls", "fetch_weights": "transfers",
+}
+
+
+def phase_of(node) -> str:
+    if node.op.value == "matmul" and node.name == "lm_head":
+        return "lm head"
+    return PHASES.get(node.op.value, "norms and elementwise")
+
+
+def _median(xs):
+    return float(np.median(np.asarray(xs, dtype=np.float64)))
+
+
+def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None, device: str = "auto",
+                max_context: int | None = None, seed: int = 0, log=print) -> dict:
+    import ggfuse
+    from ggfuse.compiler.driver import compile_gguf
+    from ggfuse.compiler.gguf_file import GGUFFile
+    from ggfuse.runtime.api import Model, cuda_available
+
+    if device == "auto":
+        device = "cuda" if cuda_available() else "cpu"
+    need_ctx = max(prompts)
+    t0 = time.perf_counter()
+    gf = GGUFFile(path)
+    plan = compile_gguf(path, chunk=chunk, gf=gf, vram_budget=vram_budget,
+                        max_context=max(max_context or 0, need_ctx))
+    t_compile = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if device == "cuda":
+        from ggfuse.runtime.cuda.backend import CUDABackend
+        backend = CUDABackend(plan, gf, chunk=chunk)
+    else:
+        from ggfuse.runtime.cpu import CPUBackend
+        backend = CPUBackend(plan, gf)
+    model = Model(plan, gf, backend, chunk)
+    t_load = time.perf_counter() - t0
+    log(f"compiled in {t_compile:.1f} s, loaded in {t_load:.1f} s on {device}")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in prompts:
+        tokens = rng.integers(0, model.n_vocab, size=n)
+        times = []
+        for r in range(repeat + 1):
+            model.reset()
+            if device == "cuda":
+                import cupy as cp
+                s = backend.stream
+                start, stop = cp.cuda.Event(), cp.cuda.Event()
+                start.record(s)
+                model.prefill(tokens, logits="last")
+                stop.record(s)
+                stop.synchronize()
+                ms = cp.cuda.get_elapsed_time(start, stop)
+            else:
+                t = time.perf_counter()
+                model.prefill(tokens, logits="last")
+                ms = (time.perf_counter() - t) * 1e3
+            if r > 0:  # the first run is the warm-up (graph capture)
+                times.append(ms)
+        ms = _median(times)
+        row = {"prompt": n, "ms": ms, "tok_per_s": n / ms * 1e3, "ttft_ms": ms, "runs": times}
+        if device == "cuda":
+            row["phases"] = phase_breakdown(model, backend, tokens)
+            import cupy as cp
+            row["peak_device_bytes"] = int(cp.get_default_memory_pool().total_bytes())
+        rows.append(row)
+        log(f"pp{n:<6} {row['tok_per_s']:10.1f} tok/s   TTFT {ms:9.2f} ms")
+    return {"model": os.path.abspath(path), "arch": plan.arch, "device": device, "chunk": chunk,
+            "vram_budget": vram_budget, "repeat": repeat, "compile_s": t_compile, "load_s": t_load,
+            "results": rows, "prefetch": plan.stats.get("prefetch")}
+
+
+def phase_breakdown(model, backend, tokens) -> dict:
+    """One eager prefill with an event after each launch; ms per phase."""
+    import cupy as cp
+    model.reset()
+    s = backend.stream
+    totals: dict[str, float] = {}
+    nodes = backend.launch_nodes
+    for i in range(0, len(tokens), backend.chunk):
+        backend.stage_inputs(tokens[i:i + backend.chunk])
+        evs = [cp.cuda.Event()]
+        evs[0].record(s)
+        with s:
+            for fn in backend.launches:
+                fn()
+                e = cp.cuda.Event()
+                e.record(s)
+                evs.append(e)
+        s.synchronize()
+        for node, a, b in zip(nodes, evs, evs[1:]):
+            ph = phase_of(node)
+            totals[ph] = totals.get(ph, 0.0) + cp.cuda.get_elapsed_time(a, b)
+        backend.n_past += min(backend.chunk, len(tokens) - i)
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe: int | None = None) -> dict:
+    """llama.cpp's own benchmark on the same file: flash attention on, every layer on the GPU,
+    -ub 2048; with a budget, the equivalent --n-cpu-moe."""
+    if not (os.path.exists(exe) or shutil.which(exe)):
+        raise GGFuseError(exe, "llama-bench not found (see BENCHMARKS.md for how to build it)")
+    cmd = [exe, "-m", path, "-p", ",".join(map(str, prompts)), "-n", "0", "-fa", "1", "-ngl", "99",
+           "-ub", "2048", "-b", "2048", "-r", str(repeat), "-o", "json"]
+    if n_cpu_moe:
+        cmd += ["--n-cpu-moe", str(n_cpu_moe)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise GGFuseError(exe, f"llama-bench failed ({p.returncode}): {p.stderr.strip().splitlines()[-1:]}")
+    res = json.loads(p.stdout)
+    return {"cmd": " ".join(cmd), "results": {int(r["n_prompt"]): float(r["avg_ts"]) for r in res}}
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["results"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [r["prompt"] for r in rows]
+    ax1.plot(xs, [r["tok_per_s"] for r in rows], "o-", label="ggfuse")
+    if result.get("llama_bench"):
+        lb = result["llama_bench"]["results"]
+        ax1.plot(xs, [lb.get(x, np.nan) for x in xs], "s--", label="llama.cpp")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("prompt tokens")
+    ax1.set_ylabel("prefill tokens / s")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    phases = sorted({p for r in rows for p in r.get("phases", {})})
+    bottom = np.zeros(len(rows))
+    for ph in phases:
+        vals = np.array([r.get("phases", {}).get(ph, 0.0) for r in rows])
+        ax2.bar([str(x) for x in xs], vals, bottom=bottom, label=ph)
+        bottom += vals
+    ax2.set_xlabel("prompt tokens")
+    ax2.set_ylabel("ms (eager, per phase)")
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"{result['arch']} on {result['device']}, chunk {result['chunk']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def add_bench_parser(sub):
+    b = sub.add_parser("bench", help="measure prefill throughput and time-to-first-token")
+    b.add_argument("model")
+    b.add_argument("--prompt", default="512,2048,8192", help="prompt lengths (default 512,2048,8192)")
+    b.add_argument("--chunk", type=int, default=2048)
+    b.add_argument("--vram-budget", default=None)
+    b.add_argument("--repeat", type=int, default=5)
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--json", dest="json_out", help="write the results as JSON")
+    b.add_argument("--plot", help="write a PNG: tok/s against prompt length, stacked phases")
+    b.add_argument("--against-llama-bench", metavar="PATH", help="also run llama.cpp's llama-bench on the file")
+    b.add_argument("--n-cpu-moe", type=int, default=None, help="llama-bench --n-cpu-moe (with a budget)")
+    b.set_defaults(fn=bench_main)
+    return b
+
+
+def bench_main(args) -> int:
+    try:
+        prompts = [int(x) for x in args.prompt.split(",") if x]
+    except ValueError:
+        raise GGFuseError(None, f"--prompt must be comma-separated integers, got {args.prompt!r}") from None
+    res = bench_model(args.model, prompts, chunk=args.chunk, repeat=args.repeat, vram_budget=args.vram_budget,
+                      device=args.device, log=lambda m: print(m, file=sys.stderr))
+    if args.against_llama_bench:
+        res["llama_bench"] = run_llama_bench(args.against_llama_bench, args.model, prompts, repeat=args.repeat,
+                                             n_cpu_moe=args.n_cpu_moe)
+    lb = (res.get("llama_bench") or {}).get("results", {})
+    print(f"{'prompt':>8} {'ggfuse tok/s':>14} {'TTFT ms':>10}" + (f" {'llama.cpp tok/s':>16} {'ratio':>7}" if lb else ""))
+    for r in res["results"]:
+        line = f"{r['prompt']:>8} {r['tok_per_s']:>14.1f} {r['ttft_ms']:>10.2f}"
+        if lb:
+            other = lb.get(r["prompt"])
+            line += f" {other:>16.1f} {r['tok_per_s'] / other:>7.2f}" if other else f" {'-':>16} {'-':>7}"
+        print(line)
+        if r.get("phases"):
+            tot = sum(r["phases"].values())
+            print("         " + ", ".join(f"{k} {100 * v / tot:.0f}%" for k, v in r["phases"].items()))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(res, f, indent=1)
+    if args.plot:
+        plot(res, args.plot)
+    return 0

@@ -1,0 +1,403 @@
+"""The schedule as bound kernel launches: one function per op turns a node into a closure that
+launches its kernel(s) on the backend's compute stream, with every pointer fixed at build time.
+
+Values without work are views: RESHAPE and SLICE are CuPy views of their input (kernels accept
+row strides), CONCAT onto a KV cache is the cache itself (the attention launch appends the
+chunk's K/V first), FETCH_WEIGHTS of resident experts is the weight itself.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ggfuse.errors import GGFuseError
+from ggfuse.ir.ops import Op
+from ggfuse.ir.types import DType, shape_eval
+
+_LAUNCHERS = {}
+
+
+def launcher(*ops):
+    def deco(fn):
+        for op in ops:
+            _LAUNCHERS[op] = fn
+        return fn
+    return deco
+
+
+class Ctx:
+    """What a launcher needs: the backend, value lookup, scratch buffers."""
+
+    def __init__(self, be):
+        self.be = be
+        self.cp = be.cp
+        self.g = be.graph
+        self.vals = {}
+        self.weights = {}      # Value -> (array, fmt, ggml type, numpy shape)
+        self._scratch = {}
+
+    @property
+    def stream(self):
+        return self.be.stream
+
+    def v(self, value):
+        return self.vals[value]
+
+    def t(self, value):
+        return self.g.type_of(value)
+
+    def shape(self, value):
+        return shape_eval(self.t(value).shape, {"T": self.be.chunk, "P": 0})
+
+    def scratch(self, key: str, shape, dtype):
+        """A persistent buffer outside the arena, shared by every node that asks for `key`."""
+        cp = self.cp
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        buf = self._scratch.get(key)
+        if buf is None or buf.nbytes < nbytes:
+            buf = cp.empty(max(nbytes, 256), dtype=cp.uint8)
+            self._scratch[key] = buf
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def strided_reshape(cp, a, shape):
+    """Reshape a view without copying: contiguous arrays reshape; a row-strided 2-D view whose
+    rows are contiguous splits/merges its trailing dims with as_strided."""
+    shape = tuple(int(d) for d in shape)
+    if a.flags.c_contiguous:
+        return a.reshape(shape)
+    item = a.itemsize
+    rows = a.shape[0]
+    if shape[0] == rows and a.strides[-1] == item:
+        inner_a = int(np.prod(a.shape[1:]))
+        if int(np.prod(shape[1:])) == inner_a and _rows_contiguous(a):
+            strides = [a.strides[0]]
+            acc = item
+            tail = []
+            for d in reversed(shape[1:]):
+                tail.append(acc)
+                acc *= d
+            strides += list(reversed(tail))
+            return cp.lib.stride_tricks.as_strided(a, shape=shape, strides=tuple(strides))
+    raise GGFuseError(None, f"cannot view an array of shape {a.shape} strides {a.strides} as {shape} without a copy")
+
+
+def _rows_contiguous(a) -> bool:
+    expect = a.itemsize
+    for d, s in zip(reversed(a.shape[1:]), reversed(a.strides[1:])):
+        if d != 1 and s != expect:
+            return False
+        expect *= d
+    return True
+
+
+def build_launches(be) -> list:
+    """Resolve every value to a device array and bind each node's launch."""
+    ctx = Ctx(be)
+    be.ctx = ctx
+    cp = be.cp
+    out = []
+    be.launch_nodes = []
+    for n in be.graph.topo():
+        if n.op == Op.INPUT:
+            kind = n.attrs.kind
+            ctx.vals[n.out] = {"tokens": be.tokens_dev, "positions": be.pos_dev}.get(kind) if kind != "state" \
+                else be.states[n.attrs.key]
+            continue
+        if n.op == Op.WEIGHT:
+            arr, fmt, gt, shape = be.buf.weights[n.attrs.tensor]
+            ctx.weights[n.out] = (arr, fmt, gt, shape)
+            ctx.vals[n.out] = arr
+            continue
+        if n.op == Op.FETCH_WEIGHTS:
+            for i in range(n.attrs.n_weights):  # resident: the fetch is the weight itself
+                ctx.weights[n.value(i)] = ctx.weights[n.inputs[i]]
+                ctx.vals[n.value(i)] = ctx.vals[n.inputs[i]]
+            continue
+        if n.op == Op.RESHAPE:
+            ctx.vals[n.out] = strided_reshape(cp, ctx.v(n.inputs[0]), ctx.shape(n.out))
+            if n.inputs[0] in ctx.weights:
+                ctx.weights[n.out] = ctx.weights[n.inputs[0]]
+            continue
+        if n.op == Op.SLICE:
+            x = ctx.v(n.inputs[0])
+            idx = [slice(None)] * x.ndim
+            idx[n.attrs.axis % x.ndim] = slice(n.attrs.start, n.attrs.stop)
+            ctx.vals[n.out] = x[tuple(idx)]
+            continue
+        if n.op == Op.CONCAT:
+            state = [v for v in n.inputs if be.graph.node(v.node).op == Op.INPUT]
+            if len(state) != 1 or len(n.inputs) != 2:
+                raise GGFuseError(None, f"cuda: concat {n.name} is not a KV-cache append")
+            ctx.vals[n.out] = ctx.v(state[0])
+            continue
+        # every other value lives in the arena
+        for i in range(len(n.outputs)):
+            ctx.vals[n.value(i)] = be.arena_view(n, i)
+        fn = _LAUNCHERS.get(n.op)
+        if fn is None:
+            raise GGFuseError(None, f"the cuda backend has no kernel for op {n.op.value} ({n.name})")
+        out.append(fn(ctx, n))
+        be.launch_nodes.append(n)
+    be.logits_view = ctx.v(be.graph.outputs["logits"])
+    return out
+
+
+# ---- dense ----------------------------------------------------------------------------------
+
+def _dense():
+    from ggfuse.kernels.dense import launch
+    return launch
+
+
+def _weight(ctx, value):
+    arr, fmt, gt, shape = ctx.weights[value]
+    return arr, ("BF16" if fmt == "bf16" else "F32" if fmt == "f32" else gt), shape
+
+
+@launcher(Op.GET_ROWS)
+def _get_rows(ctx, n):
+    d = _dense()
+    raw, fmt, gt, shape = ctx.weights[n.inputs[0]]
+    ids, out = ctx.v(n.inputs[1]), ctx.v(n.out)
+    if fmt != "raw":
+        raise GGFuseError(None, f"cuda: get_rows wants the raw table, got {fmt}")
+    return lambda: d.get_rows(raw, gt, shape[1], ids, out, stream=ctx.stream)
+
+
+def _gemm_call(ctx, a, w_value, c, *, accumulate=False):
+    from ggfuse.kernels.gemm import launch as gemm
+    w, wtype, shape = _weight(ctx, w_value)
+    N, K = shape[-2], shape[-1]
+    a2 = a.reshape(-1, a.shape[-1]) if a.flags.c_contiguous else a
+    c2 = c.reshape(-1, c.shape[-1]) if c.flags.c_contiguous else c
+    M = a2.shape[0]
+    a_dt = "f32" if a2.dtype == np.float32 else "bf16"
+    c_dt = "f32" if c2.dtype == np.float32 else "bf16"
+    lda = a2.strides[0] // a2.itemsize
+    ldc = c2.strides[0] // c2.itemsize
+    return lambda: gemm.gemm(a2, a_dt, lda, w, wtype, N, K, c2, c_dt, ldc, M, ctx.stream, accumulate=accumulate)
+
+
+@launcher(Op.MATMUL)
+def _matmul(ctx, n):
+    return _gemm_call(ctx, ctx.v(n.inputs[0]), n.inputs[1], ctx.v(n.out))
+
+
+@launcher(Op.FFN_SWIGLU)
+def _ffn_swiglu(ctx, n):
+    from ggfuse.kernels.gemm import launch as gemm
+    x = ctx.v(n.inputs[0])
+    wg, tg, sg = _weight(ctx, n.inputs[1])
+    wu, tu, _ = _weight(ctx, n.inputs[2])
+    out = ctx.v(n.out)
+    M, K = x.shape
+    F = sg[0]
+    if tg != tu:
+        raise GGFuseError(None, f"cuda: ffn_swiglu {n.name}: gate {tg} and up {tu} weights differ in type")
+    a_dt = "f32" if x.dtype == np.float32 else "bf16"
+    return lambda: gemm.gemm_swiglu(x, a_dt, x.strides[0] // x.itemsize, wg, wu, tg, F, K, out, "f32", F, M, ctx.stream)
+
+
+@launcher(Op.RMS_NORM)
+def _rms_norm(ctx, n):
+    d = _dense()
+    x, out = ctx.v(n.inputs[0]), ctx.v(n.out)
+    w = ctx.v(n.inputs[1]) if len(n.inputs) > 1 else None
+    return lambda: d.rms_norm(x, w, out, eps=n.attrs.eps, stream=ctx.stream)
+
+
+@launcher(Op.ADD_RMS_NORM)
+def _add_rms_norm(ctx, n):
+    d = _dense()
+    a, b, w = (ctx.v(v) for v in n.inputs)
+    on, osum = ctx.v(n.value(0)), ctx.v(n.value(1))
+    return lambda: d.add_rms_norm(a, b, w, on, osum, eps=n.attrs.eps, stream=ctx.stream)
+
+
+@launcher(Op.L2_NORM)
+def _l2_norm(ctx, n):
+    d = _dense()
+    x, out = ctx.v(n.inputs[0]), ctx.v(n.out)
+    return lambda: d.l2_norm(x, out, eps=n.attrs.eps, stream=ctx.stream)
+
+
+@launcher(Op.GATED_RMS_NORM)
+def _gated_rms_norm(ctx, n):
+    d = _dense()
+    o, w, z = (ctx.v(v) for v in n.inputs)
+    out = ctx.v(n.out)
+    return lambda: d.gated_rms_norm(o, w, z, out, eps=n.attrs.eps, stream=ctx.stream)
+
+
+@launcher(Op.NORM_ROPE)
+def _norm_rope(ctx, n):
+    d = _dense()
+    x, w, pos = (ctx.v(v) for v in n.inputs)
+    out = ctx.v(n.out)
+    a = n.attrs
+    return lambda: d.norm_rope(x, w, pos, out, eps=a.eps, n_dims=a.n_dims, freq_base=a.freq_base,
+                               freq_scale=a.freq_scale, mode=a.mode, stream=ctx.stream)
+
+
+@launcher(Op.SIGMOID_MUL)
+def _sigmoid_mul(ctx, n):
+    d = _dense()
+    x, g = (ctx.v(v) for v in n.inputs)
+    out = ctx.v(n.out)
+    return lambda: d.sigmoid_mul(x, g, out, stream=ctx.stream)
+
+
+@launcher(Op.ADD)
+def _add(ctx, n):
+    d = _dense()
+    a, b = (ctx.v(v) for v in n.inputs)
+    out = ctx.v(n.out)
+    return lambda: d.add(a, b, out, stream=ctx.stream)
+
+
+@launcher(Op.MUL)
+def _mul(ctx, n):
+    d = _dense()
+    a, b = (ctx.v(v) for v in n.inputs)
+    out = ctx.v(n.out)
+    return lambda: d.mul(a, b, out, stream=ctx.stream)
+
+
+# ---- recurrent ------------------------------------------------------------------------------
+
+@launcher(Op.SSM_CONV_SILU)
+def _ssm_conv_silu(ctx, n):
+    d = _dense()
+    x, state, w = (ctx.v(v) for v in n.inputs)
+    out = ctx.v(n.value(0))
+    ctx.vals[n.value(1)] = state   # the window is updated in place
+    nv = ctx.be.nvalid_dev
+    return lambda: d.ssm_conv_silu(x, state, w, out, nv, stream=ctx.stream)
+
+
+@launcher(Op.DELTANET_GATES)
+def _deltanet_gates(ctx, n):
+    d = _dense()
+    alpha, beta_lin, dtb, ssm_a = (ctx.v(v) for v in n.inputs)
+    g_out, b_out = ctx.v(n.value(0)), ctx.v(n.value(1))
+    nv = ctx.be.nvalid_dev
+    return lambda: d.deltanet_gates(alpha, beta_lin, dtb, ssm_a, g_out, b_out, nv, stream=ctx.stream)
+
+
+@launcher(Op.CHUNK_GATED_DELTA_RULE)
+def _chunk_gdr(ctx, n):
+    from ggfuse.kernels.deltanet import launch as dn
+    q, k, v, g, beta, state = (ctx.v(x) for x in n.inputs)
+    out = ctx.v(n.value(0))
+    ctx.vals[n.value(1)] = state   # final state written in place
+    T, Hk, K = q.shape
+    Hv, V = v.shape[1], v.shape[2]
+    ws = ctx.scratch("deltanet_ws", (dn.workspace_bytes(T, Hv, K, V),), np.uint8)
+    head_map = 0 if n.attrs.head_map == "tile" else 1
+    return lambda: dn.chunk_gated_delta_rule_views(q, k, v, g, beta, state, out, scale=n.attrs.scale,
+                                                   head_map=head_map, workspace=ws, stream=ctx.stream)
+
+
+# ---- attention ------------------------------------------------------------------------------
+
+@launcher(Op.ATTENTION)
+def _attention(ctx, n):
+    from ggfuse.kernels.attention import launch as fa
+    d = _dense()
+    q = ctx.v(n.inputs[0])
+    k_cat, v_cat = (ctx.be.graph.node(v.node) for v in n.inputs[1:])
+    k_new, v_new = ctx.v(k_cat.inputs[1]), ctx.v(v_cat.inputs[1])
+    k_cache, v_cache = ctx.v(n.inputs[1]), ctx.v(n.inputs[2])
+    out = ctx.v(n.out)
+    T, Hq, D = q.shape
+    Hkv, Dv = k_cache.shape[1], v_cache.shape[2]
+    be = ctx.be
+    q_dt = "f32" if q.dtype == np.float32 else "bf16"
+    fa.prepare(D, q_dt, out.dtype)
+
+    def run():
+        d.kv_append(k_new, v_new, k_cache, v_cache, be.past_dev, stream=ctx.stream)
+        fa.flash_attn_prefill(q, q_dt, q.strides[0] // q.itemsize, q.strides[1] // q.itemsize, k_cache, v_cache,
+                              out, T, Hq, Hkv, D, Dv, n.attrs.scale, be.past_dev, be.nvalid_dev, stream=ctx.stream)
+    return run
+
+
+# ---- mixture of experts ---------------------------------------------------------------------
+
+@launcher(Op.MOE_ROUTE)
+def _moe_route(ctx, n):
+    from ggfuse.kernels.moe import launch as moe
+    d = _dense()
+    x = ctx.v(n.inputs[0])
+    w_router = n.inputs[1]
+    T = x.shape[0]
+    E = ctx.t(w_router).shape[0]
+    logits = ctx.scratch("router_logits", (T, E), np.float32)
+    router = _gemm_call(ctx, x, w_router, logits)
+    ids, weights, slots, offsets = (ctx.v(n.value(i)) for i in range(4))
+    a = n.attrs
+    be = ctx.be
+    shexp = None
+    if len(n.inputs) > 2:
+        wsh = ctx.v(n.inputs[2]).reshape(-1)
+        shexp = (wsh, ctx.v(n.value(4)))
+    scratch = ctx.scratch(f"moe_route_scratch", (moe.route_scratch_elems(T, E, a.k, a.tile),), np.int32)
+
+    def run():
+        router()
+        moe.moe_route(logits, T, E, a.k, a.norm, a.scale, a.tile, be.nvalid_dev, ids, weights, slots, offsets,
+                      scratch, ctx.stream, gating=a.gating)
+        if shexp is not None:
+            d.rowdot_sigmoid(x, shexp[0], shexp[1], stream=ctx.stream)
+    return run
+
+
+@launcher(Op.MOE_GROUPED_GEMM)
+def _moe_grouped_gemm(ctx, n):
+    from ggfuse.kernels.gemm import launch as gemm
+    from ggfuse.kernels.moe import launch as moe
+    d = _dense()
+    a = n.attrs
+    x, weights, slots, offsets = (ctx.v(v) for v in n.inputs[:4])
+    i = 4
+    if a.merged_gate_up:
+        wgu, tgu, sgu = _weight(ctx, n.inputs[i]); i += 1
+        F = sgu[1] // 2
+        gate_up = ("merged", wgu, tgu)
+    else:
+        wg, tg, sg = _weight(ctx, n.inputs[i]); wu, tu, _ = _weight(ctx, n.inputs[i + 1]); i += 2
+        F = sg[1]
+        gate_up = ("split", wg, wu, tg)
+    wd, td, sd = _weight(ctx, n.inputs[i]); i += 1
+    out = ctx.v(n.out)
+    T, D = x.shape
+    k = weights.shape[1]
+    S = slots.shape[0]
+    h = ctx.scratch("moe_h", (S, F), np.uint16)
+    shared = None
+    if a.shared:
+        wgs, tgs, sgs = _weight(ctx, n.inputs[i]); wus, tus, _ = _weight(ctx, n.inputs[i + 1])
+        wds, tds, _ = _weight(ctx, n.inputs[i + 2]); gate = ctx.v(n.inputs[i + 3])
+        Fs = sgs[0]
+        hs = ctx.scratch("moe_hs", (T, Fs), np.float32)
+        ys = ctx.scratch("moe_ys", (T, D), np.float32)
+        shared = (wgs, wus, tgs, wds, tds, Fs, hs, ys, gate)
+    lda = x.strides[0] // x.itemsize
+    a_dt = "f32" if x.dtype == np.float32 else "bf16"
+
+    def run():
+        s = ctx.stream
+        if gate_up[0] == "merged":
+            moe.moe_gate_up_merged(x, a_dt, lda, gate_up[1], gate_up[2], slots, offsets, k, F, D, h, s)
+        else:
+            moe.moe_gate_up(x, a_dt, lda, gate_up[1], gate_up[2], gate_up[3], slots, offsets, k, F, D, h, s)
+        out.fill(0) if False else None
+        moe.moe_down(h, wd, td, slots, offsets, weights, k, D, F, out, T, s)
+        if shared is not None:
+            wgs, wus, tgs, wds, tds, Fs, hs, ys, gate = shared
+            gemm.gemm_swiglu(x, a_dt, lda, wgs, wus, tgs, Fs, D, hs, "f32", Fs, T, s)
+            gemm.gemm(hs, "f32", Fs, wds, tds, D, Fs, ys, "f32", D, T, s)
+            d.axpy_rows(out, ys, gate, stream=s)
+    return run
