@@ -396,7 +396,8 @@ __device__ __forceinline__ void recur_impl(
             cp_async16(smem_addr(Ts + row * TP + ch * 8), Tsrc + idx * 8, 16);
             cp_async16(smem_addr(Ps + row * TP + ch * 8), Psrc + idx * 8, 16);
         }
-        if (tid < C) cp_async16(smem_addr(Fs + 4 * tid), Fg + blk * 4 * C + 4 * tid, 16);
+        for (int idx = tid; idx < C; idx += NTHR)   // 4 x 64 floats
+            cp_async16(smem_addr(Fs + 4 * idx), Fg + blk * 4 * C + 4 * idx, 16);
     };
 
     // state S[key][v] as S^T accumulators: s[n] covers v rows (v0, v0 + 8), keys 8n + 2qq + {0,1}

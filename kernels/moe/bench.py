@@ -1,0 +1,129 @@
+"""Time one Qwen3.5-35B-A3B MoE layer (python -m ggfuse.kernels.moe.bench).
+
+D = 2048, 256 experts, top-8, expert FFN 512; gate/up Q4_K and down Q6_K read directly (no bf16
+copy of the experts), x bf16, random routing. Ours: router GEMM (bf16 router weight) +
+moe_route + moe_gate_up + moe_down, one CUDA graph; also each part alone. Anchor (if torch is
+importable): the same layer with bf16 weights in torch: router mm, softmax, topk, sort, gather,
+torch._grouped_mm (gate|up), SwiGLU, torch._grouped_mm (down), weight, index_add.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ggfuse.kernels.gemm import launch as gl
+from ggfuse.kernels.gemm.bench import PEAK_TBS, PEAK_TFLOPS, device_weight, time_graph, time_torch
+from ggfuse.kernels.moe import launch
+
+D, E, K_TOP, F = 2048, 256, 8, 512
+GU_TYPE, DN_TYPE = "q4_k", "q6_k"
+TOKENS = (512, 2048, 4096)
+
+
+def row(name, ms, flops, nbytes=0):
+    floor = max(flops / (PEAK_TFLOPS * 1e12), nbytes / (PEAK_TBS * 1e12)) * 1e3
+    return f"{name:40s} {ms:8.3f} ms {flops / ms / 1e9:8.1f} TFLOP/s   floor {floor:7.3f} ms"
+
+
+def torch_layer(N: int):
+    import torch
+    x = torch.randn(N, D, device="cuda", dtype=torch.bfloat16)
+    wr = torch.randn(E, D, device="cuda", dtype=torch.bfloat16) * 0.02
+    w_gu = torch.randn(E, 2 * F, D, device="cuda", dtype=torch.bfloat16) * 0.02
+    w_d = torch.randn(E, D, F, device="cuda", dtype=torch.bfloat16) * 0.02
+    w_gu_t, w_d_t = w_gu.transpose(1, 2), w_d.transpose(1, 2)   # [E, D, 2F], [E, F, D] column-major
+
+    def layer():
+        probs = torch.softmax((x @ wr.t()).float(), dim=-1)
+        w, ids = torch.topk(probs, K_TOP, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        offs = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)
+        tok = order // K_TOP
+        gu = torch._grouped_mm(x[tok], w_gu_t, offs=offs)
+        h = torch.nn.functional.silu(gu[:, :F]) * gu[:, F:]
+        y = torch._grouped_mm(h, w_d_t, offs=offs) * w.reshape(-1)[order, None].to(torch.bfloat16)
+        out = torch.zeros(N, D, device="cuda", dtype=torch.float32)
+        out.index_add_(0, tok, y.float())
+        return out
+
+    def gemms_only():
+        offs = torch.arange(1, E + 1, device="cuda", dtype=torch.int32) * (N * K_TOP // E)
+        xs = x.repeat_interleave(K_TOP, 0)
+        gu = torch._grouped_mm(xs, w_gu_t, offs=offs)
+        torch._grouped_mm(gu[:, :F].contiguous(), w_d_t, offs=offs)
+
+    return layer, gemms_only
+
+
+def main() -> None:
+    import cupy as cp
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    print(f"device: {cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)['name'].decode()}")
+    w_gate = device_weight(GU_TYPE, E * F, D).reshape(E, F, -1)
+    w_up = device_weight(GU_TYPE, E * F, D).reshape(E, F, -1)
+    w_down = device_weight(DN_TYPE, E * D, F).reshape(E, D, -1)
+    w_router = device_weight("bf16", E, D)
+    wbytes = w_gate.nbytes + w_up.nbytes + w_down.nbytes
+    print(f"expert weights {wbytes / 1e6:.0f} MB ({GU_TYPE} gate/up, {DN_TYPE} down)")
+    launch.prepare("bf16", GU_TYPE, DN_TYPE)
+    gl.prepare("bf16", "bf16")
+    for N in TOKENS:
+        rng = np.random.default_rng(N)
+        x = cp.asarray(rng.standard_normal((N, D), dtype=np.float32)).view(cp.uint32)
+        x = ((x + 0x7FFF + ((x >> 16) & 1)) >> 16).astype(cp.uint16)
+        S = launch.sorted_len(N, K_TOP, E, launch.MOE_TILE)
+        logits = cp.empty((N, E), cp.float32)
+        ids = cp.empty((N, K_TOP), cp.int32)
+        wts = cp.empty((N, K_TOP), cp.float32)
+        slots = cp.empty(S, cp.int32)
+        offs = cp.empty(E + 1, cp.int32)
+        scratch = cp.empty(launch.route_scratch_ints(N, K_TOP, E), cp.int32)
+        h = cp.empty((S, F), cp.uint16)
+        out = cp.empty((N, D), cp.float32)
+        nv = cp.asarray([N], cp.int32)
+
+        def router(s):
+            gl.gemm(x, "bf16", D, w_router, "bf16", E, D, logits, "f32", E, N, s)
+
+        def route(s):
+            launch.moe_route(logits, N, E, K_TOP, True, 0.0, launch.MOE_TILE, nv, ids, wts, slots, offs, scratch, s)
+
+        def gate_up(s):
+            launch.moe_gate_up(x, "bf16", w_gate, w_up, GU_TYPE, E, F, D, slots, offs, K_TOP, h, s)
+
+        def down(s):
+            launch.moe_down(h, w_down, DN_TYPE, E, D, F, slots, offs, wts, K_TOP, out, s)
+
+        def layer(s):
+            router(s)
+            route(s)
+            gate_up(s)
+            down(s)
+
+        layer(None)
+        cp.cuda.Device().synchronize()
+        pad_rows = int(cp.asnumpy(offs)[-1])
+        f_gu, f_dn = 2 * N * K_TOP * 2 * F * D, 2 * N * K_TOP * D * F
+        print(f"--- N = {N} tokens ({N * K_TOP} slots, {pad_rows} rows after tile padding)")
+        print(row("router gemm (bf16)", time_graph(router), 2 * N * E * D))
+        print(row("moe_route", time_graph(route), 0))
+        print(row(f"moe_gate_up ({GU_TYPE})", time_graph(gate_up), f_gu, w_gate.nbytes + w_up.nbytes))
+        print(row(f"moe_down ({DN_TYPE})", time_graph(down), f_dn, w_down.nbytes))
+        print(row("whole layer (ours)", time_graph(layer), f_gu + f_dn + 2 * N * E * D, wbytes))
+        if torch is not None:
+            try:
+                t_layer, t_gemms = torch_layer(N)
+                print(row("torch bf16 layer (_grouped_mm)", time_torch(t_layer), f_gu + f_dn + 2 * N * E * D))
+                print(row("torch bf16 two grouped GEMMs", time_torch(t_gemms), f_gu + f_dn))
+            except Exception as exc:   # _grouped_mm missing or unsupported here
+                print(f"torch anchor failed: {type(exc).__name__}: {exc}")
+            torch.cuda.empty_cache()
+        cp.get_default_memory_pool().free_all_blocks()
+
+
+if __name__ == "__main__":
+    main()

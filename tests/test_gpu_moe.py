@@ -1,0 +1,250 @@
+"""MoE router and grouped expert GEMMs (kernels/moe/route.cu, grouped_gemm.cu) against
+kernels/moe/ref.py, eagerly and inside a captured CUDA graph.
+
+Routing must match the reference exactly (ids, sorted_slots, expert_offsets; weights to f32
+rounding). Router logits are drawn well separated (a shuffled grid plus small noise) so that
+f32-vs-float64 softmax rounding cannot reorder two experts; a separate test uses integer logits
+with many exact ties to pin the tie rule (lower expert index first). The grouped GEMMs are
+compared with a float64 reference on the same bf16-rounded operands (x, dequantised weights,
+and h, which the kernel stores as bf16) and with ref.moe_grouped_gemm at the bf16 tolerance.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+cp = pytest.importorskip("cupy")
+try:
+    _N_DEV = cp.cuda.runtime.getDeviceCount()
+except Exception:  # no driver / no device
+    _N_DEV = 0
+if _N_DEV == 0:
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+from ggfuse.kernels.gemm.weights import bf16_bits_to_f32, f32_to_bf16_bits, random_weight, round_bf16  # noqa: E402
+from ggfuse.kernels.moe import launch  # noqa: E402
+from ggfuse.kernels.moe import ref as moe_ref  # noqa: E402
+
+TILE = launch.MOE_TILE
+
+
+def seed(*parts) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def separated_logits(T, E, rng):
+    grid = np.linspace(-3.0, 3.0, E, dtype=np.float64)
+    out = np.stack([rng.permutation(grid) for _ in range(T)])
+    return (out + rng.uniform(-0.2, 0.2, out.shape) * (grid[1] - grid[0])).astype(np.float32)
+
+
+def ref_route(logits, k, norm, scale, tile, gating="softmax"):
+    """ref.moe_route from logits: x = logits, w_router = I (an exact f32 matmul)."""
+    E = logits.shape[1]
+    return moe_ref.moe_route(logits, np.eye(E, dtype=np.float32), k=k, gating=gating, norm=norm,
+                             scale=scale, tile=tile)
+
+
+class Route:
+    """Device buffers of one moe_route call, poisoned."""
+
+    def __init__(self, T, E, k, tile):
+        self.T, self.E, self.k, self.tile = T, E, k, tile
+        self.ids = cp.full((T, k), -7, dtype=cp.int32)
+        self.w = cp.full((T, k), np.nan, dtype=cp.float32)
+        self.slots = cp.full(launch.sorted_len(T, k, E, tile), -7, dtype=cp.int32)
+        self.offs = cp.full(E + 1, -7, dtype=cp.int32)
+        self.scratch = cp.full(launch.route_scratch_ints(T, k, E), 12345, dtype=cp.int32)
+
+    def run(self, logits, n_valid, norm=True, scale=0.0, gating="softmax", stream=None):
+        launch.moe_route(logits, self.T, self.E, self.k, norm, scale, self.tile, n_valid, self.ids, self.w,
+                         self.slots, self.offs, self.scratch, stream, gating=gating)
+
+
+def check_route(r: Route, logits, n_valid, norm=True, scale=0.0, gating="softmax"):
+    ids, w, slots, offs = ref_route(logits[:n_valid], r.k, norm, scale, r.tile, gating)
+    g_ids, g_w, g_slots, g_offs = (cp.asnumpy(a) for a in (r.ids, r.w, r.slots, r.offs))
+    np.testing.assert_array_equal(g_ids[:n_valid], ids)
+    np.testing.assert_allclose(g_w[:n_valid], w, rtol=2e-5, atol=1e-7)
+    np.testing.assert_array_equal(g_offs, offs)
+    np.testing.assert_array_equal(g_slots[:slots.size], slots)
+    assert (g_slots[slots.size:] == -1).all()
+    if n_valid < r.T:   # padded tokens: harmless ids, zero weight
+        np.testing.assert_array_equal(g_ids[n_valid:], np.tile(np.arange(r.k), (r.T - n_valid, 1)))
+        assert (g_w[n_valid:] == 0).all()
+
+
+@pytest.mark.parametrize("T,E,k,tile,n_valid,norm,scale,gating", [
+    (4096, 256, 8, 128, 4096, True, 0.0, "softmax"),      # Qwen3.5-35B-A3B
+    (300, 256, 8, 128, 257, True, 2.5, "softmax"),        # padded chunk, scaled weights
+    (77, 128, 8, 16, 77, False, 0.0, "softmax"),          # Qwen3-MoE sized, small tile
+    (33, 60, 4, 128, 30, True, 0.0, "sigmoid"),
+    (5, 8, 2, 128, 5, True, 1.0, "softmax"),
+], ids=["qwen35_T4096", "padded_scaled", "tile16_nonorm", "sigmoid_E60", "tiny"])
+def test_route(T, E, k, tile, n_valid, norm, scale, gating):
+    rng = np.random.default_rng(seed("route", T, E, k))
+    logits = separated_logits(T, E, rng)
+    r = Route(T, E, k, tile)
+    r.run(cp.asarray(logits), cp.asarray([n_valid], dtype=cp.int32), norm, scale, gating)
+    check_route(r, logits, n_valid, norm, scale, gating)
+
+
+def test_route_ties():
+    rng = np.random.default_rng(5)
+    T, E, k = 200, 64, 8
+    logits = rng.integers(0, 3, size=(T, E)).astype(np.float32)    # many exact ties
+    r = Route(T, E, k, TILE)
+    r.run(cp.asarray(logits), cp.asarray([T], dtype=cp.int32))
+    check_route(r, logits, T)
+
+
+def test_route_graph_replay_n_valid():
+    """n_valid is read from device memory on every replay."""
+    rng = np.random.default_rng(9)
+    T, E, k = 512, 256, 8
+    logits = cp.asarray(separated_logits(T, E, rng))
+    nv = cp.asarray([T], dtype=cp.int32)
+    r = Route(T, E, k, TILE)
+    s = cp.cuda.Stream(non_blocking=True)
+    s.begin_capture()
+    r.run(logits, nv, stream=s)
+    g = s.end_capture()
+    for n_valid in (T, 100, 1):
+        new = separated_logits(T, E, rng)
+        logits[...] = cp.asarray(new)
+        nv[...] = n_valid
+        r.slots.fill(-7)
+        r.w.fill(np.nan)
+        g.launch(s)
+        s.synchronize()
+        check_route(r, new, n_valid)
+
+
+# ---- grouped GEMMs ---------------------------------------------------------------------------
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def bf16_x(T, D, x_kind, rng):
+    x = rng.standard_normal((T, D), dtype=np.float32)
+    if x_kind == "bf16":
+        bits = f32_to_bf16_bits(x)
+        return cp.asarray(bits), bf16_bits_to_f32(bits)
+    return cp.asarray(x), x
+
+
+def expected(x, wts, slots, offs, k, WG, WU, WD):
+    """float64 reference with the kernel's roundings: bf16 x, weights and h."""
+    T = x.shape[0]
+    X = round_bf16(x).astype(np.float64)
+    out = np.zeros((T, WD.shape[1]))
+    h_rows = {}
+    for e in range(len(offs) - 1):
+        seg = slots[offs[e]:offs[e + 1]]
+        seg = seg[seg >= 0]
+        if seg.size == 0:
+            continue
+        xe = X[seg // k]
+        h = silu(xe @ WG[e].T) * (xe @ WU[e].T)
+        h = round_bf16(h.astype(np.float32)).astype(np.float64)
+        for i, s in enumerate(seg):
+            h_rows[int(s)] = h[i]
+        y = h @ WD[e].T
+        np.add.at(out, seg // k, y * wts.reshape(-1)[seg, None])
+    return out, h_rows
+
+
+def check(out, ref, tol_rms=1e-2):
+    out = np.asarray(out, dtype=np.float64)
+    assert np.isfinite(out).all()
+    e = float(np.sqrt(np.mean((out - ref) ** 2)) / np.sqrt(np.mean(ref ** 2)))
+    m = float(np.abs(out - ref).max() / np.abs(ref).max())
+    assert e < tol_rms and m < 2e-2, f"rel rms {e:.3g}, max-abs/max {m:.3g}"
+
+
+def run_moe(T, E, k, D, F, gu_type, dn_type, x_kind, merged, n_valid, rng, graph=False):
+    logits = separated_logits(T, E, rng)
+    x, x_host = bf16_x(T, D, x_kind, rng)
+    if merged:
+        raw_gu, dense_gu = random_weight(gu_type, (E, 2 * F, D), rng)
+        w_gate, w_up = cp.asarray(raw_gu), None
+        WG, WU = dense_gu[:, :F], dense_gu[:, F:]
+    else:
+        raw_g, WG = random_weight(gu_type, (E, F, D), rng)
+        raw_u, WU = random_weight(gu_type, (E, F, D), rng)
+        w_gate, w_up = cp.asarray(raw_g), cp.asarray(raw_u)
+    raw_d, WD = random_weight(dn_type, (E, D, F), rng)
+    w_down = cp.asarray(raw_d)
+    r = Route(T, E, k, TILE)
+    S = r.slots.size
+    h = cp.full((S, F), 0xFFFF, dtype=cp.uint16)
+    out = cp.full((T, D), np.nan, dtype=cp.float32)
+    nv = cp.asarray([n_valid], dtype=cp.int32)
+    lg = cp.asarray(logits)
+    launch.prepare(x_kind, gu_type, dn_type)
+
+    def layer(stream=None):
+        r.run(lg, nv, stream=stream)
+        launch.moe_gate_up(x, x_kind, w_gate, w_up, gu_type, E, F, D, r.slots, r.offs, k, h, stream)
+        launch.moe_down(h, w_down, dn_type, E, D, F, r.slots, r.offs, r.w, k, out, stream)
+
+    if graph:
+        s = cp.cuda.Stream(non_blocking=True)
+        s.begin_capture()
+        layer(s)
+        g = s.end_capture()
+        g.launch(s)
+        s.synchronize()
+    else:
+        layer()
+    cp.cuda.Device().synchronize()
+    check_route(r, logits, n_valid)
+    slots, offs, wts = cp.asnumpy(r.slots), cp.asnumpy(r.offs), cp.asnumpy(r.w)
+    WGr, WUr, WDr = (round_bf16(w).astype(np.float64) for w in (WG, WU, WD))
+    ref, h_rows = expected(x_host[:n_valid], wts[:n_valid], slots, offs, k, WGr, WUr, WDr)
+    got = cp.asnumpy(out)
+    check(got[:n_valid], ref, tol_rms=2e-3)
+    assert (got[n_valid:] == 0).all(), "padded tokens must get nothing from the experts"
+    # h: the rows of real slots as the reference, padding rows inside the layout exactly 0
+    h_host = bf16_bits_to_f32(cp.asnumpy(h))
+    pos = {int(s): i for i, s in enumerate(slots) if s >= 0}
+    hs = np.stack([h_host[pos[s]] for s in sorted(h_rows)])
+    check(hs, np.stack([h_rows[s] for s in sorted(h_rows)]))
+    pad = [i for i in range(offs[-1]) if slots[i] < 0]
+    assert (h_host[pad] == 0).all()
+    # and the IR's reference (f32, no intermediate rounding) at the bf16 tolerance
+    full = moe_ref.moe_grouped_gemm(x_host[:n_valid], wts[:n_valid], slots, offs, w_down=WD, w_gate=WG, w_up=WU)
+    check(got[:n_valid], full.astype(np.float64))
+
+
+@pytest.mark.parametrize("gu_type,dn_type", [
+    ("q4_k", "q6_k"), ("q5_k", "q4_k"), ("q8_0", "q8_0"), ("bf16", "bf16"), ("q4_0", "q5_0"), ("q4_1", "q4_1"),
+], ids=lambda t: t)
+@pytest.mark.parametrize("x_kind", ["f32", "bf16"])
+def test_moe_layer(gu_type, dn_type, x_kind):
+    rng = np.random.default_rng(seed("moe", gu_type, dn_type, x_kind))
+    run_moe(T=200, E=16, k=4, D=512, F=256, gu_type=gu_type, dn_type=dn_type, x_kind=x_kind,
+            merged=False, n_valid=200, rng=rng)
+
+
+def test_moe_layer_merged_gate_up_padded_chunk():
+    rng = np.random.default_rng(31)
+    run_moe(T=300, E=32, k=8, D=256, F=512, gu_type="q4_k", dn_type="q6_k", x_kind="bf16",
+            merged=True, n_valid=211, rng=rng)
+
+
+def test_moe_layer_many_experts_few_tokens():
+    """Decode-like: most experts empty, most row tiles past the layout."""
+    rng = np.random.default_rng(41)
+    run_moe(T=3, E=256, k=8, D=256, F=256, gu_type="q4_k", dn_type="q6_k", x_kind="f32",
+            merged=False, n_valid=3, rng=rng)
+
+
+def test_moe_layer_graph():
+    rng = np.random.default_rng(51)
+    run_moe(T=260, E=16, k=4, D=256, F=256, gu_type="q4_k", dn_type="q6_k", x_kind="bf16",
+            merged=False, n_valid=260, rng=rng, graph=True)
