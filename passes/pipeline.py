@@ -29,7 +29,14 @@ PIPELINE: list[str] = [
 ]
 
 
+# Expert segments are padded to the grouped GEMM's row tile, so a tile never mixes two experts
+# (kernels/moe/launch.py MOE_TILE).
+MOE_TILE = 128
+
+
 def _options(name: str, *, chunk: int, vram_budget, max_context: int, deltanet_chunk: int) -> dict:
+    if name == "fuse_moe":
+        return {"tile": MOE_TILE}
     if name == "rewrite_deltanet_chunked":
         return {"chunk": deltanet_chunk}
     if name == "schedule_expert_prefetch":

@@ -85,6 +85,8 @@ class CUDABackend:
         t = node.attrs.get("ggml_type", "F32")
         if len(shape) == 1 or (len(shape) == 2 and shape[0] == 1):
             return "f32"
+        if t in ("F32", "F16", "BF16") and len(shape) == 3:
+            return "bf16"    # the expert kernels read bf16 or GGML blocks, not f32
         if len(shape) == 3 or node.attrs.tensor == "token_embd.weight" and not self._tied_head():
             return "raw"
         if t in ("F32", "F16", "BF16") or self._bf16_dense:

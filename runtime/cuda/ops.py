@@ -152,8 +152,11 @@ def _dense():
 
 
 def _weight(ctx, value):
+    """(array, kernel weight type name, numpy shape) of a weight value."""
     arr, fmt, gt, shape = ctx.weights[value]
-    return arr, ("BF16" if fmt == "bf16" else "F32" if fmt == "f32" else gt), shape
+    if fmt == "f32":
+        raise GGFuseError(None, f"cuda: a matmul weight is kept f32 ({shape}); the kernels take bf16 or GGML types")
+    return arr, ("bf16" if fmt == "bf16" else gt.lower()), shape
 
 
 @launcher(Op.GET_ROWS)
@@ -177,6 +180,7 @@ def _gemm_call(ctx, a, w_value, c, *, accumulate=False):
     c_dt = "f32" if c2.dtype == np.float32 else "bf16"
     lda = a2.strides[0] // a2.itemsize
     ldc = c2.strides[0] // c2.itemsize
+    gemm.prepare(a_dt, wtype)
     return lambda: gemm.gemm(a2, a_dt, lda, w, wtype, N, K, c2, c_dt, ldc, M, ctx.stream, accumulate=accumulate)
 
 
@@ -197,6 +201,7 @@ def _ffn_swiglu(ctx, n):
     if tg != tu:
         raise GGFuseError(None, f"cuda: ffn_swiglu {n.name}: gate {tg} and up {tu} weights differ in type")
     a_dt = "f32" if x.dtype == np.float32 else "bf16"
+    gemm.prepare(a_dt, tg)
     return lambda: gemm.gemm_swiglu(x, a_dt, x.strides[0] // x.itemsize, wg, wu, tg, F, K, out, "f32", F, M, ctx.stream)
 
 
@@ -294,10 +299,17 @@ def _chunk_gdr(ctx, n):
     ctx.vals[n.value(1)] = state   # final state written in place
     T, Hk, K = q.shape
     Hv, V = v.shape[1], v.shape[2]
-    ws = ctx.scratch("deltanet_ws", (dn.workspace_bytes(T, Hv, K, V),), np.uint8)
-    head_map = 0 if n.attrs.head_map == "tile" else 1
-    return lambda: dn.chunk_gated_delta_rule_views(q, k, v, g, beta, state, out, scale=n.attrs.scale,
-                                                   head_map=head_map, workspace=ws, stream=ctx.stream)
+    if q.strides != k.strides or q.strides[1] != K * q.itemsize:
+        raise GGFuseError(None, f"cuda: {n.name}: q and k must share a row layout")
+    in_dt = "f32" if q.dtype == np.float32 else "bf16"
+    ws = ctx.scratch("deltanet_ws", (dn.workspace_bytes(T, Hv, K, V, Hk=Hk, in_dtype=in_dt),), np.uint8)
+    item = q.itemsize
+    out_dt = "f32" if out.dtype == np.float32 else "bf16"
+    dn.prepare(K, V)
+    # the kernels take base arrays plus element offsets: the views themselves are the bases
+    return lambda: dn.chunk_gated_delta_rule(q, k, v, q.strides[0] // item, 0, 0, v.strides[0] // v.itemsize, 0,
+                                             g, beta, state, out, out_dt, T, Hk, Hv, K, V, n.attrs.scale,
+                                             n.attrs.head_map, ws, ctx.stream)
 
 
 # ---- attention ------------------------------------------------------------------------------
@@ -341,9 +353,9 @@ def _moe_route(ctx, n):
     be = ctx.be
     shexp = None
     if len(n.inputs) > 2:
-        wsh = ctx.v(n.inputs[2]).reshape(-1)
+        wsh = ctx.weights[n.inputs[2]][0].reshape(-1)
         shexp = (wsh, ctx.v(n.value(4)))
-    scratch = ctx.scratch(f"moe_route_scratch", (moe.route_scratch_elems(T, E, a.k, a.tile),), np.int32)
+    scratch = ctx.scratch("moe_route_scratch", (moe.route_scratch_ints(T, a.k, E),), np.int32)
 
     def run():
         router()
@@ -363,41 +375,41 @@ def _moe_grouped_gemm(ctx, n):
     x, weights, slots, offsets = (ctx.v(v) for v in n.inputs[:4])
     i = 4
     if a.merged_gate_up:
-        wgu, tgu, sgu = _weight(ctx, n.inputs[i]); i += 1
-        F = sgu[1] // 2
-        gate_up = ("merged", wgu, tgu)
+        wg, tg, sg = _weight(ctx, n.inputs[i]); wu = None; i += 1
+        F = sg[1] // 2
     else:
         wg, tg, sg = _weight(ctx, n.inputs[i]); wu, tu, _ = _weight(ctx, n.inputs[i + 1]); i += 2
         F = sg[1]
-        gate_up = ("split", wg, wu, tg)
+        if tu != tg:
+            raise GGFuseError(None, f"cuda: {n.name}: gate ({tg}) and up ({tu}) experts differ in type")
     wd, td, sd = _weight(ctx, n.inputs[i]); i += 1
+    E = sg[0]
     out = ctx.v(n.out)
     T, D = x.shape
     k = weights.shape[1]
     S = slots.shape[0]
     h = ctx.scratch("moe_h", (S, F), np.uint16)
+    x_dt = "f32" if x.dtype == np.float32 else "bf16"
+    moe.prepare(x_dt, tg, td)
     shared = None
     if a.shared:
         wgs, tgs, sgs = _weight(ctx, n.inputs[i]); wus, tus, _ = _weight(ctx, n.inputs[i + 1])
         wds, tds, _ = _weight(ctx, n.inputs[i + 2]); gate = ctx.v(n.inputs[i + 3])
         Fs = sgs[0]
-        hs = ctx.scratch("moe_hs", (T, Fs), np.float32)
+        hs = ctx.scratch("moe_hs", (T, Fs), np.uint16)
         ys = ctx.scratch("moe_ys", (T, D), np.float32)
-        shared = (wgs, wus, tgs, wds, tds, Fs, hs, ys, gate)
-    lda = x.strides[0] // x.itemsize
-    a_dt = "f32" if x.dtype == np.float32 else "bf16"
+        gemm.prepare(x_dt, tgs)
+        gemm.prepare("bf16", tds)
+        shared = (wgs, wus, tgs, wds, tds, Fs, hs, ys, gate.reshape(-1))
+    ldx = x.strides[0] // x.itemsize
 
     def run():
         s = ctx.stream
-        if gate_up[0] == "merged":
-            moe.moe_gate_up_merged(x, a_dt, lda, gate_up[1], gate_up[2], slots, offsets, k, F, D, h, s)
-        else:
-            moe.moe_gate_up(x, a_dt, lda, gate_up[1], gate_up[2], gate_up[3], slots, offsets, k, F, D, h, s)
-        out.fill(0) if False else None
-        moe.moe_down(h, wd, td, slots, offsets, weights, k, D, F, out, T, s)
+        moe.moe_gate_up(x, x_dt, wg, wu, tg, E, F, D, slots, offsets, k, h, s, ldx=ldx)
+        moe.moe_down(h, wd, td, E, D, F, slots, offsets, weights, k, out, s, zero_out=True)
         if shared is not None:
             wgs, wus, tgs, wds, tds, Fs, hs, ys, gate = shared
-            gemm.gemm_swiglu(x, a_dt, lda, wgs, wus, tgs, Fs, D, hs, "f32", Fs, T, s)
-            gemm.gemm(hs, "f32", Fs, wds, tds, D, Fs, ys, "f32", D, T, s)
+            gemm.gemm_swiglu(x, x_dt, ldx, wgs, wus, tgs, Fs, D, hs, "bf16", Fs, T, s)
+            gemm.gemm(hs, "bf16", Fs, wds, tds, D, Fs, ys, "f32", D, T, s)
             d.axpy_rows(out, ys, gate, stream=s)
     return run
