@@ -41,7 +41,8 @@ class DeviceBuffers:
 
     def __init__(self):
         self.values = {}     # Value -> cupy array (shape at T = chunk)
-        self.weights = {}    # tensor name -> (cupy array, format, ggml type, shape)
+        self.weights = {}    # (tensor name, format) -> (cupy array, format, ggml type, shape)
+        self.formats = {}    # tensor name -> formats uploaded
 
 
 class CUDABackend:
@@ -80,27 +81,49 @@ class CUDABackend:
         self.reset()
 
     # ---- memory -------------------------------------------------------------------------------
-    def _weight_format(self, node) -> str:
-        shape = tuple(node.attrs.shape)
-        t = node.attrs.get("ggml_type", "F32")
-        if len(shape) == 1 or (len(shape) == 2 and shape[0] == 1):
-            return "f32"
-        if t in ("F32", "F16", "BF16") and len(shape) == 3:
-            return "bf16"    # the expert kernels read bf16 or GGML blocks, not f32
-        if len(shape) == 3 or node.attrs.tensor == "token_embd.weight" and not self._tied_head():
-            return "raw"
-        if t in ("F32", "F16", "BF16") or self._bf16_dense:
-            return "bf16"
-        return "raw"
+    def _weight_roles(self) -> dict[str, set]:
+        """How each GGUF tensor is read: "gemm" (a matmul / expert operand), "rows" (embedding
+        lookup) or "f32" (norm weights, conv taps, gates). A tied embedding is both rows and gemm."""
+        roles: dict[str, set] = {}
+        g = self.graph
 
-    def _tied_head(self) -> bool:
-        return "output.weight" not in self.gf.tensors
+        def consumers(v):
+            for u, i in g.uses_of(v):
+                if u.op in (Op.RESHAPE, Op.FETCH_WEIGHTS):
+                    yield from consumers(u.value(i if u.op == Op.FETCH_WEIGHTS else 0))
+                else:
+                    yield u, i
+        for w in g.weights():
+            r = roles.setdefault(w.attrs.tensor, set())
+            for u, i in consumers(w.out):
+                if u.op == Op.GET_ROWS:
+                    r.add("rows")
+                elif (u.op == Op.MATMUL and i == 1) or (u.op == Op.FFN_SWIGLU and i in (1, 2)) or \
+                        (u.op == Op.MOE_ROUTE and i == 1) or (u.op == Op.MOE_GROUPED_GEMM and i >= 4):
+                    r.add("gemm")
+                else:
+                    r.add("f32")
+        return roles
+
+    def _formats(self, name: str, roles: set, ggml_type: str, shape: tuple) -> list[str]:
+        """Device forms of one tensor: "raw" GGUF bytes, "bf16" or "f32"."""
+        out = []
+        if "f32" in roles:
+            out.append("f32")
+        if "rows" in roles:
+            out.append("raw")
+        if "gemm" in roles:
+            floaty = ggml_type in ("F32", "F16", "BF16")
+            dense = len(shape) == 2
+            out.append("bf16" if floaty or (dense and self._bf16_dense) else "raw")
+        return list(dict.fromkeys(out))
 
     def _check_fits(self):
         cp = self.cp
         free, total = cp.cuda.runtime.memGetInfo()
         w_raw = sum(w.nbytes for w in self.plan.weights)
         dense_bf16 = sum(int(np.prod(w.shape)) * 2 for w in self.plan.weights if len(w.shape) == 2)
+        self._bf16_dense = True
         states = self._state_bytes()
         arena = (self.graph.meta.get("memory") or {}).get("peak_bytes", 0)
         need_raw = w_raw + states + arena + (256 << 20)
@@ -123,39 +146,44 @@ class CUDABackend:
     def _upload_weights(self):
         cp = self.cp
         from ggfuse.kernels.dense import launch as dense
+        roles = self._weight_roles()
         total = sum(w.nbytes for w in self.plan.weights)
         done = 0
         t0 = time.perf_counter()
-        nodes = {}
-        for n in self.graph.weights():
-            nodes.setdefault(n.attrs.tensor, n)
-        pinned = cp.cuda.alloc_pinned_memory(max((w.nbytes for w in self.plan.weights), default=1))
-        staging = np.frombuffer(pinned, dtype=np.uint8, count=max((w.nbytes for w in self.plan.weights), default=1))
+        biggest = max((w.nbytes for w in self.plan.weights), default=1)
+        pinned = cp.cuda.alloc_pinned_memory(biggest)
+        staging = np.frombuffer(pinned, dtype=np.uint8, count=biggest)
         for w in self.plan.weights:
-            node = nodes[w.name]
-            fmt = self._weight_format(node)
-            raw = self.gf.raw(w.name)
-            staging[:w.nbytes] = raw
+            fmts = self._formats(w.name, roles.get(w.name, {"gemm"}), w.ggml_type, tuple(w.shape))
+            staging[:w.nbytes] = self.gf.raw(w.name)
             dev = cp.empty(w.nbytes, dtype=cp.uint8)
             dev.set(staging[:w.nbytes], stream=self.copy_stream)
-            self.copy_stream.synchronize()
-            if fmt == "raw":
-                arr = dev
-            else:
-                n_el = int(np.prod(w.shape))
-                out = cp.empty(n_el, dtype=cp.float32 if fmt == "f32" else cp.uint16)
-                row = w.shape[-1]
-                dense.dequantize(dev, w.ggml_type, n_el // row, row, out, "f32" if fmt == "f32" else "bf16",
-                                 stream=self.copy_stream)
-                self.copy_stream.synchronize()
-                del dev
-                arr = out.reshape(tuple(node.attrs.shape)) if fmt == "f32" else out.reshape(w.shape)
-            self.buf.weights[w.name] = (arr, fmt, w.ggml_type, tuple(w.shape))
+            for fmt in fmts:
+                if fmt == "raw":
+                    arr = dev
+                else:
+                    n_el = int(np.prod(w.shape))
+                    row = w.shape[-1]
+                    out = cp.empty(n_el, dtype=cp.float32 if fmt == "f32" else cp.uint16)
+                    dense.dequantize(dev, w.ggml_type, n_el // row, row, out, stream=self.copy_stream)
+                    arr = out.reshape(w.shape)
+                self.buf.weights[(w.name, fmt)] = (arr, fmt, w.ggml_type, tuple(w.shape))
+            self.buf.formats[w.name] = fmts
+            self.copy_stream.synchronize()   # the staging buffer is reused by the next tensor
             done += w.nbytes
             if self.progress:
                 _progress(done, total, t0, "uploading weights")
         if self.progress:
             _progress(done, total, t0, "uploading weights", final=True)
+
+    def weight(self, name: str, role: str):
+        """(array, format, ggml type, numpy shape) of a tensor in the form `role` needs."""
+        fmts = self.buf.formats[name]
+        want = {"rows": ["raw"], "f32": ["f32"], "gemm": ["bf16", "raw"]}[role]
+        for f in want:
+            if f in fmts:
+                return self.buf.weights[(name, f)]
+        raise GGFuseError(None, f"cuda: tensor {name!r} was not uploaded in a form for {role} (have {fmts})")
 
     def _allocate(self):
         cp = self.cp

@@ -106,19 +106,26 @@ def build_launches(be) -> list:
                 else be.states[n.attrs.key]
             continue
         if n.op == Op.WEIGHT:
-            arr, fmt, gt, shape = be.buf.weights[n.attrs.tensor]
-            ctx.weights[n.out] = (arr, fmt, gt, shape)
-            ctx.vals[n.out] = arr
+            ctx.weights[n.out] = n.attrs.tensor   # resolved per use: raw / bf16 / f32 (be.weight)
             continue
         if n.op == Op.FETCH_WEIGHTS:
             for i in range(n.attrs.n_weights):  # resident: the fetch is the weight itself
                 ctx.weights[n.value(i)] = ctx.weights[n.inputs[i]]
-                ctx.vals[n.value(i)] = ctx.vals[n.inputs[i]]
             continue
         if n.op == Op.RESHAPE:
-            ctx.vals[n.out] = strided_reshape(cp, ctx.v(n.inputs[0]), ctx.shape(n.out))
             if n.inputs[0] in ctx.weights:
                 ctx.weights[n.out] = ctx.weights[n.inputs[0]]
+                continue
+            src = ctx.v(n.inputs[0])
+            try:
+                ctx.vals[n.out] = strided_reshape(cp, src, ctx.shape(n.out))
+            except GGFuseError:
+                # e.g. the attention gate: one half of each head's [q | gate] row, merged across heads
+                dst = ctx.scratch(f"reshape.{n.id}", ctx.shape(n.out), src.dtype)
+                d = _dense()
+                out.append(lambda src=src, dst=dst: d.copy(src, dst.reshape(src.shape), stream=ctx.stream))
+                be.launch_nodes.append(n)
+                ctx.vals[n.out] = dst
             continue
         if n.op == Op.SLICE:
             x = ctx.v(n.inputs[0])
@@ -132,9 +139,10 @@ def build_launches(be) -> list:
                 raise GGFuseError(None, f"cuda: concat {n.name} is not a KV-cache append")
             ctx.vals[n.out] = ctx.v(state[0])
             continue
-        # every other value lives in the arena
-        for i in range(len(n.outputs)):
-            ctx.vals[n.value(i)] = be.arena_view(n, i)
+        # every other value lives in the arena (state outputs are bound by their launcher)
+        for i, off in enumerate(n.meta.get("arena", [])):
+            if off is not None:
+                ctx.vals[n.value(i)] = be.arena_view(n, i)
         fn = _LAUNCHERS.get(n.op)
         if fn is None:
             raise GGFuseError(None, f"the cuda backend has no kernel for op {n.op.value} ({n.name})")
@@ -152,20 +160,28 @@ def _dense():
 
 
 def _weight(ctx, value):
-    """(array, kernel weight type name, numpy shape) of a weight value."""
-    arr, fmt, gt, shape = ctx.weights[value]
-    if fmt == "f32":
-        raise GGFuseError(None, f"cuda: a matmul weight is kept f32 ({shape}); the kernels take bf16 or GGML types")
+    """(array, kernel weight type name, numpy shape) of a matmul / expert weight."""
+    arr, fmt, gt, shape = ctx.be.weight(ctx.weights[value], "gemm")
     return arr, ("bf16" if fmt == "bf16" else gt.lower()), shape
+
+
+def _f32(ctx, value):
+    """A weight read elementwise (norm weights, conv taps, gate vectors) as float32, in the
+    shape the graph gives it."""
+    arr = ctx.be.weight(ctx.weights[value], "f32")[0]
+    return arr.reshape(ctx.shape(value))
+
+
+def _in(ctx, value):
+    """An op input: an activation, or a weight read elementwise."""
+    return _f32(ctx, value) if value in ctx.weights else ctx.v(value)
 
 
 @launcher(Op.GET_ROWS)
 def _get_rows(ctx, n):
     d = _dense()
-    raw, fmt, gt, shape = ctx.weights[n.inputs[0]]
+    raw, fmt, gt, shape = ctx.be.weight(ctx.weights[n.inputs[0]], "rows")
     ids, out = ctx.v(n.inputs[1]), ctx.v(n.out)
-    if fmt != "raw":
-        raise GGFuseError(None, f"cuda: get_rows wants the raw table, got {fmt}")
     return lambda: d.get_rows(raw, gt, shape[1], ids, out, stream=ctx.stream)
 
 
@@ -209,14 +225,14 @@ def _ffn_swiglu(ctx, n):
 def _rms_norm(ctx, n):
     d = _dense()
     x, out = ctx.v(n.inputs[0]), ctx.v(n.out)
-    w = ctx.v(n.inputs[1]) if len(n.inputs) > 1 else None
+    w = _in(ctx, n.inputs[1]) if len(n.inputs) > 1 else None
     return lambda: d.rms_norm(x, w, out, eps=n.attrs.eps, stream=ctx.stream)
 
 
 @launcher(Op.ADD_RMS_NORM)
 def _add_rms_norm(ctx, n):
     d = _dense()
-    a, b, w = (ctx.v(v) for v in n.inputs)
+    a, b, w = (_in(ctx, v) for v in n.inputs)
     on, osum = ctx.v(n.value(0)), ctx.v(n.value(1))
     return lambda: d.add_rms_norm(a, b, w, on, osum, eps=n.attrs.eps, stream=ctx.stream)
 
@@ -231,7 +247,7 @@ def _l2_norm(ctx, n):
 @launcher(Op.GATED_RMS_NORM)
 def _gated_rms_norm(ctx, n):
     d = _dense()
-    o, w, z = (ctx.v(v) for v in n.inputs)
+    o, w, z = (_in(ctx, v) for v in n.inputs)
     out = ctx.v(n.out)
     return lambda: d.gated_rms_norm(o, w, z, out, eps=n.attrs.eps, stream=ctx.stream)
 
@@ -239,7 +255,7 @@ def _gated_rms_norm(ctx, n):
 @launcher(Op.NORM_ROPE)
 def _norm_rope(ctx, n):
     d = _dense()
-    x, w, pos = (ctx.v(v) for v in n.inputs)
+    x, w, pos = (_in(ctx, v) for v in n.inputs)
     out = ctx.v(n.out)
     a = n.attrs
     return lambda: d.norm_rope(x, w, pos, out, eps=a.eps, n_dims=a.n_dims, freq_base=a.freq_base,
@@ -249,7 +265,7 @@ def _norm_rope(ctx, n):
 @launcher(Op.SIGMOID_MUL)
 def _sigmoid_mul(ctx, n):
     d = _dense()
-    x, g = (ctx.v(v) for v in n.inputs)
+    x, g = (_in(ctx, v) for v in n.inputs)
     out = ctx.v(n.out)
     return lambda: d.sigmoid_mul(x, g, out, stream=ctx.stream)
 
@@ -257,7 +273,7 @@ def _sigmoid_mul(ctx, n):
 @launcher(Op.ADD)
 def _add(ctx, n):
     d = _dense()
-    a, b = (ctx.v(v) for v in n.inputs)
+    a, b = (_in(ctx, v) for v in n.inputs)
     out = ctx.v(n.out)
     return lambda: d.add(a, b, out, stream=ctx.stream)
 
@@ -265,7 +281,7 @@ def _add(ctx, n):
 @launcher(Op.MUL)
 def _mul(ctx, n):
     d = _dense()
-    a, b = (ctx.v(v) for v in n.inputs)
+    a, b = (_in(ctx, v) for v in n.inputs)
     out = ctx.v(n.out)
     return lambda: d.mul(a, b, out, stream=ctx.stream)
 
@@ -275,7 +291,7 @@ def _mul(ctx, n):
 @launcher(Op.SSM_CONV_SILU)
 def _ssm_conv_silu(ctx, n):
     d = _dense()
-    x, state, w = (ctx.v(v) for v in n.inputs)
+    x, state, w = (_in(ctx, v) for v in n.inputs)
     out = ctx.v(n.value(0))
     ctx.vals[n.value(1)] = state   # the window is updated in place
     nv = ctx.be.nvalid_dev
@@ -285,7 +301,7 @@ def _ssm_conv_silu(ctx, n):
 @launcher(Op.DELTANET_GATES)
 def _deltanet_gates(ctx, n):
     d = _dense()
-    alpha, beta_lin, dtb, ssm_a = (ctx.v(v) for v in n.inputs)
+    alpha, beta_lin, dtb, ssm_a = (_in(ctx, v) for v in n.inputs)
     g_out, b_out = ctx.v(n.value(0)), ctx.v(n.value(1))
     nv = ctx.be.nvalid_dev
     return lambda: d.deltanet_gates(alpha, beta_lin, dtb, ssm_a, g_out, b_out, nv, stream=ctx.stream)
@@ -353,7 +369,7 @@ def _moe_route(ctx, n):
     be = ctx.be
     shexp = None
     if len(n.inputs) > 2:
-        wsh = ctx.weights[n.inputs[2]][0].reshape(-1)
+        wsh = _f32(ctx, n.inputs[2]).reshape(-1)
         shexp = (wsh, ctx.v(n.value(4)))
     scratch = ctx.scratch("moe_route_scratch", (moe.route_scratch_ints(T, a.k, E),), np.int32)
 

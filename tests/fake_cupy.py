@@ -1,0 +1,96 @@
+"""A numpy-backed stand-in for CuPy, for CPU tests of the CUDA backend's plumbing: it lets
+CUDABackend upload weights, lay out the arena, bind every launch and capture, with each kernel
+launcher replaced by a stub that checks its call against the real launcher's signature."""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import sys
+import types
+
+import numpy as np
+
+
+class FakeArray(np.ndarray):
+    def set(self, src, stream=None):
+        self[...] = np.asarray(src).reshape(self.shape)
+
+    def get(self, stream=None):
+        return np.asarray(self)
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
+
+
+def _arr(a):
+    return np.asarray(a).view(FakeArray)
+
+
+class Stream:
+    def __init__(self, non_blocking=False):
+        self.captures = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+    def synchronize(self):
+        pass
+
+    def begin_capture(self):
+        self.captures += 1
+
+    def end_capture(self):
+        return types.SimpleNamespace(launch=lambda stream=None: None)
+
+
+def make_fake_cupy():
+    cp = types.ModuleType("cupy")
+    cp.float32, cp.uint16, cp.uint8, cp.int32 = np.float32, np.uint16, np.uint8, np.int32
+    cp.empty = lambda shape, dtype=np.float32: _arr(np.full(shape, 0xFF if np.dtype(dtype).kind in "ui" else np.nan,
+                                                             dtype=dtype))
+    cp.zeros = lambda shape, dtype=np.float32: _arr(np.zeros(shape, dtype=dtype))
+    cp.asnumpy = lambda a, stream=None: np.array(a)
+    cp.lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(
+        as_strided=lambda a, shape, strides: np.lib.stride_tricks.as_strided(a, shape, strides).view(FakeArray)))
+    cuda = types.SimpleNamespace()
+    cuda.Stream = Stream
+    cuda.alloc_pinned_memory = lambda n: bytearray(n)
+    cuda.runtime = types.SimpleNamespace(memGetInfo=lambda: (70 << 30, 80 << 30), getDeviceCount=lambda: 1)
+    cuda.Device = lambda *a: types.SimpleNamespace(synchronize=lambda: None, compute_capability="90")
+    cuda.memory = types.SimpleNamespace(OutOfMemoryError=MemoryError)
+    cuda.Event = lambda: types.SimpleNamespace(record=lambda s=None: None, synchronize=lambda: None)
+    cuda.get_elapsed_time = lambda a, b: 1.0
+    cp.cuda = cuda
+    return cp
+
+
+LAUNCH_MODULES = ["ggfuse.kernels.dense.launch", "ggfuse.kernels.gemm.launch", "ggfuse.kernels.moe.launch",
+                  "ggfuse.kernels.attention.launch", "ggfuse.kernels.deltanet.launch"]
+
+
+@contextlib.contextmanager
+def fake_device(monkeypatch):
+    """Install the fake cupy and signature-checking launcher stubs; yields the call log."""
+    cp = make_fake_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    calls = []
+    for modname in LAUNCH_MODULES:
+        mod = importlib.import_module(modname)
+        for name, fn in list(vars(mod).items()):
+            if name.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != modname:
+                continue
+            sig = inspect.signature(fn)
+            if "stream" not in sig.parameters and name != "prepare":
+                continue  # pure helpers (workspace sizes, smem sizes) stay real
+
+            def stub(*args, __sig=sig, __name=f"{modname.split('.')[-2]}.{name}", **kwargs):
+                sig_bound = __sig.bind(*args, **kwargs)   # raises TypeError on a wrong call
+                calls.append((__name, sig_bound))
+                return None
+            monkeypatch.setattr(mod, name, stub)
+    yield calls

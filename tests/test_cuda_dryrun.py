@@ -1,0 +1,34 @@
+"""The CUDA backend's plumbing on the CPU: every op of every architecture's plan binds to a
+kernel launcher called with the launcher's real signature, views and arena offsets resolve, and
+a chunk runs eagerly and is captured (with a numpy stand-in for CuPy and stubbed kernels).
+The kernels themselves are tested on the GPU (tests/test_gpu_*.py)."""
+import numpy as np
+import pytest
+
+from fake_cupy import fake_device
+from util import ARCHS, fixture
+
+
+@pytest.mark.parametrize("quant", ["f32", "q4_k_m"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_backend_binds_every_op(arch, quant, monkeypatch):
+    from ggfuse.compiler.driver import compile_gguf
+    from ggfuse.compiler.gguf_file import GGUFFile
+    with fake_device(monkeypatch) as calls:
+        from ggfuse.runtime.cuda.backend import CUDABackend
+        gf = GGUFFile(fixture(arch, quant))
+        plan = compile_gguf(gf.path, chunk=16, gf=gf)
+        be = CUDABackend(plan, gf, chunk=16, progress=False)
+        ops = {n.op.value for n in be.launch_nodes}
+        expected = {n.op.value for n in plan.graph.nodes()} - {"input", "weight", "slice", "concat", "fetch_weights"}
+        assert expected - {"reshape"} <= ops
+        out = be.run_chunk(np.arange(10, dtype=np.int32))
+        assert out.shape == (10, plan.hparams["n_vocab"])
+        assert be.cuda_graph is not None
+        be.run_chunk(np.arange(16, dtype=np.int32))   # replay path
+        names = {c[0] for c in calls}
+        assert "dense.get_rows" in names and "gemm.gemm" in names
+        if arch != "qwen3moe":
+            assert "deltanet.chunk_gated_delta_rule" in names
+        if arch != "qwen35":
+            assert {"moe.moe_route", "moe.moe_gate_up", "moe.moe_down"} <= names
