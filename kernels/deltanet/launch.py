@@ -252,3 +252,28 @@ def flops(T: int, Hk: int, Hv: int, K: int, V: int) -> float:
     prep = NT * Hk * math.ceil(Hv / Hk / 2) * 2 * (2 * C * C * K) + NT * Hv * C ** 3 / 3
     recur = NT * Hv * (2 * C * K * V * 3 + 2 * C * C * V)
     return float(prep + recur)
+
+
+# ---- token-recurrent fallback (kernels/deltanet/recurrent.cu) -----------------------------------
+
+def chunked_supported(K: int, V: int) -> bool:
+    """Head dims the tensor-core chunked kernels take; others use the recurrent fallback."""
+    return K in (64, 128) and V in (64, 128)
+
+
+def gated_delta_rule_recurrent(q, k, v, g, beta, state, out, scale: float, head_map, stream=None) -> None:
+    """The token-recurrent delta rule on the GPU, for any head dims (f32 only; exact, slow).
+    q, k [T, Hk, K] f32 views sharing a row stride; v [T, Hv, V] f32 view; g, beta [T, Hv] f32;
+    state [Hv, K, V] f32 (in place); out [T, Hv, V] f32 contiguous."""
+    import contextlib
+    from ggfuse.kernels.nvrtc import load_module
+    T, Hk, K = q.shape
+    Hv, V = v.shape[1], v.shape[2]
+    hm = head_map if isinstance(head_map, int) else (0 if head_map == "tile" else 1)
+    fn = load_module("deltanet/recurrent.cu").get_function("gdr_recurrent_f32")
+    smem = (K * 32 + 2 * K) * 4
+    with (stream if stream is not None else contextlib.nullcontext()):
+        fn((Hv, (V + 31) // 32), (32,),
+           (q, k, np.int64(q.strides[0] // 4), v, np.int64(v.strides[0] // 4), g, beta, state, out,
+            np.int32(T), np.int32(Hk), np.int32(Hv), np.int32(K), np.int32(V), np.float32(scale), np.int32(hm)),
+           shared_mem=smem)

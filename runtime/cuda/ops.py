@@ -317,6 +317,9 @@ def _chunk_gdr(ctx, n):
     Hv, V = v.shape[1], v.shape[2]
     if q.strides != k.strides or q.strides[1] != K * q.itemsize:
         raise GGFuseError(None, f"cuda: {n.name}: q and k must share a row layout")
+    if not dn.chunked_supported(K, V):
+        return lambda: dn.gated_delta_rule_recurrent(q, k, v, g, beta, state, out, n.attrs.scale,
+                                                     n.attrs.head_map, stream=ctx.stream)
     in_dt = "f32" if q.dtype == np.float32 else "bf16"
     ws = ctx.scratch("deltanet_ws", (dn.workspace_bytes(T, Hv, K, V, Hk=Hk, in_dtype=in_dt),), np.uint8)
     item = q.itemsize

@@ -1,0 +1,82 @@
+"""Diagnose a GPU/CPU mismatch node by node: run one chunk on the GPU one launch at a time and
+compare every value it writes with the CPU reference interpreter's value for the same node.
+
+    python tests/gpu_debug_compare.py MODEL.gguf [n_tokens]
+"""
+import sys
+
+import numpy as np
+
+from ggfuse.compiler.driver import compile_gguf
+from ggfuse.compiler.gguf_file import GGUFFile
+from ggfuse.ir.ops import OPS, Op
+from ggfuse.runtime.weights import WeightStore
+
+
+def cpu_values(graph, gf, tokens):
+    weights = WeightStore(gf)
+    env = {"T": len(tokens), "P": 0}
+    vals = {}
+    for n in graph.topo():
+        if n.op == Op.INPUT:
+            kind = n.attrs.kind
+            if kind == "tokens":
+                x = tokens.astype(np.int32)
+            elif kind == "positions":
+                x = np.arange(len(tokens), dtype=np.int32)
+            else:
+                from ggfuse.ir.types import shape_eval
+                x = np.zeros(shape_eval(n.outputs[0].shape, env), np.float32)
+            outs = (x,)
+        elif n.op == Op.WEIGHT:
+            outs = (weights(n),)
+        else:
+            outs = OPS[n.op].ref(n.attrs, env, *[vals[v] for v in n.inputs])
+        for i, o in enumerate(outs):
+            vals[n.value(i)] = o
+    return vals
+
+
+def to_f32(cp, a):
+    h = cp.asnumpy(a)
+    if h.dtype == np.uint16:
+        h = (h.astype(np.uint32) << 16).view(np.float32)
+    return h.astype(np.float32)
+
+
+def main(path, n=16):
+    import cupy as cp
+    from ggfuse.runtime.cuda.backend import CUDABackend
+    gf = GGUFFile(path)
+    plan = compile_gguf(path, chunk=n, gf=gf)
+    be = CUDABackend(plan, gf, chunk=n, progress=False)
+    tokens = np.random.default_rng(0).integers(0, plan.hparams["n_vocab"], n)
+    cpu = cpu_values(be.graph, gf, tokens)
+    be.stage_inputs(tokens)
+    worst = 0.0
+    for node, fn in zip(be.launch_nodes, be.launches):
+        with be.stream:
+            fn()
+        be.stream.synchronize()
+        for i in range(len(node.outputs)):
+            v = node.value(i)
+            arr = be.ctx.vals.get(v)
+            if arr is None or v not in cpu:
+                continue
+            g = to_f32(cp, arr)
+            r = np.asarray(cpu[v], dtype=np.float32)
+            if g.shape != r.shape:
+                g = g.reshape(r.shape) if g.size == r.size else g
+            if node.op == Op.CONCAT or g.shape != r.shape:
+                print(f"  skip {node.name} {node.op.value}:{i} shapes gpu {g.shape} cpu {r.shape}")
+                continue
+            scale = float(np.max(np.abs(r))) or 1.0
+            err = float(np.nanmax(np.abs(g - r))) / scale if np.isfinite(g).all() else float("inf")
+            flag = "  <-- " if err > 2e-2 else ""
+            worst = max(worst, err)
+            print(f"{err:10.2e}  {node.op.value:<24} {node.name}:{i} {list(r.shape)}{flag}")
+    print("worst", worst)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 16)
