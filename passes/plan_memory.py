@@ -5,7 +5,8 @@ Liveness over the schedule (the graph's deterministic topological order) gives e
 overlaps no buffer live at the same time (greedy by size, as TFLite's arena planner does).
 Not in the arena: weights and fetched expert slots (weight memory), carried states and the
 KV-cache values that become them (state buffers, sized by the context, not the chunk), and
-RESHAPE outputs (views of their input, whose lifetime they extend).
+RESHAPE and SLICE outputs (views of their input, whose lifetime they extend: a column slice of
+the conv output read after q's norm has run must still find its bytes).
 
 Results: node.meta["arena"] = [offset or None per output]; graph.meta["memory"] =
 {"chunk", "peak_bytes", "naive_bytes", "alignment", "n_buffers"}.
@@ -19,6 +20,8 @@ from ggfuse.passes.base import PassResult
 
 ALIGN = 256
 _NOT_ARENA = (Op.WEIGHT, Op.FETCH_WEIGHTS)
+# Views of their input, as the runtimes execute them: they own no bytes and keep the input alive.
+_VIEWS = (Op.RESHAPE, Op.SLICE)
 
 
 def _aligned(n: int) -> int:
@@ -40,11 +43,8 @@ def buffers(g: Graph, chunk: int):
             v = n.value(i)
             if v in state_vals:
                 continue
-            if n.op == Op.RESHAPE and n.inputs[0] in alias:
+            if n.op in _VIEWS and n.inputs[0] in alias:
                 alias[v] = alias[n.inputs[0]]
-                continue
-            if n.op == Op.RESHAPE and n.inputs[0] in intervals:
-                alias[v] = n.inputs[0]
                 continue
             alias[v] = v
             intervals[v] = [step[n.id], step[n.id], _aligned(nbytes_of(t.dtype, max(1, _numel(t.shape, env))))]

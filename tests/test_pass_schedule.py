@@ -26,11 +26,15 @@ def test_plan_memory_places_without_overlap(arch, chunk):
     m = res.graph.meta["memory"]
     assert m["peak_bytes"] == peak <= m["naive_bytes"]
     assert m["peak_bytes"] < 0.5 * m["naive_bytes"]
-    # every non-weight, non-state value has an arena offset on its node
+    # every non-weight, non-state value has an arena offset on its node; views share their source's
     for n in res.graph.nodes():
         if n.op in (Op.WEIGHT, Op.INPUT, Op.CONCAT):
             continue
         assert "arena" in n.meta, n
+        if n.op in (Op.SLICE, Op.RESHAPE):
+            src = res.graph.node(n.inputs[0].node)
+            if "arena" in src.meta:
+                assert n.meta["arena"][0] == src.meta["arena"][n.inputs[0].index]
     assert "memory" not in g.meta or g.meta["memory"] is not res.graph.meta["memory"]
 
 
