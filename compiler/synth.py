@@ -746,7 +746,7 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--vocab", type=int, default=None, help=argparse.SUPPRESS)    # test-only
     ap.add_argument("--experts", type=int, default=None, help=argparse.SUPPRESS)  # test-only
     ap.add_argument("--quiet", action="store_true", help="no progress output")
-    ap.set_defaults(func=synth_main)
+    ap.set_defaults(fn=synth_main)
     return ap
 
 

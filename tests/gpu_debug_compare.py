@@ -13,9 +13,10 @@ from ggfuse.ir.ops import OPS, Op
 from ggfuse.runtime.weights import WeightStore
 
 
-def cpu_values(graph, gf, tokens):
-    weights = WeightStore(gf)
-    env = {"T": len(tokens), "P": 0}
+def cpu_values(graph, gf, tokens, past=0, state=None, weights=None):
+    """Every value of one chunk on the CPU; `state` maps state names to carried arrays."""
+    weights = weights or WeightStore(gf)
+    env = {"T": len(tokens), "P": past}
     vals = {}
     for n in graph.topo():
         if n.op == Op.INPUT:
@@ -23,7 +24,9 @@ def cpu_values(graph, gf, tokens):
             if kind == "tokens":
                 x = tokens.astype(np.int32)
             elif kind == "positions":
-                x = np.arange(len(tokens), dtype=np.int32)
+                x = (past + np.arange(len(tokens))).astype(np.int32)
+            elif state is not None and n.attrs.key in state:
+                x = state[n.attrs.key]
             else:
                 from ggfuse.ir.types import shape_eval
                 x = np.zeros(shape_eval(n.outputs[0].shape, env), np.float32)
@@ -44,39 +47,50 @@ def to_f32(cp, a):
     return h.astype(np.float32)
 
 
-def main(path, n=16):
+def main(path, n=16, chunk=None):
+    """n tokens in chunks of `chunk` (default: one chunk); every chunk compared node by node."""
     import cupy as cp
     from ggfuse.runtime.cuda.backend import CUDABackend
+    chunk = chunk or n
     gf = GGUFFile(path)
-    plan = compile_gguf(path, chunk=n, gf=gf)
-    be = CUDABackend(plan, gf, chunk=n, progress=False)
+    plan = compile_gguf(path, chunk=chunk, gf=gf)
+    be = CUDABackend(plan, gf, chunk=chunk, progress=False)
     tokens = np.random.default_rng(0).integers(0, plan.hparams["n_vocab"], n)
-    cpu = cpu_values(be.graph, gf, tokens)
-    be.stage_inputs(tokens)
+    weights = WeightStore(gf)
+    state = None
     worst = 0.0
-    for node, fn in zip(be.launch_nodes, be.launches):
-        with be.stream:
-            fn()
-        be.stream.synchronize()
-        for i in range(len(node.outputs)):
-            v = node.value(i)
-            arr = be.ctx.vals.get(v)
-            if arr is None or v not in cpu:
-                continue
-            g = to_f32(cp, arr)
-            r = np.asarray(cpu[v], dtype=np.float32)
-            if g.shape != r.shape:
-                g = g.reshape(r.shape) if g.size == r.size else g
-            if node.op == Op.CONCAT or g.shape != r.shape:
-                print(f"  skip {node.name} {node.op.value}:{i} shapes gpu {g.shape} cpu {r.shape}")
-                continue
-            scale = float(np.max(np.abs(r))) or 1.0
-            err = float(np.nanmax(np.abs(g - r))) / scale if np.isfinite(g).all() else float("inf")
-            flag = "  <-- " if err > 2e-2 else ""
-            worst = max(worst, err)
-            print(f"{err:10.2e}  {node.op.value:<24} {node.name}:{i} {list(r.shape)}{flag}")
+    for c0 in range(0, n, chunk):
+        tk = tokens[c0:c0 + chunk]
+        nv = len(tk)
+        cpu = cpu_values(be.graph, gf, tk, past=c0, state=state, weights=weights)
+        state = {k: cpu[v] for k, v in be.graph.outputs.items() if k != "logits"}
+        be.stage_inputs(tk)
+        print(f"--- chunk at {c0}: {nv} valid of {chunk}")
+        for node, fn in zip(be.launch_nodes, be.launches):
+            with be.stream:
+                fn()
+            be.stream.synchronize()
+            for i in range(len(node.outputs)):
+                v = node.value(i)
+                arr = be.ctx.vals.get(v)
+                if arr is None or v not in cpu:
+                    continue
+                g = to_f32(cp, arr)
+                r = np.asarray(cpu[v], dtype=np.float32)
+                if g.shape != r.shape and g.ndim and r.ndim and g.shape[1:] == r.shape[1:] and g.shape[0] >= r.shape[0]:
+                    g = g[c0:c0 + r.shape[0]] if g.shape[0] > chunk else g[: r.shape[0]]   # KV cache rows / padding
+                if g.shape != r.shape:
+                    print(f"  skip {node.name} {node.op.value}:{i} shapes gpu {g.shape} cpu {r.shape}")
+                    continue
+                scale = float(np.max(np.abs(r))) or 1.0
+                err = float(np.nanmax(np.abs(g - r))) / scale if np.isfinite(g).all() else float("inf")
+                flag = "  <-- " if err > 2e-2 else ""
+                worst = max(worst, err)
+                print(f"{err:10.2e}  {node.op.value:<24} {node.name}:{i} {list(r.shape)}{flag}")
+        be.n_past += nv
     print("worst", worst)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 16)
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 16,
+         int(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -271,7 +271,8 @@ class CUDABackend:
         # produced stays as it is.
         s.begin_capture()
         try:
-            self._run_launches()
+            with s:   # launches that use "the current stream" must record into the capture too
+                self._run_launches()
         finally:
             g = s.end_capture()
         self.cuda_graph = g
