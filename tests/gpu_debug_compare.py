@@ -47,6 +47,23 @@ def to_f32(cp, a):
     return h.astype(np.float32)
 
 
+def _check_attention(cp, be, node, cpu, past, nv):
+    """Split an attention mismatch: are the KV caches right, and is the kernel right on its own
+    (GPU) inputs?"""
+    from ggfuse.kernels.attention import ref as aref
+    q = to_f32(cp, be.ctx.vals[node.inputs[0]])[:nv]
+    kc = to_f32(cp, be.ctx.vals[node.inputs[1]])[: past + nv]
+    vc = to_f32(cp, be.ctx.vals[node.inputs[2]])[: past + nv]
+    kr, vr = np.asarray(cpu[node.inputs[1]]), np.asarray(cpu[node.inputs[2]])
+    for nm, g, r in (("k cache", kc, kr), ("v cache", vc, vr)):
+        print(f"      {nm}: rows {g.shape} vs {r.shape}, err {np.max(np.abs(g - r)) / (np.max(np.abs(r)) or 1):.2e}")
+    own = aref.attention(q, kc, vc, scale=node.attrs.scale)
+    out = to_f32(cp, be.ctx.vals[node.out])[:nv]
+    print(f"      kernel vs numpy on the GPU's own inputs: {np.max(np.abs(out - own)) / (np.max(np.abs(own)) or 1):.2e}")
+    print(f"      q strides {be.ctx.vals[node.inputs[0]].strides} out strides {be.ctx.vals[node.out].strides} "
+          f"k_cache {be.ctx.vals[node.inputs[1]].shape} scale {node.attrs.scale}")
+
+
 def main(path, n=16, chunk=None):
     """n tokens in chunks of `chunk` (default: one chunk); every chunk compared node by node."""
     import cupy as cp
@@ -87,6 +104,8 @@ def main(path, n=16, chunk=None):
                 flag = "  <-- " if err > 2e-2 else ""
                 worst = max(worst, err)
                 print(f"{err:10.2e}  {node.op.value:<24} {node.name}:{i} {list(r.shape)}{flag}")
+            if node.op == Op.ATTENTION:
+                _check_attention(cp, be, node, cpu, c0, nv)
         be.n_past += nv
     print("worst", worst)
 
