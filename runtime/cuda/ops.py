@@ -134,10 +134,17 @@ def build_launches(be) -> list:
             ctx.vals[n.out] = x[tuple(idx)]
             continue
         if n.op == Op.CONCAT:
+            # onto a KV cache: the chunk's rows are appended at P, here, where the graph reads them
+            # (their buffer may be reused right after this step), and the value is the cache
             state = [v for v in n.inputs if be.graph.node(v.node).op == Op.INPUT]
-            if len(state) != 1 or len(n.inputs) != 2:
+            if len(state) != 1 or len(n.inputs) != 2 or n.inputs[0] != state[0]:
                 raise GGFuseError(None, f"cuda: concat {n.name} is not a KV-cache append")
-            ctx.vals[n.out] = ctx.v(state[0])
+            cache, new = ctx.v(state[0]), ctx.v(n.inputs[1])
+            d = _dense()
+            # kv_append writes a k and a v; the same tensor twice appends it once (identical writes)
+            out.append(lambda cache=cache, new=new: d.kv_append(new, new, cache, cache, be.past_dev, stream=ctx.stream))
+            be.launch_nodes.append(n)
+            ctx.vals[n.out] = cache
             continue
         # every other value lives in the arena (state outputs are bound by their launcher)
         for i, off in enumerate(n.meta.get("arena", [])):
@@ -336,11 +343,8 @@ def _chunk_gdr(ctx, n):
 @launcher(Op.ATTENTION)
 def _attention(ctx, n):
     from ggfuse.kernels.attention import launch as fa
-    d = _dense()
     q = ctx.v(n.inputs[0])
-    k_cat, v_cat = (ctx.be.graph.node(v.node) for v in n.inputs[1:])
-    k_new, v_new = ctx.v(k_cat.inputs[1]), ctx.v(v_cat.inputs[1])
-    k_cache, v_cache = ctx.v(n.inputs[1]), ctx.v(n.inputs[2])
+    k_cache, v_cache = ctx.v(n.inputs[1]), ctx.v(n.inputs[2])   # the chunk's K/V already appended
     out = ctx.v(n.out)
     T, Hq, D = q.shape
     Hkv, Dv = k_cache.shape[1], v_cache.shape[2]
@@ -349,7 +353,6 @@ def _attention(ctx, n):
     fa.prepare(D, q_dt, out.dtype)
 
     def run():
-        d.kv_append(k_new, v_new, k_cache, v_cache, be.past_dev, stream=ctx.stream)
         fa.flash_attn_prefill(q, q_dt, q.strides[0] // q.itemsize, q.strides[1] // q.itemsize, k_cache, v_cache,
                               out, T, Hq, Hkv, D, Dv, n.attrs.scale, be.past_dev, be.nvalid_dev, stream=ctx.stream)
     return run
