@@ -437,3 +437,16 @@ def axpy_rows(out, y, s, *, stream=None):
     _launch("dense/misc.cu", "axpy_rows_f32", (_blocks(T * D),), (_THREADS,),
             (_ptr(out), np.int64(out.strides[0] // 4), _ptr(y), np.int64(y.strides[0] // 4), _ptr(s),
              np.int32(T), np.int32(D)), stream)
+
+
+def gemm_f32(a, w, c, *, stream=None):
+    """c[M, N] = a[M, K] @ w[N, K]^T in f32 on CUDA cores (the MoE router: llama.cpp multiplies
+    its f32 router weights in f32; bf16 would flip near-tied expert choices). a, c row-strided
+    f32 views, w contiguous f32 [N, K]."""
+    M, K = a.shape
+    N = w.shape[0]
+    _check_f32(a, "gemm_f32 a")
+    _check_f32(w, "gemm_f32 w")
+    _launch("dense/gemm_f32.cu", "gemm_f32_nt", (-(-N // 64), -(-M // 64)), (256,),
+            (_ptr(a), np.int64(a.strides[0] // 4), _ptr(w), _ptr(c), np.int64(c.strides[0] // 4),
+             np.int32(M), np.int32(N), np.int32(K)), stream)

@@ -99,7 +99,7 @@ class CUDABackend:
                 if u.op == Op.GET_ROWS:
                     r.add("rows")
                 elif (u.op == Op.MATMUL and i == 1) or (u.op == Op.FFN_SWIGLU and i in (1, 2)) or \
-                        (u.op == Op.MOE_ROUTE and i == 1) or (u.op == Op.MOE_GROUPED_GEMM and i >= 4):
+                        (u.op == Op.MOE_GROUPED_GEMM and i >= 4):
                     r.add("gemm")
                 else:
                     r.add("f32")

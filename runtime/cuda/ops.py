@@ -369,7 +369,8 @@ def _moe_route(ctx, n):
     T = x.shape[0]
     E = ctx.t(w_router).shape[0]
     logits = ctx.scratch("router_logits", (T, E), np.float32)
-    router = _gemm_call(ctx, x, w_router, logits)
+    w_f32 = _f32(ctx, w_router)
+    router = lambda: d.gemm_f32(x, w_f32, logits, stream=ctx.stream)  # noqa: E731  (f32, as llama.cpp)
     ids, weights, slots, offsets = (ctx.v(n.value(i)) for i in range(4))
     a = n.attrs
     be = ctx.be
