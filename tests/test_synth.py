@@ -348,7 +348,7 @@ def test_cli(tmp_path, capsys):
     out = tmp_path / "m.gguf"
     args = ap.parse_args(["synth", "--preset", "qwen3-next-80b-a3b", "--quant", "q8_0", "-o", str(out),
                           "--layers", "4", "--seed", "3", "--vocab", str(VOCAB), "--experts", str(EXPERTS), "--quiet"])
-    assert args.func(args) == 0
+    assert args.fn(args) == 0
     assert "qwen3next 4 layers" in capsys.readouterr().out
     assert GGUFFile(out).arch_key("block_count") == 4
 
