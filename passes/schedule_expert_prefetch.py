@@ -149,7 +149,9 @@ def _layer_flops(g: Graph, chunk: int) -> dict[int, float]:
         if not d.flops or n.op == Op.WEIGHT:
             continue
         f = d.flops(n.attrs, [g.type_of(v) for v in n.inputs], n.outputs, env)
-        per[_layer(n.name) if _layer(n.name) is not None else -1] = per.get(_layer(n.name) if _layer(n.name) is not None else -1, 0) + f
+        layer = _layer(n.name)
+        key = -1 if layer is None else layer   # -1: outside the layers (embedding, LM head)
+        per[key] = per.get(key, 0) + f
     return per
 
 
@@ -255,8 +257,9 @@ def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CON
         last = max(users, key=lambda u: u.id)
         prev_release[s] = last.out
         assert fetch_id in g
-    pred = simulate([l for l in sorted(set(_layer_flops(g, chunk)) - {-1})], streamed, slots, moved,
-                    _layer_flops(g, chunk), h2d_gbps=h2d_gbps, tflops=tflops, routed=routed)
+    flops = _layer_flops(g, chunk)
+    pred = simulate(sorted(set(flops) - {-1}), streamed, slots, moved, flops,
+                    h2d_gbps=h2d_gbps, tflops=tflops, routed=routed)
     pinned = [l for l in layers if l not in streamed]
     info.update({
         "pinned_layers": pinned, "streamed_layers": streamed, "slots": slots, "slot_bytes": slot_bytes,

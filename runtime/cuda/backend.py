@@ -123,7 +123,6 @@ class CUDABackend:
         free, total = cp.cuda.runtime.memGetInfo()
         w_raw = sum(w.nbytes for w in self.plan.weights)
         dense_bf16 = sum(int(np.prod(w.shape)) * 2 for w in self.plan.weights if len(w.shape) == 2)
-        self._bf16_dense = True
         states = self._state_bytes()
         arena = (self.graph.meta.get("memory") or {}).get("peak_bytes", 0)
         need_raw = w_raw + states + arena + (256 << 20)
