@@ -7,35 +7,14 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.gpu
-cp = pytest.importorskip("cupy")
-try:
-    _N_DEV = cp.cuda.runtime.getDeviceCount()
-except Exception:  # no driver / no device
-    _N_DEV = 0
-if _N_DEV == 0:
-    pytest.skip("no CUDA device", allow_module_level=True)
+from gpu_util import errors as _errors, from_bf16_bits, require_gpu, to_bf16_bits  # noqa: E402
+
+cp = require_gpu()
 
 from ggfuse.kernels.deltanet import launch  # noqa: E402
 from ggfuse.kernels.deltanet.ref import gated_delta_rule  # noqa: E402
 
 RMS_TOL, MAX_TOL = 1e-2, 2e-2
-
-
-def to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """f32 -> bf16 bits (uint16), round to nearest even."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    return ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
-
-
-def from_bf16_bits(b: np.ndarray) -> np.ndarray:
-    return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-def _errors(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
-    """(relative RMS error, max-abs error / max |ref|)."""
-    d = got.astype(np.float64) - ref
-    scale = float(np.abs(ref).max()) or 1.0
-    return float(np.sqrt((d ** 2).mean() / max((ref ** 2).mean(), 1e-30))), float(np.abs(d).max()) / scale
 
 
 def _assert_close(got, ref, what):

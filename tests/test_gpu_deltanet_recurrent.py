@@ -5,12 +5,9 @@ import pytest
 from ggfuse.kernels.deltanet import ref
 
 pytestmark = pytest.mark.gpu
-cp = pytest.importorskip("cupy")
-try:
-    if cp.cuda.runtime.getDeviceCount() == 0:
-        raise RuntimeError
-except Exception:
-    pytest.skip("no CUDA device", allow_module_level=True)
+from gpu_util import require_gpu  # noqa: E402
+
+cp = require_gpu()
 
 
 @pytest.mark.parametrize("T,Hk,Hv,K,V,head_map", [(1, 2, 4, 32, 32, "tile"), (37, 2, 4, 32, 32, "interleave"),

@@ -11,13 +11,9 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.gpu
-cp = pytest.importorskip("cupy")
-try:
-    _N_DEV = cp.cuda.runtime.getDeviceCount()
-except Exception:  # no driver / no device
-    _N_DEV = 0
-if _N_DEV == 0:
-    pytest.skip("no CUDA device", allow_module_level=True)
+from gpu_util import from_bf16_bits, require_gpu, to_bf16_bits  # noqa: E402
+
+cp = require_gpu()
 
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 from gguf import quants  # noqa: E402
@@ -31,16 +27,6 @@ from ggfuse.kernels.elementwise import ref as ew_ref  # noqa: E402
 
 F32 = np.float32
 BF16_POISON = 0xFFFF  # a NaN bf16
-
-
-def to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """f32 -> bf16 bits (uint16), round to nearest even (finite inputs)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def from_bf16_bits(b) -> np.ndarray:
-    return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def host_f32(a) -> np.ndarray:

@@ -10,13 +10,9 @@ import ggfuse
 from util import ARCHS, QUANTS, fixture, refs
 
 pytestmark = pytest.mark.gpu
-cp = pytest.importorskip("cupy")
-try:
-    HAVE_GPU = cp.cuda.runtime.getDeviceCount() > 0
-except Exception:  # no driver
-    HAVE_GPU = False
-if not HAVE_GPU:
-    pytest.skip("no CUDA device", allow_module_level=True)
+from gpu_util import require_gpu  # noqa: E402
+
+cp = require_gpu()
 
 
 def _check(out, ref, what):

@@ -16,13 +16,9 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.gpu
-cp = pytest.importorskip("cupy")
-try:
-    _N_DEV = cp.cuda.runtime.getDeviceCount()
-except Exception:  # no driver / no device
-    _N_DEV = 0
-if _N_DEV == 0:
-    pytest.skip("no CUDA device", allow_module_level=True)
+from gpu_util import require_gpu  # noqa: E402
+
+cp = require_gpu()
 
 from ggfuse.kernels.gemm.weights import bf16_bits_to_f32, f32_to_bf16_bits, random_weight, round_bf16  # noqa: E402
 from ggfuse.kernels.moe import launch  # noqa: E402

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ggfuse.kernels.benchutil import median_ms
+
 from ggfuse.kernels.attention import launch
 
 HQ, HKV, D = 16, 2, 256
@@ -28,19 +30,7 @@ def causal_flops(T: int, P: int) -> float:
 
 
 def _median_ms(run, stream, n_inner: int) -> float:
-    import cupy as cp
-    for _ in range(WARMUP):
-        run()
-    stream.synchronize()
-    times = []
-    for _ in range(REPLAYS):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record(stream)
-        run()
-        b.record(stream)
-        b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b) / n_inner)
-    return float(np.median(times))
+    return median_ms(run, stream, n_inner, warmup=WARMUP, replays=REPLAYS)
 
 
 def time_ours(T: int, P: int, kind: str) -> float:

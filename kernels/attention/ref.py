@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ggfuse.kernels.dequant.ref import round_bf16  # noqa: F401 (re-exported)
+
 F32 = np.float32
 
 
@@ -73,10 +75,3 @@ def kv_append(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.nda
     n = max(0, min(T, k_cache.shape[0] - P))
     k_cache[P:P + n] = k[:n]
     v_cache[P:P + n] = v[:n]
-
-
-def round_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 -> nearest bfloat16 (ties to even), returned as float32 (NaN not handled)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16
-    return u.astype(np.uint32).view(np.float32).reshape(np.shape(x))

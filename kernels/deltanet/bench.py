@@ -22,6 +22,8 @@ import sys
 
 import numpy as np
 
+from ggfuse.kernels.benchutil import median_ms
+
 from ggfuse.kernels.deltanet import launch
 
 HK, HV, K, V = 16, 32, 128, 128
@@ -39,19 +41,7 @@ def workspace_traffic(T: int) -> float:
 
 
 def _median_ms(run, stream, n_inner: int) -> float:
-    import cupy as cp
-    for _ in range(WARMUP):
-        run()
-    stream.synchronize()
-    times = []
-    for _ in range(REPLAYS):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record(stream)
-        run()
-        b.record(stream)
-        b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b) / n_inner)
-    return float(np.median(times))
+    return median_ms(run, stream, n_inner, warmup=WARMUP, replays=REPLAYS)
 
 
 def time_ours(T: int, v_block: int) -> dict:

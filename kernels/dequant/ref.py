@@ -28,3 +28,21 @@ def expert(w, e: int) -> np.ndarray:
     if hasattr(w, "expert"):
         return w.expert(int(e))
     return np.asarray(w[int(e)], dtype=np.float32)
+
+
+# ---- bfloat16 as the GPU stores it (uint16 bit patterns; CuPy has no bf16 dtype) ---------------
+
+def f32_to_bf16_bits(x) -> np.ndarray:
+    """float32 -> bf16 bit patterns (uint16), round to nearest even (finite inputs)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).reshape(np.shape(x))
+
+
+def bf16_bits_to_f32(b) -> np.ndarray:
+    """bf16 bit patterns (uint16) -> float32, exactly."""
+    return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def round_bf16(x) -> np.ndarray:
+    """float32 -> nearest bf16 value, returned as float32."""
+    return bf16_bits_to_f32(f32_to_bf16_bits(x))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ggfuse.kernels.dequant.ref import bf16_bits_to_f32, f32_to_bf16_bits, round_bf16  # noqa: F401 (re-exported)
+
 from ggfuse.kernels.quant.types import qtype
 
 # where each K-quant keeps its f16 scales: (byte offset, scale range)
@@ -18,20 +20,6 @@ _KQUANT_SCALES = {
     "q5_k": ((0, (5e-5, 1.5e-4)), (2, (5e-5, 1.5e-4))),
     "q6_k": ((208, (2e-5, 6e-5)),),                      # d (scales are int8, any byte is sane)
 }
-
-
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """Round-to-nearest-even f32 -> bf16 bit patterns (uint16)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def bf16_bits_to_f32(b: np.ndarray) -> np.ndarray:
-    return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-def round_bf16(x: np.ndarray) -> np.ndarray:
-    return bf16_bits_to_f32(f32_to_bf16_bits(x))
 
 
 def random_weight(w_type, shape: tuple, rng: np.random.Generator, scale: float = 0.02):

@@ -1,0 +1,37 @@
+"""What the gpu-marked tests share: the device check, bf16 conversions, error measures.
+
+    cp = require_gpu()      # at module level: skips the module without CuPy or a CUDA device
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ggfuse.kernels.dequant.ref import bf16_bits_to_f32, f32_to_bf16_bits, round_bf16  # noqa: F401
+
+
+def require_gpu():
+    """CuPy, or skip the calling test module (no CuPy, no driver, no device)."""
+    cp = pytest.importorskip("cupy")
+    try:
+        n = cp.cuda.runtime.getDeviceCount()
+    except Exception:  # no driver
+        n = 0
+    if n == 0:
+        pytest.skip("no CUDA device", allow_module_level=True)
+    return cp
+
+
+def to_bf16_bits(x) -> np.ndarray:
+    return f32_to_bf16_bits(x)
+
+
+def from_bf16_bits(b) -> np.ndarray:
+    return bf16_bits_to_f32(b)
+
+
+def errors(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(relative RMS error, max-abs error / max |ref|)."""
+    d = got.astype(np.float64) - ref
+    scale = float(np.abs(ref).max()) or 1.0
+    return float(np.sqrt((d ** 2).mean() / max((ref ** 2).mean(), 1e-30))), float(np.abs(d).max()) / scale
