@@ -107,13 +107,16 @@ def phase_breakdown(model, backend, tokens) -> dict:
     model.reset()
     s = backend.stream
     totals: dict[str, float] = {}
-    nodes = backend.launch_nodes
     for i in range(0, len(tokens), backend.chunk):
         backend.stage_inputs(tokens[i:i + backend.chunk])
+        nodes, launches = list(backend.launch_nodes), list(backend.launches)
+        if backend.head_last is not None and i + backend.chunk >= len(tokens):
+            nodes.append(backend.head_node)          # the last chunk's one-row LM head
+            launches += backend.head_last
         evs = [cp.cuda.Event()]
         evs[0].record(s)
         with s:
-            for fn in backend.launches:
+            for fn in launches:
                 fn()
                 e = cp.cuda.Event()
                 e.record(s)

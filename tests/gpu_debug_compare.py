@@ -83,7 +83,8 @@ def main(path, n=16, chunk=None):
         state = {k: cpu[v] for k, v in be.graph.outputs.items() if k != "logits"}
         be.stage_inputs(tk)
         print(f"--- chunk at {c0}: {nv} valid of {chunk}")
-        for node, fn in zip(be.launch_nodes, be.launches):
+        heads = [be.head_node] if be.head_all else []
+        for node, fn in zip(list(be.launch_nodes) + heads, list(be.launches) + (be.head_all or [])):
             with be.stream:
                 fn()
             be.stream.synchronize()

@@ -26,7 +26,13 @@ def test_backend_binds_every_op(arch, quant, monkeypatch):
         assert out.shape == (10, plan.hparams["n_vocab"])
         assert be.cuda_graph is not None
         be.run_chunk(np.arange(16, dtype=np.int32))   # replay path
+        assert be.run_chunk(np.arange(16, dtype=np.int32), "none") is None
+        last = be.run_chunk(np.arange(7, dtype=np.int32), "last")
+        assert last.shape == (1, plan.hparams["n_vocab"])
+        assert set(be.graphs) == {"body", "head_all", "head_last"}
+        assert be.head_node.name == "lm_head" and be.head_node not in be.launch_nodes
         names = {c[0] for c in calls}
+        assert "dense.gemv" in names
         assert "dense.get_rows" in names and "gemm.gemm" in names
         if arch != "qwen3moe":   # tensor-core chunked kernel for K, V in {64, 128}, else the fallback
             assert names & {"deltanet.chunk_gated_delta_rule", "deltanet.gated_delta_rule_recurrent"}

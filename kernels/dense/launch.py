@@ -450,3 +450,47 @@ def gemm_f32(a, w, c, *, stream=None):
     _launch("dense/gemm_f32.cu", "gemm_f32_nt", (-(-N // 64), -(-M // 64)), (256,),
             (_ptr(a), np.int64(a.strides[0] // 4), _ptr(w), _ptr(c), np.int64(c.strides[0] // 4),
              np.int32(M), np.int32(N), np.int32(K)), stream)
+
+
+GEMV = "dense/gemv.cu"
+GEMV_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+GEMV_MAX_M = 8
+
+
+def gemv(x, w, w_type, N: int, K: int, y, *, M: int | None = None, nvalid=None, stream=None):
+    """y[m, :N] = x[r + m, :K] @ W[N, K]^T for m < M <= 8, reading W as the GGUF stores it
+    (GGML blocks, or "bf16"/"f32"/"f16" rows): the bandwidth-bound LM head of the last token.
+
+    x: f32 or bf16 (uint16) rows, row-strided; y: f32 [M, >= N] row-strided. With `nvalid` (a
+    device int32 [1], the chunk's valid rows) M is 1 and the row read is nvalid[0] - 1, decided
+    at run time, so a captured graph serves every prompt length; else r = 0.
+    """
+    qt = _qtype(w_type)
+    name = qt.name if qt.name in GEMV_TYPES else None
+    if name is None:
+        raise ValueError(f"gemv: weight type {qt.name} is not supported (supported: {', '.join(GEMV_TYPES)})")
+    M = int(x.shape[0] if M is None and nvalid is None else (1 if M is None else M))
+    if not 1 <= M <= GEMV_MAX_M or (nvalid is not None and M != 1):
+        raise ValueError(f"gemv: M must be 1..{GEMV_MAX_M} (1 with nvalid), got {M}")
+    if K % 8 or K % qt.block:
+        raise ValueError(f"gemv: K={K} must be a multiple of 8 and of the {qt.name} block ({qt.block})")
+    if x.strides[-1] != x.itemsize or x.shape[-1] < K:
+        raise ValueError("gemv: x rows must be contiguous and >= K long")
+    _check_f32(y, "gemv y")
+    if y.strides[-1] != 4 or y.shape[-1] < N:
+        raise ValueError("gemv: y rows must be contiguous f32 with >= N columns")
+    if nvalid is not None:
+        _check_i32(nvalid, "gemv nvalid")
+    rb = qt.row_bytes(K)
+    if w.nbytes < N * rb:
+        raise ValueError(f"gemv: W has {w.nbytes} bytes, [{N}, {K}] {qt.name} needs {N * rb}")
+    smem = M * K * 4
+    if smem > 48 * 1024:
+        raise ValueError(f"gemv: M * K = {M * K} floats exceed 48 KiB of shared memory")
+    a = _dtype_name(x)
+    fn = _fn(GEMV, f"gemv_{a}a_{name}")
+    grid = (min(-(-N // 8), 132 * 16),)
+    ldx, ldy = x.strides[0] // x.itemsize, y.strides[0] // 4
+    with (stream if stream is not None else contextlib.nullcontext()):
+        fn(grid, (256,), (_ptr(x), np.int64(ldx), np.int32(M), _ptr(w), np.int64(rb), np.int32(N), np.int32(K),
+                          _ptr(y), np.int64(ldy), _ptr(nvalid)), shared_mem=smem)

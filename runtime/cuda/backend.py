@@ -77,7 +77,7 @@ class CUDABackend:
                                        f"--max-context, or compile with --vram-budget") from None
         from ggfuse.runtime.cuda.ops import build_launches
         self.launches = build_launches(self)
-        self.cuda_graph = None
+        self.graphs = {}      # "body" / "head_all" / "head_last" -> captured CUDA graph
         self.reset()
 
     # ---- memory -------------------------------------------------------------------------------
@@ -218,10 +218,6 @@ class CUDABackend:
         self.n_past = 0
         self.cp.cuda.Device().synchronize()
 
-    def _run_launches(self):
-        for fn in self.launches:
-            fn()
-
     def stage_inputs(self, tokens: np.ndarray) -> int:
         """Copy a chunk's token ids, positions, P and n_valid into their device buffers (stream
         ordered before the replay that reads them). Returns n_valid."""
@@ -242,36 +238,54 @@ class CUDABackend:
         return n
 
     def run_chunk(self, tokens: np.ndarray, want: str = "all") -> np.ndarray:
+        """One chunk: the body graph, then the LM head for every row ("all"), for the last valid
+        row only ("last", a GEMV reading the stored weight) or not at all ("none")."""
         cp = self.cp
         n = self.stage_inputs(tokens)
         s = self.stream
-        if self.cuda_graph is None and os.environ.get("GGFUSE_EAGER") != "1":
-            with s:
-                self._run_launches()      # first chunk: eager (loads modules, checks launches)
-            s.synchronize()
-            self._capture()
-        elif self.cuda_graph is None:
-            with s:
-                self._run_launches()
-        else:
-            self.cuda_graph.launch(s)
+        self._replay("body", self.launches)
         self.n_past += n
         if want == "none":
             return None
-        logits = self.logits_view
-        rows = logits[n - 1:n] if want == "last" else logits[:n]
+        if self.head_all is None:          # logits not from a matmul: computed inside the body
+            logits = self.logits_view
+            rows = logits[n - 1:n] if want == "last" else logits[:n]
+        elif want == "last":
+            self._replay("head_last", self.head_last)
+            rows = self.logits_last_view
+        else:
+            self._replay("head_all", self.head_all)
+            rows = self.logits_view[:n]
         out = cp.asnumpy(rows, stream=s)
         s.synchronize()
         return out
 
-    def _capture(self):
+    def _replay(self, key: str, launches: list) -> None:
+        """Run `launches` on the compute stream: the first time eagerly (module loading, launch
+        checks), then captured once as a CUDA graph that every later call replays."""
         s = self.stream
-        # Capturing records the launches without running them; the state the eager first chunk
+        g = self.graphs.get(key)
+        if g is not None:
+            g.launch(s)
+            return
+        with s:
+            for fn in launches:
+                fn()
+        if os.environ.get("GGFUSE_EAGER") == "1":
+            return
+        s.synchronize()
+        # Capturing records the launches without running them; the state the eager run
         # produced stays as it is.
         s.begin_capture()
         try:
             with s:   # launches that use "the current stream" must record into the capture too
-                self._run_launches()
+                for fn in launches:
+                    fn()
         finally:
             g = s.end_capture()
-        self.cuda_graph = g
+        self.graphs[key] = g
+
+    @property
+    def cuda_graph(self):
+        """The captured graph of the chunk body (None before the first chunk)."""
+        return self.graphs.get("body")

@@ -99,6 +99,8 @@ def build_launches(be) -> list:
     cp = be.cp
     out = []
     be.launch_nodes = []
+    logits = be.graph.outputs["logits"]
+    be.head_all = be.head_last = be.head_node = be.logits_last_view = None
     for n in be.graph.topo():
         if n.op == Op.INPUT:
             kind = n.attrs.kind
@@ -153,10 +155,29 @@ def build_launches(be) -> list:
         fn = _LAUNCHERS.get(n.op)
         if fn is None:
             raise GGFuseError(None, f"the cuda backend has no kernel for op {n.op.value} ({n.name})")
+        if n.out == logits and n.op == Op.MATMUL:
+            # the LM head runs outside the chunk's graph: every row when the caller wants every
+            # position's logits, one row (the last valid token) for time-to-first-token, none
+            # for the other chunks of a long prompt
+            be.head_all = [fn(ctx, n)]
+            be.head_last = [_lm_head_last(ctx, n)]
+            be.head_node = n
+            continue
         out.append(fn(ctx, n))
         be.launch_nodes.append(n)
-    be.logits_view = ctx.v(be.graph.outputs["logits"])
+    be.logits_view = ctx.v(logits)
     return out
+
+
+def _lm_head_last(ctx, n):
+    """logits of the chunk's last valid row only: a GEMV straight from the stored weight."""
+    d = _dense()
+    x = ctx.v(n.inputs[0])
+    w, wtype, shape = _weight(ctx, n.inputs[1])
+    N, K = shape[-2], shape[-1]
+    y = ctx.scratch("lm_head.last", (1, N), np.float32)
+    ctx.be.logits_last_view = y
+    return lambda: d.gemv(x, w, wtype, N, K, y, nvalid=ctx.be.nvalid_dev, stream=ctx.stream)
 
 
 # ---- dense ----------------------------------------------------------------------------------

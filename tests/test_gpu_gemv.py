@@ -1,0 +1,84 @@
+"""Few-row products from GGUF weights (kernels/dense/gemv.cu) against float64 numpy on the
+dequantised weight: every weight type, f32 and bf16 activations, M = 1..8, the run-time row
+(nvalid - 1) of the last-token LM head, eagerly and in a captured CUDA graph. Outputs are
+poisoned with NaN first so an unwritten element fails; N is not a multiple of the 8 rows a
+block covers."""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+from gpu_util import errors, require_gpu  # noqa: E402
+
+cp = require_gpu()
+
+from ggfuse.kernels.dense import launch  # noqa: E402
+from ggfuse.kernels.gemm.weights import bf16_bits_to_f32, f32_to_bf16_bits, random_weight  # noqa: E402
+
+TYPES = ("bf16", "q4_0", "q8_0", "q4_k", "q5_k", "q6_k")
+
+
+def _x(M, K, kind, rng):
+    x = rng.standard_normal((M, K), dtype=np.float32)
+    if kind == "bf16":
+        bits = f32_to_bf16_bits(x)
+        return cp.asarray(bits), bf16_bits_to_f32(bits).astype(np.float64)
+    return cp.asarray(x), x.astype(np.float64)
+
+
+@pytest.mark.parametrize("a_kind", ["f32", "bf16"])
+@pytest.mark.parametrize("w_type", TYPES)
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_gemv(w_type, a_kind, M):
+    rng = np.random.default_rng(zlib.crc32(f"{w_type} {a_kind} {M}".encode()))
+    N, K = 1000, 2048
+    raw, dense = random_weight(w_type, (N, K), rng)
+    w = cp.asarray(np.ascontiguousarray(raw)).view(cp.uint8).reshape(-1)
+    x, xh = _x(M, K, a_kind, rng)
+    y = cp.full((M, N + 24), np.nan, dtype=cp.float32)
+    launch.gemv(x, w, w_type, N, K, y[:, :N])
+    cp.cuda.Device().synchronize()
+    ref = xh @ dense.astype(np.float64).T
+    got = cp.asnumpy(y)
+    assert np.isnan(got[:, N:]).all(), "wrote past N"
+    rms, mx = errors(got[:, :N], ref)
+    assert rms < 1e-4 and mx < 1e-4, (rms, mx)
+
+
+@pytest.mark.parametrize("w_type", ["bf16", "q6_k"])
+def test_gemv_last_row_in_graph(w_type):
+    """The LM head of time-to-first-token: row nvalid-1, read at replay time."""
+    rng = np.random.default_rng(7)
+    T, N, K = 64, 777, 1024
+    raw, dense = random_weight(w_type, (N, K), rng)
+    w = cp.asarray(np.ascontiguousarray(raw)).view(cp.uint8).reshape(-1)
+    x, xh = _x(T, K, "f32", rng)
+    nvalid = cp.zeros(1, dtype=cp.int32)
+    y = cp.full((1, N), np.nan, dtype=cp.float32)
+    s = cp.cuda.Stream(non_blocking=True)
+    launch.gemv(x, w, w_type, N, K, y, nvalid=nvalid, stream=s)   # eager once (module load)
+    s.synchronize()
+    s.begin_capture()
+    launch.gemv(x, w, w_type, N, K, y, nvalid=nvalid, stream=s)
+    g = s.end_capture()
+    for n in (1, 17, 64):
+        nvalid.set(np.array([n], np.int32), stream=s)
+        y.fill(np.nan)
+        g.launch(s)
+        s.synchronize()
+        ref = xh[n - 1:n] @ dense.astype(np.float64).T
+        rms, mx = errors(cp.asnumpy(y), ref)
+        assert rms < 1e-4 and mx < 1e-4, (n, rms, mx)
+
+
+def test_gemv_rejects_bad_shapes():
+    x = cp.zeros((9, 64), dtype=cp.float32)
+    w = cp.zeros(64 * 64 * 2, dtype=cp.uint8)
+    y = cp.zeros((9, 64), dtype=cp.float32)
+    with pytest.raises(ValueError, match="M must be"):
+        launch.gemv(x, w, "bf16", 64, 64, y)
+    with pytest.raises(ValueError, match="multiple"):
+        launch.gemv(x[:1], w, "q4_k", 64, 64, y[:1])
