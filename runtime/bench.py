@@ -108,11 +108,13 @@ def phase_breakdown(model, backend, tokens) -> dict:
     s = backend.stream
     totals: dict[str, float] = {}
     for i in range(0, len(tokens), backend.chunk):
-        backend.stage_inputs(tokens[i:i + backend.chunk])
-        nodes, launches = list(backend.launch_nodes), list(backend.launches)
-        if backend.head_last is not None and i + backend.chunk >= len(tokens):
-            nodes.append(backend.head_node)          # the last chunk's one-row LM head
-            launches += backend.head_last
+        piece = tokens[i:i + backend.chunk]
+        ex = backend.executor_for(len(piece))      # a short prompt / tail runs a smaller chunk
+        ex.stage_inputs(piece)
+        nodes, launches = list(ex.launch_nodes), list(ex.launches)
+        if ex.head_last is not None and i + backend.chunk >= len(tokens):
+            nodes.append(ex.head_node)          # the last chunk's one-row LM head
+            launches += ex.head_last
         evs = [cp.cuda.Event()]
         evs[0].record(s)
         with s:
@@ -125,7 +127,7 @@ def phase_breakdown(model, backend, tokens) -> dict:
         for node, a, b in zip(nodes, evs, evs[1:]):
             ph = phase_of(node)
             totals[ph] = totals.get(ph, 0.0) + cp.cuda.get_elapsed_time(a, b)
-        backend.n_past += min(backend.chunk, len(tokens) - i)
+        backend.n_past += len(piece)
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 

@@ -33,8 +33,34 @@ def test_backend_binds_every_op(arch, quant, monkeypatch):
         assert be.head_node.name == "lm_head" and be.head_node not in be.launch_nodes
         names = {c[0] for c in calls}
         assert "dense.gemv" in names
+
         assert "dense.get_rows" in names and "gemm.gemm" in names
         if arch != "qwen3moe":   # tensor-core chunked kernel for K, V in {64, 128}, else the fallback
             assert names & {"deltanet.chunk_gated_delta_rule", "deltanet.gated_delta_rule_recurrent"}
         if arch != "qwen35":
             assert {"moe.moe_route", "moe.moe_gate_up", "moe.moe_down"} <= names
+
+
+def test_short_chunks_run_a_smaller_graph(monkeypatch):
+    """A prompt (or tail) shorter than half the chunk runs the smallest chunk size that holds
+    it: its own memory plan and graphs, sharing weights, states and the arena."""
+    from ggfuse.compiler.driver import compile_gguf
+    from ggfuse.compiler.gguf_file import GGUFFile
+    with fake_device(monkeypatch):
+        from ggfuse.runtime.cuda.backend import CUDABackend
+        gf = GGUFFile(fixture("qwen35moe", "q4_k_m"))
+        plan = compile_gguf(gf.path, chunk=1024, gf=gf)
+        be = CUDABackend(plan, gf, chunk=1024, max_context=4096, progress=False)
+        assert sorted(be.sub_graphs) == [256, 512]
+        assert be.executor_for(1024) is be and be.executor_for(600) is be
+        small = be.executor_for(200)
+        assert small.chunk == 256 and small.arena is be.arena and small.states is be.states
+        assert small.graph.meta["memory"]["peak_bytes"] < be.graph.meta["memory"]["peak_bytes"]
+        out = be.run_chunk(np.arange(300, dtype=np.int32) % 300, "last")
+        assert out.shape == (1, plan.hparams["n_vocab"]) and be.n_past == 300
+        assert be._views[512].graphs and not be.graphs
+        be.run_chunk(np.arange(1000, dtype=np.int32) % 300, "none")
+        assert be.n_past == 1300 and "body" in be.graphs
+        monkeypatch.setenv("GGFUSE_SUBCHUNKS", "0")
+        be2 = CUDABackend(plan, gf, chunk=1024, max_context=4096, progress=False)
+        assert be2.sub_graphs == {} and be2.executor_for(10) is be2

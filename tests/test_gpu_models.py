@@ -48,6 +48,15 @@ def test_gpu_chunks_calls_and_replay_agree(arch):
     m = ggfuse.load(fixture(arch, "q4_k_m"), device="cuda", chunk=8)
     split = np.concatenate([m.prefill(tokens[:5]), m.prefill(tokens[5:13]), m.prefill(tokens[13:])])
     _check(split, eager, f"{arch} replayed chunks of 8 + split calls vs one eager pass")
+    # short calls run smaller captured chunk sizes (32 -> 16, 8) sharing weights and state
+    os.environ["GGFUSE_SUBCHUNK_MIN"] = "8"
+    try:
+        sub = ggfuse.load(fixture(arch, "q4_k_m"), device="cuda", chunk=32)
+    finally:
+        del os.environ["GGFUSE_SUBCHUNK_MIN"]
+    assert sorted(sub.backend.sub_graphs) == [8, 16]
+    mixed = np.concatenate([sub.prefill(tokens[:5]), sub.prefill(tokens[5:20]), sub.prefill(tokens[20:])])
+    _check(mixed, eager, f"{arch} sub-chunks of 8/16 + chunks of 32 vs one eager pass")
     # the same calls again after reset: every chunk now replays the captured graph (the first
     # run was eager for its first chunk), so the logits are bit-identical. A different chunking
     # is not: the chunked delta rule's bf16 roundings depend on where chunks start (qwen35 moves

@@ -16,6 +16,7 @@ Life of a model:
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -45,6 +46,9 @@ class DeviceBuffers:
         self.formats = {}    # tensor name -> formats uploaded
 
 
+SUB_CHUNK_MIN = 256
+
+
 class CUDABackend:
     name = "cuda"
 
@@ -64,6 +68,10 @@ class CUDABackend:
             g = plan_memory.run(g, chunk=self.chunk).graph
         self.graph = g
         self.env = {"T": self.chunk, "P": self.max_context - self.chunk}
+        # smaller chunk sizes for short prompts and the tail of long ones: their own memory plan
+        # and graphs, sharing the weights, states and arena (never two chunks at once)
+        self.sub_graphs = {c: plan_memory.run(plan.graph, chunk=c).graph for c in self._sub_chunk_sizes()}
+        self._views = {}
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.copy_stream = cp.cuda.Stream(non_blocking=True)
         self.progress = progress and os.environ.get("GGFUSE_QUIET") != "1"
@@ -124,7 +132,7 @@ class CUDABackend:
         w_raw = sum(w.nbytes for w in self.plan.weights)
         dense_bf16 = sum(int(np.prod(w.shape)) * 2 for w in self.plan.weights if len(w.shape) == 2)
         states = self._state_bytes()
-        arena = (self.graph.meta.get("memory") or {}).get("peak_bytes", 0)
+        arena = self._arena_bytes()
         need_raw = w_raw + states + arena + (256 << 20)
         self._bf16_dense = need_raw + dense_bf16 < 0.92 * free
         if need_raw > 0.95 * free:
@@ -184,10 +192,44 @@ class CUDABackend:
                 return self.buf.weights[(name, f)]
         raise GGFuseError(None, f"cuda: tensor {name!r} was not uploaded in a form for {role} (have {fmts})")
 
+    def _sub_chunk_sizes(self) -> list[int]:
+        """Halvings of the chunk down to SUB_CHUNK_MIN (env GGFUSE_SUBCHUNK_MIN), multiples of 64
+        from 128 up; GGFUSE_SUBCHUNKS=0: none."""
+        if os.environ.get("GGFUSE_SUBCHUNKS") == "0":
+            return []
+        lo = int(os.environ.get("GGFUSE_SUBCHUNK_MIN", SUB_CHUNK_MIN))
+        out, c = [], self.chunk // 2
+        while c >= max(lo, 1):
+            c = c // 64 * 64 if c >= 128 else c
+            out.append(c)
+            c //= 2
+        return out
+
+    def _arena_bytes(self) -> int:
+        return max([self.graph.meta["memory"]["peak_bytes"], 256] +
+                   [g.meta["memory"]["peak_bytes"] for g in self.sub_graphs.values()])
+
+    def executor_for(self, n: int) -> "CUDABackend":
+        """The executor of an n-token chunk: the smallest compiled chunk size that holds it."""
+        fits = [c for c in self.sub_graphs if c >= n]
+        if not fits:
+            return self
+        c = min(fits)
+        v = self._views.get(c)
+        if v is None:
+            from ggfuse.runtime.cuda.ops import build_launches
+            v = copy.copy(self)     # shares weights, states, arena, streams, scalars
+            v.chunk, v.graph, v.sub_graphs, v._views, v.graphs = c, self.sub_graphs[c], {}, {}, {}
+            v.env = {"T": c, "P": self.max_context - c}
+            v.tokens_dev, v.pos_dev = self.tokens_dev[:c], self.pos_dev[:c]
+            v.launches = build_launches(v)
+            self._views[c] = v
+        v.n_past = self.n_past
+        return v
+
     def _allocate(self):
         cp = self.cp
-        mem = self.graph.meta["memory"]
-        self.arena = cp.empty(max(mem["peak_bytes"], 256), dtype=cp.uint8)
+        self.arena = cp.empty(self._arena_bytes(), dtype=cp.uint8)
         self.tokens_dev = cp.zeros(self.chunk, dtype=cp.int32)
         self.pos_dev = cp.zeros(self.chunk, dtype=cp.int32)
         self.past_dev = cp.zeros(1, dtype=cp.int32)
@@ -241,6 +283,11 @@ class CUDABackend:
         """One chunk: the body graph, then the LM head for every row ("all"), for the last valid
         row only ("last", a GEMV reading the stored weight) or not at all ("none")."""
         cp = self.cp
+        ex = self.executor_for(int(tokens.shape[0]))
+        if ex is not self:
+            out = ex.run_chunk(tokens, want)
+            self.n_past = ex.n_past
+            return out
         n = self.stage_inputs(tokens)
         s = self.stream
         self._replay("body", self.launches)
