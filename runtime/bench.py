@@ -42,7 +42,7 @@ def _median(xs):
 
 
 def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None, device: str = "auto",
-                max_context: int | None = None, seed: int = 0, log=print) -> dict:
+                max_context: int | None = None, seed: int = 0, log=print, with_ceilings: bool = True) -> dict:
     import ggfuse
     from ggfuse.compiler.driver import compile_gguf
     from ggfuse.compiler.gguf_file import GGUFFile
@@ -66,6 +66,7 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
     model = Model(plan, gf, backend, chunk)
     t_load = time.perf_counter() - t0
     log(f"compiled in {t_compile:.1f} s, loaded in {t_load:.1f} s on {device}")
+    ceilings = measure_ceilings(log) if device == "cuda" and with_ceilings else None
     rng = np.random.default_rng(seed)
     rows = []
     for n in prompts:
@@ -90,6 +91,9 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
                 times.append(ms)
         ms = _median(times)
         row = {"prompt": n, "ms": ms, "tok_per_s": n / ms * 1e3, "ttft_ms": ms, "runs": times}
+        if ceilings:
+            fl = prompt_floor(plan, n, chunk, ceilings)
+            row.update(floor_ms=fl["floor_ms"], of_floor=fl["floor_ms"] / ms, tflops=fl["flops"] / ms / 1e9)
         if device == "cuda":
             row["phases"] = phase_breakdown(model, backend, tokens)
             import cupy as cp
@@ -98,7 +102,15 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
         log(f"pp{n:<6} {row['tok_per_s']:10.1f} tok/s   TTFT {ms:9.2f} ms")
     return {"model": os.path.abspath(path), "arch": plan.arch, "device": device, "chunk": chunk,
             "vram_budget": vram_budget, "repeat": repeat, "compile_s": t_compile, "load_s": t_load,
-            "results": rows, "prefetch": plan.stats.get("prefetch")}
+            "results": rows, "prefetch": plan.stats.get("prefetch"), "ceilings": ceilings,
+            "device_name": _device_name() if device == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d")}
+
+
+def _device_name() -> str:
+    import cupy as cp
+    p = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    name = p["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def phase_breakdown(model, backend, tokens) -> dict:
@@ -131,6 +143,75 @@ def phase_breakdown(model, backend, tokens) -> dict:
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
+def measure_ceilings(log=print) -> dict:
+    """The device's ceilings, measured in the same run as the benchmark: tensor-core matmul rate
+    (cuBLAS fp16 8192^3 through CuPy: the same tensor-core rate as bf16 on Ada/Hopper), device
+    copy bandwidth (bytes read + written, 1 GiB) and pinned host-to-device bandwidth (1 GiB)."""
+    import cupy as cp
+
+    def timed(fn, reps):
+        fn()
+        cp.cuda.Device().synchronize()
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        times = []
+        for _ in range(reps):
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(cp.cuda.get_elapsed_time(a, b))
+        return _median(times)
+
+    n = 8192
+    x = cp.random.standard_normal((n, n), dtype=cp.float32).astype(cp.float16)
+    y = cp.random.standard_normal((n, n), dtype=cp.float32).astype(cp.float16)
+    ms = timed(lambda: cp.matmul(x, y), 10)
+    tflops = 2 * n ** 3 / ms / 1e9
+    del x, y
+    nb = 1 << 30
+    src, dst = cp.empty(nb, dtype=cp.uint8), cp.empty(nb, dtype=cp.uint8)
+    src.fill(1)
+    ms = timed(lambda: dst.__setitem__(slice(None), src), 10)
+    copy_gbs = 2 * nb / ms / 1e6
+    del src
+    pinned = cp.cuda.alloc_pinned_memory(nb)
+    host = np.frombuffer(pinned, dtype=np.uint8, count=nb)
+    host[:] = 1
+    ms = timed(lambda: dst.set(host), 5)
+    h2d_gbs = nb / ms / 1e6
+    del dst, pinned, host
+    cp.get_default_memory_pool().free_all_blocks()
+    out = {"matmul_tflops": tflops, "copy_gbs": copy_gbs, "h2d_pinned_gbs": h2d_gbs}
+    log(f"ceilings: tensor-core matmul {tflops:.0f} TFLOP/s, device copy {copy_gbs:.0f} GB/s, "
+        f"pinned host->device {h2d_gbs:.1f} GB/s")
+    return out
+
+
+def prompt_floor(plan, n: int, chunk: int, ceilings: dict) -> dict:
+    """A lower bound on prefilling n tokens: per chunk, the larger of its useful FLOPs at the
+    measured matmul rate and its weight bytes read once at the measured copy bandwidth (half
+    the read+write copy figure). Counts the LM head for the last token only, as TTFT needs."""
+    from ggfuse.compiler.stats import graph_stats
+    g = plan.graph
+    head = next((nd for nd in g.nodes() if nd.name == "lm_head"), None)
+    head_per_row = 0
+    if head is not None:
+        v, d = (int(x) for x in g.type_of(head.inputs[1]).shape[-2:])
+        head_per_row = 2 * v * d
+    flops = 0
+    ms = 0.0
+    rate = ceilings["matmul_tflops"] * 1e9          # FLOP per ms
+    bw = ceilings["copy_gbs"] / 2 * 1e6             # bytes per ms (reads only)
+    starts = list(range(0, n, chunk))
+    for i in starts:
+        t = min(chunk, n - i)
+        st = graph_stats(g, t, past=i)
+        f = st["flops_per_chunk"] - head_per_row * t + (head_per_row if i == starts[-1] else 0)
+        flops += f
+        ms += max(f / rate, st["weight_bytes"] / bw)
+    return {"flops": flops, "floor_ms": ms}
+
+
 def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe: int | None = None) -> dict:
     """llama.cpp's own benchmark on the same file: flash attention on, every layer on the GPU,
     -ub 2048; with a budget, the equivalent --n-cpu-moe."""
@@ -144,11 +225,16 @@ def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe: int
     if p.returncode != 0:
         raise GGFuseError(exe, f"llama-bench failed ({p.returncode}): {p.stderr.strip().splitlines()[-1:]}")
     res = json.loads(p.stdout)
-    return {"cmd": " ".join(cmd), "results": {int(r["n_prompt"]): float(r["avg_ts"]) for r in res}}
+    build = {k: res[0].get(k) for k in ("build_commit", "build_number", "gpu_info", "backends")} if res else {}
+    return {"cmd": " ".join(cmd), "build": build,
+            "results": {int(r["n_prompt"]): float(r["avg_ts"]) for r in res}}
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise GGFuseError(path, "--plot needs matplotlib (pip install 'ggfuse[plot]')") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = result["results"]
@@ -157,6 +243,7 @@ def plot(result: dict, path: str) -> None:
     ax1.plot(xs, [r["tok_per_s"] for r in rows], "o-", label="ggfuse")
     if result.get("llama_bench"):
         lb = result["llama_bench"]["results"]
+        lb = {int(k): v for k, v in lb.items()}      # JSON keys are strings
         ax1.plot(xs, [lb.get(x, np.nan) for x in xs], "s--", label="llama.cpp")
     ax1.set_xscale("log", base=2)
     ax1.set_xlabel("prompt tokens")
@@ -204,9 +291,11 @@ def bench_main(args) -> int:
         res["llama_bench"] = run_llama_bench(args.against_llama_bench, args.model, prompts, repeat=args.repeat,
                                              n_cpu_moe=args.n_cpu_moe)
     lb = (res.get("llama_bench") or {}).get("results", {})
-    print(f"{'prompt':>8} {'ggfuse tok/s':>14} {'TTFT ms':>10}" + (f" {'llama.cpp tok/s':>16} {'ratio':>7}" if lb else ""))
+    print(f"{'prompt':>8} {'ggfuse tok/s':>14} {'TTFT ms':>10} {'of floor':>9}" +
+          (f" {'llama.cpp tok/s':>16} {'ratio':>7}" if lb else ""))
     for r in res["results"]:
-        line = f"{r['prompt']:>8} {r['tok_per_s']:>14.1f} {r['ttft_ms']:>10.2f}"
+        fl = f"{100 * r['of_floor']:.0f}%" if "of_floor" in r else "-"
+        line = f"{r['prompt']:>8} {r['tok_per_s']:>14.1f} {r['ttft_ms']:>10.2f} {fl:>9}"
         if lb:
             other = lb.get(r["prompt"])
             line += f" {other:>16.1f} {r['tok_per_s'] / other:>7.2f}" if other else f" {'-':>16} {'-':>7}"

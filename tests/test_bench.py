@@ -1,0 +1,64 @@
+"""`ggfuse bench` on the CPU reference (the GPU figures come from the device, not from tests):
+rows per prompt length, the floor model, JSON and plot output, llama-bench errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ggfuse.compiler.driver import compile_gguf
+from ggfuse.errors import GGFuseError
+from ggfuse.runtime import bench
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "qwen35moe-tiny-q4_k_m.gguf")
+
+
+def test_bench_cpu_rows():
+    res = bench.bench_model(EXAMPLE, [8, 20], chunk=16, repeat=1, device="cpu", log=lambda m: None)
+    assert [r["prompt"] for r in res["results"]] == [8, 20]
+    for r in res["results"]:
+        assert r["tok_per_s"] > 0 and len(r["runs"]) == 1
+        assert abs(r["tok_per_s"] - r["prompt"] / r["ms"] * 1e3) < 1e-6
+    assert res["arch"] == "qwen35moe" and res["device"] == "cpu" and res["ceilings"] is None
+
+
+def test_floor_counts_the_lm_head_once_and_grows_with_the_prompt():
+    plan = compile_gguf(EXAMPLE, chunk=16)
+    ceil = {"matmul_tflops": 100.0, "copy_gbs": 1000.0}
+    f16, f32, f40 = (bench.prompt_floor(plan, n, 16, ceil) for n in (16, 32, 40))
+    assert f16["flops"] < f32["flops"] < f40["flops"]
+    head = next(n for n in plan.graph.nodes() if n.name == "lm_head")
+    v, d = plan.graph.type_of(head.inputs[1]).shape[-2:]
+    full = plan.stats["flops_per_chunk"]              # chunk of 16 at P=0, LM head on every row
+    assert f16["flops"] == full - 15 * 2 * v * d
+    # two chunks read the weights twice: the byte floor dominates this tiny model
+    w = plan.stats["weight_bytes"]
+    assert f32["floor_ms"] == pytest.approx(2 * w / (ceil["copy_gbs"] / 2 * 1e6), rel=1e-6)
+
+
+def test_llama_bench_missing_is_a_clear_error(tmp_path):
+    with pytest.raises(GGFuseError, match="llama-bench not found"):
+        bench.run_llama_bench(str(tmp_path / "nope"), EXAMPLE, [16], repeat=1)
+
+
+def test_llama_bench_output_is_parsed(tmp_path):
+    exe = tmp_path / "llama-bench"
+    exe.write_text("#!/bin/sh\necho '[{\"n_prompt\": 512, \"avg_ts\": 1234.5, \"build_commit\": \"abc\", "
+                   "\"build_number\": 1}, {\"n_prompt\": 2048, \"avg_ts\": 99.0}]'\n")
+    exe.chmod(0o755)
+    out = bench.run_llama_bench(str(exe), EXAMPLE, [512, 2048], repeat=2, n_cpu_moe=40)
+    assert out["results"] == {512: 1234.5, 2048: 99.0}
+    assert "--n-cpu-moe 40" in out["cmd"] and "-fa 1" in out["cmd"] and out["build"]["build_commit"] == "abc"
+
+
+def test_bench_cli_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from ggfuse.compiler.cli import main
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    rc = main(["bench", EXAMPLE, "--device", "cpu", "--prompt", "8,16", "--repeat", "1", "--chunk", "16",
+               "--json", str(js), "--plot", str(png)])
+    assert rc == 0
+    data = json.loads(js.read_text())
+    assert [r["prompt"] for r in data["results"]] == [8, 16]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ggfuse tok/s" in capsys.readouterr().out
