@@ -7,9 +7,9 @@
 __version__ = "0.1.0"
 
 
-def load(path, device="auto", chunk=None, gguf=None):
+def load(path, device="auto", chunk=None, gguf=None, vram_budget=None):
     from ggfuse.runtime.api import load as _load
-    return _load(path, device=device, chunk=chunk, gguf=gguf)
+    return _load(path, device=device, chunk=chunk, gguf=gguf, vram_budget=vram_budget)
 
 
 __all__ = ["load", "__version__"]

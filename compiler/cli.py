@@ -156,7 +156,7 @@ def cmd_run(args) -> int:
     tokens = _parse_tokens(args.tokens)
     if not tokens:
         raise GGFuseError(None, "--tokens is empty")
-    m = ggfuse.load(model_path, device=args.device, chunk=args.chunk)
+    m = ggfuse.load(model_path, device=args.device, chunk=args.chunk, vram_budget=args.vram_budget)
     logits = m.prefill(tokens)
     if args.logits:
         np.save(args.logits, logits)
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--logits", help="save all logits [n_tokens, vocab] to this .npy")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--chunk", type=int, default=None)
+    r.add_argument("--vram-budget", default=None, help="device memory budget, e.g. 12GiB: stream the experts "
+                                                       "that do not fit (a plan must be compiled for it)")
     r.set_defaults(fn=cmd_run)
 
     try:

@@ -8,7 +8,7 @@ from ggfuse.compiler.frontends import FRONTENDS
 from ggfuse.compiler.gguf_file import GGUFFile
 from ggfuse.compiler.plan import Plan, WeightEntry
 from ggfuse.compiler.stats import graph_stats
-from ggfuse.errors import GGUFFormatError, UnsupportedError
+from ggfuse.errors import GGFuseError, GGUFFormatError, UnsupportedError
 from ggfuse.ir.graph import Graph
 from ggfuse.ir.verify import verify
 from ggfuse.passes.pipeline import run_pipeline
@@ -41,8 +41,13 @@ def compile_gguf(path: str, *, chunk: int = DEFAULT_CHUNK, passes: Sequence[str]
         raise ValueError(f"chunk must be positive, got {chunk}")
     gf = gf or GGUFFile(path)
     g = build_graph(gf)
-    g, applied = run_pipeline(g, chunk=chunk, only=passes, skip=skip, dump_dir=dump_dir,
-                              vram_budget=vram_budget, max_context=max_context)
+    try:
+        g, applied = run_pipeline(g, chunk=chunk, only=passes, skip=skip, dump_dir=dump_dir,
+                                  vram_budget=vram_budget, max_context=max_context)
+    except GGFuseError as e:
+        if e.path is not None:
+            raise
+        raise type(e)(gf.path, e.message) from None   # e.g. a budget too small: name the model
     ident = gf.identity()
     stats = graph_stats(g, chunk)
     stats["op_counts_before"] = g.meta.get("op_counts_before")

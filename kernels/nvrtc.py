@@ -115,9 +115,43 @@ def compile_cubin(path: str, arch: str, options=(), defines: dict | None = None)
     return cubin
 
 
+def ptxas_report(path: str, arch: str) -> str:
+    """NVRTC's log of compiling `path` for `arch` with `ptxas -v` (registers, spills, stack per
+    entry point), uncached; for the CPU-only checks that a kernel does not spill."""
+    from cuda.bindings import nvrtc
+    src = expand_source(path)
+    opts = [f"--gpu-architecture={arch}", *DEFAULT_OPTIONS, "--ptxas-options=-v"]
+    opts += [f"-I{d}" for d in cuda_include_dirs()]
+    prog = _check(nvrtc.nvrtcCreateProgram(src.encode(), os.path.basename(path).encode(), 0, [], []))[1]
+    try:
+        bopts = [o.encode() for o in opts]
+        _check(nvrtc.nvrtcCompileProgram(prog, len(bopts), bopts), prog, f"compiling {path} for {arch}")
+        _, n = nvrtc.nvrtcGetProgramLogSize(prog)
+        buf = b" " * n
+        nvrtc.nvrtcGetProgramLog(prog, buf)
+        return buf.decode(errors="replace")
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
 def device_arch() -> str:
     import cupy
     return f"sm_{cupy.cuda.Device().compute_capability}"  # CuPy gives "90", "89"
+
+
+_ARCH_MAP = re.compile(r"^//\s*ggfuse-nvrtc-arch:\s*(sm_\w+)\s*->\s*(sm_\w+)\s*$", re.M)
+
+
+def source_arch(path: str, arch: str) -> str:
+    """The target to build `path` for on a device of `arch`. A source may ask for an
+    arch-specific target with a line `// ggfuse-nvrtc-arch: sm_90 -> sm_90a` (wgmma and setmaxnreg
+    exist only in sm_90a code); other sources build for `arch` itself."""
+    with open(path) as f:
+        head = f.read(4096)
+    for src, dst in _ARCH_MAP.findall(head):
+        if src == arch:
+            return dst
+    return arch
 
 
 def load_module(path: str, options=(), defines: dict | None = None):
@@ -125,7 +159,7 @@ def load_module(path: str, options=(), defines: dict | None = None):
     import cupy
     if not os.path.isabs(path):
         path = os.path.join(KERNELS_DIR, path)
-    arch = device_arch()
+    arch = source_arch(path, device_arch())
     key = (path, arch, tuple(options), tuple(sorted((defines or {}).items())))
     with _lock:
         mod = _modules.get(key)

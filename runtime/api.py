@@ -21,6 +21,23 @@ def _is_plan(path: str) -> bool:
         return False
 
 
+def check_budget(plan, vram_budget, chunk: int | None, plan_path: str) -> None:
+    """Refuse a plan compiled for another --vram-budget than the one asked for, or a larger chunk
+    than a budgeted plan's (its arena was sized into the budget)."""
+    from ggfuse.errors import PlanError
+    from ggfuse.passes.schedule_expert_prefetch import parse_bytes
+    have = (plan.stats.get("prefetch") or {}).get("budget_bytes")
+    src = plan.source.get("path", "MODEL.gguf")
+    if vram_budget is not None and parse_bytes(vram_budget) != have:
+        what = f"--vram-budget {have} bytes" if have else "no --vram-budget (everything resident)"
+        raise PlanError(plan_path, f"plan was compiled for {what}, not {parse_bytes(vram_budget)} bytes; "
+                                   f"recompile with `ggfuse compile {src} --vram-budget {vram_budget}` "
+                                   f"or load the GGUF itself")
+    if have and chunk and chunk > plan.chunk:
+        raise PlanError(plan_path, f"plan was compiled for chunk {plan.chunk} under a {have}-byte budget; "
+                                   f"chunk {chunk} needs a larger arena: recompile with --chunk {chunk}")
+
+
 def cuda_available() -> bool:
     from ggfuse.runtime import cuda
     return cuda.available()
@@ -72,12 +89,17 @@ class Model:
         return self.gguf.vocab()
 
 
-def load(path: str, device: str = "auto", chunk: int | None = None, gguf: str | None = None) -> Model:
+def load(path: str, device: str = "auto", chunk: int | None = None, gguf: str | None = None,
+         vram_budget=None) -> Model:
     """Load a plan (.json) or a GGUF (compiled on the fly).
 
     device: "cpu" (numpy reference), "cuda", or "auto" (cuda when available, else cpu).
     chunk: prefill chunk length (default: the plan's, or 512 for a GGUF).
     gguf: the GGUF a plan runs against, when it moved since compile time.
+    vram_budget: device memory budget ("12GiB", bytes): a GGUF is compiled for it (experts that
+    do not fit are streamed); a plan must have been compiled for the same budget (a plan is a
+    compiled artifact: it is never silently recompiled), and under a budget it runs at its own
+    chunk or a smaller one (a larger chunk needs a larger arena than the budget planned).
     """
     if device not in ("auto", "cpu", "cuda"):
         raise GGFuseError(None, f"unknown device {device!r} (use auto, cpu or cuda)")
@@ -92,9 +114,10 @@ def load(path: str, device: str = "auto", chunk: int | None = None, gguf: str | 
             src = os.path.join(os.path.dirname(os.path.abspath(path)), src)
         gf = GGUFFile(src)
         check_source(plan, gf, path)
+        check_budget(plan, vram_budget, chunk, path)
     else:
         gf = GGUFFile(path)
-        plan = compile_gguf(path, chunk=chunk or DEFAULT_CHUNK, gf=gf)
+        plan = compile_gguf(path, chunk=chunk or DEFAULT_CHUNK, gf=gf, vram_budget=vram_budget)
     if device == "cuda":
         from ggfuse.runtime.cuda import CUDABackend
         backend = CUDABackend(plan, gf, chunk=chunk or plan.chunk)

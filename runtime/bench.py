@@ -98,6 +98,12 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
             row["phases"] = phase_breakdown(model, backend, tokens)
             import cupy as cp
             row["peak_device_bytes"] = int(cp.get_default_memory_pool().total_bytes())
+            if getattr(backend, "streamer", None) is not None:   # --vram-budget: streamed experts
+                from ggfuse.runtime.cuda.streaming import format_telemetry, telemetry
+                row["streaming"] = telemetry(model, backend, tokens, replay_ms=ms,
+                                             h2d_ceiling_gbs=(ceilings or {}).get("h2d_pinned_gbs"))
+                for line in format_telemetry(row["streaming"]):
+                    log(line)
         rows.append(row)
         log(f"pp{n:<6} {row['tok_per_s']:10.1f} tok/s   TTFT {ms:9.2f} ms")
     return {"model": os.path.abspath(path), "arch": plan.arch, "device": device, "chunk": chunk,
@@ -212,6 +218,47 @@ def prompt_floor(plan, n: int, chunk: int, ceilings: dict) -> dict:
     return {"flops": flops, "floor_ms": ms}
 
 
+CHUNK_CANDIDATES = (512, 1024, 2048, 4096, 8192)
+
+
+def choose_chunk(path: str, prompt: int, *, vram_budget=None, max_context: int | None = None,
+                 candidates=CHUNK_CANDIDATES) -> tuple[int, list]:
+    """The chunk with the least predicted prefill time for a prompt under a budget: bytes
+    moved per chunk are about fixed, so larger chunks amortise them, but a larger chunk's
+    arena leaves fewer layers pinned (more bytes per chunk), and a chunk over the prompt pays
+    for padding. Uses the prefetch plan's two-stream prediction (passes/schedule_expert_prefetch)
+    per candidate; candidates that do not fit the budget are skipped. Returns (chunk, table)."""
+    from ggfuse.compiler.driver import build_graph
+    from ggfuse.compiler.gguf_file import GGUFFile
+    from ggfuse.passes.pipeline import run_pipeline
+    gf = GGUFFile(path)
+    g0 = build_graph(gf)
+    ctx = max(max_context or 0, prompt)
+    table = []
+    for c in candidates:
+        if c > max(prompt, candidates[0]) * 2 - 1:     # more than one padded chunk's worth of waste
+            continue
+        try:
+            g, _ = run_pipeline(g0, chunk=c, vram_budget=vram_budget, max_context=max(ctx, c),
+                                only=["fuse_moe", "rewrite_deltanet_chunked", "fuse_elementwise",
+                                      "schedule_expert_prefetch"])
+        except GGFuseError as e:
+            table.append({"chunk": c, "error": "does not fit" if "too small" in str(e) else str(e)})
+            continue
+        p = g.meta["prefetch"]
+        per = (p.get("predicted") or {}).get("chunk_ms")
+        if per is None:            # everything resident: compute only (FLOPs at the assumed rate)
+            from ggfuse.compiler.stats import graph_stats
+            per = graph_stats(g, c)["flops_per_chunk"] / 300e9
+        n_chunks = -(-prompt // c)
+        table.append({"chunk": c, "predicted_ms": n_chunks * per, "bytes_moved_per_chunk": p["bytes_moved_per_chunk"],
+                      "pinned_layers": len(p["pinned_layers"]), "streamed_layers": len(p["streamed_layers"])})
+    ok = [r for r in table if "predicted_ms" in r]
+    if not ok:
+        raise GGFuseError(path, f"no chunk of {list(candidates)} fits --vram-budget {vram_budget}")
+    return min(ok, key=lambda r: (r["predicted_ms"], -r["chunk"]))["chunk"], table
+
+
 def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe: int | None = None) -> dict:
     """llama.cpp's own benchmark on the same file: flash attention on, every layer on the GPU,
     -ub 2048; with a budget, the equivalent --n-cpu-moe."""
@@ -268,7 +315,8 @@ def add_bench_parser(sub):
     b = sub.add_parser("bench", help="measure prefill throughput and time-to-first-token")
     b.add_argument("model")
     b.add_argument("--prompt", default="512,2048,8192", help="prompt lengths (default 512,2048,8192)")
-    b.add_argument("--chunk", type=int, default=2048)
+    b.add_argument("--chunk", default="2048", help="chunk length, or 'auto': per prompt, the chunk with the best "
+                                                   "predicted time under --vram-budget (default 2048)")
     b.add_argument("--vram-budget", default=None)
     b.add_argument("--repeat", type=int, default=5)
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -285,8 +333,34 @@ def bench_main(args) -> int:
         prompts = [int(x) for x in args.prompt.split(",") if x]
     except ValueError:
         raise GGFuseError(None, f"--prompt must be comma-separated integers, got {args.prompt!r}") from None
-    res = bench_model(args.model, prompts, chunk=args.chunk, repeat=args.repeat, vram_budget=args.vram_budget,
-                      device=args.device, log=lambda m: print(m, file=sys.stderr))
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.chunk == "auto":
+        groups: dict[int, list] = {}
+        for n in prompts:
+            c, table = choose_chunk(args.model, n, vram_budget=args.vram_budget, max_context=max(prompts))
+            log(f"--chunk auto, prompt {n}: chunk {c} (" + ", ".join(
+                f"{r['chunk']}: {r['predicted_ms']:.0f} ms" if "predicted_ms" in r else f"{r['chunk']}: {r['error']}"
+                for r in table) + ")")
+            groups.setdefault(c, []).append(n)
+        res = None
+        for c, ps in groups.items():
+            part = bench_model(args.model, ps, chunk=c, repeat=args.repeat, vram_budget=args.vram_budget,
+                               device=args.device, log=log, max_context=max(prompts))
+            for r in part["results"]:
+                r["chunk"] = c
+            if res is None:
+                res = part
+            else:
+                res["results"] += part["results"]
+        res["results"].sort(key=lambda r: r["prompt"])
+        res["chunk"] = "auto"
+    else:
+        try:
+            chunk = int(args.chunk)
+        except ValueError:
+            raise GGFuseError(None, f"--chunk must be an integer or 'auto', got {args.chunk!r}") from None
+        res = bench_model(args.model, prompts, chunk=chunk, repeat=args.repeat, vram_budget=args.vram_budget,
+                          device=args.device, log=log)
     if args.against_llama_bench:
         res["llama_bench"] = run_llama_bench(args.against_llama_bench, args.model, prompts, repeat=args.repeat,
                                              n_cpu_moe=args.n_cpu_moe)
@@ -300,6 +374,13 @@ def bench_main(args) -> int:
             other = lb.get(r["prompt"])
             line += f" {other:>16.1f} {r['tok_per_s'] / other:>7.2f}" if other else f" {'-':>16} {'-':>7}"
         print(line)
+        if r.get("streaming"):
+            from ggfuse.runtime.cuda.streaming import format_telemetry
+            t = r["streaming"]
+            print(f"         chunk {r.get('chunk', res['chunk'])}: {t['bytes_per_chunk'] / 1e9:.2f} GB/chunk, "
+                  f"{r['tok_per_s']:.0f} tok/s")
+            for line in format_telemetry(t):
+                print("         " + line)
         if r.get("phases"):
             tot = sum(r["phases"].values())
             print("         " + ", ".join(f"{k} {100 * v / tot:.0f}%" for k, v in r["phases"].items()))

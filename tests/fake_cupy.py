@@ -1,9 +1,17 @@
 """A numpy-backed stand-in for CuPy, for CPU tests of the CUDA backend's plumbing: it lets
 CUDABackend upload weights, lay out the arena, bind every launch and capture, with each kernel
-launcher replaced by a stub that checks its call against the real launcher's signature."""
+launcher replaced by a stub that checks its call against the real launcher's signature.
+
+Stream-ordering operations are logged in the same call list as the kernel stubs, in program
+order: ("event.record", (event, stream)), ("stream.wait_event", (stream, event)),
+("runtime.memcpyAsync", (dst, src, nbytes, kind, stream_ptr)) - the copy really happens, host to
+host, since a fake device array is host memory - ("runtime.hostRegister", (ptr, size, flags)),
+("capture.begin", stream) and ("capture.end", stream)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import itertools
 import importlib
 import inspect
 import sys
@@ -28,9 +36,15 @@ def _arr(a):
     return np.asarray(a).view(FakeArray)
 
 
+_ids = itertools.count(1)
+
+
 class Stream:
+    log: list = []
+
     def __init__(self, non_blocking=False):
         self.captures = 0
+        self.ptr = 0x1000 + next(_ids)
 
     def __enter__(self):
         return self
@@ -41,11 +55,41 @@ class Stream:
     def synchronize(self):
         pass
 
+    def wait_event(self, event):
+        Stream.log.append(("stream.wait_event", (self, event)))
+
     def begin_capture(self):
         self.captures += 1
+        Stream.log.append(("capture.begin", self))
 
     def end_capture(self):
-        return types.SimpleNamespace(launch=lambda stream=None: None)
+        Stream.log.append(("capture.end", self))
+        return types.SimpleNamespace(launch=lambda stream=None: Stream.log.append(("graph.launch", stream)))
+
+
+class Event:
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        self.id = next(_ids)
+
+    def record(self, stream=None):
+        Stream.log.append(("event.record", (self, stream)))
+
+    def synchronize(self):
+        pass
+
+    def __repr__(self):
+        return f"Event#{self.id}"
+
+
+def _memcpy_async(dst, src, n, kind, stream_ptr):
+    Stream.log.append(("runtime.memcpyAsync", (dst, src, n, kind, stream_ptr)))
+    ctypes.memmove(dst, src, n)
+
+
+def _host_register(ptr, size, flags):
+    Stream.log.append(("runtime.hostRegister", (ptr, size, flags)))
+    if Stream.refuse_register:
+        raise RuntimeError("cudaErrorNotSupported (fake)")
 
 
 def make_fake_cupy():
@@ -60,10 +104,12 @@ def make_fake_cupy():
     cuda = types.SimpleNamespace()
     cuda.Stream = Stream
     cuda.alloc_pinned_memory = lambda n: bytearray(n)
-    cuda.runtime = types.SimpleNamespace(memGetInfo=lambda: (70 << 30, 80 << 30), getDeviceCount=lambda: 1)
+    cuda.runtime = types.SimpleNamespace(memGetInfo=lambda: (70 << 30, 80 << 30), getDeviceCount=lambda: 1,
+                                         memcpyAsync=_memcpy_async, hostRegister=_host_register,
+                                         hostUnregister=lambda ptr: Stream.log.append(("runtime.hostUnregister", ptr)))
     cuda.Device = lambda *a: types.SimpleNamespace(synchronize=lambda: None, compute_capability="90")
     cuda.memory = types.SimpleNamespace(OutOfMemoryError=MemoryError)
-    cuda.Event = lambda: types.SimpleNamespace(record=lambda s=None: None, synchronize=lambda: None)
+    cuda.Event = Event
     cuda.get_elapsed_time = lambda a, b: 1.0
     cp.cuda = cuda
     return cp
@@ -74,11 +120,14 @@ LAUNCH_MODULES = ["ggfuse.kernels.dense.launch", "ggfuse.kernels.gemm.launch", "
 
 
 @contextlib.contextmanager
-def fake_device(monkeypatch):
-    """Install the fake cupy and signature-checking launcher stubs; yields the call log."""
+def fake_device(monkeypatch, refuse_register: bool = False):
+    """Install the fake cupy and signature-checking launcher stubs; yields the call log (kernel
+    calls and stream operations in program order). refuse_register: hostRegister raises."""
     cp = make_fake_cupy()
     monkeypatch.setitem(sys.modules, "cupy", cp)
     calls = []
+    Stream.log = calls
+    Stream.refuse_register = refuse_register
     for modname in LAUNCH_MODULES:
         mod = importlib.import_module(modname)
         for name, fn in list(vars(mod).items()):

@@ -1,11 +1,12 @@
-"""Tensor-core GEMMs (kernels/gemm/gemm.cu) against float64 numpy on the same bf16-rounded
+"""Tensor-core GEMMs (kernels/gemm/gemm.cu, and gemm90.cu on cc 9.0) against float64 numpy on the same bf16-rounded
 operands, for every weight type and both activation storages, eagerly and in a CUDA graph.
 
 The kernel rounds A and the dequantised W to bf16 and accumulates in f32, so the reference is
 float64 matmul of round_bf16(A) and round_bf16(dequantize(W)): f32 outputs must agree to
 ~1e-5 relative RMS (we allow 1e-3); bf16 outputs to the context's 1e-2 / 2e-2 tolerances.
 Outputs are poisoned with NaN first so an unwritten element fails. M and N are not multiples of
-the 128 x 128 tile.
+the 128 x 128 tile. Every test runs once per kernel family (the `impl` fixture sets GGFUSE_GEMM):
+mma (mma.sync) everywhere, wgmma (sm_90a) on a cc 9.0 device for the types it has.
 """
 from __future__ import annotations
 
@@ -24,6 +25,20 @@ from ggfuse.kernels.gemm import launch  # noqa: E402
 from ggfuse.kernels.gemm.weights import bf16_bits_to_f32, f32_to_bf16_bits, random_weight, round_bf16  # noqa: E402
 
 TYPES = launch.WEIGHT_TYPES
+
+
+@pytest.fixture(params=launch.IMPLS)
+def impl(request, monkeypatch):
+    """The GEMM kernel family under test, selected through GGFUSE_GEMM."""
+    if request.param == "wgmma" and launch.device_cc() != 90:
+        pytest.skip("the wgmma kernels need a compute capability 9.0 device")
+    monkeypatch.setenv("GGFUSE_GEMM", request.param)
+    return request.param
+
+
+def need(impl, w_type, K):
+    if impl == "wgmma" and (w_type not in launch.SM90_TYPES or K % 64):
+        pytest.skip(f"no wgmma kernel for {w_type} / K={K}")
 
 
 def rel_rms(x, ref):
@@ -68,9 +83,10 @@ def weight(w_type, N, K, seed):
 @pytest.mark.parametrize("M", [1, 77, 300], ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("a_kind", ["f32", "bf16"])
 @pytest.mark.parametrize("w_type", TYPES)
-def test_gemm(w_type, a_kind, M):
+def test_gemm(w_type, a_kind, M, impl):
     rng = np.random.default_rng(zlib.crc32(f'{w_type}/{a_kind}/{M}'.encode()))
-    N, K = 192, 1024     # N: one full and one half column tile; K: 4 super-blocks / 32 steps
+    N, K = 192, 1024
+    need(impl, w_type, K)     # N: one full and one half column tile; K: 4 super-blocks / 32 steps
     w, W = weight(w_type, N, K, 1)
     a, A = make_a(M, K, a_kind, rng)
     c = new_c(M, N, "f32")
@@ -80,10 +96,11 @@ def test_gemm(w_type, a_kind, M):
 
 
 @pytest.mark.parametrize("w_type", ["bf16", "q4_k", "q6_k", "q8_0"])
-def test_gemm_strided_bf16_out_and_accumulate(w_type):
+def test_gemm_strided_bf16_out_and_accumulate(w_type, impl):
     """lda > K, ldc > N, N odd-ish tail (N = 200), bf16 output, then accumulate into it."""
     rng = np.random.default_rng(7)
     M, N, K, lda, ldc = 130, 200, 512, 520, 208
+    need(impl, w_type, K)
     w, W = weight(w_type, N, K, 2)
     a, A = make_a(M, K, "bf16", rng, lda=lda)
     c = new_c(M, ldc, "bf16")
@@ -101,10 +118,11 @@ def test_gemm_strided_bf16_out_and_accumulate(w_type):
     assert np.array_equal(got[:, N:], init[:, N:].astype(np.float32))
 
 
-def test_gemm_matches_dense_ref():
+def test_gemm_matches_dense_ref(impl):
     """The IR's matmul reference (f32, unrounded) within the bf16 tensor-core tolerance."""
     rng = np.random.default_rng(3)
     M, N, K = 64, 256, 2048
+    need(impl, "q4_k", K)
     raw, dense = random_weight("q4_k", (N, K), rng)
     x = rng.standard_normal((M, K), dtype=np.float32)
     c = new_c(M, N, "f32")
@@ -122,9 +140,10 @@ def silu(x):
 @pytest.mark.parametrize("c_kind", ["bf16", "f32"])
 @pytest.mark.parametrize("a_kind", ["f32", "bf16"])
 @pytest.mark.parametrize("w_type", TYPES)
-def test_gemm_swiglu(w_type, a_kind, c_kind):
+def test_gemm_swiglu(w_type, a_kind, c_kind, impl):
     rng = np.random.default_rng(zlib.crc32(f'swiglu/{w_type}/{a_kind}/{c_kind}'.encode()))
     M, F, K = 150, 160, 512     # F: two full 64-column blocks and a half one
+    need(impl, w_type, K)
     wg, WG = weight(w_type, F, K, 4)
     wu, WU = weight(w_type, F, K, 5)
     a, A = make_a(M, K, a_kind, rng)
@@ -133,10 +152,11 @@ def test_gemm_swiglu(w_type, a_kind, c_kind):
     check(host(c, c_kind), silu(A @ WG.T) * (A @ WU.T), c_kind)
 
 
-def test_gemm_swiglu_merged_views():
+def test_gemm_swiglu_merged_views(impl):
     """gate/up as the two halves of one merged [2F, K] tensor (byte views)."""
     rng = np.random.default_rng(11)
     M, F, K = 40, 128, 256
+    need(impl, "q4_k", K)
     raw, dense = random_weight("q4_k", (2 * F, K), rng)
     w = cp.asarray(raw)
     W = round_bf16(dense).astype(np.float64)
@@ -147,10 +167,11 @@ def test_gemm_swiglu_merged_views():
 
 
 @pytest.mark.parametrize("w_type", ["bf16", "q4_k", "q6_k"])
-def test_gemm_graph_replay(w_type):
+def test_gemm_graph_replay(w_type, impl):
     """Captured once, replayed with new A contents: the graph reads the buffers, not copies."""
     rng = np.random.default_rng(21)
     M, N, K = 257, 384, 512
+    need(impl, w_type, K)
     w, W = weight(w_type, N, K, 6)
     a, A = make_a(M, K, "bf16", rng)
     c = new_c(M, N, "f32")
@@ -174,7 +195,40 @@ def test_gemm_graph_replay(w_type):
 
 
 def test_smem_budget_fits():
-    """Every variant's shared memory fits one block on sm_89 and two blocks on sm_90."""
+    """Every variant's shared memory fits one block on sm_89 and two blocks on sm_90 (mma.sync),
+    one block of at most 227 KB (wgmma)."""
     for t in TYPES:
         assert launch.smem_bytes(t, 89) + 128 <= 99 * 1024, t
         assert 2 * (launch.smem_bytes(t, 90) + 128 + 1024) <= 228 * 1024, t
+    for t in launch.SM90_TYPES:
+        for a in ("bf16", "f32"):
+            assert launch.cfg90(t, a)[2] <= 227 * 1024, (t, a)
+
+
+@pytest.mark.parametrize("M", [1, 77, 4096], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("w_type", ["bf16", "q4_k", "q6_k", "q8_0"])
+def test_gemm_prefill_shape(w_type, M, impl):
+    """Prefill-sized M with N not a multiple of any tile (1000) and K = 2048; bf16 output.
+    K = 2048 gives 32 wgmma steps, more than the 4-deep ring wraps, so the barrier phases flip."""
+    N, K = 1000, 2048
+    need(impl, w_type, K)
+    rng = np.random.default_rng(zlib.crc32(f'prefill/{w_type}/{M}'.encode()))
+    w, W = weight(w_type, N, K, 8)
+    a, A = make_a(M, K, "bf16", rng)
+    c = new_c(M, N, "bf16")
+    launch.prepare("bf16", w_type)
+    launch.gemm(a, "bf16", K, w, w_type, N, K, c, "bf16", N, M)
+    check(host(c, "bf16"), A @ W.T, "bf16")
+
+
+def test_gemm_auto_falls_back_for_k_not_multiple_of_64(monkeypatch):
+    """K = 96: no wgmma kernel, the automatic choice is the mma.sync one (on any device)."""
+    monkeypatch.delenv("GGFUSE_GEMM", raising=False)
+    assert launch.pick_impl("bf16", 96) == "mma"
+    rng = np.random.default_rng(13)
+    M, N, K = 50, 130, 96
+    w, W = weight("bf16", N, K, 9)
+    a, A = make_a(M, K, "bf16", rng)
+    c = new_c(M, N, "f32")
+    launch.gemm(a, "bf16", K, w, "bf16", N, K, c, "f32", N, M)
+    check(host(c, "f32"), A @ W.T, "f32")

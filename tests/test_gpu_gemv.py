@@ -80,5 +80,8 @@ def test_gemv_rejects_bad_shapes():
     y = cp.zeros((9, 64), dtype=cp.float32)
     with pytest.raises(ValueError, match="M must be"):
         launch.gemv(x, w, "bf16", 64, 64, y)
+    big = cp.zeros((8, 4096), dtype=cp.float32)
+    with pytest.raises(ValueError, match="shared memory"):
+        launch.gemv(big, cp.zeros(64 * 4096 * 2, dtype=cp.uint8), "bf16", 64, 4096, cp.zeros((8, 64), dtype=cp.float32))
     with pytest.raises(ValueError, match="multiple"):
         launch.gemv(x[:1], w, "q4_k", 64, 64, y[:1])

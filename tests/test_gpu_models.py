@@ -68,5 +68,7 @@ def test_gpu_chunks_calls_and_replay_agree(arch):
     m.reset()
     last = m.prefill(tokens, logits="last")
     assert last.shape == (1, split.shape[1])
-    np.testing.assert_allclose(last[0], split[-1], rtol=0, atol=2e-3 * np.abs(split).max())
+    # (the GEMV multiplies the f32 activations by the stored weight; the all-rows GEMM rounds
+    # them to bf16 first: ~1e-2 apart, so compare at the model tolerance)
+    np.testing.assert_allclose(last[0], split[-1], rtol=0, atol=2e-2 * np.abs(split).max())
     assert last[0].argmax() == split[-1].argmax()

@@ -21,10 +21,25 @@ from gpu_util import require_gpu  # noqa: E402
 cp = require_gpu()
 
 from ggfuse.kernels.gemm.weights import bf16_bits_to_f32, f32_to_bf16_bits, random_weight, round_bf16  # noqa: E402
+from ggfuse.kernels.gemm import launch as gl  # noqa: E402
 from ggfuse.kernels.moe import launch  # noqa: E402
 from ggfuse.kernels.moe import ref as moe_ref  # noqa: E402
 
 TILE = launch.MOE_TILE
+
+
+@pytest.fixture(params=gl.IMPLS)
+def impl(request, monkeypatch):
+    """The grouped-GEMM kernel family under test (GGFUSE_GEMM): mma.sync, or wgmma on cc 9.0."""
+    if request.param == "wgmma" and gl.device_cc() != 90:
+        pytest.skip("the wgmma kernels need a compute capability 9.0 device")
+    monkeypatch.setenv("GGFUSE_GEMM", request.param)
+    return request.param
+
+
+def need(impl, *w_types):
+    if impl == "wgmma" and any(t not in gl.SM90_TYPES for t in w_types):
+        pytest.skip(f"no wgmma kernel for {w_types}")
 
 
 def seed(*parts) -> int:
@@ -221,26 +236,36 @@ def run_moe(T, E, k, D, F, gu_type, dn_type, x_kind, merged, n_valid, rng, graph
     ("q4_k", "q6_k"), ("q5_k", "q4_k"), ("q8_0", "q8_0"), ("bf16", "bf16"), ("q4_0", "q5_0"), ("q4_1", "q4_1"),
 ], ids=lambda t: t)
 @pytest.mark.parametrize("x_kind", ["f32", "bf16"])
-def test_moe_layer(gu_type, dn_type, x_kind):
+def test_moe_layer(gu_type, dn_type, x_kind, impl):
+    need(impl, gu_type, dn_type)
     rng = np.random.default_rng(seed("moe", gu_type, dn_type, x_kind))
     run_moe(T=200, E=16, k=4, D=512, F=256, gu_type=gu_type, dn_type=dn_type, x_kind=x_kind,
             merged=False, n_valid=200, rng=rng)
 
 
-def test_moe_layer_merged_gate_up_padded_chunk():
+def test_moe_layer_merged_gate_up_padded_chunk(impl):
     rng = np.random.default_rng(31)
     run_moe(T=300, E=32, k=8, D=256, F=512, gu_type="q4_k", dn_type="q6_k", x_kind="bf16",
             merged=True, n_valid=211, rng=rng)
 
 
-def test_moe_layer_many_experts_few_tokens():
+def test_moe_layer_many_experts_few_tokens(impl):
     """Decode-like: most experts empty, most row tiles past the layout."""
     rng = np.random.default_rng(41)
     run_moe(T=3, E=256, k=8, D=256, F=256, gu_type="q4_k", dn_type="q6_k", x_kind="f32",
             merged=False, n_valid=3, rng=rng)
 
 
-def test_moe_layer_graph():
+def test_moe_layer_graph(impl):
     rng = np.random.default_rng(51)
     run_moe(T=260, E=16, k=4, D=256, F=256, gu_type="q4_k", dn_type="q6_k", x_kind="bf16",
             merged=False, n_valid=260, rng=rng, graph=True)
+
+
+def test_moe_layer_prefill_sized(impl):
+    """Qwen3.5-35B-A3B expert shapes (D = 2048, F = 512, Q4_K gate/up, Q6_K down) with 16 experts
+    of top-8 over 256 tokens: about 128 rows per expert, so full and partial 128-row tiles and
+    down's K = 512 (8 wgmma steps: the 4-deep ring wraps twice)."""
+    rng = np.random.default_rng(61)
+    run_moe(T=256, E=16, k=8, D=2048, F=512, gu_type="q4_k", dn_type="q6_k", x_kind="bf16",
+            merged=True, n_valid=250, rng=rng)

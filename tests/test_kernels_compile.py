@@ -1,11 +1,13 @@
-"""Every CUDA kernel compiles with NVRTC for Ada (sm_89) and Hopper (sm_90), without a GPU."""
+"""Every CUDA kernel compiles with NVRTC for Ada (sm_89) and Hopper (sm_90), without a GPU; the
+sm_90a-specific sources also for sm_90a, without spills."""
 import os
+import re
 
 import pytest
 
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
 
-from ggfuse.kernels.nvrtc import KERNELS_DIR, all_sources, compile_cubin, cuda_include_dirs  # noqa: E402
+from ggfuse.kernels.nvrtc import KERNELS_DIR, all_sources, compile_cubin, cuda_include_dirs, ptxas_report, source_arch  # noqa: E402
 
 SOURCES = all_sources()
 
@@ -22,3 +24,24 @@ def test_compiles(path, arch, tmp_path, monkeypatch):
     monkeypatch.setenv("GGFUSE_CACHE", str(tmp_path))  # really compile, never a cached cubin
     cubin = compile_cubin(path, arch)
     assert cubin[:4] == b"\x7fELF" and len(cubin) > 1000
+
+
+SM90A = [p for p in SOURCES if source_arch(p, "sm_90") == "sm_90a"]
+
+
+def test_sm90a_sources_are_marked():
+    names = {os.path.relpath(p, KERNELS_DIR) for p in SM90A}
+    assert {"gemm/gemm90.cu", "moe/grouped_gemm90.cu"} <= names
+
+
+@pytest.mark.parametrize("path", SM90A, ids=[os.path.relpath(p, KERNELS_DIR) for p in SM90A])
+def test_compiles_sm90a_without_spills(path):
+    """Sources marked for sm_90a (wgmma, setmaxnreg) build for it with no stack and no spills,
+    and ptxas honours setmaxnreg (it warns C7508 when it ignores it)."""
+    log = ptxas_report(path, "sm_90a")
+    entries = re.findall(r"Function properties for (\w+)\n[^\n]*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                         r"(\d+) bytes spill loads", log)
+    assert entries, log[:2000]
+    bad = [e for e in entries if e[1:] != ("0", "0", "0")]
+    assert not bad, f"stack / spills: {bad}"
+    assert "C7508" not in log, log

@@ -455,6 +455,7 @@ def gemm_f32(a, w, c, *, stream=None):
 GEMV = "dense/gemv.cu"
 GEMV_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 GEMV_MAX_M = 8
+GEMV_MAX_SMEM = 96 * 1024      # sm_89 allows 99 KiB per block, sm_90 227 KiB
 
 
 def gemv(x, w, w_type, N: int, K: int, y, *, M: int | None = None, nvalid=None, stream=None):
@@ -485,10 +486,12 @@ def gemv(x, w, w_type, N: int, K: int, y, *, M: int | None = None, nvalid=None, 
     if w.nbytes < N * rb:
         raise ValueError(f"gemv: W has {w.nbytes} bytes, [{N}, {K}] {qt.name} needs {N * rb}")
     smem = M * K * 4
-    if smem > 48 * 1024:
-        raise ValueError(f"gemv: M * K = {M * K} floats exceed 48 KiB of shared memory")
+    if smem > GEMV_MAX_SMEM:
+        raise ValueError(f"gemv: M * K = {M * K} floats exceed {GEMV_MAX_SMEM // 1024} KiB of shared memory")
     a = _dtype_name(x)
     fn = _fn(GEMV, f"gemv_{a}a_{name}")
+    if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem     # opt-in above 48 KiB (a function attribute, not stream work)
     grid = (min(-(-N // 8), 132 * 16),)
     ldx, ldy = x.strides[0] // x.itemsize, y.strides[0] // 4
     with (stream if stream is not None else contextlib.nullcontext()):

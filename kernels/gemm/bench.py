@@ -3,8 +3,15 @@
 Each case is captured once as a CUDA graph and replayed; the median of the replays (CUDA events)
 is reported with achieved TFLOP/s and GB/s and the floors (FLOPs at 670 TFLOP/s, bytes at
 3.0 TB/s). torch.mm on bf16 is timed beside it when torch is importable.
+
+Every GEMM runs with each kernel family that applies (IMPLS: "mma" = mma.sync, "wgmma" = the
+sm_90a kernel on cc 9.0; GGFUSE_BENCH_IMPLS=mma,wgmma selects) and prints, beside its time, the
+error on a sample of 64 rows x 256 columns against a float64 host reference on the same
+bf16-rounded operands: "err rms/max" = relative RMS and max-abs / max|ref|.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -14,6 +21,9 @@ from ggfuse.kernels.quant.types import qtype
 PEAK_TFLOPS, PEAK_TBS = 670.0, 3.0
 CASES = [  # (name, M, N, K, weight types)
     ("proj 4096 x [8192x2048]", 4096, 8192, 2048, ("bf16", "q4_k", "q6_k", "q8_0")),
+    ("proj 4096 x [4096x2048]", 4096, 4096, 2048, ("bf16", "q4_k")),
+    ("proj 4096 x [2048x2048]", 4096, 2048, 2048, ("bf16", "q4_k")),
+    ("proj 4096 x [1024x2048]", 4096, 1024, 2048, ("bf16", "q4_k")),
     ("proj 4096 x [2048x4096]", 4096, 2048, 4096, ("bf16", "q4_k", "q6_k")),
     ("swiglu 4096 x 2x[512x2048]", 4096, 512, 2048, ("bf16", "q4_k")),
     ("lm_head 1 x [248320x2048]", 1, 248320, 2048, ("bf16", "q6_k")),
@@ -35,6 +45,49 @@ def device_weight(w_type, N: int, K: int):
     for o in offs:
         raw[:, o:o + 2] = d
     return raw.reshape(N, nb * t.block_bytes)
+
+
+def impls() -> list[str]:
+    """The kernel families to time here: GGFUSE_BENCH_IMPLS (comma list) or all of launch.IMPLS."""
+    env = os.environ.get("GGFUSE_BENCH_IMPLS")
+    return [x.strip() for x in env.split(",")] if env else list(launch.IMPLS)
+
+
+def host_rows(w, w_type, rows, K: int) -> np.ndarray:
+    """float64 [len(rows), K] of the bf16-rounded dequantised weight rows `rows` of device bytes w."""
+    from ggfuse.kernels.gemm.weights import bf16_bits_to_f32, round_bf16
+    t = qtype(w_type)
+    raw = w[cp_index(rows)].get()
+    if t.name == "bf16":
+        return bf16_bits_to_f32(raw).astype(np.float64)
+    import gguf
+    from gguf.quants import dequantize
+    dense = dequantize(raw.reshape(len(rows), -1), gguf.GGMLQuantizationType(t.ggml_id)).astype(np.float32)
+    return round_bf16(dense).astype(np.float64)
+
+
+def cp_index(rows):
+    import cupy as cp
+    return cp.asarray(np.asarray(rows, dtype=np.int64))
+
+
+def sample(n: int, k: int, seed: int) -> np.ndarray:
+    """k sorted distinct indices of [0, n) including the last one (the tails)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(n, size=min(k, n), replace=False)
+    idx[-1] = n - 1
+    return np.unique(idx)
+
+
+def err(got: np.ndarray, ref: np.ndarray) -> str:
+    got = got.astype(np.float64)
+    if not np.isfinite(got).all():
+        return f"err: {np.count_nonzero(~np.isfinite(got))} non-finite!"
+    d = got - ref
+    rms = float(np.sqrt((d ** 2).mean() / max((ref ** 2).mean(), 1e-30)))
+    mx = float(np.abs(d).max() / max(np.abs(ref).max(), 1e-30))
+    flag = "" if rms < 1e-2 and mx < 2e-2 else "  FAIL"
+    return f"err rms {rms:.1e} max {mx:.1e}{flag}"
 
 
 def time_graph(fn, reps: int = 30, warmup: int = 3) -> float:
@@ -86,24 +139,43 @@ def main() -> None:
         import torch
     except ImportError:
         torch = None
-    print(f"device: {cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)['name'].decode()}")
+    from ggfuse.kernels.gemm.weights import bf16_bits_to_f32
+    print(f"device: {cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)['name'].decode()}, "
+          f"GEMM kernels: {', '.join(impls())}")
+    silu = lambda x: x / (1.0 + np.exp(-x))   # noqa: E731
     for name, M, N, K, types in CASES:
         swiglu = name.startswith("swiglu")
         a = cp.asarray(np.random.default_rng(0).standard_normal((M, K), dtype=np.float32)).view(cp.uint32)
         a = ((a + 0x7FFF + ((a >> 16) & 1)) >> 16).astype(cp.uint16)
+        mi, ni = sample(M, 64, 1), sample(N, 256, 2)
+        A = bf16_bits_to_f32(a[cp_index(mi)].get()).astype(np.float64)
         for wt in types:
-            launch.prepare("bf16", wt)
             if swiglu:
                 wg, wu = device_weight(wt, N, K), device_weight(wt, N, K)
                 c = cp.empty((M, N), dtype=cp.uint16)
-                ms = time_graph(lambda s: launch.gemm_swiglu(a, "bf16", K, wg, wu, wt, N, K, c, "bf16", N, M, s))
                 flops, nbytes = 2 * M * 2 * N * K, 2 * wg.nbytes + a.nbytes + c.nbytes
+                ref = silu(A @ host_rows(wg, wt, ni, K).T) * (A @ host_rows(wu, wt, ni, K).T)
             else:
                 w = device_weight(wt, N, K)
                 c = cp.empty((M, N), dtype=cp.float32)
-                ms = time_graph(lambda s: launch.gemm(a, "bf16", K, w, wt, N, K, c, "f32", N, M, s))
                 flops, nbytes = 2 * M * N * K, w.nbytes + a.nbytes + c.nbytes
-            print(row(f"{name} {wt}", ms, flops, nbytes))
+                ref = A @ host_rows(w, wt, ni, K).T
+            for impl in impls():
+                try:
+                    if impl == "wgmma" and (launch.device_cc() != 90 or qtype(wt).name not in launch.SM90_TYPES or K % 64):
+                        continue
+                    launch.prepare("bf16", wt, impl)
+                    if swiglu:
+                        run = lambda s: launch.gemm_swiglu(a, "bf16", K, wg, wu, wt, N, K, c, "bf16", N, M, s, impl=impl)  # noqa: E731
+                    else:
+                        run = lambda s: launch.gemm(a, "bf16", K, w, wt, N, K, c, "f32", N, M, s, impl=impl)  # noqa: E731
+                    c.fill(0xFFFF if swiglu else np.nan)
+                    ms = time_graph(run)
+                    got = c[cp_index(mi)][:, cp_index(ni)].get()
+                    got = bf16_bits_to_f32(got) if swiglu else got
+                    print(row(f"{name} {wt} {impl}", ms, flops, nbytes) + "   " + err(got, ref))
+                except Exception as exc:   # one failing variant must not hide the others
+                    print(f"{name} {wt} {impl}: {type(exc).__name__}: {exc}")
         if torch is not None:
             n_out = 2 * N if swiglu else N
             ta = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)

@@ -1,4 +1,5 @@
-"""Launchers for the tensor-core GEMMs (kernels/gemm/gemm.cu; design in gemm_core.cuh).
+"""Launchers for the tensor-core GEMMs: kernels/gemm/gemm.cu (mma.sync, design in gemm_core.cuh)
+and, on compute capability 9.0, kernels/gemm/gemm90.cu (wgmma, design in gemm90_core.cuh).
 
     gemm(a, "bf16", K, w, "q4_k", N, K, c, "f32", N, M, stream)            # C = A @ W^T
     gemm_swiglu(a, "bf16", K, wg, wu, "q4_k", F, K, h, "bf16", F, M, stream)  # silu(A Wg^T) * (A Wu^T)
@@ -8,9 +9,15 @@ bfloat16). Weights are the raw GGUF bytes of an [N, K] matrix (any dtype, contig
 for type "bf16" (dense weights the runtime pre-dequantised). Nothing is allocated and nothing
 waits on the host, so every launcher is capturable; call `prepare` for each variant before
 capturing (module load and function attributes are not stream work).
+
+Which kernel: `impl="wgmma"` (the sm_90a kernel) where the device is cc 9.0, the weight type is
+in SM90_TYPES and K % 64 == 0; otherwise `impl="mma"`. The environment variable GGFUSE_GEMM=mma
+forces the mma.sync kernel everywhere (GGFUSE_GEMM=wgmma: an error where it cannot be used);
+an explicit impl= argument overrides both (the benchmarks compare them).
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -19,6 +26,9 @@ from ggfuse.kernels.nvrtc import load_module
 from ggfuse.kernels.quant.types import qtype
 
 SOURCE = "gemm/gemm.cu"
+SOURCE90 = "gemm/gemm90.cu"
+SM90_TYPES = ("bf16", "q8_0", "q4_k", "q6_k")
+IMPLS = ("mma", "wgmma")
 THREADS = 256
 BM = BN = 128          # block tile (gemm_core.cuh)
 BK = 32                # compute step along K
@@ -77,13 +87,52 @@ def smem_bytes(w_type, cc: int) -> int:
     return S * TILE_BYTES + b + ROW_TABLES
 
 
+def cfg90(w_type, a_kind: str) -> tuple[int, int, int]:
+    """(BN, threads, dynamic shared memory) of the sm_90a kernels; mirrors g90::Cfg<W, A_F32>
+    (gemm90_core.cuh; the kernel traps if it was given less shared memory)."""
+    t = qtype(w_type)
+    raw, a_f32 = t.name != "bf16", a_kind == "f32"
+    S, BM_, BK_ = 4, 128, 64
+    bn = 128 if (raw or a_f32) else 256
+    threads = (128 if bn == 256 else 256) + 256
+    qk, qbytes = (t.block, t.block_bytes) if raw else (BK_, 0)
+    unit_elems = max(qk, BK_)
+    unit_bytes = unit_elems // qk * qbytes
+    r = unit_elems // BK_
+    slot = (unit_bytes + 30) // 16 * 16 if raw else 0
+    nr = 0 if not raw else S if r == 1 else (S - 1 + 2 * r - 1) // r
+    end = S * BM_ * BK_ * 2 + S * bn * BK_ * 2 + nr * bn * slot + (2 * S + 2 * nr) * 8 + BM_ * 8 + bn * 8 + BM_ * 4 + 16
+    return bn, threads, end + 1024
+
+
+_cc: dict = {}
+
+
 def device_cc() -> int:
     import cupy
-    return int(cupy.cuda.Device().compute_capability)
+    dev = cupy.cuda.Device().id
+    if dev not in _cc:
+        _cc[dev] = int(cupy.cuda.Device().compute_capability)
+    return _cc[dev]
 
 
-def function(source: str, name: str, w_type):
-    """The kernel `name` of `source` with its dynamic shared memory limit set (once per device)."""
+def pick_impl(w_name: str, K: int, impl: str | None = None) -> str:
+    """"wgmma" or "mma" for a weight type and K (see the module docstring)."""
+    ok90 = device_cc() == 90 and w_name in SM90_TYPES and K % 64 == 0
+    want = impl or os.environ.get("GGFUSE_GEMM", "").strip().lower() or None
+    if want not in (None, *IMPLS):
+        raise ValueError(f"gemm: impl / GGFUSE_GEMM must be one of {IMPLS}, got {want!r}")
+    if want == "wgmma" and not ok90:
+        raise ValueError(f"gemm: the wgmma kernel needs a cc 9.0 device, a weight type in {SM90_TYPES} "
+                         f"and K % 64 == 0 (got cc {device_cc()}, {w_name}, K={K})")
+    if want == "mma":
+        return "mma"
+    return "wgmma" if ok90 else "mma"
+
+
+def function(source: str, name: str, w_type, smem: int | None = None):
+    """The kernel `name` of `source` with its dynamic shared memory limit set (once per device);
+    smem defaults to the mma.sync kernels' smem_bytes(w_type)."""
     import cupy
     dev = cupy.cuda.Device().id
     key = (dev, source, name)
@@ -91,17 +140,26 @@ def function(source: str, name: str, w_type):
         fn = _functions.get(key)
         if fn is None:
             fn = load_module(source).get_function(name)
-            fn.max_dynamic_shared_size_bytes = smem_bytes(w_type, device_cc())
+            fn.max_dynamic_shared_size_bytes = smem_bytes(w_type, device_cc()) if smem is None else smem
             fn.preferred_shared_memory_carveout = 100   # two blocks per SM need ~2 x 105 KB
             _functions[key] = fn
     return fn
 
 
-def prepare(a_dtype, w_type) -> None:
-    """Load and configure gemm and gemm_swiglu for (a_dtype, w_type); call before capturing."""
+def function90(source: str, name: str, w_name: str, a_kind: str):
+    return function(source, name, w_name, cfg90(w_name, a_kind)[2])
+
+
+def prepare(a_dtype, w_type, impl: str | None = None) -> None:
+    """Load and configure gemm and gemm_swiglu for (a_dtype, w_type); call before capturing.
+    Loads the mma.sync kernels always (the fallback for K % 64 != 0) and the wgmma ones where
+    they can be used."""
     a, w = act_kind(a_dtype), weight_name(w_type)
     function(SOURCE, f"gemm_{a}a_{w}", w)
     function(SOURCE, f"gemm_swiglu_{a}a_{w}", w)
+    if pick_impl(w, 64, impl) == "wgmma":
+        function90(SOURCE90, f"gemm90_{a}a_{w}", w, a)
+        function90(SOURCE90, f"gemm90_swiglu_{a}a_{w}", w, a)
 
 
 def ptr(x) -> np.uint64:
@@ -129,17 +187,25 @@ def check_operands(fn: str, a, a_kind: str, lda: int, K: int, w, w_name: str, c=
 
 
 def gemm(a, a_dtype, lda: int, w, w_type, N: int, K: int, c, c_dtype, ldc: int, M: int,
-         stream=None, *, accumulate: bool = False) -> None:
+         stream=None, *, accumulate: bool = False, impl: str | None = None) -> None:
     """C[M, N] (+)= A[M, K] @ W[N, K]^T on the tensor cores (bf16 operands, f32 accumulation).
 
     a: [M, lda] f32 or bf16 (a_dtype); w: W's raw GGUF bytes (w_type: a GGML type name / DType /
     id from WEIGHT_TYPES), rows of K elements, contiguous; c: [M, ldc] f32 or bf16 (c_dtype), its
     first N columns written (accumulate: added to). K % 32 == 0 (and % 256 for K-quants); M, N
-    arbitrary. grid (ceil(N/128), ceil(M/128)).
+    arbitrary. grid (ceil(N/128), ceil(M/128)) [wgmma: (ceil(N/BN), ceil(M/128)), cfg90].
     """
     a_kind, c_kind, w_name = act_kind(a_dtype), act_kind(c_dtype, "c"), weight_name(w_type)
     check_operands("gemm", a, a_kind, lda, K, w, w_name, c, c_kind, ldc)
     if M <= 0 or N <= 0:
+        return
+    if pick_impl(w_name, K, impl) == "wgmma":
+        bn, threads, smem = cfg90(w_name, a_kind)
+        fn = function90(SOURCE90, f"gemm90_{a_kind}a_{w_name}", w_name, a_kind)
+        fn(((N + bn - 1) // bn, (M + BM - 1) // BM, 1), (threads, 1, 1),
+           (ptr(a), np.int64(lda), ptr(w), np.int64(qtype(w_name).row_bytes(K)), np.int32(M), np.int32(N),
+            np.int32(K), ptr(c), np.int64(ldc), np.int32(c_kind == "bf16"), np.int32(bool(accumulate))),
+           shared_mem=smem, stream=stream)
         return
     fn = function(SOURCE, f"gemm_{a_kind}a_{w_name}", w_name)
     grid = ((N + BN - 1) // BN, (M + BM - 1) // BM, 1)
@@ -150,7 +216,7 @@ def gemm(a, a_dtype, lda: int, w, w_type, N: int, K: int, c, c_dtype, ldc: int, 
 
 
 def gemm_swiglu(a, a_dtype, lda: int, w_gate, w_up, w_type, F: int, K: int, c, c_dtype, ldc: int, M: int,
-                stream=None) -> None:
+                stream=None, *, impl: str | None = None) -> None:
     """C[M, F] = silu(A Wg^T) * (A Wu^T), the dense SwiGLU FFN's first half in one GEMM.
 
     w_gate, w_up: [F, K] raw GGUF bytes of one type (views into a merged [2F, K] gate_up tensor
@@ -162,6 +228,14 @@ def gemm_swiglu(a, a_dtype, lda: int, w_gate, w_up, w_type, F: int, K: int, c, c
     if w_up.data.ptr % 16:
         raise ValueError("gemm_swiglu: w_up base address must be 16-byte aligned")
     if M <= 0 or F <= 0:
+        return
+    if pick_impl(w_name, K, impl) == "wgmma":
+        bn, threads, smem = cfg90(w_name, a_kind)
+        fn = function90(SOURCE90, f"gemm90_swiglu_{a_kind}a_{w_name}", w_name, a_kind)
+        fn(((F + bn // 2 - 1) // (bn // 2), (M + BM - 1) // BM, 1), (threads, 1, 1),
+           (ptr(a), np.int64(lda), ptr(w_gate), ptr(w_up), np.int64(qtype(w_name).row_bytes(K)), np.int32(M),
+            np.int32(F), np.int32(K), ptr(c), np.int64(ldc), np.int32(c_kind == "bf16")),
+           shared_mem=smem, stream=stream)
         return
     fn = function(SOURCE, f"gemm_swiglu_{a_kind}a_{w_name}", w_name)
     grid = ((F + BN // 2 - 1) // (BN // 2), (M + BM - 1) // BM, 1)

@@ -5,13 +5,16 @@ copy of the experts), x bf16, random routing. Ours: router GEMM (bf16 router wei
 moe_route + moe_gate_up + moe_down, one CUDA graph; also each part alone. Anchor (if torch is
 importable): the same layer with bf16 weights in torch: router mm, softmax, topk, sort, gather,
 torch._grouped_mm (gate|up), SwiGLU, torch._grouped_mm (down), weight, index_add.
+The grouped GEMMs are timed with each kernel family (gemm.bench.impls: mma, wgmma on cc 9.0);
+the err column compares each family's h and out with the first family's (mma.sync, which
+tests/test_gpu_moe.py checks against the float64 reference).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ggfuse.kernels.gemm import launch as gl
-from ggfuse.kernels.gemm.bench import PEAK_TBS, PEAK_TFLOPS, device_weight, time_graph, time_torch
+from ggfuse.kernels.gemm.bench import PEAK_TBS, PEAK_TFLOPS, device_weight, err, impls, time_graph, time_torch
 from ggfuse.kernels.moe import launch
 
 D, E, K_TOP, F = 2048, 256, 8, 512
@@ -92,11 +95,13 @@ def main() -> None:
         def route(s):
             launch.moe_route(logits, N, E, K_TOP, True, 0.0, launch.MOE_TILE, nv, ids, wts, slots, offs, scratch, s)
 
+        impl = None
+
         def gate_up(s):
-            launch.moe_gate_up(x, "bf16", w_gate, w_up, GU_TYPE, E, F, D, slots, offs, K_TOP, h, s)
+            launch.moe_gate_up(x, "bf16", w_gate, w_up, GU_TYPE, E, F, D, slots, offs, K_TOP, h, s, impl=impl)
 
         def down(s):
-            launch.moe_down(h, w_down, DN_TYPE, E, D, F, slots, offs, wts, K_TOP, out, s)
+            launch.moe_down(h, w_down, DN_TYPE, E, D, F, slots, offs, wts, K_TOP, out, s, impl=impl)
 
         def layer(s):
             router(s)
@@ -111,9 +116,24 @@ def main() -> None:
         print(f"--- N = {N} tokens ({N * K_TOP} slots, {pad_rows} rows after tile padding)")
         print(row("router gemm (bf16)", time_graph(router), 2 * N * E * D))
         print(row("moe_route", time_graph(route), 0))
-        print(row(f"moe_gate_up ({GU_TYPE})", time_graph(gate_up), f_gu, w_gate.nbytes + w_up.nbytes))
-        print(row(f"moe_down ({DN_TYPE})", time_graph(down), f_dn, w_down.nbytes))
-        print(row("whole layer (ours)", time_graph(layer), f_gu + f_dn + 2 * N * E * D, wbytes))
+        first = None
+        for impl in impls():
+            if impl == "wgmma" and gl.device_cc() != 90:
+                continue
+            try:
+                launch.prepare("bf16", GU_TYPE, DN_TYPE, impl)
+                layer(None)
+                cp.cuda.Device().synchronize()
+                valid = cp.asnumpy(slots[:pad_rows]) >= 0
+                res = (cp.asnumpy(h[:pad_rows])[valid].astype(np.uint32) << 16).view(np.float32), cp.asnumpy(out)
+                first = first or res
+                e = f"h {err(res[0], first[0].astype(np.float64))} | out {err(res[1], first[1].astype(np.float64))}"
+                print(row(f"moe_gate_up ({GU_TYPE}) {impl}", time_graph(gate_up), f_gu, w_gate.nbytes + w_up.nbytes) + "   " + e)
+                print(row(f"moe_down ({DN_TYPE}) {impl}", time_graph(down), f_dn, w_down.nbytes))
+                print(row(f"whole layer (ours) {impl}", time_graph(layer), f_gu + f_dn + 2 * N * E * D, wbytes))
+            except Exception as exc:   # one failing variant must not hide the others
+                print(f"moe {impl}: {type(exc).__name__}: {exc}")
+        impl = None
         if torch is not None:
             try:
                 t_layer, t_gemms = torch_layer(N)

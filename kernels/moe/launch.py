@@ -21,6 +21,7 @@ from ggfuse.kernels.quant.types import qtype
 
 ROUTE_SOURCE = "moe/route.cu"
 GEMM_SOURCE = "moe/grouped_gemm.cu"
+GEMM_SOURCE90 = "moe/grouped_gemm90.cu"    # wgmma variants, picked as kernels/gemm/launch.pick_impl says
 MOE_TILE = 128          # the grouped GEMM's row tile (gemm_core.cuh BM)
 ROUTE_CHUNK = 256       # slots per histogram chunk (route.cu)
 MAX_EXPERTS = 512       # route.cu ROUTE_MAX_PER_LANE * 32
@@ -41,13 +42,17 @@ def _route_fn(name: str):
     return load_module(ROUTE_SOURCE).get_function(name)
 
 
-def prepare(x_dtype, w_gate_type, w_down_type) -> None:
+def prepare(x_dtype, w_gate_type, w_down_type, impl: str | None = None) -> None:
     """Load and configure the router and the grouped GEMM variants; call before capturing."""
     for n in ("moe_topk", "moe_hist", "moe_scan", "moe_scatter"):
         _route_fn(n)
-    gu, dn = gl.weight_name(w_gate_type), gl.weight_name(w_down_type)
-    gl.function(GEMM_SOURCE, f"moe_gate_up_{gl.act_kind(x_dtype, 'x')}a_{gu}", gu)
+    gu, dn, a = gl.weight_name(w_gate_type), gl.weight_name(w_down_type), gl.act_kind(x_dtype, "x")
+    gl.function(GEMM_SOURCE, f"moe_gate_up_{a}a_{gu}", gu)
     gl.function(GEMM_SOURCE, f"moe_down_{dn}", dn)
+    if gl.pick_impl(gu, 64, impl) == "wgmma":
+        gl.function90(GEMM_SOURCE90, f"moe90_gate_up_{a}a_{gu}", gu, a)
+    if gl.pick_impl(dn, 64, impl) == "wgmma":
+        gl.function90(GEMM_SOURCE90, f"moe90_down_{dn}", dn, "bf16")
 
 
 def moe_route(logits, T: int, E: int, k: int, norm: bool, scale: float, tile: int, n_valid_dev,
@@ -102,7 +107,7 @@ def _check_layout(fn: str, sorted_slots, expert_offsets, E: int) -> int:
 
 
 def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted_slots, expert_offsets,
-                k: int, h_out, stream=None, *, ldx: int | None = None) -> None:
+                k: int, h_out, stream=None, *, ldx: int | None = None, impl: str | None = None) -> None:
     """h[r] = silu(x[tok] Wg_e^T) * (x[tok] Wu_e^T) for every sorted row r of expert e.
 
     x [T, ldx] f32 or bf16 (x_dtype); w_gate, w_up [E, F, D] raw GGUF bytes (w_up None: w_gate is
@@ -125,16 +130,22 @@ def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted
         raise ValueError(f"moe_gate_up: h_out must be bf16 [{S}, {F}], got {h_out.dtype} {h_out.shape}")
     if S < MOE_TILE or F <= 0:
         return
-    fn = gl.function(GEMM_SOURCE, f"moe_gate_up_{a_kind}a_{w_name}", w_name)
-    grid = ((F + 63) // 64, S // MOE_TILE, 1)
-    fn(grid, (gl.THREADS, 1, 1),
+    if gl.pick_impl(w_name, D, impl) == "wgmma":
+        bn, threads, smem = gl.cfg90(w_name, a_kind)
+        fn = gl.function90(GEMM_SOURCE90, f"moe90_gate_up_{a_kind}a_{w_name}", w_name, a_kind)
+        grid, block = ((F + bn // 2 - 1) // (bn // 2), S // MOE_TILE, 1), (threads, 1, 1)
+    else:
+        fn = gl.function(GEMM_SOURCE, f"moe_gate_up_{a_kind}a_{w_name}", w_name)
+        grid, block = ((F + 63) // 64, S // MOE_TILE, 1), (gl.THREADS, 1, 1)
+        smem = gl.smem_bytes(w_name, gl.device_cc())
+    fn(grid, block,
        (gl.ptr(x), np.int64(ldx), gl.ptr(w_gate), np.uint64(up_ptr), np.int64(rb), np.int64(e_bytes),
         np.int32(F), np.int32(D), gl.ptr(h_out), np.int64(F), sorted_slots, expert_offsets, np.int32(E), np.int32(k)),
-       shared_mem=gl.smem_bytes(w_name, gl.device_cc()), stream=stream)
+       shared_mem=smem, stream=stream)
 
 
 def moe_down(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_offsets, weights, k: int, out,
-             stream=None, *, zero_out: bool = True) -> None:
+             stream=None, *, zero_out: bool = True, impl: str | None = None) -> None:
     """out[tok] (+)= sum over the token's slots of weights[slot] * (h[r] Wd_e^T).
 
     h [S, F] bf16 (moe_gate_up's output); w_down [E, D, F] raw GGUF bytes; weights [T, k] f32;
@@ -159,9 +170,15 @@ def moe_down(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_off
     if S < MOE_TILE or D <= 0:
         return
     rb = qtype(w_name).row_bytes(F)
-    fn = gl.function(GEMM_SOURCE, f"moe_down_{w_name}", w_name)
-    grid = ((D + gl.BN - 1) // gl.BN, S // MOE_TILE, 1)
-    fn(grid, (gl.THREADS, 1, 1),
+    if gl.pick_impl(w_name, F, impl) == "wgmma":
+        bn, threads, smem = gl.cfg90(w_name, "bf16")
+        fn = gl.function90(GEMM_SOURCE90, f"moe90_down_{w_name}", w_name, "bf16")
+        grid, block = ((D + bn - 1) // bn, S // MOE_TILE, 1), (threads, 1, 1)
+    else:
+        fn = gl.function(GEMM_SOURCE, f"moe_down_{w_name}", w_name)
+        grid, block = ((D + gl.BN - 1) // gl.BN, S // MOE_TILE, 1), (gl.THREADS, 1, 1)
+        smem = gl.smem_bytes(w_name, gl.device_cc())
+    fn(grid, block,
        (gl.ptr(h), np.int64(F), gl.ptr(w_down), np.int64(rb), np.int64(D * rb), np.int32(D), np.int32(F),
         gl.ptr(out), np.int64(D), sorted_slots, expert_offsets, np.int32(E), np.int32(k), weights),
-       shared_mem=gl.smem_bytes(w_name, gl.device_cc()), stream=stream)
+       shared_mem=smem, stream=stream)

@@ -13,6 +13,10 @@ Life of a model:
    stream as a CUDA graph and every chunk replays it. Everything that changes between chunks
    (token ids, positions, tokens already cached P, valid tokens of a padded last chunk) lives in
    small device buffers copied in before the replay, never in kernel arguments.
+Under a --vram-budget plan, the streamed layers' experts are not uploaded: they live in the
+memory-mapped GGUF and move into device slots during each chunk (runtime/cuda/streaming.py); a
+chunk whose fetches need the host (staged or routed) is captured as several graphs with those
+host steps between them.
 """
 from __future__ import annotations
 
@@ -76,9 +80,19 @@ class CUDABackend:
         self.copy_stream = cp.cuda.Stream(non_blocking=True)
         self.progress = progress and os.environ.get("GGFUSE_QUIET") != "1"
         self.buf = DeviceBuffers()
+        self.budget = (plan.stats.get("prefetch") or {}).get("budget_bytes")
+        self.free_at_load = cp.cuda.runtime.memGetInfo()[0]
+        self._bf16_dense = False
+        self._roles = self._weight_roles()
+        self.streamer = None
+        if self.graph.by_op(Op.FETCH_WEIGHTS):
+            from ggfuse.runtime.cuda.streaming import ExpertStreamer
+            self.streamer = ExpertStreamer(self, self._roles)
         try:
             self._check_fits()
             self._upload_weights()
+            if self.streamer is not None:
+                self.streamer.allocate()
             self._allocate()
         except cp.cuda.memory.OutOfMemoryError as e:
             raise DeviceError(gf.path, f"out of GPU memory while loading ({e}); try a smaller --chunk, a lower "
@@ -129,12 +143,19 @@ class CUDABackend:
     def _check_fits(self):
         cp = self.cp
         free, total = cp.cuda.runtime.memGetInfo()
-        w_raw = sum(w.nbytes for w in self.plan.weights)
+        streamed = self.streamer.tensors if self.streamer is not None else {}
+        w_raw = sum(w.nbytes for w in self.plan.weights if w.name not in streamed)
+        if self.streamer is not None:
+            w_raw += self.streamer.device_bytes()
         dense_bf16 = sum(int(np.prod(w.shape)) * 2 for w in self.plan.weights if len(w.shape) == 2)
         states = self._state_bytes()
         arena = self._arena_bytes()
         need_raw = w_raw + states + arena + (256 << 20)
-        self._bf16_dense = need_raw + dense_bf16 < 0.92 * free
+        # dense matrices go bf16 (faster GEMMs) only when that still fits the device and the
+        # plan's budget; GGFUSE_DENSE=raw|bf16 forces it (tests compare like with like)
+        room = 0.92 * (free if not self.budget else min(free, self.budget))
+        force = os.environ.get("GGFUSE_DENSE", "auto")
+        self._bf16_dense = force == "bf16" or (force != "raw" and need_raw + dense_bf16 < room)
         if need_raw > 0.95 * free:
             raise DeviceError(self.gf.path, f"the model needs {need_raw / 2**30:.2f} GiB on the GPU (weights "
                                             f"{w_raw / 2**30:.2f}, KV cache and states at {self.max_context} tokens "
@@ -153,14 +174,16 @@ class CUDABackend:
     def _upload_weights(self):
         cp = self.cp
         from ggfuse.kernels.dense import launch as dense
-        roles = self._weight_roles()
-        total = sum(w.nbytes for w in self.plan.weights)
+        roles = self._roles
+        streamed = self.streamer.tensors if self.streamer is not None else {}
+        resident = [w for w in self.plan.weights if w.name not in streamed]   # streamed: slots, later
+        total = sum(w.nbytes for w in resident)
         done = 0
         t0 = time.perf_counter()
-        biggest = max((w.nbytes for w in self.plan.weights), default=1)
+        biggest = max((w.nbytes for w in resident), default=1)
         pinned = cp.cuda.alloc_pinned_memory(biggest)
         staging = np.frombuffer(pinned, dtype=np.uint8, count=biggest)
-        for w in self.plan.weights:
+        for w in resident:
             fmts = self._formats(w.name, roles.get(w.name, {"gemm"}), w.ggml_type, tuple(w.shape))
             staging[:w.nbytes] = self.gf.raw(w.name)
             dev = cp.empty(w.nbytes, dtype=cp.uint8)
@@ -182,6 +205,9 @@ class CUDABackend:
                 _progress(done, total, t0, "uploading weights")
         if self.progress:
             _progress(done, total, t0, "uploading weights", final=True)
+        pool = getattr(cp, "get_default_memory_pool", None)
+        if pool is not None:
+            pool().free_all_blocks()      # the raw copies of dequantised tensors
 
     def weight(self, name: str, role: str):
         """(array, format, ggml type, numpy shape) of a tensor in the form `role` needs."""
@@ -309,7 +335,9 @@ class CUDABackend:
 
     def _replay(self, key: str, launches: list) -> None:
         """Run `launches` on the compute stream: the first time eagerly (module loading, launch
-        checks), then captured once as a CUDA graph that every later call replays."""
+        checks), then captured once as a CUDA graph that every later call replays (several
+        graphs with the host steps between them, when the schedule has host steps)."""
+        from ggfuse.runtime.cuda.streaming import HostStep, SegmentedProgram, split_segments
         s = self.stream
         g = self.graphs.get(key)
         if g is not None:
@@ -321,6 +349,14 @@ class CUDABackend:
         if os.environ.get("GGFUSE_EAGER") == "1":
             return
         s.synchronize()
+        if any(isinstance(fn, HostStep) for fn in launches):
+            self.graphs[key] = SegmentedProgram([x if isinstance(x, HostStep) else self._capture(x)
+                                                 for x in split_segments(launches)])
+        else:
+            self.graphs[key] = self._capture(launches)
+
+    def _capture(self, launches: list):
+        s = self.stream
         # Capturing records the launches without running them; the state the eager run
         # produced stays as it is.
         s.begin_capture()
@@ -330,7 +366,22 @@ class CUDABackend:
                     fn()
         finally:
             g = s.end_capture()
-        self.graphs[key] = g
+        return g
+
+    def device_memory(self) -> dict:
+        """Measured device memory: what this process's CuPy pool holds (weights, slots, arena,
+        states, scratch) and how much less the device has free than before loading (that also
+        counts CUDA graphs, modules and other processes' changes)."""
+        cp = self.cp
+        free, total = cp.cuda.runtime.memGetInfo()
+        pool = getattr(cp, "get_default_memory_pool", None)
+        return {"pool_bytes": int(pool().total_bytes()) if pool else None,
+                "used_since_load_bytes": int(self.free_at_load - free), "device_total_bytes": int(total)}
+
+    def close(self) -> None:
+        """Release the page-locked GGUF regions and the staging threads (streamed plans)."""
+        if self.streamer is not None:
+            self.streamer.close()
 
     @property
     def cuda_graph(self):

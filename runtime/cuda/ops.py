@@ -3,7 +3,8 @@ launches its kernel(s) on the backend's compute stream, with every pointer fixed
 
 Values without work are views: RESHAPE and SLICE are CuPy views of their input (kernels accept
 row strides), CONCAT onto a KV cache is the cache itself (the attention launch appends the
-chunk's K/V first), FETCH_WEIGHTS of resident experts is the weight itself.
+chunk's K/V first), FETCH_WEIGHTS of resident experts is the weight itself; of streamed experts,
+a copy into the layer's device slot plus a wait before the first reader (runtime/cuda/streaming.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 from ggfuse.errors import GGFuseError
 from ggfuse.ir.ops import Op
 from ggfuse.ir.types import DType, shape_eval
+from ggfuse.runtime.cuda.streaming import fetch_of
 
 _LAUNCHERS = {}
 
@@ -101,6 +103,8 @@ def build_launches(be) -> list:
     be.launch_nodes = []
     logits = be.graph.outputs["logits"]
     be.head_all = be.head_last = be.head_node = be.logits_last_view = None
+    streamer = getattr(be, "streamer", None)
+    joined = set()
     for n in be.graph.topo():
         if n.op == Op.INPUT:
             kind = n.attrs.kind
@@ -111,8 +115,13 @@ def build_launches(be) -> list:
             ctx.weights[n.out] = n.attrs.tensor   # resolved per use: raw / bf16 / f32 (be.weight)
             continue
         if n.op == Op.FETCH_WEIGHTS:
-            for i in range(n.attrs.n_weights):  # resident: the fetch is the weight itself
+            # the fetched value is looked up by tensor name: the weight itself when resident, its
+            # view in the layer's device slot when streamed (runtime/cuda/streaming.py)
+            for i in range(n.attrs.n_weights):
                 ctx.weights[n.value(i)] = ctx.weights[n.inputs[i]]
+            if streamer is not None:
+                out.append(streamer.step(ctx, n))   # host -> slot copy on the copy stream
+                be.launch_nodes.append(n)
             continue
         if n.op == Op.RESHAPE:
             if n.inputs[0] in ctx.weights:
@@ -163,6 +172,13 @@ def build_launches(be) -> list:
             be.head_last = [_lm_head_last(ctx, n)]
             be.head_node = n
             continue
+        if streamer is not None:
+            # the first reader of a streamed layer's experts waits for their copy first
+            for f in dict.fromkeys(x for x in map(lambda v: fetch_of(be.graph, v), n.inputs) if x is not None):
+                if f.id not in joined:
+                    joined.add(f.id)
+                    out.append(streamer.join(ctx, f))
+                    be.launch_nodes.append(f)
         out.append(fn(ctx, n))
         be.launch_nodes.append(n)
     be.logits_view = ctx.v(logits)

@@ -1,0 +1,39 @@
+// ggfuse-nvrtc-arch: sm_90 -> sm_90a
+// Dense GEMMs for Hopper on wgmma (kernels/gemm/gemm90_core.cuh has the design); same meaning
+// and arguments as gemm/gemm.cu:
+//   gemm90_<a>_<w>:        C[M, N] (+)= A[M, K] @ W[N, K]^T
+//   gemm90_swiglu_<a>_<w>: C[M, F] = silu(A Wg^T) * (A Wu^T)
+// <a> = f32a | bf16a, <w> = bf16 | q8_0 | q4_k | q6_k. Threads and BN from g90::Cfg (bf16a_bf16:
+// 384, BN 256; otherwise 512, BN 128), grid (ceil(N / BN), ceil(M / 128)) [swiglu:
+// (ceil(F / (BN / 2)), ...)], dynamic shared memory = launch.smem_bytes90(w, a). K % 64 == 0 (and % 256 for K-quants).
+// Compiled for sm_90a; for any other target the entry points are empty (launch.py never picks
+// them there).
+#include "gemm/gemm90_core.cuh"
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GEMM90_BODY(...) __VA_ARGS__
+#else
+#define GEMM90_BODY(...)
+#endif
+
+#define GEMM90_KERNELS(WNAME, WTYPE, AF32, ANAME)                                                   \
+extern "C" __global__ void __launch_bounds__((g90::Cfg<WTYPE, AF32>::THREADS), 1)                                      \
+gemm90_##ANAME##_##WNAME(const void* a, long long lda, const unsigned char* w, long long w_row_bytes, \
+                         int M, int N, int K, void* c, long long ldc, int c_bf16, int accumulate) {   \
+    GEMM90_BODY(g90::gemm_block<WTYPE, AF32, g90::kGemm>(a, lda, w, w, w_row_bytes, 0, M, N, K, c,   \
+                ldc, c_bf16, accumulate, nullptr, nullptr, 0, 1, nullptr);)                          \
+}                                                                                                   \
+extern "C" __global__ void __launch_bounds__((g90::Cfg<WTYPE, AF32>::THREADS), 1)                                      \
+gemm90_swiglu_##ANAME##_##WNAME(const void* a, long long lda, const unsigned char* wg,                \
+                                const unsigned char* wu, long long w_row_bytes, int M, int F, int K,  \
+                                void* c, long long ldc, int c_bf16) {                                \
+    GEMM90_BODY(g90::gemm_block<WTYPE, AF32, g90::kSwiglu>(a, lda, wg, wu, w_row_bytes, 0, M, F, K,  \
+                c, ldc, c_bf16, 0, nullptr, nullptr, 0, 1, nullptr);)                                \
+}
+
+#define GEMM90_BOTH_A(WNAME, WTYPE) GEMM90_KERNELS(WNAME, WTYPE, true, f32a) GEMM90_KERNELS(WNAME, WTYPE, false, bf16a)
+
+GEMM90_BOTH_A(bf16, GGML_BF16)
+GEMM90_BOTH_A(q8_0, GGML_Q8_0)
+GEMM90_BOTH_A(q4_k, GGML_Q4_K)
+GEMM90_BOTH_A(q6_k, GGML_Q6_K)

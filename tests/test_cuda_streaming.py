@@ -1,0 +1,238 @@
+"""Streamed experts in the CUDA backend, on the CPU (tests/fake_cupy.py: the fake device is host
+memory, so the copies really move bytes): streamed weights are not uploaded, slots are allocated
+as the plan says, every FETCH_WEIGHTS is bound, the copies land the GGUF's bytes in the slot the
+grouped GEMM reads, and the events order slot reuse and consumers both ways, eagerly and inside
+the capture. The numbers on the device: tests/test_gpu_streaming.py."""
+import numpy as np
+import pytest
+
+from fake_cupy import fake_device
+from ggfuse.compiler.driver import compile_gguf
+from ggfuse.compiler.gguf_file import GGUFFile
+from ggfuse.errors import GGFuseError, PlanError
+from ggfuse.ir.ops import Op
+from util import fixture
+
+MOE_ARCHS = ["qwen35moe", "qwen3moe", "qwen3next"]
+
+
+def tight_budget(plan, layers: float) -> int:
+    """A budget holding the fixed part and `layers` layers' experts (the reserve is budget/16
+    for toy budgets: solve for it), as tests/test_pass_schedule.py does."""
+    p = plan.stats["prefetch"]
+    fixed = sum(p["fixed_bytes"].values()) - p["fixed_bytes"]["reserve"]
+    per_layer = p["expert_bytes_total"] / plan.hparams["n_layer"]
+    return int((fixed + layers * per_layer) * 16 / 15) + 1
+
+
+def streamed_plan(arch, quant="q4_k_m", chunk=8):
+    """A plan that streams: room for all layers' experts but half of one (qwen35moe, 4 layers: one
+    pinned, three streamed through two slots; the 2-layer fixtures: both through one slot)."""
+    gf = GGUFFile(fixture(arch, quant))
+    full = compile_gguf(gf.path, chunk=chunk, gf=gf, max_context=64)
+    budget = tight_budget(full, layers=full.hparams["n_layer"] - 0.5)
+    plan = compile_gguf(gf.path, chunk=chunk, gf=gf, max_context=64, vram_budget=budget)
+    assert plan.stats["prefetch"]["streamed_layers"], plan.stats["prefetch"]
+    return gf, plan, budget
+
+
+def _ptr_in(arr, buf) -> bool:
+    a, b = buf.data.ptr, buf.data.ptr + buf.nbytes
+    return a <= arr.data.ptr < b
+
+
+def _slot_contents_ok(be, gf):
+    """The last layer fetched into each slot sits there byte for byte as the GGUF stores it."""
+    st = be.streamer
+    last = {}
+    for f in st.fetches:
+        last[f.slot] = f
+    for f in last.values():
+        buf = np.asarray(st.slot_buffers[f.slot])
+        for p in f.pieces:
+            got = buf[p.slot_offset:p.slot_offset + p.dev_bytes]
+            if p.convert:
+                from ggfuse.kernels.dequant.ref import f32_to_bf16_bits
+                want = f32_to_bf16_bits(gf.dequantize(p.name)).view(np.uint8).reshape(-1)
+            else:
+                want = gf.raw(p.name)
+            assert np.array_equal(got, want), p.name
+
+
+def _check_order(calls, be, *, captured: bool):
+    """For each fetch: the slot's previous reader < fork recorded on compute < copy stream waits
+    for it < copies on the copy stream < done recorded on copy < compute waits for done < the
+    layer's first expert GEMM. Within one eager run, or within one capture."""
+    st = be.streamer
+    if captured:
+        begin = min(i for i, c in enumerate(calls) if c[0] == "capture.begin")     # the body's
+        end = min(i for i, c in enumerate(calls) if c[0] == "capture.end")
+    else:
+        begin = 0
+        end = min([i for i, c in enumerate(calls) if c[0] == "capture.begin"] + [len(calls)])
+    seq = list(enumerate(calls))[begin:end]
+    s, c = be.stream, be.copy_stream
+    gemms = [(i, x[1]) for i, x in seq if x[0] in ("moe.moe_gate_up", "moe.moe_down")]
+
+    def reads(bound, slot):
+        w = bound.arguments.get("w_gate", bound.arguments.get("w_down"))
+        return _ptr_in(w, st.slot_buffers[slot])
+    for slot in range(st.n_slots):
+        fetches = [f for f in st.fetches if f.slot == slot]
+        buf = st.slot_buffers[slot]
+        lo, hi = buf.data.ptr, buf.data.ptr + buf.nbytes
+        copies = [i for i, x in seq if x[0] == "runtime.memcpyAsync" and lo <= x[1][0] < hi]
+        assert all(calls[i][1][4] == c.ptr for i in copies)
+        readers = [i for i, b in gemms if reads(b, slot)]
+        # group the slot's copies by fetch: a group ends where the slot is next read
+        groups, cur = [], []
+        for i in copies:
+            if cur and any(cur[-1] < r < i for r in readers):
+                groups.append(cur)
+                cur = []
+            cur.append(i)
+        groups.append(cur)
+        assert len(groups) == len(fetches), (slot, groups)
+        for f, grp in zip(fetches, groups):
+            k0 = grp[0]
+            fork_wait = max(i for i, x in seq if i < k0 and x[0] == "stream.wait_event" and x[1][0] is c)
+            fork_ev = calls[fork_wait][1][1]
+            fork_rec = max(i for i, x in seq if i < fork_wait and x[0] == "event.record" and x[1][0] is fork_ev)
+            assert calls[fork_rec][1][1] is s
+            done_rec = min(i for i, x in seq if i > grp[-1] and x[0] == "event.record" and x[1][1] is c)
+            done_ev = calls[done_rec][1][0]
+            join = min(i for i, x in seq if i > done_rec and x[0] == "stream.wait_event" and x[1][1] is done_ev)
+            assert calls[join][1][0] is s
+            first_use = min(r for r in readers if r > grp[-1])
+            assert fork_rec < fork_wait < k0 <= grp[-1] < done_rec < join < first_use, f.layer
+            # nothing reads the slot while it is being overwritten
+            assert not [r for r in readers if fork_rec < r < join], f.layer
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_streamed_plan_binds_registered(arch, monkeypatch):
+    gf, plan, budget = streamed_plan(arch)
+    info = plan.stats["prefetch"]
+    with fake_device(monkeypatch) as calls:
+        from ggfuse.runtime.cuda.backend import CUDABackend
+        read = []
+        raw = gf.raw
+        monkeypatch.setattr(gf, "raw", lambda name: read.append(name) or raw(name))
+        be = CUDABackend(plan, gf, chunk=8, progress=False)
+        st = be.streamer
+        assert st.host_mode == "registered"
+        fetch_nodes = be.graph.by_op(Op.FETCH_WEIGHTS)
+        assert sorted(f.layer for f in st.fetches) == info["streamed_layers"] == sorted(n.attrs.layer for n in fetch_nodes)
+        # streamed tensors: never read for upload, bound to views of their layer's slot
+        assert not set(read) & set(st.tensors)
+        assert len(st.slot_buffers) == info["slots"]
+        assert st.slot_bytes >= max(f.dev_bytes for f in st.fetches)
+        for name, (f, p) in st.tensors.items():
+            arr = be.weight(name, "gemm")[0]
+            assert _ptr_in(arr, st.slot_buffers[f.slot])
+            assert (arr.data.ptr - st.slot_buffers[f.slot].data.ptr) % 256 == 0   # CuPy bases are 512-aligned
+        regs = [c[1] for c in calls if c[0] == "runtime.hostRegister"]
+        assert regs and all(flags == 0x09 and ptr % 4096 == 0 for ptr, _, flags in regs)
+        # every fetch bound: a step and a join in the schedule
+        assert sum(n.op == Op.FETCH_WEIGHTS for n in be.launch_nodes) == 2 * len(fetch_nodes)
+        out = be.run_chunk(np.arange(8, dtype=np.int32))
+        assert out.shape == (8, plan.hparams["n_vocab"])
+        _slot_contents_ok(be, gf)
+        _check_order(calls, be, captured=False)
+        assert be.cuda_graph is not None and not hasattr(be.cuda_graph, "items")   # one graph
+        _check_order(calls, be, captured=True)
+        be.run_chunk(np.arange(5, dtype=np.int32))
+        # only resident weights and the slots: under the budget (plus tiny I/O buffers)
+        be.close()
+        assert [c for c in calls if c[0] == "runtime.hostUnregister"]
+
+
+@pytest.mark.parametrize("why", ["env", "refused"])
+def test_staged_fallback(why, monkeypatch, capsys):
+    gf, plan, _ = streamed_plan("qwen35moe")
+    if why == "env":
+        monkeypatch.setenv("GGFUSE_STREAM", "staged")
+    with fake_device(monkeypatch, refuse_register=(why == "refused")) as calls:
+        from ggfuse.runtime.cuda.backend import CUDABackend
+        be = CUDABackend(plan, gf, chunk=8, progress=False)
+        assert be.streamer.host_mode == "staged"
+        if why == "refused":
+            assert "cannot page-lock" in capsys.readouterr().err
+        for n in (8, 8, 3):          # eager, captured, replayed (segments with host steps)
+            be.run_chunk(np.arange(n, dtype=np.int32) % 7)
+            _slot_contents_ok(be, gf)
+        prog = be.cuda_graph
+        assert prog.n_graphs > 1 and any(type(x).__name__ == "HostStep" for x in prog.items)
+        _check_order(calls, be, captured=False)
+        be.close()
+
+
+def test_f32_experts_are_converted_while_staged(monkeypatch, capsys):
+    gf, plan, _ = streamed_plan("qwen3moe", quant="f32")
+    with fake_device(monkeypatch):
+        from ggfuse.runtime.cuda.backend import CUDABackend
+        be = CUDABackend(plan, gf, chunk=8, progress=False)
+        assert be.streamer.host_mode == "staged"
+        assert all(p.convert and p.fmt == "bf16" for f in be.streamer.fetches for p in f.pieces)
+        be.run_chunk(np.arange(8, dtype=np.int32))
+        _slot_contents_ok(be, gf)
+        be.close()
+
+
+def test_routed_fetch_copies_only_routed_experts(monkeypatch):
+    """Force routed mode as test_pass_schedule does (top-1 in the planner's estimate, chunk 1),
+    then set the layer's expert offsets as the route kernel would: experts 0 and 2 routed."""
+    from ggfuse.compiler import driver
+    gf = GGUFFile(fixture("qwen35moe", "q4_k_m"))
+    full = compile_gguf(gf.path, chunk=1, gf=gf, max_context=64)
+    budget = tight_budget(full, layers=2.2)
+    real = driver.build_graph
+
+    def top1(g_f):
+        g = real(g_f)
+        g.meta["hparams"]["n_expert_used"] = 1
+        return g
+    monkeypatch.setattr(driver, "build_graph", top1)
+    plan = compile_gguf(gf.path, chunk=1, gf=gf, max_context=64, vram_budget=budget)
+    monkeypatch.setattr(driver, "build_graph", real)
+    assert plan.stats["prefetch"]["mode"] == "routed"
+    with fake_device(monkeypatch) as calls:
+        from ggfuse.runtime.cuda.backend import CUDABackend
+        be = CUDABackend(plan, gf, chunk=1, progress=False)
+        st = be.streamer
+        E = st.fetches[0].pieces[0].n_experts
+        for n in be.graph.by_op(Op.MOE_GROUPED_GEMM):
+            offs = be.ctx.v(n.inputs[3])
+            offs[:] = np.array([0, 128, 128, 256, 256][: E + 1], dtype=np.int32)
+        be.run_chunk(np.array([3], dtype=np.int32))
+        assert st.routed_counts and set(st.routed_counts.values()) == {2}
+        f = st.fetches[-1]
+        buf = np.asarray(st.slot_buffers[f.slot])
+        for p in f.pieces:
+            eb = p.src_bytes // E
+            raw = gf.raw(p.name)
+            for e in (0, 2):
+                assert np.array_equal(buf[p.slot_offset + e * eb:p.slot_offset + (e + 1) * eb], raw[e * eb:(e + 1) * eb])
+        copied = sum(c[1][2] for c in calls if c[0] == "runtime.memcpyAsync")
+        assert copied == sum(p.src_bytes // E * 2 for f in st.fetches for p in f.pieces)
+        assert any(type(x).__name__ == "HostStep" for x in be.launches)
+        be.close()
+
+
+def test_plan_for_another_budget_is_refused(tmp_path, monkeypatch):
+    import ggfuse
+    gf, plan, budget = streamed_plan("qwen35moe")
+    path = tmp_path / "p.json"
+    plan.save(str(path))
+    with pytest.raises(PlanError, match=r"p\.json: plan was compiled for --vram-budget .* recompile"):
+        ggfuse.load(str(path), device="cpu", vram_budget=budget * 2)
+    with pytest.raises(PlanError, match="chunk 16 needs a larger arena"):
+        ggfuse.load(str(path), device="cpu", chunk=16)
+    m = ggfuse.load(str(path), device="cpu", vram_budget=budget)   # the same budget is fine
+    assert m.plan.stats["prefetch"]["budget_bytes"] == budget
+
+
+def test_budget_too_small_names_the_file():
+    path = fixture("qwen35moe", "q4_k_m")
+    with pytest.raises(GGFuseError, match=r"q4_k_m\.gguf: --vram-budget .* too small.*minimum is"):
+        compile_gguf(path, chunk=8, max_context=64, vram_budget=64 * 1024)
