@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", default="2048,8192")
     ap.add_argument("--repeat", default="3")
     ap.add_argument("--skip-staged", action="store_true")
+    ap.add_argument("--llama-bench", metavar="PATH", help="also run llama-bench --n-cpu-moe on the same file")
+    ap.add_argument("--n-cpu-moe", default="40,32,24", help="llama-bench settings to try (best kept)")
+    ap.add_argument("--skip-ggfuse", action="store_true", help="only llama-bench (with --llama-bench)")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     model = os.path.join(a.out, "q35.gguf")
@@ -49,13 +52,25 @@ def main(argv=None) -> int:
     if not a.skip_staged:
         runs.append(("2048", "2048", {"GGFUSE_STREAM": "staged"}))
     rc = 0
+    if a.skip_ggfuse:
+        runs = []
     for chunk, prompts, extra in runs:
         tag = f"chunk{chunk}" + ("-staged" if extra else "")
         rc |= _run(exe + ["bench", model, "--prompt", prompts, "--vram-budget", a.budget, "--chunk", chunk,
                           "--device", "cuda", "--repeat", a.repeat, "--json", os.path.join(a.out, f"{tag}.json")],
                    env={**env, **extra})
+    if a.llama_bench:
+        from ggfuse.runtime.bench import run_llama_bench
+        t = time.time()
+        lb = run_llama_bench(a.llama_bench, model, [int(x) for x in a.prompts.split(",")], repeat=int(a.repeat),
+                             n_cpu_moe=[int(x) for x in a.n_cpu_moe.split(",")])
+        print(f"$ {lb['cmd']}  ({time.time() - t:.0f} s)")
+        for r in lb["runs"]:
+            print(f"llama.cpp --n-cpu-moe {r['n_cpu_moe']}: pp{r['n_prompt']} {r['avg_ts']:.0f} tok/s")
+        with open(os.path.join(a.out, "llama_ncmoe.json"), "w") as f:
+            json.dump(lb, f, indent=1)
     for name in sorted(os.listdir(a.out)):
-        if not name.endswith(".json"):
+        if not name.endswith(".json") or name.startswith("llama"):
             continue
         with open(os.path.join(a.out, name)) as f:
             res = json.load(f)

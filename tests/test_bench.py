@@ -48,7 +48,7 @@ def test_llama_bench_output_is_parsed(tmp_path):
     exe.chmod(0o755)
     out = bench.run_llama_bench(str(exe), EXAMPLE, [512, 2048], repeat=2, n_cpu_moe=40)
     assert out["results"] == {512: 1234.5, 2048: 99.0}
-    assert "--n-cpu-moe 40" in out["cmd"] and "-fa 1" in out["cmd"] and out["build"]["build_commit"] == "abc"
+    assert "--n-cpu-moe 40 -lm none" in out["cmd"] and "-fa 1" in out["cmd"] and out["build"]["build_commit"] == "abc"
 
 
 def test_bench_cli_json_and_plot(tmp_path, capsys):
@@ -62,3 +62,12 @@ def test_bench_cli_json_and_plot(tmp_path, capsys):
     assert [r["prompt"] for r in data["results"]] == [8, 16]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ggfuse tok/s" in capsys.readouterr().out
+
+
+def test_llama_bench_keeps_the_best_setting(tmp_path):
+    exe = tmp_path / "llama-bench"
+    exe.write_text("#!/bin/sh\necho '[{\"n_prompt\": 2048, \"avg_ts\": 3000, \"n_cpu_moe\": 40}, "
+                   "{\"n_prompt\": 2048, \"avg_ts\": 4000, \"n_cpu_moe\": 24}]'\n")
+    exe.chmod(0o755)
+    out = bench.run_llama_bench(str(exe), EXAMPLE, [2048], repeat=1, n_cpu_moe=[40, 24])
+    assert out["results"] == {2048: 4000.0} and len(out["runs"]) == 2 and "--n-cpu-moe 40,24" in out["cmd"]
