@@ -20,7 +20,10 @@ PLAN_FORMAT = "ggfuse-plan"
 #          2.0 the pass pipeline: fused ops (moe_route, moe_grouped_gemm, chunk_gated_delta_rule,
 #              elementwise fusions, fetch_weights) a 1.x runtime cannot execute, plus arena offsets,
 #              the expert prefetch schedule and capture segments.
-PLAN_VERSION = (2, 0)
+#          3.0 the logits own no arena bytes and the LM head's inputs live to the end of the chunk
+#              (the runtime runs the head after the chunk's graph: all rows, the last row or none);
+#              the prefetch budget counts the runtime's per-op scratch ("workspace").
+PLAN_VERSION = (3, 0)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ Liveness over the schedule (the graph's deterministic topological order) gives e
 [first step, last step] interval; buffers are placed largest first at the lowest offset that
 overlaps no buffer live at the same time (greedy by size, as TFLite's arena planner does).
 Not in the arena: weights and fetched expert slots (weight memory), carried states and the
-KV-cache values that become them (state buffers, sized by the context, not the chunk), and
+KV-cache values that become them (state buffers, sized by the context, not the chunk), the
+logits (the runtime writes them to its own output buffer: the LM head runs after the chunk), and
 RESHAPE and SLICE outputs (views of their input, whose lifetime they extend: a column slice of
 the conv output read after q's norm has run must still find its bytes).
 
@@ -33,6 +34,13 @@ def buffers(g: Graph, chunk: int):
     order = g.topo()
     step = {n.id: i for i, n in enumerate(order)}
     state_vals = {g.outputs[k] for k in g.states() if k in g.outputs}
+    # the logits leave through the runtime's own output buffer (the LM head runs after the
+    # chunk's graph, for every row in blocks, for the last row only, or not at all): no arena
+    # bytes for them, and the head's inputs stay live to the end of the chunk
+    logits = g.outputs.get("logits")
+    head_inputs = set(g.node(logits.node).inputs) if logits is not None else set()
+    if logits is not None:
+        state_vals.add(logits)
     alias: dict[Value, Value] = {}
     intervals: dict[Value, list] = {}
     env = {"T": chunk, "P": 0}
@@ -54,7 +62,7 @@ def buffers(g: Graph, chunk: int):
             if root is not None and root in intervals:
                 intervals[root][1] = max(intervals[root][1], step[n.id])
     last = len(order)
-    for v in g.outputs.values():  # graph outputs (logits) live to the end of the chunk
+    for v in list(g.outputs.values()) + list(head_inputs):  # live to the end of the chunk
         root = alias.get(v)
         if root is not None and root in intervals:
             intervals[root][1] = last

@@ -1,8 +1,8 @@
 """schedule_expert_prefetch: fit a model under a VRAM budget by streaming experts.
 
 What stays resident: every dense weight, the KV cache at `max_context` (bf16, as the CUDA
-runtime keeps it), the DeltaNet states, the activation arena of one chunk and a fixed runtime
-reserve; then as many MoE layers' experts as fit ("pinned layers"). The other layers' experts
+runtime keeps it), the DeltaNet states, the activation arena of one chunk, the runtime's
+per-op scratch for that chunk (runtime/cuda/workspace.py) and a fixed reserve; then as many MoE layers' experts as fit ("pinned layers"). The other layers' experts
 live in host memory and move into `slots` device buffers of one layer each (two slots: one
 layer's experts arrive while the previous streamed layer computes).
 
@@ -90,8 +90,9 @@ def fixed_bytes(g: Graph, *, chunk: int, max_context: int, reserve: int = RESERV
             ssm += numel * 4         # f32 conv window and recurrent state
     intervals, _ = plan_memory.buffers(g, chunk)
     _, arena = plan_memory.place(intervals)
+    from ggfuse.runtime.cuda.workspace import total_workspace_bytes
     return {"dense_weights": sum(dense.values()), "kv_cache": kv, "ssm_state": ssm, "arena": arena,
-            "reserve": reserve}
+            "workspace": total_workspace_bytes(g, chunk), "reserve": reserve}
 
 
 def stream_order(layers: list[int]) -> list[int]:

@@ -83,8 +83,7 @@ def main(path, n=16, chunk=None):
         state = {k: cpu[v] for k, v in be.graph.outputs.items() if k != "logits"}
         be.stage_inputs(tk)
         print(f"--- chunk at {c0}: {nv} valid of {chunk}")
-        heads = [be.head_node] if be.head_all else []
-        for node, fn in zip(list(be.launch_nodes) + heads, list(be.launches) + (be.head_all or [])):
+        for node, fn in zip(be.launch_nodes, be.launches):   # the LM head runs after the body
             with be.stream:
                 fn()
             be.stream.synchronize()

@@ -27,8 +27,16 @@ def test_plan_memory_places_without_overlap(arch, chunk):
     assert m["peak_bytes"] == peak <= m["naive_bytes"]
     assert m["peak_bytes"] < 0.5 * m["naive_bytes"]
     # every non-weight, non-state value has an arena offset on its node; views share their source's
+    logits = res.graph.outputs["logits"]
+    head = res.graph.node(logits.node)
+    assert "arena" not in head.meta            # the runtime's own output buffer, after the chunk
+    last = len(res.graph.topo())
+    for v in head.inputs:                       # the LM head runs after the chunk: inputs stay live
+        root = alias.get(v)
+        if root in intervals:
+            assert intervals[root][1] == last
     for n in res.graph.nodes():
-        if n.op in (Op.WEIGHT, Op.INPUT, Op.CONCAT):
+        if n.op in (Op.WEIGHT, Op.INPUT, Op.CONCAT) or n.id == head.id:
             continue
         assert "arena" in n.meta, n
         if n.op in (Op.SLICE, Op.RESHAPE):

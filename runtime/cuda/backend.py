@@ -99,7 +99,7 @@ class CUDABackend:
                                        f"--max-context, or compile with --vram-budget") from None
         from ggfuse.runtime.cuda.ops import build_launches
         self.launches = build_launches(self)
-        self.graphs = {}      # "body" / "head_all" / "head_last" -> captured CUDA graph
+        self.graphs = {}      # "body" / "head_last" -> captured CUDA graph
         self.reset()
 
     # ---- memory -------------------------------------------------------------------------------
@@ -327,8 +327,7 @@ class CUDABackend:
             self._replay("head_last", self.head_last)
             rows = self.logits_last_view
         else:
-            self._replay("head_all", self.head_all)
-            rows = self.logits_view[:n]
+            return self.head_all(n)        # every row, in blocks, straight to the host
         out = cp.asnumpy(rows, stream=s)
         s.synchronize()
         return out

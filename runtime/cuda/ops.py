@@ -37,7 +37,14 @@ class Ctx:
         self.g = be.graph
         self.vals = {}
         self.weights = {}      # Value -> (array, fmt, ggml type, numpy shape)
-        self._scratch = {}
+        # scratch buffers outside the arena, shared by the backend's sub-chunk executors (they
+        # never run at the same time); runtime/cuda/workspace.py bounds what they add up to
+        shared = getattr(be, "scratch_shared", None)
+        if shared is None:
+            shared = be.scratch_shared = {"named": {}, "live": []}
+        self._scratch = shared["named"]
+        self._live = shared["live"]
+        self._busy = []        # per live buffer: last schedule step of its current holder
 
     @property
     def stream(self):
@@ -61,6 +68,35 @@ class Ctx:
             buf = cp.empty(max(nbytes, 256), dtype=cp.uint8)
             self._scratch[key] = buf
         return buf[:nbytes].view(dtype).reshape(shape)
+
+    def scratch_live(self, shape, dtype, first: int, last: int):
+        """A buffer outside the arena for a value live over schedule steps [first, last]:
+        reuses one whose previous holder's last step is before `first`."""
+        cp = self.cp
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        for i, buf in enumerate(self._live):
+            busy = self._busy[i] if i < len(self._busy) else -1
+            if buf.nbytes >= nbytes and busy < first:
+                while len(self._busy) <= i:
+                    self._busy.append(-1)
+                self._busy[i] = last
+                return buf[:nbytes].view(dtype).reshape(shape)
+        buf = cp.empty(max(nbytes, 256), dtype=cp.uint8)
+        self._live.append(buf)
+        while len(self._busy) < len(self._live):
+            self._busy.append(-1)
+        self._busy[len(self._live) - 1] = last
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def last_use(g, v, step: dict) -> int:
+    """The last schedule step that reads `v`, through views (RESHAPE / SLICE) of it."""
+    last = step[v.node]
+    for u, _ in g.uses_of(v):
+        last = max(last, step[u.id])
+        if u.op in (Op.RESHAPE, Op.SLICE):
+            last = max(last, last_use(g, u.out, step))
+    return last
 
 
 def strided_reshape(cp, a, shape):
@@ -105,7 +141,9 @@ def build_launches(be) -> list:
     be.head_all = be.head_last = be.head_node = be.logits_last_view = None
     streamer = getattr(be, "streamer", None)
     joined = set()
-    for n in be.graph.topo():
+    order = be.graph.topo()
+    step = {n.id: i for i, n in enumerate(order)}
+    for n in order:
         if n.op == Op.INPUT:
             kind = n.attrs.kind
             ctx.vals[n.out] = {"tokens": be.tokens_dev, "positions": be.pos_dev}.get(kind) if kind != "state" \
@@ -132,7 +170,7 @@ def build_launches(be) -> list:
                 ctx.vals[n.out] = strided_reshape(cp, src, ctx.shape(n.out))
             except GGFuseError:
                 # e.g. the attention gate: one half of each head's [q | gate] row, merged across heads
-                dst = ctx.scratch(f"reshape.{n.id}", ctx.shape(n.out), src.dtype)
+                dst = ctx.scratch_live(ctx.shape(n.out), src.dtype, step[n.id], last_use(be.graph, n.out, step))
                 d = _dense()
                 out.append(lambda src=src, dst=dst: d.copy(src, dst.reshape(src.shape), stream=ctx.stream))
                 be.launch_nodes.append(n)
@@ -168,10 +206,12 @@ def build_launches(be) -> list:
             # the LM head runs outside the chunk's graph: every row when the caller wants every
             # position's logits, one row (the last valid token) for time-to-first-token, none
             # for the other chunks of a long prompt
-            be.head_all = [fn(ctx, n)]
+            be.head_all = _HeadAll(ctx, n)
             be.head_last = [_lm_head_last(ctx, n)]
             be.head_node = n
             continue
+        if n.out == logits:   # logits from another op: computed inside the chunk, into scratch
+            ctx.vals[n.out] = ctx.scratch("logits", ctx.shape(n.out), np.float32)
         if streamer is not None:
             # the first reader of a streamed layer's experts waits for their copy first
             for f in dict.fromkeys(x for x in map(lambda v: fetch_of(be.graph, v), n.inputs) if x is not None):
@@ -181,8 +221,41 @@ def build_launches(be) -> list:
                     be.launch_nodes.append(f)
         out.append(fn(ctx, n))
         be.launch_nodes.append(n)
-    be.logits_view = ctx.v(logits)
+    be.logits_view = ctx.vals.get(logits)
     return out
+
+
+from ggfuse.runtime.cuda.workspace import HEAD_BLOCK  # noqa: E402  (rows per block of the all-rows LM head)
+
+
+class _HeadAll:
+    """Every valid row's logits, HEAD_BLOCK rows at a time through one scratch buffer, each
+    block copied to the host: the [T, vocab] logits (2 GB at T=2048 for a 248k vocabulary)
+    never need device memory of their own. Eager launches and a host copy per block: this
+    path is for callers that want every position's logits, not for time-to-first-token."""
+
+    def __init__(self, ctx, n):
+        from ggfuse.kernels.gemm import launch as gemm
+        self.gemm, self.ctx = gemm, ctx
+        self.x = ctx.v(n.inputs[0])
+        self.w, self.wtype, shape = _weight(ctx, n.inputs[1])
+        self.N, self.K = shape[-2], shape[-1]
+        self.a_dt = "f32" if self.x.dtype == np.float32 else "bf16"
+        self.lda = self.x.strides[0] // self.x.itemsize
+        self.rb = min(self.x.shape[0], HEAD_BLOCK)
+        self.buf = ctx.scratch("logits_block", (self.rb, self.N), np.float32)
+        gemm.prepare(self.a_dt, self.wtype)
+
+    def __call__(self, n_rows: int) -> np.ndarray:
+        cp, s = self.ctx.cp, self.ctx.stream
+        out = np.empty((n_rows, self.N), dtype=np.float32)
+        for b in range(0, n_rows, self.rb):
+            m = min(self.rb, n_rows - b)
+            self.gemm.gemm(self.x[b:b + m], self.a_dt, self.lda, self.w, self.wtype, self.N, self.K,
+                           self.buf[:m], "f32", self.N, m, s)
+            out[b:b + m] = cp.asnumpy(self.buf[:m], stream=s)
+            s.synchronize()
+        return out
 
 
 def _lm_head_last(ctx, n):
