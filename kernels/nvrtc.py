@@ -115,12 +115,13 @@ def compile_cubin(path: str, arch: str, options=(), defines: dict | None = None)
     return cubin
 
 
-def ptxas_report(path: str, arch: str) -> str:
+def ptxas_report(path: str, arch: str, defines: dict | None = None) -> str:
     """NVRTC's log of compiling `path` for `arch` with `ptxas -v` (registers, spills, stack per
     entry point), uncached; for the CPU-only checks that a kernel does not spill."""
     from cuda.bindings import nvrtc
     src = expand_source(path)
-    opts = [f"--gpu-architecture={arch}", *DEFAULT_OPTIONS, "--ptxas-options=-v"]
+    defs = [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
+    opts = [f"--gpu-architecture={arch}", *DEFAULT_OPTIONS, "--ptxas-options=-v", *defs]
     opts += [f"-I{d}" for d in cuda_include_dirs()]
     prog = _check(nvrtc.nvrtcCreateProgram(src.encode(), os.path.basename(path).encode(), 0, [], []))[1]
     try:

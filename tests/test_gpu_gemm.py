@@ -27,18 +27,23 @@ from ggfuse.kernels.gemm.weights import bf16_bits_to_f32, f32_to_bf16_bits, rand
 TYPES = launch.WEIGHT_TYPES
 
 
-@pytest.fixture(params=launch.IMPLS)
+@pytest.fixture(params=[*launch.IMPLS, "wgmma_generic"])
 def impl(request, monkeypatch):
-    """The GEMM kernel family under test, selected through GGFUSE_GEMM."""
-    if request.param == "wgmma" and launch.device_cc() != 90:
+    """The GEMM kernel family under test, selected through GGFUSE_GEMM (and GGFUSE_DEQUANT:
+    wgmma_generic = the wgmma kernels with the element-wise dequant8 instead of the word-wise one)."""
+    if request.param.startswith("wgmma") and launch.device_cc() != 90:
         pytest.skip("the wgmma kernels need a compute capability 9.0 device")
-    monkeypatch.setenv("GGFUSE_GEMM", request.param)
+    family = "wgmma" if request.param.startswith("wgmma") else request.param
+    monkeypatch.setenv("GGFUSE_GEMM", family)
+    monkeypatch.setenv("GGFUSE_DEQUANT", "generic" if request.param == "wgmma_generic" else "fast")
     return request.param
 
 
 def need(impl, w_type, K):
-    if impl == "wgmma" and (w_type not in launch.SM90_TYPES or K % 64):
+    if impl.startswith("wgmma") and (w_type not in launch.SM90_TYPES or K % 64):
         pytest.skip(f"no wgmma kernel for {w_type} / K={K}")
+    if impl == "wgmma_generic" and w_type == "bf16":
+        pytest.skip("bf16 weights are not dequantised")
 
 
 def rel_rms(x, ref):

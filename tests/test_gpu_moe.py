@@ -28,18 +28,22 @@ from ggfuse.kernels.moe import ref as moe_ref  # noqa: E402
 TILE = launch.MOE_TILE
 
 
-@pytest.fixture(params=gl.IMPLS)
+@pytest.fixture(params=[*gl.IMPLS, "wgmma_generic"])
 def impl(request, monkeypatch):
-    """The grouped-GEMM kernel family under test (GGFUSE_GEMM): mma.sync, or wgmma on cc 9.0."""
-    if request.param == "wgmma" and gl.device_cc() != 90:
+    """The grouped-GEMM kernel family under test (GGFUSE_GEMM): mma.sync, or wgmma on cc 9.0
+    (wgmma_generic: with the element-wise dequant8, GGFUSE_DEQUANT=generic)."""
+    if request.param.startswith("wgmma") and gl.device_cc() != 90:
         pytest.skip("the wgmma kernels need a compute capability 9.0 device")
-    monkeypatch.setenv("GGFUSE_GEMM", request.param)
+    monkeypatch.setenv("GGFUSE_GEMM", "wgmma" if request.param.startswith("wgmma") else request.param)
+    monkeypatch.setenv("GGFUSE_DEQUANT", "generic" if request.param == "wgmma_generic" else "fast")
     return request.param
 
 
 def need(impl, *w_types):
-    if impl == "wgmma" and any(t not in gl.SM90_TYPES for t in w_types):
+    if impl.startswith("wgmma") and any(t not in gl.SM90_TYPES for t in w_types):
         pytest.skip(f"no wgmma kernel for {w_types}")
+    if impl == "wgmma_generic" and all(t == "bf16" for t in w_types):
+        pytest.skip("bf16 weights are not dequantised")
 
 
 def seed(*parts) -> int:

@@ -34,11 +34,18 @@ def test_sm90a_sources_are_marked():
     assert {"gemm/gemm90.cu", "moe/grouped_gemm90.cu"} <= names
 
 
-@pytest.mark.parametrize("path", SM90A, ids=[os.path.relpath(p, KERNELS_DIR) for p in SM90A])
-def test_compiles_sm90a_without_spills(path):
+# the wgmma GEMM sources are also built with the element-wise dequantisation (launch.py
+# GGFUSE_DEQUANT=generic), so check that variant too
+SM90A_VARIANTS = [(p, None) for p in SM90A] + [(p, {"G90_GENERIC_DEQUANT": 1}) for p in SM90A
+                                               if os.path.relpath(p, KERNELS_DIR) in ("gemm/gemm90.cu", "moe/grouped_gemm90.cu")]
+
+
+@pytest.mark.parametrize("path,defines", SM90A_VARIANTS,
+                         ids=[os.path.relpath(p, KERNELS_DIR) + ("-generic" if d else "") for p, d in SM90A_VARIANTS])
+def test_compiles_sm90a_without_spills(path, defines):
     """Sources marked for sm_90a (wgmma, setmaxnreg) build for it with no stack and no spills,
     and ptxas honours setmaxnreg (it warns C7508 when it ignores it)."""
-    log = ptxas_report(path, "sm_90a")
+    log = ptxas_report(path, "sm_90a", defines)
     entries = re.findall(r"Function properties for (\w+)\n[^\n]*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
                          r"(\d+) bytes spill loads", log)
     assert entries, log[:2000]

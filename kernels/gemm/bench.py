@@ -4,8 +4,9 @@ Each case is captured once as a CUDA graph and replayed; the median of the repla
 is reported with achieved TFLOP/s and GB/s and the floors (FLOPs at 670 TFLOP/s, bytes at
 3.0 TB/s). torch.mm on bf16 is timed beside it when torch is importable.
 
-Every GEMM runs with each kernel family that applies (IMPLS: "mma" = mma.sync, "wgmma" = the
-sm_90a kernel on cc 9.0; GGFUSE_BENCH_IMPLS=mma,wgmma selects) and prints, beside its time, the
+Every GEMM runs with each kernel family that applies (FAMILIES: "mma" = mma.sync, "wgmma" = the
+sm_90a kernel on cc 9.0, "wgmma_generic" = the same with the old element-wise dequantisation;
+GGFUSE_BENCH_IMPLS=mma,wgmma,wgmma_generic selects) and prints, beside its time, the
 error on a sample of 64 rows x 256 columns against a float64 host reference on the same
 bf16-rounded operands: "err rms/max" = relative RMS and max-abs / max|ref|.
 """
@@ -47,10 +48,25 @@ def device_weight(w_type, N: int, K: int):
     return raw.reshape(N, nb * t.block_bytes)
 
 
+FAMILIES = (*launch.IMPLS, "wgmma_generic")
+
+
 def impls() -> list[str]:
-    """The kernel families to time here: GGFUSE_BENCH_IMPLS (comma list) or all of launch.IMPLS."""
+    """The kernel families to time here: GGFUSE_BENCH_IMPLS (comma list) or all of FAMILIES:
+    mma, wgmma (fast word-wise dequantisation) and wgmma_generic (the wgmma kernels built with
+    the element-wise dequant8, GGFUSE_DEQUANT=generic; timed for GGML weights only)."""
     env = os.environ.get("GGFUSE_BENCH_IMPLS")
-    return [x.strip() for x in env.split(",")] if env else list(launch.IMPLS)
+    out = [x.strip() for x in env.split(",")] if env else list(FAMILIES)
+    bad = [x for x in out if x not in FAMILIES]
+    if bad:
+        raise ValueError(f"GGFUSE_BENCH_IMPLS: unknown families {bad} (known: {', '.join(FAMILIES)})")
+    return out
+
+
+def use_family(family: str) -> str:
+    """Select a family for the launches that follow; returns the launcher's impl= argument."""
+    os.environ["GGFUSE_DEQUANT"] = "generic" if family == "wgmma_generic" else "fast"
+    return "wgmma" if family.startswith("wgmma") else family
 
 
 def host_rows(w, w_type, rows, K: int) -> np.ndarray:
@@ -141,7 +157,7 @@ def main() -> None:
         torch = None
     from ggfuse.kernels.gemm.weights import bf16_bits_to_f32
     print(f"device: {cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)['name'].decode()}, "
-          f"GEMM kernels: {', '.join(impls())}")
+          f"GEMM kernel families: {', '.join(impls())}")
     silu = lambda x: x / (1.0 + np.exp(-x))   # noqa: E731
     for name, M, N, K, types in CASES:
         swiglu = name.startswith("swiglu")
@@ -160,10 +176,12 @@ def main() -> None:
                 c = cp.empty((M, N), dtype=cp.float32)
                 flops, nbytes = 2 * M * N * K, w.nbytes + a.nbytes + c.nbytes
                 ref = A @ host_rows(w, wt, ni, K).T
-            for impl in impls():
+            for family in impls():
                 try:
-                    if impl == "wgmma" and (launch.device_cc() != 90 or qtype(wt).name not in launch.SM90_TYPES or K % 64):
+                    if family.startswith("wgmma") and (launch.device_cc() != 90 or qtype(wt).name not in launch.SM90_TYPES
+                                                       or K % 64 or (family == "wgmma_generic" and wt == "bf16")):
                         continue
+                    impl = use_family(family)
                     launch.prepare("bf16", wt, impl)
                     if swiglu:
                         run = lambda s: launch.gemm_swiglu(a, "bf16", K, wg, wu, wt, N, K, c, "bf16", N, M, s, impl=impl)  # noqa: E731
@@ -173,9 +191,10 @@ def main() -> None:
                     ms = time_graph(run)
                     got = c[cp_index(mi)][:, cp_index(ni)].get()
                     got = bf16_bits_to_f32(got) if swiglu else got
-                    print(row(f"{name} {wt} {impl}", ms, flops, nbytes) + "   " + err(got, ref))
+                    print(row(f"{name} {wt} {family}", ms, flops, nbytes) + "   " + err(got, ref))
                 except Exception as exc:   # one failing variant must not hide the others
-                    print(f"{name} {wt} {impl}: {type(exc).__name__}: {exc}")
+                    print(f"{name} {wt} {family}: {type(exc).__name__}: {exc}")
+            use_family("wgmma")
         if torch is not None:
             n_out = 2 * N if swiglu else N
             ta = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)

@@ -9,7 +9,10 @@
 //     mbarrier through cp.async.mbarrier.arrive.noinc. f32 A is read into registers, rounded to
 //     bf16 and stored into the swizzled tile. GGML W: the raw blocks go by cp.async into a raw
 //     ring (own full/empty mbarriers) and the producers dequantise each step's [BN x 64] slice
-//     into the swizzled bf16 tile (st.shared + fence.proxy.async, then a plain arrive).
+//     into the swizzled bf16 tile (st.shared + fence.proxy.async, then a plain arrive). Q4_K,
+//     Q6_K and Q8_0 use the word-wise decoders of gemm/dequant90.cuh (two threads per W row,
+//     16-byte shared loads, prmt int->float, scales decoded once per sub-block); the define
+//     G90_GENERIC_DEQUANT (launch.py GGFUSE_DEQUANT=generic) falls back to ggml_quants' dequant8.
 //   the last 2 warpgroups (consumers, setmaxnreg 216 / 160): consumer c owns tile rows
 //     [64c, 64c + 64) and runs wgmma.mma_async m64nBNk16 (4 per 64-wide step) on the shared
 //     tiles, f32 accumulators in registers; after step s's wgmma are issued it waits until at
@@ -63,10 +66,21 @@ template<int W, bool A_F32> struct Cfg {
     static constexpr int UNIT_ELEMS = QK > BK ? QK : BK;
     static constexpr int UNIT_BYTES = UNIT_ELEMS / QK * QBYTES;
     static constexpr int R = UNIT_ELEMS / BK;
-    static constexpr int SLOT = kRaw ? (UNIT_BYTES + 15 + 15) / 16 * 16 : 0;   // + misalignment
-    static constexpr int CHUNKS = SLOT / 16;
+    // 16-byte chunks copied per row and unit (the unit's bytes start at any offset mis < 16 of
+    // the first); the slot of a row is an odd number of chunks, so the 16-byte reads of 8
+    // consecutive rows (one phase) hit 8 different bank groups
+    static constexpr int CHUNKS = kRaw ? (UNIT_BYTES + 15 + 15) / 16 : 0;
+    static constexpr int SLOT = 16 * (CHUNKS | 1);
     static constexpr int NR = !kRaw ? 0 : R == 1 ? S : (S - 1 + R + R - 1) / R;
-    static constexpr int RAW_BYTES = NR * BN * SLOT;
+    // + 16: the last row's unaligned 48-byte window reads (dequant90.cuh window8) stay inside
+    static constexpr int RAW_BYTES = kRaw ? NR * BN * SLOT + 16 : 0;
+    // fast word-wise dequantisation (dequant90.cuh) for these types; G90_GENERIC_DEQUANT (a
+    // define, launch.py GGFUSE_DEQUANT=generic) keeps the generic dequant8 for comparison
+#if defined(G90_GENERIC_DEQUANT)
+    static constexpr bool kFastDq = false;
+#else
+    static constexpr bool kFastDq = W == GGML_Q4_K || W == GGML_Q6_K || W == GGML_Q8_0;
+#endif
     // layout (offsets from the 1024-aligned base)
     static constexpr int OFF_B = S * A_TILE;
     static constexpr int OFF_RAW = OFF_B + S * B_TILE;
@@ -86,6 +100,7 @@ template<int W, bool A_F32> __host__ __device__ constexpr int smem_bytes() { ret
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #include "gemm/wgmma.cuh"
+#include "gemm/dequant90.cuh"
 
 namespace g90 {
 
@@ -332,16 +347,40 @@ __device__ __forceinline__ void gemm_block(
                 bar_wait(bar_rfull + 8 * rs, (u / CF::NR) & 1);
                 const u8* raw = base + CF::OFF_RAW + rs * (BN * CF::SLOT);
                 const u32 tB = sB + (s % S) * CF::B_TILE;
-#pragma unroll
-                for (int i = 0; i < BN * 8 / kProducers; ++i) {
-                    const int j = p + i * kProducers, r = j >> 3, ch = j & 7;
+                if constexpr (CF::kFastDq) {
+                    // thread p: W row r = p % BN (8 consecutive threads = 8 rows: conflict-free
+                    // 16-byte reads of the odd-chunk raw slots and swizzled stores), half hh
+                    static_assert(kProducers == 2 * BN, "fast dequant: two producer threads per W row");
+                    const int r = p % BN, hh = p / BN;
                     const u8* row = s_brow[r];
                     const int mis = row ? (int)((reinterpret_cast<u64>(row) + (u64)u * CF::UNIT_BYTES) & 15) : 0;
-                    const int e = sub * BK + ch * 8;     // element within the unit
-                    float f[8];
-                    dequant8<W>(raw + r * CF::SLOT + mis + (e / CF::QK) * CF::QBYTES, (e % CF::QK) >> 3, f);
-                    st_shared_v4(tB + swz(r, ch), pack_bf16(f[0], f[1]), pack_bf16(f[2], f[3]),
-                                 pack_bf16(f[4], f[5]), pack_bf16(f[6], f[7]));
+                    const u32 b = sRaw + rs * (BN * CF::SLOT) + r * CF::SLOT + mis;
+                    u32 o[16];
+                    int ch[4];
+                    if constexpr (W == GGML_Q4_K) {
+                        dq90::q4_k(b, sub, hh, o);
+                        ch[0] = 2 * hh; ch[1] = 2 * hh + 1; ch[2] = 4 + 2 * hh; ch[3] = 5 + 2 * hh;
+                    } else {
+                        if constexpr (W == GGML_Q6_K) dq90::q6_k(b, sub, hh, o);
+                        else dq90::q8_0(b, hh, o);
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) ch[i] = 4 * hh + i;
+                    }
+#pragma unroll
+                    for (int i = 0; i < 4; ++i)
+                        st_shared_v4(tB + swz(r, ch[i]), o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]);
+                } else {   // generic: dequant8 per 8-element chunk, byte-wise
+#pragma unroll
+                    for (int i = 0; i < BN * 8 / kProducers; ++i) {
+                        const int j = p + i * kProducers, r = j >> 3, ch = j & 7;
+                        const u8* row = s_brow[r];
+                        const int mis = row ? (int)((reinterpret_cast<u64>(row) + (u64)u * CF::UNIT_BYTES) & 15) : 0;
+                        const int e = sub * BK + ch * 8;     // element within the unit
+                        float f[8];
+                        dequant8<W>(raw + r * CF::SLOT + mis + (e / CF::QK) * CF::QBYTES, (e % CF::QK) >> 3, f);
+                        st_shared_v4(tB + swz(r, ch), pack_bf16(f[0], f[1]), pack_bf16(f[2], f[3]),
+                                     pack_bf16(f[4], f[5]), pack_bf16(f[6], f[7]));
+                    }
                 }
                 fence_proxy_async();
                 bar_arrive(bar_full + 8 * (s % S));

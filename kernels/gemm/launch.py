@@ -13,7 +13,8 @@ capturing (module load and function attributes are not stream work).
 Which kernel: `impl="wgmma"` (the sm_90a kernel) where the device is cc 9.0, the weight type is
 in SM90_TYPES and K % 64 == 0; otherwise `impl="mma"`. The environment variable GGFUSE_GEMM=mma
 forces the mma.sync kernel everywhere (GGFUSE_GEMM=wgmma: an error where it cannot be used);
-an explicit impl= argument overrides both (the benchmarks compare them).
+an explicit impl= argument overrides both (the benchmarks compare them). GGFUSE_DEQUANT=generic
+builds the wgmma kernels with the old element-wise dequantisation (see dequant90()).
 """
 from __future__ import annotations
 
@@ -99,9 +100,10 @@ def cfg90(w_type, a_kind: str) -> tuple[int, int, int]:
     unit_elems = max(qk, BK_)
     unit_bytes = unit_elems // qk * qbytes
     r = unit_elems // BK_
-    slot = (unit_bytes + 30) // 16 * 16 if raw else 0
+    slot = 16 * (((unit_bytes + 30) // 16) | 1) if raw else 0
     nr = 0 if not raw else S if r == 1 else (S - 1 + 2 * r - 1) // r
-    end = S * BM_ * BK_ * 2 + S * bn * BK_ * 2 + nr * bn * slot + (2 * S + 2 * nr) * 8 + BM_ * 8 + bn * 8 + BM_ * 4 + 16
+    raw_bytes = nr * bn * slot + 16 if raw else 0
+    end = S * BM_ * BK_ * 2 + S * bn * BK_ * 2 + raw_bytes + (2 * S + 2 * nr) * 8 + BM_ * 8 + bn * 8 + BM_ * 4 + 16
     return bn, threads, end + 1024
 
 
@@ -130,24 +132,39 @@ def pick_impl(w_name: str, K: int, impl: str | None = None) -> str:
     return "wgmma" if ok90 else "mma"
 
 
-def function(source: str, name: str, w_type, smem: int | None = None):
-    """The kernel `name` of `source` with its dynamic shared memory limit set (once per device);
-    smem defaults to the mma.sync kernels' smem_bytes(w_type)."""
+def function(source: str, name: str, w_type, smem: int | None = None, defines: dict | None = None):
+    """The kernel `name` of `source` (built with `defines`) with its dynamic shared memory limit
+    set (once per device); smem defaults to the mma.sync kernels' smem_bytes(w_type)."""
     import cupy
     dev = cupy.cuda.Device().id
-    key = (dev, source, name)
+    key = (dev, source, name, tuple(sorted((defines or {}).items())))
     with _lock:
         fn = _functions.get(key)
         if fn is None:
-            fn = load_module(source).get_function(name)
+            fn = load_module(source, defines=defines).get_function(name)
             fn.max_dynamic_shared_size_bytes = smem_bytes(w_type, device_cc()) if smem is None else smem
             fn.preferred_shared_memory_carveout = 100   # two blocks per SM need ~2 x 105 KB
             _functions[key] = fn
     return fn
 
 
+DEQUANTS = ("fast", "generic")
+
+
+def dequant90() -> str:
+    """How the wgmma kernels' producers dequantise GGML weights: "fast" (word-wise,
+    gemm/dequant90.cuh, for Q4_K / Q6_K / Q8_0) unless GGFUSE_DEQUANT=generic asks for the
+    element-wise dequant8 of quant/ggml_quants.cuh (a separate module, for comparison). Read at
+    launch time, so a benchmark can switch between graph captures."""
+    v = os.environ.get("GGFUSE_DEQUANT", "").strip().lower() or "fast"
+    if v not in DEQUANTS:
+        raise ValueError(f"GGFUSE_DEQUANT must be one of {DEQUANTS}, got {v!r}")
+    return v
+
+
 def function90(source: str, name: str, w_name: str, a_kind: str):
-    return function(source, name, w_name, cfg90(w_name, a_kind)[2])
+    defines = {"G90_GENERIC_DEQUANT": 1} if dequant90() == "generic" else None
+    return function(source, name, w_name, cfg90(w_name, a_kind)[2], defines)
 
 
 def prepare(a_dtype, w_type, impl: str | None = None) -> None:

@@ -5,7 +5,8 @@ copy of the experts), x bf16, random routing. Ours: router GEMM (bf16 router wei
 moe_route + moe_gate_up + moe_down, one CUDA graph; also each part alone. Anchor (if torch is
 importable): the same layer with bf16 weights in torch: router mm, softmax, topk, sort, gather,
 torch._grouped_mm (gate|up), SwiGLU, torch._grouped_mm (down), weight, index_add.
-The grouped GEMMs are timed with each kernel family (gemm.bench.impls: mma, wgmma on cc 9.0);
+The grouped GEMMs are timed with each kernel family (gemm.bench.impls: mma, and wgmma /
+wgmma_generic = fast / element-wise dequantisation on cc 9.0);
 the err column compares each family's h and out with the first family's (mma.sync, which
 tests/test_gpu_moe.py checks against the float64 reference).
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ggfuse.kernels.gemm import launch as gl
-from ggfuse.kernels.gemm.bench import PEAK_TBS, PEAK_TFLOPS, device_weight, err, impls, time_graph, time_torch
+from ggfuse.kernels.gemm.bench import PEAK_TBS, PEAK_TFLOPS, device_weight, err, impls, time_graph, time_torch, use_family
 from ggfuse.kernels.moe import launch
 
 D, E, K_TOP, F = 2048, 256, 8, 512
@@ -117,10 +118,11 @@ def main() -> None:
         print(row("router gemm (bf16)", time_graph(router), 2 * N * E * D))
         print(row("moe_route", time_graph(route), 0))
         first = None
-        for impl in impls():
-            if impl == "wgmma" and gl.device_cc() != 90:
+        for family in impls():
+            if family.startswith("wgmma") and gl.device_cc() != 90:
                 continue
             try:
+                impl = use_family(family)
                 launch.prepare("bf16", GU_TYPE, DN_TYPE, impl)
                 layer(None)
                 cp.cuda.Device().synchronize()
@@ -128,12 +130,13 @@ def main() -> None:
                 res = (cp.asnumpy(h[:pad_rows])[valid].astype(np.uint32) << 16).view(np.float32), cp.asnumpy(out)
                 first = first or res
                 e = f"h {err(res[0], first[0].astype(np.float64))} | out {err(res[1], first[1].astype(np.float64))}"
-                print(row(f"moe_gate_up ({GU_TYPE}) {impl}", time_graph(gate_up), f_gu, w_gate.nbytes + w_up.nbytes) + "   " + e)
-                print(row(f"moe_down ({DN_TYPE}) {impl}", time_graph(down), f_dn, w_down.nbytes))
-                print(row(f"whole layer (ours) {impl}", time_graph(layer), f_gu + f_dn + 2 * N * E * D, wbytes))
+                print(row(f"moe_gate_up ({GU_TYPE}) {family}", time_graph(gate_up), f_gu, w_gate.nbytes + w_up.nbytes) + "   " + e)
+                print(row(f"moe_down ({DN_TYPE}) {family}", time_graph(down), f_dn, w_down.nbytes))
+                print(row(f"whole layer (ours) {family}", time_graph(layer), f_gu + f_dn + 2 * N * E * D, wbytes))
             except Exception as exc:   # one failing variant must not hide the others
-                print(f"moe {impl}: {type(exc).__name__}: {exc}")
+                print(f"moe {family}: {type(exc).__name__}: {exc}")
         impl = None
+        use_family("wgmma")
         if torch is not None:
             try:
                 t_layer, t_gemms = torch_layer(N)
