@@ -106,6 +106,9 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
                     log(line)
         rows.append(row)
         log(f"pp{n:<6} {row['tok_per_s']:10.1f} tok/s   TTFT {ms:9.2f} ms")
+    if device == "cuda":
+        _release(backend)
+        del model, backend
     return {"model": os.path.abspath(path), "arch": plan.arch, "device": device, "chunk": chunk,
             "vram_budget": vram_budget, "repeat": repeat, "compile_s": t_compile, "load_s": t_load,
             "results": rows, "prefetch": plan.stats.get("prefetch"), "ceilings": ceilings,
@@ -117,6 +120,24 @@ def _device_name() -> str:
     p = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
     name = p["name"]
     return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _release(backend) -> None:
+    """Give the device back before another engine runs in the same process run (llama-bench
+    loading an 80B model needs the memory): page-locked GGUF regions, graphs, CuPy's pools."""
+    import gc
+
+    import cupy as cp
+    close = getattr(backend, "close", None)
+    if close is not None:
+        close()
+    backend.graphs = {}
+    for v in list(getattr(backend, "_views", {}).values()):
+        v.graphs = {}
+    gc.collect()
+    cp.cuda.Device().synchronize()
+    cp.get_default_memory_pool().free_all_blocks()
+    cp.get_default_pinned_memory_pool().free_all_blocks()
 
 
 def phase_breakdown(model, backend, tokens) -> dict:
