@@ -294,7 +294,8 @@ def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe=None
         cmd += ["--n-cpu-moe", ",".join(map(str, ns)), "-lm", "none"]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
-        raise GGFuseError(exe, f"llama-bench failed ({p.returncode}): {p.stderr.strip().splitlines()[-1:]}")
+        tail = " | ".join(ln.strip() for ln in p.stderr.strip().splitlines()[-4:])
+        raise GGFuseError(exe, f"llama-bench failed ({p.returncode}): {tail}")
     res = json.loads(p.stdout)
     build = {k: res[0].get(k) for k in ("build_commit", "build_number", "gpu_info", "backends")} if res else {}
     best: dict[int, float] = {}
@@ -373,6 +374,12 @@ def bench_main(args) -> int:
     except ValueError:
         raise GGFuseError(None, f"--prompt must be comma-separated integers, got {args.prompt!r}") from None
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    llama = None
+    if args.against_llama_bench:
+        # llama.cpp first, while the device is empty: a large model does not fit beside ours
+        log(f"llama-bench on {args.model} ...")
+        llama = run_llama_bench(args.against_llama_bench, args.model, prompts, repeat=args.repeat,
+                                n_cpu_moe=_int_list(args.n_cpu_moe))
     if args.chunk == "auto":
         groups: dict[int, list] = {}
         for n in prompts:
@@ -400,9 +407,8 @@ def bench_main(args) -> int:
             raise GGFuseError(None, f"--chunk must be an integer or 'auto', got {args.chunk!r}") from None
         res = bench_model(args.model, prompts, chunk=chunk, repeat=args.repeat, vram_budget=args.vram_budget,
                           device=args.device, log=log)
-    if args.against_llama_bench:
-        res["llama_bench"] = run_llama_bench(args.against_llama_bench, args.model, prompts, repeat=args.repeat,
-                                             n_cpu_moe=_int_list(args.n_cpu_moe))
+    if llama is not None:
+        res["llama_bench"] = llama
     lb = (res.get("llama_bench") or {}).get("results", {})
     print(f"{'prompt':>8} {'ggfuse tok/s':>14} {'TTFT ms':>10} {'of floor':>9}" +
           (f" {'llama.cpp tok/s':>16} {'ratio':>7}" if lb else ""))
