@@ -28,14 +28,18 @@ from ggfuse.kernels.moe import ref as moe_ref  # noqa: E402
 TILE = launch.MOE_TILE
 
 
-@pytest.fixture(params=[*gl.IMPLS, "wgmma_generic"])
+@pytest.fixture(params=[*gl.IMPLS, "wgmma_tiles", "wgmma_generic"])
 def impl(request, monkeypatch):
     """The grouped-GEMM kernel family under test (GGFUSE_GEMM): mma.sync, or wgmma on cc 9.0
-    (wgmma_generic: with the element-wise dequant8, GGFUSE_DEQUANT=generic)."""
+    with persistent blocks (GGFUSE_MOE90=persist, the default), wgmma_tiles (a block per tile,
+    GGFUSE_MOE90=tiles), wgmma_generic (persistent, with the element-wise dequant8,
+    GGFUSE_DEQUANT=generic)."""
     if request.param.startswith("wgmma") and gl.device_cc() != 90:
         pytest.skip("the wgmma kernels need a compute capability 9.0 device")
     monkeypatch.setenv("GGFUSE_GEMM", "wgmma" if request.param.startswith("wgmma") else request.param)
     monkeypatch.setenv("GGFUSE_DEQUANT", "generic" if request.param == "wgmma_generic" else "fast")
+    monkeypatch.setenv("GGFUSE_MOE90", "tiles" if request.param == "wgmma_tiles" else "persist")
+    monkeypatch.delenv("GGFUSE_MOE90_BLOCKS", raising=False)
     return request.param
 
 
@@ -181,7 +185,7 @@ def check(out, ref, tol_rms=1e-2):
     assert e < tol_rms and m < 2e-2, f"rel rms {e:.3g}, max-abs/max {m:.3g}"
 
 
-def run_moe(T, E, k, D, F, gu_type, dn_type, x_kind, merged, n_valid, rng, graph=False):
+def run_moe(T, E, k, D, F, gu_type, dn_type, x_kind, merged, n_valid, rng, graph=False, out_offset=0):
     logits = separated_logits(T, E, rng)
     x, x_host = bf16_x(T, D, x_kind, rng)
     if merged:
@@ -197,7 +201,10 @@ def run_moe(T, E, k, D, F, gu_type, dn_type, x_kind, merged, n_valid, rng, graph
     r = Route(T, E, k, TILE)
     S = r.slots.size
     h = cp.full((S, F), 0xFFFF, dtype=cp.uint16)
-    out = cp.full((T, D), np.nan, dtype=cp.float32)
+    # out_offset: out starts that many floats into its buffer (2: 8- but not 16-byte aligned, so
+    # the wgmma scatter takes its per-element path instead of red.v4)
+    out_buf = cp.full(T * D + out_offset, np.nan, dtype=cp.float32)
+    out = out_buf[out_offset:].reshape(T, D)
     nv = cp.asarray([n_valid], dtype=cp.int32)
     lg = cp.asarray(logits)
     launch.prepare(x_kind, gu_type, dn_type)
@@ -273,3 +280,42 @@ def test_moe_layer_prefill_sized(impl):
     rng = np.random.default_rng(61)
     run_moe(T=256, E=16, k=8, D=2048, F=512, gu_type="q4_k", dn_type="q6_k", x_kind="bf16",
             merged=True, n_valid=250, rng=rng)
+
+
+# ---- the persistent wgmma schedule (moe90p_*): few blocks, so that each walks many items ----
+
+def wgmma_persist(impl, monkeypatch, blocks):
+    if impl not in ("wgmma", "wgmma_generic"):
+        pytest.skip("persistent blocks: the wgmma families that use them")
+    monkeypatch.setenv("GGFUSE_MOE90_BLOCKS", str(blocks))
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 7])
+def test_moe_layer_persistent_few_blocks(impl, monkeypatch, blocks):
+    """1, 3 or 7 blocks for about 60 row tiles x 2-4 column tiles: every block runs many items
+    back to back (the ring, the raw ring and the double-buffered tables wrap across items; odd
+    and even item counts per block), D = F = 512 (8 steps per item: two raw Q4_K / Q6_K units),
+    padded chunk, merged gate_up."""
+    wgmma_persist(impl, monkeypatch, blocks)
+    rng = np.random.default_rng(71 + blocks)
+    run_moe(T=700, E=32, k=8, D=512, F=512, gu_type="q4_k", dn_type="q6_k", x_kind="bf16",
+            merged=True, n_valid=689, rng=rng)
+
+
+def test_moe_layer_persistent_graph(impl, monkeypatch):
+    wgmma_persist(impl, monkeypatch, 5)
+    rng = np.random.default_rng(81)
+    run_moe(T=300, E=24, k=6, D=256, F=256, gu_type="q8_0", dn_type="q4_k", x_kind="f32",
+            merged=False, n_valid=300, rng=rng, graph=True)
+
+
+@pytest.mark.parametrize("w_type", ["q8_0", "bf16"])
+def test_moe_down_tail_and_unaligned_out(impl, w_type):
+    """D = 320 (down's last column tile is half full) and an output 8- but not 16-byte aligned
+    (the wgmma scatter's per-element atomics instead of red.v4); every schedule."""
+    need(impl, w_type)
+    rng = np.random.default_rng(91)
+    run_moe(T=150, E=8, k=2, D=320, F=256, gu_type=w_type, dn_type=w_type, x_kind="bf16",
+            merged=False, n_valid=150, rng=rng, out_offset=2)
+    run_moe(T=150, E=8, k=2, D=320, F=256, gu_type=w_type, dn_type=w_type, x_kind="bf16",
+            merged=False, n_valid=150, rng=rng)

@@ -51,21 +51,27 @@ def device_weight(w_type, N: int, K: int):
 FAMILIES = (*launch.IMPLS, "wgmma_generic")
 
 
-def impls() -> list[str]:
-    """The kernel families to time here: GGFUSE_BENCH_IMPLS (comma list) or all of FAMILIES:
+def impls(families=FAMILIES) -> list[str]:
+    """The kernel families to time here: GGFUSE_BENCH_IMPLS (comma list) or all of `families`:
     mma, wgmma (fast word-wise dequantisation) and wgmma_generic (the wgmma kernels built with
-    the element-wise dequant8, GGFUSE_DEQUANT=generic; timed for GGML weights only)."""
+    the element-wise dequant8, GGFUSE_DEQUANT=generic; timed for GGML weights only); the MoE
+    benchmark adds wgmma_tiles (a block per tile instead of persistent blocks). Names not in
+    `families` are skipped if another benchmark knows them."""
     env = os.environ.get("GGFUSE_BENCH_IMPLS")
-    out = [x.strip() for x in env.split(",")] if env else list(FAMILIES)
-    bad = [x for x in out if x not in FAMILIES]
+    out = [x.strip() for x in env.split(",")] if env else list(families)
+    bad = [x for x in out if x not in ALL_FAMILIES]
     if bad:
-        raise ValueError(f"GGFUSE_BENCH_IMPLS: unknown families {bad} (known: {', '.join(FAMILIES)})")
-    return out
+        raise ValueError(f"GGFUSE_BENCH_IMPLS: unknown families {bad} (known: {', '.join(ALL_FAMILIES)})")
+    return [x for x in out if x in families]
+
+
+ALL_FAMILIES = (*FAMILIES, "wgmma_tiles")
 
 
 def use_family(family: str) -> str:
     """Select a family for the launches that follow; returns the launcher's impl= argument."""
     os.environ["GGFUSE_DEQUANT"] = "generic" if family == "wgmma_generic" else "fast"
+    os.environ["GGFUSE_MOE90"] = "tiles" if family == "wgmma_tiles" else "persist"
     return "wgmma" if family.startswith("wgmma") else family
 
 

@@ -3,7 +3,7 @@
 // meaning as gemm_core.cuh (the mma.sync core used below sm_90 and as the fallback).
 //
 // Block: 3 or 4 warpgroups (Cfg: 384 threads for bf16 A and W, 512 otherwise), warp-specialised.
-//   the first 1 or 2 warpgroups (producers, setmaxnreg 64 / 96): load A and W for step s into the
+//   the first 1 or 2 warpgroups (producers, setmaxnreg 96): load A and W for step s into the
 //     ring slot s % S, and signal full[slot]. bf16 operands go by cp.async (16 B, zero-filled
 //     past the valid rows / K) straight into the 128-byte-swizzled tile, completing on the
 //     mbarrier through cp.async.mbarrier.arrive.noinc. f32 A is read into registers, rounded to
@@ -13,12 +13,17 @@
 //     Q6_K and Q8_0 use the word-wise decoders of gemm/dequant90.cuh (two threads per W row,
 //     16-byte shared loads, prmt int->float, scales decoded once per sub-block); the define
 //     G90_GENERIC_DEQUANT (launch.py GGFUSE_DEQUANT=generic) falls back to ggml_quants' dequant8.
-//   the last 2 warpgroups (consumers, setmaxnreg 216 / 160): consumer c owns tile rows
+//     Per step s the producers issue A (and raw W units ahead) and dequantise W as soon as the
+//     ring slot is free, so the dequantisation also runs up to S - 1 steps ahead of the wgmma.
+//   the last 2 warpgroups (consumers, setmaxnreg 200 / 160): consumer c owns tile rows
 //     [64c, 64c + 64) and runs wgmma.mma_async m64nBNk16 (4 per 64-wide step) on the shared
 //     tiles, f32 accumulators in registers; after step s's wgmma are issued it waits until at
-//     most one group is pending (step s-1 done) and releases slot s-1 (empty[slot]).
-//     A consumer whose 64 rows are all past the valid rows skips the main loop entirely
-//     (the empty barriers then expect one warpgroup's arrivals only).
+//     most one group is pending (step s-1 done) and releases slot s-1 (empty[slot]); the last
+//     step's slot is released before the epilogue. A consumer whose 64 rows are all past the
+//     valid rows issues no wgmma but still waits and releases every step (empty[] always
+//     counts the 8 consumer warps).
+//   MoE down's epilogue pairs lanes (shuffle) so that each red.global.add.v4.f32 adds 4
+//   consecutive columns of one output row.
 //
 // Tiles: BM = 128 rows of A, BN rows of W (256 for bf16 W, 128 for GGML W: leaves shared memory
 // for the raw ring and halves the dequantisation per step), BK = 64 (one 128-byte row).
@@ -55,8 +60,8 @@ template<int W, bool A_F32> struct Cfg {
     static constexpr int BN = (kRaw || A_F32) ? 128 : 256;
     static constexpr int PRODUCERS = BN == 256 ? 128 : 256;
     static constexpr int THREADS = PRODUCERS + 256;
-    static constexpr int PREGS = BN == 256 ? 64 : 96;      // setmaxnreg: P * PREGS + 256 * CREGS <= 65536
-    static constexpr int CREGS = BN == 256 ? 216 : 160;
+    static constexpr int PREGS = 96;                        // setmaxnreg: P * PREGS + 256 * CREGS <= 65536
+    static constexpr int CREGS = BN == 256 ? 200 : 160;     // (bf16 / bf16: producers spill at 72)
     static constexpr int B_TILE = BN * BK * 2;
     static constexpr int S = kStages;
     // raw unit: the raw bytes of one W row that one step (or, for 256-element blocks, four
@@ -84,11 +89,14 @@ template<int W, bool A_F32> struct Cfg {
     // layout (offsets from the 1024-aligned base)
     static constexpr int OFF_B = S * A_TILE;
     static constexpr int OFF_RAW = OFF_B + S * B_TILE;
-    static constexpr int OFF_BAR = OFF_RAW + RAW_BYTES;                  // full[S] empty[S] rfull[NR] rempty[NR]
-    static constexpr int OFF_AROW = OFF_BAR + (2 * S + 2 * NR) * 8;
-    static constexpr int OFF_BROW = OFF_AROW + BM * 8;
-    static constexpr int OFF_SLOT = OFF_BROW + BN * 8;
-    static constexpr int END = OFF_SLOT + BM * 4 + 16;
+    // full[S] empty[S] rfull[NR] rempty[NR] tbl_full[2] tbl_empty[2]
+    static constexpr int OFF_BAR = OFF_RAW + RAW_BYTES;
+    // per-item tables, double-buffered: A row pointers [2][BM], W row pointers [2][BN], slots
+    // [2][BM], then info [2][4] ints (valid rows, expert)
+    static constexpr int OFF_AROW = OFF_BAR + (2 * S + 2 * NR + 4) * 8;
+    static constexpr int OFF_BROW = OFF_AROW + 2 * BM * 8;
+    static constexpr int OFF_SLOT = OFF_BROW + 2 * BN * 8;
+    static constexpr int END = OFF_SLOT + 2 * BM * 4 + 32;
     static constexpr int SMEM = END + 1024;                              // + alignment slack
     static_assert(!kRaw || R * BK == UNIT_ELEMS, "a raw unit is a whole number of steps");
     static_assert(!kRaw || (R == 1 ? NR >= S - 1 : NR * R >= S - 1 + R), "raw ring too shallow for the lead");
@@ -141,6 +149,9 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
 __device__ __forceinline__ void red_add2(float* p, float a, float b) {
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(p), "f"(a), "f"(b) : "memory");
 }
+__device__ __forceinline__ void red_add4(float* p, float a, float b, float c, float d) {
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" :: "l"(p), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+}
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
 
 // Shared-memory matrix descriptor, K-major, 128-byte swizzle: start address >> 4 (bits 0-13),
@@ -161,7 +172,18 @@ template<int N> __device__ __forceinline__ void wgmma(float* d, u64 da, u64 db) 
 // Arguments and modes exactly as gemm::gemm_block (gemm_core.cuh). kSwiglu / kMoeGateUp: a
 // block computes BN/2 output columns from BN/2 gate rows (B tile rows [0, BN/2)) and the same
 // BN/2 up rows (rows [BN/2, BN)); accumulator n8-block j pairs with j + BN/16.
-template<int W, bool A_F32, int MODE>
+//
+// Work items: item = (row tile rt, column tile nt), numbered rt * ntn + nt. PERSIST = false: one
+// item per block, (blockIdx.y, blockIdx.x). PERSIST = true (the MoE modes): a grid of about one
+// block per SM walks items blockIdx.x, + gridDim.x, ... over the row tiles that exist
+// (expert_offsets[E] / BM of them, read on the device), so a block's next item is loaded while
+// its consumers finish the current one (no per-tile launch, prologue or pipeline fill).
+// The ring continues across items: global step g = j * nsteps + s for the block's j-th item.
+// Per-item tables (A / W row pointers, slots, valid rows, expert) are double-buffered (buffer
+// j & 1) and handed over by two more mbarriers: tbl_full[b] (producers -> consumers: the tables
+// of item j are written) and tbl_empty[b] (consumers -> producers: item j's epilogue is done,
+// buffer b may take item j + 2).
+template<int W, bool A_F32, int MODE, bool PERSIST = false>
 __device__ __forceinline__ void gemm_block(
     const void* __restrict__ a, long long lda,
     const u8* __restrict__ w0, const u8* __restrict__ w1, long long w_row_bytes, long long w_expert_bytes,
@@ -171,9 +193,11 @@ __device__ __forceinline__ void gemm_block(
     const float* __restrict__ route_w)
 {
     typedef Cfg<W, A_F32> CF;
-    constexpr int BN = CF::BN, S = CF::S, kThreads = CF::THREADS, kProducers = CF::PRODUCERS;
+    constexpr int BN = CF::BN, S = CF::S, kProducers = CF::PRODUCERS;
     constexpr bool kSwi = MODE == kSwiglu || MODE == kMoeGateUp;
     constexpr bool kMoe = MODE == kMoeGateUp || MODE == kMoeDown;
+    static_assert(!PERSIST || kMoe, "persistent blocks: MoE modes only");
+    static_assert(kProducers >= BM, "a producer thread per tile row (slot table, valid-row count)");
     // arrivals on full[] per producer thread and step: one cp.async-tracked (bf16 A or bf16 W
     // by cp.async), one plain (f32 A stores or dequantised W stores)
     constexpr int kAsyncArrive = (!A_F32 || !CF::kRaw) ? 1 : 0;
@@ -185,13 +209,13 @@ __device__ __forceinline__ void gemm_block(
     const u32 sA = base_s, sB = base_s + CF::OFF_B, sRaw = base_s + CF::OFF_RAW;
     const u32 bar_full = base_s + CF::OFF_BAR, bar_empty = bar_full + 8 * S;
     const u32 bar_rfull = bar_empty + 8 * S, bar_rempty = bar_rfull + 8 * CF::NR;
-    const char** s_arow = reinterpret_cast<const char**>(base + CF::OFF_AROW);
-    const u8** s_brow = reinterpret_cast<const u8**>(base + CF::OFF_BROW);
-    int* s_slot = reinterpret_cast<int*>(base + CF::OFF_SLOT);
-    int* s_expert = s_slot + BM;
+    const u32 bar_tfull = bar_rempty + 8 * CF::NR, bar_tempty = bar_tfull + 16;
+    const char** s_arow = reinterpret_cast<const char**>(base + CF::OFF_AROW);     // [2][BM]
+    const u8** s_brow = reinterpret_cast<const u8**>(base + CF::OFF_BROW);         // [2][BN]
+    int* s_slot = reinterpret_cast<int*>(base + CF::OFF_SLOT);                      // [2][BM]
+    int* s_info = s_slot + 2 * BM;                                                  // [2][4]: m_valid, expert
 
     const int tid = threadIdx.x;
-    const int row0 = blockIdx.y * BM;
 
     if (tid == 0) {
         u32 dyn;
@@ -199,75 +223,47 @@ __device__ __forceinline__ void gemm_block(
         if (dyn < (u32)CF::SMEM) __trap();   // launch.py and Cfg disagree
     }
 
-    // ---- which rows: m_valid rows of A count, the rest are zero / skipped ----
-    int m_valid;
-    int expert = 0;
-    if constexpr (kMoe) {
-        if (row0 >= expert_offsets[n_expert]) return;       // past the padded layout: no work
-        for (int e = tid; e < n_expert; e += kThreads)
-            if (expert_offsets[e] <= row0 && row0 < expert_offsets[e + 1]) *s_expert = e;
-        int slot = -1;
-        if (tid < BM) {
-            slot = sorted_slots[row0 + tid];
-            s_slot[tid] = slot;
-        }
-        // valid slots are a prefix of the tile: segments are padded at their ends, tiles aligned
-        m_valid = __syncthreads_count(slot >= 0);
-        if (m_valid == 0) return;
-        expert = *s_expert;
-    } else {
-        m_valid = min(BM, M - row0);
-    }
-    const int n_consumers = m_valid > 64 ? 2 : 1;
+    // ---- the items of this block (the same decision in every thread: early exits are whole-block)
+    const int ntn = PERSIST ? (kSwi ? (N + BN / 2 - 1) / (BN / 2) : (N + BN - 1) / BN) : (int)gridDim.x;
+    int n_rt;
+    if constexpr (kMoe) n_rt = expert_offsets[n_expert] / BM;   // row tiles inside the padded layout
+    else n_rt = (M + BM - 1) / BM;
+    const int n_items = n_rt * ntn;
+    const int first = PERSIST ? (int)blockIdx.x : (int)(blockIdx.y * gridDim.x + blockIdx.x);
+    const int stride = PERSIST ? (int)gridDim.x : n_items;
+    if (first >= n_items) return;
 
-    const int esz = A_F32 ? 4 : 2;
-    if (tid < BM) {
-        const char* p = nullptr;
-        if constexpr (MODE == kMoeGateUp) {
-            const int slot = s_slot[tid];
-            if (slot >= 0) p = static_cast<const char*>(a) + (long long)(slot / topk) * lda * esz;
-        } else {
-            if (tid < m_valid) p = static_cast<const char*>(a) + (long long)(row0 + tid) * lda * esz;
-        }
-        s_arow[tid] = p;
-    } else if (tid < BM + BN) {
-        const int rr = tid - BM;                 // W row rr of the tile
-        const u8* base0 = w0 + (long long)expert * w_expert_bytes;
-        const u8* p = nullptr;
-        if constexpr (kSwi) {
-            const u8* base1 = w1 + (long long)expert * w_expert_bytes;
-            const int f = blockIdx.x * (BN / 2) + (rr % (BN / 2));
-            if (f < N) p = (rr < BN / 2 ? base0 : base1) + (long long)f * w_row_bytes;
-        } else {
-            const int n = blockIdx.x * BN + rr;
-            if (n < N) p = base0 + (long long)n * w_row_bytes;
-        }
-        s_brow[rr] = p;
-    }
     if (tid == 0) {
         for (int i = 0; i < S; ++i) {
             bar_init(bar_full + 8 * i, kProducers * (kAsyncArrive + kPlainArrive));
-            bar_init(bar_empty + 8 * i, 4 * n_consumers);
+            bar_init(bar_empty + 8 * i, 8);                  // every consumer warp, every step
         }
         for (int i = 0; i < CF::NR; ++i) {
             bar_init(bar_rfull + 8 * i, kProducers);
             bar_init(bar_rempty + 8 * i, kProducers);
+        }
+        for (int i = 0; i < 2; ++i) {
+            bar_init(bar_tfull + 8 * i, kProducers);
+            bar_init(bar_tempty + 8 * i, 256);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
 
     const int nsteps = K / BK;
+    const int upi = (nsteps + CF::R - 1) / CF::R;          // raw units per item
 
     if (tid < kProducers) {
         // ======================= producers =======================
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(CF::PREGS));
         const int p = tid;
+        int j = 0;                            // the block's item counter
 
-        // A and (bf16) W of step s into slot s % S; waits for the slot to be released
-        auto issue = [&](int s) {
-            const int slot = s % S;
-            bar_wait(bar_empty + 8 * slot, ((s / S) & 1) ^ 1);
+        // A and (bf16) W of global step g (item step s) into slot g % S; waits for the slot.
+        // (arow / brow: the item's tables; passed, not captured, so that they stay in registers)
+        auto issue = [&](int g, int s, const char* const* arow, const u8* const* brow) {
+            const int slot = g % S;
+            bar_wait(bar_empty + 8 * slot, ((g / S) & 1) ^ 1);
             const u32 tA = sA + slot * A_TILE;
             const int k0 = s * BK;
             if constexpr (A_F32) {
@@ -275,27 +271,27 @@ __device__ __forceinline__ void gemm_block(
                 float4 v[8];
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {    // 1024 chunks of 8 elements, 4 per thread
-                    const int j = p + i * kProducers, r = j >> 3, ch = j & 7;
-                    const char* src = s_arow[r];
+                    const int q = p + i * kProducers, r = q >> 3, ch = q & 7;
+                    const char* src = arow[r];
                     if (src) {
-                        const float4* q = reinterpret_cast<const float4*>(src + (long long)(k0 + ch * 8) * 4);
-                        v[2 * i] = q[0];
-                        v[2 * i + 1] = q[1];
+                        const float4* qq = reinterpret_cast<const float4*>(src + (long long)(k0 + ch * 8) * 4);
+                        v[2 * i] = qq[0];
+                        v[2 * i + 1] = qq[1];
                     } else {
                         v[2 * i] = v[2 * i + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
                     }
                 }
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    const int j = p + i * kProducers, r = j >> 3, ch = j & 7;
+                    const int q = p + i * kProducers, r = q >> 3, ch = q & 7;
                     st_shared_v4(tA + swz(r, ch), pack_bf16(v[2 * i].x, v[2 * i].y), pack_bf16(v[2 * i].z, v[2 * i].w),
                                  pack_bf16(v[2 * i + 1].x, v[2 * i + 1].y), pack_bf16(v[2 * i + 1].z, v[2 * i + 1].w));
                 }
             } else {
 #pragma unroll
                 for (int i = 0; i < BM * 8 / kProducers; ++i) {
-                    const int j = p + i * kProducers, r = j >> 3, ch = j & 7;
-                    const char* src = s_arow[r];
+                    const int q = p + i * kProducers, r = q >> 3, ch = q & 7;
+                    const char* src = arow[r];
                     cp_async16(tA + swz(r, ch), src ? src + (long long)(k0 + ch * 8) * 2 : static_cast<const char*>(a),
                                src ? 16 : 0);
                 }
@@ -304,8 +300,8 @@ __device__ __forceinline__ void gemm_block(
                 const u32 tB = sB + slot * CF::B_TILE;
 #pragma unroll
                 for (int i = 0; i < BN * 8 / kProducers; ++i) {
-                    const int j = p + i * kProducers, r = j >> 3, ch = j & 7;
-                    const u8* src = s_brow[r];
+                    const int q = p + i * kProducers, r = q >> 3, ch = q & 7;
+                    const u8* src = brow[r];
                     cp_async16(tB + swz(r, ch), src ? src + (long long)(k0 + ch * 8) * 2 : w0, src ? 16 : 0);
                 }
             }
@@ -316,15 +312,16 @@ __device__ __forceinline__ void gemm_block(
             }
             // A_F32 && kRaw: the A stores are published with the dequantised W (one plain arrive)
         };
-        // raw unit u (steps [u R, u R + R)) of every W row of the tile into raw slot u % NR
-        auto issue_raw = [&](int u) {
+        // raw unit u of the item (its steps [u R, u R + R)) = global unit gu of the block, for
+        // every W row of the tile, into raw slot gu % NR
+        auto issue_raw = [&](int gu, int u, const u8* const* brow) {
             if constexpr (CF::kRaw) {
-                const int rs = u % CF::NR;
-                bar_wait(bar_rempty + 8 * rs, ((u / CF::NR) & 1) ^ 1);
+                const int rs = gu % CF::NR;
+                bar_wait(bar_rempty + 8 * rs, ((gu / CF::NR) & 1) ^ 1);
                 const u32 t = sRaw + rs * (BN * CF::SLOT);
                 for (int i = p; i < BN * CF::CHUNKS; i += kProducers) {
                     const int r = i / CF::CHUNKS, ch = i - r * CF::CHUNKS;
-                    const u8* row = s_brow[r];
+                    const u8* row = brow[r];
                     int n = 0;
                     const u8* src = w0;
                     if (row) {
@@ -339,20 +336,21 @@ __device__ __forceinline__ void gemm_block(
                 cp_async_arrive(bar_rfull + 8 * rs);
             }
         };
-        // dequantise step s's [BN x 64] slice of W into the bf16 tile of slot s % S (free: issue(s)
-        // waited for it) and publish it (with the f32 A stores of issue(s), if any)
-        auto dequant = [&](int s) {
+        // dequantise global step g (item step s)'s [BN x 64] slice of W into the bf16 tile of
+        // slot g % S (free: issue(g, s) waited for it) and publish it (with the f32 A stores of
+        // issue(g, s), if any)
+        auto dequant = [&](int g, int s, int gu0, const u8* const* brow) {
             if constexpr (CF::kRaw) {
-                const int u = s / CF::R, sub = s - u * CF::R, rs = u % CF::NR;
-                bar_wait(bar_rfull + 8 * rs, (u / CF::NR) & 1);
+                const int u = s / CF::R, sub = s - u * CF::R, gu = gu0 + u, rs = gu % CF::NR;
+                bar_wait(bar_rfull + 8 * rs, (gu / CF::NR) & 1);
                 const u8* raw = base + CF::OFF_RAW + rs * (BN * CF::SLOT);
-                const u32 tB = sB + (s % S) * CF::B_TILE;
+                const u32 tB = sB + (g % S) * CF::B_TILE;
                 if constexpr (CF::kFastDq) {
                     // thread p: W row r = p % BN (8 consecutive threads = 8 rows: conflict-free
                     // 16-byte reads of the odd-chunk raw slots and swizzled stores), half hh
                     static_assert(kProducers == 2 * BN, "fast dequant: two producer threads per W row");
                     const int r = p % BN, hh = p / BN;
-                    const u8* row = s_brow[r];
+                    const u8* row = brow[r];
                     const int mis = row ? (int)((reinterpret_cast<u64>(row) + (u64)u * CF::UNIT_BYTES) & 15) : 0;
                     const u32 b = sRaw + rs * (BN * CF::SLOT) + r * CF::SLOT + mis;
                     u32 o[16];
@@ -372,8 +370,8 @@ __device__ __forceinline__ void gemm_block(
                 } else {   // generic: dequant8 per 8-element chunk, byte-wise
 #pragma unroll
                     for (int i = 0; i < BN * 8 / kProducers; ++i) {
-                        const int j = p + i * kProducers, r = j >> 3, ch = j & 7;
-                        const u8* row = s_brow[r];
+                        const int q = p + i * kProducers, r = q >> 3, ch = q & 7;
+                        const u8* row = brow[r];
                         const int mis = row ? (int)((reinterpret_cast<u64>(row) + (u64)u * CF::UNIT_BYTES) & 15) : 0;
                         const int e = sub * BK + ch * 8;     // element within the unit
                         float f[8];
@@ -383,26 +381,80 @@ __device__ __forceinline__ void gemm_block(
                     }
                 }
                 fence_proxy_async();
-                bar_arrive(bar_full + 8 * (s % S));
+                bar_arrive(bar_full + 8 * (g % S));
                 if (sub == CF::R - 1 || s == nsteps - 1) bar_arrive(bar_rempty + 8 * rs);
             }
         };
 
-        if constexpr (!CF::kRaw) {
-            for (int s = 0; s < nsteps; ++s) issue(s);
-        } else {
-            // lead of S-1 steps: issue(s + S - 1) waits for the release of step s - 1, which the
-            // consumers give after step s's wgmma were issued, i.e. after dequant(s) below.
-            int next_a = 0, next_u = 0;
-            auto ahead = [&](int upto) {         // issue every step < upto and the raw units they need
-                upto = min(upto, nsteps);
-                while (next_u * CF::R < upto) issue_raw(next_u++);
-                while (next_a < upto) issue(next_a++);
-            };
-            ahead(S - 1);
+        for (int it = first; it < n_items; it += stride, ++j) {
+            const int b = j & 1, rt = it / ntn, nt = it - rt * ntn, row0 = rt * BM;
+            const char** ar = s_arow + b * BM;
+            const u8** br = s_brow + b * BN;
+            int* sl = s_slot + b * BM;
+            // ---- the item's tables into buffer b (free once item j - 2's epilogue is done)
+            bar_wait(bar_tempty + 8 * b, ((j >> 1) & 1) ^ 1);
+            int m_valid;
+            if constexpr (kMoe) {
+                for (int e = p; e < n_expert; e += kProducers)
+                    if (expert_offsets[e] <= row0 && row0 < expert_offsets[e + 1]) s_info[4 * b + 1] = e;
+                int slot = -1;
+                if (p < BM) {
+                    slot = sorted_slots[row0 + p];
+                    sl[p] = slot;
+                }
+                // valid slots are a prefix of the tile: segments are padded at their ends, tiles
+                // aligned. The count is also a producer barrier: s_info[.. + 1] is visible below.
+                u32 cnt;
+                asm volatile("{\n .reg .pred q;\n setp.ne.u32 q, %1, 0;\n bar.red.popc.u32 %0, 1, %2, q;\n}\n"
+                             : "=r"(cnt) : "r"((u32)(slot >= 0)), "n"(kProducers) : "memory");
+                m_valid = (int)cnt;
+            } else {
+                m_valid = min(BM, M - row0);
+            }
+            const int expert = kMoe ? s_info[4 * b + 1] : 0;
+            if (p < BM) {
+                const char* q = nullptr;
+                if constexpr (MODE == kMoeGateUp) {
+                    const int slot = sl[p];
+                    if (slot >= 0) q = static_cast<const char*>(a) + (long long)(slot / topk) * lda * (A_F32 ? 4 : 2);
+                } else {
+                    if (p < m_valid) q = static_cast<const char*>(a) + (long long)(row0 + p) * lda * (A_F32 ? 4 : 2);
+                }
+                ar[p] = q;
+            }
+            for (int rr = p; rr < BN; rr += kProducers) {     // W row rr of the tile
+                const u8* base0 = w0 + (long long)expert * w_expert_bytes;
+                const u8* q = nullptr;
+                if constexpr (kSwi) {
+                    const u8* base1 = w1 + (long long)expert * w_expert_bytes;
+                    const int f = nt * (BN / 2) + (rr % (BN / 2));
+                    if (f < N) q = (rr < BN / 2 ? base0 : base1) + (long long)f * w_row_bytes;
+                } else {
+                    const int n = nt * BN + rr;
+                    if (n < N) q = base0 + (long long)n * w_row_bytes;
+                }
+                br[rr] = q;
+            }
+            if (p == 0) s_info[4 * b] = m_valid;
+            asm volatile("bar.sync 1, %0;\n" :: "n"(kProducers) : "memory");
+            bar_arrive(bar_tfull + 8 * b);   // consumers may read s_slot / s_info of buffer b
+
+            // ---- the item's steps. Raw units go a unit (NR - 1 units) ahead of the dequant:
+            // issue_raw(u) waits for the release of unit u - NR, i.e. for every producer to have
+            // dequantised steps < (u - NR + 1) R <= s, which they all reach without waiting on
+            // this thread. The dequant of step s runs as soon as its ring slot is free (released
+            // by the consumers after step s - S), up to S - 1 steps ahead of the wgmma.
+            const int g0 = j * nsteps;
+            int next_u = 0;
             for (int s = 0; s < nsteps; ++s) {
-                dequant(s);
-                ahead(s + S);
+                if constexpr (CF::kRaw) {
+                    while (next_u < upi && next_u * CF::R <= s + (CF::NR - 1) * CF::R) {
+                        issue_raw(j * upi + next_u, next_u, br);
+                        ++next_u;
+                    }
+                }
+                issue(g0 + s, s, ar, br);
+                dequant(g0 + s, s, j * upi, br);
             }
         }
         asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -410,102 +462,137 @@ __device__ __forceinline__ void gemm_block(
         // ======================= consumers =======================
         asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(CF::CREGS));
         const int cw = (tid - kProducers) >> 7;          // 0, 1: tile rows [64 cw, 64 cw + 64)
-        const bool active = cw < n_consumers;
-        if (!active && MODE != kMoeGateUp) return;   // its rows are past M / padding slots
         const int t = tid & 127, warp = t >> 5, lane = t & 31;
+        int j = 0;
+        for (int it = first; it < n_items; it += stride, ++j) {
+            const int b = j & 1, rt = it / ntn, nt = it - rt * ntn, row0 = rt * BM, g0 = j * nsteps;
+            bar_wait(bar_tfull + 8 * b, (j >> 1) & 1);
+            const int m_valid = s_info[4 * b];
+            const int* sl = s_slot + b * BM;
+            // a consumer whose 64 rows are all past the valid rows (M, padding slots) issues no
+            // wgmma, but still takes part in the ring (its warps release every step)
+            const bool active = m_valid > 64 * cw;
 
-        float acc[BN / 2];
+            float acc[BN / 2];
 #pragma unroll
-        for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+            for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
 
-        // (an inactive kMoeGateUp consumer skips the loop and writes its padding rows of h as 0)
-        for (int s = 0; active && s < nsteps; ++s) {
-            const int slot = s % S;
-            bar_wait(bar_full + 8 * slot, (s / S) & 1);
-            fence_proxy_async();
-            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-            const u64 da = smem_desc(sA + slot * A_TILE + cw * 64 * 128);
-            const u64 db = smem_desc(sB + slot * CF::B_TILE);
+            if (active) {
+                for (int s = 0; s < nsteps; ++s) {
+                    const int g = g0 + s, slot = g % S;
+                    bar_wait(bar_full + 8 * slot, (g / S) & 1);
+                    fence_proxy_async();
+                    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+                    const u64 da = smem_desc(sA + slot * A_TILE + cw * 64 * 128);
+                    const u64 db = smem_desc(sB + slot * CF::B_TILE);
 #pragma unroll
-            for (int kk = 0; kk < BK / 16; ++kk) wgmma<BN>(acc, da + 2 * kk, db + 2 * kk);   // +32 bytes
-            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-            asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-            if (s > 0 && lane == 0) bar_arrive(bar_empty + 8 * ((s - 1) % S));
-        }
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) asm volatile("" : "+f"(acc[i]) :: "memory");
-
-        // ---- epilogue: acc[4j + v] = row 16 warp + lane/4 + 8 (v >> 1), column 8j + 2 (lane & 3) + (v & 1)
-        const int rbase = cw * 64 + warp * 16 + (lane >> 2), c2 = (lane & 3) * 2;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int r = rbase + 8 * h;
-            if constexpr (MODE == kGemm) {
-                const int m = row0 + r;
-                if (m >= M) continue;
-#pragma unroll
-                for (int j = 0; j < BN / 8; ++j) {
-                    const int n = blockIdx.x * BN + 8 * j + c2;
-                    float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
-                    if (c_bf16) {
-                        __nv_bfloat16* o = static_cast<__nv_bfloat16*>(c) + (long long)m * ldc + n;
-                        if (n + 1 < N) {
-                            if (accumulate) {
-                                const __nv_bfloat162 old = *reinterpret_cast<const __nv_bfloat162*>(o);
-                                v0 += __low2float(old);
-                                v1 += __high2float(old);
-                            }
-                            *reinterpret_cast<u32*>(o) = pack_bf16(v0, v1);
-                        } else if (n < N) {
-                            if (accumulate) v0 += __bfloat162float(o[0]);
-                            o[0] = __float2bfloat16_rn(v0);
-                        }
-                    } else {
-                        float* o = static_cast<float*>(c) + (long long)m * ldc + n;
-                        if (n + 1 < N) {
-                            if (accumulate) {
-                                const float2 old = *reinterpret_cast<const float2*>(o);
-                                v0 += old.x;
-                                v1 += old.y;
-                            }
-                            *reinterpret_cast<float2*>(o) = make_float2(v0, v1);
-                        } else if (n < N) {
-                            o[0] = accumulate ? o[0] + v0 : v0;
-                        }
-                    }
+                    for (int kk = 0; kk < BK / 16; ++kk) wgmma<BN>(acc, da + 2 * kk, db + 2 * kk);   // +32 bytes
+                    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+                    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+                    if (s > 0 && lane == 0) bar_arrive(bar_empty + 8 * ((g - 1) % S));
                 }
-            } else if constexpr (kSwi) {
-                const int m = row0 + r;     // kMoeGateUp: every row of the tile is inside h
-                if (MODE == kSwiglu && m >= M) continue;
-#pragma unroll
-                for (int j = 0; j < BN / 16; ++j) {
-                    const int f = blockIdx.x * (BN / 2) + 8 * j + c2;
-                    const float v0 = silu(acc[4 * j + 2 * h]) * acc[4 * (j + BN / 16) + 2 * h];
-                    const float v1 = silu(acc[4 * j + 2 * h + 1]) * acc[4 * (j + BN / 16) + 2 * h + 1];
-                    if (c_bf16) {
-                        __nv_bfloat16* o = static_cast<__nv_bfloat16*>(c) + (long long)m * ldc + f;
-                        if (f + 1 < N) *reinterpret_cast<u32*>(o) = pack_bf16(v0, v1);
-                        else if (f < N) o[0] = __float2bfloat16_rn(v0);
-                    } else {
-                        float* o = static_cast<float*>(c) + (long long)m * ldc + f;
-                        if (f + 1 < N) *reinterpret_cast<float2*>(o) = make_float2(v0, v1);
-                        else if (f < N) o[0] = v0;
-                    }
-                }
-            } else {   // kMoeDown
-                const int slot = s_slot[r];
-                if (slot < 0) continue;
-                const float wgt = route_w[slot];
-                float* orow = static_cast<float*>(c) + (long long)(slot / topk) * ldc;
-#pragma unroll
-                for (int j = 0; j < BN / 8; ++j) {
-                    const int n = blockIdx.x * BN + 8 * j + c2;
-                    const float v0 = acc[4 * j + 2 * h] * wgt, v1 = acc[4 * j + 2 * h + 1] * wgt;
-                    if (n + 1 < N) red_add2(orow + n, v0, v1);
-                    else if (n < N) atomicAdd(orow + n, v0);
+                asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+                if (lane == 0) bar_arrive(bar_empty + 8 * ((g0 + nsteps - 1) % S));
+            } else {
+                for (int s = 0; s < nsteps; ++s) {
+                    const int g = g0 + s, slot = g % S;
+                    bar_wait(bar_full + 8 * slot, (g / S) & 1);
+                    __syncwarp();
+                    if (lane == 0) bar_arrive(bar_empty + 8 * slot);
                 }
             }
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) asm volatile("" : "+f"(acc[i]) :: "memory");
+
+            // ---- epilogue: acc[4j + v] = row 16 warp + lane/4 + 8 (v >> 1), column 8j + 2 (lane & 3) + (v & 1)
+            const int rbase = cw * 64 + warp * 16 + (lane >> 2), c2 = (lane & 3) * 2;
+            if constexpr (MODE == kMoeDown) {
+                // lanes 2i and 2i+1 swap halves so that each adds 4 consecutive columns of one row
+                // with one red.v4: the even lane row rbase (columns c2 .. c2+3), the odd lane row
+                // rbase + 8 (columns c2-2 .. c2+1)
+                const bool odd = lane & 1;
+                const int r = rbase + (odd ? 8 : 0);
+                const int slot = active ? sl[r] : -1;
+                const float wgt = slot >= 0 ? route_w[slot] : 0.f;
+                float* orow = static_cast<float*>(c) + (long long)(slot >= 0 ? slot / topk : 0) * ldc;
+                const bool v4ok = ((ldc & 3) == 0) && ((reinterpret_cast<u64>(c) & 15) == 0);
+#pragma unroll
+                for (int jj = 0; jj < BN / 8; ++jj) {
+                    const float s0 = odd ? acc[4 * jj] : acc[4 * jj + 2], s1 = odd ? acc[4 * jj + 1] : acc[4 * jj + 3];
+                    const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1), r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+                    float v[4];
+                    if (odd) { v[0] = r0; v[1] = r1; v[2] = acc[4 * jj + 2]; v[3] = acc[4 * jj + 3]; }
+                    else { v[0] = acc[4 * jj]; v[1] = acc[4 * jj + 1]; v[2] = r0; v[3] = r1; }
+                    const int n = nt * BN + 8 * jj + (odd ? c2 - 2 : c2);
+                    if (slot < 0) continue;
+                    if (v4ok && n + 3 < N) {
+                        red_add4(orow + n, v[0] * wgt, v[1] * wgt, v[2] * wgt, v[3] * wgt);
+                    } else {
+#pragma unroll
+                        for (int i = 0; i < 4; ++i)
+                            if (n + i < N) atomicAdd(orow + n + i, v[i] * wgt);
+                    }
+                }
+            } else {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = rbase + 8 * h;
+                if constexpr (MODE == kGemm) {
+                    const int m = row0 + r;
+                    if (m >= M) continue;
+#pragma unroll
+                    for (int jj = 0; jj < BN / 8; ++jj) {
+                        const int n = nt * BN + 8 * jj + c2;
+                        float v0 = acc[4 * jj + 2 * h], v1 = acc[4 * jj + 2 * h + 1];
+                        if (c_bf16) {
+                            __nv_bfloat16* o = static_cast<__nv_bfloat16*>(c) + (long long)m * ldc + n;
+                            if (n + 1 < N) {
+                                if (accumulate) {
+                                    const __nv_bfloat162 old = *reinterpret_cast<const __nv_bfloat162*>(o);
+                                    v0 += __low2float(old);
+                                    v1 += __high2float(old);
+                                }
+                                *reinterpret_cast<u32*>(o) = pack_bf16(v0, v1);
+                            } else if (n < N) {
+                                if (accumulate) v0 += __bfloat162float(o[0]);
+                                o[0] = __float2bfloat16_rn(v0);
+                            }
+                        } else {
+                            float* o = static_cast<float*>(c) + (long long)m * ldc + n;
+                            if (n + 1 < N) {
+                                if (accumulate) {
+                                    const float2 old = *reinterpret_cast<const float2*>(o);
+                                    v0 += old.x;
+                                    v1 += old.y;
+                                }
+                                *reinterpret_cast<float2*>(o) = make_float2(v0, v1);
+                            } else if (n < N) {
+                                o[0] = accumulate ? o[0] + v0 : v0;
+                            }
+                        }
+                    }
+                } else {   // kSwiglu, kMoeGateUp
+                    const int m = row0 + r;     // kMoeGateUp: every row of the tile is inside h
+                    if (MODE == kSwiglu && m >= M) continue;
+#pragma unroll
+                    for (int jj = 0; jj < BN / 16; ++jj) {
+                        const int f = nt * (BN / 2) + 8 * jj + c2;
+                        const float v0 = silu(acc[4 * jj + 2 * h]) * acc[4 * (jj + BN / 16) + 2 * h];
+                        const float v1 = silu(acc[4 * jj + 2 * h + 1]) * acc[4 * (jj + BN / 16) + 2 * h + 1];
+                        if (c_bf16) {
+                            __nv_bfloat16* o = static_cast<__nv_bfloat16*>(c) + (long long)m * ldc + f;
+                            if (f + 1 < N) *reinterpret_cast<u32*>(o) = pack_bf16(v0, v1);
+                            else if (f < N) o[0] = __float2bfloat16_rn(v0);
+                        } else {
+                            float* o = static_cast<float*>(c) + (long long)m * ldc + f;
+                            if (f + 1 < N) *reinterpret_cast<float2*>(o) = make_float2(v0, v1);
+                            else if (f < N) o[0] = v0;
+                        }
+                    }
+                }
+            }
+            }
+            bar_arrive(bar_tempty + 8 * b);   // this thread is done with buffer b's tables
         }
     }
 }

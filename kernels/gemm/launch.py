@@ -103,11 +103,23 @@ def cfg90(w_type, a_kind: str) -> tuple[int, int, int]:
     slot = 16 * (((unit_bytes + 30) // 16) | 1) if raw else 0
     nr = 0 if not raw else S if r == 1 else (S - 1 + 2 * r - 1) // r
     raw_bytes = nr * bn * slot + 16 if raw else 0
-    end = S * BM_ * BK_ * 2 + S * bn * BK_ * 2 + raw_bytes + (2 * S + 2 * nr) * 8 + BM_ * 8 + bn * 8 + BM_ * 4 + 16
+    # barriers full/empty[S], rfull/rempty[NR], tbl_full/tbl_empty[2]; double-buffered tables
+    end = (S * BM_ * BK_ * 2 + S * bn * BK_ * 2 + raw_bytes + (2 * S + 2 * nr + 4) * 8
+           + 2 * BM_ * 8 + 2 * bn * 8 + 2 * BM_ * 4 + 32)
     return bn, threads, end + 1024
 
 
 _cc: dict = {}
+_sms: dict = {}
+
+
+def device_sms() -> int:
+    """Multiprocessor count of the current device (the persistent kernels' grid)."""
+    import cupy
+    dev = cupy.cuda.Device().id
+    if dev not in _sms:
+        _sms[dev] = int(cupy.cuda.runtime.getDeviceProperties(dev)["multiProcessorCount"])
+    return _sms[dev]
 
 
 def device_cc() -> int:

@@ -6,7 +6,8 @@ moe_route + moe_gate_up + moe_down, one CUDA graph; also each part alone. Anchor
 importable): the same layer with bf16 weights in torch: router mm, softmax, topk, sort, gather,
 torch._grouped_mm (gate|up), SwiGLU, torch._grouped_mm (down), weight, index_add.
 The grouped GEMMs are timed with each kernel family (gemm.bench.impls: mma, and wgmma /
-wgmma_generic = fast / element-wise dequantisation on cc 9.0);
+wgmma_generic = fast / element-wise dequantisation on cc 9.0, both with persistent blocks, and
+wgmma_tiles = fast dequantisation with a block per tile);
 the err column compares each family's h and out with the first family's (mma.sync, which
 tests/test_gpu_moe.py checks against the float64 reference).
 """
@@ -15,12 +16,15 @@ from __future__ import annotations
 import numpy as np
 
 from ggfuse.kernels.gemm import launch as gl
-from ggfuse.kernels.gemm.bench import PEAK_TBS, PEAK_TFLOPS, device_weight, err, impls, time_graph, time_torch, use_family
+from ggfuse.kernels.gemm.bench import FAMILIES, PEAK_TBS, PEAK_TFLOPS, device_weight, err, impls, time_graph, time_torch, use_family
 from ggfuse.kernels.moe import launch
 
 D, E, K_TOP, F = 2048, 256, 8, 512
 GU_TYPE, DN_TYPE = "q4_k", "q6_k"
 TOKENS = (512, 2048, 4096)
+# kernel families (GGFUSE_BENCH_IMPLS selects): wgmma = persistent blocks (moe90p_*), wgmma_tiles
+# = a block per tile (moe90_*), wgmma_generic = persistent with the element-wise dequantisation
+MOE_FAMILIES = (*FAMILIES, "wgmma_tiles")
 
 
 def row(name, ms, flops, nbytes=0):
@@ -118,7 +122,7 @@ def main() -> None:
         print(row("router gemm (bf16)", time_graph(router), 2 * N * E * D))
         print(row("moe_route", time_graph(route), 0))
         first = None
-        for family in impls():
+        for family in impls(MOE_FAMILIES):
             if family.startswith("wgmma") and gl.device_cc() != 90:
                 continue
             try:

@@ -5,6 +5,10 @@
 // g90::Cfg (128 for GGML weights and f32 x, 256 for bf16 x and bf16 weights).
 //   moe90_gate_up_<a>_<w>: h[r, f] = silu(x[tok] Wg_e[f]) * (x[tok] Wu_e[f]); padding rows get 0.
 //   moe90_down_<w>:        out[tok] += route_w[slot] * (h[r] Wd_e^T) by f32 vector atomics.
+//   moe90p_gate_up_<a>_<w>, moe90p_down_<w>: the same, persistent (gemm90_core.cuh PERSIST):
+//     grid (blocks, 1) with blocks ~ the SM count; each block walks the (row tile, column tile)
+//     items of the layout blockIdx.x, + gridDim.x, ...; the number of row tiles is read from
+//     expert_offsets[E] on the device.
 // Empty entry points for any target but sm_90a (launch.py picks them only there).
 #include "gemm/gemm90_core.cuh"
 
@@ -14,28 +18,34 @@
 #define MOE90_BODY(...)
 #endif
 
-#define MOE90_GATE_UP(WNAME, WTYPE, AF32, ANAME)                                                    \
+#define MOE90_GATE_UP(WNAME, WTYPE, AF32, ANAME) MOE90_GATE_UP_P(WNAME, WTYPE, AF32, ANAME, moe90, false) \
+    MOE90_GATE_UP_P(WNAME, WTYPE, AF32, ANAME, moe90p, true)
+#define MOE90_GATE_UP_P(WNAME, WTYPE, AF32, ANAME, PFX, PERSIST)                                    \
 extern "C" __global__ void __launch_bounds__((g90::Cfg<WTYPE, AF32>::THREADS), 1)                   \
-moe90_gate_up_##ANAME##_##WNAME(const void* x, long long ldx, const unsigned char* wg,                \
+PFX##_gate_up_##ANAME##_##WNAME(const void* x, long long ldx, const unsigned char* wg,                \
                                 const unsigned char* wu, long long w_row_bytes,                       \
                                 long long w_expert_bytes, int F, int K, void* h, long long ldh,       \
                                 const int* sorted_slots, const int* expert_offsets, int n_expert,     \
                                 int topk) {                                                           \
-    MOE90_BODY(g90::gemm_block<WTYPE, AF32, g90::kMoeGateUp>(x, ldx, wg, wu, w_row_bytes,             \
+    MOE90_BODY(g90::gemm_block<WTYPE, AF32, g90::kMoeGateUp, PERSIST>(x, ldx, wg, wu, w_row_bytes,             \
         w_expert_bytes, 0, F, K, h, ldh, 1, 0, sorted_slots, expert_offsets, n_expert, topk, nullptr);) \
+}
+
+#define MOE90_DOWN(WNAME, WTYPE, PFX, PERSIST)                                                      \
+extern "C" __global__ void __launch_bounds__((g90::Cfg<WTYPE, false>::THREADS), 1)                  \
+PFX##_down_##WNAME(const void* h, long long ldh, const unsigned char* wd, long long w_row_bytes,      \
+                   long long w_expert_bytes, int D, int F, float* out, long long ldo,                 \
+                   const int* sorted_slots, const int* expert_offsets, int n_expert, int topk,        \
+                   const float* route_w) {                                                            \
+    MOE90_BODY(g90::gemm_block<WTYPE, false, g90::kMoeDown, PERSIST>(h, ldh, wd, wd, w_row_bytes,              \
+        w_expert_bytes, 0, D, F, out, ldo, 0, 0, sorted_slots, expert_offsets, n_expert, topk, route_w);) \
 }
 
 #define MOE90_KERNELS(WNAME, WTYPE)                                                                 \
 MOE90_GATE_UP(WNAME, WTYPE, true, f32a)                                                             \
 MOE90_GATE_UP(WNAME, WTYPE, false, bf16a)                                                           \
-extern "C" __global__ void __launch_bounds__((g90::Cfg<WTYPE, false>::THREADS), 1)                  \
-moe90_down_##WNAME(const void* h, long long ldh, const unsigned char* wd, long long w_row_bytes,      \
-                   long long w_expert_bytes, int D, int F, float* out, long long ldo,                 \
-                   const int* sorted_slots, const int* expert_offsets, int n_expert, int topk,        \
-                   const float* route_w) {                                                            \
-    MOE90_BODY(g90::gemm_block<WTYPE, false, g90::kMoeDown>(h, ldh, wd, wd, w_row_bytes,              \
-        w_expert_bytes, 0, D, F, out, ldo, 0, 0, sorted_slots, expert_offsets, n_expert, topk, route_w);) \
-}
+MOE90_DOWN(WNAME, WTYPE, moe90, false)                                                              \
+MOE90_DOWN(WNAME, WTYPE, moe90p, true)
 
 MOE90_KERNELS(bf16, GGML_BF16)
 MOE90_KERNELS(q8_0, GGML_Q8_0)

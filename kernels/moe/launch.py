@@ -13,6 +13,8 @@ MOE_TILE for the MOE_ROUTE node's `tile`.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ggfuse.kernels.gemm import launch as gl
@@ -23,6 +25,7 @@ ROUTE_SOURCE = "moe/route.cu"
 GEMM_SOURCE = "moe/grouped_gemm.cu"
 GEMM_SOURCE90 = "moe/grouped_gemm90.cu"    # wgmma variants, picked as kernels/gemm/launch.pick_impl says
 MOE_TILE = 128          # the grouped GEMM's row tile (gemm_core.cuh BM)
+SCHEDULES = ("persist", "tiles")   # wgmma grouped GEMMs: persistent blocks, or a block per tile
 ROUTE_CHUNK = 256       # slots per histogram chunk (route.cu)
 MAX_EXPERTS = 512       # route.cu ROUTE_MAX_PER_LANE * 32
 GATINGS = {"softmax": 0, "sigmoid": 1}
@@ -38,6 +41,30 @@ def route_scratch_ints(T: int, k: int, E: int) -> int:
     return max(1, -(-T * k // ROUTE_CHUNK)) * E
 
 
+def schedule90(schedule: str | None = None) -> str:
+    """How the wgmma grouped GEMMs are launched: "persist" (default: about one block per SM,
+    each walking (row tile, column tile) items, moe90p_*) or "tiles" (a block per item, the grid
+    covering the worst-case layout, moe90_*). GGFUSE_MOE90 overrides the default; an explicit
+    argument overrides both. Read at launch time (the benchmark switches between captures)."""
+    v = schedule or os.environ.get("GGFUSE_MOE90", "").strip().lower() or "persist"
+    if v not in SCHEDULES:
+        raise ValueError(f"GGFUSE_MOE90 / schedule must be one of {SCHEDULES}, got {v!r}")
+    return v
+
+
+def _grid90(n_cols: int, S: int, schedule: str | None) -> tuple[str, tuple[int, int, int]]:
+    """(kernel name prefix, grid) of a wgmma grouped GEMM with n_cols column tiles over a
+    layout of S sorted rows (S // MOE_TILE row tiles at most)."""
+    tiles = S // MOE_TILE
+    if schedule90(schedule) == "persist":
+        blocks = gl.device_sms()
+        cap = os.environ.get("GGFUSE_MOE90_BLOCKS", "").strip()   # tests: fewer blocks, more items each
+        if cap:
+            blocks = min(blocks, max(1, int(cap)))
+        return "moe90p", (max(1, min(blocks, tiles * n_cols)), 1, 1)
+    return "moe90", (n_cols, tiles, 1)
+
+
 def _route_fn(name: str):
     return load_module(ROUTE_SOURCE).get_function(name)
 
@@ -49,10 +76,11 @@ def prepare(x_dtype, w_gate_type, w_down_type, impl: str | None = None) -> None:
     gu, dn, a = gl.weight_name(w_gate_type), gl.weight_name(w_down_type), gl.act_kind(x_dtype, "x")
     gl.function(GEMM_SOURCE, f"moe_gate_up_{a}a_{gu}", gu)
     gl.function(GEMM_SOURCE, f"moe_down_{dn}", dn)
-    if gl.pick_impl(gu, 64, impl) == "wgmma":
-        gl.function90(GEMM_SOURCE90, f"moe90_gate_up_{a}a_{gu}", gu, a)
-    if gl.pick_impl(dn, 64, impl) == "wgmma":
-        gl.function90(GEMM_SOURCE90, f"moe90_down_{dn}", dn, "bf16")
+    for pfx in ("moe90", "moe90p"):
+        if gl.pick_impl(gu, 64, impl) == "wgmma":
+            gl.function90(GEMM_SOURCE90, f"{pfx}_gate_up_{a}a_{gu}", gu, a)
+        if gl.pick_impl(dn, 64, impl) == "wgmma":
+            gl.function90(GEMM_SOURCE90, f"{pfx}_down_{dn}", dn, "bf16")
 
 
 def moe_route(logits, T: int, E: int, k: int, norm: bool, scale: float, tile: int, n_valid_dev,
@@ -107,13 +135,15 @@ def _check_layout(fn: str, sorted_slots, expert_offsets, E: int) -> int:
 
 
 def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted_slots, expert_offsets,
-                k: int, h_out, stream=None, *, ldx: int | None = None, impl: str | None = None) -> None:
+                k: int, h_out, stream=None, *, ldx: int | None = None, impl: str | None = None,
+                schedule: str | None = None) -> None:
     """h[r] = silu(x[tok] Wg_e^T) * (x[tok] Wu_e^T) for every sorted row r of expert e.
 
     x [T, ldx] f32 or bf16 (x_dtype); w_gate, w_up [E, F, D] raw GGUF bytes (w_up None: w_gate is
     the merged [E, 2F, D] gate_up, gate rows first); h_out [S, F] bf16 (S = sorted_slots.size),
     rows of padding slots get 0, rows from expert_offsets[E] on are not written. The layout's tile
     must be a multiple of MOE_TILE. grid (ceil(F/64), S // 128); tiles past the layout exit.
+    wgmma: schedule (schedule90) "persist" = about one block per SM looping over the tiles.
     """
     a_kind, w_name = gl.act_kind(x_dtype, "x"), gl.weight_name(w_type)
     ldx = D if ldx is None else ldx
@@ -132,8 +162,9 @@ def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted
         return
     if gl.pick_impl(w_name, D, impl) == "wgmma":
         bn, threads, smem = gl.cfg90(w_name, a_kind)
-        fn = gl.function90(GEMM_SOURCE90, f"moe90_gate_up_{a_kind}a_{w_name}", w_name, a_kind)
-        grid, block = ((F + bn // 2 - 1) // (bn // 2), S // MOE_TILE, 1), (threads, 1, 1)
+        pfx, grid = _grid90((F + bn // 2 - 1) // (bn // 2), S, schedule)
+        fn = gl.function90(GEMM_SOURCE90, f"{pfx}_gate_up_{a_kind}a_{w_name}", w_name, a_kind)
+        block = (threads, 1, 1)
     else:
         fn = gl.function(GEMM_SOURCE, f"moe_gate_up_{a_kind}a_{w_name}", w_name)
         grid, block = ((F + 63) // 64, S // MOE_TILE, 1), (gl.THREADS, 1, 1)
@@ -145,14 +176,15 @@ def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted
 
 
 def moe_down(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_offsets, weights, k: int, out,
-             stream=None, *, zero_out: bool = True, impl: str | None = None) -> None:
+             stream=None, *, zero_out: bool = True, impl: str | None = None, schedule: str | None = None) -> None:
     """out[tok] (+)= sum over the token's slots of weights[slot] * (h[r] Wd_e^T).
 
     h [S, F] bf16 (moe_gate_up's output); w_down [E, D, F] raw GGUF bytes; weights [T, k] f32;
     out [T, D] f32, contiguous. zero_out clears `out` first (a capturable memset); with
     zero_out=False the experts are added to what is there (e.g. the shared expert's output).
-    The scatter uses f32 atomics (vector red.v2 on sm_90), so the order of the k additions per
-    element, and hence the last bit, may vary between runs.
+    The scatter uses f32 atomics (vector red.v2, on the wgmma path red.v4 where out allows), so
+    the order of the k additions per element, and hence the last bit, may vary between runs.
+    wgmma: schedule as moe_gate_up.
     """
     import cupy
     w_name = gl.weight_name(w_type)
@@ -172,8 +204,9 @@ def moe_down(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_off
     rb = qtype(w_name).row_bytes(F)
     if gl.pick_impl(w_name, F, impl) == "wgmma":
         bn, threads, smem = gl.cfg90(w_name, "bf16")
-        fn = gl.function90(GEMM_SOURCE90, f"moe90_down_{w_name}", w_name, "bf16")
-        grid, block = ((D + bn - 1) // bn, S // MOE_TILE, 1), (threads, 1, 1)
+        pfx, grid = _grid90((D + bn - 1) // bn, S, schedule)
+        fn = gl.function90(GEMM_SOURCE90, f"{pfx}_down_{w_name}", w_name, "bf16")
+        block = (threads, 1, 1)
     else:
         fn = gl.function(GEMM_SOURCE, f"moe_down_{w_name}", w_name)
         grid, block = ((D + gl.BN - 1) // gl.BN, S // MOE_TILE, 1), (gl.THREADS, 1, 1)
