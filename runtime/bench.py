@@ -242,6 +242,16 @@ def prompt_floor(plan, n: int, chunk: int, ceilings: dict) -> dict:
 CHUNK_CANDIDATES = (512, 1024, 2048, 4096, 8192)
 
 
+def equivalent_n_cpu_moe(path: str, vram_budget, *, chunk: int, max_context: int | None = None) -> int:
+    """llama.cpp's --n-cpu-moe for a budget: as many layers' experts in host memory as our plan
+    streams under that budget (llama.cpp keeps the first N layers' experts on the CPU; we stream
+    a spread-out set of the same size)."""
+    from ggfuse.compiler.driver import compile_gguf
+    kw = {"max_context": max_context} if max_context else {}
+    plan = compile_gguf(path, chunk=chunk, vram_budget=vram_budget, **kw)
+    return len((plan.stats.get("prefetch") or {}).get("streamed_layers") or [])
+
+
 def choose_chunk(path: str, prompt: int, *, vram_budget=None, max_context: int | None = None,
                  candidates=CHUNK_CANDIDATES) -> tuple[int, list]:
     """The chunk with the least predicted prefill time for a prompt under a budget: bytes
@@ -354,7 +364,8 @@ def add_bench_parser(sub):
     b.add_argument("--plot", help="write a PNG: tok/s against prompt length, stacked phases")
     b.add_argument("--against-llama-bench", metavar="PATH", help="also run llama.cpp's llama-bench on the file")
     b.add_argument("--n-cpu-moe", default=None,
-                   help="llama-bench --n-cpu-moe, e.g. 40 or 40,32,24 (the best per prompt is compared)")
+                   help="llama-bench --n-cpu-moe, e.g. 40 or 40,32,24 (the best per prompt is compared); "
+                        "default with --vram-budget: the number of layers the plan streams")
     b.set_defaults(fn=bench_main)
     return b
 
@@ -376,10 +387,16 @@ def bench_main(args) -> int:
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     llama = None
     if args.against_llama_bench:
+        n_cpu_moe = _int_list(args.n_cpu_moe)
+        if n_cpu_moe is None and args.vram_budget:
+            n_cpu_moe = [equivalent_n_cpu_moe(args.model, args.vram_budget, chunk=2048 if args.chunk == "auto"
+                                              else int(args.chunk), max_context=max(prompts))]
+            log(f"llama-bench --n-cpu-moe {n_cpu_moe[0]}: as many layers' experts in host memory as the plan "
+                f"streams under {args.vram_budget}")
         # llama.cpp first, while the device is empty: a large model does not fit beside ours
         log(f"llama-bench on {args.model} ...")
         llama = run_llama_bench(args.against_llama_bench, args.model, prompts, repeat=args.repeat,
-                                n_cpu_moe=_int_list(args.n_cpu_moe))
+                                n_cpu_moe=n_cpu_moe)
     if args.chunk == "auto":
         groups: dict[int, list] = {}
         for n in prompts:

@@ -71,3 +71,14 @@ def test_llama_bench_keeps_the_best_setting(tmp_path):
     exe.chmod(0o755)
     out = bench.run_llama_bench(str(exe), EXAMPLE, [2048], repeat=1, n_cpu_moe=[40, 24])
     assert out["results"] == {2048: 4000.0} and len(out["runs"]) == 2 and "--n-cpu-moe 40,24" in out["cmd"]
+
+
+def test_equivalent_n_cpu_moe_counts_streamed_layers():
+    from ggfuse.compiler.driver import compile_gguf
+    assert bench.equivalent_n_cpu_moe(EXAMPLE, None, chunk=16) == 0
+    pre = compile_gguf(EXAMPLE, chunk=16).stats["prefetch"]
+    fixed = sum(v for k, v in pre["fixed_bytes"].items() if k != "reserve")
+    budget = int((fixed + pre["expert_bytes_total"] * 0.6) * 16 / 15)   # the toy reserve is budget/16
+    n = bench.equivalent_n_cpu_moe(EXAMPLE, budget, chunk=16)
+    plan = compile_gguf(EXAMPLE, chunk=16, vram_budget=budget)
+    assert n == len(plan.stats["prefetch"]["streamed_layers"]) >= 1
