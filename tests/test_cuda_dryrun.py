@@ -33,6 +33,11 @@ def test_backend_binds_every_op(arch, quant, monkeypatch):
         assert be.head_node.name == "lm_head" and be.head_node not in be.launch_nodes
         names = {c[0] for c in calls}
         assert "dense.gemv" in names
+        # norm / gate outputs that only GEMMs read are stored bf16 (the GEMM rounds them anyway)
+        from ggfuse.runtime.cuda.ops import bf16_activations
+        vals = bf16_activations(be.graph)
+        assert vals and all(be.ctx.vals[v].dtype == np.uint16 for v in vals)
+        assert all(be.graph.type_of(v).dtype.value == "f32" for v in vals)
         # the scratch beside the arena is what runtime/cuda/workspace.py says (the budget counts it)
         from ggfuse.runtime.cuda.workspace import workspace_bytes
         est = workspace_bytes(be.graph, 16)

@@ -72,3 +72,20 @@ def test_gpu_chunks_calls_and_replay_agree(arch):
     # them to bf16 first: ~1e-2 apart, so compare at the model tolerance)
     np.testing.assert_allclose(last[0], split[-1], rtol=0, atol=2e-2 * np.abs(split).max())
     assert last[0].argmax() == split[-1].argmax()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_activations_change_nothing(arch):
+    """Norm outputs that only GEMMs read are stored as bf16 (runtime/cuda/ops.py
+    bf16_activations); the GEMMs round their activations to bf16 anyway, so the logits match
+    the all-f32 storage (to rounding-mode ties)."""
+    tokens = refs(arch)["tokens"]
+    fast = ggfuse.load(fixture(arch, "q4_k_m"), device="cuda", chunk=16).prefill(tokens)
+    os.environ["GGFUSE_BF16_ACT"] = "0"
+    try:
+        plain = ggfuse.load(fixture(arch, "q4_k_m"), device="cuda", chunk=16).prefill(tokens)
+    finally:
+        del os.environ["GGFUSE_BF16_ACT"]
+    d = float(np.abs(fast - plain).max() / np.abs(plain).max())
+    print(f"{arch}: bf16 activations vs f32 storage: max|diff|/max = {d:.2e}")
+    assert d < 1e-3

@@ -269,13 +269,14 @@ class CUDABackend:
             else:
                 self.states[name] = cp.zeros(tuple(int(d) for d in t.shape), dtype=cp.float32)
 
-    def arena_view(self, node, index: int = 0):
-        """The arena bytes of a value as a CuPy array of its shape at T = chunk."""
+    def arena_view(self, node, index: int = 0, dtype=None):
+        """The arena bytes of a value as a CuPy array of its shape at T = chunk (in `dtype`
+        when given: a bf16 copy of an f32 value takes the first half of its slot)."""
         cp = self.cp
         off = node.meta["arena"][index]
         t = node.outputs[index]
         shape = shape_eval(t.shape, {"T": self.chunk, "P": 0})
-        dt = {DType.F32: cp.float32, DType.I32: cp.int32, DType.BF16: cp.uint16}[t.dtype]
+        dt = dtype or {DType.F32: cp.float32, DType.I32: cp.int32, DType.BF16: cp.uint16}[t.dtype]
         n = int(np.prod(shape)) * np.dtype(dt).itemsize
         return self.arena[off:off + n].view(dt).reshape(shape)
 

@@ -89,6 +89,42 @@ class Ctx:
         return buf[:nbytes].view(dtype).reshape(shape)
 
 
+# ops whose kernels write bf16 as well as f32 (dense/launch.py), by output index
+_BF16_OUT = {Op.RMS_NORM: (0,), Op.ADD_RMS_NORM: (0,), Op.GATED_RMS_NORM: (0,), Op.SIGMOID_MUL: (0,)}
+
+
+def _gemm_operand_only(g, v) -> bool:
+    """Every reader of v (through RESHAPE / SLICE views) is a GEMM's activation operand."""
+    uses = list(g.uses_of(v))
+    if not uses:
+        return False
+    for u, i in uses:
+        if u.op in (Op.RESHAPE, Op.SLICE):
+            if not _gemm_operand_only(g, u.out):
+                return False
+        elif not (u.op in (Op.MATMUL, Op.FFN_SWIGLU) and i == 0):
+            return False
+    return True
+
+
+def bf16_activations(g) -> set:
+    """Values stored as bf16 although the IR says f32: outputs of norms / gates that only GEMMs
+    read. The tensor-core GEMMs round their activation operand to bf16 anyway, so the results are
+    bit-identical, while the norm writes half the bytes and the GEMM takes its bf16 x bf16 path
+    (128 x 256 tiles on sm_90) instead of converting f32 while staging. GGFUSE_BF16_ACT=0: off."""
+    import os
+    if os.environ.get("GGFUSE_BF16_ACT") == "0":
+        return set()
+    outs = set(g.outputs.values())
+    vals = set()
+    for n in g.nodes():
+        for i in _BF16_OUT.get(n.op, ()):
+            v = n.value(i)
+            if v not in outs and g.type_of(v).dtype == DType.F32 and _gemm_operand_only(g, v):
+                vals.add(v)
+    return vals
+
+
 def last_use(g, v, step: dict) -> int:
     """The last schedule step that reads `v`, through views (RESHAPE / SLICE) of it."""
     last = step[v.node]
@@ -143,6 +179,7 @@ def build_launches(be) -> list:
     joined = set()
     order = be.graph.topo()
     step = {n.id: i for i, n in enumerate(order)}
+    bf16_vals = bf16_activations(be.graph)
     for n in order:
         if n.op == Op.INPUT:
             kind = n.attrs.kind
@@ -169,6 +206,9 @@ def build_launches(be) -> list:
             try:
                 ctx.vals[n.out] = strided_reshape(cp, src, ctx.shape(n.out))
             except GGFuseError:
+                if src.dtype != np.float32:
+                    raise GGFuseError(None, f"cuda: {n.name}: a bf16 activation cannot be re-viewed as "
+                                            f"{ctx.shape(n.out)} without a copy (set GGFUSE_BF16_ACT=0)") from None
                 # e.g. the attention gate: one half of each head's [q | gate] row, merged across heads
                 dst = ctx.scratch_live(ctx.shape(n.out), src.dtype, step[n.id], last_use(be.graph, n.out, step))
                 d = _dense()
@@ -198,7 +238,8 @@ def build_launches(be) -> list:
         # every other value lives in the arena (state outputs are bound by their launcher)
         for i, off in enumerate(n.meta.get("arena", [])):
             if off is not None:
-                ctx.vals[n.value(i)] = be.arena_view(n, i)
+                v = n.value(i)
+                ctx.vals[v] = be.arena_view(n, i, cp.uint16 if v in bf16_vals else None)
         fn = _LAUNCHERS.get(n.op)
         if fn is None:
             raise GGFuseError(None, f"the cuda backend has no kernel for op {n.op.value} ({n.name})")
