@@ -452,3 +452,59 @@ def bench_main(args) -> int:
     if args.plot:
         plot(res, args.plot)
     return 0
+
+
+def plot_runs(paths, out: str) -> None:
+    """One picture of several `ggfuse bench --json` results (e.g. one per preset): tokens/s
+    against prompt length, ggfuse solid and llama.cpp dashed in the same colour; and the
+    ggfuse / llama.cpp ratio per prompt length."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise GGFuseError(out, "plotting needs matplotlib (pip install 'ggfuse[plot]')") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = []
+    for p in paths:
+        with open(p) as f:
+            runs.append((os.path.basename(p), json.load(f)))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(len(runs), 1)
+    all_x = sorted({row["prompt"] for _, r in runs for row in r["results"]})
+    slot = {x: i for i, x in enumerate(all_x)}
+    for k, (name, r) in enumerate(runs):
+        label = os.path.splitext(name)[0].replace("bench-", "")
+        if r.get("vram_budget"):
+            label += f" ({r['vram_budget']})"
+        xs = [row["prompt"] for row in r["results"]]
+        ys = [row["tok_per_s"] for row in r["results"]]
+        line, = ax1.plot(xs, ys, "o-", label=f"{label} ggfuse")
+        lb = {int(a): b for a, b in ((r.get("llama_bench") or {}).get("results") or {}).items()}
+        if lb:
+            ax1.plot(xs, [lb.get(x, np.nan) for x in xs], "s--", color=line.get_color(), alpha=0.7,
+                     label=f"{label} llama.cpp")
+            ratios = [y / lb[x] if lb.get(x) else np.nan for x, y in zip(xs, ys)]
+            ax2.bar(np.array([slot[x] for x in xs]) + k * width, ratios, width, color=line.get_color(), label=label)
+    ax2.set_xticks(np.arange(len(all_x)) + 0.4 - width / 2)
+    ax2.set_xticklabels([str(x) for x in all_x])
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("prompt tokens")
+    ax1.set_ylabel("prefill tokens / s")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=7)
+    ax2.axhline(1.0, color="k", lw=0.8)
+    ax2.set_xlabel("prompt tokens")
+    ax2.set_ylabel("ggfuse / llama.cpp")
+    ax2.legend(fontsize=7)
+    ax2.grid(alpha=0.3, axis="y")
+    dev = next((r.get("device_name") for _, r in runs if r.get("device_name")), "")
+    fig.suptitle(f"prefill on {dev}".strip())
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+if __name__ == "__main__":      # python -m ggfuse.runtime.bench plot OUT.png RUN.json...
+    if len(sys.argv) >= 4 and sys.argv[1] == "plot":
+        plot_runs(sys.argv[3:], sys.argv[2])
+    else:
+        sys.exit("usage: python -m ggfuse.runtime.bench plot OUT.png RUN.json [RUN.json ...]")

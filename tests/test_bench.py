@@ -82,3 +82,18 @@ def test_equivalent_n_cpu_moe_counts_streamed_layers():
     n = bench.equivalent_n_cpu_moe(EXAMPLE, budget, chunk=16)
     plan = compile_gguf(EXAMPLE, chunk=16, vram_budget=budget)
     assert n == len(plan.stats["prefetch"]["streamed_layers"]) >= 1
+
+
+def test_plot_runs_draws_several_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = []
+    for k, (name, prompts) in enumerate((("bench-a", [512, 2048, 8192]), ("stream-b", [2048, 8192]))):
+        r = {"results": [{"prompt": p, "tok_per_s": 1000.0 * (k + 1) + p} for p in prompts],
+             "llama_bench": {"results": {str(p): 900.0 for p in prompts}}, "device_name": "X",
+             "vram_budget": "12GiB" if k else None}
+        f = tmp_path / f"{name}.json"
+        f.write_text(json.dumps(r))
+        runs.append(str(f))
+    out = tmp_path / "p.png"
+    bench.plot_runs(runs, str(out))
+    assert out.read_bytes()[:4] == b"\x89PNG"
