@@ -427,11 +427,12 @@ def bench_main(args) -> int:
     if llama is not None:
         res["llama_bench"] = llama
     lb = (res.get("llama_bench") or {}).get("results", {})
-    print(f"{'prompt':>8} {'ggfuse tok/s':>14} {'TTFT ms':>10} {'of floor':>9}" +
+    print(f"{'prompt':>8} {'ggfuse tok/s':>14} {'TTFT ms':>10} {'of floor':>9} {'peak GiB':>9}" +
           (f" {'llama.cpp tok/s':>16} {'ratio':>7}" if lb else ""))
     for r in res["results"]:
         fl = f"{100 * r['of_floor']:.0f}%" if "of_floor" in r else "-"
-        line = f"{r['prompt']:>8} {r['tok_per_s']:>14.1f} {r['ttft_ms']:>10.2f} {fl:>9}"
+        pk = f"{r['peak_device_bytes'] / 2**30:.2f}" if r.get("peak_device_bytes") else "-"
+        line = f"{r['prompt']:>8} {r['tok_per_s']:>14.1f} {r['ttft_ms']:>10.2f} {fl:>9} {pk:>9}"
         if lb:
             other = lb.get(r["prompt"])
             line += f" {other:>16.1f} {r['tok_per_s'] / other:>7.2f}" if other else f" {'-':>16} {'-':>7}"
