@@ -91,6 +91,8 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
                 times.append(ms)
         ms = _median(times)
         row = {"prompt": n, "ms": ms, "tok_per_s": n / ms * 1e3, "ttft_ms": ms, "runs": times}
+        if device == "cuda":
+            row.update(host_time(model, backend, tokens, ms))
         if ceilings:
             fl = prompt_floor(plan, n, chunk, ceilings)
             row.update(floor_ms=fl["floor_ms"], of_floor=fl["floor_ms"] / ms, tflops=fl["flops"] / ms / 1e9)
@@ -105,7 +107,9 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
                 for line in format_telemetry(row["streaming"]):
                     log(line)
         rows.append(row)
-        log(f"pp{n:<6} {row['tok_per_s']:10.1f} tok/s   TTFT {ms:9.2f} ms")
+        host = (f"   host {row['host_ms_per_chunk']:.2f} ms/chunk ({100 * row['host_fraction']:.1f}% of the chunk)"
+                if "host_fraction" in row else "")
+        log(f"pp{n:<6} {row['tok_per_s']:10.1f} tok/s   TTFT {ms:9.2f} ms{host}")
     if device == "cuda":
         _release(backend)
         del model, backend
@@ -120,6 +124,21 @@ def _device_name() -> str:
     p = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
     name = p["name"]
     return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def host_time(model, backend, tokens, prefill_ms: float) -> dict:
+    """Host time per chunk (staging the chunk's inputs and launching its captured graph), measured
+    with the device idle at each chunk's start so no wait on earlier GPU work is counted, against
+    the GPU time per chunk of the timed prefill."""
+    import cupy as cp
+    model.reset()
+    backend.host_stats.update(chunks=0, host_s=0.0)
+    for i in range(0, len(tokens), backend.chunk):
+        backend.run_chunk(tokens[i:i + backend.chunk], "none")
+        cp.cuda.Device().synchronize()
+    hs = backend.host_stats
+    per = hs["host_s"] * 1e3 / max(hs["chunks"], 1)
+    return {"host_ms_per_chunk": per, "host_fraction": per / (prefill_ms / max(hs["chunks"], 1))}
 
 
 def _release(backend) -> None:

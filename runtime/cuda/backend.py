@@ -100,6 +100,7 @@ class CUDABackend:
         from ggfuse.runtime.cuda.ops import build_launches
         self.launches = build_launches(self)
         self.graphs = {}      # "body" / "head_last" -> captured CUDA graph
+        self.host_stats = {"chunks": 0, "host_s": 0.0}
         self.reset()
 
     # ---- memory -------------------------------------------------------------------------------
@@ -315,9 +316,14 @@ class CUDABackend:
             out = ex.run_chunk(tokens, want)
             self.n_past = ex.n_past
             return out
+        t0 = time.perf_counter()
         n = self.stage_inputs(tokens)
         s = self.stream
         self._replay("body", self.launches)
+        # host time of a chunk: staging its inputs and launching its graph (asynchronous), i.e.
+        # what the CPU spends per chunk while the GPU works; shared with the sub-chunk executors
+        self.host_stats["chunks"] += 1
+        self.host_stats["host_s"] += time.perf_counter() - t0
         self.n_past += n
         if want == "none":
             return None
