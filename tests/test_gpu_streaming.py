@@ -117,16 +117,30 @@ def test_measured_memory_under_budget_on_a_shortened_35b(tmp_path):
     plan = compile_gguf(gf.path, chunk=512, gf=gf, max_context=2048, vram_budget=budget)
     assert plan.stats["prefetch"]["streamed_layers"]
     tokens = np.random.default_rng(0).integers(0, plan.hparams["n_vocab"], size=1000)
-    m, be = _model(gf, plan, 512)
-    out = m.prefill(tokens, logits="last")
-    mem = be.device_memory()
-    print(f"budget {budget / 2**30:.2f} GiB, pool {mem['pool_bytes'] / 2**30:.2f} GiB, "
-          f"device-wide {mem['used_since_load_bytes'] / 2**30:.2f} GiB")
-    assert mem["pool_bytes"] <= budget
-    be.close()
-    cp.get_default_memory_pool().free_all_blocks()
-    mr, ber = _model(gf, full, 512)
-    ref = mr.prefill(tokens, logits="last")
-    ber.close()
-    err = float(np.abs(out - ref).max() / np.abs(ref).max())
-    assert err < 2e-2, err
+    os.environ["GGFUSE_DENSE"] = "raw"      # the same dense GEMM kernels on both sides
+    try:
+        m, be = _model(gf, plan, 512)
+        out = m.prefill(tokens, logits="last")
+        mem = be.device_memory()
+        print(f"budget {budget / 2**30:.2f} GiB, pool {mem['pool_bytes'] / 2**30:.2f} GiB, "
+              f"device-wide {mem['used_since_load_bytes'] / 2**30:.2f} GiB")
+        assert mem["pool_bytes"] <= budget
+        be.close()
+        del m, be
+        gc.collect()
+        cp.get_default_memory_pool().free_all_blocks()
+        mr, ber = _model(gf, full, 512)
+        ref = mr.prefill(tokens, logits="last")
+        mr.reset()
+        ref2 = mr.prefill(tokens, logits="last")
+        ber.close()
+    finally:
+        del os.environ["GGFUSE_DENSE"]
+    # the MoE down-projection adds its top-8 expert rows with f32 atomics, whose order varies
+    # between runs; over 1000 tokens and 4 layers of a random 256-expert router that can flip a
+    # near-tied expert. Streaming must not add more than that run-to-run noise.
+    scale = float(np.abs(ref).max())
+    err = float(np.abs(out - ref).max()) / scale
+    noise = float(np.abs(ref2 - ref).max()) / scale
+    print(f"streamed vs resident {err:.2e}; resident vs resident again {noise:.2e}")
+    assert err < max(2e-2, 4 * noise), (err, noise)

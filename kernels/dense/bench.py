@@ -1,4 +1,5 @@
-"""Time the memory-bound dense kernels at Qwen3.5-35B-A3B shapes on the current GPU.
+"""Time the memory-bound dense kernels at Qwen3.5-35B-A3B shapes on the current GPU, and the
+MoE router GEMM (gemm_f32 vs router_gemm).
 
     python -m ggfuse.kernels.dense.bench
 
@@ -96,6 +97,36 @@ def bench_get_rows(cp, launch, rng, q4k):
     _row("get_rows Q4_K 4096 of [248320,2048] -> f32", us, T * rb + T * row_len * 4)
 
 
+def bench_router(cp, launch, rng):
+    """MoE router logits [T, 256] = x [T, 2048] @ W^T in f32 (gemm_f32, CUDA cores) vs the split
+    f16 / bf16 tensor-core router_gemm (both tiles), with the max-abs error vs float64 (logits ~N(0, 3))."""
+    E, K = 256, 2048
+    w = (rng.standard_normal((E, K)) * (3.0 / np.sqrt(K))).astype(np.float32)
+    wd = cp.asarray(w)
+    for T in (2048, 8192):
+        n_copies = max(1, (64 << 20) // (T * K * 4))  # rotate inputs past the 50 MB L2
+        xs = [rng.standard_normal((T, K)).astype(np.float32) for _ in range(n_copies)]
+        xds = [cp.asarray(x) for x in xs]
+        ref = xs[0].astype(np.float64) @ w.astype(np.float64).T
+        c = cp.empty((T, E), cp.float32)
+        flops = 2.0 * T * E * K
+        auto = launch.router_tile(T, E)
+        variants = [("gemm_f32 (CUDA cores)", lambda s, x: launch.gemm_f32(x, wd, c, stream=s))]
+        for split in ("f16", "bf16"):
+            for tile in launch.ROUTER_TILES:
+                variants.append((f"router_gemm {split} {tile}{' (auto)' if tile == auto else ''}",
+                                 lambda s, x, sp=split, tl=tile: launch.router_gemm(x, wd, c, split=sp, tile=tl, stream=s)))
+        base = None
+        for name, fn in variants:
+            us = _time_graphs(cp, [lambda s, x=x: fn(s, x) for x in xds])
+            c.fill(np.nan)
+            fn(None, xds[0])
+            err = float(np.abs(cp.asnumpy(c) - ref).max())
+            base = base or us
+            print(f"router T={T:<5} {name:<36} {us:9.2f} us {flops / (us * 1e-6) / 1e12:7.1f} TFLOP/s (f32 math)  "
+                  f"x{base / us:5.2f} vs gemm_f32  max-abs err {err:.2e}")
+
+
 def main():
     import cupy as cp
     from ggfuse.kernels.dense import launch
@@ -107,6 +138,7 @@ def main():
     bench_norms(cp, launch, rng)
     bench_dequant(cp, launch, rng, qtype("q4_k"))
     bench_get_rows(cp, launch, rng, qtype("q4_k"))
+    bench_router(cp, launch, rng)
 
 
 if __name__ == "__main__":

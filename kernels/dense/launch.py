@@ -14,6 +14,8 @@ int32 arrays of one element.
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 
 import numpy as np
 
@@ -450,6 +452,68 @@ def gemm_f32(a, w, c, *, stream=None):
     _launch("dense/gemm_f32.cu", "gemm_f32_nt", (-(-N // 64), -(-M // 64)), (256,),
             (_ptr(a), np.int64(a.strides[0] // 4), _ptr(w), _ptr(c), np.int64(c.strides[0] // 4),
              np.int32(M), np.int32(N), np.int32(K)), stream)
+
+
+ROUTER = "dense/router_gemm.cu"
+# tile -> (BM, BN, dynamic smem = Tile<...>::SMEM in router_gemm.cu); all 256 threads
+ROUTER_TILES = {"128x64": (128, 64, 48 * 1024), "64x64k2": (64, 64, 64 * 1024)}
+ROUTER_SPLITS = ("f16", "bf16")
+ROUTER_W_SCALE = 256.0              # f16 split: W is multiplied by this (exact) before splitting
+
+
+def router_tile(M: int, N: int) -> str:
+    """128x64 once it gives 1.5 blocks per SM (it reads A and W less often from L2), else
+    64x64k2 (two k-groups of warps per block, 2x the blocks). GGFUSE_ROUTER_TILE overrides."""
+    env = os.environ.get("GGFUSE_ROUTER_TILE", "").strip()
+    if env:
+        return env
+    from ggfuse.kernels.gemm.launch import device_sms
+    return "128x64" if 2 * (-(-M // 128) * -(-N // 64)) >= 3 * device_sms() else "64x64k2"
+
+
+def router_gemm(a, w, c, *, split: str = "f16", tile: str | None = None, w_scale: float = ROUTER_W_SCALE,
+                stream=None):
+    """c[M, N] = a[M, K] @ w[N, K]^T on tensor cores at f32 accuracy (the MoE router logits;
+    kernels/dense/router_gemm.cu): each f32 operand is split into a 16-bit hi + lo pair in the
+    kernel and three mma products are summed. split "f16" (default) is more accurate than
+    gemm_f32 but needs |a| < 65504 and |w| * w_scale < 65504 (w_scale a power of two); "bf16"
+    (bf16x3) has no range limit but ~5x gemm_f32's RMS error. a, c row-strided f32 views (last
+    dim contiguous), w contiguous f32 [N, K], 16-byte aligned; K % 32 == 0. tile: None (by
+    shape), or a key of ROUTER_TILES."""
+    M, K = (int(s) for s in a.shape)
+    N = int(w.shape[0])
+    _check_f32(a, "router_gemm a")
+    _check_f32(w, "router_gemm w")
+    _check_f32(c, "router_gemm c")
+    if split not in ROUTER_SPLITS:
+        raise ValueError(f"router_gemm: split {split!r} not in {ROUTER_SPLITS}")
+    if K % 32:
+        raise ValueError(f"router_gemm: K = {K} must be a multiple of 32")
+    if tuple(w.shape) != (N, K) or not w.flags.c_contiguous or w.data.ptr % 16:
+        raise ValueError(f"router_gemm: w must be contiguous, 16-byte aligned f32 [N, {K}], got {w.shape}")
+    if tuple(c.shape) != (M, N):
+        raise ValueError(f"router_gemm: c must be [{M}, {N}], got {c.shape}")
+    for x, nm in ((a, "a"), (c, "c")):
+        if (x.shape[1] > 1 and x.strides[1] != 4) or x.strides[0] % 4:
+            raise ValueError(f"router_gemm: {nm} must be row-strided with a contiguous last dim, strides {x.strides}")
+    if math.frexp(w_scale)[0] != 0.5:
+        raise ValueError(f"router_gemm: w_scale {w_scale} must be a power of two")
+    if M == 0 or N == 0:
+        return
+    tile = tile or router_tile(M, N)
+    if tile not in ROUTER_TILES:
+        raise ValueError(f"router_gemm: tile {tile!r} not in {tuple(ROUTER_TILES)}")
+    BM, BN, smem = ROUTER_TILES[tile]
+    lda, ldc = a.strides[0] // 4, c.strides[0] // 4
+    a4 = "" if lda % 4 == 0 and a.data.ptr % 16 == 0 else "_a4"    # float4 loads of A, or scalar
+    fn = _fn(ROUTER, f"router_gemm_{tile}_{split}{a4}")
+    if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem          # opt-in above 48 KiB (a function attribute)
+    with (stream if stream is not None else contextlib.nullcontext()):
+        fn((-(-N // BN), -(-M // BM)), (256,),
+           (_ptr(a), np.int64(lda), _ptr(w), _ptr(c), np.int64(ldc),
+            np.int32(M), np.int32(N), np.int32(K), np.float32(w_scale if split == "f16" else 1.0)),
+           shared_mem=smem)
 
 
 GEMV = "dense/gemv.cu"

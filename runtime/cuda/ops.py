@@ -521,7 +521,16 @@ def _moe_route(ctx, n):
     E = ctx.t(w_router).shape[0]
     logits = ctx.scratch("router_logits", (T, E), np.float32)
     w_f32 = _f32(ctx, w_router)
-    router = lambda: d.gemm_f32(x, w_f32, logits, stream=ctx.stream)  # noqa: E731  (f32, as llama.cpp)
+    # f32-accurate logits (llama.cpp multiplies f32 routers in f32; bf16 flips near-tied experts):
+    # tensor cores on split f16 halves (kernels/dense/router_gemm.cu); GGFUSE_ROUTER=f32simt: the
+    # CUDA-core f32 GEMM, =bf16x3: bf16 halves
+    import os
+    mode = os.environ.get("GGFUSE_ROUTER", "f16x3")
+    if mode == "f32simt" or x.shape[1] % 32 or w_f32.data.ptr % 16:
+        router = lambda: d.gemm_f32(x, w_f32, logits, stream=ctx.stream)  # noqa: E731
+    else:
+        split = "bf16" if mode == "bf16x3" else "f16"
+        router = lambda: d.router_gemm(x, w_f32, logits, split=split, stream=ctx.stream)  # noqa: E731
     ids, weights, slots, offsets = (ctx.v(n.value(i)) for i in range(4))
     a = n.attrs
     be = ctx.be
