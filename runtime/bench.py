@@ -9,7 +9,6 @@ each launch charged to its op's phase; phases are shown as fractions of that eag
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -43,7 +42,6 @@ def _median(xs):
 
 def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None, device: str = "auto",
                 max_context: int | None = None, seed: int = 0, log=print, with_ceilings: bool = True) -> dict:
-    import ggfuse
     from ggfuse.compiler.driver import compile_gguf
     from ggfuse.compiler.gguf_file import GGUFFile
     from ggfuse.runtime.api import Model, cuda_available
@@ -111,8 +109,7 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
                 if "host_fraction" in row else "")
         log(f"pp{n:<6} {row['tok_per_s']:10.1f} tok/s   TTFT {ms:9.2f} ms{host}")
     if device == "cuda":
-        _release(backend)
-        del model, backend
+        backend.close()   # give the device back before anything else runs in this process
     return {"model": os.path.abspath(path), "arch": plan.arch, "device": device, "chunk": chunk,
             "vram_budget": vram_budget, "repeat": repeat, "compile_s": t_compile, "load_s": t_load,
             "results": rows, "prefetch": plan.stats.get("prefetch"), "ceilings": ceilings,
@@ -139,24 +136,6 @@ def host_time(model, backend, tokens, prefill_ms: float) -> dict:
     hs = backend.host_stats
     per = hs["host_s"] * 1e3 / max(hs["chunks"], 1)
     return {"host_ms_per_chunk": per, "host_fraction": per / (prefill_ms / max(hs["chunks"], 1))}
-
-
-def _release(backend) -> None:
-    """Give the device back before another engine runs in the same process run (llama-bench
-    loading an 80B model needs the memory): page-locked GGUF regions, graphs, CuPy's pools."""
-    import gc
-
-    import cupy as cp
-    close = getattr(backend, "close", None)
-    if close is not None:
-        close()
-    backend.graphs = {}
-    for v in list(getattr(backend, "_views", {}).values()):
-        v.graphs = {}
-    gc.collect()
-    cp.cuda.Device().synchronize()
-    cp.get_default_memory_pool().free_all_blocks()
-    cp.get_default_pinned_memory_pool().free_all_blocks()
 
 
 def phase_breakdown(model, backend, tokens) -> dict:

@@ -3,6 +3,10 @@ bytes with finite half-precision scales (subnormals and zeros included), or from
 gguf.quants.quantize where gguf can quantise the type."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import quants
@@ -51,3 +55,23 @@ def quantized_blocks(rng, qtype, n_blocks):
     x = rng.standard_normal((n_blocks, qk)).astype(np.float32) * rng.uniform(1e-3, 10, (n_blocks, 1)).astype(np.float32)
     x[0] = 0.0  # an all-zero block (d == 0)
     return np.ascontiguousarray(quants.quantize(x, qtype)).view(np.uint8).reshape(n_blocks, -1)
+
+
+KERNELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+
+
+def build_host_driver(tmp_path_factory, name: str, source: str):
+    """Compile a C++ driver that includes kernel headers from kernels/ with the host g++ (skips
+    when there is none). -ffp-contract=off: the headers' separate roundings must not be fused
+    into FMAs on the host."""
+    import pytest
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ is not installed")
+    d = tmp_path_factory.mktemp(name)
+    src = d / "driver.cpp"
+    src.write_text(source)
+    exe = d / "driver"
+    subprocess.run([gxx, "-std=c++17", "-O2", "-ffp-contract=off", "-Wno-unknown-pragmas",
+                    "-I", KERNELS, str(src), "-o", str(exe)], check=True, capture_output=True, text=True)
+    return exe

@@ -6,19 +6,16 @@ for every K step, both producer halves and every even misalignment of the block 
 """
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf import quants
-from quant_blocks import random_blocks
+from quant_blocks import build_host_driver, random_blocks
 
 from ggfuse.kernels.gemm.weights import f32_to_bf16_bits
 
-KERNELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
 
 DRIVER = r"""
 #include <cstdio>
@@ -73,16 +70,7 @@ int main(int argc, char** argv) {
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ is not installed")
-    d = tmp_path_factory.mktemp("dequant90_host")
-    src = d / "driver.cpp"
-    src.write_text(DRIVER)
-    exe = d / "driver"
-    subprocess.run([gxx, "-std=c++17", "-O2", "-ffp-contract=off", "-Wno-unknown-pragmas",
-                    "-I", KERNELS, str(src), "-o", str(exe)], check=True, capture_output=True, text=True)
-    return exe
+    return build_host_driver(tmp_path_factory, "dequant90_host", DRIVER)
 
 
 @pytest.mark.parametrize("mis", [0, 2, 4, 6, 8, 10, 12, 14], ids=lambda m: f"mis{m}")

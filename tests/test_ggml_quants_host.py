@@ -7,17 +7,14 @@ half-precision scales, subnormals and zeros included) for every type.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf import quants
-from quant_blocks import QUANTIZABLE, TYPES, quantized_blocks, random_blocks
+from quant_blocks import build_host_driver, QUANTIZABLE, TYPES, quantized_blocks, random_blocks
 
-KERNELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
 
 DRIVER = r"""
 #include <cstdio>
@@ -62,17 +59,7 @@ int main(int argc, char** argv) {
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ is not installed")
-    d = tmp_path_factory.mktemp("ggml_quants_host")
-    src = d / "driver.cpp"
-    src.write_text(DRIVER)
-    exe = d / "driver"
-    # -ffp-contract=off: the header's separate roundings must not be fused into FMAs on the host.
-    subprocess.run([gxx, "-std=c++17", "-O2", "-ffp-contract=off", "-Wno-unknown-pragmas",
-                    "-I", KERNELS, str(src), "-o", str(exe)], check=True, capture_output=True, text=True)
-    return exe
+    return build_host_driver(tmp_path_factory, "ggml_quants_host", DRIVER)
 
 
 def check(driver, tmp_path, qtype, raw):
@@ -104,3 +91,17 @@ def test_random_bytes_bit_exact(driver, tmp_path, qtype):
 def test_quantized_bit_exact(driver, tmp_path, qtype):
     rng = np.random.default_rng(2000 + int(qtype))
     check(driver, tmp_path, qtype, quantized_blocks(rng, qtype, 129))
+
+
+def test_act_kind_names_storage_and_rejects_others():
+    """The launchers' activation-storage check (kernels/quant/types.py act_kind), shared by the
+    GEMM and attention launchers: f32, or bf16 bits in any 2-byte non-f16 container."""
+    from ggfuse.ir.types import DType
+    from ggfuse.kernels.attention.launch import _dtype_name
+    from ggfuse.kernels.gemm.launch import act_kind
+    assert act_kind(np.float32) == act_kind(DType.F32) == act_kind("float32") == "f32"
+    assert act_kind(np.uint16) == act_kind(DType.BF16) == _dtype_name("bfloat16", "q") == "bf16"
+    with pytest.raises(ValueError, match="gemm: c dtype must be float32"):
+        act_kind(np.float16, "c")
+    with pytest.raises(ValueError, match="flash_attn_prefill: out dtype must be f32 or bf16"):
+        _dtype_name("f16", "out")

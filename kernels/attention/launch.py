@@ -10,6 +10,7 @@ import threading
 import numpy as np
 
 from ggfuse.kernels.nvrtc import load_module
+from ggfuse.kernels.quant.types import act_kind
 
 SOURCE = "attention/flash_attn.cu"
 BLOCK_M = 64          # query rows per block (flash_attn.cu fa::BLOCK_M)
@@ -23,19 +24,7 @@ _functions: dict = {}
 
 def _dtype_name(dtype, what: str) -> str:
     """'f32' or 'bf16' from a ggfuse DType / string / numpy dtype (2-byte dtypes mean bf16 bits)."""
-    if isinstance(dtype, str):   # DType is a str enum: DType.BF16 == "bf16"
-        name = str(dtype.value if hasattr(dtype, "value") else dtype).lower()
-        if name in ("f32", "float32"):
-            return "f32"
-        if name in ("bf16", "bfloat16"):
-            return "bf16"
-        raise ValueError(f"flash_attn_prefill: {what} dtype must be f32 or bf16, got {dtype!r}")
-    dt = np.dtype(dtype)
-    if dt == np.float32:
-        return "f32"
-    if dt.itemsize == 2 and dt != np.float16:
-        return "bf16"
-    raise ValueError(f"flash_attn_prefill: {what} dtype must be float32 or a 2-byte bf16 container, got {dt}")
+    return act_kind(dtype, "flash_attn_prefill", what)
 
 
 def smem_bytes(D: int, Dv: int) -> int:

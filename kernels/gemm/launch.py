@@ -24,7 +24,7 @@ import threading
 import numpy as np
 
 from ggfuse.kernels.nvrtc import load_module
-from ggfuse.kernels.quant.types import qtype
+from ggfuse.kernels.quant.types import act_kind as _act_kind, qtype
 
 SOURCE = "gemm/gemm.cu"
 SOURCE90 = "gemm/gemm90.cu"
@@ -43,19 +43,7 @@ _functions: dict = {}
 
 def act_kind(dtype, what: str = "a") -> str:
     """'f32' or 'bf16' from a DType / name / numpy dtype (2-byte non-f16 dtypes hold bf16 bits)."""
-    if isinstance(dtype, str):   # DType is a str enum
-        name = str(getattr(dtype, "value", dtype)).lower()
-        if name in ("f32", "float32"):
-            return "f32"
-        if name in ("bf16", "bfloat16"):
-            return "bf16"
-        raise ValueError(f"gemm: {what} dtype must be f32 or bf16, got {dtype!r}")
-    dt = np.dtype(dtype)
-    if dt == np.float32:
-        return "f32"
-    if dt.itemsize == 2 and dt != np.float16:
-        return "bf16"
-    raise ValueError(f"gemm: {what} dtype must be float32 or a 2-byte bf16 container, got {dt}")
+    return _act_kind(dtype, "gemm", what)
 
 
 def weight_name(w_type) -> str:

@@ -47,3 +47,23 @@ def qtype(t) -> QType:
     if got is None:
         raise ValueError(f"GGML type {t!r} has no CUDA dequantiser (supported: {', '.join(SUPPORTED)})")
     return got
+
+
+def act_kind(dtype, op: str, what: str) -> str:
+    """How an activation is stored, as the kernels name it: 'f32' or 'bf16', from a ggfuse DType,
+    a name or a numpy dtype (a 2-byte non-f16 dtype holds raw bf16 bits: CuPy has no bfloat16).
+    `op` and `what` name the launcher and the operand in the error."""
+    if isinstance(dtype, str):   # DType is a str enum: DType.BF16 == "bf16"
+        name = str(getattr(dtype, "value", dtype)).lower()
+        if name in ("f32", "float32"):
+            return "f32"
+        if name in ("bf16", "bfloat16"):
+            return "bf16"
+        raise ValueError(f"{op}: {what} dtype must be f32 or bf16, got {dtype!r}")
+    import numpy as np
+    dt = np.dtype(dtype)
+    if dt == np.float32:
+        return "f32"
+    if dt.itemsize == 2 and dt != np.float16:
+        return "bf16"
+    raise ValueError(f"{op}: {what} dtype must be float32 or a 2-byte bf16 container, got {dt}")

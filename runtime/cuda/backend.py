@@ -385,9 +385,25 @@ class CUDABackend:
                 "used_since_load_bytes": int(self.free_at_load - free), "device_total_bytes": int(total)}
 
     def close(self) -> None:
-        """Release the page-locked GGUF regions and the staging threads (streamed plans)."""
+        """Give the device back: the page-locked GGUF regions and staging threads (streamed
+        plans), the captured graphs, and every device array this backend holds (weights, arena,
+        states, scratch, the sub-chunk executors'), then CuPy's cached blocks. The backend
+        cannot run after this; calling it again does nothing."""
+        import gc
         if self.streamer is not None:
             self.streamer.close()
+            self.streamer = None
+        self.graphs, self._views, self.launches = {}, {}, []
+        self.head_all = self.head_last = self.logits_view = self.logits_last_view = None
+        self.ctx = None
+        self.buf = DeviceBuffers()
+        self.arena, self.states = None, {}
+        self.scratch_shared = {"named": {}, "live": []}
+        gc.collect()
+        cp = self.cp
+        for pool in ("get_default_memory_pool", "get_default_pinned_memory_pool"):
+            if hasattr(cp, pool):
+                getattr(cp, pool)().free_all_blocks()
 
     @property
     def cuda_graph(self):

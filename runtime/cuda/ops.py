@@ -8,7 +8,6 @@ a copy into the layer's device slot plus a wait before the first reader (runtime
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -72,21 +71,16 @@ class Ctx:
     def scratch_live(self, shape, dtype, first: int, last: int):
         """A buffer outside the arena for a value live over schedule steps [first, last]:
         reuses one whose previous holder's last step is before `first`."""
-        cp = self.cp
+        from ggfuse.runtime.cuda.workspace import reuse_slot
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        for i, buf in enumerate(self._live):
-            busy = self._busy[i] if i < len(self._busy) else -1
-            if buf.nbytes >= nbytes and busy < first:
-                while len(self._busy) <= i:
-                    self._busy.append(-1)
-                self._busy[i] = last
-                return buf[:nbytes].view(dtype).reshape(shape)
-        buf = cp.empty(max(nbytes, 256), dtype=cp.uint8)
-        self._live.append(buf)
-        while len(self._busy) < len(self._live):
-            self._busy.append(-1)
-        self._busy[len(self._live) - 1] = last
-        return buf[:nbytes].view(dtype).reshape(shape)
+        # the buffers are shared with the sub-chunk executors; who holds them is per schedule
+        self._busy += [-1] * (len(self._live) - len(self._busy))
+        i = reuse_slot([b.nbytes for b in self._live], self._busy, nbytes, first, last)
+        if i < 0:
+            self._live.append(self.cp.empty(max(nbytes, 256), dtype=self.cp.uint8))
+            self._busy.append(last)
+            i = len(self._live) - 1
+        return self._live[i][:nbytes].view(dtype).reshape(shape)
 
 
 # ops whose kernels write bf16 as well as f32 (dense/launch.py), by output index

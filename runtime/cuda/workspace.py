@@ -65,19 +65,27 @@ def workspace_bytes(g, chunk: int) -> dict:
     from ggfuse.runtime.cuda.ops import last_use
     order = g.topo()
     step = {n.id: i for i, n in enumerate(order)}
-    pool: list[list[int]] = []          # [bytes, busy until]
+    pool: list[int] = []                # buffer bytes
+    busy: list[int] = []                # last step of each buffer's holder
     for n in order:
         if n.op == Op.RESHAPE and g.node(n.inputs[0].node).op == Op.SLICE:
             nb, first, last = int(np.prod(shape(n.out))) * 4, step[n.id], last_use(g, n.out, step)
-            for rec in pool:
-                if rec[0] >= nb and rec[1] < first:
-                    rec[1] = last
-                    break
-            else:
-                pool.append([max(nb, 256), last])
+            if reuse_slot(pool, busy, nb, first, last) < 0:
+                pool.append(max(nb, 256))
+                busy.append(last)
     if pool:
-        sizes["reshape_copies"] = sum(b for b, _ in pool)
+        sizes["reshape_copies"] = sum(pool)
     return sizes
+
+
+def reuse_slot(sizes: list, busy: list, nbytes: int, first: int, last: int) -> int:
+    """Buffer reuse by liveness: the index of a buffer of >= nbytes whose holder's last step is
+    before `first`, now held until `last`; -1 when none is free (the caller adds one)."""
+    for i, size in enumerate(sizes):
+        if size >= nbytes and busy[i] < first:
+            busy[i] = last
+            return i
+    return -1
 
 
 def total_workspace_bytes(g, chunk: int) -> int:
