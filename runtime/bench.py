@@ -10,6 +10,7 @@ each launch charged to its op's phase; phases are shown as fractions of that eag
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -95,7 +96,12 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
             fl = prompt_floor(plan, n, chunk, ceilings)
             row.update(floor_ms=fl["floor_ms"], of_floor=fl["floor_ms"] / ms, tflops=fl["flops"] / ms / 1e9)
         if device == "cuda":
-            row["phases"] = phase_breakdown(model, backend, tokens)
+            ops: list = []
+            row["phases"] = phase_breakdown(model, backend, tokens, ops)
+            row["ops"] = ops
+            for o in ops[:12]:
+                log(f"    {o['ms']:8.2f} ms  x{o['launches']:<4} {o['op']:<20} {o['name']:<34}"
+                    + (f" {o['tflops']:6.1f} TFLOP/s" if o['gflop'] else ""))
             import cupy as cp
             row["peak_device_bytes"] = int(cp.get_default_memory_pool().total_bytes())
             if getattr(backend, "streamer", None) is not None:   # --vram-budget: streamed experts
@@ -138,12 +144,16 @@ def host_time(model, backend, tokens, prefill_ms: float) -> dict:
     return {"host_ms_per_chunk": per, "host_fraction": per / (prefill_ms / max(hs["chunks"], 1))}
 
 
-def phase_breakdown(model, backend, tokens) -> dict:
-    """One eager prefill with an event after each launch; ms per phase."""
+def phase_breakdown(model, backend, tokens, ops_out: list | None = None) -> dict:
+    """One eager prefill with an event after each launch; ms per phase. With ops_out, also
+    appends one row per kind of node (op and name with layer numbers folded to '#'): total ms,
+    launches, useful FLOPs and TFLOP/s over the prompt, slowest first."""
     import cupy as cp
+    from ggfuse.ir.ops import OPS
     model.reset()
     s = backend.stream
     totals: dict[str, float] = {}
+    kinds: dict[tuple, list] = {}
     for i in range(0, len(tokens), backend.chunk):
         piece = tokens[i:i + backend.chunk]
         ex = backend.executor_for(len(piece))      # a short prompt / tail runs a smaller chunk
@@ -161,10 +171,27 @@ def phase_breakdown(model, backend, tokens) -> dict:
                 e.record(s)
                 evs.append(e)
         s.synchronize()
+        env = {"T": len(piece), "P": backend.n_past}   # useful work: the valid rows
+        g = ex.graph
         for node, a, b in zip(nodes, evs, evs[1:]):
+            ms = cp.cuda.get_elapsed_time(a, b)
             ph = phase_of(node)
-            totals[ph] = totals.get(ph, 0.0) + cp.cuda.get_elapsed_time(a, b)
+            totals[ph] = totals.get(ph, 0.0) + ms
+            if ops_out is not None:
+                key = (node.op.value, re.sub(r"\d+", "#", node.name))
+                d = OPS.get(node.op)
+                f = 0
+                if d is not None and d.flops and node is not ex.head_node:
+                    f = d.flops(node.attrs, [g.type_of(v) for v in node.inputs], node.outputs, env)
+                k = kinds.setdefault(key, [0.0, 0, 0])
+                k[0] += ms
+                k[1] += 1
+                k[2] += f
         backend.n_past += len(piece)
+    if ops_out is not None:
+        for (op, name), (ms, cnt, f) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+            ops_out.append({"op": op, "name": name, "ms": ms, "launches": cnt, "gflop": f / 1e9,
+                            "tflops": f / ms / 1e9 if ms > 0 else 0.0})
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
