@@ -28,17 +28,18 @@ from ggfuse.kernels.moe import ref as moe_ref  # noqa: E402
 TILE = launch.MOE_TILE
 
 
-@pytest.fixture(params=[*gl.IMPLS, "wgmma_tiles", "wgmma_generic"])
+@pytest.fixture(params=[*gl.IMPLS, "wgmma_persist", "wgmma_tiles", "wgmma_generic"])
 def impl(request, monkeypatch):
     """The grouped-GEMM kernel family under test (GGFUSE_GEMM): mma.sync, or wgmma on cc 9.0
-    with persistent blocks (GGFUSE_MOE90=persist, the default), wgmma_tiles (a block per tile,
-    GGFUSE_MOE90=tiles), wgmma_generic (persistent, with the element-wise dequant8,
-    GGFUSE_DEQUANT=generic)."""
+    with persistent blocks on 256-row tiles (GGFUSE_MOE90=wide, the default; GGML weights and
+    bf16 x, else the 128-row persistent kernels), wgmma_persist (persistent, 128-row tiles,
+    GGFUSE_MOE90=persist), wgmma_tiles (a block per tile, GGFUSE_MOE90=tiles), wgmma_generic
+    (the default schedule with the element-wise dequant8, GGFUSE_DEQUANT=generic)."""
     if request.param.startswith("wgmma") and gl.device_cc() != 90:
         pytest.skip("the wgmma kernels need a compute capability 9.0 device")
     monkeypatch.setenv("GGFUSE_GEMM", "wgmma" if request.param.startswith("wgmma") else request.param)
     monkeypatch.setenv("GGFUSE_DEQUANT", "generic" if request.param == "wgmma_generic" else "fast")
-    monkeypatch.setenv("GGFUSE_MOE90", "tiles" if request.param == "wgmma_tiles" else "persist")
+    monkeypatch.setenv("GGFUSE_MOE90", {"wgmma_tiles": "tiles", "wgmma_persist": "persist"}.get(request.param, "wide"))
     monkeypatch.delenv("GGFUSE_MOE90_BLOCKS", raising=False)
     return request.param
 
@@ -282,10 +283,10 @@ def test_moe_layer_prefill_sized(impl):
             merged=True, n_valid=250, rng=rng)
 
 
-# ---- the persistent wgmma schedule (moe90p_*): few blocks, so that each walks many items ----
+# ---- the persistent wgmma schedules (moe90w_*, moe90p_*): few blocks, so that each walks many items ----
 
 def wgmma_persist(impl, monkeypatch, blocks):
-    if impl not in ("wgmma", "wgmma_generic"):
+    if impl not in ("wgmma", "wgmma_persist", "wgmma_generic"):
         pytest.skip("persistent blocks: the wgmma families that use them")
     monkeypatch.setenv("GGFUSE_MOE90_BLOCKS", str(blocks))
 
@@ -319,3 +320,15 @@ def test_moe_down_tail_and_unaligned_out(impl, w_type):
             merged=False, n_valid=150, rng=rng, out_offset=2)
     run_moe(T=150, E=8, k=2, D=320, F=256, gu_type=w_type, dn_type=w_type, x_kind="bf16",
             merged=False, n_valid=150, rng=rng)
+
+
+@pytest.mark.parametrize("blocks", [0, 3])
+def test_moe_layer_wide_long_segments(impl, monkeypatch, blocks):
+    """About 450 rows per expert: an expert's segment (384 to 640 rows) is cut into several
+    256-row wide tiles and a 128-row last one whose other half is the next expert's rows (gate_up
+    must not write them); merged gate_up, padded chunk; all blocks or 3."""
+    if blocks:
+        wgmma_persist(impl, monkeypatch, blocks)
+    rng = np.random.default_rng(101 + blocks)
+    run_moe(T=900, E=8, k=4, D=256, F=512, gu_type="q4_k", dn_type="q6_k", x_kind="bf16",
+            merged=True, n_valid=893, rng=rng)

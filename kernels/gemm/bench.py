@@ -65,13 +65,13 @@ def impls(families=FAMILIES) -> list[str]:
     return [x for x in out if x in families]
 
 
-ALL_FAMILIES = (*FAMILIES, "wgmma_tiles")
+ALL_FAMILIES = (*FAMILIES, "wgmma_persist", "wgmma_tiles")
 
 
 def use_family(family: str) -> str:
     """Select a family for the launches that follow; returns the launcher's impl= argument."""
     os.environ["GGFUSE_DEQUANT"] = "generic" if family == "wgmma_generic" else "fast"
-    os.environ["GGFUSE_MOE90"] = "tiles" if family == "wgmma_tiles" else "persist"
+    os.environ["GGFUSE_MOE90"] = {"wgmma_tiles": "tiles", "wgmma_persist": "persist"}.get(family, "wide")
     return "wgmma" if family.startswith("wgmma") else family
 
 

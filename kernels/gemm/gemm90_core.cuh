@@ -46,24 +46,28 @@ typedef unsigned char u8;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-constexpr int BM = 128, BK = 64;
-constexpr int A_TILE = BM * BK * 2;             // 16 KB
+constexpr int BK = 64;
 constexpr int kStages = 4;
+constexpr int kMaxExperts = 512;                // wide MoE tiles: per-expert tile prefix in shared memory
 
 enum Mode { kGemm = 0, kSwiglu = 1, kMoeGateUp = 2, kMoeDown = 3 };
 
-template<int W, bool A_F32> struct Cfg {
+template<int W, bool A_F32, bool WIDE = false> struct Cfg {
     static constexpr bool kRaw = W != GGML_BF16;
+    // WIDE (MoE modes, GGML W, bf16 A, persistent): 256-row tiles, each consumer warpgroup owns
+    // 128 rows as two m64 halves (128 accumulators in 160 registers); 3 stages (the A ring doubles)
+    static constexpr int BM = WIDE ? 256 : 128;
+    static constexpr int A_TILE = BM * BK * 2;
     // bf16 A and W: 128 x 256 tiles, 1 producer warpgroup (cp.async only), 384 threads (the
     // entry register cap of 168 must hold a consumer's 128 accumulators). Otherwise 128 x 128
     // tiles and 2 producer warpgroups (dequantisation / f32 conversion), 512 threads.
     static constexpr int BN = (kRaw || A_F32) ? 128 : 256;
     static constexpr int PRODUCERS = BN == 256 ? 128 : 256;
     static constexpr int THREADS = PRODUCERS + 256;
-    static constexpr int PREGS = 96;                        // setmaxnreg: P * PREGS + 256 * CREGS <= 65536
-    static constexpr int CREGS = BN == 256 ? 200 : 160;     // (bf16 / bf16: producers spill at 72)
+    static constexpr int PREGS = 96;            // setmaxnreg: P * PREGS + 256 * CREGS <= 65536
+    static constexpr int CREGS = BN == 256 ? 200 : 160;   // (bf16 / bf16: producers spill at 72)
     static constexpr int B_TILE = BN * BK * 2;
-    static constexpr int S = kStages;
+    static constexpr int S = WIDE ? 3 : kStages;
     // raw unit: the raw bytes of one W row that one step (or, for 256-element blocks, four
     // steps) needs; R = steps per unit; the producers' lead of S-1 steps bounds the ring depth
     static constexpr int QK = kRaw ? QBlock<W>::QK : BK;
@@ -96,13 +100,19 @@ template<int W, bool A_F32> struct Cfg {
     static constexpr int OFF_AROW = OFF_BAR + (2 * S + 2 * NR + 4) * 8;
     static constexpr int OFF_BROW = OFF_AROW + 2 * BM * 8;
     static constexpr int OFF_SLOT = OFF_BROW + 2 * BN * 8;
-    static constexpr int END = OFF_SLOT + 2 * BM * 4 + 32;
+    // WIDE: tile prefix over experts [kMaxExperts + 1] ints
+    static constexpr int OFF_TPRE = OFF_SLOT + 2 * BM * 4 + 32;
+    static constexpr int END = OFF_TPRE + (WIDE ? (kMaxExperts + 1) * 4 + 12 : 0);
     static constexpr int SMEM = END + 1024;                              // + alignment slack
     static_assert(!kRaw || R * BK == UNIT_ELEMS, "a raw unit is a whole number of steps");
     static_assert(!kRaw || (R == 1 ? NR >= S - 1 : NR * R >= S - 1 + R), "raw ring too shallow for the lead");
     static_assert(SMEM <= 227 * 1024, "shared memory");
+    static_assert(!WIDE || BN == 128, "wide tiles: 128-column W tiles");
 };
-template<int W, bool A_F32> __host__ __device__ constexpr int smem_bytes() { return Cfg<W, A_F32>::SMEM; }
+template<int W, bool A_F32, bool WIDE = false> __host__ __device__ constexpr int smem_bytes() {
+    return Cfg<W, A_F32, WIDE>::SMEM;
+}
+template<int N> struct IC { static constexpr int value = N; };
 
 }  // namespace g90
 
@@ -183,7 +193,7 @@ template<int N> __device__ __forceinline__ void wgmma(float* d, u64 da, u64 db) 
 // j & 1) and handed over by two more mbarriers: tbl_full[b] (producers -> consumers: the tables
 // of item j are written) and tbl_empty[b] (consumers -> producers: item j's epilogue is done,
 // buffer b may take item j + 2).
-template<int W, bool A_F32, int MODE, bool PERSIST = false>
+template<int W, bool A_F32, int MODE, bool PERSIST = false, bool WIDE = false>
 __device__ __forceinline__ void gemm_block(
     const void* __restrict__ a, long long lda,
     const u8* __restrict__ w0, const u8* __restrict__ w1, long long w_row_bytes, long long w_expert_bytes,
@@ -192,11 +202,13 @@ __device__ __forceinline__ void gemm_block(
     const int* __restrict__ sorted_slots, const int* __restrict__ expert_offsets, int n_expert, int topk,
     const float* __restrict__ route_w)
 {
-    typedef Cfg<W, A_F32> CF;
-    constexpr int BN = CF::BN, S = CF::S, kProducers = CF::PRODUCERS;
+    typedef Cfg<W, A_F32, WIDE> CF;
+    constexpr int BN = CF::BN, S = CF::S, kProducers = CF::PRODUCERS, BM = CF::BM, A_TILE = CF::A_TILE;
+    constexpr int MH = BM / 128;          // m64 halves per consumer warpgroup
     constexpr bool kSwi = MODE == kSwiglu || MODE == kMoeGateUp;
     constexpr bool kMoe = MODE == kMoeGateUp || MODE == kMoeDown;
     static_assert(!PERSIST || kMoe, "persistent blocks: MoE modes only");
+    static_assert(!WIDE || (PERSIST && kMoe && CF::kRaw && !A_F32), "wide tiles: persistent MoE, GGML W, bf16 A");
     static_assert(kProducers >= BM, "a producer thread per tile row (slot table, valid-row count)");
     // arrivals on full[] per producer thread and step: one cp.async-tracked (bf16 A or bf16 W
     // by cp.async), one plain (f32 A stores or dequantised W stores)
@@ -226,8 +238,34 @@ __device__ __forceinline__ void gemm_block(
     // ---- the items of this block (the same decision in every thread: early exits are whole-block)
     const int ntn = PERSIST ? (kSwi ? (N + BN / 2 - 1) / (BN / 2) : (N + BN - 1) / BN) : (int)gridDim.x;
     int n_rt;
-    if constexpr (kMoe) n_rt = expert_offsets[n_expert] / BM;   // row tiles inside the padded layout
-    else n_rt = (M + BM - 1) / BM;
+    int* s_tpre = reinterpret_cast<int*>(base + CF::OFF_TPRE);                      // WIDE: [E + 1]
+    if constexpr (WIDE) {
+        // wide tiles never cross an expert: expert e's segment [off[e], off[e+1]) (a multiple of
+        // 128 rows) is cut into ceil(len / 256) tiles; s_tpre = exclusive prefix of those counts
+        if (n_expert > kMaxExperts) __trap();
+        if (tid < 32) {
+            int run = 0;
+            for (int e0 = 0; e0 < n_expert; e0 += 32) {
+                const int e = e0 + tid;
+                const int cnt = e < n_expert ? (expert_offsets[e + 1] - expert_offsets[e] + BM - 1) / BM : 0;
+                int v = cnt;
+#pragma unroll
+                for (int o = 1; o < 32; o <<= 1) {
+                    const int y = __shfl_up_sync(0xffffffffu, v, o);
+                    if (tid >= o) v += y;
+                }
+                if (e < n_expert) s_tpre[e] = run + v - cnt;
+                run += __shfl_sync(0xffffffffu, v, 31);
+            }
+            if (tid == 0) s_tpre[n_expert] = run;
+        }
+        __syncthreads();
+        n_rt = s_tpre[n_expert];
+    } else if constexpr (kMoe) {
+        n_rt = expert_offsets[n_expert] / BM;   // row tiles inside the padded layout
+    } else {
+        n_rt = (M + BM - 1) / BM;
+    }
     const int n_items = n_rt * ntn;
     const int first = PERSIST ? (int)blockIdx.x : (int)(blockIdx.y * gridDim.x + blockIdx.x);
     const int stride = PERSIST ? (int)gridDim.x : n_items;
@@ -267,11 +305,13 @@ __device__ __forceinline__ void gemm_block(
             const u32 tA = sA + slot * A_TILE;
             const int k0 = s * BK;
             if constexpr (A_F32) {
-                static_assert(!A_F32 || kProducers == 256, "f32 A: 4 chunks per producer thread");
+                static_assert(!A_F32 || kProducers == 256, "f32 A: 4 chunks per producer thread and pass");
+#pragma unroll
+                for (int i0 = 0; i0 < BM * 8 / kProducers; i0 += 4) {   // BM * 8 chunks of 8 elements
                 float4 v[8];
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {    // 1024 chunks of 8 elements, 4 per thread
-                    const int q = p + i * kProducers, r = q >> 3, ch = q & 7;
+                for (int i = 0; i < 4; ++i) {
+                    const int q = p + (i0 + i) * kProducers, r = q >> 3, ch = q & 7;
                     const char* src = arow[r];
                     if (src) {
                         const float4* qq = reinterpret_cast<const float4*>(src + (long long)(k0 + ch * 8) * 4);
@@ -283,17 +323,23 @@ __device__ __forceinline__ void gemm_block(
                 }
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    const int q = p + i * kProducers, r = q >> 3, ch = q & 7;
+                    const int q = p + (i0 + i) * kProducers, r = q >> 3, ch = q & 7;
                     st_shared_v4(tA + swz(r, ch), pack_bf16(v[2 * i].x, v[2 * i].y), pack_bf16(v[2 * i].z, v[2 * i].w),
                                  pack_bf16(v[2 * i + 1].x, v[2 * i + 1].y), pack_bf16(v[2 * i + 1].z, v[2 * i + 1].w));
                 }
+                }
             } else {
+                // (WIDE: two rounds of 4, not unrolled: the producers' 96 registers)
+                constexpr int NA = BM * 8 / kProducers, NU = WIDE ? 4 : NA;
+#pragma unroll 1
+                for (int i0 = 0; i0 < NA; i0 += NU) {
 #pragma unroll
-                for (int i = 0; i < BM * 8 / kProducers; ++i) {
+                for (int i = i0; i < i0 + NU; ++i) {
                     const int q = p + i * kProducers, r = q >> 3, ch = q & 7;
                     const char* src = arow[r];
                     cp_async16(tA + swz(r, ch), src ? src + (long long)(k0 + ch * 8) * 2 : static_cast<const char*>(a),
                                src ? 16 : 0);
+                }
                 }
             }
             if constexpr (!CF::kRaw) {
@@ -387,19 +433,34 @@ __device__ __forceinline__ void gemm_block(
         };
 
         for (int it = first; it < n_items; it += stride, ++j) {
-            const int b = j & 1, rt = it / ntn, nt = it - rt * ntn, row0 = rt * BM;
+            const int b = j & 1, rt = it / ntn, nt = it - rt * ntn;
+            int row0 = rt * BM;
             const char** ar = s_arow + b * BM;
             const u8** br = s_brow + b * BN;
             int* sl = s_slot + b * BM;
             // ---- the item's tables into buffer b (free once item j - 2's epilogue is done)
             bar_wait(bar_tempty + 8 * b, ((j >> 1) & 1) ^ 1);
             int m_valid;
-            if constexpr (kMoe) {
+            if constexpr (WIDE) {
+                // the wide tile rt: expert e with s_tpre[e] <= rt < s_tpre[e + 1], its first row
+                // and the end of the expert's segment (rows past it belong to the next expert)
                 for (int e = p; e < n_expert; e += kProducers)
-                    if (expert_offsets[e] <= row0 && row0 < expert_offsets[e + 1]) s_info[4 * b + 1] = e;
+                    if (s_tpre[e] <= rt && rt < s_tpre[e + 1]) {
+                        s_info[4 * b + 1] = e;
+                        s_info[4 * b + 2] = expert_offsets[e] + (rt - s_tpre[e]) * BM;
+                        s_info[4 * b + 3] = expert_offsets[e + 1];
+                    }
+                asm volatile("bar.sync 1, %0;\n" :: "n"(kProducers) : "memory");
+                row0 = s_info[4 * b + 2];
+            }
+            if constexpr (kMoe) {
+                if constexpr (!WIDE) {
+                    for (int e = p; e < n_expert; e += kProducers)
+                        if (expert_offsets[e] <= row0 && row0 < expert_offsets[e + 1]) s_info[4 * b + 1] = e;
+                }
                 int slot = -1;
                 if (p < BM) {
-                    slot = sorted_slots[row0 + p];
+                    if (!WIDE || row0 + p < s_info[4 * b + 3]) slot = sorted_slots[row0 + p];
                     sl[p] = slot;
                 }
                 // valid slots are a prefix of the tile: segments are padded at their ends, tiles
@@ -461,38 +522,53 @@ __device__ __forceinline__ void gemm_block(
     } else {
         // ======================= consumers =======================
         asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(CF::CREGS));
-        const int cw = (tid - kProducers) >> 7;          // 0, 1: tile rows [64 cw, 64 cw + 64)
+        // consumer cw owns tile rows [64 MH cw, 64 MH (cw + 1)): MH m64 halves (2 for WIDE tiles)
+        const int cw = (tid - kProducers) >> 7;
         const int t = tid & 127, warp = t >> 5, lane = t & 31;
         int j = 0;
         for (int it = first; it < n_items; it += stride, ++j) {
-            const int b = j & 1, rt = it / ntn, nt = it - rt * ntn, row0 = rt * BM, g0 = j * nsteps;
+            const int b = j & 1, rt = it / ntn, nt = it - rt * ntn, g0 = j * nsteps;
             bar_wait(bar_tfull + 8 * b, (j >> 1) & 1);
             const int m_valid = s_info[4 * b];
+            const int row0 = WIDE ? s_info[4 * b + 2] : rt * BM;
+            const int seg_rows = WIDE ? s_info[4 * b + 3] - row0 : BM;    // rows of the tile inside h
             const int* sl = s_slot + b * BM;
-            // a consumer whose 64 rows are all past the valid rows (M, padding slots) issues no
-            // wgmma, but still takes part in the ring (its warps release every step)
-            const bool active = m_valid > 64 * cw;
+            // a half whose 64 rows are all past the valid rows (M, padding slots) issues no
+            // wgmma; a consumer with no active half still takes part in the ring (its warps
+            // release every step)
+            const int nh = min(MH, max(0, (m_valid - 64 * MH * cw + 63) / 64));
 
-            float acc[BN / 2];
+            float acc[MH][BN / 2];
 #pragma unroll
-            for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+            for (int hf = 0; hf < MH; ++hf)
+#pragma unroll
+                for (int i = 0; i < BN / 2; ++i) acc[hf][i] = 0.f;
 
-            if (active) {
+            auto steps = [&](auto nh_c) {
+                constexpr int NH = decltype(nh_c)::value;
                 for (int s = 0; s < nsteps; ++s) {
                     const int g = g0 + s, slot = g % S;
                     bar_wait(bar_full + 8 * slot, (g / S) & 1);
                     fence_proxy_async();
                     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-                    const u64 da = smem_desc(sA + slot * A_TILE + cw * 64 * 128);
                     const u64 db = smem_desc(sB + slot * CF::B_TILE);
 #pragma unroll
-                    for (int kk = 0; kk < BK / 16; ++kk) wgmma<BN>(acc, da + 2 * kk, db + 2 * kk);   // +32 bytes
+                    for (int hf = 0; hf < NH; ++hf) {
+                        const u64 da = smem_desc(sA + slot * A_TILE + (cw * MH + hf) * 64 * 128);
+#pragma unroll
+                        for (int kk = 0; kk < BK / 16; ++kk) wgmma<BN>(acc[hf], da + 2 * kk, db + 2 * kk);   // +32 bytes
+                    }
                     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
                     asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
                     if (s > 0 && lane == 0) bar_arrive(bar_empty + 8 * ((g - 1) % S));
                 }
                 asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
                 if (lane == 0) bar_arrive(bar_empty + 8 * ((g0 + nsteps - 1) % S));
+            };
+            if (nh == MH) {
+                steps(IC<MH>());
+            } else if (MH > 1 && nh == 1) {
+                steps(IC<1>());
             } else {
                 for (int s = 0; s < nsteps; ++s) {
                     const int g = g0 + s, slot = g % S;
@@ -502,27 +578,33 @@ __device__ __forceinline__ void gemm_block(
                 }
             }
 #pragma unroll
-            for (int i = 0; i < BN / 2; ++i) asm volatile("" : "+f"(acc[i]) :: "memory");
+            for (int hf = 0; hf < MH; ++hf)
+#pragma unroll
+                for (int i = 0; i < BN / 2; ++i) asm volatile("" : "+f"(acc[hf][i]) :: "memory");
 
-            // ---- epilogue: acc[4j + v] = row 16 warp + lane/4 + 8 (v >> 1), column 8j + 2 (lane & 3) + (v & 1)
-            const int rbase = cw * 64 + warp * 16 + (lane >> 2), c2 = (lane & 3) * 2;
+            // ---- epilogue: acc[hf][4j + v] = row 64 (MH cw + hf) + 16 warp + lane/4 + 8 (v >> 1),
+            // column 8j + 2 (lane & 3) + (v & 1)
+#pragma unroll
+            for (int hf = 0; hf < MH; ++hf) {
+            const int rbase = (cw * MH + hf) * 64 + warp * 16 + (lane >> 2), c2 = (lane & 3) * 2;
+            const bool hactive = hf < nh;
             if constexpr (MODE == kMoeDown) {
                 // lanes 2i and 2i+1 swap halves so that each adds 4 consecutive columns of one row
                 // with one red.v4: the even lane row rbase (columns c2 .. c2+3), the odd lane row
                 // rbase + 8 (columns c2-2 .. c2+1)
                 const bool odd = lane & 1;
                 const int r = rbase + (odd ? 8 : 0);
-                const int slot = active ? sl[r] : -1;
+                const int slot = hactive ? sl[r] : -1;
                 const float wgt = slot >= 0 ? route_w[slot] : 0.f;
                 float* orow = static_cast<float*>(c) + (long long)(slot >= 0 ? slot / topk : 0) * ldc;
                 const bool v4ok = ((ldc & 3) == 0) && ((reinterpret_cast<u64>(c) & 15) == 0);
 #pragma unroll
                 for (int jj = 0; jj < BN / 8; ++jj) {
-                    const float s0 = odd ? acc[4 * jj] : acc[4 * jj + 2], s1 = odd ? acc[4 * jj + 1] : acc[4 * jj + 3];
+                    const float s0 = odd ? acc[hf][4 * jj] : acc[hf][4 * jj + 2], s1 = odd ? acc[hf][4 * jj + 1] : acc[hf][4 * jj + 3];
                     const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1), r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
                     float v[4];
-                    if (odd) { v[0] = r0; v[1] = r1; v[2] = acc[4 * jj + 2]; v[3] = acc[4 * jj + 3]; }
-                    else { v[0] = acc[4 * jj]; v[1] = acc[4 * jj + 1]; v[2] = r0; v[3] = r1; }
+                    if (odd) { v[0] = r0; v[1] = r1; v[2] = acc[hf][4 * jj + 2]; v[3] = acc[hf][4 * jj + 3]; }
+                    else { v[0] = acc[hf][4 * jj]; v[1] = acc[hf][4 * jj + 1]; v[2] = r0; v[3] = r1; }
                     const int n = nt * BN + 8 * jj + (odd ? c2 - 2 : c2);
                     if (slot < 0) continue;
                     if (v4ok && n + 3 < N) {
@@ -543,7 +625,7 @@ __device__ __forceinline__ void gemm_block(
 #pragma unroll
                     for (int jj = 0; jj < BN / 8; ++jj) {
                         const int n = nt * BN + 8 * jj + c2;
-                        float v0 = acc[4 * jj + 2 * h], v1 = acc[4 * jj + 2 * h + 1];
+                        float v0 = acc[hf][4 * jj + 2 * h], v1 = acc[hf][4 * jj + 2 * h + 1];
                         if (c_bf16) {
                             __nv_bfloat16* o = static_cast<__nv_bfloat16*>(c) + (long long)m * ldc + n;
                             if (n + 1 < N) {
@@ -572,13 +654,14 @@ __device__ __forceinline__ void gemm_block(
                         }
                     }
                 } else {   // kSwiglu, kMoeGateUp
-                    const int m = row0 + r;     // kMoeGateUp: every row of the tile is inside h
+                    const int m = row0 + r;     // kMoeGateUp: every row of the segment is inside h
                     if (MODE == kSwiglu && m >= M) continue;
+                    if (MODE == kMoeGateUp && r >= seg_rows) continue;   // WIDE: the next expert's rows
 #pragma unroll
                     for (int jj = 0; jj < BN / 16; ++jj) {
                         const int f = nt * (BN / 2) + 8 * jj + c2;
-                        const float v0 = silu(acc[4 * jj + 2 * h]) * acc[4 * (jj + BN / 16) + 2 * h];
-                        const float v1 = silu(acc[4 * jj + 2 * h + 1]) * acc[4 * (jj + BN / 16) + 2 * h + 1];
+                        const float v0 = silu(acc[hf][4 * jj + 2 * h]) * acc[hf][4 * (jj + BN / 16) + 2 * h];
+                        const float v1 = silu(acc[hf][4 * jj + 2 * h + 1]) * acc[hf][4 * (jj + BN / 16) + 2 * h + 1];
                         if (c_bf16) {
                             __nv_bfloat16* o = static_cast<__nv_bfloat16*>(c) + (long long)m * ldc + f;
                             if (f + 1 < N) *reinterpret_cast<u32*>(o) = pack_bf16(v0, v1);
@@ -592,6 +675,7 @@ __device__ __forceinline__ void gemm_block(
                 }
             }
             }
+            }   // hf
             bar_arrive(bar_tempty + 8 * b);   // this thread is done with buffer b's tables
         }
     }

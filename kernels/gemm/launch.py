@@ -76,12 +76,15 @@ def smem_bytes(w_type, cc: int) -> int:
     return S * TILE_BYTES + b + ROW_TABLES
 
 
-def cfg90(w_type, a_kind: str) -> tuple[int, int, int]:
-    """(BN, threads, dynamic shared memory) of the sm_90a kernels; mirrors g90::Cfg<W, A_F32>
-    (gemm90_core.cuh; the kernel traps if it was given less shared memory)."""
+def cfg90(w_type, a_kind: str, wide: bool = False) -> tuple[int, int, int]:
+    """(BN, threads, dynamic shared memory) of the sm_90a kernels; mirrors g90::Cfg<W, A_F32, WIDE>
+    (gemm90_core.cuh; the kernel traps if it was given less shared memory). wide: the MoE
+    kernels' 256-row tiles (GGML weights, bf16 activations)."""
     t = qtype(w_type)
     raw, a_f32 = t.name != "bf16", a_kind == "f32"
-    S, BM_, BK_ = 4, 128, 64
+    if wide and (not raw or a_f32):
+        raise ValueError(f"wide tiles need GGML weights and bf16 activations, got {t.name} / {a_kind}")
+    S, BM_, BK_ = (3, 256, 64) if wide else (4, 128, 64)
     bn = 128 if (raw or a_f32) else 256
     threads = (128 if bn == 256 else 256) + 256
     qk, qbytes = (t.block, t.block_bytes) if raw else (BK_, 0)
@@ -91,10 +94,14 @@ def cfg90(w_type, a_kind: str) -> tuple[int, int, int]:
     slot = 16 * (((unit_bytes + 30) // 16) | 1) if raw else 0
     nr = 0 if not raw else S if r == 1 else (S - 1 + 2 * r - 1) // r
     raw_bytes = nr * bn * slot + 16 if raw else 0
-    # barriers full/empty[S], rfull/rempty[NR], tbl_full/tbl_empty[2]; double-buffered tables
+    # barriers full/empty[S], rfull/rempty[NR], tbl_full/tbl_empty[2]; double-buffered tables;
+    # wide: the per-expert tile prefix (kMaxExperts + 1 ints)
     end = (S * BM_ * BK_ * 2 + S * bn * BK_ * 2 + raw_bytes + (2 * S + 2 * nr + 4) * 8
-           + 2 * BM_ * 8 + 2 * bn * 8 + 2 * BM_ * 4 + 32)
+           + 2 * BM_ * 8 + 2 * bn * 8 + 2 * BM_ * 4 + 32 + ((MAX_EXPERTS90 + 1) * 4 + 12 if wide else 0))
     return bn, threads, end + 1024
+
+
+MAX_EXPERTS90 = 512     # gemm90_core.cuh kMaxExperts (wide tiles)
 
 
 _cc: dict = {}
@@ -162,9 +169,9 @@ def dequant90() -> str:
     return v
 
 
-def function90(source: str, name: str, w_name: str, a_kind: str):
+def function90(source: str, name: str, w_name: str, a_kind: str, wide: bool = False):
     defines = {"G90_GENERIC_DEQUANT": 1} if dequant90() == "generic" else None
-    return function(source, name, w_name, cfg90(w_name, a_kind)[2], defines)
+    return function(source, name, w_name, cfg90(w_name, a_kind, wide)[2], defines)
 
 
 def prepare(a_dtype, w_type, impl: str | None = None) -> None:

@@ -22,9 +22,10 @@ from ggfuse.kernels.moe import launch
 D, E, K_TOP, F = 2048, 256, 8, 512
 GU_TYPE, DN_TYPE = "q4_k", "q6_k"
 TOKENS = (512, 2048, 4096)
-# kernel families (GGFUSE_BENCH_IMPLS selects): wgmma = persistent blocks (moe90p_*), wgmma_tiles
+# kernel families (GGFUSE_BENCH_IMPLS selects): wgmma = persistent blocks on 256-row tiles
+# (moe90w_*), wgmma_persist = persistent on 128-row tiles (moe90p_*), wgmma_tiles
 # = a block per tile (moe90_*), wgmma_generic = persistent with the element-wise dequantisation
-MOE_FAMILIES = (*FAMILIES, "wgmma_tiles")
+MOE_FAMILIES = (*FAMILIES, "wgmma_persist", "wgmma_tiles")
 
 
 def row(name, ms, flops, nbytes=0):

@@ -9,6 +9,10 @@
 //     grid (blocks, 1) with blocks ~ the SM count; each block walks the (row tile, column tile)
 //     items of the layout blockIdx.x, + gridDim.x, ...; the number of row tiles is read from
 //     expert_offsets[E] on the device.
+//   moe90w_gate_up_<a>_<w>, moe90w_down_<w> (GGML W): persistent with wide tiles (gemm90_core.cuh
+//     WIDE): 256-row tiles that never cross an expert (an expert's 128-padded segment is cut into
+//     ceil(len / 256) tiles, counted on the device), m64 halves past the valid rows skipped; half
+//     the dequantisation per MMA of the 128-row tiles.
 // Empty entry points for any target but sm_90a (launch.py picks them only there).
 #include "gemm/gemm90_core.cuh"
 
@@ -18,36 +22,43 @@
 #define MOE90_BODY(...)
 #endif
 
-#define MOE90_GATE_UP(WNAME, WTYPE, AF32, ANAME) MOE90_GATE_UP_P(WNAME, WTYPE, AF32, ANAME, moe90, false) \
-    MOE90_GATE_UP_P(WNAME, WTYPE, AF32, ANAME, moe90p, true)
-#define MOE90_GATE_UP_P(WNAME, WTYPE, AF32, ANAME, PFX, PERSIST)                                    \
-extern "C" __global__ void __launch_bounds__((g90::Cfg<WTYPE, AF32>::THREADS), 1)                   \
+#define MOE90_GATE_UP(WNAME, WTYPE, AF32, ANAME) MOE90_GATE_UP_P(WNAME, WTYPE, AF32, ANAME, moe90, false, false) \
+    MOE90_GATE_UP_P(WNAME, WTYPE, AF32, ANAME, moe90p, true, false)
+#define MOE90_GATE_UP_P(WNAME, WTYPE, AF32, ANAME, PFX, PERSIST, WIDE)                              \
+extern "C" __global__ void __launch_bounds__((g90::Cfg<WTYPE, AF32, WIDE>::THREADS), 1)             \
 PFX##_gate_up_##ANAME##_##WNAME(const void* x, long long ldx, const unsigned char* wg,                \
                                 const unsigned char* wu, long long w_row_bytes,                       \
                                 long long w_expert_bytes, int F, int K, void* h, long long ldh,       \
                                 const int* sorted_slots, const int* expert_offsets, int n_expert,     \
                                 int topk) {                                                           \
-    MOE90_BODY(g90::gemm_block<WTYPE, AF32, g90::kMoeGateUp, PERSIST>(x, ldx, wg, wu, w_row_bytes,             \
+    MOE90_BODY(g90::gemm_block<WTYPE, AF32, g90::kMoeGateUp, PERSIST, WIDE>(x, ldx, wg, wu, w_row_bytes,       \
         w_expert_bytes, 0, F, K, h, ldh, 1, 0, sorted_slots, expert_offsets, n_expert, topk, nullptr);) \
 }
 
-#define MOE90_DOWN(WNAME, WTYPE, PFX, PERSIST)                                                      \
-extern "C" __global__ void __launch_bounds__((g90::Cfg<WTYPE, false>::THREADS), 1)                  \
+#define MOE90_DOWN(WNAME, WTYPE, PFX, PERSIST, WIDE)                                                \
+extern "C" __global__ void __launch_bounds__((g90::Cfg<WTYPE, false, WIDE>::THREADS), 1)            \
 PFX##_down_##WNAME(const void* h, long long ldh, const unsigned char* wd, long long w_row_bytes,      \
                    long long w_expert_bytes, int D, int F, float* out, long long ldo,                 \
                    const int* sorted_slots, const int* expert_offsets, int n_expert, int topk,        \
                    const float* route_w) {                                                            \
-    MOE90_BODY(g90::gemm_block<WTYPE, false, g90::kMoeDown, PERSIST>(h, ldh, wd, wd, w_row_bytes,              \
+    MOE90_BODY(g90::gemm_block<WTYPE, false, g90::kMoeDown, PERSIST, WIDE>(h, ldh, wd, wd, w_row_bytes,        \
         w_expert_bytes, 0, D, F, out, ldo, 0, 0, sorted_slots, expert_offsets, n_expert, topk, route_w);) \
 }
 
 #define MOE90_KERNELS(WNAME, WTYPE)                                                                 \
 MOE90_GATE_UP(WNAME, WTYPE, true, f32a)                                                             \
 MOE90_GATE_UP(WNAME, WTYPE, false, bf16a)                                                           \
-MOE90_DOWN(WNAME, WTYPE, moe90, false)                                                              \
-MOE90_DOWN(WNAME, WTYPE, moe90p, true)
+MOE90_DOWN(WNAME, WTYPE, moe90, false, false)                                                       \
+MOE90_DOWN(WNAME, WTYPE, moe90p, true, false)
+// wide tiles (GGML weights, bf16 x): moe90w_*
+#define MOE90_WIDE(WNAME, WTYPE)                                                                    \
+MOE90_GATE_UP_P(WNAME, WTYPE, false, bf16a, moe90w, true, true)                                     \
+MOE90_DOWN(WNAME, WTYPE, moe90w, true, true)
 
 MOE90_KERNELS(bf16, GGML_BF16)
 MOE90_KERNELS(q8_0, GGML_Q8_0)
 MOE90_KERNELS(q4_k, GGML_Q4_K)
 MOE90_KERNELS(q6_k, GGML_Q6_K)
+MOE90_WIDE(q8_0, GGML_Q8_0)
+MOE90_WIDE(q4_k, GGML_Q4_K)
+MOE90_WIDE(q6_k, GGML_Q6_K)

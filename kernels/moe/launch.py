@@ -25,7 +25,7 @@ ROUTE_SOURCE = "moe/route.cu"
 GEMM_SOURCE = "moe/grouped_gemm.cu"
 GEMM_SOURCE90 = "moe/grouped_gemm90.cu"    # wgmma variants, picked as kernels/gemm/launch.pick_impl says
 MOE_TILE = 128          # the grouped GEMM's row tile (gemm_core.cuh BM)
-SCHEDULES = ("persist", "tiles")   # wgmma grouped GEMMs: persistent blocks, or a block per tile
+SCHEDULES = ("wide", "persist", "tiles")   # wgmma grouped GEMMs: persistent blocks on 256- or 128-row tiles, or a block per tile
 ROUTE_CHUNK = 256       # slots per histogram chunk (route.cu)
 MAX_EXPERTS = 512       # route.cu ROUTE_MAX_PER_LANE * 32
 GATINGS = {"softmax": 0, "sigmoid": 1}
@@ -42,27 +42,33 @@ def route_scratch_ints(T: int, k: int, E: int) -> int:
 
 
 def schedule90(schedule: str | None = None) -> str:
-    """How the wgmma grouped GEMMs are launched: "persist" (default: about one block per SM,
-    each walking (row tile, column tile) items, moe90p_*) or "tiles" (a block per item, the grid
-    covering the worst-case layout, moe90_*). GGFUSE_MOE90 overrides the default; an explicit
-    argument overrides both. Read at launch time (the benchmark switches between captures)."""
-    v = schedule or os.environ.get("GGFUSE_MOE90", "").strip().lower() or "persist"
+    """How the wgmma grouped GEMMs are launched: "wide" (default: about one block per SM, each
+    walking (row tile, column tile) items of 256-row tiles that never cross an expert, moe90w_*;
+    GGML weights and bf16 activations only, otherwise "persist"), "persist" (the same on
+    128-row tiles, moe90p_*) or "tiles" (a block per 128-row item, the grid covering the
+    worst-case layout, moe90_*). GGFUSE_MOE90 overrides the default; an explicit argument
+    overrides both. Read at launch time (the benchmark switches between captures)."""
+    v = schedule or os.environ.get("GGFUSE_MOE90", "").strip().lower() or "wide"
     if v not in SCHEDULES:
         raise ValueError(f"GGFUSE_MOE90 / schedule must be one of {SCHEDULES}, got {v!r}")
     return v
 
 
-def _grid90(n_cols: int, S: int, schedule: str | None) -> tuple[str, tuple[int, int, int]]:
+def _wide_ok(w_name: str, a_kind: str) -> bool:
+    return w_name != "bf16" and a_kind == "bf16"
+
+
+def _grid90(n_cols: int, S: int, E: int, schedule: str) -> tuple[str, tuple[int, int, int]]:
     """(kernel name prefix, grid) of a wgmma grouped GEMM with n_cols column tiles over a
-    layout of S sorted rows (S // MOE_TILE row tiles at most)."""
-    tiles = S // MOE_TILE
-    if schedule90(schedule) == "persist":
+    layout of S sorted rows (S // MOE_TILE row tiles at most; wide: at most S // 256 + E)."""
+    if schedule in ("persist", "wide"):
         blocks = gl.device_sms()
         cap = os.environ.get("GGFUSE_MOE90_BLOCKS", "").strip()   # tests: fewer blocks, more items each
         if cap:
             blocks = min(blocks, max(1, int(cap)))
-        return "moe90p", (max(1, min(blocks, tiles * n_cols)), 1, 1)
-    return "moe90", (n_cols, tiles, 1)
+        tiles = min(S // MOE_TILE, S // 256 + E) if schedule == "wide" else S // MOE_TILE
+        return ("moe90w" if schedule == "wide" else "moe90p"), (max(1, min(blocks, tiles * n_cols)), 1, 1)
+    return "moe90", (n_cols, S // MOE_TILE, 1)
 
 
 def _route_fn(name: str):
@@ -76,11 +82,12 @@ def prepare(x_dtype, w_gate_type, w_down_type, impl: str | None = None) -> None:
     gu, dn, a = gl.weight_name(w_gate_type), gl.weight_name(w_down_type), gl.act_kind(x_dtype, "x")
     gl.function(GEMM_SOURCE, f"moe_gate_up_{a}a_{gu}", gu)
     gl.function(GEMM_SOURCE, f"moe_down_{dn}", dn)
-    for pfx in ("moe90", "moe90p"):
-        if gl.pick_impl(gu, 64, impl) == "wgmma":
-            gl.function90(GEMM_SOURCE90, f"{pfx}_gate_up_{a}a_{gu}", gu, a)
-        if gl.pick_impl(dn, 64, impl) == "wgmma":
-            gl.function90(GEMM_SOURCE90, f"{pfx}_down_{dn}", dn, "bf16")
+    for pfx in ("moe90", "moe90p", "moe90w"):
+        wide = pfx == "moe90w"
+        if gl.pick_impl(gu, 64, impl) == "wgmma" and (not wide or _wide_ok(gu, a)):
+            gl.function90(GEMM_SOURCE90, f"{pfx}_gate_up_{a}a_{gu}", gu, a, wide)
+        if gl.pick_impl(dn, 64, impl) == "wgmma" and (not wide or _wide_ok(dn, "bf16")):
+            gl.function90(GEMM_SOURCE90, f"{pfx}_down_{dn}", dn, "bf16", wide)
 
 
 def moe_route(logits, T: int, E: int, k: int, norm: bool, scale: float, tile: int, n_valid_dev,
@@ -161,9 +168,12 @@ def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted
     if S < MOE_TILE or F <= 0:
         return
     if gl.pick_impl(w_name, D, impl) == "wgmma":
-        bn, threads, smem = gl.cfg90(w_name, a_kind)
-        pfx, grid = _grid90((F + bn // 2 - 1) // (bn // 2), S, schedule)
-        fn = gl.function90(GEMM_SOURCE90, f"{pfx}_gate_up_{a_kind}a_{w_name}", w_name, a_kind)
+        sch = schedule90(schedule)
+        if sch == "wide" and not _wide_ok(w_name, a_kind):
+            sch = "persist"
+        bn, threads, smem = gl.cfg90(w_name, a_kind, sch == "wide")
+        pfx, grid = _grid90((F + bn // 2 - 1) // (bn // 2), S, E, sch)
+        fn = gl.function90(GEMM_SOURCE90, f"{pfx}_gate_up_{a_kind}a_{w_name}", w_name, a_kind, sch == "wide")
         block = (threads, 1, 1)
     else:
         fn = gl.function(GEMM_SOURCE, f"moe_gate_up_{a_kind}a_{w_name}", w_name)
@@ -203,9 +213,12 @@ def moe_down(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_off
         return
     rb = qtype(w_name).row_bytes(F)
     if gl.pick_impl(w_name, F, impl) == "wgmma":
-        bn, threads, smem = gl.cfg90(w_name, "bf16")
-        pfx, grid = _grid90((D + bn - 1) // bn, S, schedule)
-        fn = gl.function90(GEMM_SOURCE90, f"{pfx}_down_{w_name}", w_name, "bf16")
+        sch = schedule90(schedule)
+        if sch == "wide" and not _wide_ok(w_name, "bf16"):
+            sch = "persist"
+        bn, threads, smem = gl.cfg90(w_name, "bf16", sch == "wide")
+        pfx, grid = _grid90((D + bn - 1) // bn, S, E, sch)
+        fn = gl.function90(GEMM_SOURCE90, f"{pfx}_down_{w_name}", w_name, "bf16", sch == "wide")
         block = (threads, 1, 1)
     else:
         fn = gl.function(GEMM_SOURCE, f"moe_down_{w_name}", w_name)
