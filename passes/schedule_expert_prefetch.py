@@ -75,11 +75,31 @@ def expert_layers(g: Graph) -> dict[int, list]:
     return dict(sorted(out.items()))
 
 
-def fixed_bytes(g: Graph, *, chunk: int, max_context: int, reserve: int = RESERVE_BYTES) -> dict:
+def gathered_embedding(g: Graph):
+    """(tensor name, bytes of one row) of an embedding table the runtime can gather on the host:
+    a weight read only by one GET_ROWS of the chunk's token ids (not a tied LM head). Else None."""
+    for n in g.by_op(Op.GET_ROWS):
+        w, ids = g.node(n.inputs[0].node), g.node(n.inputs[1].node)
+        if w.op != Op.WEIGHT or ids.op != Op.INPUT or ids.attrs.kind != "tokens":
+            continue
+        same = [x for x in g.weights() if x.attrs.tensor == w.attrs.tensor]
+        if [u.id for x in same for u in g.users(x.id)] != [n.id]:
+            continue        # e.g. tied to the LM head: the table stays resident
+        rows = int(w.outputs[0].shape[0])
+        return w.attrs.tensor, _wbytes(w) // rows
+    return None
+
+
+def fixed_bytes(g: Graph, *, chunk: int, max_context: int, reserve: int = RESERVE_BYTES,
+                lean: bool = False) -> dict:
+    """What stays on the device besides the experts, by kind. lean (a plan that must save
+    memory): the embedding table is gathered on the host (only the chunk's rows are on the
+    device: "embedding_rows") and the all-rows LM head uses small blocks (workspace.head_block)."""
     experts = {n.id for ns in expert_layers(g).values() for n in ns}
+    gathered = gathered_embedding(g) if lean else None
     dense = {}
     for n in g.weights():
-        if n.id not in experts:
+        if n.id not in experts and (gathered is None or n.attrs.tensor != gathered[0]):
             dense[n.attrs.tensor] = _wbytes(n)
     kv = ssm = 0
     for name, n in g.states().items():
@@ -93,9 +113,12 @@ def fixed_bytes(g: Graph, *, chunk: int, max_context: int, reserve: int = RESERV
             ssm += numel * 4         # f32 conv window and recurrent state
     intervals, _ = plan_memory.buffers(g, chunk)
     _, arena = plan_memory.place(intervals)
-    from ggfuse.runtime.cuda.workspace import total_workspace_bytes
-    return {"dense_weights": sum(dense.values()), "kv_cache": kv, "ssm_state": ssm, "arena": arena,
-            "workspace": total_workspace_bytes(g, chunk), "reserve": reserve}
+    from ggfuse.runtime.cuda.workspace import head_block, total_workspace_bytes
+    out = {"dense_weights": sum(dense.values()), "kv_cache": kv, "ssm_state": ssm, "arena": arena,
+           "workspace": total_workspace_bytes(g, chunk, head_block=head_block(lean)), "reserve": reserve}
+    if gathered is not None:
+        out["embedding_rows"] = chunk * gathered[1] + chunk * 4     # the chunk's rows and their index
+    return out
 
 
 def stream_order(layers: list[int]) -> list[int]:
@@ -248,6 +271,7 @@ def simulate(layers: list[int], streamed: list[int], slots: int, bytes_moved: di
 
 def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CONTEXT,
         h2d_gbps: float = DEFAULT_H2D_GBPS, tflops: float = DEFAULT_TFLOPS) -> PassResult:
+    from ggfuse.runtime.cuda.workspace import head_block
     g = g.copy()
     layers = expert_layers(g)
     # the runtime reserve scales down for toy budgets (tests force streaming on tiny models)
@@ -265,6 +289,21 @@ def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CON
         return PassResult(g, False)
     budget = parse_bytes(budget)
     info["budget_bytes"] = budget
+    if fixed_total + total_experts <= budget:
+        info["policy"] = "all resident (fits the budget)"
+        g.meta["prefetch"] = info
+        return PassResult(g, False)
+    # the budget is short: shed the fixed costs the prefill does not need on the device (the
+    # embedding table: the runtime gathers the chunk's rows on the host; the all-rows LM head's
+    # block: small), then stream experts
+    fixed = fixed_bytes(g, chunk=chunk, max_context=max_context, reserve=reserve, lean=True)
+    fixed_total = sum(fixed.values())
+    emb = gathered_embedding(g)
+    # recorded for the runtime (absent from resident plans: embedding resident, workspace.HEAD_BLOCK)
+    info.update(fixed_bytes=fixed, head_block=head_block(True), resident_bytes=fixed_total + total_experts,
+                embedding="resident")
+    if emb is not None:
+        info.update(embedding="host-gathered", embedding_tensor=emb[0], embedding_row_bytes=emb[1])
     avail = budget - fixed_total
     streamed, slots = choose_streamed(layer_bytes, avail) if layers else ([], 0)
     if streamed is None:
@@ -274,7 +313,7 @@ def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CON
                                 f"layer's experts {_gib(max(layer_bytes.values(), default=0))} more; the minimum is "
                                 f"{_gib(need)} (or lower --max-context / --chunk)")
     if not streamed:
-        info["policy"] = "all resident (fits the budget)"
+        info["policy"] = "all experts resident (fits the budget with the embedding gathered on the host)"
         g.meta["prefetch"] = info
         return PassResult(g, False)
 

@@ -64,7 +64,9 @@ def _tight_budget(full, layers: float) -> int:
     """A budget that holds the fixed part and `layers` layers' experts (the runtime reserve is
     budget/16 for toy budgets, so solve for it)."""
     p = full.meta["prefetch"]
-    fixed = sum(p["fixed_bytes"].values()) - p["fixed_bytes"]["reserve"]
+    # a plan that streams sheds the embedding table and most of the LM head block: its fixed part
+    lean = sep.fixed_bytes(full, chunk=p["chunk"], max_context=p["max_context"], lean=True)
+    fixed = sum(lean.values()) - lean["reserve"]
     per_layer = p["expert_bytes_total"] / full.meta["hparams"]["n_layer"]
     return int((fixed + layers * per_layer) * 16 / 15) + 1
 
@@ -259,3 +261,31 @@ def test_choose_streamed_at_35b_sizes():
     streamed, slots = sep.choose_streamed(layer_bytes, int(10.5e9))
     pinned = sum(b for l, b in layer_bytes.items() if l not in streamed)
     assert slots == 2 and 10.5e9 - 2 * big - pinned < small
+
+
+def test_budget_sheds_the_embedding_and_the_head_block_first():
+    """Just under the all-resident size: the table is gathered on the host and the LM head block
+    shrinks, which may be all it takes (no layer streams); an untied table only."""
+    from ggfuse.runtime.cuda.workspace import HEAD_BLOCK, HEAD_BLOCK_LEAN
+    g0 = build_graph(GGUFFile(fixture("qwen35moe", "q4_k_m")))
+    full, _ = run_pipeline(g0, chunk=64, max_context=64)
+    p = full.meta["prefetch"]
+    total = p["resident_bytes"]
+    # a budget that holds everything: today's resident plan
+    g, _ = run_pipeline(g0, chunk=64, vram_budget=total * 16 // 15 + 16, max_context=64)
+    assert g.meta["prefetch"]["policy"].startswith("all resident") and "embedding" not in g.meta["prefetch"]
+    lean = sep.fixed_bytes(full, chunk=64, max_context=64, lean=True)
+    saved = sum(p["fixed_bytes"].values()) - sum(lean.values())
+    assert saved > 0 and lean["workspace"] < p["fixed_bytes"]["workspace"]
+    budget = int((total - p["fixed_bytes"]["reserve"] - saved / 2) * 16 / 15)
+    g, _ = run_pipeline(g0, chunk=64, vram_budget=budget, max_context=64)
+    q = g.meta["prefetch"]
+    assert q["embedding"] == "host-gathered" and q["head_block"] == HEAD_BLOCK_LEAN < HEAD_BLOCK
+    assert not q["streamed_layers"] and not g.by_op(Op.FETCH_WEIGHTS)
+    assert q["resident_bytes"] <= budget and "token_embd.weight" not in str(q["fixed_bytes"])
+    # a table the LM head also reads (tied) stays resident
+    tied = build_graph(GGUFFile(fixture("qwen35moe", "q4_k_m")))
+    head = next(n for n in tied.nodes() if n.name == "lm_head")
+    emb = next(w for w in tied.weights() if w.attrs.tensor == "token_embd.weight")
+    tied.replace_node(head.id, inputs=(head.inputs[0], emb.out))
+    assert sep.gathered_embedding(tied) is None
