@@ -300,3 +300,26 @@ def test_host_gathered_embedding(arch, monkeypatch):
         be.close()
     # an unlimited plan keeps the table on the device
     assert "embedding" not in compile_gguf(gf.path, chunk=32, gf=gf, max_context=64).stats["prefetch"]
+
+
+def test_context_of_a_short_prompt_under_a_budget(monkeypatch):
+    """`ggfuse bench --vram-budget` compiles each prompt with its own context: a prompt shorter
+    than the chunk gets a KV cache smaller than the chunk; the backend binds and runs it through
+    the sub-chunk executor that holds it."""
+    from ggfuse.runtime.cuda.backend import context_for
+    monkeypatch.setenv("GGFUSE_SUBCHUNK_MIN", "8")
+    gf = GGUFFile(fixture("qwen35moe", "q4_k_m"))
+    ctx = context_for(10, 64)
+    assert ctx == 16
+    full = compile_gguf(gf.path, chunk=64, gf=gf, max_context=ctx)
+    plan = compile_gguf(gf.path, chunk=64, gf=gf, max_context=ctx,
+                        vram_budget=tight_budget(full, layers=full.hparams["n_layer"] - 0.5))
+    assert plan.stats["prefetch"]["streamed_layers"] and plan.stats["prefetch"]["max_context"] == 16
+    with fake_device(monkeypatch):
+        from ggfuse.runtime.cuda.backend import CUDABackend
+        be = CUDABackend(plan, gf, chunk=64, progress=False)
+        assert be.max_context == 16 and be.states and all(
+            a.shape[0] == 16 for k, a in be.states.items() if "k_cache" in k)
+        out = be.run_chunk(np.arange(10, dtype=np.int32), "last")
+        assert out.shape == (1, plan.hparams["n_vocab"]) and be.n_past == 10
+        be.close()

@@ -57,6 +57,30 @@ SUB_CHUNK_MIN = 256
 EMBED_STAGING = 2     # page-locked buffers of gathered embedding rows: one filled while one uploads
 
 
+def sub_chunk_sizes(chunk: int) -> list[int]:
+    """The smaller chunk sizes a backend compiles beside `chunk`: halvings down to SUB_CHUNK_MIN
+    (env GGFUSE_SUBCHUNK_MIN), multiples of 64 from 128 up; GGFUSE_SUBCHUNKS=0: none."""
+    if os.environ.get("GGFUSE_SUBCHUNKS") == "0":
+        return []
+    lo = int(os.environ.get("GGFUSE_SUBCHUNK_MIN", SUB_CHUNK_MIN))
+    out, c = [], chunk // 2
+    while c >= max(lo, 1):
+        c = c // 64 * 64 if c >= 128 else c
+        out.append(c)
+        c //= 2
+    return out
+
+
+def context_for(prompt: int, chunk: int) -> int:
+    """The KV-cache rows a prompt of `prompt` tokens needs when prefilled in chunks of `chunk`:
+    the last piece runs the smallest compiled chunk size that holds it, padded to that size."""
+    full = prompt // chunk * chunk
+    tail = prompt - full
+    if tail == 0:
+        return max(prompt, 1)
+    return full + min(c for c in sub_chunk_sizes(chunk) + [chunk] if c >= tail)
+
+
 class HostEmbedding:
     """The token embedding of a plan that gathers it on the host: the GGUF table stays in the
     memory map; each chunk's rows (raw, still quantised) are gathered into a page-locked staging
@@ -294,17 +318,7 @@ class CUDABackend:
         raise GGFuseError(None, f"cuda: tensor {name!r} was not uploaded in a form for {role} (have {fmts})")
 
     def _sub_chunk_sizes(self) -> list[int]:
-        """Halvings of the chunk down to SUB_CHUNK_MIN (env GGFUSE_SUBCHUNK_MIN), multiples of 64
-        from 128 up; GGFUSE_SUBCHUNKS=0: none."""
-        if os.environ.get("GGFUSE_SUBCHUNKS") == "0":
-            return []
-        lo = int(os.environ.get("GGFUSE_SUBCHUNK_MIN", SUB_CHUNK_MIN))
-        out, c = [], self.chunk // 2
-        while c >= max(lo, 1):
-            c = c // 64 * 64 if c >= 128 else c
-            out.append(c)
-            c //= 2
-        return out
+        return sub_chunk_sizes(self.chunk)
 
     def _arena_bytes(self) -> int:
         return max([self.graph.meta["memory"]["peak_bytes"], 256] +
