@@ -2,9 +2,10 @@
 
 What stays resident: every dense weight, the KV cache at `max_context` (bf16, as the CUDA
 runtime keeps it), the DeltaNet states, the activation arena of one chunk, the runtime's
-per-op scratch for that chunk (runtime/cuda/workspace.py) and a fixed reserve; then as many MoE layers' experts as fit ("pinned layers"). The other layers' experts
-live in host memory and move into `slots` device buffers of one layer each (two slots: one
-layer's experts arrive while the previous streamed layer computes).
+per-op scratch for that chunk (runtime/cuda/workspace.py) and a fixed reserve; then the MoE layers' experts whose bytes fill the rest best ("pinned layers", a small
+knapsack over the layers' sizes: choose_streamed). The other layers' experts live in host memory
+and move into `slots` device buffers, each the size of the largest streamed layer (two slots:
+one layer's experts arrive while the previous streamed layer computes).
 
 Each streamed layer gets a FETCH_WEIGHTS node in front of its expert consumers. It may start as
 soon as its slot is free (the last consumer of the slot's previous layer has run) - usually long
@@ -20,6 +21,8 @@ compute time, fraction of transfer hidden under compute) for given link and comp
 from __future__ import annotations
 
 import re
+
+import numpy as np
 
 from ggfuse.errors import GGFuseError
 from ggfuse.ir.graph import Graph, Value
@@ -72,11 +75,31 @@ def expert_layers(g: Graph) -> dict[int, list]:
     return dict(sorted(out.items()))
 
 
-def fixed_bytes(g: Graph, *, chunk: int, max_context: int, reserve: int = RESERVE_BYTES) -> dict:
+def gathered_embedding(g: Graph):
+    """(tensor name, bytes of one row) of an embedding table the runtime can gather on the host:
+    a weight read only by one GET_ROWS of the chunk's token ids (not a tied LM head). Else None."""
+    for n in g.by_op(Op.GET_ROWS):
+        w, ids = g.node(n.inputs[0].node), g.node(n.inputs[1].node)
+        if w.op != Op.WEIGHT or ids.op != Op.INPUT or ids.attrs.kind != "tokens":
+            continue
+        same = [x for x in g.weights() if x.attrs.tensor == w.attrs.tensor]
+        if [u.id for x in same for u in g.users(x.id)] != [n.id]:
+            continue        # e.g. tied to the LM head: the table stays resident
+        rows = int(w.outputs[0].shape[0])
+        return w.attrs.tensor, _wbytes(w) // rows
+    return None
+
+
+def fixed_bytes(g: Graph, *, chunk: int, max_context: int, reserve: int = RESERVE_BYTES,
+                lean: bool = False) -> dict:
+    """What stays on the device besides the experts, by kind. lean (a plan that must save
+    memory): the embedding table is gathered on the host (only the chunk's rows are on the
+    device: "embedding_rows") and the all-rows LM head uses small blocks (workspace.head_block)."""
     experts = {n.id for ns in expert_layers(g).values() for n in ns}
+    gathered = gathered_embedding(g) if lean else None
     dense = {}
     for n in g.weights():
-        if n.id not in experts:
+        if n.id not in experts and (gathered is None or n.attrs.tensor != gathered[0]):
             dense[n.attrs.tensor] = _wbytes(n)
     kv = ssm = 0
     for name, n in g.states().items():
@@ -90,16 +113,19 @@ def fixed_bytes(g: Graph, *, chunk: int, max_context: int, reserve: int = RESERV
             ssm += numel * 4         # f32 conv window and recurrent state
     intervals, _ = plan_memory.buffers(g, chunk)
     _, arena = plan_memory.place(intervals)
-    from ggfuse.runtime.cuda.workspace import total_workspace_bytes
-    return {"dense_weights": sum(dense.values()), "kv_cache": kv, "ssm_state": ssm, "arena": arena,
-            "workspace": total_workspace_bytes(g, chunk), "reserve": reserve}
+    from ggfuse.runtime.cuda.workspace import head_block, total_workspace_bytes
+    out = {"dense_weights": sum(dense.values()), "kv_cache": kv, "ssm_state": ssm, "arena": arena,
+           "workspace": total_workspace_bytes(g, chunk, head_block=head_block(lean)), "reserve": reserve}
+    if gathered is not None:
+        out["embedding_rows"] = chunk * gathered[1] + chunk * 4     # the chunk's rows and their index
+    return out
 
 
 def stream_order(layers: list[int]) -> list[int]:
     """The order in which layers start streaming as the budget shrinks: spread through the
     stack (a van der Corput sequence over positions), so any prefix is spread too, and the first
-    layer last (its fetch has no earlier compute to hide under). A fixed order makes the
-    streamed sets nested, so a larger budget never streams more."""
+    layer last (its fetch has no earlier compute to hide under). choose_streamed decides how
+    many layers of each size stream and takes them in this order."""
     def vdc(i: int) -> float:
         x, f = 0.0, 0.5
         while i:
@@ -112,27 +138,79 @@ def stream_order(layers: list[int]) -> list[int]:
     return [layers[i] for i in ranks]
 
 
+KNAPSACK_UNITS = 1 << 17     # the pinned-set knapsack counts bytes in units of total/KNAPSACK_UNITS
+
+
+def _knapsack(sizes: list[int], room: int, unit: int) -> list[int]:
+    """Indices of `sizes` to pin: the most bytes whose sizes, each rounded up to whole `unit`s,
+    fit `room // unit` units (so they fit `room` bytes). 0/1 knapsack by dynamic programming
+    over units: exact up to less than one unit per layer."""
+    cap = room // unit
+    if cap < 0:
+        return None
+    w = [-(-s // unit) for s in sizes]
+    best = np.full(cap + 1, -1, dtype=np.int64)    # most bytes using exactly u units
+    best[0] = 0
+    take = np.zeros((len(sizes), cap + 1), dtype=bool)
+    for i, (s, wi) in enumerate(zip(sizes, w)):
+        if wi > cap:
+            continue
+        prev = best[: cap + 1 - wi]
+        cand = np.where(prev >= 0, prev + s, -1)
+        better = cand > best[wi:]
+        take[i, wi:] = better
+        best[wi:] = np.where(better, cand, best[wi:])
+    u = int(np.argmax(best))                        # ties: the fewest units
+    out = []
+    for i in range(len(sizes) - 1, -1, -1):
+        if take[i, u]:
+            out.append(i)
+            u -= w[i]
+    return sorted(out)
+
+
 def choose_streamed(layer_bytes: dict[int, int], avail: int):
     """(streamed layers, slots), or (None, None) when not even one layer's slot fits.
 
     Two slots whenever they fit, so one layer's experts arrive while the previous streamed layer
     computes: at real sizes a chunk's compute is shorter than its transfers, so hiding transfer
-    under compute beats pinning one more layer. With room for one slot only, every layer streams
-    through it. Streamed sets are prefixes of one fixed order, so they are nested and a larger
-    budget never streams more bytes."""
-    if sum(layer_bytes.values()) <= avail:
+    under compute beats pinning one more layer. A slot holds the largest STREAMED layer, so the
+    pinned set and the slot size are chosen together: for each layer size s that could be the
+    largest streamed one, every larger layer is pinned, and among the layers of size <= s the
+    pinned set with the most bytes that fits the room left (avail - 2 s - the larger layers) is
+    a small knapsack (_knapsack); the candidate pinning the most bytes wins (ties: the smaller
+    slot). A larger budget leaves every candidate more room, so it never streams more bytes.
+    Which layers of a size stream follows stream_order (spread through the stack, layer 0 last).
+    With room for one slot only, every layer streams through it."""
+    total = sum(layer_bytes.values())
+    if total <= avail:
         return [], 0
     order = stream_order(list(layer_bytes))
-    slot = max(layer_bytes.values())
-    if avail < slot:
+    unit = max(1, -(-total // KNAPSACK_UNITS))
+    best = None                                     # (pinned bytes, -slot bytes, pinned layers)
+    for s in sorted(set(layer_bytes.values())):
+        forced = [l for l, b in layer_bytes.items() if b > s]
+        room = avail - 2 * s - sum(layer_bytes[l] for l in forced)
+        if room < 0:
+            continue
+        cands = [l for l, b in layer_bytes.items() if b <= s]
+        picked = _knapsack([layer_bytes[l] for l in cands], room, unit)
+        count: dict[int, int] = {}
+        for i in picked:
+            count[layer_bytes[cands[i]]] = count.get(layer_bytes[cands[i]], 0) + 1
+        # which layers of each size: the last ones in stream order stay (layer 0 first of all)
+        pinned = set(forced)
+        for size, k in count.items():
+            same = [l for l in order if layer_bytes[l] == size]
+            pinned.update(same[len(same) - k:])
+        key = (sum(layer_bytes[l] for l in pinned), -s)
+        if len(pinned) < len(layer_bytes) and (best is None or key > best[:2]):
+            best = (*key, pinned)
+    if best is not None:
+        return sorted(l for l in layer_bytes if l not in best[2]), 2
+    if avail < max(layer_bytes.values()):
         return None, None
-    if avail < 2 * slot:
-        return sorted(order), 1
-    room = avail - 2 * slot
-    for n in range(1, len(order) + 1):
-        if sum(b for l, b in layer_bytes.items() if l not in order[:n]) <= room:
-            return sorted(order[:n]), 2
-    return sorted(order), 2
+    return sorted(order), 1
 
 
 def _routing_input(g: Graph, consumer) -> Value | None:
@@ -193,6 +271,7 @@ def simulate(layers: list[int], streamed: list[int], slots: int, bytes_moved: di
 
 def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CONTEXT,
         h2d_gbps: float = DEFAULT_H2D_GBPS, tflops: float = DEFAULT_TFLOPS) -> PassResult:
+    from ggfuse.runtime.cuda.workspace import head_block
     g = g.copy()
     layers = expert_layers(g)
     # the runtime reserve scales down for toy budgets (tests force streaming on tiny models)
@@ -210,6 +289,21 @@ def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CON
         return PassResult(g, False)
     budget = parse_bytes(budget)
     info["budget_bytes"] = budget
+    if fixed_total + total_experts <= budget:
+        info["policy"] = "all resident (fits the budget)"
+        g.meta["prefetch"] = info
+        return PassResult(g, False)
+    # the budget is short: shed the fixed costs the prefill does not need on the device (the
+    # embedding table: the runtime gathers the chunk's rows on the host; the all-rows LM head's
+    # block: small), then stream experts
+    fixed = fixed_bytes(g, chunk=chunk, max_context=max_context, reserve=reserve, lean=True)
+    fixed_total = sum(fixed.values())
+    emb = gathered_embedding(g)
+    # recorded for the runtime (absent from resident plans: embedding resident, workspace.HEAD_BLOCK)
+    info.update(fixed_bytes=fixed, head_block=head_block(True), resident_bytes=fixed_total + total_experts,
+                embedding="resident")
+    if emb is not None:
+        info.update(embedding="host-gathered", embedding_tensor=emb[0], embedding_row_bytes=emb[1])
     avail = budget - fixed_total
     streamed, slots = choose_streamed(layer_bytes, avail) if layers else ([], 0)
     if streamed is None:
@@ -219,7 +313,7 @@ def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CON
                                 f"layer's experts {_gib(max(layer_bytes.values(), default=0))} more; the minimum is "
                                 f"{_gib(need)} (or lower --max-context / --chunk)")
     if not streamed:
-        info["policy"] = "all resident (fits the budget)"
+        info["policy"] = "all experts resident (fits the budget with the embedding gathered on the host)"
         g.meta["prefetch"] = info
         return PassResult(g, False)
 
@@ -228,7 +322,7 @@ def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CON
     hit = E * (1.0 - (1.0 - k / E) ** chunk)  # expected distinct experts per layer (uniform routing)
     routed = hit < 0.5 * E
     frac = hit / E if routed else 1.0
-    slot_bytes = max(layer_bytes.values())
+    slot_bytes = max(layer_bytes[l] for l in streamed)     # the largest streamed layer
     moved = {l: int(layer_bytes[l] * frac) for l in streamed}
 
     prev_release: list = [None] * slots
@@ -268,7 +362,8 @@ def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CON
         "expected_experts_hit_per_layer": round(hit, 2),
         "bytes_moved_per_chunk": sum(moved.values()),
         "resident_bytes": fixed_total + sum(layer_bytes[l] for l in pinned) + slots * slot_bytes,
-        "policy": "pinned layers + LRU expert slots",
+        "policy": "pinned layers: the most expert bytes that fit (knapsack over layer sizes); the others "
+                  f"stream through {slots} slot(s) of the largest streamed layer",
         "predicted": {**pred, "h2d_gbps": h2d_gbps, "tflops": tflops},
     })
     assert info["resident_bytes"] <= budget, "prefetch plan over budget"

@@ -1,7 +1,8 @@
 """`ggfuse bench`: prefill throughput and time-to-first-token per prompt length, peak device
 memory and a per-phase breakdown, optionally side by side with llama.cpp's llama-bench.
 
-Timing: the model is compiled and loaded once; for each prompt length, one warm-up prefill (it
+Timing: the model is compiled and loaded once (under --vram-budget: once per prompt length, with
+the KV cache sized for that prompt, as llama-bench sizes its context per test); for each prompt length, one warm-up prefill (it
 captures the chunk's CUDA graph), then R timed prefills (CUDA events around the whole prefill,
 host work included, so the figure is what a user waits for); the median is reported. The phase
 breakdown comes from one instrumented eager prefill with an event after every kernel launch,
@@ -49,11 +50,10 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
 
     if device == "auto":
         device = "cuda" if cuda_available() else "cpu"
-    need_ctx = max(prompts)
+    ctx = max(max_context or 0, max(prompts))
     t0 = time.perf_counter()
     gf = GGUFFile(path)
-    plan = compile_gguf(path, chunk=chunk, gf=gf, vram_budget=vram_budget,
-                        max_context=max(max_context or 0, need_ctx))
+    plan = compile_gguf(path, chunk=chunk, gf=gf, vram_budget=vram_budget, max_context=ctx)
     t_compile = time.perf_counter() - t0
     t0 = time.perf_counter()
     if device == "cuda":
@@ -89,7 +89,7 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
             if r > 0:  # the first run is the warm-up (graph capture)
                 times.append(ms)
         ms = _median(times)
-        row = {"prompt": n, "ms": ms, "tok_per_s": n / ms * 1e3, "ttft_ms": ms, "runs": times}
+        row = {"prompt": n, "ms": ms, "tok_per_s": n / ms * 1e3, "ttft_ms": ms, "runs": times, "max_context": ctx}
         if device == "cuda":
             row.update(host_time(model, backend, tokens, ms))
         if ceilings:
@@ -382,7 +382,9 @@ def add_bench_parser(sub):
     b.add_argument("--prompt", default="512,2048,8192", help="prompt lengths (default 512,2048,8192)")
     b.add_argument("--chunk", default="2048", help="chunk length, or 'auto': per prompt, the chunk with the best "
                                                    "predicted time under --vram-budget (default 2048)")
-    b.add_argument("--vram-budget", default=None)
+    b.add_argument("--vram-budget", default=None,
+                   help="device memory budget, e.g. 12GiB: stream experts; each prompt length is then compiled "
+                        "and run on its own, with a KV cache for that prompt (as llama-bench sizes its context)")
     b.add_argument("--repeat", type=int, default=5)
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--json", dest="json_out", help="write the results as JSON")
@@ -411,44 +413,65 @@ def bench_main(args) -> int:
         raise GGFuseError(None, f"--prompt must be comma-separated integers, got {args.prompt!r}") from None
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     llama = None
+    auto = args.chunk == "auto"
+    if not auto:
+        try:
+            fixed_chunk = int(args.chunk)
+        except ValueError:
+            raise GGFuseError(None, f"--chunk must be an integer or 'auto', got {args.chunk!r}") from None
+    # Under a budget every prompt length is its own run with a KV cache for that prompt only (as
+    # llama-bench sizes its context per test): a short prompt must not pay for a long one's cache
+    # in pinned layers. Resident: one run, the cache sized for the longest prompt.
+    per_prompt = bool(args.vram_budget)
+    chunks = {}
+    for n in prompts:
+        if auto:
+            c, table = choose_chunk(args.model, n, vram_budget=args.vram_budget,
+                                    max_context=None if per_prompt else max(prompts))
+            log(f"--chunk auto, prompt {n}: chunk {c} (" + ", ".join(
+                f"{r['chunk']}: {r['predicted_ms']:.0f} ms" if "predicted_ms" in r else f"{r['chunk']}: {r['error']}"
+                for r in table) + ")")
+        else:
+            c = fixed_chunk
+        chunks[n] = c
+    if per_prompt:
+        from ggfuse.runtime.cuda.backend import context_for
+        runs = [(chunks[n], [n], context_for(n, chunks[n])) for n in prompts]
+    elif auto:
+        groups: dict[int, list] = {}
+        for n in prompts:
+            groups.setdefault(chunks[n], []).append(n)
+        runs = [(c, ps, max(prompts)) for c, ps in groups.items()]
+    else:
+        runs = [(fixed_chunk, prompts, None)]
     if args.against_llama_bench:
         n_cpu_moe = _int_list(args.n_cpu_moe)
         if n_cpu_moe is None and args.vram_budget:
-            n_cpu_moe = [equivalent_n_cpu_moe(args.model, args.vram_budget, chunk=2048 if args.chunk == "auto"
-                                              else int(args.chunk), max_context=max(prompts))]
-            log(f"llama-bench --n-cpu-moe {n_cpu_moe[0]}: as many layers' experts in host memory as the plan "
-                f"streams under {args.vram_budget}")
+            n_cpu_moe = sorted({equivalent_n_cpu_moe(args.model, args.vram_budget, chunk=c,
+                                                     max_context=ctx or max(ps)) for c, ps, ctx in runs})
+            log(f"llama-bench --n-cpu-moe {','.join(map(str, n_cpu_moe))}: as many layers' experts in host "
+                f"memory as the plan streams under {args.vram_budget}")
         # llama.cpp first, while the device is empty: a large model does not fit beside ours
         log(f"llama-bench on {args.model} ...")
         llama = run_llama_bench(args.against_llama_bench, args.model, prompts, repeat=args.repeat,
                                 n_cpu_moe=n_cpu_moe)
-    if args.chunk == "auto":
-        groups: dict[int, list] = {}
-        for n in prompts:
-            c, table = choose_chunk(args.model, n, vram_budget=args.vram_budget, max_context=max(prompts))
-            log(f"--chunk auto, prompt {n}: chunk {c} (" + ", ".join(
-                f"{r['chunk']}: {r['predicted_ms']:.0f} ms" if "predicted_ms" in r else f"{r['chunk']}: {r['error']}"
-                for r in table) + ")")
-            groups.setdefault(c, []).append(n)
-        res = None
-        for c, ps in groups.items():
-            part = bench_model(args.model, ps, chunk=c, repeat=args.repeat, vram_budget=args.vram_budget,
-                               device=args.device, log=log, max_context=max(prompts))
-            for r in part["results"]:
+    res = None
+    for c, ps, ctx in runs:
+        part = bench_model(args.model, ps, chunk=c, repeat=args.repeat, vram_budget=args.vram_budget,
+                           device=args.device, log=log, max_context=ctx)
+        for r in part["results"]:
+            if auto:
                 r["chunk"] = c
-            if res is None:
-                res = part
-            else:
-                res["results"] += part["results"]
-        res["results"].sort(key=lambda r: r["prompt"])
+            if per_prompt:
+                r["prefetch"] = part["prefetch"]
+        if res is None:
+            res = part
+        else:
+            res["results"] += part["results"]
+    res["results"].sort(key=lambda r: r["prompt"])
+    if auto:
         res["chunk"] = "auto"
-    else:
-        try:
-            chunk = int(args.chunk)
-        except ValueError:
-            raise GGFuseError(None, f"--chunk must be an integer or 'auto', got {args.chunk!r}") from None
-        res = bench_model(args.model, prompts, chunk=chunk, repeat=args.repeat, vram_budget=args.vram_budget,
-                          device=args.device, log=log)
+    res["max_context"] = "per prompt" if per_prompt else max(prompts)
     if llama is not None:
         res["llama_bench"] = llama
     lb = (res.get("llama_bench") or {}).get("results", {})

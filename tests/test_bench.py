@@ -97,3 +97,34 @@ def test_plot_runs_draws_several_results(tmp_path):
     out = tmp_path / "p.png"
     bench.plot_runs(runs, str(out))
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_under_a_budget_sizes_the_context_per_prompt(tmp_path):
+    """--vram-budget: one compiled run per prompt length, its KV cache for that prompt only (as
+    llama-bench sizes its context per test), recorded per row; resident: one run for all."""
+    from ggfuse.compiler.cli import main
+    from ggfuse.runtime.cuda.backend import context_for
+    pre = compile_gguf(EXAMPLE, chunk=16).stats["prefetch"]
+    fixed = sum(v for k, v in pre["fixed_bytes"].items() if k != "reserve")
+    budget = int((fixed + pre["expert_bytes_total"] * 0.6) * 16 / 15)
+    js = tmp_path / "b.json"
+    assert main(["bench", EXAMPLE, "--device", "cpu", "--prompt", "8,20", "--repeat", "1", "--chunk", "16",
+                 "--vram-budget", str(budget), "--json", str(js)]) == 0
+    data = json.loads(js.read_text())
+    assert data["max_context"] == "per prompt"
+    rows = {r["prompt"]: r for r in data["results"]}
+    assert rows[8]["max_context"] == context_for(8, 16) and rows[20]["max_context"] == context_for(20, 16) == 32
+    assert rows[8]["prefetch"]["max_context"] == rows[8]["max_context"] and rows[8]["prefetch"]["budget_bytes"] == budget
+    assert main(["bench", EXAMPLE, "--device", "cpu", "--prompt", "8,20", "--repeat", "1", "--chunk", "16",
+                 "--json", str(js)]) == 0
+    data = json.loads(js.read_text())
+    assert data["max_context"] == 20 and {r["max_context"] for r in data["results"]} == {20}
+
+
+def test_context_for_covers_the_padded_tail(monkeypatch):
+    from ggfuse.runtime.cuda.backend import context_for, sub_chunk_sizes
+    assert sub_chunk_sizes(2048) == [1024, 512, 256]
+    assert context_for(2048, 2048) == 2048 and context_for(8192, 2048) == 8192
+    assert context_for(512, 2048) == 512 and context_for(600, 2048) == 1024 and context_for(2100, 2048) == 2304
+    monkeypatch.setenv("GGFUSE_SUBCHUNKS", "0")
+    assert context_for(600, 2048) == 2048

@@ -19,8 +19,11 @@ MOE_ARCHS = ["qwen35moe", "qwen3moe", "qwen3next"]
 def tight_budget(plan, layers: float) -> int:
     """A budget holding the fixed part and `layers` layers' experts (the reserve is budget/16
     for toy budgets: solve for it), as tests/test_pass_schedule.py does."""
+    from ggfuse.passes.schedule_expert_prefetch import fixed_bytes
     p = plan.stats["prefetch"]
-    fixed = sum(p["fixed_bytes"].values()) - p["fixed_bytes"]["reserve"]
+    # the fixed part of a plan that streams (embedding gathered on the host, small LM head block)
+    lean = fixed_bytes(plan.graph, chunk=p["chunk"], max_context=p["max_context"], lean=True)
+    fixed = sum(lean.values()) - lean["reserve"]
     per_layer = p["expert_bytes_total"] / plan.hparams["n_layer"]
     return int((fixed + layers * per_layer) * 16 / 15) + 1
 
@@ -236,3 +239,87 @@ def test_budget_too_small_names_the_file():
     path = fixture("qwen35moe", "q4_k_m")
     with pytest.raises(GGFuseError, match=r"q4_k_m\.gguf: --vram-budget .* too small.*minimum is"):
         compile_gguf(path, chunk=8, max_context=64, vram_budget=64 * 1024)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_host_gathered_embedding(arch, monkeypatch):
+    """A plan that streams gathers the token embedding on the host: the table is never uploaded
+    nor counted; each chunk's raw rows land in a compact device table that the lookup reads with
+    an identity index, the main executor's and the sub-chunk executors' alike; and those rows
+    dequantise to exactly the table's rows of the chunk's tokens (padding: token 0, as resident)."""
+    from gguf import GGMLQuantizationType as QT
+    from gguf.quants import dequantize
+    from ggfuse.compiler.gguf_file import GGUFFile
+    from ggfuse.runtime.cuda.workspace import HEAD_BLOCK_LEAN, workspace_bytes
+    monkeypatch.setenv("GGFUSE_SUBCHUNK_MIN", "8")
+    gf, plan, budget = streamed_plan(arch, chunk=32)
+    info = plan.stats["prefetch"]
+    name = "token_embd.weight"
+    assert info["embedding"] == "host-gathered" and info["embedding_tensor"] == name
+    assert info["head_block"] == HEAD_BLOCK_LEAN
+    t = gf.tensor(name)
+    row_bytes = info["embedding_row_bytes"]
+    full = compile_gguf(gf.path, chunk=32, gf=gf, max_context=64).stats["prefetch"]["fixed_bytes"]
+    fixed = info["fixed_bytes"]
+    assert fixed["dense_weights"] == full["dense_weights"] - t.nbytes
+    assert fixed["embedding_rows"] == 32 * (row_bytes + 4)
+    table = gf.dequantize(name)
+    with fake_device(monkeypatch) as calls:
+        from ggfuse.runtime.cuda.backend import CUDABackend
+        be = CUDABackend(plan, gf, chunk=32, progress=False)
+        emb = be.embedding
+        assert emb is not None and emb.device_bytes() == fixed["embedding_rows"]
+        assert be.weight(name, "rows")[0] is emb.dev and emb.dev.nbytes == 32 * row_bytes
+        assert sorted(be.sub_graphs) == [8, 16]
+        rng = np.random.default_rng(1)
+        for n in (32, 20, 5, 12):
+            tokens = rng.integers(0, plan.hparams["n_vocab"], size=n).astype(np.int32)
+            be.reset()
+            be.run_chunk(tokens, "none")
+            c = be.executor_for(n).chunk
+            # the executor's lookup (bound on its first chunk; later chunks replay its graph)
+            rows = [x[1].arguments for x in calls if x[0] == "dense.get_rows" and len(x[1].arguments["ids"]) == c]
+            assert rows and all(b["raw"].data.ptr == emb.dev.data.ptr for b in rows)
+            assert all(np.array_equal(np.asarray(b["ids"]), np.arange(c)) for b in rows)
+            padded = np.zeros(c, np.int32)
+            padded[:n] = tokens
+            got = np.asarray(emb.dev[:c * row_bytes]).reshape(c, row_bytes)
+            assert np.array_equal(got, gf.raw(name).reshape(-1, row_bytes)[padded])
+            deq = dequantize(got, QT[t.type_name]).reshape(c, -1)
+            assert np.array_equal(deq, table[padded])
+        # the LM head's all-rows block is small under a budget, as the plan counted it
+        est = workspace_bytes(be.graph, 32, head_block=info["head_block"])
+        named = be.scratch_shared["named"]
+        assert named["logits_block"].nbytes == HEAD_BLOCK_LEAN * plan.hparams["n_vocab"] * 4
+        assert all(buf.nbytes <= max(est[k], 256) for k, buf in named.items())
+        be.reset()
+        out = be.run_chunk(np.arange(20, dtype=np.int32))
+        assert out.shape == (20, plan.hparams["n_vocab"])
+        with pytest.raises(GGFuseError, match="outside the vocabulary"):
+            be.stage_inputs(np.array([plan.hparams["n_vocab"]], dtype=np.int32))
+        be.close()
+    # an unlimited plan keeps the table on the device
+    assert "embedding" not in compile_gguf(gf.path, chunk=32, gf=gf, max_context=64).stats["prefetch"]
+
+
+def test_context_of_a_short_prompt_under_a_budget(monkeypatch):
+    """`ggfuse bench --vram-budget` compiles each prompt with its own context: a prompt shorter
+    than the chunk gets a KV cache smaller than the chunk; the backend binds and runs it through
+    the sub-chunk executor that holds it."""
+    from ggfuse.runtime.cuda.backend import context_for
+    monkeypatch.setenv("GGFUSE_SUBCHUNK_MIN", "8")
+    gf = GGUFFile(fixture("qwen35moe", "q4_k_m"))
+    ctx = context_for(10, 64)
+    assert ctx == 16
+    full = compile_gguf(gf.path, chunk=64, gf=gf, max_context=ctx)
+    plan = compile_gguf(gf.path, chunk=64, gf=gf, max_context=ctx,
+                        vram_budget=tight_budget(full, layers=full.hparams["n_layer"] - 0.5))
+    assert plan.stats["prefetch"]["streamed_layers"] and plan.stats["prefetch"]["max_context"] == 16
+    with fake_device(monkeypatch):
+        from ggfuse.runtime.cuda.backend import CUDABackend
+        be = CUDABackend(plan, gf, chunk=64, progress=False)
+        assert be.max_context == 16 and be.states and all(
+            a.shape[0] == 16 for k, a in be.states.items() if "k_cache" in k)
+        out = be.run_chunk(np.arange(10, dtype=np.int32), "last")
+        assert out.shape == (1, plan.hparams["n_vocab"]) and be.n_past == 10
+        be.close()

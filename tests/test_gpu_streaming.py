@@ -144,3 +144,34 @@ def test_measured_memory_under_budget_on_a_shortened_35b(tmp_path):
     noise = float(np.abs(ref2 - ref).max()) / scale
     print(f"streamed vs resident {err:.2e}; resident vs resident again {noise:.2e}")
     assert err < max(2e-2, 4 * noise), (err, noise)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_gathered_embedding_through_sub_chunks(arch, monkeypatch):
+    """A streamed plan gathers the token embedding on the host and keeps a 16-row LM head block:
+    through the main executor and the sub-chunk executors (a 32-token chunk, then an 8-token
+    tail; a 12-token prompt on the 16-token executor) the logits equal fully resident's:
+    bit-identical for the last row (the same GEMV), to rounding for all rows (the all-rows head
+    runs in blocks of 16 rows instead of 32)."""
+    from ggfuse.compiler.driver import compile_gguf
+    monkeypatch.setenv("GGFUSE_SUBCHUNK_MIN", "8")
+    tokens = refs(arch)["tokens"]
+    gf, plan, _ = streamed_plan(arch, "q4_k_m", 32)
+    assert plan.stats["prefetch"]["embedding"] == "host-gathered"
+    full = compile_gguf(gf.path, chunk=32, gf=gf, max_context=64)
+    out = {}
+    for name, p in (("resident", full), ("streamed", plan)):
+        m, be = _model(gf, p, 32)
+        assert (be.embedding is not None) == (name == "streamed")
+        got = []
+        for toks in (tokens, tokens[:12]):
+            for want in ("all", "last", "last"):      # eager, then replayed
+                m.reset()
+                got.append(m.prefill(toks, logits=want))
+        out[name] = got
+        be.close()
+    for a, b in zip(out["streamed"], out["resident"]):
+        if a.shape[0] == 1:
+            np.testing.assert_array_equal(a, b)
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -64,7 +64,9 @@ def _tight_budget(full, layers: float) -> int:
     """A budget that holds the fixed part and `layers` layers' experts (the runtime reserve is
     budget/16 for toy budgets, so solve for it)."""
     p = full.meta["prefetch"]
-    fixed = sum(p["fixed_bytes"].values()) - p["fixed_bytes"]["reserve"]
+    # a plan that streams sheds the embedding table and most of the LM head block: its fixed part
+    lean = sep.fixed_bytes(full, chunk=p["chunk"], max_context=p["max_context"], lean=True)
+    fixed = sum(lean.values()) - lean["reserve"]
     per_layer = p["expert_bytes_total"] / full.meta["hparams"]["n_layer"]
     return int((fixed + layers * per_layer) * 16 / 15) + 1
 
@@ -186,3 +188,104 @@ def test_real_35b_too_small_budget(real_35b):
     gf, g0 = real_35b
     with pytest.raises(GGFuseError, match="minimum is"):
         run_pipeline(g0, chunk=2048, vram_budget="2GiB", only=["fuse_moe", "schedule_expert_prefetch"])
+
+
+def _brute_pinned(layer_bytes, avail):
+    """Most pinned bytes over every pinned set, two slots of the largest streamed layer."""
+    import itertools
+    ls = list(layer_bytes)
+    best = None
+    for r in range(len(ls)):
+        for pinned in itertools.combinations(ls, r):
+            streamed = [l for l in ls if l not in pinned]
+            used = sum(layer_bytes[l] for l in pinned) + 2 * max(layer_bytes[l] for l in streamed)
+            if used <= avail:
+                best = max(best or 0, sum(layer_bytes[l] for l in pinned))
+    return best
+
+
+def _check_choice(layer_bytes, avail, streamed, slots):
+    pinned = [l for l in layer_bytes if l not in streamed]
+    slot = max(layer_bytes[l] for l in streamed)
+    assert sum(layer_bytes[l] for l in pinned) + slots * slot <= avail
+    return sum(layer_bytes[l] for l in pinned)
+
+
+def test_choose_streamed_is_the_best_knapsack():
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n = int(rng.integers(2, 9))
+        kinds = rng.integers(500, 3000, size=int(rng.integers(1, 4)))
+        layer_bytes = {l: int(rng.choice(kinds)) for l in range(n)}
+        total = sum(layer_bytes.values())
+        for avail in rng.integers(0, total + 1, size=6):
+            streamed, slots = sep.choose_streamed(layer_bytes, int(avail))
+            want = _brute_pinned(layer_bytes, int(avail))
+            if want is None:                # no two-slot plan: one slot, or nothing fits
+                if streamed is not None:
+                    assert slots == 1 and streamed == sorted(layer_bytes)
+                    assert max(layer_bytes.values()) <= avail
+                continue
+            assert slots == 2
+            assert _check_choice(layer_bytes, int(avail), streamed, 2) == want, (layer_bytes, avail)
+
+
+def test_choose_streamed_at_35b_sizes():
+    """Q4_K_M's mix: a Q6_K ffn_down_exps on some layers (522 MB), Q4_K on the others (453 MB).
+    A sweep of budgets never streams more as the budget grows; the slot is the largest streamed
+    layer (only small layers streaming -> small slots); layer 0 stays pinned while any layer of
+    its size is."""
+    big, small = 522_190_848, 452_984_832
+    layer_bytes = {l: big if (l < 5 or l >= 35 or l % 3 == 2) else small for l in range(40)}
+    total = sum(layer_bytes.values())
+    prev = None
+    shrunk = False
+    for avail in np.linspace(0.5e9, total + 1e9, 150):
+        streamed, slots = sep.choose_streamed(layer_bytes, int(avail))
+        if streamed is None:
+            assert prev is None
+            continue
+        moved = sum(layer_bytes[l] for l in streamed)
+        if prev is not None:
+            assert moved <= prev, avail
+        prev = moved
+        if not streamed:
+            continue
+        if slots == 2:
+            _check_choice(layer_bytes, int(avail), streamed, 2)
+            shrunk |= max(layer_bytes[l] for l in streamed) == small
+            if len(streamed) < 20:
+                assert 0 not in streamed
+    assert shrunk and prev == 0
+    # at 10.5 GB of room: 2 slots of 522 MB and as many bytes pinned as fit
+    streamed, slots = sep.choose_streamed(layer_bytes, int(10.5e9))
+    pinned = sum(b for l, b in layer_bytes.items() if l not in streamed)
+    assert slots == 2 and 10.5e9 - 2 * big - pinned < small
+
+
+def test_budget_sheds_the_embedding_and_the_head_block_first():
+    """Just under the all-resident size: the table is gathered on the host and the LM head block
+    shrinks, which may be all it takes (no layer streams); an untied table only."""
+    from ggfuse.runtime.cuda.workspace import HEAD_BLOCK, HEAD_BLOCK_LEAN
+    g0 = build_graph(GGUFFile(fixture("qwen35moe", "q4_k_m")))
+    full, _ = run_pipeline(g0, chunk=64, max_context=64)
+    p = full.meta["prefetch"]
+    total = p["resident_bytes"]
+    # a budget that holds everything: today's resident plan
+    g, _ = run_pipeline(g0, chunk=64, vram_budget=total * 16 // 15 + 16, max_context=64)
+    assert g.meta["prefetch"]["policy"].startswith("all resident") and "embedding" not in g.meta["prefetch"]
+    lean = sep.fixed_bytes(full, chunk=64, max_context=64, lean=True)
+    saved = sum(p["fixed_bytes"].values()) - sum(lean.values())
+    assert saved > 0 and lean["workspace"] < p["fixed_bytes"]["workspace"]
+    budget = int((total - p["fixed_bytes"]["reserve"] - saved / 2) * 16 / 15)
+    g, _ = run_pipeline(g0, chunk=64, vram_budget=budget, max_context=64)
+    q = g.meta["prefetch"]
+    assert q["embedding"] == "host-gathered" and q["head_block"] == HEAD_BLOCK_LEAN < HEAD_BLOCK
+    assert not q["streamed_layers"] and not g.by_op(Op.FETCH_WEIGHTS)
+    assert q["resident_bytes"] <= budget and "token_embd.weight" not in str(q["fixed_bytes"])
+    # a table the LM head also reads (tied) stays resident
+    tied = build_graph(GGUFFile(fixture("qwen35moe", "q4_k_m")))
+    head = next(n for n in tied.nodes() if n.name == "lm_head")
+    emb = next(w for w in tied.weights() if w.attrs.tensor == "token_embd.weight")
+    tied.replace_node(head.id, inputs=(head.inputs[0], emb.out))
+    assert sep.gathered_embedding(tied) is None

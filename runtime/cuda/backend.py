@@ -16,7 +16,10 @@ Life of a model:
 Under a --vram-budget plan, the streamed layers' experts are not uploaded: they live in the
 memory-mapped GGUF and move into device slots during each chunk (runtime/cuda/streaming.py); a
 chunk whose fetches need the host (staged or routed) is captured as several graphs with those
-host steps between them.
+host steps between them. Such a plan may also gather the token embedding on the host
+(prefetch["embedding"] == "host-gathered"): the table stays in the memory-mapped GGUF, and each
+chunk's rows (raw bytes) are gathered into a page-locked buffer and uploaded with the chunk's
+inputs; the device lookup reads row i for position i (HostEmbedding).
 """
 from __future__ import annotations
 
@@ -51,6 +54,88 @@ class DeviceBuffers:
 
 
 SUB_CHUNK_MIN = 256
+EMBED_STAGING = 2     # page-locked buffers of gathered embedding rows: one filled while one uploads
+
+
+def sub_chunk_sizes(chunk: int) -> list[int]:
+    """The smaller chunk sizes a backend compiles beside `chunk`: halvings down to SUB_CHUNK_MIN
+    (env GGFUSE_SUBCHUNK_MIN), multiples of 64 from 128 up; GGFUSE_SUBCHUNKS=0: none."""
+    if os.environ.get("GGFUSE_SUBCHUNKS") == "0":
+        return []
+    lo = int(os.environ.get("GGFUSE_SUBCHUNK_MIN", SUB_CHUNK_MIN))
+    out, c = [], chunk // 2
+    while c >= max(lo, 1):
+        c = c // 64 * 64 if c >= 128 else c
+        out.append(c)
+        c //= 2
+    return out
+
+
+def context_for(prompt: int, chunk: int) -> int:
+    """The KV-cache rows a prompt of `prompt` tokens needs when prefilled in chunks of `chunk`:
+    the last piece runs the smallest compiled chunk size that holds it, padded to that size."""
+    full = prompt // chunk * chunk
+    tail = prompt - full
+    if tail == 0:
+        return max(prompt, 1)
+    return full + min(c for c in sub_chunk_sizes(chunk) + [chunk] if c >= tail)
+
+
+class HostEmbedding:
+    """The token embedding of a plan that gathers it on the host: the GGUF table stays in the
+    memory map; each chunk's rows (raw, still quantised) are gathered into a page-locked staging
+    buffer and copied to a compact device table of `chunk` rows, stream ordered before the chunk.
+    The device lookup reads row i for position i (an identity index), so the embedding kernel is
+    unchanged. Sub-chunk executors share the buffers (they use their first rows)."""
+
+    def __init__(self, be, name: str):
+        entry = next((w for w in be.plan.weights if w.name == name), None)
+        if entry is None or be._roles.get(name) != {"rows"}:
+            raise GGFuseError(be.gf.path, f"plan gathers {name!r} on the host but the graph does not read it "
+                                          f"as an embedding only; recompile the plan")
+        self.name, self.ggml_type, self.shape = name, entry.ggml_type, tuple(entry.shape)
+        self.rows = int(self.shape[0])
+        self.row_bytes = int(entry.nbytes) // self.rows
+        self.table = be.gf.raw(name).reshape(self.rows, self.row_bytes)
+        self.cp = be.cp
+        self.chunk = be.chunk
+
+    def device_bytes(self) -> int:
+        return self.chunk * (self.row_bytes + 4)
+
+    def allocate(self, be) -> None:
+        cp = self.cp
+        self.dev = cp.zeros(self.chunk * self.row_bytes, dtype=cp.uint8)
+        self.ids = cp.zeros(self.chunk, dtype=cp.int32)
+        self.ids.set(np.arange(self.chunk, dtype=np.int32))
+        self._host = []
+        for _ in range(EMBED_STAGING):
+            mem = cp.cuda.alloc_pinned_memory(self.chunk * self.row_bytes)
+            self._host.append((mem, np.frombuffer(mem, dtype=np.uint8, count=self.chunk * self.row_bytes)
+                               .reshape(self.chunk, self.row_bytes)))
+        self._done = [None] * EMBED_STAGING
+        self._next = 0
+        # the lookup reads the compact table: what be.weight(name, "rows") returns
+        be.buf.weights[(self.name, "raw")] = (self.dev, "raw", self.ggml_type, (self.chunk, self.shape[1]))
+        be.buf.formats[self.name] = ["raw"]
+
+    def stage(self, tokens: np.ndarray, stream) -> None:
+        """Gather the rows of `tokens` (a chunk's ids, padded) and upload them on `stream`."""
+        n = int(tokens.shape[0])
+        if n and (int(tokens.min()) < 0 or int(tokens.max()) >= self.rows):
+            bad = int(tokens[(tokens < 0) | (tokens >= self.rows)][0])
+            raise GGFuseError(None, f"token id {bad} is outside the vocabulary 0..{self.rows - 1}")
+        b = self._next
+        self._next = (b + 1) % EMBED_STAGING
+        if self._done[b] is not None:
+            self._done[b].synchronize()   # the buffer's previous upload has finished
+        host = self._host[b][1]
+        np.take(self.table, tokens, axis=0, out=host[:n], mode="clip")
+        self.dev[:n * self.row_bytes].set(host[:n].reshape(-1), stream=stream)
+        ev = self.cp.cuda.Event(disable_timing=True)
+        ev.record(stream)
+        self._done[b] = ev
+
 
 
 class CUDABackend:
@@ -84,6 +169,10 @@ class CUDABackend:
         self.free_at_load = cp.cuda.runtime.memGetInfo()[0]
         self._bf16_dense = False
         self._roles = self._weight_roles()
+        self.head_block = int(pre.get("head_block") or 0) or None    # None: workspace.HEAD_BLOCK
+        self.embedding = None
+        if pre.get("embedding") == "host-gathered":
+            self.embedding = HostEmbedding(self, pre["embedding_tensor"])
         self.streamer = None
         if self.graph.by_op(Op.FETCH_WEIGHTS):
             from ggfuse.runtime.cuda.streaming import ExpertStreamer
@@ -144,10 +233,12 @@ class CUDABackend:
     def _check_fits(self):
         cp = self.cp
         free, total = cp.cuda.runtime.memGetInfo()
-        streamed = self.streamer.tensors if self.streamer is not None else {}
+        streamed = self._not_uploaded()
         w_raw = sum(w.nbytes for w in self.plan.weights if w.name not in streamed)
         if self.streamer is not None:
             w_raw += self.streamer.device_bytes()
+        if self.embedding is not None:
+            w_raw += self.embedding.device_bytes()
         dense_bf16 = sum(int(np.prod(w.shape)) * 2 for w in self.plan.weights if len(w.shape) == 2)
         states = self._state_bytes()
         arena = self._arena_bytes()
@@ -165,6 +256,13 @@ class CUDABackend:
                                             f"{total / 2**30:.2f}; compile with --vram-budget "
                                             f"{max(1, int(free * 0.9 / 2**30))}GiB or use a smaller --chunk / --max-context")
 
+    def _not_uploaded(self) -> set:
+        """Tensors that stay in the GGUF: streamed experts, a host-gathered embedding table."""
+        out = set(self.streamer.tensors) if self.streamer is not None else set()
+        if self.embedding is not None:
+            out.add(self.embedding.name)
+        return out
+
     def _state_bytes(self) -> int:
         n = 0
         for name, node in self.graph.states().items():
@@ -176,7 +274,7 @@ class CUDABackend:
         cp = self.cp
         from ggfuse.kernels.dense import launch as dense
         roles = self._roles
-        streamed = self.streamer.tensors if self.streamer is not None else {}
+        streamed = self._not_uploaded()
         resident = [w for w in self.plan.weights if w.name not in streamed]   # streamed: slots, later
         total = sum(w.nbytes for w in resident)
         done = 0
@@ -220,17 +318,7 @@ class CUDABackend:
         raise GGFuseError(None, f"cuda: tensor {name!r} was not uploaded in a form for {role} (have {fmts})")
 
     def _sub_chunk_sizes(self) -> list[int]:
-        """Halvings of the chunk down to SUB_CHUNK_MIN (env GGFUSE_SUBCHUNK_MIN), multiples of 64
-        from 128 up; GGFUSE_SUBCHUNKS=0: none."""
-        if os.environ.get("GGFUSE_SUBCHUNKS") == "0":
-            return []
-        lo = int(os.environ.get("GGFUSE_SUBCHUNK_MIN", SUB_CHUNK_MIN))
-        out, c = [], self.chunk // 2
-        while c >= max(lo, 1):
-            c = c // 64 * 64 if c >= 128 else c
-            out.append(c)
-            c //= 2
-        return out
+        return sub_chunk_sizes(self.chunk)
 
     def _arena_bytes(self) -> int:
         return max([self.graph.meta["memory"]["peak_bytes"], 256] +
@@ -261,6 +349,8 @@ class CUDABackend:
         self.pos_dev = cp.zeros(self.chunk, dtype=cp.int32)
         self.past_dev = cp.zeros(1, dtype=cp.int32)
         self.nvalid_dev = cp.zeros(1, dtype=cp.int32)
+        if self.embedding is not None:
+            self.embedding.allocate(self)
         self.states = {}
         for name, node in self.graph.states().items():
             t = node.outputs[0]
@@ -305,6 +395,8 @@ class CUDABackend:
         self.pos_dev.set(pos, stream=s)
         self.past_dev.set(np.array([self.n_past], np.int32), stream=s)
         self.nvalid_dev.set(np.array([n], np.int32), stream=s)
+        if self.embedding is not None:
+            self.embedding.stage(host, s)
         return n
 
     def run_chunk(self, tokens: np.ndarray, want: str = "all") -> np.ndarray:
@@ -398,6 +490,7 @@ class CUDABackend:
         self.ctx = None
         self.buf = DeviceBuffers()
         self.arena, self.states = None, {}
+        self.embedding = None
         self.scratch_shared = {"named": {}, "live": []}
         gc.collect()
         cp = self.cp

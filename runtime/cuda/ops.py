@@ -277,7 +277,7 @@ class _HeadAll:
         self.N, self.K = shape[-2], shape[-1]
         self.a_dt = "f32" if self.x.dtype == np.float32 else "bf16"
         self.lda = self.x.strides[0] // self.x.itemsize
-        self.rb = min(self.x.shape[0], HEAD_BLOCK)
+        self.rb = min(self.x.shape[0], getattr(ctx.be, "head_block", None) or HEAD_BLOCK)
         self.buf = ctx.scratch("logits_block", (self.rb, self.N), np.float32)
         gemm.prepare(self.a_dt, self.wtype)
 
@@ -332,8 +332,13 @@ def _in(ctx, value):
 @launcher(Op.GET_ROWS)
 def _get_rows(ctx, n):
     d = _dense()
-    raw, fmt, gt, shape = ctx.be.weight(ctx.weights[n.inputs[0]], "rows")
+    name = ctx.weights[n.inputs[0]]
+    raw, fmt, gt, shape = ctx.be.weight(name, "rows")
     ids, out = ctx.v(n.inputs[1]), ctx.v(n.out)
+    emb = getattr(ctx.be, "embedding", None)
+    if emb is not None and emb.name == name:
+        # gathered on the host (runtime/cuda/backend.py HostEmbedding): row i is position i's
+        ids = emb.ids[:ids.shape[0]]
     return lambda: d.get_rows(raw, gt, shape[1], ids, out, stream=ctx.stream)
 
 

@@ -13,10 +13,18 @@ from ggfuse.ir.ops import Op
 from ggfuse.ir.types import DType, shape_eval
 
 HEAD_BLOCK = 128    # rows of logits per block of the all-rows LM head (runtime/cuda/ops.py)
+HEAD_BLOCK_LEAN = 16  # the same under a --vram-budget that streams: time-to-first-token never uses it
 
 
-def workspace_bytes(g, chunk: int) -> dict:
-    """{scratch name: bytes} for a chunk of `chunk` tokens (each name sized by its largest user)."""
+def head_block(lean: bool) -> int:
+    """Rows per block of the all-rows LM head: HEAD_BLOCK, or HEAD_BLOCK_LEAN when a budgeted
+    plan sheds fixed costs (schedule_expert_prefetch records it as prefetch["head_block"])."""
+    return HEAD_BLOCK_LEAN if lean else HEAD_BLOCK
+
+
+def workspace_bytes(g, chunk: int, *, head_block: int = HEAD_BLOCK) -> dict:
+    """{scratch name: bytes} for a chunk of `chunk` tokens (each name sized by its largest user);
+    head_block: rows per block of the all-rows LM head."""
     from ggfuse.kernels.deltanet import launch as dn
     from ggfuse.kernels.moe import launch as moe
 
@@ -56,7 +64,7 @@ def workspace_bytes(g, chunk: int) -> dict:
         if logits is not None and n.out == logits:
             vocab = shape(n.out)[-1]
             if n.op == Op.MATMUL:
-                put("logits_block", min(chunk, HEAD_BLOCK) * vocab * 4)
+                put("logits_block", min(chunk, head_block) * vocab * 4)
                 put("lm_head.last", vocab * 4)
             else:
                 put("logits", chunk * vocab * 4)
@@ -88,5 +96,5 @@ def reuse_slot(sizes: list, busy: list, nbytes: int, first: int, last: int) -> i
     return -1
 
 
-def total_workspace_bytes(g, chunk: int) -> int:
-    return sum(workspace_bytes(g, chunk).values())
+def total_workspace_bytes(g, chunk: int, *, head_block: int = HEAD_BLOCK) -> int:
+    return sum(workspace_bytes(g, chunk, head_block=head_block).values())
