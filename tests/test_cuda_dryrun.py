@@ -79,3 +79,43 @@ def test_short_chunks_run_a_smaller_graph(monkeypatch):
         monkeypatch.setenv("GGFUSE_SUBCHUNKS", "0")
         be2 = CUDABackend(plan, gf, chunk=1024, max_context=4096, progress=False)
         assert be2.sub_graphs == {} and be2.executor_for(10) is be2
+
+
+@pytest.mark.parametrize("quant", ["f32", "q4_k_m"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_backend_binds_precision_f32(arch, quant, monkeypatch):
+    """precision="f32": every GEMM binds to the f32 kernels (dense/qf32.py, moe/launch_f32.py) on
+    the weights as the GGUF stores them, no activation is stored bf16, the delta rule runs the
+    f32 recurrence, and the scratch is what workspace_bytes(..., "f32") says."""
+    from ggfuse.compiler.driver import compile_gguf
+    from ggfuse.compiler.gguf_file import GGUFFile
+    from ggfuse.ir.ops import Op
+    with fake_device(monkeypatch) as calls:
+        from ggfuse.runtime.cuda.backend import CUDABackend
+        gf = GGUFFile(fixture(arch, quant))
+        plan = compile_gguf(gf.path, chunk=16, gf=gf)
+        be = CUDABackend(plan, gf, chunk=16, progress=False, precision="f32")
+        assert all(fmts != ["bf16"] and "bf16" not in fmts for fmts in be.buf.formats.values())
+        out = be.run_chunk(np.arange(10, dtype=np.int32))
+        assert out.shape == (10, plan.hparams["n_vocab"])
+        be.run_chunk(np.arange(16, dtype=np.int32))
+        assert be.run_chunk(np.arange(7, dtype=np.int32), "last").shape == (1, plan.hparams["n_vocab"])
+        names = {c[0] for c in calls}
+        assert "gemm.gemm" not in names and "gemm.gemm_swiglu" not in names, names
+        assert not names & {"moe.moe_gate_up", "moe.moe_down", "deltanet.chunk_gated_delta_rule"}
+        assert "dense.gemm_qf32" in names
+        # no activation is stored bf16 (the KV caches, graph inputs, stay bf16)
+        assert not any(be.ctx.vals[v].dtype == np.uint16 for v in be.ctx.vals
+                       if be.graph.node(v.node).op not in (Op.INPUT, Op.CONCAT))
+        if arch != "qwen3moe":
+            assert "deltanet.gated_delta_rule_recurrent" in names
+        if arch != "qwen35":
+            assert "moe.moe_experts_f32" in names and "moe.moe_route" in names
+        if arch == "qwen35":
+            assert "dense.gemm_swiglu_qf32" in names
+        from ggfuse.runtime.cuda.workspace import workspace_bytes
+        est = workspace_bytes(be.graph, 16, "f32")
+        named = be.scratch_shared["named"]
+        assert set(named) <= set(est), set(named) - set(est)
+        for k, buf in named.items():
+            assert buf.nbytes <= max(est[k], 256), (k, buf.nbytes, est[k])
