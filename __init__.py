@@ -7,9 +7,9 @@
 __version__ = "0.1.0"
 
 
-def load(path, device="auto", chunk=None, gguf=None, vram_budget=None):
+def load(path, device="auto", chunk=None, gguf=None, vram_budget=None, precision=None):
     from ggfuse.runtime.api import load as _load
-    return _load(path, device=device, chunk=chunk, gguf=gguf, vram_budget=vram_budget)
+    return _load(path, device=device, chunk=chunk, gguf=gguf, vram_budget=vram_budget, precision=precision)
 
 
 __all__ = ["load", "__version__"]

@@ -159,7 +159,8 @@ def cmd_run(args) -> int:
     tokens = _parse_tokens(args.tokens)
     if not tokens:
         raise GGFuseError(None, "--tokens is empty")
-    m = ggfuse.load(model_path, device=args.device, chunk=args.chunk, vram_budget=args.vram_budget)
+    m = ggfuse.load(model_path, device=args.device, chunk=args.chunk, vram_budget=args.vram_budget,
+                    precision=args.precision)
     logits = m.prefill(tokens)
     if args.logits:
         np.save(args.logits, logits)
@@ -209,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--chunk", type=int, default=None)
     r.add_argument("--vram-budget", default=None, help="device memory budget, e.g. 12GiB: stream the experts "
                                                        "that do not fit (a plan must be compiled for it)")
+    r.add_argument("--precision", default=None, help="bf16 (default, or $GGFUSE_PRECISION): tensor-core GEMMs; "
+                                                     "f32: f32-faithful GEMMs on the cuda device, for verification")
     r.set_defaults(fn=cmd_run)
 
     try:

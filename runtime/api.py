@@ -89,8 +89,19 @@ class Model:
         return self.gguf.vocab()
 
 
+PRECISIONS = ("bf16", "f32")
+
+
+def resolve_precision(precision: str | None) -> str:
+    """The precision asked for, else $GGFUSE_PRECISION, else "bf16"; GGFuseError for others."""
+    p = precision if precision is not None else (os.environ.get("GGFUSE_PRECISION") or "bf16")
+    if p not in PRECISIONS:
+        raise GGFuseError(None, f"unknown precision {p!r} (use bf16 or f32)")
+    return p
+
+
 def load(path: str, device: str = "auto", chunk: int | None = None, gguf: str | None = None,
-         vram_budget=None) -> Model:
+         vram_budget=None, precision: str | None = None) -> Model:
     """Load a plan (.json) or a GGUF (compiled on the fly).
 
     device: "cpu" (numpy reference), "cuda", or "auto" (cuda when available, else cpu).
@@ -100,7 +111,11 @@ def load(path: str, device: str = "auto", chunk: int | None = None, gguf: str | 
     do not fit are streamed); a plan must have been compiled for the same budget (a plan is a
     compiled artifact: it is never silently recompiled), and under a budget it runs at its own
     chunk or a smaller one (a larger chunk needs a larger arena than the budget planned).
+    precision: "bf16" (default; $GGFUSE_PRECISION when None): GEMMs on bf16 tensor cores; "f32":
+    f32-faithful GEMMs and delta rule on the cuda device, for verification (slower; see
+    runtime/cuda/ops.py). The cpu device always computes in f32 and accepts both.
     """
+    precision = resolve_precision(precision)
     if device not in ("auto", "cpu", "cuda"):
         raise GGFuseError(None, f"unknown device {device!r} (use auto, cpu or cuda)")
     if device == "auto":
@@ -120,7 +135,7 @@ def load(path: str, device: str = "auto", chunk: int | None = None, gguf: str | 
         plan = compile_gguf(path, chunk=chunk or DEFAULT_CHUNK, gf=gf, vram_budget=vram_budget)
     if device == "cuda":
         from ggfuse.runtime.cuda import CUDABackend
-        backend = CUDABackend(plan, gf, chunk=chunk or plan.chunk)
+        backend = CUDABackend(plan, gf, chunk=chunk or plan.chunk, precision=precision)
     else:
         from ggfuse.runtime.cpu import CPUBackend
         backend = CPUBackend(plan, gf)

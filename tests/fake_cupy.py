@@ -116,7 +116,8 @@ def make_fake_cupy():
 
 
 LAUNCH_MODULES = ["ggfuse.kernels.dense.launch", "ggfuse.kernels.gemm.launch", "ggfuse.kernels.moe.launch",
-                  "ggfuse.kernels.attention.launch", "ggfuse.kernels.deltanet.launch"]
+                  "ggfuse.kernels.attention.launch", "ggfuse.kernels.deltanet.launch",
+                  "ggfuse.kernels.dense.qf32", "ggfuse.kernels.moe.launch_f32"]
 
 
 @contextlib.contextmanager

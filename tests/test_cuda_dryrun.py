@@ -79,3 +79,59 @@ def test_short_chunks_run_a_smaller_graph(monkeypatch):
         monkeypatch.setenv("GGFUSE_SUBCHUNKS", "0")
         be2 = CUDABackend(plan, gf, chunk=1024, max_context=4096, progress=False)
         assert be2.sub_graphs == {} and be2.executor_for(10) is be2
+
+
+@pytest.mark.parametrize("quant", ["f32", "q4_k_m"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_backend_binds_precision_f32(arch, quant, monkeypatch):
+    """precision="f32": every GEMM binds to the f32 kernels (dense/qf32.py, moe/launch_f32.py) on
+    the weights as the GGUF stores them, no activation is stored bf16, the delta rule runs the
+    f32 recurrence, and the scratch is what workspace_bytes(..., "f32") says. The f32 launchers
+    run for real (their checks see the views the backend binds); only their kernels are stubbed."""
+    import ctypes
+    import sys
+    from ggfuse.compiler.driver import compile_gguf
+    from ggfuse.compiler.gguf_file import GGUFFile
+    from ggfuse.ir.ops import Op
+    from ggfuse.kernels.dense import qf32
+    from ggfuse.kernels.moe import launch_f32
+    real = [(m, n, getattr(m, n)) for m in (qf32, launch_f32) for n in dir(m)
+            if not n.startswith("_") and callable(getattr(m, n))]
+    with fake_device(monkeypatch) as calls:
+        for m, n, f in real:
+            monkeypatch.setattr(m, n, f)
+        monkeypatch.setattr(qf32, "_call", lambda name, grid, args, stream: calls.append(("qf32." + name, grid)))
+        monkeypatch.setattr(launch_f32, "_fn", lambda name: lambda grid, block, args: calls.append(("qf32." + name, grid)))
+        cp = sys.modules["cupy"]
+        cp.cuda.runtime.memsetAsync = lambda ptr, v, n, s: ctypes.memset(ptr, v, n)
+        from ggfuse.runtime.cuda.backend import CUDABackend
+        gf = GGUFFile(fixture(arch, quant))
+        plan = compile_gguf(gf.path, chunk=16, gf=gf)
+        be = CUDABackend(plan, gf, chunk=16, progress=False, precision="f32")
+        assert all(fmts == ["raw"] or "f32" in fmts for fmts in be.buf.formats.values())
+        assert not any("bf16" in fmts for fmts in be.buf.formats.values())
+        out = be.run_chunk(np.arange(10, dtype=np.int32))
+        assert out.shape == (10, plan.hparams["n_vocab"])
+        be.run_chunk(np.arange(16, dtype=np.int32))
+        assert be.run_chunk(np.arange(7, dtype=np.int32), "last").shape == (1, plan.hparams["n_vocab"])
+        names = {c[0] for c in calls}
+        assert not names & {"gemm.gemm", "gemm.gemm_swiglu", "moe.moe_gate_up", "moe.moe_down",
+                            "deltanet.chunk_gated_delta_rule"}, names
+        assert any(n.startswith("qf32.gemm_qf32_") for n in names)
+        # no activation is stored bf16 (graph inputs and the KV caches they extend stay as they are)
+        assert not any(be.ctx.vals[v].dtype == np.uint16 for v in be.ctx.vals
+                       if be.graph.node(v.node).op not in (Op.INPUT, Op.CONCAT))
+        if arch != "qwen3moe":
+            assert "deltanet.gated_delta_rule_recurrent" in names
+        if arch != "qwen35":
+            assert "moe.moe_route" in names and "qf32.moe_sum_slots_f32" in names
+            assert any(n.startswith("qf32.moe_gate_up_qf32_") for n in names)
+            assert any(n.startswith("qf32.moe_down_qf32_") for n in names)
+        else:
+            assert any(n.startswith("qf32.gemm_swiglu_qf32_") for n in names)
+        from ggfuse.runtime.cuda.workspace import workspace_bytes
+        est = workspace_bytes(be.graph, 16, "f32")
+        named = be.scratch_shared["named"]
+        assert set(named) <= set(est), set(named) - set(est)
+        for k, buf in named.items():
+            assert buf.nbytes <= max(est[k], 256), (k, buf.nbytes, est[k])

@@ -25,16 +25,50 @@ def _check(out, ref, what):
     assert top1 >= 0.99 or (len(out) < 100 and top1 >= (len(out) - 1) / len(out)), f"{what}: top-1 {top1:.3f}"
 
 
+# Fixture cases where the default (bf16 tensor-core) GEMMs flip a near-tied expert of a
+# top-2-of-4 router (2nd - 3rd router logit ~0.01) at one position, which moves that position's
+# logits by 0.06-0.23 of max |logit|: not a kernel error but bf16 operand rounding itself. The
+# CPU reference with the GPU's bf16 roundings put back (tests/precision_emulation.py) reproduces
+# it (0.233 / 0.062 / 0.193 vs the GPU's 0.232 / 0.058 / 0.193), so these cases are checked
+# against that emulation at the same tolerance; precision="f32" matches the f32 references
+# (test_gpu_precision_f32_matches_cpu_and_llama).
+BF16_NEAR_TIES = {("qwen35moe", "f32"), ("qwen35moe", "q8_0"), ("qwen3next", "f32")}
+
+
 @pytest.mark.parametrize("quant", QUANTS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gpu_matches_cpu_and_llama(arch, quant):
     r = refs(arch)
     tokens = r["tokens"]
-    cpu = ggfuse.load(fixture(arch, quant), device="cpu").prefill(tokens)
     gpu = ggfuse.load(fixture(arch, quant), device="cuda", chunk=16).prefill(tokens)
+    if (arch, quant) in BF16_NEAR_TIES:
+        from precision_emulation import emulated_logits
+        _check(gpu, emulated_logits(arch, quant, chunk=16), f"{arch} {quant} vs cpu with bf16 roundings")
+        return
+    cpu = ggfuse.load(fixture(arch, quant), device="cpu").prefill(tokens)
     _check(gpu, cpu, f"{arch} {quant} vs cpu")
     ref = r["llama_f32"] if quant == "f32" else r[f"llama_{quant}_deq"]
     _check(gpu, ref, f"{arch} {quant} vs llama.cpp")
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gpu_precision_f32_matches_cpu_and_llama(arch, quant):
+    """precision="f32" (f32 GEMMs on the stored weights, exact delta rule) matches the f32 CPU
+    reference and llama.cpp on every fixture case, near-tied routers included."""
+    r = refs(arch)
+    tokens = r["tokens"]
+    cpu = ggfuse.load(fixture(arch, quant), device="cpu").prefill(tokens)
+    m = ggfuse.load(fixture(arch, quant), device="cuda", chunk=16, precision="f32")
+    assert m.backend.precision == "f32"
+    gpu = m.prefill(tokens)
+    _check(gpu, cpu, f"{arch} {quant} f32 vs cpu")
+    ref = r["llama_f32"] if quant == "f32" else r[f"llama_{quant}_deq"]
+    _check(gpu, ref, f"{arch} {quant} f32 vs llama.cpp")
+    # the time-to-first-token path (GEMV of the last row) agrees with the all-rows head
+    m.reset()
+    last = m.prefill(tokens, logits="last")
+    np.testing.assert_allclose(last[0], gpu[-1], rtol=0, atol=1e-3 * np.abs(gpu).max())
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -142,12 +142,14 @@ class CUDABackend:
     name = "cuda"
 
     def __init__(self, plan, gf, chunk: int | None = None, *, max_context: int | None = None,
-                 progress: bool = True):
+                 progress: bool = True, precision: str = "bf16"):
         import cupy as cp
         from ggfuse.passes import plan_memory
 
         self.cp = cp
         self.plan = plan
+        # "f32": f32-faithful GEMMs on weights kept as the GGUF stores them (runtime/cuda/ops.py)
+        self.precision = precision
         self.gf = gf
         self.chunk = int(chunk or plan.chunk)
         pre = plan.stats.get("prefetch") or {}
@@ -224,7 +226,9 @@ class CUDABackend:
             out.append("f32")
         if "rows" in roles:
             out.append("raw")
-        if "gemm" in roles:
+        if "gemm" in roles and self.precision == "f32":
+            out.append("raw")        # the f32 kernels dequantise GGUF blocks themselves, in f32
+        elif "gemm" in roles:
             floaty = ggml_type in ("F32", "F16", "BF16")
             dense = len(shape) == 2
             out.append("bf16" if floaty or (dense and self._bf16_dense) else "raw")

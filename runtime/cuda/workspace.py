@@ -22,8 +22,9 @@ def head_block(lean: bool) -> int:
     return HEAD_BLOCK_LEAN if lean else HEAD_BLOCK
 
 
-def workspace_bytes(g, chunk: int, *, head_block: int = HEAD_BLOCK) -> dict:
+def workspace_bytes(g, chunk: int, precision: str = "bf16", *, head_block: int = HEAD_BLOCK) -> dict:
     """{scratch name: bytes} for a chunk of `chunk` tokens (each name sized by its largest user);
+    precision "f32": the f32 kernels' scratch (runtime/cuda/ops.py, precision="f32");
     head_block: rows per block of the all-rows LM head."""
     from ggfuse.kernels.deltanet import launch as dn
     from ggfuse.kernels.moe import launch as moe
@@ -41,7 +42,7 @@ def workspace_bytes(g, chunk: int, *, head_block: int = HEAD_BLOCK) -> dict:
     for n in g.nodes():
         if n.op == Op.CHUNK_GATED_DELTA_RULE:
             (T, Hk, K), (_, Hv, V) = shape(n.inputs[0]), shape(n.inputs[2])
-            if dn.chunked_supported(K, V):
+            if dn.chunked_supported(K, V) and precision != "f32":
                 f32 = g.type_of(n.inputs[0]).dtype == DType.F32
                 put("deltanet_ws", dn.workspace_bytes(T, Hv, K, V, Hk=Hk, in_dtype="f32" if f32 else "bf16"))
         elif n.op == Op.MOE_ROUTE:
@@ -55,11 +56,15 @@ def workspace_bytes(g, chunk: int, *, head_block: int = HEAD_BLOCK) -> dict:
             F = wg[1] // 2 if n.attrs.merged_gate_up else wg[1]
             i += 1 if n.attrs.merged_gate_up else 2
             i += 1
-            put("moe_h", S * F * 2)
+            D = shape(n.inputs[0])[1]
+            if precision == "f32":
+                put("moe_h_f32", S * F * 4)
+                put("moe_y_f32", chunk * shape(n.inputs[1])[1] * D * 4)
+            else:
+                put("moe_h", S * F * 2)
             if n.attrs.shared:
                 Fs = shape(n.inputs[i])[0]
-                D = shape(n.inputs[0])[1]
-                put("moe_hs", chunk * Fs * 2)
+                put("moe_hs_f32" if precision == "f32" else "moe_hs", chunk * Fs * (4 if precision == "f32" else 2))
                 put("moe_ys", chunk * D * 4)
         if logits is not None and n.out == logits:
             vocab = shape(n.out)[-1]

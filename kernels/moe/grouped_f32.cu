@@ -1,0 +1,128 @@
+// Routed experts of precision="f32" (runtime/cuda/ops.py) over the expert-sorted, tile-padded
+// layout of moe/route.cu (kernels/moe/ref.py): f32 activations, expert weights read as the GGUF
+// stores them and dequantised in f32, f32 products on CUDA cores (core: dense/qf32_tile.cuh).
+// One launch covers every expert: a 64-row block tile lies inside one expert segment because the
+// layout's tile is a multiple of 64; tiles from expert_offsets[E] on exit at once, so the grid is
+// sized for the static worst case S and nothing depends on the host.
+//
+//   moe_gate_up_qf32_<w>(x, ldx, wg, wu, row_bytes, expert_bytes, F, D, h, ldh, slots, offs, E, topk)
+//       h[r, f] = silu(x[tok] . Wg_e[f]) * (x[tok] . Wu_e[f]), r a sorted row of expert e,
+//       tok = slots[r] / topk; padding rows (slot -1) get 0.   grid (ceil(F/64), S/64), h f32
+//   moe_down_qf32_<w>(h, ldh, wd, row_bytes, expert_bytes, D, F, slots, offs, E, route_w, y, ldy)
+//       y[slot, d] = route_w[slot] * (h[r] . Wd_e[d]) for slot = slots[r] >= 0.
+//       grid (ceil(D/64), S/64); y f32 [T*k, ldy] indexed by slot (rows of unrouted slots are
+//       not written: the launcher clears y first)
+//   moe_sum_slots_f32(y, ldy, T, k, D, out, ldo)
+//       out[t, d] = sum_{j < k} y[t*k + j, d], j in order (deterministic; no atomics)
+// Weight e of a stack starts expert_bytes after weight e-1; rows are row_bytes apart.
+#include "dense/qf32_tile.cuh"
+
+// The expert owning sorted row m0 (offs[e] <= m0 < offs[e+1]), or -1 past offs[E].
+__device__ __forceinline__ int expert_of(const int* __restrict__ offs, int E, int m0) {
+    if (m0 >= offs[E]) return -1;
+    int lo = 0, hi = E;            // offs[lo] <= m0 < offs[hi]
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (offs[mid] <= m0) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
+template<int W>
+__device__ __forceinline__ void gate_up_impl(const float* __restrict__ x, long long ldx,
+                                             const unsigned char* __restrict__ wg,
+                                             const unsigned char* __restrict__ wu, long long row_bytes,
+                                             long long expert_bytes, int F, int D, float* __restrict__ h,
+                                             long long ldh, const int* __restrict__ slots,
+                                             const int* __restrict__ offs, int E, int topk) {
+    __shared__ long long a_off[qf32::BM];
+    __shared__ int s_e;
+    const int m0 = blockIdx.y * qf32::BM, n0 = blockIdx.x * qf32::BN;
+    if (threadIdx.x == 0) s_e = expert_of(offs, E, m0);
+    if (threadIdx.x < qf32::BM) {
+        const int slot = slots[m0 + threadIdx.x];
+        a_off[threadIdx.x] = slot >= 0 ? (long long)(slot / topk) * ldx : -1;
+    }
+    __syncthreads();
+    const int e = s_e;
+    if (e < 0) return;
+    float acc0[4][4] = {}, acc1[4][4] = {};
+    qf32::tile<W, true>(a_off, x, wg + (long long)e * expert_bytes, wu + (long long)e * expert_bytes,
+                        row_bytes, n0, F, D, acc0, acc1);
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int r = ty * 4 + i;
+        const bool pad = a_off[r] < 0;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int n = n0 + tx * 4 + j;
+            if (n < F) h[(long long)(m0 + r) * ldh + n] = pad ? 0.f : qf32::silu(acc0[i][j]) * acc1[i][j];
+        }
+    }
+}
+
+template<int W>
+__device__ __forceinline__ void down_impl(const float* __restrict__ h, long long ldh,
+                                          const unsigned char* __restrict__ wd, long long row_bytes,
+                                          long long expert_bytes, int D, int F,
+                                          const int* __restrict__ slots, const int* __restrict__ offs, int E,
+                                          const float* __restrict__ route_w, float* __restrict__ y,
+                                          long long ldy) {
+    __shared__ long long a_off[qf32::BM];
+    __shared__ int s_slot[qf32::BM];
+    __shared__ int s_e;
+    const int m0 = blockIdx.y * qf32::BM, n0 = blockIdx.x * qf32::BN;
+    if (threadIdx.x == 0) s_e = expert_of(offs, E, m0);
+    if (threadIdx.x < qf32::BM) {
+        const int slot = slots[m0 + threadIdx.x];
+        s_slot[threadIdx.x] = slot;
+        a_off[threadIdx.x] = slot >= 0 ? (long long)(m0 + threadIdx.x) * ldh : -1;
+    }
+    __syncthreads();
+    const int e = s_e;
+    if (e < 0) return;
+    float acc0[4][4] = {}, acc1[4][4];
+    qf32::tile<W, false>(a_off, h, wd + (long long)e * expert_bytes, nullptr, row_bytes, n0, D, F, acc0, acc1);
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int slot = s_slot[ty * 4 + i];
+        if (slot < 0) continue;
+        const float rw = route_w[slot];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int n = n0 + tx * 4 + j;
+            if (n < D) y[(long long)slot * ldy + n] = acc0[i][j] * rw;
+        }
+    }
+}
+
+#define MOE_QF32(WNAME, WTYPE)                                                                      \
+extern "C" __global__ void __launch_bounds__(qf32::THREADS)                                         \
+moe_gate_up_qf32_##WNAME(const float* x, long long ldx, const unsigned char* wg,                    \
+                         const unsigned char* wu, long long row_bytes, long long expert_bytes,      \
+                         int F, int D, float* h, long long ldh, const int* slots, const int* offs,  \
+                         int E, int topk) {                                                         \
+    gate_up_impl<WTYPE>(x, ldx, wg, wu, row_bytes, expert_bytes, F, D, h, ldh, slots, offs, E, topk); \
+}                                                                                                   \
+extern "C" __global__ void __launch_bounds__(qf32::THREADS)                                         \
+moe_down_qf32_##WNAME(const float* h, long long ldh, const unsigned char* wd, long long row_bytes,  \
+                      long long expert_bytes, int D, int F, const int* slots, const int* offs,      \
+                      int E, const float* route_w, float* y, long long ldy) {                       \
+    down_impl<WTYPE>(h, ldh, wd, row_bytes, expert_bytes, D, F, slots, offs, E, route_w, y, ldy);   \
+}
+
+QF32_ALL_TYPES(MOE_QF32)
+
+extern "C" __global__ void __launch_bounds__(256)
+moe_sum_slots_f32(const float* __restrict__ y, long long ldy, int T, int k, int D, float* __restrict__ out,
+                  long long ldo) {
+    const long long n = (long long)T * D;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long t = i / D, d = i - t * D;
+        float s = 0.f;
+        for (int j = 0; j < k; ++j) s += y[(t * k + j) * ldy + d];
+        out[t * ldo + d] = s;
+    }
+}
