@@ -8,6 +8,7 @@ a copy into the layer's device slot plus a wait before the first reader (runtime
 """
 from __future__ import annotations
 
+import os
 
 import numpy as np
 
@@ -106,7 +107,6 @@ def bf16_activations(g) -> set:
     read. The tensor-core GEMMs round their activation operand to bf16 anyway, so the results are
     bit-identical, while the norm writes half the bytes and the GEMM takes its bf16 x bf16 path
     (128 x 256 tiles on sm_90) instead of converting f32 while staging. GGFUSE_BF16_ACT=0: off."""
-    import os
     if os.environ.get("GGFUSE_BF16_ACT") == "0":
         return set()
     outs = set(g.outputs.values())
@@ -530,7 +530,6 @@ def _moe_route(ctx, n):
     # f32-accurate logits (llama.cpp multiplies f32 routers in f32; bf16 flips near-tied experts):
     # tensor cores on split f16 halves (kernels/dense/router_gemm.cu); GGFUSE_ROUTER=f32simt: the
     # CUDA-core f32 GEMM, =bf16x3: bf16 halves
-    import os
     mode = os.environ.get("GGFUSE_ROUTER", "f16x3")
     if mode == "f32simt" or x.shape[1] % 32 or w_f32.data.ptr % 16:
         router = lambda: d.gemm_f32(x, w_f32, logits, stream=ctx.stream)  # noqa: E731
@@ -581,6 +580,14 @@ def _moe_grouped_gemm(ctx, n):
     S = slots.shape[0]
     h = ctx.scratch("moe_h", (S, F), np.uint16)
     x_dt = "f32" if x.dtype == np.float32 else "bf16"
+    # x stays f32 for the f32-accurate router (MOE_ROUTE reads it too, so bf16_activations keeps
+    # it f32); the expert GEMMs round it to bf16 anyway, so a bf16 copy first gives bit-identical
+    # results while they take the bf16-A path (on sm_90 the wide tiles; no f32 conversion in the
+    # producers). GGFUSE_MOE_XBF16=0: read x as f32.
+    x_in, x_copy = x, None
+    if x_dt == "f32" and os.environ.get("GGFUSE_MOE_XBF16", "1") != "0":
+        x_copy = ctx.scratch("moe_x_bf16", (T, D), np.uint16)
+        x, x_dt = x_copy, "bf16"
     moe.prepare(x_dt, tg, td)
     shared = None
     if a.shared:
@@ -596,6 +603,8 @@ def _moe_grouped_gemm(ctx, n):
 
     def run():
         s = ctx.stream
+        if x_copy is not None:
+            d.copy(x_in, x_copy, stream=s)
         moe.moe_gate_up(x, x_dt, wg, wu, tg, E, F, D, slots, offsets, k, h, s, ldx=ldx)
         moe.moe_down(h, wd, td, E, D, F, slots, offsets, weights, k, out, s, zero_out=True)
         if shared is not None:

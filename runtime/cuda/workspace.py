@@ -62,6 +62,7 @@ def workspace_bytes(g, chunk: int, precision: str = "bf16", *, head_block: int =
                 put("moe_y_f32", chunk * shape(n.inputs[1])[1] * D * 4)
             else:
                 put("moe_h", S * F * 2)
+                put("moe_x_bf16", chunk * D * 2)   # the bf16 copy of an f32 x (ops._moe_grouped_gemm)
             if n.attrs.shared:
                 Fs = shape(n.inputs[i])[0]
                 put("moe_hs_f32" if precision == "f32" else "moe_hs", chunk * Fs * (4 if precision == "f32" else 2))
