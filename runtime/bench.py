@@ -315,31 +315,88 @@ def choose_chunk(path: str, prompt: int, *, vram_budget=None, max_context: int |
     return min(ok, key=lambda r: (r["predicted_ms"], -r["chunk"]))["chunk"], table
 
 
-def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe=None) -> dict:
+class _VramSampler:
+    """Peak device memory in use (MiB, device-wide, from nvidia-smi every 50 ms) while a block
+    runs, less what was in use before it; None where nvidia-smi is missing."""
+
+    def __init__(self):
+        self.peak = None
+        self._p = None
+
+    def _query(self):
+        exe = shutil.which("nvidia-smi")
+        if exe is None:
+            return None
+        try:
+            out = subprocess.run([exe, "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                                 capture_output=True, text=True, timeout=20).stdout.split()
+            return int(out[0]) if out else None
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return None
+
+    def __enter__(self):
+        self.base = self._query()
+        if self.base is not None:
+            self._p = subprocess.Popen([shutil.which("nvidia-smi"), "--query-gpu=memory.used",
+                                        "--format=csv,noheader,nounits", "-i", "0", "-lms", "50"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self._p is not None:
+            self._p.terminate()
+            out, _ = self._p.communicate(timeout=20)
+            vals = [int(x) for x in out.split() if x.strip().isdigit()]
+            self.peak = (max(vals) - self.base) if vals else None
+        return False
+
+
+def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe=None, vram_budget=None) -> dict:
     """llama.cpp's own benchmark on the same file: flash attention on, every layer on the GPU,
-    -ub 2048. With `n_cpu_moe` (an int or a list of ints: llama-bench runs each and the best is
-    kept per prompt), that many layers' experts stay in host memory, loaded into pinned buffers
-    (-lm none: its fastest host path; the default mmap is 5-20x slower)."""
+    -ub 2048. With `n_cpu_moe` (an int or a list of ints: llama-bench runs once per setting and
+    the best is kept per prompt), that many layers' experts stay in host memory, loaded into
+    pinned buffers (-lm none: its fastest host path; the default mmap is 5-20x slower). Each
+    setting's peak device memory is measured (nvidia-smi); with `vram_budget` the best is taken
+    over the settings that stayed under it ("results"), and the best over all of them is kept
+    as "results_any_memory"."""
     if not (os.path.exists(exe) or shutil.which(exe)):
         raise GGFuseError(exe, "llama-bench not found (see BENCHMARKS.md for how to build it)")
-    cmd = [exe, "-m", path, "-p", ",".join(map(str, prompts)), "-n", "0", "-fa", "1", "-ngl", "99",
-           "-ub", "2048", "-b", "2048", "-r", str(repeat), "-o", "json"]
+    base = [exe, "-m", path, "-p", ",".join(map(str, prompts)), "-n", "0", "-fa", "1", "-ngl", "99",
+            "-ub", "2048", "-b", "2048", "-r", str(repeat), "-o", "json"]
+    settings = [None]
     if n_cpu_moe:
-        ns = [n_cpu_moe] if isinstance(n_cpu_moe, int) else list(n_cpu_moe)
-        cmd += ["--n-cpu-moe", ",".join(map(str, ns)), "-lm", "none"]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        tail = " | ".join(ln.strip() for ln in p.stderr.strip().splitlines()[-4:])
-        raise GGFuseError(exe, f"llama-bench failed ({p.returncode}): {tail}")
-    res = json.loads(p.stdout)
-    build = {k: res[0].get(k) for k in ("build_commit", "build_number", "gpu_info", "backends")} if res else {}
+        settings = [n_cpu_moe] if isinstance(n_cpu_moe, int) else list(n_cpu_moe)
+    budget_mib = None
+    if vram_budget is not None:
+        from ggfuse.passes.schedule_expert_prefetch import parse_bytes
+        budget_mib = parse_bytes(vram_budget) / 2**20
+    runs, build, cmds = [], {}, []
     best: dict[int, float] = {}
-    runs = []
-    for r in res:
-        n, ts = int(r["n_prompt"]), float(r["avg_ts"])
-        runs.append({"n_prompt": n, "avg_ts": ts, "stddev_ts": r.get("stddev_ts"), "n_cpu_moe": r.get("n_cpu_moe")})
-        best[n] = max(best.get(n, 0.0), ts)
-    return {"cmd": " ".join(cmd), "build": build, "results": best, "runs": runs}
+    best_any: dict[int, float] = {}
+    for ncm in settings:
+        cmd = base + (["--n-cpu-moe", str(ncm), "-lm", "none"] if ncm is not None else [])
+        cmds.append(" ".join(cmd))
+        with _VramSampler() as vs:
+            p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            tail = " | ".join(ln.strip() for ln in p.stderr.strip().splitlines()[-4:])
+            raise GGFuseError(exe, f"llama-bench failed ({p.returncode}): {tail}")
+        res = json.loads(p.stdout)
+        if res and not build:
+            build = {k: res[0].get(k) for k in ("build_commit", "build_number", "gpu_info", "backends")}
+        fits = budget_mib is None or vs.peak is None or vs.peak <= budget_mib
+        for r in res:
+            n, ts = int(r["n_prompt"]), float(r["avg_ts"])
+            runs.append({"n_prompt": n, "avg_ts": ts, "stddev_ts": r.get("stddev_ts"),
+                         "n_cpu_moe": r.get("n_cpu_moe", ncm), "peak_vram_mib": vs.peak, "fits_budget": fits})
+            best_any[n] = max(best_any.get(n, 0.0), ts)
+            if fits:
+                best[n] = max(best.get(n, 0.0), ts)
+    out = {"cmd": cmds[0] if len(cmds) == 1 else cmds, "build": build, "results": best, "runs": runs}
+    if budget_mib is not None:
+        out["vram_budget_mib"] = budget_mib
+        out["results_any_memory"] = best_any
+    return out
 
 
 def plot(result: dict, path: str) -> None:
@@ -454,7 +511,11 @@ def bench_main(args) -> int:
         # llama.cpp first, while the device is empty: a large model does not fit beside ours
         log(f"llama-bench on {args.model} ...")
         llama = run_llama_bench(args.against_llama_bench, args.model, prompts, repeat=args.repeat,
-                                n_cpu_moe=n_cpu_moe)
+                                n_cpu_moe=n_cpu_moe, vram_budget=args.vram_budget)
+        for r in llama["runs"]:
+            if r.get("peak_vram_mib") is not None:
+                log(f"llama-bench --n-cpu-moe {r['n_cpu_moe']}: pp{r['n_prompt']} {r['avg_ts']:.0f} tok/s, peak device "
+                    f"memory {r['peak_vram_mib'] / 1024:.2f} GiB" + ("" if r["fits_budget"] else " (over the budget)"))
     res = None
     for c, ps, ctx in runs:
         part = bench_model(args.model, ps, chunk=c, repeat=args.repeat, vram_budget=args.vram_budget,

@@ -64,13 +64,46 @@ def test_bench_cli_json_and_plot(tmp_path, capsys):
     assert "ggfuse tok/s" in capsys.readouterr().out
 
 
+FAKE_NCM = """#!/bin/sh
+# fake llama-bench: tok/s by --n-cpu-moe (40 -> 3000, 24 -> 4000, 20 -> 5000)
+n=0
+while [ $# -gt 0 ]; do [ "$1" = "--n-cpu-moe" ] && n=$2; shift; done
+ts=3000; [ "$n" = 24 ] && ts=4000; [ "$n" = 20 ] && ts=5000
+echo "[{\\"n_prompt\\": 2048, \\"avg_ts\\": $ts, \\"n_cpu_moe\\": $n}]"
+"""
+
+
 def test_llama_bench_keeps_the_best_setting(tmp_path):
     exe = tmp_path / "llama-bench"
-    exe.write_text("#!/bin/sh\necho '[{\"n_prompt\": 2048, \"avg_ts\": 3000, \"n_cpu_moe\": 40}, "
-                   "{\"n_prompt\": 2048, \"avg_ts\": 4000, \"n_cpu_moe\": 24}]'\n")
+    exe.write_text(FAKE_NCM)
     exe.chmod(0o755)
     out = bench.run_llama_bench(str(exe), EXAMPLE, [2048], repeat=1, n_cpu_moe=[40, 24])
-    assert out["results"] == {2048: 4000.0} and len(out["runs"]) == 2 and "--n-cpu-moe 40,24" in out["cmd"]
+    assert out["results"] == {2048: 4000.0} and len(out["runs"]) == 2
+    assert [r["n_cpu_moe"] for r in out["runs"]] == [40, 24]
+    assert any("--n-cpu-moe 40 -lm none" in c for c in out["cmd"])
+
+
+def test_llama_bench_best_setting_within_the_budget(tmp_path, monkeypatch):
+    """Under --vram-budget the comparison is llama.cpp's best setting that stayed under the
+    budget (peak device memory measured while it ran); the best at any memory is kept too."""
+    exe = tmp_path / "llama-bench"
+    exe.write_text(FAKE_NCM)
+    exe.chmod(0o755)
+    peaks = iter([9000, 11500, 13500])       # MiB for --n-cpu-moe 40, 24, 20
+
+    class FakeSampler:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.peak = next(peaks)
+            return False
+
+    monkeypatch.setattr(bench, "_VramSampler", FakeSampler)
+    out = bench.run_llama_bench(str(exe), EXAMPLE, [2048], repeat=1, n_cpu_moe=[40, 24, 20], vram_budget="12GiB")
+    assert out["results"] == {2048: 4000.0}                 # 20 used 13.2 GiB > 12 GiB
+    assert out["results_any_memory"] == {2048: 5000.0}
+    assert [r["fits_budget"] for r in out["runs"]] == [True, True, False]
 
 
 def test_equivalent_n_cpu_moe_counts_streamed_layers():

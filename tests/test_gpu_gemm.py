@@ -27,10 +27,12 @@ from ggfuse.kernels.gemm.weights import bf16_bits_to_f32, f32_to_bf16_bits, rand
 TYPES = launch.WEIGHT_TYPES
 
 
-@pytest.fixture(params=[*launch.IMPLS, "wgmma_generic"])
+@pytest.fixture(params=[*launch.IMPLS, "wgmma_tiles", "wgmma_generic"])
 def impl(request, monkeypatch):
     """The GEMM kernel family under test, selected through GGFUSE_GEMM (and GGFUSE_DEQUANT:
-    wgmma_generic = the wgmma kernels with the element-wise dequant8 instead of the word-wise one)."""
+    wgmma_generic = the wgmma kernels with the element-wise dequant8 instead of the word-wise one;
+    wgmma = persistent blocks, wgmma_tiles = a block per tile, GGFUSE_GEMM90_PERSIST=0)."""
+    monkeypatch.setenv("GGFUSE_GEMM90_PERSIST", "0" if request.param == "wgmma_tiles" else "1")
     if request.param.startswith("wgmma") and launch.device_cc() != 90:
         pytest.skip("the wgmma kernels need a compute capability 9.0 device")
     family = "wgmma" if request.param.startswith("wgmma") else request.param

@@ -117,7 +117,7 @@ def _layout(T, n_valid, E, k, tile, rng):
     (16, 16, 4, 2, 256, 32, "f32", "f32", False),        # the test fixtures' shapes
     (16, 11, 4, 2, 256, 32, "q8_0", "q8_0", True),       # padded chunk, merged gate_up
     (40, 40, 8, 2, 256, 64, "q4_k", "q5_0", False),
-    (256, 200, 64, 8, 512, 128, "q4_k", "q6_k", False),  # many experts, several 64-row tiles each
+    (256, 200, 64, 8, 512, 256, "q4_k", "q6_k", False),  # many experts (Q6_K down: F a multiple of 256)
     (3, 3, 32, 4, 256, 96, "bf16", "q8_0", True),        # few tokens: most experts empty
 ])
 def test_moe_experts_f32(T, n_valid, E, k, D, F, gu, dn, merged):

@@ -66,12 +66,14 @@ def impls(families=FAMILIES) -> list[str]:
 
 
 ALL_FAMILIES = (*FAMILIES, "wgmma_persist", "wgmma_tiles")
+GEMM_FAMILIES = (*FAMILIES, "wgmma_tiles")    # the dense GEMM benchmark: persistent (wgmma) and a block per tile
 
 
 def use_family(family: str) -> str:
     """Select a family for the launches that follow; returns the launcher's impl= argument."""
     os.environ["GGFUSE_DEQUANT"] = "generic" if family == "wgmma_generic" else "fast"
     os.environ["GGFUSE_MOE90"] = {"wgmma_tiles": "tiles", "wgmma_persist": "persist"}.get(family, "wide")
+    os.environ["GGFUSE_GEMM90_PERSIST"] = "0" if family == "wgmma_tiles" else "1"   # dense: a block per tile
     return "wgmma" if family.startswith("wgmma") else family
 
 
@@ -163,7 +165,7 @@ def main() -> None:
         torch = None
     from ggfuse.kernels.gemm.weights import bf16_bits_to_f32
     print(f"device: {cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)['name'].decode()}, "
-          f"GEMM kernel families: {', '.join(impls())}")
+          f"GEMM kernel families: {', '.join(impls(GEMM_FAMILIES))}")
     silu = lambda x: x / (1.0 + np.exp(-x))   # noqa: E731
     for name, M, N, K, types in CASES:
         swiglu = name.startswith("swiglu")
@@ -182,7 +184,7 @@ def main() -> None:
                 c = cp.empty((M, N), dtype=cp.float32)
                 flops, nbytes = 2 * M * N * K, w.nbytes + a.nbytes + c.nbytes
                 ref = A @ host_rows(w, wt, ni, K).T
-            for family in impls():
+            for family in impls(GEMM_FAMILIES):
                 try:
                     if family.startswith("wgmma") and (launch.device_cc() != 90 or qtype(wt).name not in launch.SM90_TYPES
                                                        or K % 64 or (family == "wgmma_generic" and wt == "bf16")):

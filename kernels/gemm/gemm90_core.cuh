@@ -184,10 +184,11 @@ template<int N> __device__ __forceinline__ void wgmma(float* d, u64 da, u64 db) 
 // BN/2 up rows (rows [BN/2, BN)); accumulator n8-block j pairs with j + BN/16.
 //
 // Work items: item = (row tile rt, column tile nt), numbered rt * ntn + nt. PERSIST = false: one
-// item per block, (blockIdx.y, blockIdx.x). PERSIST = true (the MoE modes): a grid of about one
-// block per SM walks items blockIdx.x, + gridDim.x, ... over the row tiles that exist
-// (expert_offsets[E] / BM of them, read on the device), so a block's next item is loaded while
-// its consumers finish the current one (no per-tile launch, prologue or pipeline fill).
+// item per block, (blockIdx.y, blockIdx.x). PERSIST = true: a grid of about one block per SM
+// walks items blockIdx.x, + gridDim.x, ... over the row tiles that exist (dense: ceil(M / BM);
+// MoE: expert_offsets[E] / BM of them, or the wide tiles, read on the device), so a block's
+// next item is loaded while its consumers finish the current one (no per-tile launch, prologue
+// or pipeline fill; the epilogue overlaps the next item's loads).
 // The ring continues across items: global step g = j * nsteps + s for the block's j-th item.
 // Per-item tables (A / W row pointers, slots, valid rows, expert) are double-buffered (buffer
 // j & 1) and handed over by two more mbarriers: tbl_full[b] (producers -> consumers: the tables
@@ -207,7 +208,6 @@ __device__ __forceinline__ void gemm_block(
     constexpr int MH = BM / 128;          // m64 halves per consumer warpgroup
     constexpr bool kSwi = MODE == kSwiglu || MODE == kMoeGateUp;
     constexpr bool kMoe = MODE == kMoeGateUp || MODE == kMoeDown;
-    static_assert(!PERSIST || kMoe, "persistent blocks: MoE modes only");
     static_assert(!WIDE || (PERSIST && kMoe && CF::kRaw && !A_F32), "wide tiles: persistent MoE, GGML W, bf16 A");
     static_assert(kProducers >= BM, "a producer thread per tile row (slot table, valid-row count)");
     // arrivals on full[] per producer thread and step: one cp.async-tracked (bf16 A or bf16 W

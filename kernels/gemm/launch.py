@@ -169,6 +169,18 @@ def dequant90() -> str:
     return v
 
 
+def dense_persist() -> bool:
+    """The sm_90a dense GEMMs run persistent blocks (gemm90p_*) unless GGFUSE_GEMM90_PERSIST=0
+    (a block per tile, gemm90_*). Read at launch time."""
+    return os.environ.get("GGFUSE_GEMM90_PERSIST", "1").strip() != "0"
+
+
+def _dense_grid90(n_cols: int, n_rows: int) -> tuple[str, tuple[int, int, int]]:
+    if dense_persist():
+        return "gemm90p", (max(1, min(device_sms(), n_cols * n_rows)), 1, 1)
+    return "gemm90", (n_cols, n_rows, 1)
+
+
 def function90(source: str, name: str, w_name: str, a_kind: str, wide: bool = False):
     defines = {"G90_GENERIC_DEQUANT": 1} if dequant90() == "generic" else None
     return function(source, name, w_name, cfg90(w_name, a_kind, wide)[2], defines)
@@ -182,8 +194,9 @@ def prepare(a_dtype, w_type, impl: str | None = None) -> None:
     function(SOURCE, f"gemm_{a}a_{w}", w)
     function(SOURCE, f"gemm_swiglu_{a}a_{w}", w)
     if pick_impl(w, 64, impl) == "wgmma":
-        function90(SOURCE90, f"gemm90_{a}a_{w}", w, a)
-        function90(SOURCE90, f"gemm90_swiglu_{a}a_{w}", w, a)
+        for pfx in ("gemm90", "gemm90p"):
+            function90(SOURCE90, f"{pfx}_{a}a_{w}", w, a)
+            function90(SOURCE90, f"{pfx}_swiglu_{a}a_{w}", w, a)
 
 
 def ptr(x) -> np.uint64:
@@ -225,8 +238,9 @@ def gemm(a, a_dtype, lda: int, w, w_type, N: int, K: int, c, c_dtype, ldc: int, 
         return
     if pick_impl(w_name, K, impl) == "wgmma":
         bn, threads, smem = cfg90(w_name, a_kind)
-        fn = function90(SOURCE90, f"gemm90_{a_kind}a_{w_name}", w_name, a_kind)
-        fn(((N + bn - 1) // bn, (M + BM - 1) // BM, 1), (threads, 1, 1),
+        pfx, grid = _dense_grid90((N + bn - 1) // bn, (M + BM - 1) // BM)
+        fn = function90(SOURCE90, f"{pfx}_{a_kind}a_{w_name}", w_name, a_kind)
+        fn(grid, (threads, 1, 1),
            (ptr(a), np.int64(lda), ptr(w), np.int64(qtype(w_name).row_bytes(K)), np.int32(M), np.int32(N),
             np.int32(K), ptr(c), np.int64(ldc), np.int32(c_kind == "bf16"), np.int32(bool(accumulate))),
            shared_mem=smem, stream=stream)
@@ -255,8 +269,9 @@ def gemm_swiglu(a, a_dtype, lda: int, w_gate, w_up, w_type, F: int, K: int, c, c
         return
     if pick_impl(w_name, K, impl) == "wgmma":
         bn, threads, smem = cfg90(w_name, a_kind)
-        fn = function90(SOURCE90, f"gemm90_swiglu_{a_kind}a_{w_name}", w_name, a_kind)
-        fn(((F + bn // 2 - 1) // (bn // 2), (M + BM - 1) // BM, 1), (threads, 1, 1),
+        pfx, grid = _dense_grid90((F + bn // 2 - 1) // (bn // 2), (M + BM - 1) // BM)
+        fn = function90(SOURCE90, f"{pfx}_swiglu_{a_kind}a_{w_name}", w_name, a_kind)
+        fn(grid, (threads, 1, 1),
            (ptr(a), np.int64(lda), ptr(w_gate), ptr(w_up), np.int64(qtype(w_name).row_bytes(K)), np.int32(M),
             np.int32(F), np.int32(K), ptr(c), np.int64(ldc), np.int32(c_kind == "bf16")),
            shared_mem=smem, stream=stream)
