@@ -203,6 +203,16 @@ def main() -> None:
                 except Exception as exc:   # one failing variant must not hide the others
                     print(f"{name} {wt} {family}: {type(exc).__name__}: {exc}")
             use_family("wgmma")
+            if wt == "bf16" and not swiglu:   # the runtime's path for bf16 dense matrices (kernels/gemm/blas.py)
+                try:
+                    from ggfuse.kernels.gemm import blas
+                    if blas.usable("bf16", "bf16"):
+                        c.fill(np.nan)
+                        ms = time_graph(lambda s: blas.gemm_bf16(a, K, w, N, K, c, "f32", N, M, s))
+                        got = c[cp_index(mi)][:, cp_index(ni)].get()
+                        print(row(f"{name} {wt} cublas (graph)", ms, flops, nbytes) + "   " + err(got, ref))
+                except Exception as exc:
+                    print(f"{name} {wt} cublas: {type(exc).__name__}: {exc}")
         if torch is not None:
             n_out = 2 * N if swiglu else N
             ta = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)

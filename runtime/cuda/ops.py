@@ -356,6 +356,10 @@ def _gemm_call(ctx, a, w_value, c, *, accumulate=False):
     c_dt = "f32" if c2.dtype == np.float32 else "bf16"
     lda = a2.strides[0] // a2.itemsize
     ldc = c2.strides[0] // c2.itemsize
+    from ggfuse.kernels.gemm import blas
+    if blas.usable(a_dt, gemm.weight_name(wtype)):
+        # bf16 x bf16 (dense matrices the runtime dequantised): cuBLAS, capturable (kernels/gemm/blas.py)
+        return lambda: blas.gemm_bf16(a2, lda, w, N, K, c2, c_dt, ldc, M, ctx.stream, accumulate=accumulate)
     gemm.prepare(a_dt, wtype)
     return lambda: gemm.gemm(a2, a_dt, lda, w, wtype, N, K, c2, c_dt, ldc, M, ctx.stream, accumulate=accumulate)
 
