@@ -26,7 +26,7 @@ def rel(got, ref):
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
 def test_cublas_bf16(M, N, K, lda_pad, c_dtype, graph, monkeypatch):
     monkeypatch.delenv("GGFUSE_DENSE_GEMM", raising=False)
-    assert blas.usable("bf16", "bf16")
+    assert blas.usable("bf16", "bf16"), blas.unavailable()
     rng = np.random.default_rng(M * 7 + N + K)
     lda = K + lda_pad
     a_bits = f32_to_bf16_bits(rng.standard_normal((M, lda), dtype=np.float32))

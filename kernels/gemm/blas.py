@@ -118,9 +118,16 @@ def usable(a_dtype: str, w_type: str) -> bool:
         return False
     try:
         _handle()
-    except Exception:      # no library / not capturable here: our kernels
+    except Exception:      # no library / not capturable here: our kernels (why: unavailable())
         return False
     return True
+
+
+def unavailable() -> str | None:
+    """Why the cuBLAS path is off on the current device (after a usable() call), or None."""
+    import cupy
+    st = _state.get(cupy.cuda.Device().id)
+    return f"{type(st).__name__}: {st}" if isinstance(st, Exception) else None
 
 
 def _gemm(lib, h, sptr: int, a, lda: int, w, N: int, K: int, c, c_dtype: str, ldc: int, M: int, accumulate: bool):
