@@ -81,7 +81,7 @@ def _probe(lib, h) -> None:
     s = cupy.cuda.Stream(non_blocking=True)
     s.begin_capture()
     try:
-        _gemm(lib, h, s.ptr, a, 64, a, 64, 64, 64, c, "f32", 64, False)
+        _gemm(lib, h, s.ptr, a, 64, a, 64, 64, c, "f32", 64, 64, False)
     finally:
         g = s.end_capture()
     g.launch(s)
