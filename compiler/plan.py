@@ -23,7 +23,10 @@ PLAN_FORMAT = "ggfuse-plan"
 #          3.0 the logits own no arena bytes and the LM head's inputs live to the end of the chunk
 #              (the runtime runs the head after the chunk's graph: all rows, the last row or none);
 #              the prefetch budget counts the runtime's per-op scratch ("workspace").
-PLAN_VERSION = (3, 0)
+#          3.1 budgeted plans: knapsack-pinned layers, slots sized to the largest streamed layer,
+#              the token embedding gathered on the host, a 16-row LM head block (prefetch info
+#              "embedding" / "head_block"); the workspace counts the MoE's bf16 copy of x.
+PLAN_VERSION = (3, 1)
 
 
 @dataclass(frozen=True)
