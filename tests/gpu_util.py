@@ -1,4 +1,5 @@
-"""What the gpu-marked tests share: the device check, bf16 conversions, error measures.
+"""What the gpu-marked tests share: the device check, bf16 conversions, error measures, a
+capture-and-replay-once helper.
 
     cp = require_gpu()      # at module level: skips the module without CuPy or a CUDA device
 """
@@ -20,6 +21,16 @@ def require_gpu():
     if n == 0:
         pytest.skip("no CUDA device", allow_module_level=True)
     return cp
+
+
+def run_captured(s, fn):
+    """Capture fn(s) on stream s into a CUDA graph, replay it once, wait; returns the graph."""
+    s.begin_capture()
+    fn(s)
+    g = s.end_capture()
+    g.launch(s)
+    s.synchronize()
+    return g
 
 
 def to_bf16_bits(x) -> np.ndarray:

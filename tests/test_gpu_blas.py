@@ -8,17 +8,12 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.gpu
-from gpu_util import require_gpu  # noqa: E402
+from gpu_util import errors, require_gpu, run_captured  # noqa: E402
 
 cp = require_gpu()
 
 from ggfuse.kernels.gemm import blas  # noqa: E402
 from ggfuse.kernels.gemm.weights import bf16_bits_to_f32, f32_to_bf16_bits  # noqa: E402
-
-
-def rel(got, ref):
-    return float(np.sqrt(np.mean((got - ref) ** 2)) / np.sqrt(np.mean(ref ** 2))), \
-        float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
 @pytest.mark.parametrize("M,N,K,lda_pad", [(77, 300, 256, 0), (1000, 1024, 2048, 64), (1, 257, 512, 8)])
@@ -47,18 +42,14 @@ def test_cublas_bf16(M, N, K, lda_pad, c_dtype, graph, monkeypatch):
         run = lambda s: blas.gemm_bf16(a, lda, w, N, K, c, c_dtype, ldc, M, s, accumulate=accumulate)  # noqa: E731
         if graph:
             s = cp.cuda.Stream(non_blocking=True)
-            s.begin_capture()
-            run(s)
-            g = s.end_capture()
-            g.launch(s)
-            s.synchronize()
+            run_captured(s, run)
         else:
             run(None)
             cp.cuda.Device().synchronize()
         got = cp.asnumpy(c)
         got = (got if c_dtype == "f32" else bf16_bits_to_f32(got)).astype(np.float64)
         ref = A @ W.T + (base if accumulate else 0.0)
-        e_rms, e_max = rel(got[:, :N], ref)
+        e_rms, e_max = errors(got[:, :N], ref)
         tol = 1e-5 if c_dtype == "f32" else 1e-2
         assert np.isfinite(got[:, :N]).all()
         assert e_rms < tol and e_max < (2e-5 if c_dtype == "f32" else 2e-2), (accumulate, e_rms, e_max)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.gpu
-from gpu_util import from_bf16_bits, require_gpu, to_bf16_bits  # noqa: E402
+from gpu_util import from_bf16_bits, require_gpu, run_captured, to_bf16_bits  # noqa: E402
 
 cp = require_gpu()
 
@@ -73,11 +73,7 @@ def eager_and_graph(run, reset, check):
     s = cp.cuda.Stream(non_blocking=True)
     reset()
     cp.cuda.Device().synchronize()
-    s.begin_capture()
-    run(s)
-    g = s.end_capture()
-    g.launch(s)
-    s.synchronize()
+    run_captured(s, run)
     check("graph")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.gpu
-from gpu_util import require_gpu  # noqa: E402
+from gpu_util import require_gpu, run_captured  # noqa: E402
 
 cp = require_gpu()
 
@@ -217,11 +217,7 @@ def run_moe(T, E, k, D, F, gu_type, dn_type, x_kind, merged, n_valid, rng, graph
 
     if graph:
         s = cp.cuda.Stream(non_blocking=True)
-        s.begin_capture()
-        layer(s)
-        g = s.end_capture()
-        g.launch(s)
-        s.synchronize()
+        run_captured(s, layer)
     else:
         layer()
     cp.cuda.Device().synchronize()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.gpu
-from gpu_util import require_gpu  # noqa: E402
+from gpu_util import require_gpu, run_captured  # noqa: E402
 
 cp = require_gpu()
 
@@ -50,11 +50,7 @@ def eager_and_graph(run, reset, check):
     reset()
     cp.cuda.Device().synchronize()
     s = cp.cuda.Stream(non_blocking=True)
-    s.begin_capture()
-    run(s)
-    g = s.end_capture()
-    g.launch(s)
-    s.synchronize()
+    run_captured(s, run)
     check("graph")
 
 
