@@ -135,3 +135,20 @@ def test_backend_binds_precision_f32(arch, quant, monkeypatch):
         assert set(named) <= set(est), set(named) - set(est)
         for k, buf in named.items():
             assert buf.nbytes <= max(est[k], 256), (k, buf.nbytes, est[k])
+
+
+def test_prompt_past_the_kv_cache_is_a_clear_error(monkeypatch):
+    """A chunk whose padded rows would pass the KV cache's max_context rows: one-line error naming
+    the file, the rows needed and the fix, before anything runs."""
+    from ggfuse.compiler.driver import compile_gguf
+    from ggfuse.compiler.gguf_file import GGUFFile
+    from ggfuse.errors import GGFuseError
+    with fake_device(monkeypatch):
+        from ggfuse.runtime.cuda.backend import CUDABackend
+        gf = GGUFFile(fixture("qwen35moe", "q4_k_m"))
+        plan = compile_gguf(gf.path, chunk=16, gf=gf, max_context=24)
+        be = CUDABackend(plan, gf, chunk=16, max_context=24, progress=False)
+        be.run_chunk(np.arange(16, dtype=np.int32))
+        with pytest.raises(GGFuseError, match=r"needs 32 KV-cache rows but the cache holds 24; use --max-context >= 32"):
+            be.run_chunk(np.arange(4, dtype=np.int32))
+        assert "qwen35moe" in str(pytest.raises(GGFuseError, be.run_chunk, np.arange(4, dtype=np.int32)).value)

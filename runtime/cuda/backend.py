@@ -389,8 +389,11 @@ class CUDABackend:
         if n > self.chunk:
             raise GGFuseError(None, f"chunk of {n} tokens is longer than the compiled chunk {self.chunk}")
         if self.n_past + self.chunk > self.max_context:
-            raise GGFuseError(self.gf.path, f"prompt reaches {self.n_past + n} tokens but the KV cache holds "
-                                            f"{self.max_context}; compile with a larger --max-context")
+            # the chunk's graph appends all of its (padded) rows to the KV cache
+            raise GGFuseError(self.gf.path, f"a {self.chunk}-token chunk at position {self.n_past} needs "
+                                            f"{self.n_past + self.chunk} KV-cache rows but the cache holds "
+                                            f"{self.max_context}; use --max-context >= {self.n_past + self.chunk} "
+                                            f"or a smaller --chunk")
         host = np.zeros(self.chunk, dtype=np.int32)
         host[:n] = tokens
         pos = (self.n_past + np.arange(self.chunk)).astype(np.int32)
