@@ -277,6 +277,21 @@ def equivalent_n_cpu_moe(path: str, vram_budget, *, chunk: int, max_context: int
     return len((plan.stats.get("prefetch") or {}).get("streamed_layers") or [])
 
 
+def n_cpu_moe_sweep(equivalent, n_layers: int) -> list[int]:
+    """llama-bench --n-cpu-moe settings to try under a budget: from two fewer than the layers our
+    plan streams (llama.cpp's buffers differ from ours, so fewer may still fit) to four more, in
+    steps of 2, within [0, n_layers]; run_llama_bench keeps the best that stays under the budget."""
+    out = set()
+    for e in equivalent:
+        out.update(x for x in range(e - 2, e + 5, 2) if 0 <= x <= n_layers)
+    return sorted(out)
+
+
+def _n_expert_layers(path: str) -> int:
+    from ggfuse.compiler.gguf_file import GGUFFile
+    return int(GGUFFile(path).arch_key("block_count"))
+
+
 def choose_chunk(path: str, prompt: int, *, vram_budget=None, max_context: int | None = None,
                  candidates=CHUNK_CANDIDATES) -> tuple[int, list]:
     """The chunk with the least predicted prefill time for a prompt under a budget: bytes
@@ -449,7 +464,8 @@ def add_bench_parser(sub):
     b.add_argument("--against-llama-bench", metavar="PATH", help="also run llama.cpp's llama-bench on the file")
     b.add_argument("--n-cpu-moe", default=None,
                    help="llama-bench --n-cpu-moe, e.g. 40 or 40,32,24 (the best per prompt is compared); "
-                        "default with --vram-budget: the number of layers the plan streams")
+                        "default with --vram-budget: a sweep around the number of layers the plan streams, "
+                        "compared at the best setting whose measured peak memory stays under the budget")
     b.set_defaults(fn=bench_main)
     return b
 
@@ -504,10 +520,11 @@ def bench_main(args) -> int:
     if args.against_llama_bench:
         n_cpu_moe = _int_list(args.n_cpu_moe)
         if n_cpu_moe is None and args.vram_budget:
-            n_cpu_moe = sorted({equivalent_n_cpu_moe(args.model, args.vram_budget, chunk=c,
-                                                     max_context=ctx or max(ps)) for c, ps, ctx in runs})
-            log(f"llama-bench --n-cpu-moe {','.join(map(str, n_cpu_moe))}: as many layers' experts in host "
-                f"memory as the plan streams under {args.vram_budget}")
+            eq = sorted({equivalent_n_cpu_moe(args.model, args.vram_budget, chunk=c,
+                                              max_context=ctx or max(ps)) for c, ps, ctx in runs})
+            n_cpu_moe = n_cpu_moe_sweep(eq, _n_expert_layers(args.model))
+            log(f"llama-bench --n-cpu-moe {','.join(map(str, n_cpu_moe))}: around the {','.join(map(str, eq))} "
+                f"layers the plan streams under {args.vram_budget}; the best that stays under it is compared")
         # llama.cpp first, while the device is empty: a large model does not fit beside ours
         log(f"llama-bench on {args.model} ...")
         llama = run_llama_bench(args.against_llama_bench, args.model, prompts, repeat=args.repeat,

@@ -161,3 +161,9 @@ def test_context_for_covers_the_padded_tail(monkeypatch):
     assert context_for(512, 2048) == 512 and context_for(600, 2048) == 1024 and context_for(2100, 2048) == 2304
     monkeypatch.setenv("GGFUSE_SUBCHUNKS", "0")
     assert context_for(600, 2048) == 2048
+
+
+def test_n_cpu_moe_sweep_around_the_streamed_layers():
+    assert bench.n_cpu_moe_sweep([20], 40) == [18, 20, 22, 24]
+    assert bench.n_cpu_moe_sweep([1, 39], 40) == [1, 3, 5, 37, 39]
+    assert bench._n_expert_layers(EXAMPLE) >= 1
