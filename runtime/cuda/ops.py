@@ -558,6 +558,39 @@ def _moe_route(ctx, n):
     return run
 
 
+def _moe_operands(ctx, n):
+    """The MOE_GROUPED_GEMM node's operands, resolved: x, routing (weights, slots, offsets),
+    the experts (gate and up, or the merged gate_up with up None; down) and, with a shared
+    expert, its three weights and gate; T, D, k, E, F, S."""
+    from types import SimpleNamespace
+    a = n.attrs
+    x, weights, slots, offsets = (ctx.v(v) for v in n.inputs[:4])
+    i = 4
+    wg, tg, sg = _weight(ctx, n.inputs[i])
+    if a.merged_gate_up:
+        wu, F = None, sg[1] // 2
+        i += 1
+    else:
+        wu, tu, _ = _weight(ctx, n.inputs[i + 1])
+        F = sg[1]
+        i += 2
+        if tu != tg:
+            raise GGFuseError(None, f"cuda: {n.name}: gate ({tg}) and up ({tu}) experts differ in type")
+    wd, td, _ = _weight(ctx, n.inputs[i])
+    i += 1
+    shared = None
+    if a.shared:
+        wgs, tgs, sgs = _weight(ctx, n.inputs[i])
+        wus, _, _ = _weight(ctx, n.inputs[i + 1])
+        wds, tds, _ = _weight(ctx, n.inputs[i + 2])
+        shared = SimpleNamespace(wg=wgs, wu=wus, tg=tgs, wd=wds, td=tds, F=sgs[0],
+                                 gate=ctx.v(n.inputs[i + 3]).reshape(-1))
+    T, D = x.shape
+    return SimpleNamespace(x=x, weights=weights, slots=slots, offsets=offsets, wg=wg, wu=wu, tg=tg, wd=wd, td=td,
+                           E=sg[0], F=F, T=T, D=D, k=weights.shape[1], S=slots.shape[0], out=ctx.v(n.out),
+                           shared=shared)
+
+
 @launcher(Op.MOE_GROUPED_GEMM)
 def _moe_grouped_gemm(ctx, n):
     if f32_precision(ctx.be):
@@ -565,57 +598,36 @@ def _moe_grouped_gemm(ctx, n):
     from ggfuse.kernels.gemm import launch as gemm
     from ggfuse.kernels.moe import launch as moe
     d = _dense()
-    a = n.attrs
-    x, weights, slots, offsets = (ctx.v(v) for v in n.inputs[:4])
-    i = 4
-    if a.merged_gate_up:
-        wg, tg, sg = _weight(ctx, n.inputs[i]); wu = None; i += 1
-        F = sg[1] // 2
-    else:
-        wg, tg, sg = _weight(ctx, n.inputs[i]); wu, tu, _ = _weight(ctx, n.inputs[i + 1]); i += 2
-        F = sg[1]
-        if tu != tg:
-            raise GGFuseError(None, f"cuda: {n.name}: gate ({tg}) and up ({tu}) experts differ in type")
-    wd, td, sd = _weight(ctx, n.inputs[i]); i += 1
-    E = sg[0]
-    out = ctx.v(n.out)
-    T, D = x.shape
-    k = weights.shape[1]
-    S = slots.shape[0]
-    h = ctx.scratch("moe_h", (S, F), np.uint16)
-    x_dt = "f32" if x.dtype == np.float32 else "bf16"
+    o = _moe_operands(ctx, n)
+    h = ctx.scratch("moe_h", (o.S, o.F), np.uint16)
+    x, x_dt = o.x, ("f32" if o.x.dtype == np.float32 else "bf16")
     # x stays f32 for the f32-accurate router (MOE_ROUTE reads it too, so bf16_activations keeps
     # it f32); the expert GEMMs round it to bf16 anyway, so a bf16 copy first gives bit-identical
     # results while they take the bf16-A path (on sm_90 the wide tiles; no f32 conversion in the
     # producers). GGFUSE_MOE_XBF16=0: read x as f32.
-    x_in, x_copy = x, None
+    x_copy = None
     if x_dt == "f32" and os.environ.get("GGFUSE_MOE_XBF16", "1") != "0":
-        x_copy = ctx.scratch("moe_x_bf16", (T, D), np.uint16)
+        x_copy = ctx.scratch("moe_x_bf16", (o.T, o.D), np.uint16)
         x, x_dt = x_copy, "bf16"
-    moe.prepare(x_dt, tg, td)
-    shared = None
-    if a.shared:
-        wgs, tgs, sgs = _weight(ctx, n.inputs[i]); wus, tus, _ = _weight(ctx, n.inputs[i + 1])
-        wds, tds, _ = _weight(ctx, n.inputs[i + 2]); gate = ctx.v(n.inputs[i + 3])
-        Fs = sgs[0]
-        hs = ctx.scratch("moe_hs", (T, Fs), np.uint16)
-        ys = ctx.scratch("moe_ys", (T, D), np.float32)
-        gemm.prepare(x_dt, tgs)
-        gemm.prepare("bf16", tds)
-        shared = (wgs, wus, tgs, wds, tds, Fs, hs, ys, gate.reshape(-1))
+    moe.prepare(x_dt, o.tg, o.td)
+    sh = o.shared
+    if sh is not None:
+        hs = ctx.scratch("moe_hs", (o.T, sh.F), np.uint16)
+        ys = ctx.scratch("moe_ys", (o.T, o.D), np.float32)
+        gemm.prepare(x_dt, sh.tg)
+        gemm.prepare("bf16", sh.td)
     ldx = x.strides[0] // x.itemsize
 
     def run():
         s = ctx.stream
         if x_copy is not None:
-            d.copy(x_in, x_copy, stream=s)
-        moe.moe_gate_up(x, x_dt, wg, wu, tg, E, F, D, slots, offsets, k, h, s, ldx=ldx)
-        moe.moe_down(h, wd, td, E, D, F, slots, offsets, weights, k, out, s, zero_out=True)
-        if shared is not None:
-            wgs, wus, tgs, wds, tds, Fs, hs, ys, gate = shared
-            gemm.gemm_swiglu(x, x_dt, ldx, wgs, wus, tgs, Fs, D, hs, "bf16", Fs, T, s)
-            gemm.gemm(hs, "bf16", Fs, wds, tds, D, Fs, ys, "f32", D, T, s)
-            d.axpy_rows(out, ys, gate, stream=s)
+            d.copy(o.x, x_copy, stream=s)
+        moe.moe_gate_up(x, x_dt, o.wg, o.wu, o.tg, o.E, o.F, o.D, o.slots, o.offsets, o.k, h, s, ldx=ldx)
+        moe.moe_down(h, o.wd, o.td, o.E, o.D, o.F, o.slots, o.offsets, o.weights, o.k, o.out, s, zero_out=True)
+        if sh is not None:
+            gemm.gemm_swiglu(x, x_dt, ldx, sh.wg, sh.wu, sh.tg, sh.F, o.D, hs, "bf16", sh.F, o.T, s)
+            gemm.gemm(hs, "bf16", sh.F, sh.wd, sh.td, o.D, sh.F, ys, "f32", o.D, o.T, s)
+            d.axpy_rows(o.out, ys, sh.gate, stream=s)
     return run
 
 
@@ -670,46 +682,20 @@ def _moe_grouped_f32(ctx, n):
     from ggfuse.kernels.dense import qf32
     from ggfuse.kernels.moe import launch_f32 as moe32
     d = _dense()
-    a = n.attrs
-    x, weights, slots, offsets = (ctx.v(v) for v in n.inputs[:4])
-    i = 4
-    wg, tg, sg = _weight(ctx, n.inputs[i])
-    if a.merged_gate_up:
-        wu, F = None, sg[1] // 2
-        i += 1
-    else:
-        wu, tu, _ = _weight(ctx, n.inputs[i + 1])
-        F = sg[1]
-        i += 2
-        if tu != tg:
-            raise GGFuseError(None, f"cuda: {n.name}: gate ({tg}) and up ({tu}) experts differ in type")
-    wd, td, _ = _weight(ctx, n.inputs[i])
-    i += 1
-    E = sg[0]
-    out = ctx.v(n.out)
-    T, D = x.shape
-    k = weights.shape[1]
-    S = slots.shape[0]
-    h = ctx.scratch("moe_h_f32", (S, F), np.float32)
-    y = ctx.scratch("moe_y_f32", (T * k, D), np.float32)
-    shared = None
-    if a.shared:
-        wgs, tgs, sgs = _weight(ctx, n.inputs[i])
-        wus, _, _ = _weight(ctx, n.inputs[i + 1])
-        wds, tds, _ = _weight(ctx, n.inputs[i + 2])
-        gate = ctx.v(n.inputs[i + 3])
-        Fs = sgs[0]
-        hs = ctx.scratch("moe_hs_f32", (T, Fs), np.float32)
-        ys = ctx.scratch("moe_ys", (T, D), np.float32)
-        shared = (wgs, wus, tgs, wds, tds, Fs, hs, ys, gate.reshape(-1))
+    o = _moe_operands(ctx, n)
+    h = ctx.scratch("moe_h_f32", (o.S, o.F), np.float32)
+    y = ctx.scratch("moe_y_f32", (o.T * o.k, o.D), np.float32)
+    sh = o.shared
+    if sh is not None:
+        hs = ctx.scratch("moe_hs_f32", (o.T, sh.F), np.float32)
+        ys = ctx.scratch("moe_ys", (o.T, o.D), np.float32)
 
     def run():
         s = ctx.stream
-        moe32.moe_experts_f32(x, wg, wu, tg, wd, td, E, F, D, slots, offsets, weights, h, y, out,
-                              tile=a.tile, stream=s)
-        if shared is not None:
-            wgs, wus, tgs, wds, tds, Fs, hs, ys, gate = shared
-            qf32.gemm_swiglu_qf32(x, wgs, wus, tgs, Fs, D, hs, stream=s)
-            qf32.gemm_qf32(hs, wds, tds, D, Fs, ys, stream=s)
-            d.axpy_rows(out, ys, gate, stream=s)
+        moe32.moe_experts_f32(o.x, o.wg, o.wu, o.tg, o.wd, o.td, o.E, o.F, o.D, o.slots, o.offsets, o.weights,
+                              h, y, o.out, tile=n.attrs.tile, stream=s)
+        if sh is not None:
+            qf32.gemm_swiglu_qf32(o.x, sh.wg, sh.wu, sh.tg, sh.F, o.D, hs, stream=s)
+            qf32.gemm_qf32(hs, sh.wd, sh.td, o.D, sh.F, ys, stream=s)
+            d.axpy_rows(o.out, ys, sh.gate, stream=s)
     return run
