@@ -39,6 +39,7 @@
 #pragma once
 #include <cuda_bf16.h>
 #include "quant/ggml_quants.cuh"
+#include "gemm/epilogue.cuh"
 
 namespace g90 {
 
@@ -625,33 +626,8 @@ __device__ __forceinline__ void gemm_block(
 #pragma unroll
                     for (int jj = 0; jj < BN / 8; ++jj) {
                         const int n = nt * BN + 8 * jj + c2;
-                        float v0 = acc[hf][4 * jj + 2 * h], v1 = acc[hf][4 * jj + 2 * h + 1];
-                        if (c_bf16) {
-                            __nv_bfloat16* o = static_cast<__nv_bfloat16*>(c) + (long long)m * ldc + n;
-                            if (n + 1 < N) {
-                                if (accumulate) {
-                                    const __nv_bfloat162 old = *reinterpret_cast<const __nv_bfloat162*>(o);
-                                    v0 += __low2float(old);
-                                    v1 += __high2float(old);
-                                }
-                                *reinterpret_cast<u32*>(o) = pack_bf16(v0, v1);
-                            } else if (n < N) {
-                                if (accumulate) v0 += __bfloat162float(o[0]);
-                                o[0] = __float2bfloat16_rn(v0);
-                            }
-                        } else {
-                            float* o = static_cast<float*>(c) + (long long)m * ldc + n;
-                            if (n + 1 < N) {
-                                if (accumulate) {
-                                    const float2 old = *reinterpret_cast<const float2*>(o);
-                                    v0 += old.x;
-                                    v1 += old.y;
-                                }
-                                *reinterpret_cast<float2*>(o) = make_float2(v0, v1);
-                            } else if (n < N) {
-                                o[0] = accumulate ? o[0] + v0 : v0;
-                            }
-                        }
+                        gepi::store_pair(c, (long long)m * ldc, n, N, acc[hf][4 * jj + 2 * h],
+                                         acc[hf][4 * jj + 2 * h + 1], c_bf16, accumulate);
                     }
                 } else {   // kSwiglu, kMoeGateUp
                     const int m = row0 + r;     // kMoeGateUp: every row of the segment is inside h
@@ -662,15 +638,7 @@ __device__ __forceinline__ void gemm_block(
                         const int f = nt * (BN / 2) + 8 * jj + c2;
                         const float v0 = silu(acc[hf][4 * jj + 2 * h]) * acc[hf][4 * (jj + BN / 16) + 2 * h];
                         const float v1 = silu(acc[hf][4 * jj + 2 * h + 1]) * acc[hf][4 * (jj + BN / 16) + 2 * h + 1];
-                        if (c_bf16) {
-                            __nv_bfloat16* o = static_cast<__nv_bfloat16*>(c) + (long long)m * ldc + f;
-                            if (f + 1 < N) *reinterpret_cast<u32*>(o) = pack_bf16(v0, v1);
-                            else if (f < N) o[0] = __float2bfloat16_rn(v0);
-                        } else {
-                            float* o = static_cast<float*>(c) + (long long)m * ldc + f;
-                            if (f + 1 < N) *reinterpret_cast<float2*>(o) = make_float2(v0, v1);
-                            else if (f < N) o[0] = v0;
-                        }
+                        gepi::store_pair(c, (long long)m * ldc, f, N, v0, v1, c_bf16, 0);
                     }
                 }
             }

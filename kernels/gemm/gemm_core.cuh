@@ -29,6 +29,7 @@
 #pragma once
 #include <cuda_bf16.h>
 #include "quant/ggml_quants.cuh"
+#include "gemm/epilogue.cuh"
 
 namespace gemm {
 
@@ -402,33 +403,8 @@ __device__ __forceinline__ void gemm_block(
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
                     const int n = blockIdx.x * BN + warp_n * 32 + nt * 8 + t2;
-                    float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
-                    if (c_bf16) {
-                        __nv_bfloat16* o = static_cast<__nv_bfloat16*>(c) + (long long)m * ldc + n;
-                        if (n + 1 < N) {
-                            if (accumulate) {
-                                const __nv_bfloat162 old = *reinterpret_cast<const __nv_bfloat162*>(o);
-                                v0 += __low2float(old);
-                                v1 += __high2float(old);
-                            }
-                            *reinterpret_cast<u32*>(o) = pack_bf16(v0, v1);
-                        } else if (n < N) {
-                            if (accumulate) v0 += __bfloat162float(o[0]);
-                            o[0] = __float2bfloat16_rn(v0);
-                        }
-                    } else {
-                        float* o = static_cast<float*>(c) + (long long)m * ldc + n;
-                        if (n + 1 < N) {
-                            if (accumulate) {
-                                const float2 old = *reinterpret_cast<const float2*>(o);
-                                v0 += old.x;
-                                v1 += old.y;
-                            }
-                            *reinterpret_cast<float2*>(o) = make_float2(v0, v1);
-                        } else if (n < N) {
-                            o[0] = accumulate ? o[0] + v0 : v0;
-                        }
-                    }
+                    gepi::store_pair(c, (long long)m * ldc, n, N, acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1],
+                                     c_bf16, accumulate);
                 }
             } else if constexpr (kSwi) {
                 const int m = row0 + r;     // kMoeGateUp: every row of the tile is inside h
@@ -438,15 +414,7 @@ __device__ __forceinline__ void gemm_block(
                     const int f = blockIdx.x * (BN / 2) + warp_n * 16 + nt * 8 + t2;
                     const float v0 = silu(acc[mt][nt][2 * h]) * acc[mt][nt + NT / 2][2 * h];
                     const float v1 = silu(acc[mt][nt][2 * h + 1]) * acc[mt][nt + NT / 2][2 * h + 1];
-                    if (c_bf16) {
-                        __nv_bfloat16* o = static_cast<__nv_bfloat16*>(c) + (long long)m * ldc + f;
-                        if (f + 1 < N) *reinterpret_cast<u32*>(o) = pack_bf16(v0, v1);
-                        else if (f < N) o[0] = __float2bfloat16_rn(v0);
-                    } else {
-                        float* o = static_cast<float*>(c) + (long long)m * ldc + f;
-                        if (f + 1 < N) *reinterpret_cast<float2*>(o) = make_float2(v0, v1);
-                        else if (f < N) o[0] = v0;
-                    }
+                    gepi::store_pair(c, (long long)m * ldc, f, N, v0, v1, c_bf16, 0);
                 }
             } else {   // kMoeDown
                 const int slot = s_slot[r];
