@@ -60,17 +60,33 @@ def quantized_blocks(rng, qtype, n_blocks):
 KERNELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
 
 
+HOST_IO = r"""
+#include <cstdio>
+#include <vector>
+// the whole file at path, as bytes
+static std::vector<unsigned char> read_all(const char* path) {
+    std::vector<unsigned char> in;
+    FILE* f = fopen(path, "rb");
+    unsigned char buf[4096];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0) in.insert(in.end(), buf, buf + n);
+    fclose(f);
+    return in;
+}
+"""
+
+
 def build_host_driver(tmp_path_factory, name: str, source: str):
     """Compile a C++ driver that includes kernel headers from kernels/ with the host g++ (skips
-    when there is none). -ffp-contract=off: the headers' separate roundings must not be fused
-    into FMAs on the host."""
+    when there is none); HOST_IO (read_all) comes first. -ffp-contract=off: the headers'
+    separate roundings must not be fused into FMAs on the host."""
     import pytest
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ is not installed")
     d = tmp_path_factory.mktemp(name)
     src = d / "driver.cpp"
-    src.write_text(source)
+    src.write_text(HOST_IO + source)
     exe = d / "driver"
     subprocess.run([gxx, "-std=c++17", "-O2", "-ffp-contract=off", "-Wno-unknown-pragmas",
                     "-I", KERNELS, str(src), "-o", str(exe)], check=True, capture_output=True, text=True)

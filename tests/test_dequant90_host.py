@@ -26,12 +26,7 @@ DRIVER = r"""
 // argv: type, input (whole units: Q4_K/Q6_K 1 block, Q8_0 2 blocks), misalignment, output
 int main(int argc, char** argv) {
     const int type = atoi(argv[1]), mis = atoi(argv[3]);
-    FILE* f = fopen(argv[2], "rb");
-    std::vector<unsigned char> in;
-    unsigned char buf[4096];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, f)) > 0) in.insert(in.end(), buf, buf + n);
-    fclose(f);
+    const std::vector<unsigned char> in = read_all(argv[2]);
     const int unit = type == GGML_Q8_0 ? 68 : type == GGML_Q4_K ? 144 : 210;
     const int steps = type == GGML_Q8_0 ? 1 : 4;
     const long units = (long)in.size() / unit;

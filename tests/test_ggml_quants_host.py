@@ -32,12 +32,7 @@ template<int T> void run(const std::vector<unsigned char>& in, long n_blocks, fl
 
 int main(int argc, char** argv) {
     const int type = atoi(argv[1]);
-    FILE* f = fopen(argv[2], "rb");
-    std::vector<unsigned char> in;
-    unsigned char buf[4096];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, f)) > 0) in.insert(in.end(), buf, buf + n);
-    fclose(f);
+    const std::vector<unsigned char> in = read_all(argv[2]);
     long nb = 0;
     std::vector<float> a, b;
 #define CASE(T) case T: nb = (long)in.size() / QBlock<T>::BYTES; a.resize(nb * QBlock<T>::QK); \
