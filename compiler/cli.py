@@ -104,12 +104,16 @@ def print_summary(d: dict) -> None:
     p = d.get("prefetch") or {}
     if p.get("budget_bytes"):
         print(f"\nvram budget {_human(p['budget_bytes'])}: resident {_human(p['resident_bytes'])} "
-              f"({', '.join(f'{k} {_human(v)}' for k, v in p['fixed_bytes'].items())}, pinned experts of "
-              f"{len(p['pinned_layers'])} layers, {p['slots']} streaming slots of {_human(p.get('slot_bytes', 0))})")
+              f"({', '.join(f'{k} {_human(v)}' for k, v in p['fixed_bytes'].items())}, every expert of "
+              f"{len(p['pinned_layers'])} layers and the first ones of the others, {p['slots']} streaming slots of "
+              f"{_human(p.get('slot_bytes', 0))})")
         if p.get("embedding") == "host-gathered":
             print(f"  token embedding gathered on the host per chunk ({p.get('embedding_tensor')}); "
                   f"all-rows LM head in blocks of {p.get('head_block')} rows")
-        print(f"  streamed layers {p['streamed_layers']} ({p['mode']} fetch), moved per chunk {_human(p['bytes_moved_per_chunk'])}")
+        split = p.get("streamed_experts") or {}
+        which = (", ".join(f"{l}:{m}" for l, m in split.items()) if split else str(p["streamed_layers"]))
+        print(f"  streamed (layer:last experts of {p.get('n_experts', '?')}) {which} ({p['mode']} fetch), "
+              f"moved per chunk {_human(p['bytes_moved_per_chunk'])}")
         if p.get("predicted"):
             q = p["predicted"]
             print(f"  predicted per chunk: transfer {q['transfer_ms']:.2f} ms at {q['h2d_gbps']} GB/s, compute "

@@ -2,10 +2,13 @@
 
 What stays resident: every dense weight, the KV cache at `max_context` (bf16, as the CUDA
 runtime keeps it), the DeltaNet states, the activation arena of one chunk, the runtime's
-per-op scratch for that chunk (runtime/cuda/workspace.py) and a fixed reserve; then the MoE layers' experts whose bytes fill the rest best ("pinned layers", a small
-knapsack over the layers' sizes: choose_streamed). The other layers' experts live in host memory
-and move into `slots` device buffers, each the size of the largest streamed layer (two slots:
-one layer's experts arrive while the previous streamed layer computes).
+per-op scratch for that chunk (runtime/cuda/workspace.py) and a fixed reserve; then as many
+experts as fit, counted per expert (choose_split): a streamed layer keeps its first E - m experts
+on the device and streams its last m through one of `slots` device buffers (two slots: one
+layer's experts arrive while the previous streamed layer computes). The grouped GEMM reads a
+split layer's experts through an expert table, resident and streamed alike. The streamed
+experts are spread over the layers, so a slot holds a small part of a layer, not a whole one:
+the device memory the slots take, and with it the bytes moved per chunk, shrink.
 
 Each streamed layer gets a FETCH_WEIGHTS node in front of its expert consumers. It may start as
 soon as its slot is free (the last consumer of the slot's previous layer has run) - usually long
@@ -124,8 +127,8 @@ def fixed_bytes(g: Graph, *, chunk: int, max_context: int, reserve: int = RESERV
 def stream_order(layers: list[int]) -> list[int]:
     """The order in which layers start streaming as the budget shrinks: spread through the
     stack (a van der Corput sequence over positions), so any prefix is spread too, and the first
-    layer last (its fetch has no earlier compute to hide under). choose_streamed decides how
-    many layers of each size stream and takes them in this order."""
+    layer last (its fetch has no earlier compute to hide under). choose_split hands surplus
+    slot capacity back to residency in the reverse of this order."""
     def vdc(i: int) -> float:
         x, f = 0.0, 0.5
         while i:
@@ -138,79 +141,86 @@ def stream_order(layers: list[int]) -> list[int]:
     return [layers[i] for i in ranks]
 
 
-KNAPSACK_UNITS = 1 << 17     # the pinned-set knapsack counts bytes in units of total/KNAPSACK_UNITS
+SLOT_ALIGN = 256      # each streamed tensor starts 256-byte aligned in its slot (runtime/cuda/streaming.py)
 
 
-def _knapsack(sizes: list[int], room: int, unit: int) -> list[int]:
-    """Indices of `sizes` to pin: the most bytes whose sizes, each rounded up to whole `unit`s,
-    fit `room // unit` units (so they fit `room` bytes). 0/1 knapsack by dynamic programming
-    over units: exact up to less than one unit per layer."""
-    cap = room // unit
-    if cap < 0:
+def _align(n: int, a: int = SLOT_ALIGN) -> int:
+    return -(-n // a) * a
+
+
+def slot_size(expert_bytes: list[int], m: int) -> int:
+    """Slot bytes for the last m experts of a layer whose tensors have these per-expert bytes:
+    each tensor's part 256-byte aligned, back to back (the runtime's slot layout)."""
+    return sum(_align(m * b) for b in expert_bytes) if m else 0
+
+
+def _least_slot(expert_bytes, cand_layers, E, per, total, avail, slots, order):
+    """choose_split over the layers cand_layers (the others whole): ({layer: m}, slot bytes) of
+    the least slot that carries what must move, or None."""
+    tables = {l: np.array([slot_size(expert_bytes[l], m) for m in range(E + 1)], dtype=np.int64)
+              for l in cand_layers}
+    cands = np.unique(np.concatenate([t[1:] for t in tables.values()]))
+    ms = np.stack([np.searchsorted(tables[l], cands, side="right") - 1 for l in cand_layers])
+    b = np.array([per[l] for l in cand_layers], dtype=np.int64)
+    moved = (ms * b[:, None]).sum(0)
+    need = total - avail + slots * cands
+    ok = np.flatnonzero((moved >= need) & (slots * cands <= avail))
+    if not ok.size:
         return None
-    w = [-(-s // unit) for s in sizes]
-    best = np.full(cap + 1, -1, dtype=np.int64)    # most bytes using exactly u units
-    best[0] = 0
-    take = np.zeros((len(sizes), cap + 1), dtype=bool)
-    for i, (s, wi) in enumerate(zip(sizes, w)):
-        if wi > cap:
-            continue
-        prev = best[: cap + 1 - wi]
-        cand = np.where(prev >= 0, prev + s, -1)
-        better = cand > best[wi:]
-        take[i, wi:] = better
-        best[wi:] = np.where(better, cand, best[wi:])
-    u = int(np.argmax(best))                        # ties: the fewest units
-    out = []
-    for i in range(len(sizes) - 1, -1, -1):
-        if take[i, u]:
-            out.append(i)
-            u -= w[i]
-    return sorted(out)
+    i = int(ok[0])
+    m = {l: int(ms[j, i]) for j, l in enumerate(cand_layers)}
+    excess = int(moved[i] - need[i])
+    first = next(iter(expert_bytes))
+    for l in [first] + [x for x in reversed(order) if x != first]:
+        if l in m and excess > 0:
+            d = min(m[l], excess // per[l])
+            m[l] -= d
+            excess -= d * per[l]
+    m = {l: v for l, v in m.items() if v > 0}
+    s = max(slot_size(expert_bytes[l], v) for l, v in m.items())
+    resident = total - sum(v * per[l] for l, v in m.items())
+    assert resident + slots * s <= avail, "choose_split over the room"
+    return dict(sorted(m.items())), s
 
 
-def choose_streamed(layer_bytes: dict[int, int], avail: int):
-    """(streamed layers, slots), or (None, None) when not even one layer's slot fits.
+def choose_split(expert_bytes: dict[int, list[int]], n_experts: int, avail: int):
+    """How many experts of each MoE layer stream: ({layer: m}, slots, slot bytes), or
+    (None, None, None) when not even one layer's experts fit beside a slot.
 
-    Two slots whenever they fit, so one layer's experts arrive while the previous streamed layer
-    computes: at real sizes a chunk's compute is shorter than its transfers, so hiding transfer
-    under compute beats pinning one more layer. A slot holds the largest STREAMED layer, so the
-    pinned set and the slot size are chosen together: for each layer size s that could be the
-    largest streamed one, every larger layer is pinned, and among the layers of size <= s the
-    pinned set with the most bytes that fits the room left (avail - 2 s - the larger layers) is
-    a small knapsack (_knapsack); the candidate pinning the most bytes wins (ties: the smaller
-    slot). A larger budget leaves every candidate more room, so it never streams more bytes.
-    Which layers of a size stream follows stream_order (spread through the stack, layer 0 last).
-    With room for one slot only, every layer streams through it."""
-    total = sum(layer_bytes.values())
+    expert_bytes: per layer, the bytes of one expert of each stacked tensor. A streamed layer
+    keeps its first E - m experts resident and streams its last m through a slot (the grouped
+    GEMM reads both through an expert table), so residency is per expert, not per layer: the
+    resident expert bytes fill the budget to within an expert per layer.
+
+    Bytes moved per chunk = everything that is not resident = total - (avail - slots * s) for
+    slots of s bytes; so the plan wants the smallest slot that can still carry the rest: the
+    least s with sum_l m_l(s) * b_l >= total - avail + slots * s, m_l(s) the most experts of
+    layer l a slot of s bytes holds. Spreading the streamed experts over every layer makes s about
+    1/(layers - slots) of what must move, instead of a whole layer. Two slots whenever they fit
+    (one layer's experts arrive while the previous layer computes), else one. The first layer
+    stays whole unless that moves over 1% more (its fetch has no earlier compute to hide under). Where
+    the least slot carries more than needed, the surplus goes back to residency, layer 0 first,
+    then in reverse stream_order."""
+    E = n_experts
+    per = {l: sum(bs) for l, bs in expert_bytes.items()}
+    total = E * sum(per.values())
     if total <= avail:
-        return [], 0
-    order = stream_order(list(layer_bytes))
-    unit = max(1, -(-total // KNAPSACK_UNITS))
-    best = None                                     # (pinned bytes, -slot bytes, pinned layers)
-    for s in sorted(set(layer_bytes.values())):
-        forced = [l for l, b in layer_bytes.items() if b > s]
-        room = avail - 2 * s - sum(layer_bytes[l] for l in forced)
-        if room < 0:
-            continue
-        cands = [l for l, b in layer_bytes.items() if b <= s]
-        picked = _knapsack([layer_bytes[l] for l in cands], room, unit)
-        count: dict[int, int] = {}
-        for i in picked:
-            count[layer_bytes[cands[i]]] = count.get(layer_bytes[cands[i]], 0) + 1
-        # which layers of each size: the last ones in stream order stay (layer 0 first of all)
-        pinned = set(forced)
-        for size, k in count.items():
-            same = [l for l in order if layer_bytes[l] == size]
-            pinned.update(same[len(same) - k:])
-        key = (sum(layer_bytes[l] for l in pinned), -s)
-        if len(pinned) < len(layer_bytes) and (best is None or key > best[:2]):
-            best = (*key, pinned)
-    if best is not None:
-        return sorted(l for l in layer_bytes if l not in best[2]), 2
-    if avail < max(layer_bytes.values()):
-        return None, None
-    return sorted(order), 1
+        return {}, 0, 0
+    layers = list(expert_bytes)
+    order = stream_order(layers)
+    for slots in (2, 1):
+        plans = []
+        for cand_layers in ([l for l in layers if l != layers[0]], layers):
+            if len(cand_layers) > slots:
+                plan = _least_slot(expert_bytes, cand_layers, E, per, total, avail, slots, order)
+                if plan is not None:
+                    plans.append(plan)
+        if plans:
+            # the first layer whole unless that moves over 1% more
+            moved = [sum(v * per[l] for l, v in m.items()) for m, _ in plans]
+            m, s = plans[0] if moved[0] <= 1.01 * moved[-1] else plans[-1]
+            return m, slots, s
+    return None, None, None
 
 
 def _routing_input(g: Graph, consumer) -> Value | None:
@@ -305,25 +315,27 @@ def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CON
     if emb is not None:
         info.update(embedding="host-gathered", embedding_tensor=emb[0], embedding_row_bytes=emb[1])
     avail = budget - fixed_total
-    streamed, slots = choose_streamed(layer_bytes, avail) if layers else ([], 0)
-    if streamed is None:
+    E = next(iter(layers.values()))[0].outputs[0].shape[0] if layers else 0
+    per_expert = {l: [_wbytes(n) // E for n in ns] for l, ns in layers.items()}
+    split, slots, slot_bytes = choose_split(per_expert, E, avail) if layers else ({}, 0, 0)
+    if split is None:
         need = fixed_total + (max(layer_bytes.values()) if layer_bytes else 0)
         raise GGFuseError(None, f"--vram-budget {_gib(budget)} is too small: dense weights, KV cache at "
                                 f"{max_context} tokens, states, arena and reserve take {_gib(fixed_total)} and one "
                                 f"layer's experts {_gib(max(layer_bytes.values(), default=0))} more; the minimum is "
                                 f"{_gib(need)} (or lower --max-context / --chunk)")
-    if not streamed:
+    if not split:
         info["policy"] = "all experts resident (fits the budget with the embedding gathered on the host)"
         g.meta["prefetch"] = info
         return PassResult(g, False)
 
-    E = next(iter(layers.values()))[0].outputs[0].shape[0]
+    streamed = sorted(split)
     k = int(g.meta.get("hparams", {}).get("n_expert_used", 1) or 1)
     hit = E * (1.0 - (1.0 - k / E) ** chunk)  # expected distinct experts per layer (uniform routing)
     routed = hit < 0.5 * E
     frac = hit / E if routed else 1.0
-    slot_bytes = max(layer_bytes[l] for l in streamed)     # the largest streamed layer
-    moved = {l: int(layer_bytes[l] * frac) for l in streamed}
+    per = {l: sum(b) for l, b in per_expert.items()}
+    moved = {l: int(split[l] * per[l] * frac) for l in streamed}
 
     prev_release: list = [None] * slots
     for j, l in enumerate(streamed):
@@ -341,7 +353,7 @@ def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CON
         dep = max((v.node for v in control), default=-1)
         fetched = g.add(Op.FETCH_WEIGHTS, inputs, name=f"blk.{l}.fetch_experts", n_weights=len(ws),
                         mode="routed" if routed else "all", layer=l, slot=s, bytes=moved[l], stream="copy",
-                        meta={"sched_key": dep + 0.5})
+                        first_expert=E - split[l], meta={"sched_key": dep + 0.5})
         fetched = fetched if isinstance(fetched, tuple) else (fetched,)
         fetch_id = fetched[0].node
         for w, fv in zip(ws, fetched):
@@ -355,15 +367,17 @@ def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CON
     flops = _layer_flops(g, chunk)
     pred = simulate(sorted(set(flops) - {-1}), streamed, slots, moved, flops,
                     h2d_gbps=h2d_gbps, tflops=tflops, routed=routed)
-    pinned = [l for l in layers if l not in streamed]
+    pinned = [l for l in layers if l not in split]
+    resident_experts = sum(layer_bytes.values()) - sum(split[l] * per[l] for l in streamed)
     info.update({
         "pinned_layers": pinned, "streamed_layers": streamed, "slots": slots, "slot_bytes": slot_bytes,
+        "streamed_experts": {str(l): split[l] for l in streamed}, "n_experts": int(E),
         "mode": "routed" if routed else "all",
         "expected_experts_hit_per_layer": round(hit, 2),
         "bytes_moved_per_chunk": sum(moved.values()),
-        "resident_bytes": fixed_total + sum(layer_bytes[l] for l in pinned) + slots * slot_bytes,
-        "policy": "pinned layers: the most expert bytes that fit (knapsack over layer sizes); the others "
-                  f"stream through {slots} slot(s) of the largest streamed layer",
+        "resident_bytes": fixed_total + resident_experts + slots * slot_bytes,
+        "policy": "experts resident per layer (each streamed layer keeps its first experts and streams its last "
+                  f"ones, spread over the layers so the {slots} slot(s) are small); layers whole where they fit",
         "predicted": {**pred, "h2d_gbps": h2d_gbps, "tflops": tflops},
     })
     assert info["resident_bytes"] <= budget, "prefetch plan over budget"

@@ -268,13 +268,17 @@ CHUNK_CANDIDATES = (512, 1024, 2048, 4096, 8192)
 
 
 def equivalent_n_cpu_moe(path: str, vram_budget, *, chunk: int, max_context: int | None = None) -> int:
-    """llama.cpp's --n-cpu-moe for a budget: as many layers' experts in host memory as our plan
-    streams under that budget (llama.cpp keeps the first N layers' experts on the CPU; we stream
-    a spread-out set of the same size)."""
+    """llama.cpp's --n-cpu-moe for a budget: as many layers' worth of experts in host memory as
+    our plan streams under that budget (llama.cpp keeps the first N layers' experts on the CPU;
+    we stream the last experts of many layers: sum of streamed experts / experts per layer)."""
     from ggfuse.compiler.driver import compile_gguf
     kw = {"max_context": max_context} if max_context else {}
     plan = compile_gguf(path, chunk=chunk, vram_budget=vram_budget, **kw)
-    return len((plan.stats.get("prefetch") or {}).get("streamed_layers") or [])
+    p = plan.stats.get("prefetch") or {}
+    split = p.get("streamed_experts")
+    if split and p.get("n_experts"):
+        return int(round(sum(split.values()) / p["n_experts"]))
+    return len(p.get("streamed_layers") or [])
 
 
 def n_cpu_moe_sweep(equivalent, n_layers: int) -> list[int]:

@@ -28,12 +28,14 @@ def tight_budget(plan, layers: float) -> int:
     return int((fixed + layers * per_layer) * 16 / 15) + 1
 
 
-def streamed_plan(arch, quant="q4_k_m", chunk=8):
-    """A plan that streams: room for all layers' experts but half of one (qwen35moe, 4 layers: one
-    pinned, three streamed through two slots; the 2-layer fixtures: both through one slot)."""
+def streamed_plan(arch, quant="q4_k_m", chunk=8, room="split"):
+    """A plan that streams. room "split": room for all layers' experts but half of one (every
+    layer keeps its first experts and streams its last 1-3 of 4: qwen35moe's 4 layers through
+    two slots, the 2-layer fixtures' through one); "whole": room for 1.1 layers' experts beside
+    the fixed part (every layer streams all its experts, through one slot)."""
     gf = GGUFFile(fixture(arch, quant))
     full = compile_gguf(gf.path, chunk=chunk, gf=gf, max_context=64)
-    budget = tight_budget(full, layers=full.hparams["n_layer"] - 0.5)
+    budget = tight_budget(full, layers=full.hparams["n_layer"] - 0.5 if room == "split" else 1.1)
     plan = compile_gguf(gf.path, chunk=chunk, gf=gf, max_context=64, vram_budget=budget)
     assert plan.stats["prefetch"]["streamed_layers"], plan.stats["prefetch"]
     return gf, plan, budget
@@ -42,6 +44,24 @@ def streamed_plan(arch, quant="q4_k_m", chunk=8):
 def _ptr_in(arr, buf) -> bool:
     a, b = buf.data.ptr, buf.data.ptr + buf.nbytes
     return a <= arr.data.ptr < b
+
+
+def _reads(w, buf) -> bool:
+    """Does a grouped GEMM's weight operand (a stack, or an ExpertTable) read inside buf?"""
+    from ggfuse.kernels.moe.table import ExpertTable
+    a, b = buf.data.ptr, buf.data.ptr + buf.nbytes
+    if isinstance(w, ExpertTable):
+        return bool(((w.ptrs >= a) & (w.ptrs < b)).any())
+    return _ptr_in(w, buf)
+
+
+def _streamed_bytes(gf, p):
+    """The bytes of a piece's streamed experts [first, E) in device form."""
+    if p.convert:
+        from ggfuse.kernels.dequant.ref import f32_to_bf16_bits
+        full = f32_to_bf16_bits(gf.dequantize(p.name)).view(np.uint8).reshape(-1)
+        return full[p.first * p.dev_e:]
+    return gf.raw(p.name)[p.first * p.src_e:]
 
 
 def _slot_contents_ok(be, gf):
@@ -54,12 +74,7 @@ def _slot_contents_ok(be, gf):
         buf = np.asarray(st.slot_buffers[f.slot])
         for p in f.pieces:
             got = buf[p.slot_offset:p.slot_offset + p.dev_bytes]
-            if p.convert:
-                from ggfuse.kernels.dequant.ref import f32_to_bf16_bits
-                want = f32_to_bf16_bits(gf.dequantize(p.name)).view(np.uint8).reshape(-1)
-            else:
-                want = gf.raw(p.name)
-            assert np.array_equal(got, want), p.name
+            assert np.array_equal(got, _streamed_bytes(gf, p)), p.name
 
 
 def _check_order(calls, be, *, captured: bool):
@@ -79,7 +94,7 @@ def _check_order(calls, be, *, captured: bool):
 
     def reads(bound, slot):
         w = bound.arguments.get("w_gate", bound.arguments.get("w_down"))
-        return _ptr_in(w, st.slot_buffers[slot])
+        return _reads(w, st.slot_buffers[slot])
     for slot in range(st.n_slots):
         fetches = [f for f in st.fetches if f.slot == slot]
         buf = st.slot_buffers[slot]
@@ -112,9 +127,9 @@ def _check_order(calls, be, *, captured: bool):
             assert not [r for r in readers if fork_rec < r < join], f.layer
 
 
-@pytest.mark.parametrize("arch", MOE_ARCHS)
-def test_streamed_plan_binds_registered(arch, monkeypatch):
-    gf, plan, budget = streamed_plan(arch)
+@pytest.mark.parametrize("arch,room", [(a, "split") for a in MOE_ARCHS] + [("qwen35moe", "whole")])
+def test_streamed_plan_binds_registered(arch, room, monkeypatch):
+    gf, plan, budget = streamed_plan(arch, room=room)
     info = plan.stats["prefetch"]
     with fake_device(monkeypatch) as calls:
         from ggfuse.runtime.cuda.backend import CUDABackend
@@ -126,14 +141,32 @@ def test_streamed_plan_binds_registered(arch, monkeypatch):
         assert st.host_mode == "registered"
         fetch_nodes = be.graph.by_op(Op.FETCH_WEIGHTS)
         assert sorted(f.layer for f in st.fetches) == info["streamed_layers"] == sorted(n.attrs.layer for n in fetch_nodes)
-        # streamed tensors: never read for upload, bound to views of their layer's slot
-        assert not set(read) & set(st.tensors)
+        # streamed tensors: a whole streamed layer's never read for upload and bound to a view of
+        # its layer's slot; a split layer's (experts [0, first) resident): its resident experts
+        # uploaded, the tensor bound to an expert table, expert e < first in that upload and
+        # expert e >= first at slot offset + (e - first) * expert bytes
+        from ggfuse.kernels.moe.table import ExpertTable
+        split = {n for n, (_, p) in st.tensors.items() if p.first > 0}
+        assert bool(split) == (room == "split") and (room == "whole" or split == set(st.tensors))
+        assert not (set(read) & set(st.tensors)) - split
         assert len(st.slot_buffers) == info["slots"]
         assert st.slot_bytes >= max(f.dev_bytes for f in st.fetches)
+        assert {f.layer: f.pieces[0].n_experts - f.first for f in st.fetches} == \
+            {int(l): m for l, m in info["streamed_experts"].items()}
         for name, (f, p) in st.tensors.items():
             arr = be.weight(name, "gemm")[0]
-            assert _ptr_in(arr, st.slot_buffers[f.slot])
-            assert (arr.data.ptr - st.slot_buffers[f.slot].data.ptr) % 256 == 0   # CuPy bases are 512-aligned
+            slot = st.slot_buffers[f.slot]
+            if p.first == 0:
+                assert _ptr_in(arr, slot)
+                assert (arr.data.ptr - slot.data.ptr) % 256 == 0   # CuPy bases are 512-aligned
+                continue
+            assert isinstance(arr, ExpertTable)
+            part = be.buf.parts[name]
+            assert np.array_equal(np.asarray(part).view(np.uint8).reshape(-1), gf.raw(name)[:p.first * p.src_e])
+            e = np.arange(p.n_experts, dtype=np.uint64)
+            want = np.where(e < p.first, part.data.ptr + e * np.uint64(p.dev_e),
+                            slot.data.ptr + p.slot_offset + (e - np.uint64(p.first)) * np.uint64(p.dev_e))
+            assert np.array_equal(arr.ptrs, want), name
         regs = [c[1] for c in calls if c[0] == "runtime.hostRegister"]
         assert regs and all(flags == 0x09 and ptr % 4096 == 0 for ptr, _, flags in regs)
         # every fetch bound: a step and a join in the schedule
@@ -141,6 +174,21 @@ def test_streamed_plan_binds_registered(arch, monkeypatch):
         out = be.run_chunk(np.arange(8, dtype=np.int32))
         assert out.shape == (8, plan.hparams["n_vocab"])
         _slot_contents_ok(be, gf)
+        # the grouped GEMMs of split layers read through device tables of their experts' addresses
+        # (gate then up; down), the others through their stacks
+        from ggfuse.kernels.moe import table
+        for fn, w in (("moe.moe_gate_up", "w_gate"), ("moe.moe_down", "w_down")):
+            bound = [x[1].arguments for x in calls if x[0] == fn]
+            assert bound and all((b["wtab"] is not None) == isinstance(b[w], ExpertTable) for b in bound)
+            for b in bound:
+                if b["wtab"] is None:
+                    continue
+                E = b["E"]
+                want = (table.pointers(b["w_down"], E) if fn == "moe.moe_down" else
+                        table.gate_up_pointers(b["w_gate"], b["w_up"], E, None if b["w_up"] is not None else 0))
+                if fn == "moe.moe_down" or b["w_up"] is not None:
+                    assert np.array_equal(np.asarray(b["wtab"]), want)
+            assert any(b["wtab"] is not None for b in bound) == bool(split)
         _check_order(calls, be, captured=False)
         assert be.cuda_graph is not None and not hasattr(be.cuda_graph, "items")   # one graph
         _check_order(calls, be, captured=True)
@@ -208,16 +256,20 @@ def test_routed_fetch_copies_only_routed_experts(monkeypatch):
             offs = be.ctx.v(n.inputs[3])
             offs[:] = np.array([0, 128, 128, 256, 256][: E + 1], dtype=np.int32)
         be.run_chunk(np.array([3], dtype=np.int32))
-        assert st.routed_counts and set(st.routed_counts.values()) == {2}
+        assert st.routed_counts
         f = st.fetches[-1]
         buf = np.asarray(st.slot_buffers[f.slot])
+        routed = [0, 2]
         for p in f.pieces:
-            eb = p.src_bytes // E
+            eb = p.src_e
             raw = gf.raw(p.name)
-            for e in (0, 2):
-                assert np.array_equal(buf[p.slot_offset + e * eb:p.slot_offset + (e + 1) * eb], raw[e * eb:(e + 1) * eb])
+            for e in routed:
+                if e >= p.first:     # experts before first are resident: not copied
+                    at = p.slot_offset + (e - p.first) * eb
+                    assert np.array_equal(buf[at:at + eb], raw[e * eb:(e + 1) * eb])
+        assert {l: sum(e >= st.by_layer[l].first for e in routed) for l in st.routed_counts} == st.routed_counts
         copied = sum(c[1][2] for c in calls if c[0] == "runtime.memcpyAsync")
-        assert copied == sum(p.src_bytes // E * 2 for f in st.fetches for p in f.pieces)
+        assert copied == sum(p.src_e * sum(e >= p.first for e in routed) for f in st.fetches for p in f.pieces)
         assert any(type(x).__name__ == "HostStep" for x in be.launches)
         be.close()
 

@@ -186,7 +186,30 @@ def check(out, ref, tol_rms=1e-2):
     assert e < tol_rms and m < 2e-2, f"rel rms {e:.3g}, max-abs/max {m:.3g}"
 
 
-def run_moe(T, E, k, D, F, gu_type, dn_type, x_kind, merged, n_valid, rng, graph=False, out_offset=0):
+def scattered(w, E: int, first: int):
+    """The experts of a stack [E, ...] spread as a streamed layer's are (runtime/cuda/streaming.py):
+    [0, first) in one buffer, [first, E) in another at a 256-byte aligned offset, here in reverse
+    order so that nothing but the table finds them; returns (ExpertTable, the buffers)."""
+    from ggfuse.kernels.moe.table import ExpertTable
+    flat = w.reshape(E, -1).view(cp.uint8).reshape(E, -1)
+    eb = flat.shape[1]
+    lo = cp.array(flat[:first])
+    hi = cp.zeros(256 + (E - first) * eb, dtype=cp.uint8)
+    ptrs = []
+    for e in range(E):
+        if e < first:
+            ptrs.append(lo.data.ptr + e * eb)
+        else:
+            at = 256 + (E - 1 - e) * eb
+            hi[at:at + eb] = flat[e]
+            ptrs.append(hi.data.ptr + at)
+    return ExpertTable(ptrs, w.shape, keep=(lo, hi))
+
+
+def run_moe(T, E, k, D, F, gu_type, dn_type, x_kind, merged, n_valid, rng, graph=False, out_offset=0,
+            table_first=None):
+    """table_first: the experts are read through expert tables (scattered, first experts resident)
+    as well as from their stacks; h must match bit for bit and the outputs to f32 atomics order."""
     logits = separated_logits(T, E, rng)
     x, x_host = bf16_x(T, D, x_kind, rng)
     if merged:
@@ -221,6 +244,26 @@ def run_moe(T, E, k, D, F, gu_type, dn_type, x_kind, merged, n_valid, rng, graph
     else:
         layer()
     cp.cuda.Device().synchronize()
+    if table_first is not None:
+        from ggfuse.kernels.moe import table as mt
+        tg, tu, td = (scattered(w, E, table_first) if w is not None else None for w in (w_gate, w_up, w_down))
+        rb = gl.qtype(gl.weight_name(gu_type)).row_bytes(D)
+        tab_gu = mt.device_table(cp, mt.gate_up_pointers(tg, tu, E, F * rb))
+        tab_d = mt.device_table(cp, mt.pointers(td, E))
+        h2 = cp.full((S, F), 0xFFFF, dtype=cp.uint16)
+        out2 = cp.full((T, D), np.nan, dtype=cp.float32)
+
+        def layer2(stream=None):
+            launch.moe_gate_up(x, x_kind, tg, tu, gu_type, E, F, D, r.slots, r.offs, k, h2, stream, wtab=tab_gu)
+            launch.moe_down(h2, td, dn_type, E, D, F, r.slots, r.offs, r.w, k, out2, stream, wtab=tab_d)
+        if graph:
+            run_captured(cp.cuda.Stream(non_blocking=True), layer2)
+        else:
+            layer2()
+        cp.cuda.Device().synchronize()
+        n_rows = int(cp.asnumpy(r.offs)[-1])
+        assert np.array_equal(cp.asnumpy(h2)[:n_rows], cp.asnumpy(h)[:n_rows]), "h through the expert tables"
+        np.testing.assert_allclose(cp.asnumpy(out2), cp.asnumpy(out), rtol=1e-5, atol=1e-6)
     check_route(r, logits, n_valid)
     slots, offs, wts = cp.asnumpy(r.slots), cp.asnumpy(r.offs), cp.asnumpy(r.w)
     WGr, WUr, WDr = (round_bf16(w).astype(np.float64) for w in (WG, WU, WD))
@@ -328,3 +371,12 @@ def test_moe_layer_wide_long_segments(impl, monkeypatch, blocks):
     rng = np.random.default_rng(101 + blocks)
     run_moe(T=900, E=8, k=4, D=256, F=512, gu_type="q4_k", dn_type="q6_k", x_kind="bf16",
             merged=True, n_valid=893, rng=rng)
+
+
+@pytest.mark.parametrize("merged,first", [(False, 5), (True, 0), (True, 11)])
+def test_moe_layer_through_expert_tables(impl, merged, first):
+    """A streamed layer split by the plan: the first experts resident, the rest in a slot,
+    found through expert tables (kernels/moe/table.py); every kernel family, eager and captured."""
+    rng = np.random.default_rng(111 + first)
+    run_moe(T=400, E=12, k=4, D=512, F=256, gu_type="q4_k", dn_type="q6_k", x_kind="bf16",
+            merged=merged, n_valid=397, rng=rng, table_first=first, graph=first == 11)

@@ -62,6 +62,25 @@ def test_streamed_logits_are_bit_identical(arch, quant, host, monkeypatch):
     be.close()
 
 
+@pytest.mark.parametrize("room,precision", [("whole", "bf16"), ("split", "f32")])
+def test_whole_layers_and_f32_precision_stream_bit_identical(room, precision):
+    """Every layer's experts streamed whole (no expert table), and a split plan under
+    precision="f32" (its own grouped kernels read the tables): logits as fully resident."""
+    from ggfuse.compiler.driver import compile_gguf
+    from ggfuse.runtime.api import Model
+    from ggfuse.runtime.cuda.backend import CUDABackend
+    arch, chunk = "qwen35moe", 8
+    tokens = refs(arch)["tokens"]
+    gf, plan, _ = streamed_plan(arch, "q4_k_m", chunk, room=room)
+    full = compile_gguf(gf.path, chunk=chunk, gf=gf, max_context=64)
+    outs = []
+    for p in (full, plan):
+        be = CUDABackend(p, gf, chunk=chunk, progress=False, precision=precision)
+        outs.append(Model(p, gf, be, chunk).prefill(tokens))
+        be.close()
+    np.testing.assert_array_equal(outs[1], outs[0])
+
+
 def test_f32_experts_stream_converted():
     tokens = refs("qwen35moe")["tokens"]
     ref = _resident("qwen35moe", "f32", 8, tokens)

@@ -190,77 +190,87 @@ def test_real_35b_too_small_budget(real_35b):
         run_pipeline(g0, chunk=2048, vram_budget="2GiB", only=["fuse_moe", "schedule_expert_prefetch"])
 
 
-def _brute_pinned(layer_bytes, avail):
-    """Most pinned bytes over every pinned set, two slots of the largest streamed layer."""
+def _split_use(expert_bytes, m, slots):
+    """(resident expert bytes + slot bytes, moved bytes) of a split {layer: streamed experts}."""
+    E_res = sum((E_ - m.get(l, 0)) * sum(b) for l, b in expert_bytes.items() for E_ in [_E])
+    slot = max((sep.slot_size(expert_bytes[l], v) for l, v in m.items() if v), default=0)
+    moved = sum(v * sum(expert_bytes[l]) for l, v in m.items())
+    return E_res + slots * slot, moved
+
+
+_E = 3
+
+
+def _brute_split(expert_bytes, avail, slots):
+    """Least bytes moved over every split with `slots` slots (None: none fits)."""
     import itertools
-    ls = list(layer_bytes)
+    ls = list(expert_bytes)
     best = None
-    for r in range(len(ls)):
-        for pinned in itertools.combinations(ls, r):
-            streamed = [l for l in ls if l not in pinned]
-            used = sum(layer_bytes[l] for l in pinned) + 2 * max(layer_bytes[l] for l in streamed)
-            if used <= avail:
-                best = max(best or 0, sum(layer_bytes[l] for l in pinned))
+    for ms in itertools.product(range(_E + 1), repeat=len(ls)):
+        m = dict(zip(ls, ms))
+        if not any(ms):
+            continue
+        used, moved = _split_use(expert_bytes, m, slots)
+        if used <= avail and (best is None or moved < best):
+            best = moved
     return best
 
 
-def _check_choice(layer_bytes, avail, streamed, slots):
-    pinned = [l for l in layer_bytes if l not in streamed]
-    slot = max(layer_bytes[l] for l in streamed)
-    assert sum(layer_bytes[l] for l in pinned) + slots * slot <= avail
-    return sum(layer_bytes[l] for l in pinned)
-
-
-def test_choose_streamed_is_the_best_knapsack():
+def test_choose_split_against_brute_force():
+    """Every split of a few small layers into resident / streamed experts: choose_split fits the
+    room, uses two slots whenever a two-slot split fits (else one, else none), and moves at most
+    1% (the price of keeping the first layer whole) and one expert's bytes more than the best
+    split with its number of slots."""
     rng = np.random.default_rng(0)
-    for trial in range(60):
-        n = int(rng.integers(2, 9))
-        kinds = rng.integers(500, 3000, size=int(rng.integers(1, 4)))
-        layer_bytes = {l: int(rng.choice(kinds)) for l in range(n)}
-        total = sum(layer_bytes.values())
-        for avail in rng.integers(0, total + 1, size=6):
-            streamed, slots = sep.choose_streamed(layer_bytes, int(avail))
-            want = _brute_pinned(layer_bytes, int(avail))
-            if want is None:                # no two-slot plan: one slot, or nothing fits
-                if streamed is not None:
-                    assert slots == 1 and streamed == sorted(layer_bytes)
-                    assert max(layer_bytes.values()) <= avail
+    checked = 0
+    for trial in range(40):
+        n = int(rng.integers(2, 6))
+        expert_bytes = {l: [int(x) for x in rng.integers(100, 900, size=int(rng.integers(1, 4)))] for l in range(n)}
+        total = _E * sum(sum(b) for b in expert_bytes.values())
+        for avail in rng.integers(0, total + 1, size=5):
+            m, slots, s = sep.choose_split(expert_bytes, _E, int(avail))
+            two, one = _brute_split(expert_bytes, int(avail), 2), _brute_split(expert_bytes, int(avail), 1)
+            if m is None:
+                assert two is None and one is None, (expert_bytes, avail)
                 continue
-            assert slots == 2
-            assert _check_choice(layer_bytes, int(avail), streamed, 2) == want, (layer_bytes, avail)
+            assert slots == (2 if two is not None else 1), (expert_bytes, avail, slots)
+            assert all(0 < v <= _E for v in m.values())
+            used, moved = _split_use(expert_bytes, m, slots)
+            assert used <= avail and s == max(sep.slot_size(expert_bytes[l], v) for l, v in m.items())
+            best = two if slots == 2 else one
+            assert best <= moved <= 1.01 * best + max(sum(b) for b in expert_bytes.values()), (expert_bytes, avail, m)
+            checked += 1
+    assert checked > 100
 
 
-def test_choose_streamed_at_35b_sizes():
-    """Q4_K_M's mix: a Q6_K ffn_down_exps on some layers (522 MB), Q4_K on the others (453 MB).
-    A sweep of budgets never streams more as the budget grows; the slot is the largest streamed
-    layer (only small layers streaming -> small slots); layer 0 stays pinned while any layer of
-    its size is."""
-    big, small = 522_190_848, 452_984_832
-    layer_bytes = {l: big if (l < 5 or l >= 35 or l % 3 == 2) else small for l in range(40)}
-    total = sum(layer_bytes.values())
-    prev = None
-    shrunk = False
-    for avail in np.linspace(0.5e9, total + 1e9, 150):
-        streamed, slots = sep.choose_streamed(layer_bytes, int(avail))
-        if streamed is None:
-            assert prev is None
+def test_choose_split_at_35b_sizes():
+    """Q4_K_M's mix (a Q6_K ffn_down_exps on some layers): a budget sweep never moves more than
+    an expert more as the budget grows (with the same number of slots); at 2048-token room for experts (10.74 GB) two slots of
+    under 0.25 GB, every layer but the first streaming its last experts, about 9.25 GB moved
+    (whole-layer streaming moved 9.82 GB there); an expert per layer less than a whole layer's
+    worth makes each slot a fraction of a layer."""
+    E = 256
+    q4, q6 = 151_000_000 // E, 220_200_000 // E
+    eb = {l: [q4, q4, q6] if (l < 5 or l >= 35 or l % 3 == 2) else [q4, q4, q4] for l in range(40)}
+    total = E * sum(sum(b) for b in eb.values())
+    prev = {}
+    for avail in np.linspace(0.3e9, total + 1e9, 90):
+        m, slots, s = sep.choose_split(eb, E, int(avail))
+        if m is None:
+            assert not prev
             continue
-        moved = sum(layer_bytes[l] for l in streamed)
-        if prev is not None:
-            assert moved <= prev, avail
-        prev = moved
-        if not streamed:
-            continue
+        moved = sum(v * sum(eb[l]) for l, v in m.items())
+        if slots in prev:     # (going from one slot to two moves a slot's bytes more, on purpose)
+            assert moved <= prev[slots] + max(sum(b) for b in eb.values()), avail
+        prev[slots if m else 2] = moved
         if slots == 2:
-            _check_choice(layer_bytes, int(avail), streamed, 2)
-            shrunk |= max(layer_bytes[l] for l in streamed) == small
-            if len(streamed) < 20:
-                assert 0 not in streamed
-    assert shrunk and prev == 0
-    # at 10.5 GB of room: 2 slots of 522 MB and as many bytes pinned as fit
-    streamed, slots = sep.choose_streamed(layer_bytes, int(10.5e9))
-    pinned = sum(b for l, b in layer_bytes.items() if l not in streamed)
-    assert slots == 2 and 10.5e9 - 2 * big - pinned < small
+            prev.pop(1, None)
+    assert prev[2] == 0 and sep.choose_split(eb, E, int(0.3e9))[0] is None
+    m, slots, s = sep.choose_split(eb, E, int(10.739e9))
+    moved = sum(v * sum(eb[l]) for l, v in m.items())
+    assert slots == 2 and s < 0.25e9 and 0 not in m and len(m) == 39
+    assert 9.2e9 < moved < 9.3e9
+    assert E * sum(sum(b) for b in eb.values()) - moved + 2 * s <= 10.739e9
 
 
 def test_budget_sheds_the_embedding_and_the_head_block_first():

@@ -202,7 +202,7 @@ __device__ __forceinline__ void gemm_block(
     int M, int N, int K,
     void* __restrict__ c, long long ldc, int c_bf16, int accumulate,
     const int* __restrict__ sorted_slots, const int* __restrict__ expert_offsets, int n_expert, int topk,
-    const float* __restrict__ route_w)
+    const float* __restrict__ route_w, const unsigned long long* __restrict__ wtab = nullptr)
 {
     typedef Cfg<W, A_F32, WIDE> CF;
     constexpr int BN = CF::BN, S = CF::S, kProducers = CF::PRODUCERS, BM = CF::BM, A_TILE = CF::A_TILE;
@@ -485,10 +485,12 @@ __device__ __forceinline__ void gemm_block(
                 ar[p] = q;
             }
             for (int rr = p; rr < BN; rr += kProducers) {     // W row rr of the tile
-                const u8* base0 = w0 + (long long)expert * w_expert_bytes;
+                const u8* base0 = wtab ? reinterpret_cast<const u8*>(wtab[expert])
+                                       : w0 + (long long)expert * w_expert_bytes;
                 const u8* q = nullptr;
                 if constexpr (kSwi) {
-                    const u8* base1 = w1 + (long long)expert * w_expert_bytes;
+                    const u8* base1 = wtab ? reinterpret_cast<const u8*>(wtab[n_expert + expert])
+                                           : w1 + (long long)expert * w_expert_bytes;
                     const int f = nt * (BN / 2) + (rr % (BN / 2));
                     if (f < N) q = (rr < BN / 2 ? base0 : base1) + (long long)f * w_row_bytes;
                 } else {

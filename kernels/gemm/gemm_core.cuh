@@ -135,7 +135,9 @@ __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g));
 //                  of sorted_slots, A row = x[slot / topk], C = h [S, F] at the sorted row.
 // MODE kMoeDown:   A = h rows of the tile, W = w_down of the tile's expert, and
 //                  out[slot / topk, n] += route_w[slot] * y (slot -1 = padding: skipped).
-// For the MoE modes w0 / w1 are the expert-0 bases and w_expert_bytes the stride between experts.
+// For the MoE modes w0 / w1 are the expert-0 bases and w_expert_bytes the stride between experts;
+// or, with wtab (an expert table, kernels/moe/launch.py), expert e's bases are wtab[e] (w0) and
+// wtab[n_expert + e] (w1): resident and streamed experts anywhere in device memory.
 template<int W, bool A_F32, int MODE>
 __device__ __forceinline__ void gemm_block(
     const void* __restrict__ a, long long lda,
@@ -143,7 +145,7 @@ __device__ __forceinline__ void gemm_block(
     int M, int N, int K,
     void* __restrict__ c, long long ldc, int c_bf16, int accumulate,
     const int* __restrict__ sorted_slots, const int* __restrict__ expert_offsets, int n_expert, int topk,
-    const float* __restrict__ route_w)
+    const float* __restrict__ route_w, const unsigned long long* __restrict__ wtab = nullptr)
 {
     typedef WTraits<W> WT;
     constexpr bool kSwi = MODE == kSwiglu || MODE == kMoeGateUp;
@@ -199,10 +201,11 @@ __device__ __forceinline__ void gemm_block(
         s_arow[tid] = p;
     } else {
         const int rr = tid - BM;   // W row rr of the tile (BN == 128 == kThreads - BM)
-        const u8* base0 = w0 + (long long)expert * w_expert_bytes;
+        const u8* base0 = wtab ? reinterpret_cast<const u8*>(wtab[expert]) : w0 + (long long)expert * w_expert_bytes;
         const u8* p = nullptr;
         if constexpr (kSwi) {
-            const u8* base1 = w1 + (long long)expert * w_expert_bytes;
+            const u8* base1 = wtab ? reinterpret_cast<const u8*>(wtab[n_expert + expert])
+                                   : w1 + (long long)expert * w_expert_bytes;
             const int q = rr & 31;
             const int f = blockIdx.x * (BN / 2) + (rr >> 5) * 16 + (q & 15);
             if (f < N) p = ((q >> 4) ? base1 : base0) + (long long)f * w_row_bytes;

@@ -213,7 +213,7 @@ def check_operands(fn: str, a, a_kind: str, lda: int, K: int, w, w_name: str, c=
         raise ValueError(f"{fn}: a_dtype {a_kind} but a has {a.itemsize}-byte elements")
     if lda < K or a.data.ptr % 16 or (lda * esz) % 16:
         raise ValueError(f"{fn}: A base and row stride lda={lda} must be 16-byte aligned with lda >= K={K}")
-    if w.data.ptr % 16:
+    if w is not None and w.data.ptr % 16:      # None: an expert table's addresses (kernels/moe/table.py)
         raise ValueError(f"{fn}: weight base address must be 16-byte aligned")
     if c is not None:
         cs = 4 if c_kind == "f32" else 2

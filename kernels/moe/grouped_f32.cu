@@ -5,16 +5,17 @@
 // layout's tile is a multiple of 64; tiles from expert_offsets[E] on exit at once, so the grid is
 // sized for the static worst case S and nothing depends on the host.
 //
-//   moe_gate_up_qf32_<w>(x, ldx, wg, wu, row_bytes, expert_bytes, F, D, h, ldh, slots, offs, E, topk)
+//   moe_gate_up_qf32_<w>(x, ldx, wg, wu, row_bytes, expert_bytes, F, D, h, ldh, slots, offs, E, topk, wtab)
 //       h[r, f] = silu(x[tok] . Wg_e[f]) * (x[tok] . Wu_e[f]), r a sorted row of expert e,
 //       tok = slots[r] / topk; padding rows (slot -1) get 0.   grid (ceil(F/64), S/64), h f32
-//   moe_down_qf32_<w>(h, ldh, wd, row_bytes, expert_bytes, D, F, slots, offs, E, route_w, y, ldy)
+//   moe_down_qf32_<w>(h, ldh, wd, row_bytes, expert_bytes, D, F, slots, offs, E, route_w, y, ldy, wtab)
 //       y[slot, d] = route_w[slot] * (h[r] . Wd_e[d]) for slot = slots[r] >= 0.
 //       grid (ceil(D/64), S/64); y f32 [T*k, ldy] indexed by slot (rows of unrouted slots are
 //       not written: the launcher clears y first)
 //   moe_sum_slots_f32(y, ldy, T, k, D, out, ldo)
 //       out[t, d] = sum_{j < k} y[t*k + j, d], j in order (deterministic; no atomics)
-// Weight e of a stack starts expert_bytes after weight e-1; rows are row_bytes apart.
+// Weight e of a stack starts expert_bytes after weight e-1; rows are row_bytes apart. With an
+// expert table wtab (may be null) expert e is at wtab[e] (gate, down) and wtab[E + e] (up) instead.
 #include "dense/qf32_tile.cuh"
 
 // The expert owning sorted row m0 (offs[e] <= m0 < offs[e+1]), or -1 past offs[E].
@@ -34,7 +35,8 @@ __device__ __forceinline__ void gate_up_impl(const float* __restrict__ x, long l
                                              const unsigned char* __restrict__ wu, long long row_bytes,
                                              long long expert_bytes, int F, int D, float* __restrict__ h,
                                              long long ldh, const int* __restrict__ slots,
-                                             const int* __restrict__ offs, int E, int topk) {
+                                             const int* __restrict__ offs, int E, int topk,
+                                             const unsigned long long* __restrict__ wtab) {
     __shared__ long long a_off[qf32::BM];
     __shared__ int s_e;
     const int m0 = blockIdx.y * qf32::BM, n0 = blockIdx.x * qf32::BN;
@@ -47,8 +49,9 @@ __device__ __forceinline__ void gate_up_impl(const float* __restrict__ x, long l
     const int e = s_e;
     if (e < 0) return;
     float acc0[4][4] = {}, acc1[4][4] = {};
-    qf32::tile<W, true>(a_off, x, wg + (long long)e * expert_bytes, wu + (long long)e * expert_bytes,
-                        row_bytes, n0, F, D, acc0, acc1);
+    const unsigned char* bg = wtab ? reinterpret_cast<const unsigned char*>(wtab[e]) : wg + (long long)e * expert_bytes;
+    const unsigned char* bu = wtab ? reinterpret_cast<const unsigned char*>(wtab[E + e]) : wu + (long long)e * expert_bytes;
+    qf32::tile<W, true>(a_off, x, bg, bu, row_bytes, n0, F, D, acc0, acc1);
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -68,7 +71,7 @@ __device__ __forceinline__ void down_impl(const float* __restrict__ h, long long
                                           long long expert_bytes, int D, int F,
                                           const int* __restrict__ slots, const int* __restrict__ offs, int E,
                                           const float* __restrict__ route_w, float* __restrict__ y,
-                                          long long ldy) {
+                                          long long ldy, const unsigned long long* __restrict__ wtab) {
     __shared__ long long a_off[qf32::BM];
     __shared__ int s_slot[qf32::BM];
     __shared__ int s_e;
@@ -83,7 +86,8 @@ __device__ __forceinline__ void down_impl(const float* __restrict__ h, long long
     const int e = s_e;
     if (e < 0) return;
     float acc0[4][4] = {}, acc1[4][4];
-    qf32::tile<W, false>(a_off, h, wd + (long long)e * expert_bytes, nullptr, row_bytes, n0, D, F, acc0, acc1);
+    const unsigned char* bd = wtab ? reinterpret_cast<const unsigned char*>(wtab[e]) : wd + (long long)e * expert_bytes;
+    qf32::tile<W, false>(a_off, h, bd, nullptr, row_bytes, n0, D, F, acc0, acc1);
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -103,14 +107,15 @@ extern "C" __global__ void __launch_bounds__(qf32::THREADS)                     
 moe_gate_up_qf32_##WNAME(const float* x, long long ldx, const unsigned char* wg,                    \
                          const unsigned char* wu, long long row_bytes, long long expert_bytes,      \
                          int F, int D, float* h, long long ldh, const int* slots, const int* offs,  \
-                         int E, int topk) {                                                         \
-    gate_up_impl<WTYPE>(x, ldx, wg, wu, row_bytes, expert_bytes, F, D, h, ldh, slots, offs, E, topk); \
+                         int E, int topk, const unsigned long long* wtab) {                         \
+    gate_up_impl<WTYPE>(x, ldx, wg, wu, row_bytes, expert_bytes, F, D, h, ldh, slots, offs, E, topk, wtab); \
 }                                                                                                   \
 extern "C" __global__ void __launch_bounds__(qf32::THREADS)                                         \
 moe_down_qf32_##WNAME(const float* h, long long ldh, const unsigned char* wd, long long row_bytes,  \
                       long long expert_bytes, int D, int F, const int* slots, const int* offs,      \
-                      int E, const float* route_w, float* y, long long ldy) {                       \
-    down_impl<WTYPE>(h, ldh, wd, row_bytes, expert_bytes, D, F, slots, offs, E, route_w, y, ldy);   \
+                      int E, const float* route_w, float* y, long long ldy,                         \
+                      const unsigned long long* wtab) {                                             \
+    down_impl<WTYPE>(h, ldh, wd, row_bytes, expert_bytes, D, F, slots, offs, E, route_w, y, ldy, wtab); \
 }
 
 QF32_ALL_TYPES(MOE_QF32)

@@ -9,6 +9,8 @@
 //                        grid (ceil(F / 64), S / 128), h bf16 [S, F].
 //   moe_down_<w>:        out[tok] += route_w[slot] * (h[r] Wd_e^T), slot = sorted_slots[r] >= 0,
 //                        by f32 vector atomics. grid (ceil(D / 128), S / 128), out f32 [T, D].
+// wtab (last argument, may be null): an expert table, expert e's weights at wtab[e] (gate or down)
+// and wtab[n_expert + e] (up) instead of w + e * w_expert_bytes (kernels/moe/launch.py).
 #include "gemm/gemm_core.cuh"
 
 #define MOE_GATE_UP(WNAME, WTYPE, AF32, ANAME)                                                      \
@@ -16,9 +18,10 @@ extern "C" __global__ void __launch_bounds__(gemm::kThreads, 2)                 
 moe_gate_up_##ANAME##_##WNAME(const void* x, long long ldx, const unsigned char* wg,                  \
                               const unsigned char* wu, long long w_row_bytes, long long w_expert_bytes,\
                               int F, int K, void* h, long long ldh, const int* sorted_slots,          \
-                              const int* expert_offsets, int n_expert, int topk) {                    \
+                              const int* expert_offsets, int n_expert, int topk,                      \
+                              const unsigned long long* wtab) {                                       \
     gemm::gemm_block<WTYPE, AF32, gemm::kMoeGateUp>(x, ldx, wg, wu, w_row_bytes, w_expert_bytes, 0,   \
-        F, K, h, ldh, 1, 0, sorted_slots, expert_offsets, n_expert, topk, nullptr);                   \
+        F, K, h, ldh, 1, 0, sorted_slots, expert_offsets, n_expert, topk, nullptr, wtab);             \
 }
 
 #define MOE_KERNELS(WNAME, WTYPE)                                                                   \
@@ -28,9 +31,9 @@ extern "C" __global__ void __launch_bounds__(gemm::kThreads, 2)                 
 moe_down_##WNAME(const void* h, long long ldh, const unsigned char* wd, long long w_row_bytes,        \
                  long long w_expert_bytes, int D, int F, float* out, long long ldo,                   \
                  const int* sorted_slots, const int* expert_offsets, int n_expert, int topk,          \
-                 const float* route_w) {                                                              \
+                 const float* route_w, const unsigned long long* wtab) {                              \
     gemm::gemm_block<WTYPE, false, gemm::kMoeDown>(h, ldh, wd, wd, w_row_bytes, w_expert_bytes, 0,    \
-        D, F, out, ldo, 0, 0, sorted_slots, expert_offsets, n_expert, topk, route_w);                 \
+        D, F, out, ldo, 0, 0, sorted_slots, expert_offsets, n_expert, topk, route_w, wtab);           \
 }
 
 MOE_KERNELS(bf16, GGML_BF16)

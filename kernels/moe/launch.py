@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from ggfuse.kernels.gemm import launch as gl
+from ggfuse.kernels.moe import table
 from ggfuse.kernels.nvrtc import load_module
 from ggfuse.kernels.quant.types import qtype
 
@@ -156,7 +157,7 @@ def _check_layout(fn: str, sorted_slots, expert_offsets, E: int) -> int:
 
 def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted_slots, expert_offsets,
                 k: int, h_out, stream=None, *, ldx: int | None = None, impl: str | None = None,
-                schedule: str | None = None) -> None:
+                schedule: str | None = None, wtab=None) -> None:
     """h[r] = silu(x[tok] Wg_e^T) * (x[tok] Wu_e^T) for every sorted row r of expert e.
 
     x [T, ldx] f32 or bf16 (x_dtype); w_gate, w_up [E, F, D] raw GGUF bytes (w_up None: w_gate is
@@ -164,13 +165,19 @@ def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted
     rows of padding slots get 0, rows from expert_offsets[E] on are not written. The layout's tile
     must be a multiple of MOE_TILE. grid (ceil(F/64), S // 128); tiles past the layout exit.
     wgmma: schedule (schedule90) "persist" = about one block per SM looping over the tiles.
+    wtab: an expert table (kernels/moe/table.py gate_up_pointers on the device, uint64 [2E]):
+    expert e's gate and up weights at wtab[e] and wtab[E + e]; w_gate / w_up are then only
+    described (None, or ExpertTables), never read.
     """
     a_kind, w_name = gl.act_kind(x_dtype, "x"), gl.weight_name(w_type)
     ldx = D if ldx is None else ldx
-    gl.check_operands("moe_gate_up", x, a_kind, ldx, D, w_gate, w_name)
+    gl.check_operands("moe_gate_up", x, a_kind, ldx, D, None if wtab is not None else w_gate, w_name)
     S = _check_layout("moe_gate_up", sorted_slots, expert_offsets, E)
     rb = qtype(w_name).row_bytes(D)
-    if w_up is None:
+    if wtab is not None:
+        table.check_table("moe_gate_up", wtab, 2 * E)
+        w_gate, up_ptr, e_bytes = 0, 0, 0
+    elif w_up is None:
         up_ptr, e_bytes = w_gate.data.ptr + F * rb, 2 * F * rb
     else:
         if w_up.data.ptr % 16:
@@ -192,12 +199,14 @@ def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted
         smem = gl.smem_bytes(w_name, gl.device_cc())
     fn(grid, block,
        (gl.ptr(x), np.int64(ldx), gl.ptr(w_gate), np.uint64(up_ptr), np.int64(rb), np.int64(e_bytes),
-        np.int32(F), np.int32(D), gl.ptr(h_out), np.int64(F), sorted_slots, expert_offsets, np.int32(E), np.int32(k)),
+        np.int32(F), np.int32(D), gl.ptr(h_out), np.int64(F), sorted_slots, expert_offsets, np.int32(E), np.int32(k),
+        gl.ptr(0 if wtab is None else wtab)),
        shared_mem=smem, stream=stream)
 
 
 def moe_down(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_offsets, weights, k: int, out,
-             stream=None, *, zero_out: bool = True, impl: str | None = None, schedule: str | None = None) -> None:
+             stream=None, *, zero_out: bool = True, impl: str | None = None, schedule: str | None = None,
+             wtab=None) -> None:
     """out[tok] (+)= sum over the token's slots of weights[slot] * (h[r] Wd_e^T).
 
     h [S, F] bf16 (moe_gate_up's output); w_down [E, D, F] raw GGUF bytes; weights [T, k] f32;
@@ -205,11 +214,15 @@ def moe_down(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_off
     zero_out=False the experts are added to what is there (e.g. the shared expert's output).
     The scatter uses f32 atomics (vector red.v2, on the wgmma path red.v4 where out allows), so
     the order of the k additions per element, and hence the last bit, may vary between runs.
-    wgmma: schedule as moe_gate_up.
+    wgmma: schedule as moe_gate_up. wtab: an expert table (uint64 [E], kernels/moe/table.py),
+    expert e's down weight at wtab[e]; w_down is then not read.
     """
     import cupy
     w_name = gl.weight_name(w_type)
-    gl.check_operands("moe_down", h, "bf16", F, F, w_down, w_name)
+    gl.check_operands("moe_down", h, "bf16", F, F, None if wtab is not None else w_down, w_name)
+    if wtab is not None:
+        table.check_table("moe_down", wtab, E)
+        w_down = 0
     S = _check_layout("moe_down", sorted_slots, expert_offsets, E)
     if out.itemsize != 4 or out.data.ptr % 8 or not out.flags.c_contiguous or out.size % D:
         raise ValueError(f"moe_down: out must be contiguous f32 [T, {D}], got {out.dtype} {out.shape}")
@@ -235,5 +248,6 @@ def moe_down(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_off
         smem = gl.smem_bytes(w_name, gl.device_cc())
     fn(grid, block,
        (gl.ptr(h), np.int64(F), gl.ptr(w_down), np.int64(rb), np.int64(D * rb), np.int32(D), np.int32(F),
-        gl.ptr(out), np.int64(D), sorted_slots, expert_offsets, np.int32(E), np.int32(k), weights),
+        gl.ptr(out), np.int64(D), sorted_slots, expert_offsets, np.int32(E), np.int32(k), weights,
+        gl.ptr(0 if wtab is None else wtab)),
        shared_mem=smem, stream=stream)

@@ -14,6 +14,7 @@ import contextlib
 import numpy as np
 
 from ggfuse.kernels.dense.qf32 import BM, BN, THREADS, check_rows, check_weight, weight_name
+from ggfuse.kernels.moe import table
 from ggfuse.kernels.nvrtc import load_module
 
 SOURCE = "moe/grouped_f32.cu"
@@ -21,6 +22,13 @@ SOURCE = "moe/grouped_f32.cu"
 
 def _fn(name: str):
     return load_module(SOURCE).get_function(name)
+
+
+def _row_bytes(fn: str, w_name: str, K: int) -> int:
+    """Bytes per weight row, for a weight read through an expert table (no stack to check)."""
+    class _Big:            # check_weight's size check has nothing to check here
+        nbytes = 1 << 62
+    return check_weight(fn, _Big, w_name, 1, K)
 
 
 def _layout(fn: str, sorted_slots, expert_offsets, E: int, tile: int) -> int:
@@ -34,43 +42,53 @@ def _layout(fn: str, sorted_slots, expert_offsets, E: int, tile: int) -> int:
 
 
 def moe_gate_up_f32(x, w_gate, w_up, w_type, E: int, F: int, D: int, sorted_slots, expert_offsets, k: int,
-                    h, *, tile: int = 128, stream=None) -> None:
+                    h, *, tile: int = 128, stream=None, wtab=None) -> None:
     """h[r, f] = silu(x[tok] Wg_e[f]) * (x[tok] Wu_e[f]) for the sorted rows r of expert e,
     tok = sorted_slots[r] // k; padding rows get 0, rows from expert_offsets[E] on are not written.
     w_gate [E, F, D]; w_up [E, F, D] or None when w_gate is the merged [E, 2F, D] (gate rows
-    first); h f32 [>= S, F] row-strided. tile: the layout's (moe_route's) row tile."""
+    first); h f32 [>= S, F] row-strided. tile: the layout's (moe_route's) row tile. wtab: an
+    expert table (kernels/moe/table.py, uint64 [2E]); the weights are then not read."""
     w_name = weight_name(w_type)
     tiles = _layout("moe_gate_up_f32", sorted_slots, expert_offsets, E, tile)
     ldx = check_rows("moe_gate_up_f32", x, D, "x")
     ldh = check_rows("moe_gate_up_f32", h, F, "h")
     if h.shape[0] < tiles * BM:
         raise ValueError(f"moe_gate_up_f32: h has {h.shape[0]} rows, the layout {sorted_slots.size}")
-    if w_up is None:
+    if wtab is not None:
+        table.check_table("moe_gate_up_f32", wtab, 2 * E)
+        rb, gate_ptr, up_ptr, e_bytes = _row_bytes("moe_gate_up_f32", w_name, D), 0, 0, 0
+    elif w_up is None:
         rb = check_weight("moe_gate_up_f32", w_gate, w_name, E * 2 * F, D)
-        up_ptr, e_bytes = w_gate.data.ptr + F * rb, 2 * F * rb
+        gate_ptr, up_ptr, e_bytes = w_gate.data.ptr, w_gate.data.ptr + F * rb, 2 * F * rb
     else:
         rb = check_weight("moe_gate_up_f32", w_gate, w_name, E * F, D)
         check_weight("moe_gate_up_f32", w_up, w_name, E * F, D)
-        up_ptr, e_bytes = w_up.data.ptr, F * rb
+        gate_ptr, up_ptr, e_bytes = w_gate.data.ptr, w_up.data.ptr, F * rb
     if tiles == 0 or F <= 0:
         return
     with (stream if stream is not None else contextlib.nullcontext()):
         _fn(f"moe_gate_up_qf32_{w_name}")((-(-F // BN), tiles), (THREADS,),
-            (np.uint64(x.data.ptr), np.int64(ldx), np.uint64(w_gate.data.ptr), np.uint64(up_ptr), np.int64(rb),
+            (np.uint64(x.data.ptr), np.int64(ldx), np.uint64(gate_ptr), np.uint64(up_ptr), np.int64(rb),
              np.int64(e_bytes), np.int32(F), np.int32(D), np.uint64(h.data.ptr), np.int64(ldh),
-             sorted_slots, expert_offsets, np.int32(E), np.int32(k)))
+             sorted_slots, expert_offsets, np.int32(E), np.int32(k), np.uint64(0 if wtab is None else wtab.data.ptr)))
 
 
 def moe_down_f32(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_offsets, weights, y, *,
-                 tile: int = 128, stream=None) -> None:
+                 tile: int = 128, stream=None, wtab=None) -> None:
     """y[slot] = weights[slot] * (h[r] Wd_e^T) for every routed slot (sorted row r of expert e).
     h f32 [>= S, F]; w_down [E, D, F]; weights f32 [T, k] contiguous; y f32 [T*k, D] row-strided.
-    Rows of unrouted slots are left as they are (moe_experts_f32 clears y first)."""
+    Rows of unrouted slots are left as they are (moe_experts_f32 clears y first). wtab: an expert
+    table (uint64 [E]); w_down is then not read."""
     w_name = weight_name(w_type)
     tiles = _layout("moe_down_f32", sorted_slots, expert_offsets, E, tile)
     ldh = check_rows("moe_down_f32", h, F, "h")
     ldy = check_rows("moe_down_f32", y, D, "y")
-    rb = check_weight("moe_down_f32", w_down, w_name, E * D, F)
+    if wtab is not None:
+        table.check_table("moe_down_f32", wtab, E)
+        rb, down_ptr = _row_bytes("moe_down_f32", w_name, F), 0
+    else:
+        rb = check_weight("moe_down_f32", w_down, w_name, E * D, F)
+        down_ptr = w_down.data.ptr
     if weights.dtype != np.float32 or not weights.flags.c_contiguous or y.shape[0] < weights.size:
         raise ValueError(f"moe_down_f32: weights must be contiguous f32 [T, k] and y have T*k rows "
                          f"(weights {weights.shape}, y {y.shape})")
@@ -78,9 +96,9 @@ def moe_down_f32(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert
         return
     with (stream if stream is not None else contextlib.nullcontext()):
         _fn(f"moe_down_qf32_{w_name}")((-(-D // BN), tiles), (THREADS,),
-            (np.uint64(h.data.ptr), np.int64(ldh), np.uint64(w_down.data.ptr), np.int64(rb), np.int64(D * rb),
+            (np.uint64(h.data.ptr), np.int64(ldh), np.uint64(down_ptr), np.int64(rb), np.int64(D * rb),
              np.int32(D), np.int32(F), sorted_slots, expert_offsets, np.int32(E), weights,
-             np.uint64(y.data.ptr), np.int64(ldy)))
+             np.uint64(y.data.ptr), np.int64(ldy), np.uint64(0 if wtab is None else wtab.data.ptr)))
 
 
 def moe_sum_slots(y, T: int, k: int, D: int, out, *, stream=None) -> None:
@@ -97,7 +115,8 @@ def moe_sum_slots(y, T: int, k: int, D: int, out, *, stream=None) -> None:
 
 
 def moe_experts_f32(x, w_gate, w_up, w_gu_type, w_down, w_down_type, E: int, F: int, D: int, sorted_slots,
-                    expert_offsets, weights, h, y, out, *, tile: int = 128, stream=None) -> None:
+                    expert_offsets, weights, h, y, out, *, tile: int = 128, stream=None,
+                    wtab_gate_up=None, wtab_down=None) -> None:
     """The routed experts end to end: out[t] = sum_j weights[t, j] * down_e(SwiGLU_e(x[t])).
     h f32 [S, F] and y f32 [T*k, D] are scratch; out f32 [T, D]; tile: the layout's row tile
     (a multiple of 64). y is cleared first (a
@@ -108,6 +127,8 @@ def moe_experts_f32(x, w_gate, w_up, w_gu_type, w_down, w_down_type, E: int, F: 
     if not y.flags.c_contiguous:
         raise ValueError("moe_experts_f32: y must be contiguous")
     cupy.cuda.runtime.memsetAsync(y.data.ptr, 0, y.nbytes, s.ptr)
-    moe_gate_up_f32(x, w_gate, w_up, w_gu_type, E, F, D, sorted_slots, expert_offsets, k, h, tile=tile, stream=stream)
-    moe_down_f32(h, w_down, w_down_type, E, D, F, sorted_slots, expert_offsets, weights, y, tile=tile, stream=stream)
+    moe_gate_up_f32(x, w_gate, w_up, w_gu_type, E, F, D, sorted_slots, expert_offsets, k, h, tile=tile, stream=stream,
+                    wtab=wtab_gate_up)
+    moe_down_f32(h, w_down, w_down_type, E, D, F, sorted_slots, expert_offsets, weights, y, tile=tile, stream=stream,
+                 wtab=wtab_down)
     moe_sum_slots(y, T, k, D, out, stream=stream)

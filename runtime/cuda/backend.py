@@ -51,6 +51,8 @@ class DeviceBuffers:
         self.values = {}     # Value -> cupy array (shape at T = chunk)
         self.weights = {}    # (tensor name, format) -> (cupy array, format, ggml type, shape)
         self.formats = {}    # tensor name -> formats uploaded
+        self.parts = {}      # streamed tensor name -> its resident experts [0, first) (one format)
+        self.tables = {}     # key -> device expert table (kernels/moe/table.py), built before capture
 
 
 SUB_CHUNK_MIN = 256
@@ -274,36 +276,54 @@ class CUDABackend:
             n += int(np.prod(shape)) * (2 if "k_cache" in name or "v_cache" in name else 4)
         return n
 
+    def _uploads(self) -> list:
+        """(weight entry, device forms, numpy shape, bytes, part) of what is uploaded at load:
+        every resident tensor whole (part False); of a streamed tensor the plan splits, its
+        resident experts [0, first) (part True: runtime/cuda/streaming.py binds them)."""
+        roles = self._roles
+        streamed = self._not_uploaded()
+        out = []
+        for w in self.plan.weights:
+            if w.name not in streamed:
+                fmts = self._formats(w.name, roles.get(w.name, {"gemm"}), w.ggml_type, tuple(w.shape))
+                out.append((w, fmts, tuple(w.shape), w.nbytes, False))
+            elif self.streamer is not None and w.name in self.streamer.tensors:
+                _, p = self.streamer.tensors[w.name]
+                if p.first > 0:
+                    out.append((w, [p.fmt], (p.first,) + tuple(w.shape[1:]), p.first * p.src_e, True))
+        return out
+
     def _upload_weights(self):
         cp = self.cp
         from ggfuse.kernels.dense import launch as dense
-        roles = self._roles
-        streamed = self._not_uploaded()
-        resident = [w for w in self.plan.weights if w.name not in streamed]   # streamed: slots, later
-        total = sum(w.nbytes for w in resident)
+        uploads = self._uploads()
+        total = sum(n for _, _, _, n, _ in uploads)
         done = 0
         t0 = time.perf_counter()
-        biggest = max((w.nbytes for w in resident), default=1)
-        pinned = cp.cuda.alloc_pinned_memory(biggest)
-        staging = np.frombuffer(pinned, dtype=np.uint8, count=biggest)
-        for w in resident:
-            fmts = self._formats(w.name, roles.get(w.name, {"gemm"}), w.ggml_type, tuple(w.shape))
-            staging[:w.nbytes] = self.gf.raw(w.name)
-            dev = cp.empty(w.nbytes, dtype=cp.uint8)
-            dev.set(staging[:w.nbytes], stream=self.copy_stream)
+        biggest = max((n for _, _, _, n, _ in uploads), default=1)
+        pinned = cp.cuda.alloc_pinned_memory(max(biggest, 1))
+        staging = np.frombuffer(pinned, dtype=np.uint8, count=max(biggest, 1))
+        for w, fmts, shape, nbytes, part in uploads:
+            staging[:nbytes] = self.gf.raw(w.name)[:nbytes]
+            dev = cp.empty(nbytes, dtype=cp.uint8)
+            dev.set(staging[:nbytes], stream=self.copy_stream)
             for fmt in fmts:
                 if fmt == "raw":
                     arr = dev
                 else:
-                    n_el = int(np.prod(w.shape))
-                    row = w.shape[-1]
+                    n_el = int(np.prod(shape))
+                    row = shape[-1]
                     out = cp.empty(n_el, dtype=cp.float32 if fmt == "f32" else cp.uint16)
                     dense.dequantize(dev, w.ggml_type, n_el // row, row, out, stream=self.copy_stream)
-                    arr = out.reshape(w.shape)
-                self.buf.weights[(w.name, fmt)] = (arr, fmt, w.ggml_type, tuple(w.shape))
-            self.buf.formats[w.name] = fmts
+                    arr = out.reshape(shape)
+                if part:
+                    self.buf.parts[w.name] = arr
+                else:
+                    self.buf.weights[(w.name, fmt)] = (arr, fmt, w.ggml_type, shape)
+            if not part:
+                self.buf.formats[w.name] = fmts
             self.copy_stream.synchronize()   # the staging buffer is reused by the next tensor
-            done += w.nbytes
+            done += nbytes
             if self.progress:
                 _progress(done, total, t0, "uploading weights")
         if self.progress:

@@ -586,9 +586,35 @@ def _moe_operands(ctx, n):
         shared = SimpleNamespace(wg=wgs, wu=wus, tg=tgs, wd=wds, td=tds, F=sgs[0],
                                  gate=ctx.v(n.inputs[i + 3]).reshape(-1))
     T, D = x.shape
+    E = sg[0]
+    tab_gu, tab_d = _expert_tables(ctx, n, wg, wu, tg, wd, E, F, D)
     return SimpleNamespace(x=x, weights=weights, slots=slots, offsets=offsets, wg=wg, wu=wu, tg=tg, wd=wd, td=td,
-                           E=sg[0], F=F, T=T, D=D, k=weights.shape[1], S=slots.shape[0], out=ctx.v(n.out),
-                           shared=shared)
+                           E=E, F=F, T=T, D=D, k=weights.shape[1], S=slots.shape[0], out=ctx.v(n.out),
+                           shared=shared, tab_gu=tab_gu, tab_d=tab_d)
+
+
+def _expert_tables(ctx, n, wg, wu, tg, wd, E: int, F: int, D: int):
+    """Device expert tables (kernels/moe/table.py) for a layer whose experts are split between
+    resident memory and a streaming slot (runtime/cuda/streaming.py binds such a tensor to an
+    ExpertTable): (gate_up [2E], down [E]), each None where the weight is one contiguous stack.
+    Built here, before any capture, once per backend (the addresses never change)."""
+    from ggfuse.kernels.gemm import launch as gl
+    from ggfuse.kernels.moe import table
+    from ggfuse.kernels.quant.types import qtype
+    tabs = ctx.be.buf.tables
+    gu = d = None
+    if isinstance(wg, table.ExpertTable) or isinstance(wu, table.ExpertTable):
+        key = (n.name, "gate_up")
+        if key not in tabs:
+            rb = qtype(gl.weight_name(tg)).row_bytes(D)
+            tabs[key] = table.device_table(ctx.be.cp, table.gate_up_pointers(wg, wu, E, F * rb))
+        gu = tabs[key]
+    if isinstance(wd, table.ExpertTable):
+        key = (n.name, "down")
+        if key not in tabs:
+            tabs[key] = table.device_table(ctx.be.cp, table.pointers(wd, E))
+        d = tabs[key]
+    return gu, d
 
 
 @launcher(Op.MOE_GROUPED_GEMM)
@@ -622,8 +648,10 @@ def _moe_grouped_gemm(ctx, n):
         s = ctx.stream
         if x_copy is not None:
             d.copy(o.x, x_copy, stream=s)
-        moe.moe_gate_up(x, x_dt, o.wg, o.wu, o.tg, o.E, o.F, o.D, o.slots, o.offsets, o.k, h, s, ldx=ldx)
-        moe.moe_down(h, o.wd, o.td, o.E, o.D, o.F, o.slots, o.offsets, o.weights, o.k, o.out, s, zero_out=True)
+        moe.moe_gate_up(x, x_dt, o.wg, o.wu, o.tg, o.E, o.F, o.D, o.slots, o.offsets, o.k, h, s, ldx=ldx,
+                        wtab=o.tab_gu)
+        moe.moe_down(h, o.wd, o.td, o.E, o.D, o.F, o.slots, o.offsets, o.weights, o.k, o.out, s, zero_out=True,
+                     wtab=o.tab_d)
         if sh is not None:
             gemm.gemm_swiglu(x, x_dt, ldx, sh.wg, sh.wu, sh.tg, sh.F, o.D, hs, "bf16", sh.F, o.T, s)
             gemm.gemm(hs, "bf16", sh.F, sh.wd, sh.td, o.D, sh.F, ys, "f32", o.D, o.T, s)
@@ -693,7 +721,8 @@ def _moe_grouped_f32(ctx, n):
     def run():
         s = ctx.stream
         moe32.moe_experts_f32(o.x, o.wg, o.wu, o.tg, o.wd, o.td, o.E, o.F, o.D, o.slots, o.offsets, o.weights,
-                              h, y, o.out, tile=n.attrs.tile, stream=s)
+                              h, y, o.out, tile=n.attrs.tile, stream=s, wtab_gate_up=o.tab_gu,
+                              wtab_down=o.tab_d)
         if sh is not None:
             qf32.gemm_swiglu_qf32(o.x, sh.wg, sh.wu, sh.tg, sh.F, o.D, hs, stream=s)
             qf32.gemm_qf32(hs, sh.wd, sh.td, o.D, sh.F, ys, stream=s)

@@ -59,15 +59,31 @@ def note(msg: str) -> None:
 
 @dataclass(frozen=True)
 class Piece:
-    """One streamed tensor of one layer: where its bytes are in the file and in the slot."""
+    """One streamed tensor of one layer: its experts [first, E) stream, [0, first) stay resident.
+    Where the streamed bytes are in the file and in the slot."""
     name: str
     fmt: str            # device form: "raw" GGUF bytes, or "bf16"
     ggml_type: str
     shape: tuple        # numpy order [E, N, K]
-    file_offset: int
-    src_bytes: int      # bytes in the GGUF
-    dev_bytes: int      # bytes in the slot
+    file_offset: int    # the tensor's first byte in the GGUF (expert 0)
+    src_e: int          # bytes of one expert in the GGUF
+    dev_e: int          # bytes of one expert on the device
+    first: int          # the first streamed expert
     slot_offset: int
+
+    @property
+    def src_bytes(self) -> int:
+        """Streamed bytes in the GGUF (experts [first, E)), from src_offset on."""
+        return (self.n_experts - self.first) * self.src_e
+
+    @property
+    def src_offset(self) -> int:
+        return self.file_offset + self.first * self.src_e
+
+    @property
+    def dev_bytes(self) -> int:
+        """Streamed bytes in the slot."""
+        return (self.n_experts - self.first) * self.dev_e
 
     @property
     def convert(self) -> bool:
@@ -90,6 +106,11 @@ class Fetch:
     @property
     def dev_bytes(self) -> int:
         return sum(p.dev_bytes for p in self.pieces)
+
+    @property
+    def first(self) -> int:
+        """The first streamed expert (the same for every tensor of the layer)."""
+        return self.pieces[0].first if self.pieces else 0
 
 
 class HostStep:
@@ -166,6 +187,7 @@ class ExpertStreamer:
         self.fetches: list[Fetch] = []
         for n in sorted(g.by_op(Op.FETCH_WEIGHTS), key=lambda n: order[n.id]):
             pieces, off = [], 0
+            first = int(n.attrs.get("first_expert", 0) or 0)
             for v in n.inputs[: n.attrs.n_weights]:
                 name = g.node(v.node).attrs.tensor
                 w = entries[name]
@@ -174,9 +196,13 @@ class ExpertStreamer:
                     raise DeviceError(be.gf.path, f"streamed tensor {name} is read as {fmts}; only grouped-GEMM "
                                                   f"expert operands can stream")
                 dev = w.nbytes if fmts[0] == "raw" or w.ggml_type == "BF16" else int(np.prod(w.shape)) * 2
-                pieces.append(Piece(name, fmts[0], w.ggml_type, tuple(w.shape), int(w.offset), int(w.nbytes),
-                                    dev, off))
-                off = _align(off + dev)
+                E = int(w.shape[0])
+                if not 0 <= first < E or w.nbytes % E or dev % E:
+                    raise DeviceError(be.gf.path, f"streamed tensor {name}: cannot stream experts {first}.. of {E}")
+                p = Piece(name, fmts[0], w.ggml_type, tuple(w.shape), int(w.offset), int(w.nbytes) // E,
+                          dev // E, first, off)
+                pieces.append(p)
+                off = _align(off + p.dev_bytes)
             self.fetches.append(Fetch(int(n.attrs.layer), int(n.attrs.slot), n.attrs.mode, pieces, n.id))
         self.by_layer = {f.layer: f for f in self.fetches}
         self.tensors = {p.name: (f, p) for f in self.fetches for p in f.pieces}
@@ -192,15 +218,19 @@ class ExpertStreamer:
 
     # ---- sizes --------------------------------------------------------------------------------
     def device_bytes(self) -> int:
-        return self.n_slots * self.slot_bytes
+        """The slots and the streamed layers' resident experts."""
+        return self.n_slots * self.slot_bytes + sum(p.first * p.dev_e for f in self.fetches for p in f.pieces)
 
     def bytes_per_chunk(self) -> int:
         return sum(f.dev_bytes for f in self.fetches if f.mode == "all")
 
     # ---- set-up -------------------------------------------------------------------------------
     def allocate(self) -> None:
-        """Slot buffers, and each streamed tensor bound to its view in its layer's slot (what
-        backend.weight() returns for it); then the host side."""
+        """Slot buffers, and each streamed tensor bound to what backend.weight() returns for it:
+        a whole streamed layer's tensor is its view in the slot; a split one (experts [0, first)
+        resident, uploaded by the backend into buf.parts) an ExpertTable of per-expert addresses,
+        the resident experts' and the slot's. Then the host side."""
+        from ggfuse.kernels.moe.table import ExpertTable
         cp = self.cp
         be = self.be
         self.slot_buffers = [cp.empty(max(self.slot_bytes, ALIGN), dtype=cp.uint8) for _ in range(self.n_slots)]
@@ -208,7 +238,15 @@ class ExpertStreamer:
             base = self.slot_buffers[f.slot]
             for p in f.pieces:
                 raw = base[p.slot_offset:p.slot_offset + p.dev_bytes]
-                arr = raw if p.fmt == "raw" else raw.view(cp.uint16).reshape(p.shape)
+                if p.first == 0:
+                    arr = raw if p.fmt == "raw" else raw.view(cp.uint16).reshape(p.shape)
+                else:
+                    part = be.buf.parts[p.name]
+                    e = np.arange(p.n_experts, dtype=np.uint64)
+                    ptrs = np.where(e < p.first, np.uint64(part.data.ptr) + e * np.uint64(p.dev_e),
+                                    np.uint64(raw.data.ptr) + (e - np.uint64(min(p.first, p.n_experts))) *
+                                    np.uint64(p.dev_e))
+                    arr = ExpertTable(ptrs, p.shape, keep=(part, base))
                 be.buf.weights[(p.name, p.fmt)] = (arr, p.fmt, p.ggml_type, p.shape)
                 be.buf.formats[p.name] = [p.fmt]
         self._setup_host()
@@ -235,7 +273,7 @@ class ExpertStreamer:
     def _regions(self) -> list[tuple[int, int]]:
         """Page-aligned, merged [start, end) file ranges of every streamed tensor."""
         page = mmap.PAGESIZE
-        spans = sorted((p.file_offset // page * page, _align(p.file_offset + p.src_bytes, page))
+        spans = sorted((p.src_offset // page * page, _align(p.src_offset + p.src_bytes, page))
                        for f in self.fetches for p in f.pieces)
         merged = []
         for a, b in spans:
@@ -302,24 +340,27 @@ class ExpertStreamer:
     def _advise(self, f: Fetch) -> None:
         for p in f.pieces:
             page = mmap.PAGESIZE
-            a = p.file_offset // page * page
+            a = p.src_offset // page * page
             try:
                 if self._mm is not None:
-                    self._mm.madvise(mmap.MADV_WILLNEED, a, p.file_offset + p.src_bytes - a)
+                    self._mm.madvise(mmap.MADV_WILLNEED, a, p.src_offset + p.src_bytes - a)
                 else:
                     fd = os.open(self.be.gf.path, os.O_RDONLY)
                     try:
-                        os.posix_fadvise(fd, a, p.file_offset + p.src_bytes - a, os.POSIX_FADV_WILLNEED)
+                        os.posix_fadvise(fd, a, p.src_offset + p.src_bytes - a, os.POSIX_FADV_WILLNEED)
                     finally:
                         os.close(fd)
             except (OSError, ValueError, AttributeError):
                 return      # read-ahead is a hint
 
     def _copy_into(self, dst: np.ndarray, p: Piece, e0: int = 0, e1: int | None = None) -> list:
-        """Thread-pool tasks that write experts [e0, e1) of `p` into dst (slot layout)."""
+        """Thread-pool tasks that write experts [e0, e1) of `p` (e0 >= p.first; default: all the
+        streamed ones) into dst (slot layout: expert e at p.slot_offset + (e - p.first) * dev_e)."""
+        e0 = max(e0, p.first)
         e1 = p.n_experts if e1 is None else e1
-        src_e, dev_e = p.src_bytes // p.n_experts, p.dev_bytes // p.n_experts
+        src_e, dev_e = p.src_e, p.dev_e
         raw = self.be.gf.raw(p.name)
+        at = p.slot_offset - p.first * dev_e      # where expert 0 would be
         if p.convert:
             from ggfuse.kernels.dequant.ref import f32_to_bf16_bits
             dt = np.float32 if p.ggml_type == "F32" else np.float16
@@ -330,11 +371,11 @@ class ExpertStreamer:
 
                 def conv(a=a, b=b):
                     x = raw[a * src_e:b * src_e].view(dt).astype(np.float32)
-                    dst[p.slot_offset + a * dev_e:p.slot_offset + b * dev_e].view(np.uint16)[:] = f32_to_bf16_bits(x)
+                    dst[at + a * dev_e:at + b * dev_e].view(np.uint16)[:] = f32_to_bf16_bits(x)
                 tasks.append(self._pool.submit(conv))
             return tasks
         lo, hi = e0 * src_e, e1 * src_e
-        return [self._pool.submit(np.copyto, dst[p.slot_offset + a:p.slot_offset + min(hi, a + FILL_PIECE)],
+        return [self._pool.submit(np.copyto, dst[at + a:at + min(hi, a + FILL_PIECE)],
                                   raw[a:min(hi, a + FILL_PIECE)])
                 for a in range(lo, hi, FILL_PIECE)]
 
@@ -412,7 +453,7 @@ class ExpertStreamer:
                                  if ctx.t(v).dtype.value == "i32"))
             return HostStep(lambda: self._routed(f, offsets, issue), f"routed fetch of layer {f.layer}")
         if self.host_mode == "registered":
-            copies = [(slot + p.slot_offset, self.file_base + p.file_offset, p.src_bytes) for p in f.pieces]
+            copies = [(slot + p.slot_offset, self.file_base + p.src_offset, p.src_bytes) for p in f.pieces]
             nbytes = f.dev_bytes
             return lambda: issue(copies, nbytes)
 
@@ -430,6 +471,7 @@ class ExpertStreamer:
         offs = cp.asnumpy(offsets, stream=s)
         s.synchronize()
         used = np.flatnonzero(np.diff(offs.astype(np.int64)) > 0)
+        used = used[used >= f.first]      # experts [0, first) are resident
         self.routed_counts[f.layer] = int(used.size)
         runs = []
         for e in used:        # contiguous runs of routed experts: one copy each
@@ -441,9 +483,9 @@ class ExpertStreamer:
         copies = []
         if self.host_mode == "registered":
             for p in f.pieces:
-                se, de = p.src_bytes // p.n_experts, p.dev_bytes // p.n_experts
-                copies += [(slot + p.slot_offset + a * de, self.file_base + p.file_offset + a * se, (b - a) * se)
-                           for a, b in runs]
+                se, de = p.src_e, p.dev_e
+                copies += [(slot + p.slot_offset + (a - p.first) * de, self.file_base + p.file_offset + a * se,
+                            (b - a) * se) for a, b in runs]
         else:
             b_ = self._seq_buffer_for_routed()
             buf = self._staging[b_][1]
@@ -452,9 +494,9 @@ class ExpertStreamer:
                 t.result()
             host = buf.ctypes.data
             for p in f.pieces:
-                de = p.dev_bytes // p.n_experts
-                copies += [(slot + p.slot_offset + a * de, host + p.slot_offset + a * de, (b - a) * de)
-                           for a, b in runs]
+                de = p.dev_e
+                copies += [(slot + p.slot_offset + (a - p.first) * de, host + p.slot_offset + (a - p.first) * de,
+                            (b - a) * de) for a, b in runs]
         nbytes = sum(c[2] for c in copies)
         issue(copies, nbytes)
         if self.host_mode != "registered":
