@@ -106,15 +106,18 @@ def test_llama_bench_best_setting_within_the_budget(tmp_path, monkeypatch):
     assert [r["fits_budget"] for r in out["runs"]] == [True, True, False]
 
 
-def test_equivalent_n_cpu_moe_counts_streamed_layers():
+def test_equivalent_n_cpu_moe_counts_streamed_expert_layers():
+    """Layers' worth of streamed experts: the streamed experts of all layers over the experts
+    of one layer."""
     from ggfuse.compiler.driver import compile_gguf
     assert bench.equivalent_n_cpu_moe(EXAMPLE, None, chunk=16) == 0
     pre = compile_gguf(EXAMPLE, chunk=16).stats["prefetch"]
     fixed = sum(v for k, v in pre["fixed_bytes"].items() if k != "reserve")
     budget = int((fixed + pre["expert_bytes_total"] * 0.6) * 16 / 15)   # the toy reserve is budget/16
     n = bench.equivalent_n_cpu_moe(EXAMPLE, budget, chunk=16)
-    plan = compile_gguf(EXAMPLE, chunk=16, vram_budget=budget)
-    assert n == len(plan.stats["prefetch"]["streamed_layers"]) >= 1
+    p = compile_gguf(EXAMPLE, chunk=16, vram_budget=budget).stats["prefetch"]
+    assert n == round(sum(p["streamed_experts"].values()) / p["n_experts"]) >= 1
+    assert n <= len(p["streamed_layers"])
 
 
 def test_plot_runs_draws_several_results(tmp_path):

@@ -118,12 +118,17 @@ def test_cold_page_cache(monkeypatch, tmp_path):
 
 
 def test_measured_memory_under_budget_on_a_shortened_35b(tmp_path):
-    """A 4-layer synthetic Qwen3.5-35B-A3B (real layer shapes) under a budget that streams
-    some layers: measured pool bytes stay under the budget, and logits agree with resident
-    (not bit-exact: top-8 scatter order varies with f32 atomics)."""
+    """A 4-layer synthetic Qwen3.5-35B-A3B (real layer shapes, 256 experts) under a budget that
+    streams the last experts of every layer: measured device memory (the pool, and device-wide
+    since load) stays under the budget; and the logits are bit-identical to resident under
+    precision="f32", whose kernels are deterministic. (The default kernels' top-8 scatter adds
+    with f32 atomics in a varying order; on a random 256-expert router that noise flips near-tied
+    experts a few layers on, resident against resident too, so bf16 runs are not compared.)"""
     from ggfuse.compiler.driver import compile_gguf
     from ggfuse.compiler.gguf_file import GGUFFile
     from ggfuse.compiler.synth import write_synth
+    from ggfuse.runtime.api import Model
+    from ggfuse.runtime.cuda.backend import CUDABackend
     from test_cuda_streaming import tight_budget
     import gc
     gc.collect()
@@ -134,35 +139,25 @@ def test_measured_memory_under_budget_on_a_shortened_35b(tmp_path):
     full = compile_gguf(gf.path, chunk=512, gf=gf, max_context=2048)
     budget = tight_budget(full, layers=2.5)
     plan = compile_gguf(gf.path, chunk=512, gf=gf, max_context=2048, vram_budget=budget)
-    assert plan.stats["prefetch"]["streamed_layers"]
+    split = plan.stats["prefetch"]["streamed_experts"]
+    assert split and all(0 < m < 256 for m in split.values())
     tokens = np.random.default_rng(0).integers(0, plan.hparams["n_vocab"], size=1000)
-    os.environ["GGFUSE_DENSE"] = "raw"      # the same dense GEMM kernels on both sides
-    try:
-        m, be = _model(gf, plan, 512)
-        out = m.prefill(tokens, logits="last")
-        mem = be.device_memory()
-        print(f"budget {budget / 2**30:.2f} GiB, pool {mem['pool_bytes'] / 2**30:.2f} GiB, "
-              f"device-wide {mem['used_since_load_bytes'] / 2**30:.2f} GiB")
-        assert mem["pool_bytes"] <= budget
-        be.close()
-        del m, be
+    m, be = _model(gf, plan, 512)
+    m.prefill(tokens, logits="last")
+    mem = be.device_memory()
+    print(f"budget {budget / 2**30:.3f} GiB, pool {mem['pool_bytes'] / 2**30:.3f} GiB, "
+          f"device-wide {mem['used_since_load_bytes'] / 2**30:.3f} GiB")
+    assert mem["pool_bytes"] <= budget and mem["used_since_load_bytes"] <= budget
+    be.close()
+    del m, be
+    outs = []
+    for p in (plan, full):
         gc.collect()
         cp.get_default_memory_pool().free_all_blocks()
-        mr, ber = _model(gf, full, 512)
-        ref = mr.prefill(tokens, logits="last")
-        mr.reset()
-        ref2 = mr.prefill(tokens, logits="last")
-        ber.close()
-    finally:
-        del os.environ["GGFUSE_DENSE"]
-    # the MoE down-projection adds its top-8 expert rows with f32 atomics, whose order varies
-    # between runs; over 1000 tokens and 4 layers of a random 256-expert router that can flip a
-    # near-tied expert. Streaming must not add more than that run-to-run noise.
-    scale = float(np.abs(ref).max())
-    err = float(np.abs(out - ref).max()) / scale
-    noise = float(np.abs(ref2 - ref).max()) / scale
-    print(f"streamed vs resident {err:.2e}; resident vs resident again {noise:.2e}")
-    assert err < max(2e-2, 4 * noise), (err, noise)
+        be = CUDABackend(p, gf, chunk=512, progress=False, precision="f32")
+        outs.append(Model(p, gf, be, 512).prefill(tokens, logits="last"))
+        be.close()
+    np.testing.assert_array_equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)

@@ -211,6 +211,7 @@ class ExpertStreamer:
         self.host_mode = None
         self.timing = None          # a dict while an instrumented run records copy / wait events
         self.routed_counts = {}     # layer -> experts copied by the last routed fetch
+        self.routed_totals = {}     # layer -> experts routed to in that chunk (resident ones too)
         self._registered = []
         self._pool = self._filler = None
         self._ring = collections.deque()
@@ -471,6 +472,7 @@ class ExpertStreamer:
         offs = cp.asnumpy(offsets, stream=s)
         s.synchronize()
         used = np.flatnonzero(np.diff(offs.astype(np.int64)) > 0)
+        self.routed_totals[f.layer] = int(used.size)
         used = used[used >= f.first]      # experts [0, first) are resident
         self.routed_counts[f.layer] = int(used.size)
         runs = []
@@ -589,9 +591,17 @@ def telemetry(model, backend, tokens, *, replay_ms: float | None = None, h2d_cei
             per_layer.append({"layer": layer, "resident": True, "experts_fetched_per_chunk": 0, "hit_rate": 1.0})
             continue
         E = f.pieces[0].n_experts
-        got = st.routed_counts.get(layer, E) if f.mode == "routed" else E
+        got = st.routed_counts.get(layer, E - f.first) if f.mode == "routed" else E - f.first
+        # hit rate: the share of the experts the chunk reads that were on the device already
+        # (the layer's resident first experts; routed: of the experts routed to)
+        if f.mode == "routed":
+            read = st.routed_totals.get(layer, 0)
+            hit = 1.0 - got / read if read else 1.0
+        else:
+            hit = f.first / E
         per_layer.append({"layer": layer, "resident": False, "slot": f.slot, "mode": f.mode,
-                          "experts_fetched_per_chunk": got, "of_experts": E, "hit_rate": 0.0,
+                          "experts_fetched_per_chunk": got, "of_experts": E, "resident_experts": f.first,
+                          "hit_rate": hit,
                           "bytes_per_chunk": sum(n for lay, n, _ in copies if lay == layer) / max(n_chunks, 1),
                           "copy_ms": sum(ms for lay, _, ms in copies if lay == layer) / max(n_chunks, 1),
                           "wait_ms": sum(ms for lay, ms in waits if lay == layer) / max(n_chunks, 1)})
@@ -621,7 +631,7 @@ def format_telemetry(t: dict) -> list[str]:
     mem = t["memory"]
     lines = [f"streaming ({t['host_mode']}, {t['slots']} slots of {t['slot_bytes'] / 2**20:.0f} MiB): "
              f"{t['bytes_per_chunk'] / gb:.2f} GB moved per chunk over {t['chunks']} chunk(s); "
-             f"experts already resident (hit rate) {100 * t['hit_rate']:.0f}% of layers"]
+             f"experts already resident when read (hit rate) {100 * t['hit_rate']:.0f}%"]
     link = f"{t['link_gbs']:.1f} GB/s while copying" if t.get("link_gbs") else "no copies"
     if t.get("h2d_pinned_gbs"):
         link += f" ({100 * t.get('link_of_ceiling', 0):.0f}% of the pinned ceiling {t['h2d_pinned_gbs']:.1f} GB/s)"
@@ -639,5 +649,6 @@ def format_telemetry(t: dict) -> list[str]:
                  if pool is not None else "  device memory: n/a")
     per = ", ".join(f"{r['layer']}:{'R' if r['resident'] else str(r['experts_fetched_per_chunk'])}"
                     for r in t["layers"])
-    lines.append(f"  per layer (R resident = hit rate 1; else experts fetched per chunk, hit rate 0): {per}")
+    lines.append(f"  per layer (R: every expert resident; else experts fetched per chunk, the layer's others "
+                 f"resident): {per}")
     return lines
