@@ -26,7 +26,10 @@ PLAN_FORMAT = "ggfuse-plan"
 #          3.1 budgeted plans: knapsack-pinned layers, slots sized to the largest streamed layer,
 #              the token embedding gathered on the host, a 16-row LM head block (prefetch info
 #              "embedding" / "head_block"); the workspace counts the MoE's bf16 copy of x.
-PLAN_VERSION = (3, 1)
+#          3.2 budgeted plans keep experts resident per expert: a fetch_weights streams experts
+#              [first_expert, E) of its layer (absent: 0, a 3.1 plan's whole layer), prefetch info
+#              "streamed_experts" / "n_experts"; the reserve is 96 MiB (was 256).
+PLAN_VERSION = (3, 2)
 
 
 @dataclass(frozen=True)

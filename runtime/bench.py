@@ -51,6 +51,9 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
     if device == "auto":
         device = "cuda" if cuda_available() else "cpu"
     ctx = max(max_context or 0, max(prompts))
+    # the ceilings first: their cuBLAS / cuRAND modules and buffers are the benchmark's, and
+    # must not count in the model's measured device memory (used since its load)
+    ceilings = measure_ceilings(log) if device == "cuda" and with_ceilings else None
     t0 = time.perf_counter()
     gf = GGUFFile(path)
     plan = compile_gguf(path, chunk=chunk, gf=gf, vram_budget=vram_budget, max_context=ctx)
@@ -65,7 +68,6 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
     model = Model(plan, gf, backend, chunk)
     t_load = time.perf_counter() - t0
     log(f"compiled in {t_compile:.1f} s, loaded in {t_load:.1f} s on {device}")
-    ceilings = measure_ceilings(log) if device == "cuda" and with_ceilings else None
     rng = np.random.default_rng(seed)
     rows = []
     for n in prompts:
