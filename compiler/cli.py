@@ -106,7 +106,7 @@ def print_summary(d: dict) -> None:
         print(f"\nvram budget {_human(p['budget_bytes'])}: resident {_human(p['resident_bytes'])} "
               f"({', '.join(f'{k} {_human(v)}' for k, v in p['fixed_bytes'].items())}, every expert of "
               f"{len(p['pinned_layers'])} layers and the first ones of the others, {p['slots']} streaming slots of "
-              f"{_human(p.get('slot_bytes', 0))})")
+              f"{_human(p.get('slot_bytes', 0))}, {p.get('pieces_per_layer', 1)} fetch(es) per streamed layer)")
         if p.get("embedding") == "host-gathered":
             print(f"  token embedding gathered on the host per chunk ({p.get('embedding_tensor')}); "
                   f"all-rows LM head in blocks of {p.get('head_block')} rows")

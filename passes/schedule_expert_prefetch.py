@@ -41,6 +41,8 @@ RESERVE_BYTES = 96 << 20
 DEFAULT_MAX_CONTEXT = 8192
 DEFAULT_H2D_GBPS = 54.0        # measured pinned host->device on the lent H100 (PCIe Gen5)
 DEFAULT_TFLOPS = 300.0         # sustained tensor-core rate assumed for the prediction
+DEFAULT_MOE_TFLOPS = 120.0     # the quantised grouped GEMMs (measured 124-184 on the H100, 35B-A3B)
+MAX_PIECES = 4                 # fetches per streamed layer (slots = pieces + 1)
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -157,13 +159,22 @@ def slot_size(expert_bytes: list[int], m: int) -> int:
     return sum(_align(m * b) for b in expert_bytes) if m else 0
 
 
-def _least_slot(expert_bytes, cand_layers, E, per, total, avail, slots, order):
+def piece_sizes(m: int, k: int) -> list[int]:
+    """m streamed experts cut into k contiguous pieces, as even as can be (larger first), no
+    empty piece (fewer pieces when m < k)."""
+    k = max(1, min(k, m))
+    return [m // k + (1 if i < m % k else 0) for i in range(k)] if m else []
+
+
+def _least_slot(expert_bytes, cand_layers, E, per, total, avail, slots, pieces, order):
     """choose_split over the layers cand_layers (the others whole): ({layer: m}, slot bytes) of
     the least slot that carries what must move, or None."""
     tables = {l: np.array([slot_size(expert_bytes[l], m) for m in range(E + 1)], dtype=np.int64)
               for l in cand_layers}
     cands = np.unique(np.concatenate([t[1:] for t in tables.values()]))
-    ms = np.stack([np.searchsorted(tables[l], cands, side="right") - 1 for l in cand_layers])
+    # experts per piece a slot of c bytes holds; a layer streams up to `pieces` such pieces
+    ms = np.stack([np.minimum(E, pieces * (np.searchsorted(tables[l], cands, side="right") - 1))
+                   for l in cand_layers])
     b = np.array([per[l] for l in cand_layers], dtype=np.int64)
     moved = (ms * b[:, None]).sum(0)
     need = total - avail + slots * cands
@@ -180,30 +191,35 @@ def _least_slot(expert_bytes, cand_layers, E, per, total, avail, slots, order):
             m[l] -= d
             excess -= d * per[l]
     m = {l: v for l, v in m.items() if v > 0}
-    s = max(slot_size(expert_bytes[l], v) for l, v in m.items())
+    s = max(slot_size(expert_bytes[l], piece_sizes(v, pieces)[0]) for l, v in m.items())
     resident = total - sum(v * per[l] for l, v in m.items())
     assert resident + slots * s <= avail, "choose_split over the room"
     return dict(sorted(m.items())), s
 
 
-def choose_split(expert_bytes: dict[int, list[int]], n_experts: int, avail: int):
+def choose_split(expert_bytes: dict[int, list[int]], n_experts: int, avail: int, pieces: int = 1):
     """How many experts of each MoE layer stream: ({layer: m}, slots, slot bytes), or
     (None, None, None) when not even one layer's experts fit beside a slot.
 
     expert_bytes: per layer, the bytes of one expert of each stacked tensor. A streamed layer
-    keeps its first E - m experts resident and streams its last m through a slot (the grouped
-    GEMM reads both through an expert table), so residency is per expert, not per layer: the
-    resident expert bytes fill the budget to within an expert per layer.
+    keeps its first E - m experts resident and streams its last m (the grouped GEMM reads both
+    through an expert table), so residency is per expert, not per layer: the resident expert
+    bytes fill the budget to within an expert per layer.
+
+    The streamed experts of a layer arrive in `pieces` fetches (contiguous expert ranges), each
+    into its own slot, through pieces + 1 slots: while a layer computes, the next layer's first
+    piece already lands in the spare slot, and its other pieces follow into the slots the layer
+    before it just released. With one piece that is the classic two buffers; with k pieces the
+    slots hold (k + 1) / k of a layer's streamed bytes instead of 2.
 
     Bytes moved per chunk = everything that is not resident = total - (avail - slots * s) for
     slots of s bytes; so the plan wants the smallest slot that can still carry the rest: the
     least s with sum_l m_l(s) * b_l >= total - avail + slots * s, m_l(s) the most experts of
-    layer l a slot of s bytes holds. Spreading the streamed experts over every layer makes s about
-    1/(layers - slots) of what must move, instead of a whole layer. Two slots whenever they fit
-    (one layer's experts arrive while the previous layer computes), else one. The first layer
-    stays whole unless that moves over 1% more (its fetch has no earlier compute to hide under). Where
-    the least slot carries more than needed, the surplus goes back to residency, layer 0 first,
-    then in reverse stream_order."""
+    layer l that `pieces` slots of s bytes hold. Spreading the streamed experts over every layer
+    makes s a small part of a layer. With no room for pieces + 1 slots, one slot (one piece).
+    The first layer stays whole unless that moves over 1% more (its fetch has no earlier compute
+    to hide under). Where the least slot carries more than needed, the surplus goes back to
+    residency, layer 0 first, then in reverse stream_order."""
     E = n_experts
     per = {l: sum(bs) for l, bs in expert_bytes.items()}
     total = E * sum(per.values())
@@ -211,11 +227,11 @@ def choose_split(expert_bytes: dict[int, list[int]], n_experts: int, avail: int)
         return {}, 0, 0
     layers = list(expert_bytes)
     order = stream_order(layers)
-    for slots in (2, 1):
+    for slots, k in ((pieces + 1, pieces), (1, 1)):
         plans = []
         for cand_layers in ([l for l in layers if l != layers[0]], layers):
-            if len(cand_layers) > slots:
-                plan = _least_slot(expert_bytes, cand_layers, E, per, total, avail, slots, order)
+            if len(cand_layers) * k > slots:
+                plan = _least_slot(expert_bytes, cand_layers, E, per, total, avail, slots, k, order)
                 if plan is not None:
                     plans.append(plan)
         if plans:
@@ -233,12 +249,12 @@ def _routing_input(g: Graph, consumer) -> Value | None:
     return i32[-1] if i32 else None
 
 
-def _layer_flops(g: Graph, chunk: int) -> dict[int, float]:
+def _layer_flops(g: Graph, chunk: int, only=None) -> dict[int, float]:
     env = {"T": chunk, "P": 0}
     per: dict[int, float] = {}
     for n in g.nodes():
         d = OPS[n.op]
-        if not d.flops or n.op == Op.WEIGHT:
+        if not d.flops or n.op == Op.WEIGHT or (only is not None and n.op not in only):
             continue
         f = d.flops(n.attrs, [g.type_of(v) for v in n.inputs], n.outputs, env)
         layer = _layer(n.name)
@@ -247,43 +263,40 @@ def _layer_flops(g: Graph, chunk: int) -> dict[int, float]:
     return per
 
 
-def simulate(layers: list[int], streamed: list[int], slots: int, bytes_moved: dict[int, int],
-             flops: dict[int, float], *, h2d_gbps: float, tflops: float, routed: bool) -> dict:
-    """A two-stream timeline of one chunk: compute runs the layers in order; the copy stream
-    runs the fetches in order, each once its slot is free (and, routed, once routing is known)."""
-    comp = {l: flops.get(l, 0.0) / (tflops * 1e12) * 1e3 for l in layers}  # ms
-    xfer = {l: bytes_moved[l] / (h2d_gbps * 1e9) * 1e3 for l in streamed}
-    t = 0.0
-    copy_free = 0.0
+def simulate(layers: list[int], fetches: list[tuple[int, int]], slots: int, pre_ms: dict[int, float],
+             moe_ms: dict[int, float], *, h2d_gbps: float, routed: bool, tail_ms: float = 0.0) -> dict:
+    """A two-stream timeline of one chunk. Compute runs the layers in order, each its pre-MoE
+    part (pre_ms: attention or DeltaNet, routing) then its MoE (moe_ms), which waits for all of
+    the layer's fetches. The copy stream runs the fetches (layer, bytes) in order, fetch i into
+    slot i % slots once that slot's previous layer has run its MoE (and, routed, once its own
+    layer's routing is known)."""
+    by_layer: dict[int, list] = {}
+    for i, (l, nb) in enumerate(fetches):
+        by_layer.setdefault(l, []).append((i % slots, nb / (h2d_gbps * 1e9) * 1e3))
+    t = copy_free = stall = 0.0
     slot_free = [0.0] * max(slots, 1)
-    done = {}
-    stall = 0.0
-    fetch_end = {}
-    order = {l: j for j, l in enumerate(streamed)}
+    total_x = 0.0
     for l in layers:
-        attn_end = t + comp[l] * 0.5           # routing is known mid-layer
-        if l in order:
-            j = order[l]
-            s = j % slots
-            start = max(copy_free, slot_free[s], attn_end if routed else 0.0)
-            fetch_end[l] = start + xfer[l]
-            copy_free = fetch_end[l]
-            ready = fetch_end[l]
-            if ready > attn_end:
-                stall += ready - attn_end
-            t = max(attn_end, ready) + comp[l] * 0.5
-            slot_free[s] = t
-        else:
-            t = attn_end + comp[l] * 0.5
-        done[l] = t
-    total_x = sum(xfer.values())
-    return {"compute_ms": round(sum(comp.values()), 4), "transfer_ms": round(total_x, 4),
-            "chunk_ms": round(t + comp.get(-1, 0.0), 4),
+        attn_end = t + pre_ms.get(l, 0.0)
+        ready = attn_end
+        mine = by_layer.get(l, [])
+        for slot, ms in mine:
+            start = max(copy_free, slot_free[slot], attn_end if routed else 0.0)
+            copy_free = start + ms
+            total_x += ms
+            ready = max(ready, copy_free)
+        stall += ready - attn_end
+        t = ready + moe_ms.get(l, 0.0)
+        for slot, _ in mine:
+            slot_free[slot] = t
+    return {"compute_ms": round(sum(pre_ms.values()) + sum(moe_ms.values()) + tail_ms, 4),
+            "transfer_ms": round(total_x, 4), "chunk_ms": round(t + tail_ms, 4),
             "hidden_fraction": round(1.0 - stall / total_x, 4) if total_x else 1.0}
 
 
 def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CONTEXT,
-        h2d_gbps: float = DEFAULT_H2D_GBPS, tflops: float = DEFAULT_TFLOPS) -> PassResult:
+        h2d_gbps: float = DEFAULT_H2D_GBPS, tflops: float = DEFAULT_TFLOPS,
+        moe_tflops: float = DEFAULT_MOE_TFLOPS) -> PassResult:
     from ggfuse.runtime.cuda.workspace import head_block
     g = g.copy()
     layers = expert_layers(g)
@@ -320,7 +333,36 @@ def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CON
     avail = budget - fixed_total
     E = next(iter(layers.values()))[0].outputs[0].shape[0] if layers else 0
     per_expert = {l: [_wbytes(n) // E for n in ns] for l, ns in layers.items()}
-    split, slots, slot_bytes = choose_split(per_expert, E, avail) if layers else ({}, 0, 0)
+    per = {l: sum(b) for l, b in per_expert.items()}
+    k_used = int(g.meta.get("hparams", {}).get("n_expert_used", 1) or 1)
+    hit = E * (1.0 - (1.0 - k_used / E) ** chunk) if E else 0.0  # expected distinct experts per layer
+    routed = hit < 0.5 * E
+    frac = hit / E if routed else 1.0
+    flops = _layer_flops(g, chunk)
+    moe_fl = _layer_flops(g, chunk, only=(Op.MOE_GROUPED_GEMM,))
+    model_layers = sorted(set(flops) - {-1})
+    pre_ms = {l: (flops.get(l, 0.0) - moe_fl.get(l, 0.0)) / (tflops * 1e12) * 1e3 for l in model_layers}
+    moe_ms = {l: moe_fl.get(l, 0.0) / (moe_tflops * 1e12) * 1e3 for l in model_layers}
+    tail_ms = flops.get(-1, 0.0) / (tflops * 1e12) * 1e3
+
+    def plan_for(pieces):
+        split, slots, slot_bytes = choose_split(per_expert, E, avail, pieces) if layers else ({}, 0, 0)
+        if not split:
+            return split, slots, slot_bytes, 1, [], None
+        k = pieces if slots == pieces + 1 else 1
+        fetches = [(l, int(m * per[l] * frac)) for l in sorted(split) for m in piece_sizes(split[l], k)]
+        pred = simulate(model_layers, fetches, slots, pre_ms, moe_ms, h2d_gbps=h2d_gbps, routed=routed,
+                        tail_ms=tail_ms)
+        return split, slots, slot_bytes, k, fetches, pred
+
+    # pieces per layer: the most that the predicted timeline still likes (each piece must cover
+    # the previous layer's MoE with copies); ties within 0.5% go to fewer pieces
+    options = [plan_for(k) for k in range(1, MAX_PIECES + 1)]
+    best = options[0]
+    for o in options[1:]:
+        if o[5] is not None and best[5] is not None and o[5]["chunk_ms"] < 0.995 * best[5]["chunk_ms"]:
+            best = o
+    split, slots, slot_bytes, pieces, fetch_list, pred = best
     if split is None:
         need = fixed_total + (max(layer_bytes.values()) if layer_bytes else 0)
         raise GGFuseError(None, f"--vram-budget {_gib(budget)} is too small: dense weights, KV cache at "
@@ -333,55 +375,56 @@ def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CON
         return PassResult(g, False)
 
     streamed = sorted(split)
-    k = int(g.meta.get("hparams", {}).get("n_expert_used", 1) or 1)
-    hit = E * (1.0 - (1.0 - k / E) ** chunk)  # expected distinct experts per layer (uniform routing)
-    routed = hit < 0.5 * E
-    frac = hit / E if routed else 1.0
-    per = {l: sum(b) for l, b in per_expert.items()}
     moved = {l: int(split[l] * per[l] * frac) for l in streamed}
-
-    prev_release: list = [None] * slots
-    for j, l in enumerate(streamed):
+    # one FETCH_WEIGHTS per piece, chained (each passes the layer's weights on to the next, the
+    # layer's expert consumers read the last one's); fetch i into slot i % slots, after the last
+    # consumer of that slot's previous layer (and, routed, after the layer's routing)
+    slot_release: list = [None] * slots
+    i = 0
+    for l in streamed:
         ws = layers[l]
         users = [g.node(u) for u in sorted({u.id for w in ws for u in g.users(w.id)})]
-        control = []
-        s = j % slots
-        if prev_release[s] is not None:
-            control.append(prev_release[s])
-        if routed:
-            ids = _routing_input(g, users[0])
-            if ids is not None:
-                control.append(ids)
-        inputs = [w.out for w in ws] + control
-        dep = max((v.node for v in control), default=-1)
-        fetched = g.add(Op.FETCH_WEIGHTS, inputs, name=f"blk.{l}.fetch_experts", n_weights=len(ws),
-                        mode="routed" if routed else "all", layer=l, slot=s, bytes=moved[l], stream="copy",
-                        first_expert=E - split[l], meta={"sched_key": dep + 0.5})
-        fetched = fetched if isinstance(fetched, tuple) else (fetched,)
-        fetch_id = fetched[0].node
-        for w, fv in zip(ws, fetched):
+        cur = [w.out for w in ws]
+        e0 = E - split[l]
+        used_slots = []
+        for q, m in enumerate(piece_sizes(split[l], pieces)):
+            s_ = i % slots
+            control = [slot_release[s_]] if slot_release[s_] is not None else []
+            if routed:
+                ids = _routing_input(g, users[0])
+                if ids is not None:
+                    control.append(ids)
+            dep = max((v.node for v in control), default=-1)
+            fetched = g.add(Op.FETCH_WEIGHTS, cur + control, name=f"blk.{l}.fetch_experts" + (f".{q}" if q else ""),
+                            n_weights=len(ws), mode="routed" if routed else "all", layer=l, slot=s_,
+                            bytes=int(m * per[l] * frac), stream="copy", first_expert=e0, end_expert=e0 + m,
+                            meta={"sched_key": dep + 0.5})
+            cur = list(fetched) if isinstance(fetched, tuple) else [fetched]
+            used_slots.append(s_)
+            e0 += m
+            i += 1
+        for w, fv in zip(ws, cur):
             for u in users:
                 if w.out in u.inputs:
                     g.replace_node(u.id, inputs=tuple(fv if x == w.out else x for x in g.node(u.id).inputs))
-        # the slot is free again once the layer's last expert consumer has run
+        # the slots are free again once the layer's last expert consumer has run
         last = max(users, key=lambda u: u.id)
-        prev_release[s] = last.out
-        assert fetch_id in g
-    flops = _layer_flops(g, chunk)
-    pred = simulate(sorted(set(flops) - {-1}), streamed, slots, moved, flops,
-                    h2d_gbps=h2d_gbps, tflops=tflops, routed=routed)
+        for s_ in used_slots:
+            slot_release[s_] = last.out
     pinned = [l for l in layers if l not in split]
     resident_experts = sum(layer_bytes.values()) - sum(split[l] * per[l] for l in streamed)
     info.update({
         "pinned_layers": pinned, "streamed_layers": streamed, "slots": slots, "slot_bytes": slot_bytes,
+        "pieces_per_layer": pieces,
         "streamed_experts": {str(l): split[l] for l in streamed}, "n_experts": int(E),
         "mode": "routed" if routed else "all",
         "expected_experts_hit_per_layer": round(hit, 2),
         "bytes_moved_per_chunk": sum(moved.values()),
         "resident_bytes": fixed_total + resident_experts + slots * slot_bytes,
         "policy": "experts resident per layer (each streamed layer keeps its first experts and streams its last "
-                  f"ones, spread over the layers so the {slots} slot(s) are small); layers whole where they fit",
-        "predicted": {**pred, "h2d_gbps": h2d_gbps, "tflops": tflops},
+                  f"ones in {pieces} piece(s) through {slots} slot(s), spread over the layers so the slots are "
+                  "small); layers whole where they fit",
+        "predicted": {**pred, "h2d_gbps": h2d_gbps, "tflops": tflops, "moe_tflops": moe_tflops},
     })
     assert info["resident_bytes"] <= budget, "prefetch plan over budget"
     g.meta["prefetch"] = info

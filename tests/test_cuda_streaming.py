@@ -56,12 +56,12 @@ def _reads(w, buf) -> bool:
 
 
 def _streamed_bytes(gf, p):
-    """The bytes of a piece's streamed experts [first, E) in device form."""
+    """The bytes of a piece's streamed experts [first, end) in device form."""
     if p.convert:
         from ggfuse.kernels.dequant.ref import f32_to_bf16_bits
         full = f32_to_bf16_bits(gf.dequantize(p.name)).view(np.uint8).reshape(-1)
-        return full[p.first * p.dev_e:]
-    return gf.raw(p.name)[p.first * p.src_e:]
+        return full[p.first * p.dev_e:p.end * p.dev_e]
+    return gf.raw(p.name)[p.first * p.src_e:p.end * p.src_e]
 
 
 def _slot_contents_ok(be, gf):
@@ -140,32 +140,39 @@ def test_streamed_plan_binds_registered(arch, room, monkeypatch):
         st = be.streamer
         assert st.host_mode == "registered"
         fetch_nodes = be.graph.by_op(Op.FETCH_WEIGHTS)
-        assert sorted(f.layer for f in st.fetches) == info["streamed_layers"] == sorted(n.attrs.layer for n in fetch_nodes)
+        assert sorted(st.by_node) == sorted(n.id for n in fetch_nodes)
+        assert sorted(st.by_layer) == info["streamed_layers"]
+        assert max(len(fs) for fs in st.by_layer.values()) == info["pieces_per_layer"]
         # streamed tensors: a whole streamed layer's never read for upload and bound to a view of
         # its layer's slot; a split layer's (experts [0, first) resident): its resident experts
         # uploaded, the tensor bound to an expert table, expert e < first in that upload and
         # expert e >= first at slot offset + (e - first) * expert bytes
         from ggfuse.kernels.moe.table import ExpertTable
-        split = {n for n, (_, p) in st.tensors.items() if p.first > 0}
+        split = {n for n in st.tensors if st.resident_experts(n) > 0}
         assert bool(split) == (room == "split") and (room == "whole" or split == set(st.tensors))
         assert not (set(read) & set(st.tensors)) - split
         assert len(st.slot_buffers) == info["slots"]
         assert st.slot_bytes >= max(f.dev_bytes for f in st.fetches)
-        assert {f.layer: f.pieces[0].n_experts - f.first for f in st.fetches} == \
-            {int(l): m for l, m in info["streamed_experts"].items()}
-        for name, (f, p) in st.tensors.items():
+        assert {l: fs[0].pieces[0].n_experts - st.resident_experts(fs[0].pieces[0].name)
+                for l, fs in st.by_layer.items()} == {int(l): m for l, m in info["streamed_experts"].items()}
+        for name, fps in st.tensors.items():
             arr = be.weight(name, "gemm")[0]
-            slot = st.slot_buffers[f.slot]
-            if p.first == 0:
+            f0, p0 = fps[0]
+            if len(fps) == 1 and p0.first == 0:        # a whole layer in one fetch: the slot's view
+                slot = st.slot_buffers[f0.slot]
                 assert _ptr_in(arr, slot)
                 assert (arr.data.ptr - slot.data.ptr) % 256 == 0   # CuPy bases are 512-aligned
                 continue
             assert isinstance(arr, ExpertTable)
-            part = be.buf.parts[name]
-            assert np.array_equal(np.asarray(part).view(np.uint8).reshape(-1), gf.raw(name)[:p.first * p.src_e])
-            e = np.arange(p.n_experts, dtype=np.uint64)
-            want = np.where(e < p.first, part.data.ptr + e * np.uint64(p.dev_e),
-                            slot.data.ptr + p.slot_offset + (e - np.uint64(p.first)) * np.uint64(p.dev_e))
+            want = np.zeros(p0.n_experts, dtype=np.uint64)
+            if p0.first:
+                part = be.buf.parts[name]
+                assert np.array_equal(np.asarray(part).view(np.uint8).reshape(-1), gf.raw(name)[:p0.first * p0.src_e])
+                want[:p0.first] = [part.data.ptr + e * p0.dev_e for e in range(p0.first)]
+            for f, p in fps:
+                slot = st.slot_buffers[f.slot]
+                want[p.first:p.end] = [slot.data.ptr + p.slot_offset + (e - p.first) * p.dev_e
+                                       for e in range(p.first, p.end)]
             assert np.array_equal(arr.ptrs, want), name
         regs = [c[1] for c in calls if c[0] == "runtime.hostRegister"]
         assert regs and all(flags == 0x09 and ptr % 4096 == 0 for ptr, _, flags in regs)
@@ -264,12 +271,13 @@ def test_routed_fetch_copies_only_routed_experts(monkeypatch):
             eb = p.src_e
             raw = gf.raw(p.name)
             for e in routed:
-                if e >= p.first:     # experts before first are resident: not copied
+                if p.first <= e < p.end:     # this fetch's experts (before the first: resident)
                     at = p.slot_offset + (e - p.first) * eb
                     assert np.array_equal(buf[at:at + eb], raw[e * eb:(e + 1) * eb])
-        assert {l: sum(e >= st.by_layer[l].first for e in routed) for l in st.routed_counts} == st.routed_counts
+        first = {l: st.resident_experts(fs[0].pieces[0].name) for l, fs in st.by_layer.items()}
+        assert {l: sum(e >= first[l] for e in routed) for l in st.routed_counts} == st.routed_counts
         copied = sum(c[1][2] for c in calls if c[0] == "runtime.memcpyAsync")
-        assert copied == sum(p.src_e * sum(e >= p.first for e in routed) for f in st.fetches for p in f.pieces)
+        assert copied == sum(p.src_e * sum(p.first <= e < p.end for e in routed) for f in st.fetches for p in f.pieces)
         assert any(type(x).__name__ == "HostStep" for x in be.launches)
         be.close()
 

@@ -293,7 +293,7 @@ class CUDABackend:
                 fmts = self._formats(w.name, roles.get(w.name, {"gemm"}), w.ggml_type, tuple(w.shape))
                 out.append((w, fmts, tuple(w.shape), w.nbytes, False))
             elif self.streamer is not None and w.name in self.streamer.tensors:
-                _, p = self.streamer.tensors[w.name]
+                p = self.streamer.tensors[w.name][0][1]
                 if p.first > 0:
                     out.append((w, [p.fmt], (p.first,) + tuple(w.shape[1:]), p.first * p.src_e, True))
         return out

@@ -15,7 +15,7 @@ import numpy as np
 from ggfuse.errors import GGFuseError
 from ggfuse.ir.ops import Op
 from ggfuse.ir.types import DType, shape_eval
-from ggfuse.runtime.cuda.streaming import fetch_of
+from ggfuse.runtime.cuda.streaming import fetch_chain
 
 _LAUNCHERS = {}
 
@@ -249,7 +249,8 @@ def build_launches(be) -> list:
             ctx.vals[n.out] = ctx.scratch("logits", ctx.shape(n.out), np.float32)
         if streamer is not None:
             # the first reader of a streamed layer's experts waits for their copy first
-            for f in dict.fromkeys(x for x in map(lambda v: fetch_of(be.graph, v), n.inputs) if x is not None):
+            chains = [fetch_chain(be.graph, v) for v in n.inputs]
+            for f in dict.fromkeys(x for c in chains for x in c):
                 if f.id not in joined:
                     joined.add(f.id)
                     out.append(streamer.join(ctx, f))

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ggfuse.errors import DeviceError
+from ggfuse.errors import DeviceError, GGFuseError
 from ggfuse.ir.ops import Op
 
 ALIGN = 256                    # byte alignment of each tensor inside a slot
@@ -59,7 +59,8 @@ def note(msg: str) -> None:
 
 @dataclass(frozen=True)
 class Piece:
-    """One streamed tensor of one layer: its experts [first, E) stream, [0, first) stay resident.
+    """One streamed tensor in one fetch: its experts [first, end) arrive in this fetch's slot
+    (a layer's fetches cover [first of the first, E); before that the experts stay resident).
     Where the streamed bytes are in the file and in the slot."""
     name: str
     fmt: str            # device form: "raw" GGUF bytes, or "bf16"
@@ -68,13 +69,14 @@ class Piece:
     file_offset: int    # the tensor's first byte in the GGUF (expert 0)
     src_e: int          # bytes of one expert in the GGUF
     dev_e: int          # bytes of one expert on the device
-    first: int          # the first streamed expert
+    first: int          # the first expert of this fetch
+    end: int            # one past its last
     slot_offset: int
 
     @property
     def src_bytes(self) -> int:
-        """Streamed bytes in the GGUF (experts [first, E)), from src_offset on."""
-        return (self.n_experts - self.first) * self.src_e
+        """Streamed bytes in the GGUF (experts [first, end)), from src_offset on."""
+        return (self.end - self.first) * self.src_e
 
     @property
     def src_offset(self) -> int:
@@ -83,7 +85,7 @@ class Piece:
     @property
     def dev_bytes(self) -> int:
         """Streamed bytes in the slot."""
-        return (self.n_experts - self.first) * self.dev_e
+        return (self.end - self.first) * self.dev_e
 
     @property
     def convert(self) -> bool:
@@ -109,8 +111,12 @@ class Fetch:
 
     @property
     def first(self) -> int:
-        """The first streamed expert (the same for every tensor of the layer)."""
+        """This fetch's first expert (the same for every tensor of the layer)."""
         return self.pieces[0].first if self.pieces else 0
+
+    @property
+    def end(self) -> int:
+        return self.pieces[0].end if self.pieces else 0
 
 
 class HostStep:
@@ -173,6 +179,32 @@ def fetch_of(g, value):
     return n if n.op == Op.FETCH_WEIGHTS else None
 
 
+def fetch_chain(g, value) -> list:
+    """Every FETCH_WEIGHTS a value passed through, first to last: a layer streamed in pieces
+    has one fetch per piece, each passing the weights on to the next."""
+    out = []
+    n = fetch_of(g, value)
+    while n is not None:
+        out.append(n)
+        n = fetch_of(g, n.inputs[0])
+    return out[::-1]
+
+
+def _weight_tensor(g, value) -> str:
+    """The GGUF tensor a fetch's weight input is (through earlier fetches of the same layer:
+    a fetch's output i is its input i)."""
+    while True:
+        n = g.node(value.node)
+        if n.op == Op.WEIGHT:
+            return n.attrs.tensor
+        if n.op == Op.FETCH_WEIGHTS:
+            value = n.inputs[value.index]
+        elif n.op == Op.RESHAPE:
+            value = n.inputs[0]
+        else:
+            raise GGFuseError(None, f"fetch input {value} is not a weight ({n.op.value} {n.name})")
+
+
 class ExpertStreamer:
     """Slots, the host side and the fetch/join steps of a backend's streamed layers. One per
     backend; the sub-chunk executors share it (their schedules fetch the same layers in the
@@ -188,8 +220,9 @@ class ExpertStreamer:
         for n in sorted(g.by_op(Op.FETCH_WEIGHTS), key=lambda n: order[n.id]):
             pieces, off = [], 0
             first = int(n.attrs.get("first_expert", 0) or 0)
+            end = n.attrs.get("end_expert")
             for v in n.inputs[: n.attrs.n_weights]:
-                name = g.node(v.node).attrs.tensor
+                name = _weight_tensor(g, v)
                 w = entries[name]
                 fmts = be._formats(name, roles.get(name, {"gemm"}), w.ggml_type, tuple(w.shape))
                 if fmts not in (["raw"], ["bf16"]):
@@ -197,15 +230,28 @@ class ExpertStreamer:
                                                   f"expert operands can stream")
                 dev = w.nbytes if fmts[0] == "raw" or w.ggml_type == "BF16" else int(np.prod(w.shape)) * 2
                 E = int(w.shape[0])
-                if not 0 <= first < E or w.nbytes % E or dev % E:
-                    raise DeviceError(be.gf.path, f"streamed tensor {name}: cannot stream experts {first}.. of {E}")
+                stop = E if end is None else int(end)
+                if not 0 <= first < stop <= E or w.nbytes % E or dev % E:
+                    raise DeviceError(be.gf.path, f"streamed tensor {name}: cannot stream experts "
+                                                  f"{first}..{stop} of {E}")
                 p = Piece(name, fmts[0], w.ggml_type, tuple(w.shape), int(w.offset), int(w.nbytes) // E,
-                          dev // E, first, off)
+                          dev // E, first, stop, off)
                 pieces.append(p)
                 off = _align(off + p.dev_bytes)
             self.fetches.append(Fetch(int(n.attrs.layer), int(n.attrs.slot), n.attrs.mode, pieces, n.id))
-        self.by_layer = {f.layer: f for f in self.fetches}
-        self.tensors = {p.name: (f, p) for f in self.fetches for p in f.pieces}
+        self.by_node = {f.node_id: f for f in self.fetches}
+        self.by_layer: dict[int, list[Fetch]] = {}
+        for f in self.fetches:
+            self.by_layer.setdefault(f.layer, []).append(f)
+        self.tensors: dict[str, list] = {}          # tensor -> [(fetch, piece)] in expert order
+        for f in self.fetches:
+            for p in f.pieces:
+                self.tensors.setdefault(p.name, []).append((f, p))
+        for name, fps in self.tensors.items():
+            fps.sort(key=lambda fp: fp[1].first)
+            if fps[-1][1].end != fps[-1][1].n_experts or any(a[1].end != b[1].first for a, b in zip(fps, fps[1:])):
+                raise DeviceError(be.gf.path, f"streamed tensor {name}: the fetches do not cover its last experts "
+                                              f"in one run ({[(p.first, p.end) for _, p in fps]})")
         self.n_slots = max((f.slot for f in self.fetches), default=-1) + 1
         self.slot_bytes = max((_align(sum(_align(p.dev_bytes) for p in f.pieces)) for f in self.fetches), default=0)
         self.host_mode = None
@@ -220,7 +266,11 @@ class ExpertStreamer:
     # ---- sizes --------------------------------------------------------------------------------
     def device_bytes(self) -> int:
         """The slots and the streamed layers' resident experts."""
-        return self.n_slots * self.slot_bytes + sum(p.first * p.dev_e for f in self.fetches for p in f.pieces)
+        return self.n_slots * self.slot_bytes + sum(fps[0][1].first * fps[0][1].dev_e for fps in self.tensors.values())
+
+    def resident_experts(self, name: str) -> int:
+        """How many of a streamed tensor's experts stay resident (uploaded at load): [0, this)."""
+        return self.tensors[name][0][1].first
 
     def bytes_per_chunk(self) -> int:
         return sum(f.dev_bytes for f in self.fetches if f.mode == "all")
@@ -235,21 +285,27 @@ class ExpertStreamer:
         cp = self.cp
         be = self.be
         self.slot_buffers = [cp.empty(max(self.slot_bytes, ALIGN), dtype=cp.uint8) for _ in range(self.n_slots)]
-        for f in self.fetches:
-            base = self.slot_buffers[f.slot]
-            for p in f.pieces:
-                raw = base[p.slot_offset:p.slot_offset + p.dev_bytes]
-                if p.first == 0:
-                    arr = raw if p.fmt == "raw" else raw.view(cp.uint16).reshape(p.shape)
-                else:
-                    part = be.buf.parts[p.name]
-                    e = np.arange(p.n_experts, dtype=np.uint64)
-                    ptrs = np.where(e < p.first, np.uint64(part.data.ptr) + e * np.uint64(p.dev_e),
-                                    np.uint64(raw.data.ptr) + (e - np.uint64(min(p.first, p.n_experts))) *
-                                    np.uint64(p.dev_e))
-                    arr = ExpertTable(ptrs, p.shape, keep=(part, base))
-                be.buf.weights[(p.name, p.fmt)] = (arr, p.fmt, p.ggml_type, p.shape)
-                be.buf.formats[p.name] = [p.fmt]
+        for name, fps in self.tensors.items():
+            f0, p0 = fps[0]
+            if len(fps) == 1 and p0.first == 0:     # a whole layer in one fetch: its view in the slot
+                base = self.slot_buffers[f0.slot]
+                raw = base[p0.slot_offset:p0.slot_offset + p0.dev_bytes]
+                arr = raw if p0.fmt == "raw" else raw.view(cp.uint16).reshape(p0.shape)
+            else:
+                ptrs = np.zeros(p0.n_experts, dtype=np.uint64)
+                keep = []
+                if p0.first:
+                    part = be.buf.parts[name]
+                    keep.append(part)
+                    ptrs[:p0.first] = np.uint64(part.data.ptr) + np.arange(p0.first, dtype=np.uint64) * np.uint64(p0.dev_e)
+                for f, p in fps:
+                    base = self.slot_buffers[f.slot]
+                    keep.append(base)
+                    ptrs[p.first:p.end] = (np.uint64(base.data.ptr + p.slot_offset) +
+                                           np.arange(p.end - p.first, dtype=np.uint64) * np.uint64(p.dev_e))
+                arr = ExpertTable(ptrs, p0.shape, keep=keep)
+            be.buf.weights[(name, p0.fmt)] = (arr, p0.fmt, p0.ggml_type, p0.shape)
+            be.buf.formats[name] = [p0.fmt]
         self._setup_host()
 
     def _setup_host(self) -> None:
@@ -355,10 +411,10 @@ class ExpertStreamer:
                 return      # read-ahead is a hint
 
     def _copy_into(self, dst: np.ndarray, p: Piece, e0: int = 0, e1: int | None = None) -> list:
-        """Thread-pool tasks that write experts [e0, e1) of `p` (e0 >= p.first; default: all the
-        streamed ones) into dst (slot layout: expert e at p.slot_offset + (e - p.first) * dev_e)."""
+        """Thread-pool tasks that write experts [e0, e1) of `p` (within [p.first, p.end); default:
+        all of them) into dst (slot layout: expert e at p.slot_offset + (e - p.first) * dev_e)."""
         e0 = max(e0, p.first)
-        e1 = p.n_experts if e1 is None else e1
+        e1 = p.end if e1 is None else min(e1, p.end)
         src_e, dev_e = p.src_e, p.dev_e
         raw = self.be.gf.raw(p.name)
         at = p.slot_offset - p.first * dev_e      # where expert 0 would be
@@ -424,7 +480,7 @@ class ExpertStreamer:
         HostStep. Its `done` event is remembered for the join."""
         cp = self.cp
         be = ctx.be
-        f = self.by_layer[int(node.attrs.layer)]
+        f = self.by_node[node.id]
         fi = self.fetches.index(f)
         fork = cp.cuda.Event(disable_timing=True)
         done = cp.cuda.Event(disable_timing=True)
@@ -472,9 +528,12 @@ class ExpertStreamer:
         offs = cp.asnumpy(offsets, stream=s)
         s.synchronize()
         used = np.flatnonzero(np.diff(offs.astype(np.int64)) > 0)
+        resident = self.resident_experts(f.pieces[0].name)
         self.routed_totals[f.layer] = int(used.size)
-        used = used[used >= f.first]      # experts [0, first) are resident
-        self.routed_counts[f.layer] = int(used.size)
+        if f.first == resident:
+            self.routed_counts[f.layer] = 0
+        used = used[(used >= f.first) & (used < f.end)]      # this fetch's experts only
+        self.routed_counts[f.layer] += int(used.size)
         runs = []
         for e in used:        # contiguous runs of routed experts: one copy each
             if runs and runs[-1][1] == e:
@@ -522,7 +581,7 @@ class ExpertStreamer:
         when the fetch itself is one (its event is recorded outside any capture)."""
         be = ctx.be
         done = ctx.fetch_done[fetch_node.id]
-        f = self.by_layer[int(fetch_node.attrs.layer)]
+        f = self.by_node[fetch_node.id]
         cp = self.cp
 
         def wait():
@@ -584,23 +643,25 @@ def telemetry(model, backend, tokens, *, replay_ms: float | None = None, h2d_cei
     wait_ms = sum(ms for _, ms in waits)
     pre = backend.plan.stats.get("prefetch") or {}
     per_layer = []
-    streamed = {f.layer: f for f in st.fetches}
+    streamed = st.by_layer
     for layer in list(pre.get("pinned_layers", [])) + list(streamed):
-        f = streamed.get(layer)
-        if f is None:
+        fs = streamed.get(layer)
+        if fs is None:
             per_layer.append({"layer": layer, "resident": True, "experts_fetched_per_chunk": 0, "hit_rate": 1.0})
             continue
+        f = fs[0]
         E = f.pieces[0].n_experts
-        got = st.routed_counts.get(layer, E - f.first) if f.mode == "routed" else E - f.first
+        first = st.resident_experts(f.pieces[0].name)
+        got = st.routed_counts.get(layer, E - first) if f.mode == "routed" else E - first
         # hit rate: the share of the experts the chunk reads that were on the device already
         # (the layer's resident first experts; routed: of the experts routed to)
         if f.mode == "routed":
             read = st.routed_totals.get(layer, 0)
             hit = 1.0 - got / read if read else 1.0
         else:
-            hit = f.first / E
-        per_layer.append({"layer": layer, "resident": False, "slot": f.slot, "mode": f.mode,
-                          "experts_fetched_per_chunk": got, "of_experts": E, "resident_experts": f.first,
+            hit = first / E
+        per_layer.append({"layer": layer, "resident": False, "slots": [x.slot for x in fs], "mode": f.mode,
+                          "experts_fetched_per_chunk": got, "of_experts": E, "resident_experts": first,
                           "hit_rate": hit,
                           "bytes_per_chunk": sum(n for lay, n, _ in copies if lay == layer) / max(n_chunks, 1),
                           "copy_ms": sum(ms for lay, _, ms in copies if lay == layer) / max(n_chunks, 1),
