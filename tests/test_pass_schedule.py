@@ -333,3 +333,22 @@ def test_budget_sheds_the_embedding_and_the_head_block_first():
     emb = next(w for w in tied.weights() if w.attrs.tensor == "token_embd.weight")
     tied.replace_node(head.id, inputs=(head.inputs[0], emb.out))
     assert sep.gathered_embedding(tied) is None
+
+
+def test_simulate_pieces_and_the_spare_slot():
+    """The planner's two-stream timeline by hand: layer 0 resident, layers 1 and 2 each streamed
+    in two pieces of 2 ms (1 GB/s). Through 3 slots (pieces + 1) layer 2's first piece lands in
+    the spare slot while layer 1 computes: 9 ms. Through 2 slots it waits for layer 1's MoE to
+    free slot 0: 10 ms."""
+    pre = {0: 0.1, 1: 0.1, 2: 0.1}
+    moe = {0: 1.0, 1: 1.0, 2: 1.0}
+    fetches = [(1, 2_000_000), (1, 2_000_000), (2, 2_000_000), (2, 2_000_000)]
+    three = sep.simulate([0, 1, 2], fetches, 3, pre, moe, h2d_gbps=1.0, routed=False, tail_ms=0.5)
+    assert three["chunk_ms"] == 9.5 and three["transfer_ms"] == 8.0
+    assert three["hidden_fraction"] == round(1 - (2.8 + 2.9) / 8.0, 4)
+    two = sep.simulate([0, 1, 2], fetches, 2, pre, moe, h2d_gbps=1.0, routed=False, tail_ms=0.5)
+    assert two["chunk_ms"] == 10.5
+    # routed: a fetch also waits for its own layer's routing (the end of the pre-MoE part)
+    routed = sep.simulate([0, 1, 2], fetches, 3, pre, moe, h2d_gbps=1.0, routed=True)
+    assert routed["chunk_ms"] == 1.2 + 4.0 + 1.0 + 0.1 + 4.0 + 1.0
+    assert sep.piece_sizes(7, 3) == [3, 2, 2] and sep.piece_sizes(2, 4) == [1, 1] and sep.piece_sizes(0, 2) == []
