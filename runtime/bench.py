@@ -283,16 +283,6 @@ def equivalent_n_cpu_moe(path: str, vram_budget, *, chunk: int, max_context: int
     return len(p.get("streamed_layers") or [])
 
 
-def n_cpu_moe_sweep(equivalent, n_layers: int) -> list[int]:
-    """llama-bench --n-cpu-moe settings to try under a budget: from two fewer than the layers our
-    plan streams (llama.cpp's buffers differ from ours, so fewer may still fit) to four more, in
-    steps of 2, within [0, n_layers]; run_llama_bench keeps the best that stays under the budget."""
-    out = set()
-    for e in equivalent:
-        out.update(x for x in range(e - 2, e + 5, 2) if 0 <= x <= n_layers)
-    return sorted(out)
-
-
 def _n_expert_layers(path: str) -> int:
     from ggfuse.compiler.gguf_file import GGUFFile
     return int(GGUFFile(path).arch_key("block_count"))
@@ -372,14 +362,20 @@ class _VramSampler:
         return False
 
 
-def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe=None, vram_budget=None) -> dict:
+def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe=None, vram_budget=None,
+                    search_from: int | None = None, n_layers: int | None = None, log=None) -> dict:
     """llama.cpp's own benchmark on the same file: flash attention on, every layer on the GPU,
     -ub 2048. With `n_cpu_moe` (an int or a list of ints: llama-bench runs once per setting and
     the best is kept per prompt), that many layers' experts stay in host memory, loaded into
     pinned buffers (-lm none: its fastest host path; the default mmap is 5-20x slower). Each
     setting's peak device memory is measured (nvidia-smi); with `vram_budget` the best is taken
     over the settings that stayed under it ("results"), and the best over all of them is kept
-    as "results_any_memory"."""
+    as "results_any_memory".
+
+    search_from (with vram_budget, instead of n_cpu_moe): find the fewest layers on the CPU that
+    stay under the budget (llama.cpp's fastest setting that fits): from search_from up in steps of
+    2 until one fits, then the one in between; or, if search_from fits already, down one at a time
+    until one does not."""
     if not (os.path.exists(exe) or shutil.which(exe)):
         raise GGFuseError(exe, "llama-bench not found (see BENCHMARKS.md for how to build it)")
     base = [exe, "-m", path, "-p", ",".join(map(str, prompts)), "-n", "0", "-fa", "1", "-ngl", "99",
@@ -387,6 +383,8 @@ def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe=None
     settings = [None]
     if n_cpu_moe:
         settings = [n_cpu_moe] if isinstance(n_cpu_moe, int) else list(n_cpu_moe)
+    if search_from is not None and vram_budget is None:
+        raise GGFuseError(None, "searching llama-bench's --n-cpu-moe needs a --vram-budget")
     budget_mib = None
     if vram_budget is not None:
         from ggfuse.passes.schedule_expert_prefetch import parse_bytes
@@ -394,7 +392,9 @@ def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe=None
     runs, build, cmds = [], {}, []
     best: dict[int, float] = {}
     best_any: dict[int, float] = {}
-    for ncm in settings:
+    def one(ncm) -> bool:
+        """Run one setting; True when it stayed under the budget."""
+        nonlocal build
         cmd = base + (["--n-cpu-moe", str(ncm), "-lm", "none"] if ncm is not None else [])
         cmds.append(" ".join(cmd))
         with _VramSampler() as vs:
@@ -413,6 +413,28 @@ def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe=None
             best_any[n] = max(best_any.get(n, 0.0), ts)
             if fits:
                 best[n] = max(best.get(n, 0.0), ts)
+        if log is not None and vs.peak is not None:
+            log(f"llama-bench --n-cpu-moe {ncm}: peak device memory {vs.peak / 1024:.2f} GiB"
+                + ("" if fits else " (over the budget)"))
+        return fits
+
+    if search_from is None:
+        for ncm in settings:
+            one(ncm)
+    else:
+        top = n_layers if n_layers is not None else 1 << 30
+        n = max(0, min(int(search_from), top))
+        if one(n):
+            while n > 0 and one(n - 1):
+                n -= 1
+        else:
+            while n < top:
+                m = min(n + 2, top)
+                if one(m):
+                    if m - 1 > n:
+                        one(m - 1)
+                    break
+                n = m
     out = {"cmd": cmds[0] if len(cmds) == 1 else cmds, "build": build, "results": best, "runs": runs}
     if budget_mib is not None:
         out["vram_budget_mib"] = budget_mib
@@ -470,8 +492,9 @@ def add_bench_parser(sub):
     b.add_argument("--against-llama-bench", metavar="PATH", help="also run llama.cpp's llama-bench on the file")
     b.add_argument("--n-cpu-moe", default=None,
                    help="llama-bench --n-cpu-moe, e.g. 40 or 40,32,24 (the best per prompt is compared); "
-                        "default with --vram-budget: a sweep around the number of layers the plan streams, "
-                        "compared at the best setting whose measured peak memory stays under the budget")
+                        "default with --vram-budget: a search from the layers' worth of experts the plan streams "
+                        "for the fewest CPU layers whose measured peak memory stays under the budget (llama.cpp's "
+                        "fastest setting that fits), which is what is compared")
     b.set_defaults(fn=bench_main)
     return b
 
@@ -525,16 +548,18 @@ def bench_main(args) -> int:
         runs = [(fixed_chunk, prompts, None)]
     if args.against_llama_bench:
         n_cpu_moe = _int_list(args.n_cpu_moe)
+        search = None
         if n_cpu_moe is None and args.vram_budget:
             eq = sorted({equivalent_n_cpu_moe(args.model, args.vram_budget, chunk=c,
                                               max_context=ctx or max(ps)) for c, ps, ctx in runs})
-            n_cpu_moe = n_cpu_moe_sweep(eq, _n_expert_layers(args.model))
-            log(f"llama-bench --n-cpu-moe {','.join(map(str, n_cpu_moe))}: around the {','.join(map(str, eq))} "
-                f"layers the plan streams under {args.vram_budget}; the best that stays under it is compared")
+            search = eq[0]
+            log(f"llama-bench --n-cpu-moe: searching from {search} (the layers' worth of experts the plan streams "
+                f"under {args.vram_budget}) for the fewest CPU layers that stay under it")
         # llama.cpp first, while the device is empty: a large model does not fit beside ours
         log(f"llama-bench on {args.model} ...")
         llama = run_llama_bench(args.against_llama_bench, args.model, prompts, repeat=args.repeat,
-                                n_cpu_moe=n_cpu_moe, vram_budget=args.vram_budget)
+                                n_cpu_moe=n_cpu_moe, vram_budget=args.vram_budget, search_from=search,
+                                n_layers=_n_expert_layers(args.model) if search is not None else None)
         for r in llama["runs"]:
             if r.get("peak_vram_mib") is not None:
                 log(f"llama-bench --n-cpu-moe {r['n_cpu_moe']}: pp{r['n_prompt']} {r['avg_ts']:.0f} tok/s, peak device "

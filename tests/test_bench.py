@@ -166,7 +166,37 @@ def test_context_for_covers_the_padded_tail(monkeypatch):
     assert context_for(600, 2048) == 2048
 
 
-def test_n_cpu_moe_sweep_around_the_streamed_layers():
-    assert bench.n_cpu_moe_sweep([20], 40) == [18, 20, 22, 24]
-    assert bench.n_cpu_moe_sweep([1, 39], 40) == [1, 3, 5, 37, 39]
+@pytest.mark.parametrize("start,tried", [(18, [18, 20, 22, 24, 23]), (25, [25, 24, 23, 22]), (39, [39, 40])])
+def test_llama_bench_searches_the_fastest_setting_that_fits(tmp_path, monkeypatch, start, tried):
+    """Without --n-cpu-moe under a budget: up from the plan's equivalent in steps of 2 until a
+    setting fits, then the one in between; or down while it still fits. Fake peaks: n layers on
+    the CPU take 24 - n / 2 GiB (23 is the fewest that fit 12.5 GiB); 40 (all) fits anything."""
     assert bench._n_expert_layers(EXAMPLE) >= 1
+    exe = tmp_path / "llama-bench"
+    exe.write_text(FAKE_NCM)
+    exe.chmod(0o755)
+    ran = []
+    real_run = bench.subprocess.run
+
+    def run(cmd, **kw):
+        ran.append(int(cmd[cmd.index("--n-cpu-moe") + 1]))
+        return real_run(cmd, **kw)
+
+    class FakeSampler:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            n = ran[-1]
+            self.peak = (24 - n / 2) * 1024 if n < 40 else 1024
+            return False
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    monkeypatch.setattr(bench, "_VramSampler", FakeSampler)
+    budget = "12.5GiB" if start != 39 else "1.5GiB"
+    out = bench.run_llama_bench(str(exe), EXAMPLE, [2048], repeat=1, vram_budget=budget, search_from=start, n_layers=40)
+    assert ran == tried
+    fitting = [r["n_cpu_moe"] for r in out["runs"] if r["fits_budget"]]
+    assert min(fitting) == (23 if start != 39 else 40)
+    with pytest.raises(GGFuseError, match="needs a --vram-budget"):
+        bench.run_llama_bench(str(exe), EXAMPLE, [2048], repeat=1, search_from=20)
