@@ -81,3 +81,28 @@ __device__ __forceinline__ void store8(__nv_bfloat16* p, const float v[8]) {
     u.w = pack_bf16x2(v[6], v[7]);
     *reinterpret_cast<uint4*>(p) = u;
 }
+
+// Expert e of a stacked MoE weight: from an expert table when one is given (entry = e, or
+// E + e for the up half of a gate_up table; kernels/moe/table.py), else base + e * stride.
+__device__ __forceinline__ const unsigned char* expert_weights(const unsigned long long* wtab, int entry,
+                                                               const unsigned char* base, int e,
+                                                               long long stride) {
+    return wtab ? reinterpret_cast<const unsigned char*>(wtab[entry]) : base + (long long)e * stride;
+}
+
+// The outputs of one thread's 4x4 register tile in a 64x64 block tile of 256 threads (the f32
+// CUDA-core GEMMs: dense/gemm_f32.cu, dense/gemm_qf32.cu, moe/grouped_f32.cu): thread t holds
+// tile rows ty*4 + i and columns tx*4 + j (tx = t % 16, ty = t / 16). Calls f(i, j, r, n) for
+// tile row r = ty*4 + i and output column n = n0 + tx*4 + j below n_end; rows are f's to check.
+template<class F>
+__device__ __forceinline__ void for_tile4x4(int n0, int n_end, F&& f) {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int n = n0 + tx * 4 + j;
+            if (n < n_end) f(i, j, ty * 4 + i, n);
+        }
+    }
+}

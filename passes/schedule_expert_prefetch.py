@@ -149,14 +149,16 @@ def stream_order(layers: list[int]) -> list[int]:
 SLOT_ALIGN = 256      # each streamed tensor starts 256-byte aligned in its slot (runtime/cuda/streaming.py)
 
 
-def _align(n: int, a: int = SLOT_ALIGN) -> int:
+def align_up(n: int, a: int = SLOT_ALIGN) -> int:
+    """n rounded up to a multiple of a (default: the slot layout's alignment, which the runtime's
+    slots and weight block use too)."""
     return -(-n // a) * a
 
 
 def slot_size(expert_bytes: list[int], m: int) -> int:
     """Slot bytes for the last m experts of a layer whose tensors have these per-expert bytes:
     each tensor's part 256-byte aligned, back to back (the runtime's slot layout)."""
-    return sum(_align(m * b) for b in expert_bytes) if m else 0
+    return sum(align_up(m * b) for b in expert_bytes) if m else 0
 
 
 def piece_sizes(m: int, k: int) -> list[int]:

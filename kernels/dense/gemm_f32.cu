@@ -2,6 +2,8 @@
 // router weights f32 and multiplies in f32, and random-init routers have near-ties that bf16
 // rounding flips. A 64x64 output tile per 256-thread block, 4x4 per thread, K in steps of 16.
 // A rows have stride lda, C rows stride ldc (elements); W is contiguous [N, K].
+#include "common.cuh"
+
 #define BM 64
 #define BN 64
 #define BK 16
@@ -35,14 +37,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_f32_nt(
         }
         __syncthreads();
     }
-    #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int m = m0 + ty * 4 + i;
-        if (m >= M) continue;
-        #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int n = n0 + tx * 4 + j;
-            if (n < N) C[(long long)m * ldc + n] = acc[i][j];
-        }
-    }
+    for_tile4x4(n0, N, [&](int i, int j, int r, int n) {
+        if (m0 + r < M) C[(long long)(m0 + r) * ldc + n] = acc[i][j];
+    });
 }

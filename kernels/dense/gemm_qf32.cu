@@ -23,20 +23,12 @@ __device__ __forceinline__ void gemm_qf32_impl(const float* __restrict__ A, long
     __syncthreads();
     float acc0[4][4] = {}, acc1[4][4] = {};
     qf32::tile<W, SWIGLU>(a_off, A, w0, w1, row_bytes, n0, N, K, acc0, acc1);
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int m = m0 + ty * 4 + i;
-        if (m >= M) continue;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int n = n0 + tx * 4 + j;
-            if (n >= N) continue;
-            float* c = C + (long long)m * ldc + n;
-            if (SWIGLU) *c = qf32::silu(acc0[i][j]) * acc1[i][j];
-            else *c = accumulate ? *c + acc0[i][j] : acc0[i][j];
-        }
-    }
+    for_tile4x4(n0, N, [&](int i, int j, int r, int n) {
+        if (m0 + r >= M) return;
+        float* c = C + (long long)(m0 + r) * ldc + n;
+        if (SWIGLU) *c = qf32::silu(acc0[i][j]) * acc1[i][j];
+        else *c = accumulate ? *c + acc0[i][j] : acc0[i][j];
+    });
 }
 
 #define GEMM_QF32(WNAME, WTYPE)                                                                     \

@@ -37,11 +37,16 @@ def check_rows(fn: str, a, K: int, what: str) -> int:
     return a.strides[0] // 4
 
 
-def check_weight(fn: str, w, w_name: str, rows: int, K: int) -> int:
-    """Bytes per row of a [rows, K] weight of type w_name; K % 8 == 0 (dequant8 groups)."""
+def row_bytes(fn: str, w_name: str, K: int) -> int:
+    """Bytes per row of K weights of type w_name; K % 8 == 0 (dequant8 groups)."""
     if K % 8:
         raise ValueError(f"{fn}: K = {K} must be a multiple of 8")
-    rb = qtype(w_name).row_bytes(K)
+    return qtype(w_name).row_bytes(K)
+
+
+def check_weight(fn: str, w, w_name: str, rows: int, K: int) -> int:
+    """Bytes per row of a [rows, K] weight of type w_name; K % 8 == 0 (dequant8 groups)."""
+    rb = row_bytes(fn, w_name, K)
     if w.nbytes < rows * rb:
         raise ValueError(f"{fn}: the weight has {w.nbytes} bytes, [{rows}, {K}] {w_name} needs {rows * rb}")
     return rb

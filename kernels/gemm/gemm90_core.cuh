@@ -40,6 +40,7 @@
 #include <cuda_bf16.h>
 #include "quant/ggml_quants.cuh"
 #include "gemm/epilogue.cuh"
+#include "common.cuh"
 
 namespace g90 {
 
@@ -485,12 +486,10 @@ __device__ __forceinline__ void gemm_block(
                 ar[p] = q;
             }
             for (int rr = p; rr < BN; rr += kProducers) {     // W row rr of the tile
-                const u8* base0 = wtab ? reinterpret_cast<const u8*>(wtab[expert])
-                                       : w0 + (long long)expert * w_expert_bytes;
+                const u8* base0 = expert_weights(wtab, expert, w0, expert, w_expert_bytes);
                 const u8* q = nullptr;
                 if constexpr (kSwi) {
-                    const u8* base1 = wtab ? reinterpret_cast<const u8*>(wtab[n_expert + expert])
-                                           : w1 + (long long)expert * w_expert_bytes;
+                    const u8* base1 = expert_weights(wtab, n_expert + expert, w1, expert, w_expert_bytes);
                     const int f = nt * (BN / 2) + (rr % (BN / 2));
                     if (f < N) q = (rr < BN / 2 ? base0 : base1) + (long long)f * w_row_bytes;
                 } else {

@@ -30,6 +30,7 @@
 #include <cuda_bf16.h>
 #include "quant/ggml_quants.cuh"
 #include "gemm/epilogue.cuh"
+#include "common.cuh"
 
 namespace gemm {
 
@@ -201,11 +202,10 @@ __device__ __forceinline__ void gemm_block(
         s_arow[tid] = p;
     } else {
         const int rr = tid - BM;   // W row rr of the tile (BN == 128 == kThreads - BM)
-        const u8* base0 = wtab ? reinterpret_cast<const u8*>(wtab[expert]) : w0 + (long long)expert * w_expert_bytes;
+        const u8* base0 = expert_weights(wtab, expert, w0, expert, w_expert_bytes);
         const u8* p = nullptr;
         if constexpr (kSwi) {
-            const u8* base1 = wtab ? reinterpret_cast<const u8*>(wtab[n_expert + expert])
-                                   : w1 + (long long)expert * w_expert_bytes;
+            const u8* base1 = expert_weights(wtab, n_expert + expert, w1, expert, w_expert_bytes);
             const int q = rr & 31;
             const int f = blockIdx.x * (BN / 2) + (rr >> 5) * 16 + (q & 15);
             if (f < N) p = ((q >> 4) ? base1 : base0) + (long long)f * w_row_bytes;

@@ -49,20 +49,11 @@ __device__ __forceinline__ void gate_up_impl(const float* __restrict__ x, long l
     const int e = s_e;
     if (e < 0) return;
     float acc0[4][4] = {}, acc1[4][4] = {};
-    const unsigned char* bg = wtab ? reinterpret_cast<const unsigned char*>(wtab[e]) : wg + (long long)e * expert_bytes;
-    const unsigned char* bu = wtab ? reinterpret_cast<const unsigned char*>(wtab[E + e]) : wu + (long long)e * expert_bytes;
-    qf32::tile<W, true>(a_off, x, bg, bu, row_bytes, n0, F, D, acc0, acc1);
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int r = ty * 4 + i;
-        const bool pad = a_off[r] < 0;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int n = n0 + tx * 4 + j;
-            if (n < F) h[(long long)(m0 + r) * ldh + n] = pad ? 0.f : qf32::silu(acc0[i][j]) * acc1[i][j];
-        }
-    }
+    qf32::tile<W, true>(a_off, x, expert_weights(wtab, e, wg, e, expert_bytes),
+                        expert_weights(wtab, E + e, wu, e, expert_bytes), row_bytes, n0, F, D, acc0, acc1);
+    for_tile4x4(n0, F, [&](int i, int j, int r, int n) {
+        h[(long long)(m0 + r) * ldh + n] = a_off[r] < 0 ? 0.f : qf32::silu(acc0[i][j]) * acc1[i][j];
+    });
 }
 
 template<int W>
@@ -86,20 +77,12 @@ __device__ __forceinline__ void down_impl(const float* __restrict__ h, long long
     const int e = s_e;
     if (e < 0) return;
     float acc0[4][4] = {}, acc1[4][4];
-    const unsigned char* bd = wtab ? reinterpret_cast<const unsigned char*>(wtab[e]) : wd + (long long)e * expert_bytes;
-    qf32::tile<W, false>(a_off, h, bd, nullptr, row_bytes, n0, D, F, acc0, acc1);
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int slot = s_slot[ty * 4 + i];
-        if (slot < 0) continue;
-        const float rw = route_w[slot];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int n = n0 + tx * 4 + j;
-            if (n < D) y[(long long)slot * ldy + n] = acc0[i][j] * rw;
-        }
-    }
+    qf32::tile<W, false>(a_off, h, expert_weights(wtab, e, wd, e, expert_bytes), nullptr, row_bytes, n0, D, F,
+                         acc0, acc1);
+    for_tile4x4(n0, D, [&](int i, int j, int r, int n) {
+        const int slot = s_slot[r];
+        if (slot >= 0) y[(long long)slot * ldy + n] = acc0[i][j] * route_w[slot];
+    });
 }
 
 #define MOE_QF32(WNAME, WTYPE)                                                                      \

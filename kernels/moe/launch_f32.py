@@ -13,7 +13,7 @@ import contextlib
 
 import numpy as np
 
-from ggfuse.kernels.dense.qf32 import BM, BN, THREADS, check_rows, check_weight, weight_name
+from ggfuse.kernels.dense.qf32 import BM, BN, THREADS, check_rows, check_weight, row_bytes, weight_name
 from ggfuse.kernels.moe import table
 from ggfuse.kernels.nvrtc import load_module
 
@@ -22,13 +22,6 @@ SOURCE = "moe/grouped_f32.cu"
 
 def _fn(name: str):
     return load_module(SOURCE).get_function(name)
-
-
-def _row_bytes(fn: str, w_name: str, K: int) -> int:
-    """Bytes per weight row, for a weight read through an expert table (no stack to check)."""
-    class _Big:            # check_weight's size check has nothing to check here
-        nbytes = 1 << 62
-    return check_weight(fn, _Big, w_name, 1, K)
 
 
 def _layout(fn: str, sorted_slots, expert_offsets, E: int, tile: int) -> int:
@@ -56,7 +49,7 @@ def moe_gate_up_f32(x, w_gate, w_up, w_type, E: int, F: int, D: int, sorted_slot
         raise ValueError(f"moe_gate_up_f32: h has {h.shape[0]} rows, the layout {sorted_slots.size}")
     if wtab is not None:
         table.check_table("moe_gate_up_f32", wtab, 2 * E)
-        rb, gate_ptr, up_ptr, e_bytes = _row_bytes("moe_gate_up_f32", w_name, D), 0, 0, 0
+        rb, gate_ptr, up_ptr, e_bytes = row_bytes("moe_gate_up_f32", w_name, D), 0, 0, 0
     elif w_up is None:
         rb = check_weight("moe_gate_up_f32", w_gate, w_name, E * 2 * F, D)
         gate_ptr, up_ptr, e_bytes = w_gate.data.ptr, w_gate.data.ptr + F * rb, 2 * F * rb
@@ -85,7 +78,7 @@ def moe_down_f32(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert
     ldy = check_rows("moe_down_f32", y, D, "y")
     if wtab is not None:
         table.check_table("moe_down_f32", wtab, E)
-        rb, down_ptr = _row_bytes("moe_down_f32", w_name, F), 0
+        rb, down_ptr = row_bytes("moe_down_f32", w_name, F), 0
     else:
         rb = check_weight("moe_down_f32", w_down, w_name, E * D, F)
         down_ptr = w_down.data.ptr

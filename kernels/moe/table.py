@@ -33,6 +33,11 @@ class ExpertTable:
         return f"ExpertTable({self.shape}, {len(self.keep)} buffers)"
 
 
+def strided(base: int, n: int, stride: int) -> np.ndarray:
+    """base + e * stride for e < n: the addresses of n experts stored back to back."""
+    return np.uint64(base) + np.arange(n, dtype=np.uint64) * np.uint64(stride)
+
+
 def pointers(w, n_experts: int) -> np.ndarray:
     """Expert e's address for e < n_experts: an ExpertTable's, or base + e * stride of a
     contiguous stack (a CuPy array)."""
@@ -42,7 +47,7 @@ def pointers(w, n_experts: int) -> np.ndarray:
         return w.ptrs
     if w.nbytes % n_experts:
         raise ValueError(f"a stack of {w.nbytes} bytes does not split into {n_experts} experts")
-    return np.uint64(w.data.ptr) + np.arange(n_experts, dtype=np.uint64) * np.uint64(w.nbytes // n_experts)
+    return strided(w.data.ptr, n_experts, w.nbytes // n_experts)
 
 
 def gate_up_pointers(w_gate, w_up, n_experts: int, up_offset: int = 0) -> np.ndarray:

@@ -33,6 +33,7 @@ import numpy as np
 from ggfuse.errors import DeviceError, GGFuseError
 from ggfuse.ir.ops import Op
 from ggfuse.ir.types import DType, shape_eval
+from ggfuse.passes.schedule_expert_prefetch import align_up
 
 
 def _progress(done: int, total: int, t0: float, what: str, final: bool = False):
@@ -56,8 +57,9 @@ class DeviceBuffers:
         self.block = None    # the one allocation the uploaded weights are carved from
 
 
-def _align(n: int, a: int = 256) -> int:
-    return -(-n // a) * a
+def _form_bytes(fmt: str, shape: tuple, raw_bytes: int) -> int:
+    """Device bytes of a tensor in one form: its GGUF bytes (raw), or 2 / 4 per element."""
+    return raw_bytes if fmt == "raw" else int(np.prod(shape)) * (4 if fmt == "f32" else 2)
 
 
 SUB_CHUNK_MIN = 256
@@ -311,8 +313,7 @@ class CUDABackend:
         # every device form in one allocation, carved at 256-byte offsets: hundreds of separate
         # allocations would each round up to the driver's 2 MiB pages (measured: ~0.2 GiB of a
         # 35B-A3B plan under a 12 GiB budget, outside the pool's count)
-        sizes = [_align(nbytes if fmt == "raw" else int(np.prod(shape)) * (4 if fmt == "f32" else 2))
-                 for _, fmts, shape, nbytes, _ in uploads for fmt in fmts]
+        sizes = [align_up(_form_bytes(fmt, shape, nbytes)) for _, fmts, shape, nbytes, _ in uploads for fmt in fmts]
         block = cp.empty(max(sum(sizes), 256), dtype=cp.uint8)
         self.buf.block = block
         at = 0
@@ -323,17 +324,16 @@ class CUDABackend:
                 dev = cp.empty(nbytes, dtype=cp.uint8)
                 dev.set(staging[:nbytes], stream=self.copy_stream)
             for fmt in sorted(fmts, key=lambda f: f != "raw"):     # raw first: the others dequantise it
-                n_el = int(np.prod(shape))
-                size = nbytes if fmt == "raw" else n_el * (4 if fmt == "f32" else 2)
+                size = _form_bytes(fmt, shape, nbytes)
                 view = block[at:at + size]
-                at += _align(size)
+                at += align_up(size)
                 if fmt == "raw":
                     view.set(staging[:nbytes], stream=self.copy_stream)
                     arr = dev = view
                 else:
                     row = shape[-1]
                     out = view.view(cp.float32 if fmt == "f32" else cp.uint16)
-                    dense.dequantize(dev, w.ggml_type, n_el // row, row, out, stream=self.copy_stream)
+                    dense.dequantize(dev, w.ggml_type, int(np.prod(shape)) // row, row, out, stream=self.copy_stream)
                     arr = out.reshape(shape)
                 if part:
                     self.buf.parts[w.name] = arr

@@ -39,18 +39,15 @@ import numpy as np
 
 from ggfuse.errors import DeviceError, GGFuseError
 from ggfuse.ir.ops import Op
+from ggfuse.passes.schedule_expert_prefetch import SLOT_ALIGN, align_up
 
-ALIGN = 256                    # byte alignment of each tensor inside a slot
+ALIGN = SLOT_ALIGN             # byte alignment of each tensor inside a slot (the plan's layout)
 H2D = 1                        # cudaMemcpyHostToDevice
 REGISTER_PORTABLE = 0x01       # cudaHostRegisterPortable
 REGISTER_READ_ONLY = 0x08      # cudaHostRegisterReadOnly: the mapping is PROT_READ
 STAGING_BUFFERS = 2            # one being copied while the next is filled
 FILL_PIECE = 64 << 20          # bytes per thread-pool task when filling a staging buffer
 READ_AHEAD = 2                 # fetches whose regions are madvised while one is filled
-
-
-def _align(n: int, a: int = ALIGN) -> int:
-    return -(-n // a) * a
 
 
 def note(msg: str) -> None:
@@ -237,7 +234,7 @@ class ExpertStreamer:
                 p = Piece(name, fmts[0], w.ggml_type, tuple(w.shape), int(w.offset), int(w.nbytes) // E,
                           dev // E, first, stop, off)
                 pieces.append(p)
-                off = _align(off + p.dev_bytes)
+                off = align_up(off + p.dev_bytes)
             self.fetches.append(Fetch(int(n.attrs.layer), int(n.attrs.slot), n.attrs.mode, pieces, n.id))
         self.by_node = {f.node_id: f for f in self.fetches}
         self.by_layer: dict[int, list[Fetch]] = {}
@@ -253,7 +250,7 @@ class ExpertStreamer:
                 raise DeviceError(be.gf.path, f"streamed tensor {name}: the fetches do not cover its last experts "
                                               f"in one run ({[(p.first, p.end) for _, p in fps]})")
         self.n_slots = max((f.slot for f in self.fetches), default=-1) + 1
-        self.slot_bytes = max((_align(sum(_align(p.dev_bytes) for p in f.pieces)) for f in self.fetches), default=0)
+        self.slot_bytes = max((align_up(sum(align_up(p.dev_bytes) for p in f.pieces)) for f in self.fetches), default=0)
         self.host_mode = None
         self.timing = None          # a dict while an instrumented run records copy / wait events
         self.routed_counts = {}     # layer -> experts copied by the last routed fetch
@@ -281,7 +278,7 @@ class ExpertStreamer:
         a whole streamed layer's tensor is its view in the slot; a split one (experts [0, first)
         resident, uploaded by the backend into buf.parts) an ExpertTable of per-expert addresses,
         the resident experts' and the slot's. Then the host side."""
-        from ggfuse.kernels.moe.table import ExpertTable
+        from ggfuse.kernels.moe.table import ExpertTable, strided
         cp = self.cp
         be = self.be
         self.slot_buffers = [cp.empty(max(self.slot_bytes, ALIGN), dtype=cp.uint8) for _ in range(self.n_slots)]
@@ -297,12 +294,11 @@ class ExpertStreamer:
                 if p0.first:
                     part = be.buf.parts[name]
                     keep.append(part)
-                    ptrs[:p0.first] = np.uint64(part.data.ptr) + np.arange(p0.first, dtype=np.uint64) * np.uint64(p0.dev_e)
+                    ptrs[:p0.first] = strided(part.data.ptr, p0.first, p0.dev_e)
                 for f, p in fps:
                     base = self.slot_buffers[f.slot]
                     keep.append(base)
-                    ptrs[p.first:p.end] = (np.uint64(base.data.ptr + p.slot_offset) +
-                                           np.arange(p.end - p.first, dtype=np.uint64) * np.uint64(p.dev_e))
+                    ptrs[p.first:p.end] = strided(base.data.ptr + p.slot_offset, p.end - p.first, p.dev_e)
                 arr = ExpertTable(ptrs, p0.shape, keep=keep)
             be.buf.weights[(name, p0.fmt)] = (arr, p0.fmt, p0.ggml_type, p0.shape)
             be.buf.formats[name] = [p0.fmt]
@@ -330,7 +326,7 @@ class ExpertStreamer:
     def _regions(self) -> list[tuple[int, int]]:
         """Page-aligned, merged [start, end) file ranges of every streamed tensor."""
         page = mmap.PAGESIZE
-        spans = sorted((p.src_offset // page * page, _align(p.src_offset + p.src_bytes, page))
+        spans = sorted((p.src_offset // page * page, align_up(p.src_offset + p.src_bytes, page))
                        for f in self.fetches for p in f.pieces)
         merged = []
         for a, b in spans:
