@@ -172,7 +172,9 @@ def _dense_policy(g: Graph, tensors: dict, roles: dict, *, options, device_free:
                       and t["ggml_type"] not in FLOAT_TYPES)
     intervals, _ = plan_memory.buffers(g, options.chunk)
     arena = plan_memory.place(intervals)[1]
-    need = raw + state_bytes(g, options.max_context) + arena + DENSE_FIT_RESERVE
+    # the reserve scales down for toy budgets, as schedule_expert_prefetch's does
+    reserve = DENSE_FIT_RESERVE if not options.vram_budget else min(DENSE_FIT_RESERVE, options.vram_budget // 16)
+    need = raw + state_bytes(g, options.max_context) + arena + reserve
     limits = [x for x in (options.vram_budget, device_free) if x]
     if not limits:
         return True, ("bf16: no --vram-budget and no device to measure at compile time, so the dense matrices "

@@ -42,7 +42,7 @@ from ggfuse.passes.lower_cuda import HEAD_BLOCK_LEAN, form_bytes, state_bytes
 
 # device memory outside the plan's buffers: CUDA graphs, NVRTC modules, expert tables, cuBLAS's
 # handle. Measured on the H100 for the 35B-A3B at 2048 tokens under 12 GiB: 32.5 MiB besides
-# the CuPy pool (tests/gpu_memstages.py, session 4); 96 MiB leaves room for other drivers.
+# the CuPy pool (tools/gpu_memstages.py, session 4); 96 MiB leaves room for other drivers.
 RESERVE_BYTES = 96 << 20
 DEFAULT_MAX_CONTEXT = 8192
 DEFAULT_H2D_GBPS = 54.0        # measured pinned host->device on the lent H100 (PCIe Gen5)

@@ -30,6 +30,9 @@ def check_plan_options(plan, given: dict, plan_path: str) -> None:
     src = plan.source.get("path", "MODEL.gguf")
     for k, v in sorted(given.items()):
         if k == "chunk":
+            if int(v) > plan.chunk:
+                raise PlanError(plan_path, f"plan was compiled for chunk {plan.chunk}; chunk {v} needs a larger arena "
+                                           f"and other captured graphs: recompile with `ggfuse compile {src} --chunk {v}`")
             continue
         have = plan.options.get(k)
         if have != v:

@@ -322,10 +322,10 @@ class CUDABackend:
 
     def executor_for(self, n: int) -> "CUDABackend":
         """The executor of an n-token chunk: the smallest captured chunk size that holds it."""
-        fits = [c for c in self.captures if c >= n and c != self.chunk]
-        if not fits:
+        fits = [c for c in self.captures if c >= n]
+        c = min(fits) if fits else self.chunk
+        if c >= self.chunk:
             return self
-        c = min(fits)
         v = self._views.get(c)
         if v is None:
             from ggfuse.runtime.cuda.ops import build_launches
