@@ -1,6 +1,6 @@
 """The expert-streaming benchmark in one device call (issue 6):
 
-    python -m ggfuse.runtime.stream_bench [--out DIR] [--budget 12GiB] [--prompts 2048,8192]
+    python tools/stream_bench.py [--out DIR] [--budget 12GiB] [--prompts 2048,8192]
 
 1. synthesises Qwen3.5-35B-A3B Q4_K_M (`ggfuse synth`, ~21 GB) unless DIR/q35.gguf exists;
 2. `ggfuse bench` with --vram-budget and --chunk auto (per prompt, the chunk with the best

@@ -120,7 +120,7 @@ def build_launches(be) -> list:
                 ctx.weights[n.value(i)] = ctx.weights[n.inputs[i]]
             if streamer is None:
                 raise PlanError(None, f"cuda: {n.name}: a fetch step but no streamed experts")
-            out.append(streamer.step(ctx, n))   # host -> slot copy on the copy stream
+            out.append(_for_target(be, streamer.step(ctx, n)))   # host -> slot copy on the copy stream
             be.launch_nodes.append(n)
             continue
         rec = n.meta.get("kernel")
@@ -166,13 +166,45 @@ def build_launches(be) -> list:
             for f in dict.fromkeys(x for c in chains for x in c):
                 if f.id not in joined:
                     joined.add(f.id)
-                    out.append(streamer.join(ctx, f))
+                    out.append(_for_target(be, streamer.join(ctx, f)))
                     be.launch_nodes.append(f)
-        out.append(fn(ctx, n))
+        out.append(_for_target(be, fn(ctx, n)))
         be.launch_nodes.append(n)
     if be.head_last is None:
         raise PlanError(None, "cuda: the plan has no lm_head producing the logits")
     return out
+
+
+def _for_target(be, fn):
+    """fn, run with the kernels built for the plan's target (kernels/target.py): a launcher
+    looks its kernel up when it runs (eagerly, or while being captured), so an sm_89 plan gets
+    its sm_89 kernels wherever the launch is called from. HostSteps keep their type."""
+    from ggfuse.runtime.cuda.streaming import HostStep
+    spec = be.target
+    if isinstance(fn, HostStep):
+        inner = fn.fn
+        fn.fn = lambda *a, **k: _call_for(spec, inner, a, k)
+        return fn
+    return _Bound(spec, fn)
+
+
+def _call_for(spec, fn, a, k):
+    from ggfuse.kernels.target import building_for
+    with building_for(spec):
+        return fn(*a, **k)
+
+
+class _Bound:
+    __slots__ = ("spec", "fn")
+
+    def __init__(self, spec, fn):
+        self.spec, self.fn = spec, fn
+
+    def __call__(self, *a, **k):
+        return _call_for(self.spec, self.fn, a, k)
+
+    def __getattr__(self, name):          # e.g. _HeadAll.buf
+        return getattr(self.fn, name)
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -270,8 +302,8 @@ def _ffn_swiglu(ctx, n):
 def _lm_head(ctx, n):
     rec = n.meta["kernel"]
     be = ctx.be
-    be.head_all = _HeadAll(ctx, n, rec)
-    be.head_last = [_lm_head_last(ctx, n, rec["last"])]
+    be.head_all = _for_target(ctx.be, _HeadAll(ctx, n, rec))
+    be.head_last = [_for_target(ctx.be, _lm_head_last(ctx, n, rec["last"]))]
     be.head_node = n
 
 
