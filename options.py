@@ -108,6 +108,8 @@ class Options:
                                      "--sub-chunk-min) for short prompts and the tail of long ones", None, _bool,
                             default=True)
     sub_chunk_min: int = _opt(COMPILE, "smallest captured sub-chunk size", None, _positive_int, default=256)
+    decode: bool = _opt(COMPILE, "also capture a one-token step, the graph text generation replays per token",
+                        None, _bool, default=True)
     deltanet_chunk: int = _opt(COMPILE, "chunk length of the chunked (WY) delta rule", None, _positive_int, default=64)
     gemm: str = _opt(COMPILE, "tensor-core GEMM family: auto (wgmma on sm_90a where the weight type allows, else "
                               "mma.sync), mma, wgmma (an error where it cannot run)", ("auto", "mma", "wgmma"),

@@ -55,14 +55,17 @@ _ELEMENTWISE = {Op.RMS_NORM: "dense.rms_norm", Op.ADD_RMS_NORM: "dense.add_rms_n
 _NO_KERNEL = (Op.INPUT, Op.WEIGHT, Op.SLICE, Op.FETCH_WEIGHTS)
 
 
-def capture_sizes(chunk: int, sub_chunks: bool = True, sub_chunk_min: int = 256) -> list[int]:
+def capture_sizes(chunk: int, sub_chunks: bool = True, sub_chunk_min: int = 256, decode: bool = False) -> list[int]:
     """The chunk sizes the runtime captures: `chunk`, then halvings down to sub_chunk_min
-    (multiples of 64 from 128 up), for short prompts and the tail of long ones."""
+    (multiples of 64 from 128 up), for short prompts and the tail of long ones; decode: also a
+    one-token step (the graph generation replays per token)."""
     out, c = [chunk], chunk // 2
     while sub_chunks and c >= max(sub_chunk_min, 1):
         c = c // 64 * 64 if c >= 128 else c
         out.append(c)
         c //= 2
+    if decode and out[-1] > 1:
+        out.append(1)
     return out
 
 
@@ -450,7 +453,7 @@ def run(g: Graph, *, options, device_free: int | None = None) -> PassResult:
         raise GGFuseError(None, f"lower_cuda needs a GPU target, got {options.target!r}")
     spec = TARGETS[options.target]
     g = g.copy()
-    sizes = capture_sizes(options.chunk, options.sub_chunks, options.sub_chunk_min)
+    sizes = capture_sizes(options.chunk, options.sub_chunks, options.sub_chunk_min, options.decode)
     tensors = _tensors(g)
     roles = weight_roles(g)
     dense_bf16, why = _dense_policy(g, tensors, roles, options=options, device_free=device_free)

@@ -586,7 +586,7 @@ def bench_main(args) -> int:
     if per_prompt:
         from ggfuse.passes.lower_cuda import capture_sizes, context_for
         runs = [(chunks[n], [n], context_for(n, chunks[n], capture_sizes(chunks[n], options.sub_chunks,
-                                                                          options.sub_chunk_min))) for n in prompts]
+                                                                          options.sub_chunk_min, options.decode))) for n in prompts]
     elif auto:
         groups: dict[int, list] = {}
         for n in prompts:

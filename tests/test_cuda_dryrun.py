@@ -106,7 +106,7 @@ def test_short_chunks_run_a_smaller_graph(monkeypatch):
     it: its own memory layout and graphs, sharing weights, states and the arena."""
     with fake_device(monkeypatch):
         plan, be = _backend("qwen35moe", "q4_k_m", monkeypatch, chunk=1024, max_context=4096)
-        assert be.captures == [1024, 512, 256]
+        assert be.captures == [1024, 512, 256, 1]
         assert be.executor_for(1024) is be and be.executor_for(600) is be
         small = be.executor_for(200)
         assert small.chunk == 256 and small.arena is be.arena and small.states is be.states
@@ -118,7 +118,7 @@ def test_short_chunks_run_a_smaller_graph(monkeypatch):
         be.run_chunk(np.arange(1000, dtype=np.int32) % 300, "none")
         assert be.n_past == 1300 and "body" in be.graphs
         plan2, be2 = _backend("qwen35moe", "q4_k_m", monkeypatch, chunk=1024, max_context=4096, sub_chunks=False)
-        assert be2.captures == [1024] and be2.executor_for(10) is be2
+        assert be2.captures == [1024, 1] and be2.executor_for(10) is be2 and be2.executor_for(1).chunk == 1
 
 
 @pytest.mark.parametrize("quant", ["f32", "q4_k_m"])

@@ -336,7 +336,7 @@ def test_host_gathered_embedding(arch, monkeypatch):
         emb = be.embedding
         assert emb is not None and emb.device_bytes() == fixed["embedding_rows"]
         assert be.weight(name, "rows")[0] is emb.dev and emb.dev.nbytes == 32 * row_bytes
-        assert be.captures == [32, 16, 8]
+        assert be.captures == [32, 16, 8, 1]
         rng = np.random.default_rng(1)
         for n in (32, 20, 5, 12):
             tokens = rng.integers(0, plan.hparams["n_vocab"], size=n).astype(np.int32)

@@ -83,7 +83,7 @@ def test_gpu_chunks_calls_and_replay_agree(arch):
     _check(split, eager, f"{arch} replayed chunks of 8 + split calls vs one eager pass")
     # short calls run smaller captured chunk sizes (32 -> 16, 8) sharing weights and state
     sub = ggfuse.load(fixture(arch, "q4_k_m"), device="cuda", chunk=32, sub_chunk_min=8)
-    assert sub.backend.captures == [32, 16, 8]
+    assert sub.backend.captures == [32, 16, 8, 1]
     mixed = np.concatenate([sub.prefill(tokens[:5]), sub.prefill(tokens[5:20]), sub.prefill(tokens[20:])])
     _check(mixed, eager, f"{arch} sub-chunks of 8/16 + chunks of 32 vs one eager pass")
     # the same calls again after reset: every chunk now replays the captured graph (the first
