@@ -183,3 +183,23 @@ def test_prompt_past_the_kv_cache_is_a_clear_error(monkeypatch):
         with pytest.raises(GGFuseError, match=r"needs 32 KV-cache rows but the cache holds 24; use --max-context >= 32"):
             be.run_chunk(np.arange(4, dtype=np.int32))
         assert "qwen35moe" in str(pytest.raises(GGFuseError, be.run_chunk, np.arange(4, dtype=np.int32)).value)
+
+
+def test_replayed_profile_times_every_launch(monkeypatch):
+    """ggfuse bench's op profile of the replayed prefill: every launch of every chunk captured
+    alone and replayed in order, an event between each two; each op against its floor."""
+    from ggfuse.runtime import bench
+    from ggfuse.runtime.api import Model
+    with fake_device(monkeypatch) as calls:
+        plan, be = _backend("qwen35moe", "q4_k_m", monkeypatch)
+        m = Model(plan, be.gf, be, 16)
+        ops = []
+        tokens = np.arange(20, dtype=np.int32)
+        phases = bench.replay_profile(m, be, tokens, ops, {"matmul_tflops": 700.0, "copy_gbs": 4000.0})
+        launches = len(be.launch_nodes) + len(be.executor_for(4).launch_nodes) + 1
+        assert sum(o["launches"] for o in ops) == launches
+        assert sum(1 for c in calls if c[0] == "graph.launch") >= launches
+        assert abs(sum(phases.values()) - launches * 1.0) < 1e-6      # the fake events: 1 ms apart
+        assert "moe gemm" in phases and "lm head" in phases
+        moe = next(o for o in ops if o["op"] == "moe_grouped_gemm")
+        assert moe["gflop"] > 0 and moe["floor_ms"] > 0 and 0 < moe["of_floor"] < 1
