@@ -3,6 +3,7 @@
     import ggfuse
     m = ggfuse.load("model.gguf", device="cpu")
     logits = m.prefill([1, 2, 3])     # [3, n_vocab]
+    print(m.tokenizer.decode(m.generate("Once upon a time", 16)))
 """
 __version__ = "0.1.0"
 
@@ -12,4 +13,11 @@ def load(path, device="auto", chunk=None, gguf=None, vram_budget=None, precision
     return _load(path, device=device, chunk=chunk, gguf=gguf, vram_budget=vram_budget, precision=precision)
 
 
-__all__ = ["load", "__version__"]
+def __getattr__(name):
+    if name == "Tokenizer":   # imported on first use: it needs the `tokenizers` package
+        from ggfuse.runtime.tokenizer import Tokenizer
+        return Tokenizer
+    raise AttributeError(f"module 'ggfuse' has no attribute {name!r}")
+
+
+__all__ = ["load", "Tokenizer", "__version__"]

@@ -160,6 +160,14 @@ def cmd_run(args) -> int:
     model_path = args.model or EXAMPLE_MODEL
     if not args.model:
         print(f"no model given: running the example model {os.path.relpath(model_path)}", file=sys.stderr)
+    if args.tokens is None:
+        from ggfuse.runtime.text_cli import run_text, sampling_kwargs
+        if args.logits:
+            raise GGFuseError(None, "--logits needs --tokens (it saves the logits of given token ids)")
+        sampling_kwargs(args)   # bad flag values fail before the model loads
+        m = ggfuse.load(model_path, device=args.device, chunk=args.chunk, vram_budget=args.vram_budget,
+                        precision=args.precision)
+        return run_text(args, m)
     tokens = _parse_tokens(args.tokens)
     if not tokens:
         raise GGFuseError(None, "--tokens is empty")
@@ -206,17 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--text", action="store_true", help="print the whole graph, one node per line")
     i.set_defaults(fn=cmd_inspect)
 
-    r = sub.add_parser("run", help="prefill tokens and print the top-5 next tokens")
+    r = sub.add_parser("run", help="generate text from a prompt (or, with --tokens, print the top-5 next tokens)")
     r.add_argument("model", nargs="?", help="GGUF or plan (default: the example model)")
-    r.add_argument("--tokens", default="1,2,3", help="comma-separated token ids (default 1,2,3)")
-    r.add_argument("--logits", help="save all logits [n_tokens, vocab] to this .npy")
+    r.add_argument("--tokens", default=None, help="comma-separated token ids: prefill them and print the top-5 "
+                                                  "next tokens instead of generating text")
+    r.add_argument("--logits", help="with --tokens: save all logits [n_tokens, vocab] to this .npy")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--chunk", type=int, default=None)
     r.add_argument("--vram-budget", default=None, help="device memory budget, e.g. 12GiB: stream the experts "
                                                        "that do not fit (a plan must be compiled for it)")
     r.add_argument("--precision", default=None, help="bf16 (default, or $GGFUSE_PRECISION): tensor-core GEMMs; "
                                                      "f32: f32-faithful GEMMs on the cuda device, for verification")
+    from ggfuse.runtime.text_cli import add_text_run_arguments, add_tokenize_parser
+    add_text_run_arguments(r)
     r.set_defaults(fn=cmd_run)
+    add_tokenize_parser(sub)
 
     try:
         from ggfuse.compiler.synth import add_synth_parser
