@@ -266,6 +266,7 @@ class ChatSession:
     """
     model: object
     system: str | None = None
+    template: str | None = None   # a Jinja chat template instead of the GGUF's own
     template_kwargs: dict = field(default_factory=dict)
     messages: list = field(default_factory=list)
     fed: list = field(default_factory=list)   # the token ids the model's state holds, in order
@@ -273,7 +274,7 @@ class ChatSession:
 
     def __post_init__(self):
         from ggfuse.runtime.chat import ChatTemplate
-        self.template = ChatTemplate.from_tokenizer(self.model.tokenizer)
+        self.template = ChatTemplate.from_tokenizer(self.model.tokenizer, self.template)
         if self.system:
             self.messages.append({"role": "system", "content": self.system})
         self.model.reset()

@@ -38,6 +38,8 @@ def add_text_run_arguments(r) -> None:
                    help="stop when the text contains TEXT (repeatable)")
     r.add_argument("--chat", action="store_true", help="chat: read user turns from stdin, one per line, apply "
                                                        "the model's chat template and keep the conversation")
+    r.add_argument("--chat-template", metavar="FILE", help="with --chat: a Jinja chat template file to use "
+                                                            "instead of the model's own")
     r.add_argument("--no-display-prompt", action="store_true", help="do not echo the prompt before the text")
 
 
@@ -117,7 +119,14 @@ def _chat(args, model, n, kw) -> int:
     from ggfuse.runtime.generate import ChatSession
     if args.file is not None:
         raise GGFuseError(None, "--chat reads the conversation from stdin; -f does not apply")
-    chat = ChatSession(model, system=args.prompt)
+    template = None
+    if args.chat_template is not None:
+        try:
+            with open(args.chat_template, encoding="utf-8") as f:
+                template = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise GGFuseError(args.chat_template, f"cannot read the chat template: {getattr(e, 'strerror', None) or e}") from None
+    chat = ChatSession(model, system=args.prompt, template=template)
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
