@@ -91,6 +91,8 @@ class Model:
 
     # -- text (runtime/tokenizer.py, runtime/generate.py) -------------------------------------------
 
+    last_stats = None   # the GenerationStats of the last generate() / stream() / chat turn
+
     @functools.cached_property
     def tokenizer(self):
         """The GGUF's tokenizer (ggfuse.Tokenizer); GGFuseError if the file has none."""
