@@ -36,7 +36,7 @@ class GenerationStats:
     ttft_s: float = 0.0        # start to the first new token (prefill + first sample)
     decode_s: float = 0.0      # the one-token steps after the first token
     n_decode: int = 0          # how many one-token steps that was
-    finish: str = ""           # "eog", "stop", "length" or "context"
+    finish: str = ""           # "eog", "stop", "length", "context" or "cancelled" (the consumer stopped)
 
     @property
     def prefill_tok_per_s(self) -> float:
@@ -183,37 +183,51 @@ class Generation:
         st.prefill_s = time.perf_counter() - t0
         budget = self.max_new_tokens if self.max_new_tokens is not None else (limit - m.n_past + 1 if limit else None)
         t_first = None
-        while budget is None or len(self.new_ids) < budget:
-            t = sampler.sample(logits, history)
-            if t_first is None:
-                t_first = time.perf_counter()
-                st.ttft_s = t_first - t0
-            if t in eog:
-                st.finish = "eog"
-                break
-            self.new_ids.append(t)
-            history.append(t)
-            st.n_new = len(self.new_ids)
-            yield t
-            if self.stops.hit:
-                st.finish = "stop"
-                break
-            if budget is not None and len(self.new_ids) >= budget:
-                break
-            if limit is not None and m.n_past >= limit:
-                break
-            logits = decode_step(m.backend, t)
-            self.n_fed_new += 1
-            st.n_decode += 1
-        if not st.finish:
-            st.finish = "length" if self.max_new_tokens is not None else "context"
-        if t_first is not None:
-            st.decode_s = time.perf_counter() - t_first
-        m.last_stats = st
+        try:
+            while budget is None or len(self.new_ids) < budget:
+                t = sampler.sample(logits, history)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    st.ttft_s = t_first - t0
+                if t in eog:
+                    st.finish = "eog"
+                    break
+                self.new_ids.append(t)
+                history.append(t)
+                st.n_new = len(self.new_ids)
+                yield t
+                if self.stops.hit:
+                    st.finish = "stop"
+                    break
+                if budget is not None and len(self.new_ids) >= budget:
+                    break
+                if limit is not None and m.n_past >= limit:
+                    break
+                logits = decode_step(m.backend, t)
+                self.n_fed_new += 1
+                st.n_decode += 1
+            if not st.finish:
+                st.finish = "length" if self.max_new_tokens is not None else "context"
+        finally:
+            # also when the consumer stops early (st.finish then stays "": "cancelled")
+            st.finish = st.finish or "cancelled"
+            if t_first is not None:
+                st.decode_s = time.perf_counter() - t_first
+            m.last_stats = st
 
     def __iter__(self) -> Iterator[str]:
         """The new text, piece by piece: a multi-byte character is never split, a stop string
         and what follows it never shown."""
+        self._active = self._text()
+        return self._active
+
+    def close(self) -> None:
+        """Stop a generation part way (e.g. the reader went away); .stats then say "cancelled"."""
+        active = getattr(self, "_active", None)
+        if active is not None:
+            active.close()
+
+    def _text(self) -> Iterator[str]:
         text = self.model.tokenizer.stream()
         for t in self._tokens():
             piece = self.stops.push(text.push(t))
@@ -281,16 +295,20 @@ class ChatSession:
 
     def reply(self, user_text: str, max_new_tokens: int | None = 512, **sampling) -> Iterator[str]:
         """Add a user turn and stream the assistant's answer, which joins the conversation."""
-        self.messages.append({"role": "user", "content": user_text})
-        prompt = self.template.render(self.messages, add_generation_prompt=True, **self.template_kwargs)
+        messages = [*self.messages, {"role": "user", "content": user_text}]
+        prompt = self.template.render(messages, add_generation_prompt=True, **self.template_kwargs)
         ids = self.model.tokenizer.encode(prompt, add_special=False, parse_special=True)
         keep = len(self.fed) if ids[:len(self.fed)] == self.fed and self.model.n_past == len(self.fed) else 0
         if keep == len(ids):   # nothing new to feed: start over so that there are logits to sample
             keep = 0
         self.last = gen = Generation(self.model, ids[keep:], max_new_tokens, reset=keep == 0, **sampling)
+        self.messages = messages   # the turn joins once it can run (a prompt too long raised above)
         pieces = []
-        for piece in gen:
-            pieces.append(piece)
-            yield piece
-        self.fed = ids + gen.new_ids[:gen.n_fed_new]
-        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        try:
+            for piece in gen:
+                pieces.append(piece)
+                yield piece
+        finally:   # an answer cut short joins the conversation as far as it went
+            gen.close()
+            self.fed = ids + gen.new_ids[:gen.n_fed_new] if gen.stats.n_prompt else []
+            self.messages.append({"role": "assistant", "content": "".join(pieces)})

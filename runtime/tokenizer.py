@@ -419,9 +419,6 @@ class Tokenizer:
     def _hidden(self, i: int) -> bool:
         return self._control[i] or self.types[i] == UNKNOWN
 
-    def is_control(self, token_id: int) -> bool:
-        return self._hidden(int(token_id))
-
     def decode_bytes(self, ids, special: bool = False) -> bytes:
         """The bytes of `ids`, as llama_detokenize(vocab, ids, remove_special=False,
         unparse_special=special)."""
@@ -445,21 +442,32 @@ class Tokenizer:
         return TextStream(self)
 
 
+def _settled(raw: bytearray) -> int:
+    """The largest p with no space among raw[p-3:p] (0 if none): clean_spaces(raw + later) is
+    then clean_spaces(raw[:p]) + clean_spaces(raw[p:] + later), whatever comes later. (Each of
+    clean_spaces' patterns starts with a space and spans at most four bytes, so none can
+    straddle p; its passes only delete spaces, so the three bytes before p survive each pass.)"""
+    p = len(raw)
+    while p >= 3:
+        space = raw.rfind(b" ", p - 3, p)
+        if space < 0:
+            return p
+        p = space
+    return 0
+
+
 class TextStream:
     """Incremental decoding: push() token ids one at a time and get the text they add, never
     half of a multi-byte character; the pieces joined (with flush()) equal decode(all ids).
 
-    Where the vocabulary cleans up spaces (" ," -> ","), a space near the end is held back until
-    the next tokens show whether it stays."""
-
-    # clean_spaces looks at most three bytes past a space it may drop (" 've")
-    _LOOKAHEAD = 4
+    Where the vocabulary cleans up spaces (" ," -> ","), text is handed out up to the last run
+    of three non-space bytes: what comes later cannot change the clean-up before it (see
+    _settled), while a space closer to the end may still be dropped."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tok = tokenizer
         self.ids: list[int] = []
-        self._raw = bytearray()
-        self._sent = 0   # bytes of the cleaned text already handed to the UTF-8 decoder
+        self._raw = bytearray()   # bytes not handed out yet
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
     def push(self, token_id: int) -> str:
@@ -477,16 +485,10 @@ class TextStream:
 
     def _emit(self, final: bool) -> str:
         if not self.tok.pretok.clean_spaces:
-            ready = bytes(self._raw[self._sent:])
-            self._sent = len(self._raw)
-            return self._utf8.decode(ready, final)
-        text = clean_spaces(bytes(self._raw))
-        stable = len(text)
-        if not final:
-            tail = text.find(b" ", max(stable - self._LOOKAHEAD, 0))
-            if tail >= 0:
-                stable = tail
-        stable = max(stable, self._sent)
-        ready = text[self._sent:stable]
-        self._sent = stable
+            cut = len(self._raw)
+            ready = bytes(self._raw)
+        else:
+            cut = len(self._raw) if final else _settled(self._raw)
+            ready = clean_spaces(bytes(self._raw[:cut]))
+        del self._raw[:cut]
         return self._utf8.decode(ready, final)

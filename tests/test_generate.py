@@ -145,6 +145,15 @@ def test_stream_joins_to_the_decoded_ids(tiny):
     assert tiny.generate(tiny.tokenizer.encode(GREEDY_PROMPT, parse_special=True), 24, temperature=0.9, seed=4) == ids
 
 
+def test_stopping_the_iteration_early_still_gives_stats(tiny):
+    s = tiny.stream(GREEDY_PROMPT, 20)
+    for i, _ in enumerate(s):
+        if i == 2:
+            break
+    s.close()
+    assert s.stats is tiny.last_stats and tiny.last_stats.finish == "cancelled" and 3 <= tiny.last_stats.n_new <= 4
+
+
 def test_stop_strings(tiny):
     ids = tiny.generate(GREEDY_PROMPT, 32)
     text = tiny.tokenizer.decode(ids)

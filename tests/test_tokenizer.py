@@ -167,6 +167,20 @@ def test_stream_decoding_equals_decode_and_never_splits_a_character(toks, name):
             assert all("\ufffd" not in p for p in pieces)
 
 
+def test_stream_with_clean_up_on_its_trigger_tokens(toks):
+    """Random runs of exactly the tokens the clean-up looks at (spaces, apostrophes, s/m/re/ve,
+    punctuation), where holding back and settling text matter most."""
+    tok = toks("gemma-4")
+    pieces = ["\u2581", "'", "s", "m", "re", "ve", ",", ".", "?", "!", "a", "\u2581'", "'s", "\u2581,", "\u2581\u2581"]
+    alphabet = [tok.token_to_id[p] for p in pieces if p in tok.token_to_id]
+    assert len(alphabet) >= 10
+    rng = random.Random(11)
+    for _ in range(1500):
+        ids = [rng.choice(alphabet) for _ in range(rng.randint(1, 25))]
+        s = tok.stream()
+        assert "".join([s.push(i) for i in ids] + [s.flush()]) == tok.decode(ids), ids
+
+
 def test_stream_holds_back_a_character_until_complete(toks):
     tok = toks("tiny")   # byte tokens: id = byte value + ... (GPT-2 alphabet)
     ids = tok.encode("日本", add_special=False)
