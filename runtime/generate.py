@@ -32,8 +32,9 @@ class GenerationStats:
     """What one generation did and how long it took (seconds)."""
     n_prompt: int = 0          # prompt tokens fed (after whatever the model already held)
     n_new: int = 0             # tokens generated (an end-of-generation token not counted)
+    tokenize_s: float = 0.0    # turning a text prompt into ids
     prefill_s: float = 0.0     # feeding the prompt
-    ttft_s: float = 0.0        # start to the first new token (prefill + first sample)
+    ttft_s: float = 0.0        # tokenizing, prefill and the first sample: until the first new token
     decode_s: float = 0.0      # the one-token steps after the first token
     n_decode: int = 0          # how many one-token steps that was
     finish: str = ""           # "eog", "stop", "length", "context" or "cancelled" (the consumer stopped)
@@ -135,14 +136,18 @@ class Generation:
         self.params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                      repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
         self.max_new_tokens = None if max_new_tokens is None else int(max_new_tokens)
+        self.stats = GenerationStats()
+        if isinstance(prompt, str):
+            model.tokenizer   # built (once per model) before the clock starts
+        t = time.perf_counter()
         self.prompt = _prompt_ids(model, prompt)
+        self.stats.tokenize_s = time.perf_counter() - t
         self.reset = reset
         if not self.prompt:
             raise GGFuseError(None, "the prompt is empty: give at least one token to continue from")
         self.stops = _StopStrings(stop)
         self.new_ids: list[int] = []
         self.n_fed_new = 0   # how many of new_ids went into the model's state (all but a last one)
-        self.stats = GenerationStats()
         self._started = False
         self._check_context()
 
@@ -188,7 +193,7 @@ class Generation:
                 t = sampler.sample(logits, history)
                 if t_first is None:
                     t_first = time.perf_counter()
-                    st.ttft_s = t_first - t0
+                    st.ttft_s = st.tokenize_s + (t_first - t0)
                 if t in eog:
                     st.finish = "eog"
                     break
@@ -295,13 +300,16 @@ class ChatSession:
 
     def reply(self, user_text: str, max_new_tokens: int | None = 512, **sampling) -> Iterator[str]:
         """Add a user turn and stream the assistant's answer, which joins the conversation."""
+        t0 = time.perf_counter()
         messages = [*self.messages, {"role": "user", "content": user_text}]
         prompt = self.template.render(messages, add_generation_prompt=True, **self.template_kwargs)
         ids = self.model.tokenizer.encode(prompt, add_special=False, parse_special=True)
+        t_text = time.perf_counter() - t0
         keep = len(self.fed) if ids[:len(self.fed)] == self.fed and self.model.n_past == len(self.fed) else 0
         if keep == len(ids):   # nothing new to feed: start over so that there are logits to sample
             keep = 0
         self.last = gen = Generation(self.model, ids[keep:], max_new_tokens, reset=keep == 0, **sampling)
+        gen.stats.tokenize_s = t_text   # the template and the tokenizer: part of the time to first token
         self.messages = messages   # the turn joins once it can run (a prompt too long raised above)
         pieces = []
         try:
