@@ -12,14 +12,14 @@ from ggfuse.errors import GGFuseError
 
 DEFAULT_PROMPT = "Once upon a time"
 
-# (flag, SamplingParams / Generation keyword, type, default): llama-cli's defaults
+# (flag, SamplingParams / Generation keyword, type, default, help): llama-cli's defaults
 SAMPLING_FLAGS = (
-    ("--temp", "temperature", float, 0.8),
-    ("--top-k", "top_k", int, 40),
-    ("--top-p", "top_p", float, 0.95),
-    ("--min-p", "min_p", float, 0.05),
-    ("--repeat-penalty", "repeat_penalty", float, 1.0),
-    ("--repeat-last-n", "repeat_last_n", int, 64),
+    ("--temp", "temperature", float, 0.8, "temperature (0: greedy)"),
+    ("--top-k", "top_k", int, 40, "keep the K most likely tokens (0: all)"),
+    ("--top-p", "top_p", float, 0.95, "keep the fewest tokens whose probability reaches X (1: off)"),
+    ("--min-p", "min_p", float, 0.05, "keep tokens at least X times as likely as the best (0: off)"),
+    ("--repeat-penalty", "repeat_penalty", float, 1.0, "penalise the tokens of the last --repeat-last-n (1: off)"),
+    ("--repeat-last-n", "repeat_last_n", int, 64, "how many last tokens the repeat penalty looks at"),
 )
 
 
@@ -30,9 +30,9 @@ def add_text_run_arguments(r) -> None:
     r.add_argument("-f", "--file", help="read the prompt from this file (UTF-8)")
     r.add_argument("-n", "--n-predict", default="128", help="tokens to generate (default 128; -1: until the "
                                                            "context is full or the model ends its answer)")
-    for flag, name, typ, default in SAMPLING_FLAGS:
+    for flag, name, typ, default, text in SAMPLING_FLAGS:
         r.add_argument(flag, dest=name, default=None, metavar="N" if typ is int else "X",
-                       help=f"default {default}" + (" (0: greedy)" if name == "temperature" else ""))
+                       help=f"{text}; default {default}")
     r.add_argument("--seed", default=None, help="random seed for sampling (default: a new one each run)")
     r.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop when the text contains TEXT (repeatable)")
@@ -55,14 +55,14 @@ def sampling_kwargs(args) -> dict:
     """The Generation keywords from the flags, checked: GGFuseError names the flag."""
     from ggfuse.runtime.sampling import SamplingParams
     kw = {name: (default if getattr(args, name) is None else _parse(getattr(args, name), flag, typ))
-          for flag, name, typ, default in SAMPLING_FLAGS}
+          for flag, name, typ, default, _ in SAMPLING_FLAGS}
     kw["seed"] = None if args.seed is None else _parse(args.seed, "--seed", int)
     if kw["seed"] is not None and kw["seed"] < 0:
         kw["seed"] = None    # llama.cpp: -1 is "random"
     try:
         SamplingParams(**kw)
     except GGFuseError as e:
-        flags = {name: flag for flag, name, _, _ in SAMPLING_FLAGS} | {"seed": "--seed"}
+        flags = {name: flag for flag, name, *_ in SAMPLING_FLAGS} | {"seed": "--seed"}
         word, _, rest = e.message.partition(" ")
         raise GGFuseError(None, f"{flags.get(word, word)} {rest}") from None
     return kw
