@@ -243,8 +243,9 @@ class Generation:
             yield tail
 
     def ids(self) -> list[int]:
-        """Run to the end and return the new ids (with a stop string, up to and including the
-        token that completed it)."""
+        """Run to the end and return the new ids. With stop strings: up to the token whose text
+        completed one (where the vocabulary cleans up spaces, text settles a word late, so a
+        token or two more may come)."""
         if self.stops.stops:
             for _ in self:
                 pass
