@@ -188,9 +188,9 @@ class Tokenizer:
         template = get("tokenizer.chat_template", None)
         self.chat_template = template if isinstance(template, str) else None
 
-        # special tokens in llama.cpp's partition order: longest text first
+        # special tokens in llama.cpp's partition order: longest (in bytes) first
         order = sorted((i for i in range(self.n_vocab) if self._control[i] or self.types[i] in (USER_DEFINED, UNKNOWN)),
-                       key=lambda i: (-len(self.tokens[i]), i))
+                       key=lambda i: (-len(self.tokens[i].encode("utf-8")), i))
         self._specials_all = [(i, self.tokens[i]) for i in order]
         self._specials_user = [(i, t) for i, t in self._specials_all
                                if not (self._control[i] or self.types[i] == UNKNOWN)]
