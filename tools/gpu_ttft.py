@@ -2,7 +2,7 @@
 machine): the text path (tokenizing, prefill with last-token logits, the first sample) should add
 no hidden cost to the prefill `ggfuse bench` measures.
 
-    python tests/gpu_ttft.py MODEL.gguf [--prompt 2048] [--chunk 2048] [--repeat 5] [--device cuda]
+    python tools/gpu_ttft.py MODEL.gguf [--prompt 2048] [--chunk 2048] [--repeat 5] [--device cuda]
 
 MODEL: e.g. `ggfuse synth --preset qwen3.5-35b-a3b --quant q4_k_m -o /tmp/q35.gguf` (synth
 writes a real tokenizer). Prints the median prefill time, the median TTFT of m.stream(text, 1)
