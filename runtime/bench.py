@@ -500,10 +500,14 @@ class _VramSampler:
         return False
 
 
+UBATCHES = (512, 2048, 4096, 8192)      # llama-bench -ub tried for a resident comparison
+
+
 def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe=None, vram_budget=None,
-                    search_from: int | None = None, n_layers: int | None = None, log=None, tg: int = 0) -> dict:
+                    search_from: int | None = None, n_layers: int | None = None, log=None, tg: int = 0,
+                    ubatch=(2048,)) -> dict:
     """llama.cpp's own benchmark on the same file: flash attention on, every layer on the GPU,
-    -ub 2048. With `n_cpu_moe` (an int or a list of ints: llama-bench runs once per setting and
+    at the micro-batch sizes `ubatch` (-ub; the best per prompt is kept). With `n_cpu_moe` (an int or a list of ints: llama-bench runs once per setting and
     the best is kept per prompt), that many layers' experts stay in host memory, loaded into
     pinned buffers (-lm none: its fastest host path; the default mmap is 5-20x slower). Each
     setting's peak device memory is measured (nvidia-smi); with `vram_budget` the best is taken
@@ -513,11 +517,13 @@ def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe=None
     search_from (with vram_budget, instead of n_cpu_moe): find the fewest layers on the CPU that
     stay under the budget (llama.cpp's fastest setting that fits): from search_from up in steps of
     2 until one fits, then the one in between; or, if search_from fits already, down one at a time
-    until one does not. tg > 0: also its decode test tgN (-n tg), kept under the key "tgN"."""
+    until one does not. tg > 0: also its decode test tgN (-n tg), kept under the key "tgN".
+    ubatch: the micro-batch sizes to try (-ub, with -b the largest); the best per prompt is kept."""
     if not (os.path.exists(exe) or shutil.which(exe)):
         raise GGFuseError(exe, "llama-bench not found (see BENCHMARKS.md for how to build it)")
+    ub = sorted({int(u) for u in ubatch})
     base = [exe, "-m", path, "-p", ",".join(map(str, prompts)), "-n", str(int(tg)), "-fa", "1", "-ngl", "99",
-            "-ub", "2048", "-b", "2048", "-r", str(repeat), "-o", "json"]
+            "-ub", ",".join(map(str, ub)), "-b", str(max(ub)), "-r", str(repeat), "-o", "json"]
     settings = [None]
     if n_cpu_moe:
         settings = [n_cpu_moe] if isinstance(n_cpu_moe, int) else list(n_cpu_moe)
@@ -548,7 +554,7 @@ def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe=None
             n, ts = int(r["n_prompt"]), float(r["avg_ts"])
             if int(r.get("n_gen") or 0) > 0 and n == 0:
                 n = f"tg{int(r['n_gen'])}"         # the decode test
-            runs.append({"n_prompt": n, "avg_ts": ts, "stddev_ts": r.get("stddev_ts"),
+            runs.append({"n_prompt": n, "avg_ts": ts, "stddev_ts": r.get("stddev_ts"), "n_ubatch": r.get("n_ubatch"),
                          "n_cpu_moe": r.get("n_cpu_moe", ncm), "peak_vram_mib": vs.peak, "fits_budget": fits})
             best_any[n] = max(best_any.get(n, 0.0), ts)
             if fits:
@@ -750,7 +756,7 @@ def bench_main(args) -> int:
         llama = run_llama_bench(args.against_llama_bench, args.model, prompts, repeat=args.repeat,
                                 n_cpu_moe=n_cpu_moe, vram_budget=args.vram_budget, search_from=search,
                                 n_layers=_n_expert_layers(args.model) if search is not None else None,
-                                tg=args.tg)
+                                tg=args.tg, ubatch=(2048,) if args.vram_budget else UBATCHES)
         for r in llama["runs"]:
             if r.get("peak_vram_mib") is not None:
                 log(f"llama-bench --n-cpu-moe {r['n_cpu_moe']}: pp{r['n_prompt']} {r['avg_ts']:.0f} tok/s, peak device "
