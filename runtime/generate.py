@@ -24,7 +24,7 @@ from ggfuse.errors import GGFuseError
 from ggfuse.runtime.sampling import Sampler, SamplingParams
 
 __all__ = ["Generation", "GenerationStats", "generate", "stream", "decode_step", "context_limit",
-           "ChatSession", "chat_prompt_ids"]
+           "ChatSession", "chat_prompt_ids", "prompt_ids"]
 
 
 @dataclass
@@ -74,7 +74,8 @@ def context_limit(model) -> int | None:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
-def _prompt_ids(model, prompt) -> list[int]:
+def prompt_ids(model, prompt) -> list[int]:
+    """A prompt's token ids: a str tokenized as llama-cli tokenizes -p, or a list of ids as given."""
     if isinstance(prompt, str):
         # what llama-cli does with -p: BOS as the GGUF asks, special tokens in the text parsed
         return model.tokenizer.encode(prompt, add_special=True, parse_special=True)
@@ -130,10 +131,12 @@ class Generation:
     def __init__(self, model, prompt, max_new_tokens: int | None = 128, *, temperature: float = 0.0,
                  top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                  repeat_last_n: int = 64, seed: int | None = None, stop: Sequence[str] | str = (),
-                 reset: bool = True, cache=None):
+                 reset: bool = True, cache=None, on_chunk=None, cache_marks: Sequence[int] = ()):
         """cache: a runtime.prefix_cache.PrefixCache: the prompt resumes from its longest cached
         prefix, and the state after the prompt's chunks and after the generation is kept there
-        (the prompt is then the whole sequence: reset must stay True)."""
+        (the prompt is then the whole sequence: reset must stay True); cache_marks: positions of
+        the prompt to keep a snapshot at too (runtime/prefix_cache.py). on_chunk(n_past): called
+        after each prefill chunk; what it raises abandons the generation (a server's cancel)."""
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer))
                                            or max_new_tokens < 0):
             raise GGFuseError(None, f"max_new_tokens must be a non-negative integer or None, got {max_new_tokens!r}")
@@ -145,10 +148,12 @@ class Generation:
         if isinstance(prompt, str):
             model.tokenizer   # built (once per model) before the clock starts
         t = time.perf_counter()
-        self.prompt = _prompt_ids(model, prompt)
+        self.prompt = prompt_ids(model, prompt)
         self.stats.tokenize_s = time.perf_counter() - t
         self.reset = reset
         self.cache = cache
+        self.on_chunk = on_chunk
+        self.cache_marks = tuple(cache_marks)
         if cache is not None and not reset:
             raise GGFuseError(None, "a prefix cache needs the whole sequence as the prompt (reset=True)")
         if not self.prompt:
@@ -190,11 +195,11 @@ class Generation:
         t0 = time.perf_counter()
         history = list(self.prompt)
         if self.cache is not None:
-            logits, st.n_cached = self.cache.prefill(m, self.prompt)
+            logits, st.n_cached = self.cache.prefill(m, self.prompt, on_chunk=self.on_chunk, marks=self.cache_marks)
         else:
             if self.reset:
                 m.reset()
-            logits = m.prefill(self.prompt, logits="last")[-1]
+            logits = m.prefill(self.prompt, logits="last", on_chunk=self.on_chunk)[-1]
         st.n_prompt = len(self.prompt)
         st.prefill_s = time.perf_counter() - t0
         budget = self.max_new_tokens if self.max_new_tokens is not None else (limit - m.n_past + 1 if limit else None)
@@ -225,7 +230,7 @@ class Generation:
             if not st.finish:
                 st.finish = "length" if self.max_new_tokens is not None else "context"
             if self.cache is not None:   # the state after the answer: where the next turn starts
-                self.cache.insert(m, self.prompt + self.new_ids[:self.n_fed_new])
+                self.cache.insert(m, self.prompt + self.new_ids[:self.n_fed_new], logits=logits)
         finally:
             # also when the consumer stops early (st.finish then stays "": "cancelled")
             st.finish = st.finish or "cancelled"
@@ -246,14 +251,28 @@ class Generation:
             active.close()
 
     def _text(self) -> Iterator[str]:
+        steps = self.pieces()
+        try:
+            for _, piece in steps:
+                if piece:
+                    yield piece
+        finally:
+            steps.close()
+
+    def pieces(self) -> Iterator[tuple[int | None, str]]:
+        """(token id, the text it lets out) for each new token, the text "" while a character or
+        a possible stop string is incomplete; then (None, the held-back tail) if there is one.
+        What a server streams: the first pair marks the first token. Close it to stop early."""
         text = self.model.tokenizer.stream()
-        for t in self._tokens():
-            piece = self.stops.push(text.push(t))
-            if piece:
-                yield piece
+        tokens = self._tokens()
+        try:
+            for t in tokens:
+                yield t, self.stops.push(text.push(t))
+        finally:
+            tokens.close()   # now, not when collected: its stats say "cancelled" at once
         tail = self.stops.push(text.flush()) + ("" if self.stops.hit else self.stops.flush())
         if tail:
-            yield tail
+            yield None, tail
 
     def ids(self) -> list[int]:
         """Run to the end and return the new ids. With stop strings: up to the token whose text

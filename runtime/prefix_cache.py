@@ -11,9 +11,10 @@ every node from the root to N and N's other states into the backend.
 
 Budget: the bytes of every snapshot (device or host memory, as chosen), least recently used
 evicted first. A node with children keeps its rows (its children need them) and gives up only
-its other states; a leaf goes whole. A restore needs at least one token left to prefill (the
-logits of the last prompt token come from running it), so a prompt identical to a cached one
-resumes one boundary earlier.
+its other states; a leaf goes whole. The next token needs the logits of the prompt's last
+token: a node at the end of a prompt or of an answer keeps that row (host memory), so a prompt
+that is all cached there (the same question again) is answered without a prefill; elsewhere a
+restore leaves at least one token to feed.
 
 The cache never changes an answer beyond floating-point rounding: the restored state is the
 state an earlier run computed for the same tokens, and the rest of the prompt is prefilled
@@ -24,7 +25,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ggfuse.runtime.snapshot import StateSnapshot
+
+
+def _nbytes(a) -> int:
+    return 0 if a is None else int(a.nbytes)
 
 
 @dataclass(eq=False)
@@ -33,8 +40,13 @@ class _Node:
     tokens: list                         # this node's segment: tokens [parent.n, n)
     parent: "_Node | None"
     snap: StateSnapshot | None           # rows [parent.n, n) and (unless dropped) the whole state
+    logits: object = None                # the logits after token n-1 [n_vocab] (host), where known
     children: list = field(default_factory=list)
     used: int = 0                        # the cache's clock at the last insert or restore
+
+    @property
+    def nbytes(self) -> int:
+        return self.snap.nbytes + _nbytes(self.logits)
 
 
 @dataclass
@@ -95,27 +107,29 @@ class PrefixCache:
         node.used = self._clock
 
     # ---- restore -------------------------------------------------------------------------------
-    def restore(self, model, ids) -> int:
-        """Put the model in the state after the longest cached prefix of ids that leaves at least
-        one token to feed; returns its length (0: nothing cached, the model is reset)."""
+    def restore(self, model, ids):
+        """Put the model in the state after the longest cached prefix of ids: all of ids where
+        the logits after them are kept, else one that leaves at least one token to feed.
+        Returns (its length, those logits or None); (0, None): nothing cached, the model reset."""
         ids = list(ids)
-        path = self._path(ids, len(ids) - 1)
-        while len(path) > 1 and path[-1].snap.whole is None:
+        path = self._path(ids, len(ids))
+        while len(path) > 1 and (path[-1].snap.whole is None or (path[-1].n == len(ids) and path[-1].logits is None)):
             path.pop()
         if len(path) == 1:
             model.reset()
             self.stats.misses += 1
-            return 0
+            return 0, None
         target = path[-1]
         model.backend.restore([n.snap for n in path[1:]])
         self._tick(target)
         self.stats.hits += 1
         self.stats.cached_tokens += target.n
-        return target.n
+        return target.n, (target.logits.copy() if target.n == len(ids) else None)
 
     # ---- insert --------------------------------------------------------------------------------
-    def insert(self, model, ids) -> None:
-        """Keep the model's state now; ids are the tokens it holds (len(ids) == n_past)."""
+    def insert(self, model, ids, logits=None) -> None:
+        """Keep the model's state now; ids are the tokens it holds (len(ids) == n_past). logits:
+        the row after the last of them [n_vocab], kept with it."""
         ids = list(ids)
         n = len(ids)
         if self.budget == 0 or n == 0:
@@ -129,6 +143,9 @@ class PrefixCache:
                 if node.snap.whole is None:      # an inner node that gave its state up: take it again
                     node.snap.whole = model.backend.snapshot(n, self.where).whole
                     self.nbytes += node.snap.whole_bytes
+                if logits is not None and node.logits is None:
+                    node.logits = np.array(logits, dtype=np.float32).reshape(-1)
+                    self.nbytes += node.logits.nbytes
                 self._tick(node)
                 self._evict()
                 return
@@ -138,7 +155,7 @@ class PrefixCache:
                 snap = model.backend.snapshot(n, self.where)
                 head = inner.snap.split_rows(n)
                 snap.start, snap.rows = head.start, head.rows
-                new = _Node(n, ids[node.n:n], node, snap, [inner])
+                new = _Node(n, ids[node.n:n], node, snap, children=[inner])
                 inner.tokens = inner.tokens[n - node.n:]
                 inner.parent = new
                 node.children[node.children.index(inner)] = new
@@ -148,7 +165,9 @@ class PrefixCache:
         except MemoryError:
             # no memory for the copy (a device cache on a full GPU): go on without this boundary
             return
-        self.nbytes += new.snap.whole_bytes + (new.snap.row_bytes if inner is None else 0)
+        if logits is not None:
+            new.logits = np.array(logits, dtype=np.float32).reshape(-1)
+        self.nbytes += new.snap.whole_bytes + (new.snap.row_bytes if inner is None else 0) + _nbytes(new.logits)
         self.stats.inserts += 1
         self._tick(new)
         self._evict()
@@ -163,8 +182,8 @@ class PrefixCache:
             victim = min(candidates, key=lambda n: n.used)
             self.stats.evictions += victim.snap.whole is not None
             if victim.children:
-                self.nbytes -= victim.snap.whole_bytes
-                victim.snap.whole = None
+                self.nbytes -= victim.snap.whole_bytes + _nbytes(victim.logits)
+                victim.snap.whole = victim.logits = None
                 continue
             self._remove(victim)
 
@@ -172,7 +191,7 @@ class PrefixCache:
         """Remove a leaf, and the stateless leaves that leaves above it."""
         while node is not self.root and not node.children:
             node.parent.children.remove(node)
-            self.nbytes -= node.snap.nbytes
+            self.nbytes -= node.nbytes
             parent = node.parent
             node.parent = node.snap = None
             if parent.snap is not None and parent.snap.whole is not None:
@@ -191,17 +210,26 @@ class PrefixCache:
                 "inserts": self.stats.inserts, "evictions": self.stats.evictions}
 
     # ---- the prefill that uses it --------------------------------------------------------------
-    def prefill(self, model, ids, on_chunk=None):
+    def prefill(self, model, ids, on_chunk=None, marks=()):
         """Restore the longest cached prefix of ids, prefill the rest chunk by chunk (keeping a
-        snapshot after each chunk), and return (logits of the last position [n_vocab], the
-        number of tokens restored). on_chunk(n_past) is called after each chunk's snapshot."""
+        snapshot after each chunk, and at each position in `marks`: where a chat's messages end,
+        before the prompt for the answer, which the next turn renders differently), and return
+        (logits of the last position [n_vocab], the number of tokens restored). on_chunk(n_past)
+        is called after each chunk's snapshot."""
         ids = list(ids)
-        start = self.restore(model, ids)
+        start, logits = self.restore(model, ids)
+        if logits is not None:
+            return logits, start
 
         def at_boundary(n_past):
             self.insert(model, ids[:n_past])
             if on_chunk is not None:
                 on_chunk(n_past)
 
-        logits = model.prefill(ids[start:], logits="last", on_chunk=at_boundary)[-1]
-        return logits, start
+        cuts = sorted({int(m) for m in marks if start < m < len(ids)}) + [len(ids)]
+        at = start
+        for cut in cuts:
+            out = model.prefill(ids[at:cut], logits="last", on_chunk=at_boundary)
+            at = cut
+        self.insert(model, ids, logits=out[-1])     # the prompt's end node: its logits join it
+        return out[-1], start

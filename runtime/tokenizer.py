@@ -21,8 +21,10 @@ llama.cpp does around its BPE and `tokenizers` does differently:
 from __future__ import annotations
 
 import codecs
+import collections
 import os
 import re
+import threading
 from dataclasses import dataclass
 
 from ggfuse.errors import GGFuseError, GGUFFormatError, UnsupportedError
@@ -196,6 +198,11 @@ class Tokenizer:
                                if not (self._control[i] or self.types[i] == UNKNOWN)]
         self._pieces = [self._piece(i) for i in range(self.n_vocab)]
         self._hf = self._build_bpe()
+        # fragment text -> ids, the most recent MEMO_CHARS of text: a chat client re-sends the
+        # whole conversation every turn, and its earlier messages are the same fragments again
+        self._memo: collections.OrderedDict[str, tuple] = collections.OrderedDict()
+        self._memo_chars = 0
+        self._memo_lock = threading.Lock()
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -345,7 +352,33 @@ class Tokenizer:
             frags = out
         return frags
 
+    MEMO_CHARS = 1 << 23
+    MEMO_MIN_CHARS = 16     # shorter fragments are cheaper to encode than to look up and keep
+
     def _encode_fragments(self, texts: list[str]) -> list[list[int]]:
+        """The BPE ids of each text fragment (special tokens already split out). A fragment's ids
+        depend on its text alone, so the long ones are remembered."""
+        out: list = [None] * len(texts)
+        with self._memo_lock:
+            for k, t in enumerate(texts):
+                ids = self._memo.get(t) if len(t) >= self.MEMO_MIN_CHARS else None
+                if ids is not None:
+                    self._memo.move_to_end(t)
+                    out[k] = list(ids)
+        todo = [k for k, ids in enumerate(out) if ids is None]
+        if todo:
+            fresh = self._encode_fresh([texts[k] for k in todo])
+            with self._memo_lock:
+                for k, ids in zip(todo, fresh):
+                    out[k] = ids
+                    if self.MEMO_MIN_CHARS <= len(texts[k]) <= self.MEMO_CHARS and texts[k] not in self._memo:
+                        self._memo[texts[k]] = tuple(ids)
+                        self._memo_chars += len(texts[k])
+                while self._memo_chars > self.MEMO_CHARS:
+                    self._memo_chars -= len(self._memo.popitem(last=False)[0])
+        return out
+
+    def _encode_fresh(self, texts: list[str]) -> list[list[int]]:
         if self.pretok.split_regex is not None:
             return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
         out = []

@@ -12,7 +12,9 @@ import pytest
 
 import ggfuse
 from ggfuse.errors import GGFuseError
+from ggfuse.runtime import generate as generate_module
 from ggfuse.runtime.generate import Generation
+from ggfuse.runtime.sampling import Sampler
 from ggfuse.runtime.prefix_cache import PrefixCache
 from ggfuse.runtime.snapshot import StateSnapshot, positional_states
 from util import ARCHS, fixture
@@ -25,8 +27,8 @@ class CountingBackend:
     the running sum and count. Logits: a row that depends on every token so far."""
     name = "counting"
 
-    def __init__(self, n_vocab=200):
-        self.n_vocab = n_vocab
+    def __init__(self, n_logits=4):
+        self.n_logits = n_logits
         self.chunks = []     # (n_past before, tokens) of every chunk run
         self.reset()
 
@@ -42,8 +44,8 @@ class CountingBackend:
         self.kv = np.concatenate([self.kv, np.stack([tokens, pos], 1).astype(np.float32)])
         self.sum = self.sum + [tokens.sum(), len(tokens)]
         self.n_past += len(tokens)
-        row = np.zeros((1, self.n_vocab), np.float32)
-        row[0, int(self.sum[0] * 7 + self.sum[1]) % self.n_vocab] = 1
+        row = np.zeros((1, self.n_logits), np.float32)
+        row[0, int(self.sum[0] * 7 + self.sum[1]) % self.n_logits] = 1
         return None if want == "none" else row
 
     def snapshot(self, start=0, where="host"):
@@ -96,15 +98,22 @@ def test_restore_resumes_from_the_longest_boundary_and_leaves_a_token_to_feed():
     logits, start = cache.prefill(m, a + [20, 21, 22])
     assert start == 10 and m.backend.chunks == [(10, [20, 21, 22])]
     _check_state(m, a + [20, 21, 22])
-    _, start = cache.prefill(m, a)                      # all cached: resume at 8, feed 2
-    assert start == 8
+    m.reset()
+    cold = m.prefill(a, logits="last")[-1]
+    m.backend.chunks.clear()
+    logits, start = cache.prefill(m, a)                 # all cached, with its logits: nothing to run
+    assert start == 10 and m.backend.chunks == []
+    np.testing.assert_array_equal(logits, cold)
     _check_state(m, a)
+    _, start = cache.prefill(m, a[:8])                  # a chunk boundary keeps no logits: resume at 4
+    assert start == 4 and m.backend.chunks == [(4, a[4:8])]
+    _check_state(m, a[:8])
     _, start = cache.prefill(m, a[:6] + [99, 98])       # parts from a inside [4, 8): resume at 4
     assert start == 4
     _check_state(m, a[:6] + [99, 98])
     _, start = cache.prefill(m, [5, 6, 7])
     assert start == 0 and cache.stats.misses == 2
-    assert cache.stats.hits == 3 and cache.stats.cached_tokens == 22
+    assert cache.stats.hits == 4 and cache.stats.cached_tokens == 28
 
 
 def test_rows_are_kept_once_along_a_prefix_and_shared_by_branches():
@@ -114,7 +123,7 @@ def test_rows_are_kept_once_along_a_prefix_and_shared_by_branches():
     nodes = {n.n: n for n in cache.nodes()}
     assert len(cache.nodes()) == 3 and len(nodes[4].children) == 2
     assert all(n.snap.rows["kv"].shape[0] == 4 for n in cache.nodes())   # each its own segment
-    assert cache.nbytes == sum(n.snap.nbytes for n in cache.nodes())
+    assert cache.nbytes == sum(n.nbytes for n in cache.nodes())
 
 
 def test_a_boundary_inside_a_cached_segment_splits_it():
@@ -127,7 +136,7 @@ def test_a_boundary_inside_a_cached_segment_splits_it():
     (five,) = cache.root.children
     assert five.n == 5 and [c.n for c in five.children] == [8]
     assert five.snap.rows["kv"].shape[0] == 5 and five.children[0].snap.rows["kv"].shape[0] == 3
-    assert cache.nbytes == sum(n.snap.nbytes for n in cache.nodes())
+    assert cache.nbytes == sum(n.nbytes for n in cache.nodes())
     for want in (a + [30], a[:5] + [31, 32]):
         _, start = cache.prefill(m, want)
         assert start == (8 if len(want) == 9 else 5)
@@ -139,15 +148,16 @@ def test_the_budget_evicts_least_recently_used_states_first_and_keeps_rows_that_
     one = CountingBackend()
     one.run_chunk(np.arange(4))
     row_bytes, state_bytes = one.snapshot().row_bytes // 4, one.snapshot().whole_bytes
-    # room for the rows of 17 tokens and two states
-    cache = PrefixCache(17 * row_bytes + 2 * state_bytes)
+    logit_bytes = 4 * one.n_logits      # a prompt's or an answer's end keeps the logits after it
+    # room for the rows of 17 tokens and two states with their logits
+    cache = PrefixCache(17 * row_bytes + 2 * (state_bytes + logit_bytes))
     cache.prefill(m, list(range(1, 13)))                      # boundaries 4, 8, 12
     assert len(cache.nodes()) == 3 and cache.stats.evictions == 0
     cache.prefill(m, list(range(1, 13)) + [7, 7, 7, 7, 8])    # 16 and 17 join
     assert cache.nbytes <= cache.budget and cache.stats.evictions == 3
     assert sorted(n.n for n in cache.nodes()) == [4, 8, 12, 16, 17]          # rows: all kept
     assert sorted(n.n for n in cache.nodes() if n.snap.whole is not None) == [16, 17]
-    assert cache.nbytes == sum(n.snap.nbytes for n in cache.nodes())
+    assert cache.nbytes == sum(n.nbytes for n in cache.nodes())
     _, start = cache.prefill(m, list(range(1, 13)) + [7, 7, 7, 7, 8, 9])
     assert start == 17
     _check_state(m, list(range(1, 13)) + [7, 7, 7, 7, 8, 9])
@@ -157,7 +167,7 @@ def test_the_budget_evicts_least_recently_used_states_first_and_keeps_rows_that_
     _check_state(m, [1, 2, 3, 4, 0, 0])
     assert cache.nbytes <= cache.budget
     # a smaller budget: the other branch goes, leaf first, and the stateless nodes above it
-    cache.budget = 6 * row_bytes + state_bytes
+    cache.budget = 6 * row_bytes + state_bytes + logit_bytes
     cache.insert(m, [1, 2, 3, 4, 0, 0])
     assert {n.n: n.snap.whole is not None for n in cache.nodes()} == {4: False, 6: True}
     # below one chain: nothing is left
@@ -193,54 +203,43 @@ def test_bad_arguments():
 # ---- parity on every architecture ---------------------------------------------------------------
 
 
-class Recording:
-    """A backend wrapper that keeps every logits row it hands out."""
+class RecordingSampler(Sampler):
+    """The sampler generation uses, keeping every logits row it picks a token from."""
+    rows: list = []
 
-    def __init__(self, inner):
-        self.inner, self.rows = inner, []
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def run_chunk(self, tokens, want="all"):
-        out = self.inner.run_chunk(tokens, want)
-        if out is not None:
-            self.rows.append(np.array(out[-1]))
-        return out
+    def sample(self, logits, history=()):
+        RecordingSampler.rows.append(np.array(logits, dtype=np.float32))
+        return super().sample(logits, history)
 
 
-def conversation(model, cache, turns, n_new):
+def conversation(model, cache, turns, n_new, monkeypatch):
     """A greedy multi-turn conversation: each turn's prompt is the whole conversation so far (what a
-    chat client sends) plus the turn's new ids. Returns per turn (new ids, logits rows [k, vocab],
-    tokens restored from the cache)."""
-    inner = model.backend
-    model.backend = rec = Recording(inner)
+    chat client sends) plus the turn's new ids. Returns per turn (new ids, the logits rows the
+    tokens were picked from [k, vocab], tokens restored from the cache)."""
+    monkeypatch.setattr(generate_module, "Sampler", RecordingSampler)
     out, seq = [], []
-    try:
-        for user in turns:
-            seq = seq + list(user)
-            rec.rows = []
-            gen = Generation(model, seq, n_new, cache=cache) if cache is not None else Generation(model, seq, n_new)
-            ids = gen.ids()
-            out.append((ids, np.stack(rec.rows), gen.stats.n_cached))
-            seq = seq + ids
-    finally:
-        model.backend = inner
+    for user in turns:
+        seq = seq + list(user)
+        RecordingSampler.rows = []
+        gen = Generation(model, seq, n_new, cache=cache) if cache is not None else Generation(model, seq, n_new)
+        ids = gen.ids()
+        out.append((ids, np.stack(RecordingSampler.rows), gen.stats.n_cached))
+        seq = seq + ids
     return out
 
 
 def conversation_turns(n_vocab, seed=0):
     rng = np.random.default_rng(seed)
-    # turn 1 spans chunks; a repeated turn; a turn that is only one new token
+    # turn 1 spans chunks; an empty turn: the same conversation again (all of it cached, with
+    # the logits after it); a turn of one new token
     return [rng.integers(1, n_vocab, 13).tolist(), rng.integers(1, n_vocab, 6).tolist(), [], [7],
             rng.integers(1, n_vocab, 9).tolist()]
 
 
-def check_parity(model, cache, n_new=4, tol=2e-5, seed=0):
+def check_parity(model, cache, monkeypatch, n_new=4, tol=2e-5, seed=0):
     turns = conversation_turns(model.n_vocab, seed)
-    turns[2] = []   # an empty turn: the same conversation again (the cache holds all of it)
-    cold = conversation(model, None, turns, n_new)
-    warm = conversation(model, cache, turns, n_new)
+    cold = conversation(model, None, turns, n_new, monkeypatch)
+    warm = conversation(model, cache, turns, n_new, monkeypatch)
     cached = [w[2] for w in warm]
     assert cached[0] == 0 and all(c > 0 for c in cached[1:]), cached
     for k, ((ids_c, rows_c, _), (ids_w, rows_w, _)) in enumerate(zip(cold, warm)):
@@ -252,14 +251,14 @@ def check_parity(model, cache, n_new=4, tol=2e-5, seed=0):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cache_gives_the_same_tokens_and_logits_as_no_cache(arch):
+def test_cache_gives_the_same_tokens_and_logits_as_no_cache(arch, monkeypatch):
     m = ggfuse.load(fixture(arch), device="cpu", chunk=8)
     cache = PrefixCache(64 << 20)
-    check_parity(m, cache)
+    check_parity(m, cache, monkeypatch)
     assert cache.stats.hits >= 4 and cache.nbytes <= cache.budget
     # a small budget: states evicted along the way, same answers
     small = PrefixCache(max(cache.nbytes // 4, 1))
-    check_parity(m, small, seed=1)
+    check_parity(m, small, monkeypatch, seed=1)
     assert small.stats.evictions > 0 and small.nbytes <= small.budget
 
 
