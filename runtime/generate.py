@@ -24,7 +24,7 @@ from ggfuse.errors import GGFuseError
 from ggfuse.runtime.sampling import Sampler, SamplingParams
 
 __all__ = ["Generation", "GenerationStats", "generate", "stream", "decode_step", "context_limit",
-           "ChatSession", "chat_prompt_ids", "prompt_ids"]
+           "ChatSession", "chat_prompt_ids", "encode_rendered", "prompt_ids"]
 
 
 @dataclass
@@ -307,10 +307,14 @@ def stream(model, prompt, max_new_tokens: int | None = 128, **kwargs) -> Generat
 
 def chat_prompt_ids(tokenizer, template, messages, **template_kwargs) -> list[int]:
     """The token ids of a conversation rendered with a chat template (runtime/chat.py), ending
-    with the prompt for the assistant's answer. The template writes the special tokens itself
+    with the prompt for the assistant's answer."""
+    return encode_rendered(tokenizer, template.render(messages, add_generation_prompt=True, **template_kwargs))
+
+
+def encode_rendered(tokenizer, text: str) -> list[int]:
+    """Token ids of text a chat template rendered: the template writes the special tokens itself
     (no BOS added) as text, so control tokens in it are parsed."""
-    prompt = template.render(messages, add_generation_prompt=True, **template_kwargs)
-    return tokenizer.encode(prompt, add_special=False, parse_special=True)
+    return tokenizer.encode(text, add_special=False, parse_special=True)
 
 
 @dataclass

@@ -204,6 +204,7 @@ def test_concurrent_clients_each_get_their_own_answer(model):
         for t in threads:
             t.join(60)
         assert not errors and got == alone
+        assert wait_for(lambda: srv.worker.running is None)
         st = srv.worker.status()
         assert st["served"] == 12 and st["waiting"] == 0 and not st["running"]
 

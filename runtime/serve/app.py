@@ -45,12 +45,12 @@ class TextEndpoint:
     def __init__(self, model, template, context: int):
         self.model, self.template, self.context = model, template, context
 
-    def prompt_ids(self, req) -> tuple[list[int], tuple]:
+    def prompt_ids(self, req, want_marks: bool = True) -> tuple[list[int], tuple]:
         """(the prompt's token ids, the positions to keep a prefix-cache snapshot at: for a chat,
         where its messages end and the prompt for the answer begins; the next turn renders the
         messages the same but the answer's prompt not)."""
         from ggfuse.errors import GGFuseError
-        from ggfuse.runtime.generate import chat_prompt_ids, prompt_ids
+        from ggfuse.runtime.generate import encode_rendered, prompt_ids
         marks = ()
         try:
             if req.kind == "chat":
@@ -58,25 +58,37 @@ class TextEndpoint:
                     raise APIError(400, "this model has no chat template (tokenizer.chat_template); use "
                                         "/v1/completions, or start the server with --chat-template FILE",
                                    param="messages", code="no_chat_template")
-                tok = self.model.tokenizer
-                ids = chat_prompt_ids(tok, self.template, req.messages, **req.template_kwargs)
-                try:
-                    head = tok.encode(self.template.render(req.messages, add_generation_prompt=False,
-                                                           **req.template_kwargs), add_special=False, parse_special=True)
-                except GGFuseError:
-                    head = []
-                if 0 < len(head) < len(ids) and ids[:len(head)] == head:
-                    marks = (len(head),)
+                full = self.template.render(req.messages, add_generation_prompt=True, **req.template_kwargs)
+                ids = encode_rendered(self.model.tokenizer, full)
+                if want_marks:
+                    marks = self._messages_end(req, full, ids)
             else:
                 ids = prompt_ids(self.model, req.prompt)
+                if ids and (min(ids) < 0 or max(ids) >= self.model.n_vocab):
+                    bad = next(t for t in ids if not 0 <= t < self.model.n_vocab)
+                    raise APIError(400, f"token id {bad} is outside the vocabulary 0..{self.model.n_vocab - 1}",
+                                   param="prompt", code="invalid_value")
         except GGFuseError as e:
             raise APIError(400, e.message, param="messages" if req.kind == "chat" else "prompt",
                            code="invalid_value") from None
-        bad = [t for t in ids if not 0 <= t < self.model.n_vocab]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary 0..{self.model.n_vocab - 1}",
-                           param="prompt", code="invalid_value")
         return ids, marks
+
+    def _messages_end(self, req, full: str, ids) -> tuple:
+        """Where the messages end in ids (the tokens of `full`): before the tokens of what the
+        template adds for the answer (the rendering with it less the one without). Only a place
+        to keep a snapshot: the next turn resumes there if its tokens start the same, so a guess
+        costs nothing."""
+        from ggfuse.errors import GGFuseError
+        from ggfuse.runtime.generate import encode_rendered
+        try:
+            head = self.template.render(req.messages, add_generation_prompt=False, **req.template_kwargs)
+        except GGFuseError:
+            return ()
+        if not full.startswith(head) or len(full) == len(head):
+            return ()
+        tail = encode_rendered(self.model.tokenizer, full[len(head):])
+        n = len(ids) - len(tail)
+        return (n,) if 0 < n < len(ids) and ids[n:] == tail else ()
 
     def max_new(self, req, n_prompt: int) -> int:
         """The new-token budget, or APIError where the prompt and max_tokens overflow the context."""
@@ -287,11 +299,13 @@ def make_app(worker, endpoint: TextEndpoint, settings: ServeSettings):
             body = await read_json(request, settings.max_body_bytes)
             req = parse(body, settings.model_name)
             t0 = time.perf_counter()
-            ids, marks = await run_in_threadpool(endpoint.prompt_ids, req)
+            ids, marks = await run_in_threadpool(endpoint.prompt_ids, req,
+                                                 worker.cache is not None and req.cache_prompt)
             tokenize_s = time.perf_counter() - t0
             max_new = endpoint.max_new(req, len(ids))
             job = Job(ids=ids, max_new=max_new, sampling=req.sampling, stop=req.stop,
-                      loop=asyncio.get_running_loop(), tokenize_s=tokenize_s, tag=req.id, marks=marks)
+                      loop=asyncio.get_running_loop(), tokenize_s=tokenize_s, tag=req.id, marks=marks,
+                      use_cache=req.cache_prompt)
             try:
                 worker.submit(job)
             except QueueFull as e:

@@ -4,7 +4,8 @@ Requests are checked field by field: a key the API does not have, or a value of 
 or range, is an APIError (400, OpenAI's error object naming the field). Fields the API has but
 this server cannot honour (n > 1, logprobs, tools, penalties) are refused the same way rather
 than ignored, so that a client never gets an answer to a question it did not ask. Extensions
-that llama-server and vLLM also take: top_k, min_p, repeat_penalty, chat_template_kwargs.
+that llama-server and vLLM also take: top_k, min_p, repeat_penalty, chat_template_kwargs,
+cache_prompt (false: the request neither resumes from the prefix cache nor adds to it).
 
 Sampling defaults are the API's (temperature 1, top_p 1, no top-k or min-p cut); temperature 0
 is greedy.
@@ -82,12 +83,14 @@ class GenerationRequest:
     prompt: object = None                      # completion: str or list of ids
     messages: list = field(default_factory=list)   # chat: [{"role", "content", ...}]
     template_kwargs: dict = field(default_factory=dict)
+    cache_prompt: bool = True
     id: str = ""
     created: int = 0
 
 
 _COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "user",
-           "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_k", "min_p", "repeat_penalty"}
+           "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_k", "min_p", "repeat_penalty",
+           "cache_prompt"}
 _COMPLETION = _COMMON | {"prompt", "echo", "suffix", "best_of"}
 _CHAT = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
                    "parallel_tool_calls", "chat_template_kwargs", "metadata", "store"}
@@ -154,6 +157,8 @@ def _common(body: dict, kind: str, served_model: str) -> GenerationRequest:
         _only("logit_bias", g("logit_bias"), ({},), "no logit bias")
     if g("logprobs") is not None:
         _only("logprobs", g("logprobs"), (False,), "no log-probabilities")
+    if g("cache_prompt") is not None:
+        req.cache_prompt = _boolean("cache_prompt", g("cache_prompt"))
     if g("user") is not None and not isinstance(g("user"), str):
         raise _bad("user", "a string", g("user"))
     return req

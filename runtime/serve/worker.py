@@ -55,6 +55,7 @@ class Job:
     tokenize_s: float = 0.0
     tag: str = ""
     marks: tuple = ()          # prompt positions the prefix cache keeps a snapshot at too
+    use_cache: bool = True     # False: neither resume from the prefix cache nor add to it
 
     def post(self, *event) -> None:
         if event[0] in ("done", "error"):
@@ -164,7 +165,8 @@ class ModelWorker:
         gen = None
         steps = None
         try:
-            gen = Generation(self.model, job.ids, job.max_new, cache=self.cache, on_chunk=check, stop=job.stop,
+            cache = self.cache if job.use_cache else None
+            gen = Generation(self.model, job.ids, job.max_new, cache=cache, on_chunk=check, stop=job.stop,
                              cache_marks=job.marks, **job.sampling)
             steps = gen.pieces()
             first = True
