@@ -236,9 +236,14 @@ def conversation_turns(n_vocab, seed=0):
             rng.integers(1, n_vocab, 9).tolist()]
 
 
-def check_parity(model, cache, monkeypatch, n_new=4, tol=2e-5, seed=0):
+def check_parity(model, cache, monkeypatch, n_new=4, tol=2e-5, seed=0, near_tie=0.0, cold=None):
+    """The conversation with and without the cache: the same tokens, logits within tol (relative to
+    the largest). Tokens may part only where the uncached top-2 logits are within near_tie (a
+    rounding difference picks the other one); the conversations differ from there, so the
+    comparison ends. cold: the uncached conversation, if already run. Returns (the tokens restored
+    per turn, the uncached conversation)."""
     turns = conversation_turns(model.n_vocab, seed)
-    cold = conversation(model, None, turns, n_new, monkeypatch)
+    cold = cold or conversation(model, None, turns, n_new, monkeypatch)
     warm = conversation(model, cache, turns, n_new, monkeypatch)
     cached = [w[2] for w in warm]
     assert cached[0] == 0 and all(c > 0 for c in cached[1:]), cached
@@ -246,19 +251,24 @@ def check_parity(model, cache, monkeypatch, n_new=4, tol=2e-5, seed=0):
         n = min(len(rows_c), len(rows_w))
         err = np.abs(rows_w[:n] - rows_c[:n]).max() / np.abs(rows_c).max()
         assert err <= tol, f"turn {k}: logits differ by {err:.3g} (relative) with the cache"
-        assert ids_w == ids_c, f"turn {k}: {ids_w} with the cache, {ids_c} without"
-    return cached
+        if ids_w != ids_c:
+            j = next((i for i, (a, b) in enumerate(zip(ids_w, ids_c)) if a != b), min(len(ids_w), len(ids_c)))
+            top2 = np.sort(rows_c[j])[-2:]
+            assert top2[1] - top2[0] < near_tie, (f"turn {k}, step {j}: {ids_w} with the cache, {ids_c} without "
+                                                  f"(top-2 margin {top2[1] - top2[0]:.3g})")
+            break
+    return cached, cold
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cache_gives_the_same_tokens_and_logits_as_no_cache(arch, monkeypatch):
     m = ggfuse.load(fixture(arch), device="cpu", chunk=8)
     cache = PrefixCache(64 << 20)
-    check_parity(m, cache, monkeypatch)
+    _, cold = check_parity(m, cache, monkeypatch)
     assert cache.stats.hits >= 4 and cache.nbytes <= cache.budget
     # a small budget: states evicted along the way, same answers
     small = PrefixCache(max(cache.nbytes // 4, 1))
-    check_parity(m, small, monkeypatch, seed=1)
+    check_parity(m, small, monkeypatch, cold=cold)
     assert small.stats.evictions > 0 and small.nbytes <= small.budget
 
 

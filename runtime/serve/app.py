@@ -12,6 +12,7 @@ server-sent events; a client that disconnects, streamed or not, cancels its job.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -34,7 +35,7 @@ class ServeSettings:
     port: int = 8080
     api_key: str | None = None
     model_name: str = "model"
-    max_queue: int = 16            # requests waiting for the model (the running one not counted)
+    max_queue: int = 16            # requests waiting for the model (the running one not counted), >= 1
     max_body_bytes: int = 4 << 20
     max_context: int | None = None
 
@@ -199,8 +200,9 @@ class EventStream:
                                 (b"x-accel-buffering", b"no")]})
         watcher = asyncio.ensure_future(_until_disconnect(receive))
         try:
-            async for data in self._events(watcher):
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+            async with contextlib.aclosing(self._events(watcher)) as events:
+                async for data in events:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:       # the connection broke while sending
             return
@@ -209,7 +211,7 @@ class EventStream:
             self.worker.cancel(self.job)     # nothing when it has ended
 
     async def _events(self, watcher):
-        req, job = self.req, self.job
+        job = self.job
         waiter = None
         try:
             while True:

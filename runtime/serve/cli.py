@@ -29,7 +29,8 @@ def add_serve_parser(sub):
                    help="where the snapshots live: device (GPU memory), host, or auto (device where the budget "
                         "takes at most half of the free GPU memory; the cpu device: host)")
     s.add_argument("--max-queue", default="16", metavar="N",
-                   help="requests that may wait for the model; more are answered 503 with Retry-After (default 16)")
+                   help="requests that may wait for the model besides the one it runs; more are answered 503 with "
+                        "Retry-After (default 16)")
     s.add_argument("--max-body", default="4MiB", metavar="B", help="largest request body (default 4MiB)")
     s.add_argument("--model-name", metavar="NAME", help="the model's id in the API (default: the file name)")
     s.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template file instead of the model's own")
@@ -99,7 +100,7 @@ def settings_from_args(args):
     max_context = None if args.max_context is None else _int(args.max_context, "--max-context", 2, 1 << 30)
     s = ServeSettings(host=str(args.host), port=_int(args.port, "--port", 0, 65535), api_key=key,
                       model_name=args.model_name or model_name(args.model),
-                      max_queue=_int(args.max_queue, "--max-queue", 0, 1 << 20),
+                      max_queue=_int(args.max_queue, "--max-queue", 1, 1 << 20),
                       max_body_bytes=parse_bytes(args.max_body, "--max-body"), max_context=max_context)
     return s, cache_budget(args.cache_budget), memory, template, level
 

@@ -71,11 +71,10 @@ class Job:
 class ModelWorker:
     """Owns a model (and its prefix cache); runs one job at a time in FIFO order."""
 
-    def __init__(self, model, *, cache=None, max_queue: int = 16, context: int | None = None):
+    def __init__(self, model, *, cache=None, max_queue: int = 16):
         self.model = model
         self.cache = cache
         self.max_queue = max_queue
-        self.context = context
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -112,8 +111,9 @@ class ModelWorker:
         job.post("error", APIError(499, "cancelled: the client went away", code="cancelled"))
 
     def retry_after(self) -> int:
-        """Seconds until a place in the queue is likely free."""
-        return int(min(max(math.ceil(self._mean_s * (len(self._waiting) + 1) / max(self.max_queue, 1)), 1), 120))
+        """Seconds until a place in the queue is likely free: when the running job ends, about a
+        job's mean duration."""
+        return int(min(max(math.ceil(self._mean_s), 1), 120))
 
     def status(self) -> dict:
         return {"waiting": len(self._waiting), "running": self.running is not None, "max_queue": self.max_queue,
