@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ggfuse.errors import GGFuseError
 from ggfuse.runtime.snapshot import StateSnapshot
 
 
@@ -226,10 +227,26 @@ class PrefixCache:
             if on_chunk is not None:
                 on_chunk(n_past)
 
-        cuts = sorted({int(m) for m in marks if start < m < len(ids)}) + [len(ids)]
-        at = start
-        for cut in cuts:
-            out = model.prefill(ids[at:cut], logits="last", on_chunk=at_boundary)
-            at = cut
-        self.insert(model, ids, logits=out[-1])     # the prompt's end node: its logits join it
-        return out[-1], start
+        def run(start):
+            cuts = sorted({int(m) for m in marks if start < m < len(ids)}) + [len(ids)]
+            at = start
+            for cut in cuts:
+                out = model.prefill(ids[at:cut], logits="last", on_chunk=at_boundary)
+                at = cut
+            return out[-1]
+
+        try:
+            logits = run(start)
+        except GGFuseError:
+            if start == 0:
+                raise
+            # a device pads a prompt's last chunk to a size it captured: resumed near the end of
+            # the context, that chunk can overrun the KV cache where a prefill from 0 does not
+            self.stats.hits -= 1
+            self.stats.misses += 1
+            self.stats.cached_tokens -= start
+            model.reset()
+            start = 0
+            logits = run(0)
+        self.insert(model, ids, logits=logits)     # the prompt's end node: its logits join it
+        return logits, start

@@ -189,6 +189,22 @@ def test_budget_zero_keeps_nothing_and_a_leaf_larger_than_the_budget_is_dropped(
     _check_state(m, list(range(10)))
 
 
+def test_a_resume_the_device_cannot_run_starts_over_cold():
+    class Padded(CountingBackend):
+        """Pads each chunk to 4 rows in a cache of 12, like a device with captured chunk sizes."""
+        def run_chunk(self, tokens, want="all"):
+            if self.n_past + 4 > 12:
+                raise GGFuseError(None, "a 4-token chunk does not fit the KV cache")
+            return super().run_chunk(tokens, want)
+
+    m, cache = CountingModel(chunk=4), PrefixCache(1 << 20)
+    m.backend = Padded()
+    cache.prefill(m, list(range(1, 6)))             # nodes at 4 and 5
+    _, start = cache.prefill(m, list(range(1, 12)))  # from 5: chunks at 5 and 9 (9 + 4 > 12)
+    assert start == 0 and cache.stats.cached_tokens == 0
+    _check_state(m, list(range(1, 12)))
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="budget"):
         PrefixCache(-1)
