@@ -56,7 +56,7 @@ class CacheStats:
     misses: int = 0          # prompts that started cold
     cached_tokens: int = 0   # prompt tokens restored instead of prefilled, over all requests
     inserts: int = 0
-    evictions: int = 0       # whole states given up (a leaf removed, or an inner node's state)
+    evictions: int = 0       # leaves removed, and inner nodes' states and logits given up
 
 
 class PrefixCache:
@@ -176,15 +176,19 @@ class PrefixCache:
     # ---- budget --------------------------------------------------------------------------------
     def _evict(self) -> None:
         while self.nbytes > self.budget:
-            # a state of no bytes (a model with KV caches only) is not worth giving up
-            candidates = [n for n in self.nodes() if n.snap.whole_bytes > 0 or not n.children]
+            # an inner node gives up its state and logits (its rows serve its children); a state
+            # of no bytes (a model with KV caches only) stays: it costs nothing to keep
+            candidates = [n for n in self.nodes()
+                          if not n.children or n.snap.whole_bytes > 0 or n.logits is not None]
             if not candidates:
                 return
             victim = min(candidates, key=lambda n: n.used)
-            self.stats.evictions += victim.snap.whole is not None
+            self.stats.evictions += 1
             if victim.children:
                 self.nbytes -= victim.snap.whole_bytes + _nbytes(victim.logits)
-                victim.snap.whole = victim.logits = None
+                victim.logits = None
+                if victim.snap.whole_bytes > 0:
+                    victim.snap.whole = None
                 continue
             self._remove(victim)
 
