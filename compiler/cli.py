@@ -1,4 +1,4 @@
-"""The `ggfuse` command: compile, inspect, run, synth, bench.
+"""The `ggfuse` command: compile, inspect, run, synth, bench, serve.
 
 Every user-facing failure (bad GGUF, unsupported input, wrong plan, no device) is one line on
 stderr and exit code 2; --debug shows the traceback instead.
@@ -323,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench_parser(sub)
     except ImportError:
         pass
+    from ggfuse.runtime.serve.cli import add_serve_parser
+    add_serve_parser(sub)
     return ap
 
 

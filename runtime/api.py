@@ -69,9 +69,10 @@ class Model:
     def reset(self) -> None:
         self.backend.reset()
 
-    def prefill(self, token_ids, logits: str = "all") -> np.ndarray:
+    def prefill(self, token_ids, logits: str = "all", on_chunk=None) -> np.ndarray:
         """Feed tokens; returns logits [n, vocab] for every position ("all", the default) or only
-        the last position's [1, vocab] ("last": what time-to-first-token needs)."""
+        the last position's [1, vocab] ("last": what time-to-first-token needs). on_chunk(n_past)
+        is called after each chunk (the prefix cache snapshots the state there)."""
         if logits not in ("all", "last"):
             raise GGFuseError(None, f"logits must be 'all' or 'last', got {logits!r}")
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
@@ -88,6 +89,8 @@ class Model:
             out = self.backend.run_chunk(ids[i:i + self.chunk], want)
             if out is not None:
                 outs.append(out)
+            if on_chunk is not None:
+                on_chunk(self.n_past)
         return np.concatenate(outs, axis=0)
 
     def vocab(self):

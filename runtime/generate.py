@@ -24,13 +24,14 @@ from ggfuse.errors import GGFuseError
 from ggfuse.runtime.sampling import Sampler, SamplingParams
 
 __all__ = ["Generation", "GenerationStats", "generate", "stream", "decode_step", "context_limit",
-           "ChatSession"]
+           "ChatSession", "chat_prompt_ids", "encode_rendered", "prompt_ids"]
 
 
 @dataclass
 class GenerationStats:
     """What one generation did and how long it took (seconds)."""
     n_prompt: int = 0          # prompt tokens fed (after whatever the model already held)
+    n_cached: int = 0          # of those, restored from a prefix cache instead of prefilled
     n_new: int = 0             # tokens generated (an end-of-generation token not counted)
     tokenize_s: float = 0.0    # turning a text prompt into ids
     prefill_s: float = 0.0     # feeding the prompt
@@ -41,14 +42,15 @@ class GenerationStats:
 
     @property
     def prefill_tok_per_s(self) -> float:
-        return self.n_prompt / self.prefill_s if self.prefill_s > 0 else 0.0
+        return (self.n_prompt - self.n_cached) / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
     def decode_tok_per_s(self) -> float:
         return self.n_decode / self.decode_s if self.decode_s > 0 else 0.0
 
     def line(self) -> str:
-        return (f"prompt {self.n_prompt} tokens, TTFT {self.ttft_s * 1e3:.1f} ms, prefill "
+        cached = f" ({self.n_cached} cached)" if self.n_cached else ""
+        return (f"prompt {self.n_prompt} tokens{cached}, TTFT {self.ttft_s * 1e3:.1f} ms, prefill "
                 f"{self.prefill_tok_per_s:.1f} tok/s, decode {self.decode_tok_per_s:.1f} tok/s "
                 f"({self.n_new} tokens, stopped: {self.finish})")
 
@@ -72,7 +74,8 @@ def context_limit(model) -> int | None:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
-def _prompt_ids(model, prompt) -> list[int]:
+def prompt_ids(model, prompt) -> list[int]:
+    """A prompt's token ids: a str tokenized as llama-cli tokenizes -p, or a list of ids as given."""
     if isinstance(prompt, str):
         # what llama-cli does with -p: BOS as the GGUF asks, special tokens in the text parsed
         return model.tokenizer.encode(prompt, add_special=True, parse_special=True)
@@ -128,7 +131,12 @@ class Generation:
     def __init__(self, model, prompt, max_new_tokens: int | None = 128, *, temperature: float = 0.0,
                  top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                  repeat_last_n: int = 64, seed: int | None = None, stop: Sequence[str] | str = (),
-                 reset: bool = True):
+                 reset: bool = True, cache=None, on_chunk=None, cache_marks: Sequence[int] = ()):
+        """cache: a runtime.prefix_cache.PrefixCache: the prompt resumes from its longest cached
+        prefix, and the state after the prompt's chunks and after the generation is kept there
+        (the prompt is then the whole sequence: reset must stay True); cache_marks: positions of
+        the prompt to keep a snapshot at too (runtime/prefix_cache.py). on_chunk(n_past): called
+        after each prefill chunk; what it raises abandons the generation (a server's cancel)."""
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer))
                                            or max_new_tokens < 0):
             raise GGFuseError(None, f"max_new_tokens must be a non-negative integer or None, got {max_new_tokens!r}")
@@ -140,9 +148,14 @@ class Generation:
         if isinstance(prompt, str):
             model.tokenizer   # built (once per model) before the clock starts
         t = time.perf_counter()
-        self.prompt = _prompt_ids(model, prompt)
+        self.prompt = prompt_ids(model, prompt)
         self.stats.tokenize_s = time.perf_counter() - t
         self.reset = reset
+        self.cache = cache
+        self.on_chunk = on_chunk
+        self.cache_marks = tuple(cache_marks)
+        if cache is not None and not reset:
+            raise GGFuseError(None, "a prefix cache needs the whole sequence as the prompt (reset=True)")
         if not self.prompt:
             raise GGFuseError(None, "the prompt is empty: give at least one token to continue from")
         self.stops = _StopStrings(stop)
@@ -180,10 +193,13 @@ class Generation:
         sampler = Sampler(self.params)
         limit = context_limit(m)
         t0 = time.perf_counter()
-        if self.reset:
-            m.reset()
         history = list(self.prompt)
-        logits = m.prefill(self.prompt, logits="last")[-1]
+        if self.cache is not None:
+            logits, st.n_cached = self.cache.prefill(m, self.prompt, on_chunk=self.on_chunk, marks=self.cache_marks)
+        else:
+            if self.reset:
+                m.reset()
+            logits = m.prefill(self.prompt, logits="last", on_chunk=self.on_chunk)[-1]
         st.n_prompt = len(self.prompt)
         st.prefill_s = time.perf_counter() - t0
         budget = self.max_new_tokens if self.max_new_tokens is not None else (limit - m.n_past + 1 if limit else None)
@@ -213,6 +229,8 @@ class Generation:
                 st.n_decode += 1
             if not st.finish:
                 st.finish = "length" if self.max_new_tokens is not None else "context"
+            if self.cache is not None:   # the state after the answer: where the next turn starts
+                self.cache.insert(m, self.prompt + self.new_ids[:self.n_fed_new], logits=logits)
         finally:
             # also when the consumer stops early (st.finish then stays "": "cancelled")
             st.finish = st.finish or "cancelled"
@@ -233,14 +251,28 @@ class Generation:
             active.close()
 
     def _text(self) -> Iterator[str]:
+        steps = self.pieces()
+        try:
+            for _, piece in steps:
+                if piece:
+                    yield piece
+        finally:
+            steps.close()
+
+    def pieces(self) -> Iterator[tuple[int | None, str]]:
+        """(token id, the text it lets out) for each new token, the text "" while a character or
+        a possible stop string is incomplete; then (None, the held-back tail) if there is one.
+        What a server streams: the first pair marks the first token. Close it to stop early."""
         text = self.model.tokenizer.stream()
-        for t in self._tokens():
-            piece = self.stops.push(text.push(t))
-            if piece:
-                yield piece
+        tokens = self._tokens()
+        try:
+            for t in tokens:
+                yield t, self.stops.push(text.push(t))
+        finally:
+            tokens.close()   # now, not when collected: its stats say "cancelled" at once
         tail = self.stops.push(text.flush()) + ("" if self.stops.hit else self.stops.flush())
         if tail:
-            yield tail
+            yield None, tail
 
     def ids(self) -> list[int]:
         """Run to the end and return the new ids. With stop strings: up to the token whose text
@@ -273,6 +305,18 @@ def stream(model, prompt, max_new_tokens: int | None = 128, **kwargs) -> Generat
     return Generation(model, prompt, max_new_tokens, **kwargs)
 
 
+def chat_prompt_ids(tokenizer, template, messages, **template_kwargs) -> list[int]:
+    """The token ids of a conversation rendered with a chat template (runtime/chat.py), ending
+    with the prompt for the assistant's answer."""
+    return encode_rendered(tokenizer, template.render(messages, add_generation_prompt=True, **template_kwargs))
+
+
+def encode_rendered(tokenizer, text: str) -> list[int]:
+    """Token ids of text a chat template rendered: the template writes the special tokens itself
+    (no BOS added) as text, so control tokens in it are parsed."""
+    return tokenizer.encode(text, add_special=False, parse_special=True)
+
+
 @dataclass
 class ChatSession:
     """A conversation kept across turns: each user turn renders the whole conversation with the
@@ -303,8 +347,7 @@ class ChatSession:
         """Add a user turn and stream the assistant's answer, which joins the conversation."""
         t0 = time.perf_counter()
         messages = [*self.messages, {"role": "user", "content": user_text}]
-        prompt = self.template.render(messages, add_generation_prompt=True, **self.template_kwargs)
-        ids = self.model.tokenizer.encode(prompt, add_special=False, parse_special=True)
+        ids = chat_prompt_ids(self.model.tokenizer, self.template, messages, **self.template_kwargs)
         t_text = time.perf_counter() - t0
         keep = len(self.fed) if ids[:len(self.fed)] == self.fed and self.model.n_past == len(self.fed) else 0
         if keep == len(ids):   # nothing new to feed: start over so that there are logits to sample

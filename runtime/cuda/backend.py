@@ -389,6 +389,53 @@ class CUDABackend:
         self.n_past = 0
         self.cp.cuda.Device().synchronize()
 
+    # ---- snapshots (runtime/snapshot.py): the prefix cache's side of the state -------------------
+    def snapshot(self, start: int = 0, where: str = "device"):
+        """The state now, copied stream-ordered after the chunks before it: of each KV cache the
+        rows [start, n_past) only, every other state (conv windows, DeltaNet states) whole; into
+        new device arrays ("device", device-to-device copies) or host arrays ("host")."""
+        from ggfuse.runtime.snapshot import WHERE, StateSnapshot, positional_states
+        if where not in WHERE:
+            raise ValueError(f"snapshot where must be one of {WHERE}, not {where!r}")
+        if not 0 <= start <= self.n_past:
+            raise ValueError(f"snapshot start {start} is outside 0..{self.n_past}")
+        cp, s = self.cp, self.stream
+        positional = positional_states(self.graph)
+        rows, whole = {}, {}
+        with s:
+            for name, a in self.states.items():
+                src = a[start:self.n_past] if name in positional else a
+                (rows if name in positional else whole)[name] = (src.copy() if where == "device"
+                                                                 else cp.asnumpy(src, stream=s))
+        s.synchronize()
+        return StateSnapshot(start, self.n_past, rows, whole, where)
+
+    def restore(self, pieces) -> None:
+        """Put back the state of a chain of snapshots covering positions [0, n): each one's KV
+        rows into their rows of the caches, the last one's other states whole; stream-ordered
+        before the next chunk (the captured graphs read these same buffers)."""
+        from ggfuse.runtime.snapshot import check_chain
+        check_chain(pieces)
+        s = self.stream
+        if pieces[-1].stop > self.max_context:
+            raise GGFuseError(self.gf.path, f"a snapshot of {pieces[-1].stop} positions does not fit the KV cache "
+                                            f"of {self.max_context}")
+        def put(dst, src, where):
+            if where == "device":
+                dst[...] = src              # a device-to-device copy on the current stream
+            else:
+                dst.set(src, stream=s)
+
+        last = pieces[-1]
+        with s:
+            for p in pieces:
+                for name, a in p.rows.items():
+                    put(self.states[name][p.start:p.stop], a, p.where)
+            for name, a in last.whole.items():
+                put(self.states[name], a, last.where)
+        s.synchronize()     # the cache may free a snapshot once it is restored
+        self.n_past = last.stop
+
     def stage_inputs(self, tokens: np.ndarray) -> int:
         """Copy a chunk's token ids, positions, P and n_valid into their device buffers (stream
         ordered before the replay that reads them). Returns n_valid."""
