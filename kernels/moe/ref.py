@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ggfuse.kernels.dense import ref as dense_ref
-from ggfuse.kernels.dequant.ref import expert
+from ggfuse.kernels.dequant.ref import dense, expert
 
 F32 = np.float32
 
@@ -17,8 +17,8 @@ def topk(x: np.ndarray, *, k: int) -> np.ndarray:
 
 
 def take_along(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """x [T, E], ids [T, k] -> x[t, ids[t, j]]  [T, k]."""
-    return np.take_along_axis(x, ids.astype(np.int64), axis=-1).astype(F32, copy=False)
+    """x [T, E] (or a per-expert vector [1, E], a weight), ids [T, k] -> x[t, ids[t, j]]  [T, k]."""
+    return np.take_along_axis(dense(x), ids.astype(np.int64), axis=-1).astype(F32, copy=False)
 
 
 def mul_mat_id(w, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
