@@ -208,8 +208,6 @@ BAD = {
                             GGUFFormatError, "full layer 1 shares KV, but none of layers 0..0 is a full layer"),
     "fewer-shared-layers": ("gemma4-dense", dict(set_keys={K + "attention.shared_kv_layers": 1}),
                             GGUFFormatError, "missing tensor 'blk.2.attn_k.weight'"),
-    "shared-layer-has-k": ("gemma4-dense", dict(add_tensors={"blk.3.attn_k.weight": np.zeros((64, 256), np.float32)}),
-                           GGUFFormatError, "tensor 'blk.3.attn_k.weight' belongs to layer 3, which shares the KV of layer 1"),
     "pattern-vs-tensors": ("gemma4-moe", dict(set_keys={K + "attention.sliding_window_pattern": [True, True]}),
                            GGUFFormatError, "tensor 'blk.1.attn_q.weight' has shape"),
     "window-zero": ("gemma4-moe", dict(set_keys={K + "attention.sliding_window": 0}),
@@ -233,6 +231,20 @@ def test_bad_input_through_the_cli_exits_2(tmp_path):
                        text=True, timeout=300)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and "sliding_window_pattern" in lines[0] and str(path) in lines[0]
+
+
+def test_shared_layers_own_kv_weights_are_ignored(tmp_path):
+    # the published E2B / E4B files still carry attn_k / attn_v / attn_k_norm for the KV-shared layers
+    extra = {"blk.3.attn_k.weight": np.ones((64, 256), np.float32), "blk.3.attn_v.weight": np.ones((64, 256), np.float32),
+             "blk.3.attn_k_norm.weight": np.ones(64, np.float32)}
+    path = _rewrite(tmp_path / "extra.gguf", "gemma4-dense", add_tensors=extra)
+    g = build_graph(GGUFFile(path))
+    assert not any(w.attrs.tensor.startswith("blk.3.attn_k") or w.attrs.tensor.startswith("blk.3.attn_v")
+                   for w in g.weights())
+    from util import refs, rel_err
+    import ggfuse
+    r = refs("gemma4-dense")
+    assert rel_err(ggfuse.load(str(path), device="cpu").prefill(r["tokens"]), r["llama_f32"]) < 1e-4
 
 
 def test_unsupported_weight_scales_are_refused(tmp_path):

@@ -240,11 +240,8 @@ def attention(b: Builder, x: Value, *, il: int, hp: Gemma4HParams, pos: Value, k
             b.g.set_output(f"{p}.k_cache", ks)
             b.g.set_output(f"{p}.v_cache", vs)
         kv[il] = _KV(k, v, ks, vs, sliding)
-    else:
-        for t in (f"{p}.attn_k.weight", f"{p}.attn_v.weight"):
-            if b.has(t):
-                raise GGUFFormatError(b.gf.path, f"tensor '{t}' belongs to layer {il}, which shares the KV of layer "
-                                                 f"{src} (attention.shared_kv_layers {hp.n_kv_shared})")
+    # A KV-shared layer reads its source's K/V; the attn_k / attn_v / attn_k_norm the published
+    # checkpoints still carry for it are unused (llama.cpp loads them as optional and ignores them).
     c = kv[src]
     if c.sliding:
         o = b.op(Op.ATTENTION_WINDOW, q, c.k, c.v, c.k_state, c.v_state, window=hp.n_swa, scale=hp.attn_scale,
