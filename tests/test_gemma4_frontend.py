@@ -100,9 +100,17 @@ def test_graph_structure(name):
             mine, theirs = by_name[f"blk.{il}.attn"], by_name[f"blk.{src[il]}.attn"]
             assert mine.inputs[1:] == theirs.inputs[1:]
             assert not any(w.attrs.tensor.startswith(f"blk.{il}.attn_k") for w in g.weights())
+    order = {n.id: i for i, n in enumerate(g.topo())}
     for il in own_swa:
         last = max(j for j in range(L) if src[j] == il)
-        assert by_name[f"blk.{il}.k_ring_append"].inputs[2] == by_name[f"blk.{last}.attn"].out
+        reader = by_name[f"blk.{last}.attn"]
+        for kv in "kv":
+            append = by_name[f"blk.{il}.{kv}_ring_append"]
+            assert append.inputs[2] == reader.out
+            # scheduled right behind its last reader, so the chunk's K/V need not outlive it
+            assert 0 < order[append.id] - order[reader.id] <= 2
+    for il in range(L):
+        assert by_name[f"blk.{il}.attn"].meta["kv_source"] == src[il]
     # the full layers' RoPE reads rope_freqs, the sliding layers' none
     for n in g.by_op(Op.ROPE):
         il = int(n.name.split(".")[1])

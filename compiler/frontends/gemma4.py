@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -198,7 +198,6 @@ class _KV:
     k_state: Value             # sliding: the ring before the chunk; full: cache + chunk (CONCAT)
     v_state: Value
     sliding: bool
-    readers: list = field(default_factory=list)   # attention outputs of every layer reading it
 
 
 def _rope(b: Builder, x: Value, pos: Value, *, hp: Gemma4HParams, sliding: bool, name: str) -> Value:
@@ -243,26 +242,25 @@ def attention(b: Builder, x: Value, *, il: int, hp: Gemma4HParams, pos: Value, k
     # A KV-shared layer reads its source's K/V; the attn_k / attn_v / attn_k_norm the published
     # checkpoints still carry for it are unused (llama.cpp loads them as optional and ignores them).
     c = kv[src]
+    meta = {"kv_source": src}  # whose K/V this layer attends over (itself, or a KV-shared layer's source)
     if c.sliding:
-        o = b.op(Op.ATTENTION_WINDOW, q, c.k, c.v, c.k_state, c.v_state, window=hp.n_swa, scale=hp.attn_scale,
-                 name=f"{p}.attn")
+        o = b.g.add(Op.ATTENTION_WINDOW, (q, c.k, c.v, c.k_state, c.v_state), name=f"{p}.attn", meta=meta,
+                    window=hp.n_swa, scale=hp.attn_scale)
+        if il == max(j for j, s in enumerate(hp.kv_source) if s == src):
+            append_rings(b, c, after=o, src=src)
     else:
-        o = b.op(Op.ATTENTION, q, c.k_state, c.v_state, scale=hp.attn_scale, name=f"{p}.attn")
-    c.readers.append(o)
+        o = b.g.add(Op.ATTENTION, (q, c.k_state, c.v_state), name=f"{p}.attn", meta=meta, scale=hp.attn_scale)
     o = b.reshape(o, ("T", H * hd))
     return b.matmul(o, f"{p}.attn_output.weight", D, H * hd)
 
 
-def append_rings(b: Builder, hp: Gemma4HParams, kv: dict[int, _KV]) -> None:
-    """Write each sliding layer's chunk into its rings, after the last layer that reads them."""
-    for il, c in sorted(kv.items()):
-        if not c.sliding:
-            continue
-        p = f"blk.{il}"
-        after = c.readers[-1]  # the readers form a chain through the residual stream
-        for state, new, what in ((c.k_state, c.k, "k"), (c.v_state, c.v, "v")):
-            ring = b.op(Op.KV_RING_APPEND, state, new, after, name=f"{p}.{what}_ring_append")
-            b.g.set_output(f"{p}.{what}_ring", ring)
+def append_rings(b: Builder, c: _KV, *, after: Value, src: int) -> None:
+    """Write layer src's chunk into its rings once `after`, the last attention reading them, is
+    done. Built right after it, so the schedule (node ids break ties) writes the rings there and
+    the chunk's K/V die early."""
+    for state, new, what in ((c.k_state, c.k, "k"), (c.v_state, c.v, "v")):
+        ring = b.op(Op.KV_RING_APPEND, state, new, after, name=f"blk.{src}.{what}_ring_append")
+        b.g.set_output(f"blk.{src}.{what}_ring", ring)
 
 
 def moe(b: Builder, xe: Value, xr: Value, *, il: int, hp: Gemma4HParams) -> Value:
@@ -349,7 +347,6 @@ def build(gf):
             h = per_layer_embedding(b, h, pl, il=il, hp=hp)
         if b.has(f"{p}.layer_output_scale.weight"):
             h = b.op(Op.MUL, h, b.weight(f"{p}.layer_output_scale.weight", (1,)), name=f"{p}.out_scaled")
-    append_rings(b, hp, kv)
     lm_head(b, h, hp, softcap=hp.final_softcap)
     b.g.meta["hparams"] = hp.to_json()
     return b.g
