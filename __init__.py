@@ -7,9 +7,18 @@
 __version__ = "0.1.0"
 
 
-def load(path, device="auto", chunk=None, gguf=None, vram_budget=None, precision=None):
+def load(path, device=None, chunk=None, gguf=None, vram_budget=None, precision=None, *, options=None, **kw):
+    """See ggfuse.runtime.api.load; keywords are ggfuse.options.Options fields."""
     from ggfuse.runtime.api import load as _load
-    return _load(path, device=device, chunk=chunk, gguf=gguf, vram_budget=vram_budget, precision=precision)
+    return _load(path, device=device, chunk=chunk, gguf=gguf, vram_budget=vram_budget, precision=precision,
+                 options=options, **kw)
 
 
-__all__ = ["load", "__version__"]
+def __getattr__(name):
+    if name == "Options":
+        from ggfuse.options import Options
+        return Options
+    raise AttributeError(name)
+
+
+__all__ = ["load", "Options", "__version__"]

@@ -34,13 +34,13 @@ def _passes_list(s):
 
 def cmd_compile(args) -> int:
     from ggfuse.compiler.driver import compile_gguf
-    plan = compile_gguf(args.model, chunk=args.chunk, passes=_passes_list(args.passes),
-                        skip=_passes_list(args.skip_pass) or (), dump_dir=args.dump_dir,
-                        vram_budget=args.vram_budget, max_context=args.max_context)
+    from ggfuse.options import COMPILE, from_args
+    plan = compile_gguf(args.model, options=from_args(args, COMPILE), passes=_passes_list(args.passes),
+                        skip=_passes_list(args.skip_pass) or (), dump_dir=args.dump_dir)
     out = args.output or (os.path.splitext(args.model)[0] + ".ggfuse.json")
     plan.save(out)
     s = plan.stats
-    print(f"wrote {out}: {plan.arch}, {len(plan.graph)} nodes, chunk {plan.chunk}, "
+    print(f"wrote {out}: {plan.arch}, target {plan.target}, {len(plan.graph)} nodes, chunk {plan.chunk}, "
           f"{_human(s['flops_per_chunk'], 'FLOP')}/chunk, weights {_human(s['weight_bytes'])}")
     return 0
 
@@ -70,8 +70,74 @@ def inspect_summary(plan) -> dict:
         "memory": plan.stats.get("memory"),
         "prefetch": plan.stats.get("prefetch"),
         "segments": plan.stats.get("segments"),
-        "states": {k: n.outputs[0].to_json() for k, n in sorted(plan.graph.states().items())},
+        "states": {k: {**n.outputs[0].to_json(), "kind": n.attrs.get("state"),
+                       "storage": (n.meta.get("storage") or [None])[0]}
+                   for k, n in sorted(plan.graph.states().items())},
+        "options": plan.options,
+        "ggfuse": plan.ggfuse,
+        "lowering": plan.lowering,
+        "kernels": kernel_counts(plan),
+        "steps": plan_steps(plan),
+        "weights": [{"name": w.name, "ggml_type": w.ggml_type, "shape": list(w.shape), "bytes": w.nbytes,
+                     **((plan.graph.meta.get("weights") or {}).get(w.name) or {})} for w in plan.weights],
     }
+
+
+def _variant(rec: dict, chunk: int) -> dict:
+    """A kernel record's fields at one chunk size (by_chunk folded in), the name left out."""
+    out = {k: v for k, v in rec.items() if k not in ("name", "by_chunk")}
+    out.update((rec.get("by_chunk") or {}).get(str(chunk), {}))
+    return out
+
+
+def plan_steps(plan) -> list[dict]:
+    """Every executed step in schedule order: op, name, kernel and variant (at the plan's chunk),
+    storage dtypes, workspace bytes per chunk size, layer."""
+    out = []
+    for n in plan.graph.topo():
+        if n.op.value in ("input", "weight"):
+            continue
+        rec = n.meta.get("kernel")
+        step = {"id": n.id, "op": n.op.value, "name": n.name}
+        if rec is not None:
+            step["kernel"] = rec["name"]
+            step["variant"] = _variant(rec, plan.chunk)
+            if rec.get("by_chunk"):
+                step["by_chunk"] = rec["by_chunk"]
+        if n.meta.get("storage"):
+            step["storage"] = n.meta["storage"]
+        if n.meta.get("workspace"):
+            step["workspace"] = n.meta["workspace"]
+        if n.meta.get("layer") is not None:
+            step["layer"] = n.meta["layer"]
+        out.append(step)
+    return out
+
+
+def kernel_counts(plan) -> dict:
+    counts: dict = {}
+    for n in plan.graph.nodes():
+        rec = n.meta.get("kernel")
+        if rec is not None:
+            counts[rec["name"]] = counts.get(rec["name"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _short(v) -> str:
+    if isinstance(v, dict):
+        return "{" + " ".join(f"{k}={_short(x)}" for k, x in v.items() if x is not None) + "}"
+    return str(v)
+
+
+def print_steps(d: dict) -> None:
+    print(f"\nsteps (kernel and variant at chunk {d['chunk']}; workspace at that chunk):")
+    for st in d["steps"]:
+        k = st.get("kernel", "-")
+        var = " ".join(f"{a}={_short(b)}" for a, b in st.get("variant", {}).items() if b is not None)
+        ws = (st.get("workspace") or {}).get(str(d["chunk"])) or {}
+        wss = ("  ws " + ", ".join(f"{a} {_human(b)}" for a, b in ws.items())) if ws else ""
+        stg = ("  out " + ",".join(st["storage"])) if st.get("storage") else ""
+        print(f"  %{st['id']:<5} {st['op']:<24} {st['name'][:34]:<34} {k}{(' ' + var) if var else ''}{wss}{stg}")
 
 
 def print_summary(d: dict) -> None:
@@ -125,6 +191,24 @@ def print_summary(d: dict) -> None:
             f"#{s['id']} {s['n_nodes']} nodes ({s['starts_with']})" for s in d["segments"][:4]) +
             (" ..." if len(d["segments"]) > 4 else ""))
     print(f"\nstates carried between calls: {len(d['states'])}")
+    gg = d.get("ggfuse") or {}
+    print(f"\ncompiled by ggfuse {gg.get('version')} (commit {str(gg.get('commit'))[:12]}) with options:")
+    print("  " + " ".join(f"{k}={v}" for k, v in sorted((d.get('options') or {}).items())))
+    low = d.get("lowering") or {}
+    if low:
+        t = low["target"]
+        print(f"lowered for {t['name']} (cc {t['cc']}, {t['sms']} SMs assumed), precision {low['precision']}, "
+              f"captured chunk sizes {low['captures']}; dense matrices {low['dense_form']['why']}")
+        print("kernels: " + ", ".join(f"{k} x{v}" for k, v in d["kernels"].items()))
+        forms: dict = {}
+        for w in d["weights"]:
+            key = "+".join(w.get("forms") or []) + (f" ({w['residency']})" if w.get("residency") else "")
+            e = forms.setdefault(key, [0, 0])
+            e[0] += 1
+            e[1] += int(w.get("device_bytes") or 0)
+        print("weights on the device: " + "; ".join(f"{k}: {c} tensors {_human(b)}" for k, (c, b) in sorted(forms.items())))
+    else:
+        print("not lowered (target cpu): the cpu reference interprets the graph")
 
 
 def cmd_inspect(args) -> int:
@@ -143,6 +227,8 @@ def cmd_inspect(args) -> int:
         print(json.dumps(d, indent=1, sort_keys=True))
     elif not args.dot:
         print_summary(d)
+        if not args.summary:
+            print_steps(d)
     return 0
 
 
@@ -163,8 +249,8 @@ def cmd_run(args) -> int:
     tokens = _parse_tokens(args.tokens)
     if not tokens:
         raise GGFuseError(None, "--tokens is empty")
-    m = ggfuse.load(model_path, device=args.device, chunk=args.chunk, vram_budget=args.vram_budget,
-                    precision=args.precision)
+    from ggfuse.options import from_args
+    m = ggfuse.load(model_path, options=from_args(args))
     logits = m.prefill(tokens)
     if args.logits:
         np.save(args.logits, logits)
@@ -187,15 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
+    from ggfuse.options import COMPILE, add_arguments
     c = sub.add_parser("compile", help="GGUF -> plan file")
     c.add_argument("model")
     c.add_argument("-o", "--output", help="plan path (default MODEL.ggfuse.json)")
-    c.add_argument("--chunk", type=int, default=512, help="prefill chunk length (default 512)")
     c.add_argument("--passes", help="comma-separated passes to run (default: the whole pipeline)")
     c.add_argument("--skip-pass", help="comma-separated passes to skip")
     c.add_argument("--dump-dir", help="write the graph as text after each pass into this folder")
-    c.add_argument("--vram-budget", help="device memory budget, e.g. 12GiB: plan expert streaming")
-    c.add_argument("--max-context", type=int, default=8192, help="longest prompt the KV cache is sized for (default 8192)")
+    add_arguments(c, COMPILE)
     c.set_defaults(fn=cmd_compile)
 
     i = sub.add_parser("inspect", help="summarise a plan")
@@ -204,18 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dot", metavar="FILE", help="write the graph as Graphviz dot")
     i.add_argument("--dot-weights", action="store_true", help="include weight nodes in --dot")
     i.add_argument("--text", action="store_true", help="print the whole graph, one node per line")
+    i.add_argument("--summary", action="store_true", help="the summary only, without the table of steps")
     i.set_defaults(fn=cmd_inspect)
 
     r = sub.add_parser("run", help="prefill tokens and print the top-5 next tokens")
     r.add_argument("model", nargs="?", help="GGUF or plan (default: the example model)")
     r.add_argument("--tokens", default="1,2,3", help="comma-separated token ids (default 1,2,3)")
     r.add_argument("--logits", help="save all logits [n_tokens, vocab] to this .npy")
-    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    r.add_argument("--chunk", type=int, default=None)
-    r.add_argument("--vram-budget", default=None, help="device memory budget, e.g. 12GiB: stream the experts "
-                                                       "that do not fit (a plan must be compiled for it)")
-    r.add_argument("--precision", default=None, help="bf16 (default, or $GGFUSE_PRECISION): tensor-core GEMMs; "
-                                                     "f32: f32-faithful GEMMs on the cuda device, for verification")
+    # compile options apply when MODEL is a GGUF (compiled on the fly); a plan must have been
+    # compiled with the ones given
+    add_arguments(r)
     r.set_defaults(fn=cmd_run)
 
     try:

@@ -13,7 +13,7 @@ from ggfuse.ir.graph import Graph
 from ggfuse.ir.verify import verify
 from ggfuse.passes.pipeline import run_pipeline
 
-DEFAULT_CHUNK = 512
+DEFAULT_CHUNK = 512      # ggfuse.options.Options.chunk's default
 
 
 def build_graph(gf: GGUFFile) -> Graph:
@@ -34,35 +34,60 @@ def weight_table(gf: GGUFFile, g: Graph) -> list[WeightEntry]:
     return list(out.values())
 
 
-def compile_gguf(path: str, *, chunk: int = DEFAULT_CHUNK, passes: Sequence[str] | None = None,
-                 skip: Sequence[str] = (), dump_dir: str | None = None, gf: GGUFFile | None = None,
-                 vram_budget=None, max_context: int = 8192) -> Plan:
-    if chunk <= 0:
-        raise ValueError(f"chunk must be positive, got {chunk}")
+def resolve_target(options):
+    """options with target "auto" made concrete: this machine's GPU, else cpu. Returns
+    (options, free device bytes when the plan's target runs on this machine's GPU, else None:
+    the dense-weight policy fits against it)."""
+    from ggfuse.kernels import target as tgt
+    if options.target == "cpu":
+        return options, None
+    dev = tgt.detect()
+    if options.target == "auto":
+        options = options.replace(target=dev.name if dev is not None else "cpu")
+    free = None
+    if dev is not None and options.target in tgt.TARGETS and tgt.TARGETS[options.target].runs_on(dev.cc):
+        try:
+            import cupy
+            free = int(cupy.cuda.runtime.memGetInfo()[0])
+        except Exception:  # noqa: BLE001 -- no measurement: the policy goes by the budget alone
+            free = None
+    return options, free
+
+
+def compile_gguf(path: str, *, options=None, passes: Sequence[str] | None = None, skip: Sequence[str] = (),
+                 dump_dir: str | None = None, gf: GGUFFile | None = None, progress=None, **kw) -> Plan:
+    """Compile a GGUF into a plan. options: ggfuse.options.Options (keyword arguments such as
+    chunk=, vram_budget=, max_context=, target=, precision= build or override it)."""
+    from ggfuse.options import Options
+    options = Options.make(options, **kw)
+    options, device_free = resolve_target(options)
     gf = gf or GGUFFile(path)
     g = build_graph(gf)
     try:
-        g, applied = run_pipeline(g, chunk=chunk, only=passes, skip=skip, dump_dir=dump_dir,
-                                  vram_budget=vram_budget, max_context=max_context)
+        g, applied = run_pipeline(g, options=options, only=passes, skip=skip, dump_dir=dump_dir,
+                                  device_free=device_free)
     except GGFuseError as e:
         if e.path is not None:
             raise
         raise type(e)(gf.path, e.message) from None   # e.g. a budget too small: name the model
     ident = gf.identity()
-    stats = graph_stats(g, chunk)
+    stats = graph_stats(g, options.chunk)
     stats["op_counts_before"] = g.meta.get("op_counts_before")
     for k in ("memory", "prefetch", "segments"):
         if k in g.meta:
             stats[k] = g.meta[k]
+    from ggfuse.compiler.buildinfo import build_info
     return Plan(
         source={"path": os.path.abspath(gf.path), **ident},
         arch=gf.arch,
         hparams=g.meta.get("hparams", {}),
-        chunk=chunk,
+        chunk=options.chunk,
         graph=g,
         weights=weight_table(gf, g),
         passes=applied,
         stats=stats,
+        options=options.compile_json(),
+        ggfuse=build_info(),
     )
 
 

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from ggfuse.errors import PlanError
+from ggfuse.errors import GGFuseError, PlanError
 from ggfuse.ir.graph import Graph
 from ggfuse.ir.serialize import graph_from_json, node_to_json
 
@@ -29,7 +29,15 @@ PLAN_FORMAT = "ggfuse-plan"
 #          3.2 budgeted plans keep experts resident per expert: a fetch_weights streams experts
 #              [first_expert, E) of its layer (absent: 0, a 3.1 plan's whole layer), prefetch info
 #              "streamed_experts" / "n_experts"; the reserve is 96 MiB (was 256).
-PLAN_VERSION = (3, 2)
+#          4.0 the plan is the whole contract: "options" (every compile option, the target resolved)
+#              and "ggfuse" (version, commit); GPU plans are lowered (lower_cuda): each step's meta
+#              has its "kernel" record, "storage" dtypes and "workspace"; meta "arena" and
+#              "workspace_at" map each captured chunk size to offsets; graph_meta "lowering"
+#              (target, captures, precision, dense policy) and "weights" (device forms and
+#              residency per tensor); new ops kv_append and lm_head (concat onto a KV cache and
+#              the logits matmul before); state inputs name their kind (attrs "state"); nodes carry
+#              their layer in meta "layer". A 3.x runtime would run a 4.0 plan wrongly.
+PLAN_VERSION = (4, 0)
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,22 @@ class Plan:
     weights: list[WeightEntry]
     passes: list[str] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)     # ggfuse.options.Options.compile_json()
+    ggfuse: dict = field(default_factory=dict)      # compiler/buildinfo.py: version, commit
     version: tuple = PLAN_VERSION
+
+    @property
+    def target(self) -> str:
+        return self.options.get("target", "cpu")
+
+    @property
+    def lowering(self) -> dict:
+        return self.graph.meta.get("lowering") or {}
+
+    def compile_options(self):
+        """The plan's options as a ggfuse.options.Options (runtime fields at their defaults)."""
+        from ggfuse.options import Options
+        return Options.from_json(self.options, "plan options")
 
     def to_json(self) -> dict:
         g = self.graph
@@ -67,12 +90,14 @@ class Plan:
             "arch": self.arch,
             "hparams": self.hparams,
             "chunk": self.chunk,
+            "options": self.options,
+            "ggfuse": self.ggfuse,
             "passes": list(self.passes),
             "steps": steps,
             "outputs": {k: str(v) for k, v in sorted(g.outputs.items())},
             "states": {k: n.outputs[0].to_json() for k, n in sorted(g.states().items())},
             "buffers": buffers_of(g),
-            "weights": [w.to_json() for w in sorted(self.weights, key=lambda w: w.offset)],
+            "weights": [{**w.to_json(), **_device_of(g, w.name)} for w in sorted(self.weights, key=lambda w: w.offset)],
             "graph_meta": g.meta,
             "stats": self.stats,
         }
@@ -87,16 +112,29 @@ class Plan:
         os.replace(tmp, path)
 
 
+def _device_of(g: Graph, name: str) -> dict:
+    """A weight's device forms and residency (lowered plans)."""
+    w = (g.meta.get("weights") or {}).get(name)
+    if not w:
+        return {}
+    return {"device": {k: w[k] for k in ("forms", "residency", "resident_experts", "device_bytes") if k in w}}
+
+
 def buffers_of(g: Graph) -> list[dict]:
-    """Every activation value the schedule produces, with its type (weights excluded)."""
+    """Every activation value the schedule produces, with its type, storage dtype and arena
+    offset per captured chunk size (weights excluded)."""
     out = []
     for n in g.topo():
         if n.op.value == "weight":
             continue
         for i, t in enumerate(n.outputs):
             entry = {"value": str(n.value(i)), **t.to_json()}
-            if "offset" in n.meta and i == 0:
-                entry["offset"] = n.meta["offset"]
+            st = n.meta.get("storage")
+            if st:
+                entry["storage"] = st[i]
+            offs = {c: o[i] for c, o in (n.meta.get("arena") or {}).items() if o[i] is not None}
+            if offs:
+                entry["offset"] = offs
             out.append(entry)
     return out
 
@@ -120,7 +158,15 @@ def load_plan(path: str) -> Plan:
                                  "meta": d.get("graph_meta", {})})
         weights = [WeightEntry(w["name"], w["ggml_type"], tuple(w["shape"]), int(w["offset"]), int(w["nbytes"]))
                    for w in d["weights"]]
-        return Plan(source=d["source"], arch=d["arch"], hparams=d["hparams"], chunk=int(d["chunk"]), graph=graph,
-                    weights=weights, passes=list(d.get("passes", [])), stats=d.get("stats", {}), version=ver)
+        plan = Plan(source=d["source"], arch=d["arch"], hparams=d["hparams"], chunk=int(d["chunk"]), graph=graph,
+                    weights=weights, passes=list(d.get("passes", [])), stats=d.get("stats", {}),
+                    options=dict(d["options"]), ggfuse=dict(d.get("ggfuse") or {}), version=ver)
     except (KeyError, TypeError, ValueError) as e:
         raise PlanError(path, f"plan is missing or has a malformed field ({e.__class__.__name__}: {e})") from None
+    try:
+        opts = plan.compile_options()
+    except GGFuseError as e:
+        raise PlanError(path, e.message) from None
+    if opts.chunk != plan.chunk:
+        raise PlanError(path, f"plan chunk {plan.chunk} differs from its options' chunk {opts.chunk}")
+    return plan

@@ -193,6 +193,20 @@ class Graph:
         """Carried-state inputs (KV cache, conv window, recurrent state) by name."""
         return {k: n for k, n in self.inputs().items() if n.attrs.kind == "state"}
 
+    def tensor_of(self, v: Value) -> str:
+        """The GGUF tensor a weight value reads, through RESHAPE views and FETCH_WEIGHTS (whose
+        output i is its input i)."""
+        while True:
+            n = self.node(v.node)
+            if n.op == Op.WEIGHT:
+                return n.attrs.tensor
+            if n.op == Op.FETCH_WEIGHTS:
+                v = n.inputs[v.index]
+            elif n.op == Op.RESHAPE:
+                v = n.inputs[0]
+            else:
+                raise KeyError(f"{v} is not a weight ({n.op.value} {n.name})")
+
     def by_op(self, op: Op) -> list[Node]:
         return [n for n in self.nodes() if n.op == op]
 

@@ -15,6 +15,18 @@ def interpret(g: Graph, feeds: Mapping[str, np.ndarray], weight: Callable[[Node]
               env: Mapping[str, int]) -> dict[str, np.ndarray]:
     """Run `g`. feeds: INPUT name -> array; weight(node) -> array or lazy weight; env binds the
     shape symbols (T, P). Returns every named graph output."""
+    vals = _run(g, feeds, weight, env, keep_all=False)
+    return {k: vals[v] for k, v in g.outputs.items()}
+
+
+def interpret_values(g: Graph, feeds: Mapping[str, np.ndarray], weight: Callable[[Node], Any],
+                     env: Mapping[str, int]) -> dict:
+    """As interpret, but every value the graph computes, by Value (for node-by-node
+    comparisons: tools/gpu_debug_compare.py)."""
+    return _run(g, feeds, weight, env, keep_all=True)
+
+
+def _run(g: Graph, feeds, weight, env, *, keep_all: bool) -> dict:
     order = g.topo()
     last_use: dict = {}
     for i, n in enumerate(order):
@@ -39,7 +51,8 @@ def interpret(g: Graph, feeds: Mapping[str, np.ndarray], weight: Callable[[Node]
             outs = OPS[n.op].ref(n.attrs, env, *args)
         for j, o in enumerate(outs):
             vals[n.value(j)] = o
-        for v in n.inputs:
-            if last_use.get(v) == i and v not in keep:
-                vals.pop(v, None)
-    return {k: vals[v] for k, v in g.outputs.items()}
+        if not keep_all:
+            for v in n.inputs:
+                if last_use.get(v) == i and v not in keep:
+                    vals.pop(v, None)
+    return vals

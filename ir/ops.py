@@ -26,9 +26,11 @@ class Op(str, Enum):
     RESHAPE = "reshape"
     SLICE = "slice"
     CONCAT = "concat"
+    KV_APPEND = "kv_append"    # the chunk's K or V rows appended to a KV cache (a state input) at P
     # dense math
     GET_ROWS = "get_rows"
     MATMUL = "matmul"
+    LM_HEAD = "lm_head"        # the logits matmul: the runtime computes all rows, the last one or none
     ADD = "add"
     SUB = "sub"
     MUL = "mul"
@@ -195,6 +197,23 @@ register(Op.CONCAT, (2, 64), _infer_concat,
          lambda a, env, *xs: (np.concatenate(xs, axis=a.axis),))
 
 
+# the kinds of carried state an INPUT of kind "state" holds (attrs.state)
+STATE_KINDS = ("kv_cache", "conv_window", "recurrent_state",
+               "kv_ring")   # a sliding-window layer's last keys or values (ir/ops_gemma4.py)
+
+
+def _infer_kv_append(a, ins):
+    cache, new = ins
+    _req(cache.rank == new.rank == 3, f"kv_append wants cache[P, H, D], new[T, H, D], got {cache} and {new}")
+    _req(dim_eq(cache.shape[1], new.shape[1]) and dim_eq(cache.shape[2], new.shape[2]),
+         f"kv_append: cache {list(cache.shape)} and rows {list(new.shape)} differ in heads or head dim")
+    return (TensorType((dim_add(cache.shape[0], new.shape[0]),) + tuple(cache.shape[1:]), cache.dtype),)
+
+
+register(Op.KV_APPEND, 2, _infer_kv_append,
+         lambda a, env, cache, new: (np.concatenate([cache, new], axis=0),), lambda a, ins, outs, env: 0)
+
+
 # ---- dense math ------------------------------------------------------------------------------
 
 def _infer_get_rows(a, ins):
@@ -219,6 +238,7 @@ def _flops_matmul(a, ins, outs, env):
 
 
 register(Op.MATMUL, 2, _infer_matmul, lambda a, env, x, w: (dense_ref.matmul(x, w),), _flops_matmul)
+register(Op.LM_HEAD, 2, _infer_matmul, lambda a, env, x, w: (dense_ref.matmul(x, w),), _flops_matmul)
 
 
 def _broadcast(sa, sb):
@@ -435,6 +455,6 @@ def infer(op: Op, attrs, ins) -> tuple[TensorType, ...]:
     return tuple(d.infer(attrs, tuple(ins)))
 
 
-__all__ = ["Op", "OpDef", "OPS", "register", "infer", "InferError", "dim_mul"]
+__all__ = ["Op", "OpDef", "OPS", "register", "infer", "InferError", "dim_mul", "STATE_KINDS"]
 
 _register_fused()

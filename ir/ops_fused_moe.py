@@ -22,6 +22,8 @@ grouped GEMM reads only the sorted layout, which says everything about which slo
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ggfuse.ir.ops import Op, _f32, _req, register
 from ggfuse.ir.types import DType, TensorType, dim_add, dim_eq, dim_eval, dim_mul
 from ggfuse.kernels.moe import ref as moe_ref
@@ -77,8 +79,41 @@ def _ref_moe_route(a, env, *arrays):
 register(Op.MOE_ROUTE, (2, 4), _infer_moe_route, _ref_moe_route, _flops_moe_route, n_outputs=5)
 
 
-def _split_gemm_inputs(a, ins):
-    """(x, weights, slots, offsets, w_gate, w_up, w_gate_up, w_down, shared tuple or None)."""
+@dataclass(frozen=True)
+class SharedExpert:
+    gate: object        # [Fs, D]
+    up: object          # [Fs, D]
+    down: object        # [D, Fs]
+    scale: object       # shexp_gate [T, 1], the router's sigmoid gate of the shared expert
+
+
+@dataclass(frozen=True)
+class MoeOperands:
+    """The MOE_GROUPED_GEMM node's operands by name: values, types or arrays alike (whatever
+    sequence `moe_operands` was given). The one reading of the operand layout: the shape rule,
+    the reference, the FLOP count, the passes and the runtime all use it."""
+    x: object
+    weights: object
+    slots: object
+    offsets: object
+    gate: object        # [E, F, D], None when gate and up are merged
+    up: object          # [E, F, D], None when merged
+    gate_up: object     # [E, 2F, D], None when not merged
+    down: object        # [E, D, F]
+    shared: SharedExpert | None
+
+    @property
+    def experts(self) -> tuple:
+        """The stacked expert weights in input order: gate, up (or gate_up), then down."""
+        return tuple(w for w in (self.gate, self.up, self.gate_up, self.down) if w is not None)
+
+    @property
+    def first_gate(self):
+        """The gate (or merged gate_up) weight: its shape gives E and F."""
+        return self.gate_up if self.gate is None else self.gate
+
+
+def moe_operands(a, ins) -> MoeOperands:
     n_exp = 2 if a.merged_gate_up else 3
     want = 4 + n_exp + (4 if a.shared else 0)
     _req(len(ins) == want, f"moe_grouped_gemm (merged_gate_up={a.merged_gate_up}, shared={a.shared}) "
@@ -89,12 +124,14 @@ def _split_gemm_inputs(a, ins):
         wg, wu, wgu, wd = None, None, ins[4], ins[5]
     else:
         wg, wu, wgu, wd = ins[4], ins[5], None, ins[6]
-    shared = tuple(ins[4 + n_exp:]) if a.shared else None
-    return x, wts, slots, offs, wg, wu, wgu, wd, shared
+    shared = SharedExpert(*ins[4 + n_exp:]) if a.shared else None
+    return MoeOperands(x, wts, slots, offs, wg, wu, wgu, wd, shared)
 
 
 def _infer_moe_grouped_gemm(a, ins):
-    x, wts, slots, offs, wg, wu, wgu, wd, shared = _split_gemm_inputs(a, ins)
+    o = moe_operands(a, ins)
+    x, wts, slots, offs, wg, wu, wgu, wd = o.x, o.weights, o.slots, o.offsets, o.gate, o.up, o.gate_up, o.down
+    shared = (o.shared.gate, o.shared.up, o.shared.down, o.shared.scale) if o.shared else None
     _req(x.rank == 2 and wts.rank == 2 and dim_eq(wts.shape[0], x.shape[0]) and isinstance(wts.shape[1], int),
          f"moe_grouped_gemm wants x[T, D], weights[T, k], got x{list(x.shape)} weights{list(wts.shape)}")
     _req(wd.rank == 3 and dim_eq(wd.shape[1], x.shape[1]), f"w_down must be [E, D, F], got {list(wd.shape)}")
@@ -116,19 +153,21 @@ def _infer_moe_grouped_gemm(a, ins):
 
 
 def _ref_moe_grouped_gemm(a, env, *arrays):
-    x, wts, slots, offs, wg, wu, wgu, wd, shared = _split_gemm_inputs(a, arrays)
-    return (moe_ref.moe_grouped_gemm(x, wts, slots, offs, w_gate=wg, w_up=wu, w_gate_up=wgu, w_down=wd,
-                                     shared=shared, act=a.get("act", "silu")),)
+    o = moe_operands(a, arrays)
+    shared = (o.shared.gate, o.shared.up, o.shared.down, o.shared.scale) if o.shared else None
+    return (moe_ref.moe_grouped_gemm(o.x, o.weights, o.slots, o.offsets, w_gate=o.gate, w_up=o.up,
+                                     w_gate_up=o.gate_up, w_down=o.down, shared=shared,
+                                     act=a.get("act", "silu")),)
 
 
 def _flops_moe_grouped_gemm(a, ins, outs, env):
     """Useful work only (tile padding rows are not counted): 3 matmuls per routed slot and per
     token for the shared expert."""
-    x, wts, _, _, _, _, _, wd, shared = _split_gemm_inputs(a, ins)
-    T, k = dim_eval(x.shape[0], env), wts.shape[1]
-    _, D, F = wd.shape
+    o = moe_operands(a, ins)
+    T, k = dim_eval(o.x.shape[0], env), o.weights.shape[1]
+    _, D, F = o.down.shape
     routed = 2 * T * k * 3 * D * F
-    return routed + (2 * T * 3 * D * shared[0].shape[0] if shared else 0)
+    return routed + (2 * T * 3 * D * o.shared.gate.shape[0] if o.shared else 0)
 
 
 register(Op.MOE_GROUPED_GEMM, (6, 11), _infer_moe_grouped_gemm, _ref_moe_grouped_gemm, _flops_moe_grouped_gemm)

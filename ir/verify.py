@@ -7,7 +7,7 @@ from __future__ import annotations
 import networkx as nx
 
 from ggfuse.ir.graph import Graph
-from ggfuse.ir.ops import OPS, InferError, Op, infer
+from ggfuse.ir.ops import OPS, STATE_KINDS, InferError, Op, infer
 
 
 class VerifyError(ValueError):
@@ -52,6 +52,13 @@ def verify(g: Graph) -> None:
             names[nm] = node.id
         if node.op == Op.WEIGHT and not node.attrs.get("tensor"):
             problems.append(f"{where}: weight without a tensor name")
+        if node.op == Op.INPUT and node.attrs.get("kind") == "state" and node.attrs.get("state") not in STATE_KINDS:
+            problems.append(f"{where}: state input of unknown kind {node.attrs.get('state')!r} "
+                            f"(kinds: {', '.join(STATE_KINDS)})")
+        if node.op == Op.KV_APPEND:
+            src = g.node(node.inputs[0].node)
+            if src.op != Op.INPUT or src.attrs.get("state") != "kv_cache":
+                problems.append(f"{where}: kv_append's cache input is not a kv_cache state")
     for name, v in g.outputs.items():
         if v.node not in g:
             problems.append(f"output {name!r}: {v} does not exist")

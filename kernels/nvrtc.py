@@ -27,17 +27,16 @@ class KernelBuildError(RuntimeError):
 
 
 def cache_dir() -> str:
-    d = os.environ.get("GGFUSE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ggfuse", "cubin")
+    from ggfuse.options import cache_dir_env
+    d = cache_dir_env() or os.path.join(os.path.expanduser("~"), ".cache", "ggfuse", "cubin")
     os.makedirs(d, exist_ok=True)
     return d
 
 
 def cuda_include_dirs() -> list[str]:
     """Where cuda_bf16.h and friends live: CUDA_HOME, /usr/local/cuda, or the pip wheels."""
-    cands = []
-    for env in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(env):
-            cands.append(os.path.join(os.environ[env], "include"))
+    from ggfuse.options import cuda_homes
+    cands = [os.path.join(d, "include") for d in cuda_homes()]
     cands.append("/usr/local/cuda/include")
     try:
         import nvidia
@@ -88,14 +87,16 @@ def _check(res, prog=None, what="nvrtc"):
 
 
 def compile_cubin(path: str, arch: str, options=(), defines: dict | None = None) -> bytes:
-    """Compile one .cu file for `arch` ("sm_90", "sm_89", "sm_90a") to a cubin, via the cache."""
+    """Compile one .cu file for `arch` ("sm_90", "sm_89", "sm_90a") to a cubin, or for a virtual
+    arch ("compute_89") to PTX that the driver compiles for a newer device at load, via the cache."""
     from cuda.bindings import nvrtc
     src = expand_source(path)
     defs = [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
     opts = [f"--gpu-architecture={arch}", *DEFAULT_OPTIONS, *options, *defs]
     opts += [f"-I{d}" for d in cuda_include_dirs()]
     key = hashlib.sha256("\0".join([src, arch, *opts, nvrtc_version()]).encode()).hexdigest()[:32]
-    out = os.path.join(cache_dir(), f"{os.path.basename(path)}.{arch}.{key}.cubin")
+    ptx = arch.startswith("compute_")
+    out = os.path.join(cache_dir(), f"{os.path.basename(path)}.{arch}.{key}.{'ptx' if ptx else 'cubin'}")
     if os.path.exists(out):
         with open(out, "rb") as f:
             return f.read()
@@ -103,9 +104,15 @@ def compile_cubin(path: str, arch: str, options=(), defines: dict | None = None)
     try:
         bopts = [o.encode() for o in opts]
         _check(nvrtc.nvrtcCompileProgram(prog, len(bopts), bopts), prog, f"compiling {os.path.relpath(path, KERNELS_DIR)} for {arch}")
-        _, n = _check(nvrtc.nvrtcGetCUBINSize(prog))
-        cubin = b" " * n
-        _check(nvrtc.nvrtcGetCUBIN(prog, cubin))
+        if ptx:
+            _, n = _check(nvrtc.nvrtcGetPTXSize(prog))
+            cubin = b" " * n
+            _check(nvrtc.nvrtcGetPTX(prog, cubin))
+            cubin = cubin.rstrip(b"\0 ")
+        else:
+            _, n = _check(nvrtc.nvrtcGetCUBINSize(prog))
+            cubin = b" " * n
+            _check(nvrtc.nvrtcGetCUBIN(prog, cubin))
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
     tmp = out + f".{os.getpid()}.tmp"
@@ -140,6 +147,18 @@ def device_arch() -> str:
     return f"sm_{cupy.cuda.Device().compute_capability}"  # CuPy gives "90", "89"
 
 
+def build_arch() -> str:
+    """What load_module builds for: the device's own arch, or, when the kernels are being built
+    for an older target (kernels/target.py building_for: an sm_89 plan on an H200), that
+    target's virtual arch, as PTX the driver compiles for this device."""
+    from ggfuse.kernels import target
+    dev = device_arch()
+    spec = target.current()
+    if spec is None or f"sm_{spec.cc}" == dev:
+        return dev
+    return f"compute_{spec.cc}"
+
+
 _ARCH_MAP = re.compile(r"^//\s*ggfuse-nvrtc-arch:\s*(sm_\w+)\s*->\s*(sm_\w+)\s*$", re.M)
 
 
@@ -160,13 +179,14 @@ def load_module(path: str, options=(), defines: dict | None = None):
     import cupy
     if not os.path.isabs(path):
         path = os.path.join(KERNELS_DIR, path)
-    arch = source_arch(path, device_arch())
+    arch = source_arch(path, build_arch())
     key = (path, arch, tuple(options), tuple(sorted((defines or {}).items())))
     with _lock:
         mod = _modules.get(key)
         if mod is None:
             cubin = compile_cubin(path, arch, options, defines)
-            fd = os.path.join(cache_dir(), f"load.{hashlib.sha256(cubin).hexdigest()[:24]}.cubin")
+            ext = "ptx" if arch.startswith("compute_") else "cubin"
+            fd = os.path.join(cache_dir(), f"load.{hashlib.sha256(cubin).hexdigest()[:24]}.{ext}")
             if not os.path.exists(fd):
                 with open(fd, "wb") as f:
                     f.write(cubin)

@@ -215,22 +215,23 @@ def _check_private(g: Graph, m: _Match) -> None:
         _need(not any(n.value(i) in outs for i in range(len(n.outputs))), f"%{nid} is a graph output")
 
 
-def _rewrite(g: Graph, m: _Match, *, prefix: str, tile: int) -> None:
+def _rewrite(g: Graph, m: _Match, *, prefix: str, tile: int, layer=None) -> None:
     fused = sorted(g.node(n).name or f"%{n}" for n in m.covered)
+    meta = {"fused": fused, **({"layer": layer} if layer is not None else {})}
     route_in = [m.x, m.w_router] + ([m.w_shexp_gate] if m.shared else [])
     # Gemma-only attributes are set only where they apply, so other models' nodes are unchanged
     extra_route = {}
     if m.expert_scale is not None:
         route_in.append(m.expert_scale)
         extra_route["expert_scale"] = True
-    route = g.add(Op.MOE_ROUTE, route_in, name=f"{prefix}.moe_route", tile=tile, meta={"fused": fused},
+    route = g.add(Op.MOE_ROUTE, route_in, name=f"{prefix}.moe_route", tile=tile, meta=dict(meta),
                   **m.route_attrs, **extra_route)
     _ids, weights, slots, offsets = route[:4]
     gemm_in = [m.x_experts, weights, slots, offsets, *m.expert_weights]
     if m.shared:
         gemm_in += [*m.shared, route[4]]
     y = g.add(Op.MOE_GROUPED_GEMM, gemm_in, name=f"{prefix}.moe_ffn", merged_gate_up=m.merged_gate_up,
-              shared=m.shared is not None, tile=tile, meta={"fused": fused},
+              shared=m.shared is not None, tile=tile, meta=dict(meta),
               **({"act": m.act} if m.act != "silu" else {}))
     g.replace_uses(m.out, y)
 
@@ -244,7 +245,7 @@ def run(g: Graph, *, tile: int = 16) -> PassResult:
             _match_shared(g, m)
             _check_private(g, m)
             prefix = topk.name.rsplit(".", 1)[0] if "." in topk.name else f"moe{topk.id}"
-            _rewrite(g, m, prefix=prefix, tile=tile)
+            _rewrite(g, m, prefix=prefix, tile=tile, layer=topk.meta.get("layer"))
         except (_NoMatch, InferError) as e:
             g.set_meta(topk.id, fuse_moe=f"not fused: {e}")
             continue

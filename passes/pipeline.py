@@ -21,10 +21,13 @@ PIPELINE: list[str] = [
     "fuse_moe",                   # router + top-k + grouped-GEMM experts
     "rewrite_deltanet_chunked",   # token-recurrent delta rule -> chunked WY form
     "fuse_elementwise",           # add+norm, norm+rope, output gates, SwiGLU
-    # 2. fitting the budget
+    # 2. lowering for a GPU target: every kernel, variant, weight form, storage dtype and
+    #    workspace (skipped for the cpu target, whose runtime interprets the graph)
+    "lower_cuda",
+    # 3. fitting the budget (counts the lowered weight forms and workspace)
     "schedule_expert_prefetch",   # resident vs streamed experts, transfer steps
-    # 3. memory and capture
-    "plan_memory",                # one activation arena per chunk
+    # 4. memory and capture
+    "plan_memory",                # one arena per captured chunk size: activations and workspace
     "segment_graphs",             # host-sync-free regions = CUDA graphs
 ]
 
@@ -34,25 +37,35 @@ PIPELINE: list[str] = [
 MOE_TILE = 128
 
 
-def _options(name: str, *, chunk: int, vram_budget, max_context: int, deltanet_chunk: int) -> dict:
+def _pass_kwargs(name: str, options, device_free) -> dict:
     if name == "fuse_moe":
         return {"tile": MOE_TILE}
     if name == "rewrite_deltanet_chunked":
-        return {"chunk": deltanet_chunk}
+        return {"chunk": options.deltanet_chunk}
+    if name == "lower_cuda":
+        return {"options": options, "device_free": device_free}
     if name == "schedule_expert_prefetch":
-        return {"chunk": chunk, "budget": vram_budget, "max_context": max_context}
+        return {"chunk": options.chunk, "budget": options.vram_budget, "max_context": options.max_context}
     if name == "plan_memory":
-        return {"chunk": chunk}
+        return {"chunk": options.chunk}
     return {}
 
 
-def run_pipeline(g: Graph, *, chunk: int, only: Sequence[str] | None = None, skip: Sequence[str] = (),
-                 dump_dir: str | None = None, vram_budget=None, max_context: int = 8192,
-                 deltanet_chunk: int = 64) -> tuple[Graph, list[str]]:
+def run_pipeline(g: Graph, *, options=None, only: Sequence[str] | None = None, skip: Sequence[str] = (),
+                 dump_dir: str | None = None, device_free: int | None = None, **kw) -> tuple[Graph, list[str]]:
+    """Run the passes in order. options: ggfuse.options.Options (its target resolved; "cpu"
+    skips the lowering); keyword arguments (chunk=, vram_budget=, max_context=, target=, ...)
+    build one when none is given."""
+    from ggfuse.options import Options
+    options = Options.make(options, **kw) if kw or options is None else options
+    if options.target == "auto":
+        options = options.replace(target="cpu")
     unknown = [p for p in list(only or []) + list(skip) if p not in PIPELINE]
     if unknown:
         raise GGFuseError(None, f"unknown pass {unknown[0]!r} (passes: {', '.join(PIPELINE)})")
     names = [p for p in PIPELINE if (only is None or p in only) and p not in skip]
+    if options.target == "cpu":
+        names = [p for p in names if p != "lower_cuda"]
     if dump_dir:
         os.makedirs(dump_dir, exist_ok=True)
         with open(os.path.join(dump_dir, "00-frontend.txt"), "w") as f:
@@ -61,8 +74,7 @@ def run_pipeline(g: Graph, *, chunk: int, only: Sequence[str] | None = None, ski
     applied = []
     for i, name in enumerate(names, 1):
         mod = importlib.import_module(f"ggfuse.passes.{name}")
-        res = mod.run(g, **_options(name, chunk=chunk, vram_budget=vram_budget, max_context=max_context,
-                                     deltanet_chunk=deltanet_chunk))
+        res = mod.run(g, **_pass_kwargs(name, options, device_free))
         g = res.graph
         verify(g)
         applied.append(name)

@@ -1,49 +1,71 @@
-"""plan_memory: give every activation of a chunk an offset in one arena.
+"""plan_memory: give every activation and every launch's workspace an offset in one arena, at
+each chunk size the runtime captures.
 
 Liveness over the schedule (the graph's deterministic topological order) gives each buffer a
 [first step, last step] interval; buffers are placed largest first at the lowest offset that
 overlaps no buffer live at the same time (greedy by size, as TFLite's arena planner does).
+Sizes use each value's storage dtype (lower_cuda's meta["storage"]: bf16 activations take half).
+A launch's workspace (lower_cuda's meta["workspace"]) lives during its own step only; the LM
+head's runs after the chunk's last step, with the head's inputs still live.
 Not in the arena: weights and fetched expert slots (weight memory), carried states and the
 KV-cache values that become them (state buffers, sized by the context, not the chunk), the
-logits (the runtime writes them to its own output buffer: the LM head runs after the chunk), and
-RESHAPE and SLICE outputs (views of their input, whose lifetime they extend: a column slice of
-the conv output read after q's norm has run must still find its bytes).
+logits (the LM head writes them into its workspace block by block), and views (SLICE, and a
+RESHAPE the lowering made a view: they own no bytes and keep their input alive; a RESHAPE that
+copies owns its buffer).
 
-Results: node.meta["arena"] = [offset or None per output]; graph.meta["memory"] =
-{"chunk", "peak_bytes", "naive_bytes", "alignment", "n_buffers"}.
+Results, for each captured size c (graph.meta["lowering"]["captures"], else the chunk alone):
+node.meta["arena"][str(c)] = [offset or None per output], node.meta["workspace_at"][str(c)] =
+{name: offset}; graph.meta["memory"] = {"chunk", "peak_bytes", "naive_bytes", "alignment",
+"n_buffers" (of the main chunk), "by_chunk": {str(c): {"peak_bytes", "naive_bytes",
+"n_buffers"}}, "arena_bytes" (the largest peak: one arena serves every size)}.
 """
 from __future__ import annotations
 
 from ggfuse.ir.graph import Graph, Value
 from ggfuse.ir.ops import Op
-from ggfuse.ir.types import shape_eval, nbytes_of
+from ggfuse.ir.types import DType, nbytes_of, shape_eval
 from ggfuse.passes.base import PassResult
 
 ALIGN = 256
 _NOT_ARENA = (Op.WEIGHT, Op.FETCH_WEIGHTS)
-# Views of their input, as the runtimes execute them: they own no bytes and keep the input alive.
-_VIEWS = (Op.RESHAPE, Op.SLICE)
 
 
 def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+def is_view(n) -> bool:
+    """SLICE, and a RESHAPE unless the lowering made it a copy."""
+    if n.op == Op.SLICE:
+        return True
+    return n.op == Op.RESHAPE and n.meta.get("kernel", {}).get("name", "view") == "view"
+
+
+def _storage(n, i: int, t) -> DType:
+    st = n.meta.get("storage")
+    return DType(st[i]) if st else t.dtype
+
+
 def buffers(g: Graph, chunk: int):
-    """(root value, size, first step, last step) of every arena buffer, and the alias map."""
+    """(intervals, alias): intervals {key: [first step, last step, bytes]} of every arena buffer
+    (key: a root Value, or ("ws", node id, name) for a launch's workspace) and the alias map
+    {value: root value} of views."""
     order = g.topo()
     step = {n.id: i for i, n in enumerate(order)}
     state_vals = {g.outputs[k] for k in g.states() if k in g.outputs}
-    # the logits leave through the runtime's own output buffer (the LM head runs after the
-    # chunk's graph, for every row in blocks, for the last row only, or not at all): no arena
-    # bytes for them, and the head's inputs stay live to the end of the chunk
+    # the logits leave through the LM head's own buffers (the head runs after the chunk's
+    # graph, for every row in blocks, for the last row only, or not at all): no arena bytes
+    # for them, and the head's inputs stay live to the end of the chunk
     logits = g.outputs.get("logits")
-    head_inputs = set(g.node(logits.node).inputs) if logits is not None else set()
+    head = g.node(logits.node) if logits is not None else None
+    head_inputs = set(head.inputs) if head is not None else set()
     if logits is not None:
         state_vals.add(logits)
     alias: dict[Value, Value] = {}
-    intervals: dict[Value, list] = {}
+    intervals: dict = {}
     env = {"T": chunk, "P": 0}
+    last = len(order)
+    key = str(chunk)
     for n in order:
         if n.op in _NOT_ARENA or (n.op == Op.INPUT and n.attrs.kind == "state"):
             continue
@@ -51,17 +73,21 @@ def buffers(g: Graph, chunk: int):
             v = n.value(i)
             if v in state_vals:
                 continue
-            if n.op in _VIEWS and n.inputs[0] in alias:
+            if is_view(n) and n.inputs[0] in alias:
                 alias[v] = alias[n.inputs[0]]
                 continue
             alias[v] = v
-            intervals[v] = [step[n.id], step[n.id], _aligned(nbytes_of(t.dtype, max(1, _numel(t.shape, env))))]
+            nb = nbytes_of(_storage(n, i, t), max(1, _numel(t.shape, env)))
+            intervals[v] = [step[n.id], step[n.id], _aligned(nb)]
+        ws = (n.meta.get("workspace") or {}).get(key) or {}
+        at = last if head is not None and n.id == head.id else step[n.id]
+        for name, nb in sorted(ws.items()):
+            intervals[("ws", n.id, name)] = [at, at, _aligned(max(int(nb), 1))]
     for n in order:
         for v in n.inputs:
             root = alias.get(v)
             if root is not None and root in intervals:
                 intervals[root][1] = max(intervals[root][1], step[n.id])
-    last = len(order)
     for v in list(g.outputs.values()) + list(head_inputs):  # live to the end of the chunk
         root = alias.get(v)
         if root is not None and root in intervals:
@@ -76,12 +102,17 @@ def _numel(shape, env) -> int:
     return n
 
 
+def _sort_key(kv):
+    k, (first, last, size) = kv
+    return (-size, first, str(k))
+
+
 def place(intervals: dict) -> tuple[dict, int]:
     """Greedy by size: largest buffers first, lowest non-conflicting offset."""
     placed: list[tuple[int, int, int, int]] = []  # (offset, size, first, last)
     offsets = {}
     peak = 0
-    for v, (first, last, size) in sorted(intervals.items(), key=lambda kv: (-kv[1][2], kv[1][0], kv[0])):
+    for v, (first, last, size) in sorted(intervals.items(), key=_sort_key):
         busy = sorted((o, o + s) for o, s, f, l in placed if not (l < first or last < f))
         off = 0
         for lo, hi in busy:
@@ -92,6 +123,11 @@ def place(intervals: dict) -> tuple[dict, int]:
         offsets[v] = off
         peak = max(peak, off + size)
     return offsets, peak
+
+
+def arena_bytes(g: Graph, chunk: int) -> int:
+    """The planned peak of one chunk (activations and workspace)."""
+    return place(buffers(g, chunk)[0])[1]
 
 
 def check_no_overlap(intervals: dict, offsets: dict) -> None:
@@ -109,20 +145,31 @@ def check_no_overlap(intervals: dict, offsets: dict) -> None:
 
 def run(g: Graph, *, chunk: int) -> PassResult:
     g = g.copy()
-    intervals, alias = buffers(g, chunk)
-    offsets, peak = place(intervals)
+    sizes = list((g.meta.get("lowering") or {}).get("captures") or [chunk])
+    if chunk not in sizes:
+        sizes = [chunk] + sizes
+    by_chunk = {}
     for n in g.nodes():
-        offs = []
-        for i in range(len(n.outputs)):
-            root = alias.get(n.value(i))
-            offs.append(offsets.get(root) if root is not None else None)
-        if any(o is not None for o in offs):
-            n.meta["arena"] = offs
-    g.meta["memory"] = {
-        "chunk": chunk,
-        "peak_bytes": peak,
-        "naive_bytes": sum(s for _, _, s in intervals.values()),
-        "alignment": ALIGN,
-        "n_buffers": len(intervals),
-    }
+        n.meta.pop("arena", None)
+        n.meta.pop("workspace_at", None)
+    for c in sizes:
+        key = str(c)
+        intervals, alias = buffers(g, c)
+        offsets, peak = place(intervals)
+        for n in g.nodes():
+            offs = []
+            for i in range(len(n.outputs)):
+                root = alias.get(n.value(i))
+                offs.append(offsets.get(root) if root is not None else None)
+            if any(o is not None for o in offs):
+                n.meta.setdefault("arena", {})[key] = offs
+        for k, off in offsets.items():
+            if isinstance(k, tuple):
+                _, nid, name = k
+                g.node(nid).meta.setdefault("workspace_at", {}).setdefault(key, {})[name] = off
+        by_chunk[key] = {"peak_bytes": peak, "naive_bytes": sum(s for _, _, s in intervals.values()),
+                         "n_buffers": len(intervals)}
+    main = by_chunk[str(chunk)]
+    g.meta["memory"] = {"chunk": chunk, **main, "alignment": ALIGN, "by_chunk": by_chunk,
+                        "arena_bytes": max(b["peak_bytes"] for b in by_chunk.values())}
     return PassResult(g, True)

@@ -157,9 +157,15 @@ def _would_cycle(g: Graph, m: Match) -> bool:
 # ---- rewriting -------------------------------------------------------------------------------
 
 def _apply(g: Graph, rule: Rule, m: Match) -> bool:
+    first_new = g._next
     out = rule.build(g, m)
     if out is None:
         return False
+    layer = m.root.meta.get("layer")
+    if layer is not None:       # the replacement belongs to the root's layer (frontend meta)
+        for nid in range(first_new, g._next):
+            if nid in g:
+                g.node(nid).meta.setdefault("layer", layer)
     repl = {m.root.value(rule.pattern.index): out} if isinstance(out, Value) else \
         {m.values[k]: v for k, v in out.items()}
     may_replace = {m.root.id} | {n.id for n, sole in m.nodes if not sole}

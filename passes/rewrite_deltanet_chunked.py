@@ -60,7 +60,8 @@ def _fuse_gates(g: Graph) -> bool:
         alpha, dt_bias = add.inputs
         if g.node(dt_bias.node).op != Op.WEIGHT or g.node(ssm_a.node).op != Op.WEIGHT:
             continue
-        gates = g.add(Op.DELTANET_GATES, [alpha, sig.inputs[0], dt_bias, ssm_a], name=n.name.replace("delta_rule", "gates"))
+        gates = g.add(Op.DELTANET_GATES, [alpha, sig.inputs[0], dt_bias, ssm_a], name=n.name.replace("delta_rule", "gates"),
+                      meta={k: v for k, v in n.meta.items() if k == "layer"})
         ins = list(g.node(n.id).inputs)
         ins[3], ins[4] = gates
         g.replace_node(n.id, inputs=tuple(ins))

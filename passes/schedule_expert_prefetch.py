@@ -1,8 +1,9 @@
 """schedule_expert_prefetch: fit a model under a VRAM budget by streaming experts.
 
-What stays resident: every dense weight, the KV cache at `max_context` (bf16, as the CUDA
-runtime keeps it), the DeltaNet states, the activation arena of one chunk, the runtime's
-per-op scratch for that chunk (runtime/cuda/workspace.py) and a fixed reserve; then as many
+What stays resident: every dense weight in its device form (passes/lower_cuda.py), the KV cache
+at `max_context` (bf16, as the CUDA runtime keeps it), the DeltaNet states, the arena of one
+chunk (activations and every launch's workspace, passes/plan_memory.py) and a fixed reserve;
+then as many
 experts as fit, counted per expert (choose_split): a streamed layer keeps its first E - m experts
 on the device and streams its last m through one of `slots` device buffers (two slots: one
 layer's experts arrive while the previous streamed layer computes). The grouped GEMM reads a
@@ -20,23 +21,28 @@ experts (segment_graphs cuts the capture there).
 graph.meta["prefetch"] records the budget, the resident bytes by kind (never over the budget),
 the pinned and streamed layers, bytes moved per chunk and a predicted timeline (transfer time,
 compute time, fraction of transfer hidden under compute) for given link and compute rates.
+On a lowered graph the pass also writes what the runtime must do differently: FETCH_WEIGHTS
+nodes get their kernel record ("stream.fetch"), a split layer's grouped GEMM reads its experts
+through expert tables, the embedding may be gathered on the host, the LM head's all-rows block
+shrinks, and graph.meta["weights"] says which experts of each tensor stay resident.
 """
 from __future__ import annotations
-
-import re
 
 import numpy as np
 
 from ggfuse.errors import GGFuseError
 from ggfuse.ir.graph import Graph, Value
 from ggfuse.ir.ops import OPS, Op
-from ggfuse.ir.types import DType, nbytes_of, shape_eval
+from ggfuse.ir.ops_fused_moe import moe_operands
+from ggfuse.ir.types import DType, nbytes_of
+from ggfuse.options import parse_bytes as _parse_bytes
 from ggfuse.passes import plan_memory
 from ggfuse.passes.base import PassResult
+from ggfuse.passes.lower_cuda import HEAD_BLOCK_LEAN, form_bytes, state_bytes
 
 # device memory outside the plan's buffers: CUDA graphs, NVRTC modules, expert tables, cuBLAS's
 # handle. Measured on the H100 for the 35B-A3B at 2048 tokens under 12 GiB: 32.5 MiB besides
-# the CuPy pool (tests/gpu_memstages.py, session 4); 96 MiB leaves room for other drivers.
+# the CuPy pool (tools/gpu_memstages.py, session 4); 96 MiB leaves room for other drivers.
 RESERVE_BYTES = 96 << 20
 DEFAULT_MAX_CONTEXT = 8192
 DEFAULT_H2D_GBPS = 54.0        # measured pinned host->device on the lent H100 (PCIe Gen5)
@@ -44,27 +50,13 @@ DEFAULT_TFLOPS = 300.0         # sustained tensor-core rate assumed for the pred
 DEFAULT_MOE_TFLOPS = 120.0     # the quantised grouped GEMMs (measured 124-184 on the H100, 35B-A3B)
 MAX_PIECES = 4                 # fetches per streamed layer (slots = pieces + 1)
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
 def parse_bytes(s) -> int:
-    """'12GiB', '12GB', '1.5g', '12884901888' -> bytes."""
-    if isinstance(s, (int, float)):
-        return int(s)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(s))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise GGFuseError(None, f"cannot read {s!r} as a size (use e.g. 12GiB, 12GB, 12000000000)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    """'12GiB', '12GB', '1.5g', '12884901888' -> bytes (ggfuse.options.parse_bytes)."""
+    return _parse_bytes(s, "--vram-budget")
 
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"
-
-
-def _layer(name: str):
-    m = re.match(r"blk\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
 
 
 def _wbytes(node) -> int:
@@ -75,11 +67,11 @@ def _wbytes(node) -> int:
 
 
 def expert_layers(g: Graph) -> dict[int, list]:
-    """Stacked expert weights (rank-3 WEIGHT nodes) by layer."""
+    """Stacked expert weights (rank-3 WEIGHT nodes) by layer (the frontend's meta["layer"])."""
     out: dict[int, list] = {}
     for n in g.weights():
-        if n.outputs[0].rank == 3 and _layer(n.attrs.tensor) is not None:
-            out.setdefault(_layer(n.attrs.tensor), []).append(n)
+        if n.outputs[0].rank == 3 and n.meta.get("layer") is not None:
+            out.setdefault(int(n.meta["layer"]), []).append(n)
     return dict(sorted(out.items()))
 
 
@@ -98,35 +90,51 @@ def gathered_embedding(g: Graph):
     return None
 
 
+def _device_bytes(g: Graph, n) -> int:
+    """Device bytes of a weight: its lowered forms (graph.meta["weights"]), else as stored."""
+    w = (g.meta.get("weights") or {}).get(n.attrs.tensor)
+    return int(w["device_bytes"]) if w else _wbytes(n)
+
+
 def fixed_bytes(g: Graph, *, chunk: int, max_context: int, reserve: int = RESERVE_BYTES,
                 lean: bool = False) -> dict:
-    """What stays on the device besides the experts, by kind. lean (a plan that must save
-    memory): the embedding table is gathered on the host (only the chunk's rows are on the
-    device: "embedding_rows") and the all-rows LM head uses small blocks (workspace.head_block)."""
+    """What stays on the device besides the experts, by kind: the arena counts every launch's
+    workspace (the lowering declares it). lean (a plan that must save memory): the embedding
+    table is gathered on the host (only the chunk's rows are on the device: "embedding_rows");
+    the all-rows LM head's small block is the caller's (lean_head)."""
     experts = {n.id for ns in expert_layers(g).values() for n in ns}
     gathered = gathered_embedding(g) if lean else None
     dense = {}
     for n in g.weights():
         if n.id not in experts and (gathered is None or n.attrs.tensor != gathered[0]):
-            dense[n.attrs.tensor] = _wbytes(n)
-    kv = ssm = 0
-    for name, n in g.states().items():
-        t = n.outputs[0]
-        numel = 1
-        for d in shape_eval(t.shape, {"P": max_context, "T": 0}):
-            numel *= d
-        if "P" in str(t.shape[0]):
-            kv += numel * 2          # bf16 KV cache
-        else:
-            ssm += numel * 4         # f32 conv window and recurrent state
-    intervals, _ = plan_memory.buffers(g, chunk)
-    _, arena = plan_memory.place(intervals)
-    from ggfuse.runtime.cuda.workspace import head_block, total_workspace_bytes
-    out = {"dense_weights": sum(dense.values()), "kv_cache": kv, "ssm_state": ssm, "arena": arena,
-           "workspace": total_workspace_bytes(g, chunk, head_block=head_block(lean)), "reserve": reserve}
+            dense[n.attrs.tensor] = _device_bytes(g, n)
+    kv = sum(state_bytes_of(g, n, max_context) for n in g.states().values() if n.attrs.get("state") == "kv_cache")
+    ssm = sum(state_bytes_of(g, n, max_context) for n in g.states().values() if n.attrs.get("state") != "kv_cache")
+    out = {"dense_weights": sum(dense.values()), "kv_cache": kv, "ssm_state": ssm,
+           "arena": plan_memory.arena_bytes(g, chunk), "reserve": reserve}
     if gathered is not None:
         out["embedding_rows"] = chunk * gathered[1] + chunk * 4     # the chunk's rows and their index
     return out
+
+
+def state_bytes_of(g: Graph, n, max_context: int) -> int:
+    """One state input's device bytes (lower_cuda.state_bytes of a graph holding only it)."""
+    sub = Graph()
+    sub._insert(n)
+    return state_bytes(sub, max_context)
+
+
+def lean_head(g: Graph) -> None:
+    """The all-rows LM head in blocks of HEAD_BLOCK_LEAN rows (a budgeted plan: time to first
+    token never runs it), its workspace resized to match, on a lowered graph."""
+    from ggfuse.kernels.dense.launch import lm_head_workspace
+    for n in g.by_op(Op.LM_HEAD):
+        rec = n.meta.get("kernel")
+        if rec is None:
+            continue
+        rec["block_rows"] = HEAD_BLOCK_LEAN
+        N = int(g.type_of(n.inputs[1]).shape[0])
+        n.meta["workspace"] = {c: lm_head_workspace(min(int(c), HEAD_BLOCK_LEAN), N) for c in n.meta.get("workspace", {})}
 
 
 def stream_order(layers: list[int]) -> list[int]:
@@ -259,8 +267,8 @@ def _layer_flops(g: Graph, chunk: int, only=None) -> dict[int, float]:
         if not d.flops or n.op == Op.WEIGHT or (only is not None and n.op not in only):
             continue
         f = d.flops(n.attrs, [g.type_of(v) for v in n.inputs], n.outputs, env)
-        layer = _layer(n.name)
-        key = -1 if layer is None else layer   # -1: outside the layers (embedding, LM head)
+        layer = n.meta.get("layer")
+        key = -1 if layer is None else int(layer)   # -1: outside the layers (embedding, LM head)
         per[key] = per.get(key, 0) + f
     return per
 
@@ -299,7 +307,6 @@ def simulate(layers: list[int], fetches: list[tuple[int, int]], slots: int, pre_
 def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CONTEXT,
         h2d_gbps: float = DEFAULT_H2D_GBPS, tflops: float = DEFAULT_TFLOPS,
         moe_tflops: float = DEFAULT_MOE_TFLOPS) -> PassResult:
-    from ggfuse.runtime.cuda.workspace import head_block
     g = g.copy()
     layers = expert_layers(g)
     # the runtime reserve scales down for toy budgets (tests force streaming on tiny models)
@@ -324,14 +331,16 @@ def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CON
     # the budget is short: shed the fixed costs the prefill does not need on the device (the
     # embedding table: the runtime gathers the chunk's rows on the host; the all-rows LM head's
     # block: small), then stream experts
+    lean_head(g)
     fixed = fixed_bytes(g, chunk=chunk, max_context=max_context, reserve=reserve, lean=True)
     fixed_total = sum(fixed.values())
     emb = gathered_embedding(g)
-    # recorded for the runtime (absent from resident plans: embedding resident, workspace.HEAD_BLOCK)
-    info.update(fixed_bytes=fixed, head_block=head_block(True), resident_bytes=fixed_total + total_experts,
+    # recorded for the runtime (absent from resident plans: embedding resident, a 128-row head block)
+    info.update(fixed_bytes=fixed, head_block=HEAD_BLOCK_LEAN, resident_bytes=fixed_total + total_experts,
                 embedding="resident")
     if emb is not None:
         info.update(embedding="host-gathered", embedding_tensor=emb[0], embedding_row_bytes=emb[1])
+        _gather_on_host(g, emb[0])
     avail = budget - fixed_total
     E = next(iter(layers.values()))[0].outputs[0].shape[0] if layers else 0
     per_expert = {l: [_wbytes(n) // E for n in ns] for l, ns in layers.items()}
@@ -429,5 +438,43 @@ def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CON
         "predicted": {**pred, "h2d_gbps": h2d_gbps, "tflops": tflops, "moe_tflops": moe_tflops},
     })
     assert info["resident_bytes"] <= budget, "prefetch plan over budget"
+    _record_streaming(g, layers, split, E)
     g.meta["prefetch"] = info
     return PassResult(g, True)
+
+
+def _gather_on_host(g: Graph, tensor: str) -> None:
+    """The runtime gathers the embedding's rows on the host (lowered graphs: the lookup's kernel
+    reads the chunk's uploaded rows; the table is not uploaded)."""
+    for n in g.by_op(Op.GET_ROWS):
+        if g.node(n.inputs[0].node).op == Op.WEIGHT and g.tensor_of(n.inputs[0]) == tensor and "kernel" in n.meta:
+            n.meta["kernel"]["source"] = "host"
+    w = (g.meta.get("weights") or {}).get(tensor)
+    if w is not None:
+        w["residency"] = "host-gathered"
+        w["device_bytes"] = 0
+
+
+def _record_streaming(g: Graph, layers: dict, split: dict, E: int) -> None:
+    """On a lowered graph: each fetch's kernel, which experts of each tensor stay resident, and
+    the grouped GEMMs that read a split layer through expert tables."""
+    if "lowering" not in g.meta:
+        return
+    for n in g.by_op(Op.FETCH_WEIGHTS):
+        n.meta["kernel"] = {"name": "stream.fetch", "mode": n.attrs.mode, "slot": int(n.attrs.slot)}
+    weights = g.meta.get("weights") or {}
+    for l, m in split.items():
+        first = E - m
+        whole = first == 0 and len([f for f in g.by_op(Op.FETCH_WEIGHTS) if int(f.attrs.layer) == l]) == 1
+        for w in layers[l]:
+            rec = weights.get(w.attrs.tensor)
+            if rec is not None:
+                rec["residency"] = "streamed" if whole else "split"
+                rec["resident_experts"] = first
+                rec["device_bytes"] = int(rec["device_bytes"]) * first // E
+        if not whole:
+            mine = {w.attrs.tensor for w in layers[l]}
+            for n in g.by_op(Op.MOE_GROUPED_GEMM):
+                experts = moe_operands(n.attrs, n.inputs).experts
+                if {g.tensor_of(v) for v in experts} & mine and "kernel" in n.meta:
+                    n.meta["kernel"]["expert_tables"] = True

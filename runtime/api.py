@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from ggfuse.compiler.driver import DEFAULT_CHUNK, check_source, compile_gguf
+from ggfuse.compiler.driver import check_source, compile_gguf
 from ggfuse.compiler.gguf_file import GGUFFile
 from ggfuse.compiler.plan import load_plan
 from ggfuse.errors import DeviceError, GGFuseError
@@ -21,21 +21,25 @@ def _is_plan(path: str) -> bool:
         return False
 
 
-def check_budget(plan, vram_budget, chunk: int | None, plan_path: str) -> None:
-    """Refuse a plan compiled for another --vram-budget than the one asked for, or a larger chunk
-    than a budgeted plan's (its arena was sized into the budget)."""
+def check_plan_options(plan, given: dict, plan_path: str) -> None:
+    """Refuse to run a plan under compile options other than its own: a plan is a compiled
+    artifact (its kernels, memory layout and streaming were decided for them), never silently
+    recompiled. given: the compile options the caller set explicitly. The chunk is the device's
+    to check (the cpu reference runs any length; the cuda device the sizes the plan captures)."""
     from ggfuse.errors import PlanError
-    from ggfuse.passes.schedule_expert_prefetch import parse_bytes
-    have = (plan.stats.get("prefetch") or {}).get("budget_bytes")
     src = plan.source.get("path", "MODEL.gguf")
-    if vram_budget is not None and parse_bytes(vram_budget) != have:
-        what = f"--vram-budget {have} bytes" if have else "no --vram-budget (everything resident)"
-        raise PlanError(plan_path, f"plan was compiled for {what}, not {parse_bytes(vram_budget)} bytes; "
-                                   f"recompile with `ggfuse compile {src} --vram-budget {vram_budget}` "
-                                   f"or load the GGUF itself")
-    if have and chunk and chunk > plan.chunk:
-        raise PlanError(plan_path, f"plan was compiled for chunk {plan.chunk} under a {have}-byte budget; "
-                                   f"chunk {chunk} needs a larger arena: recompile with --chunk {chunk}")
+    for k, v in sorted(given.items()):
+        if k == "chunk":
+            if int(v) > plan.chunk:
+                raise PlanError(plan_path, f"plan was compiled for chunk {plan.chunk}; chunk {v} needs a larger arena "
+                                           f"and other captured graphs: recompile with `ggfuse compile {src} --chunk {v}`")
+            continue
+        have = plan.options.get(k)
+        if have != v:
+            def show(x):
+                return "none" if x is None else x
+            raise PlanError(plan_path, f"plan was compiled with {k}={show(have)}, not {show(v)}; recompile with "
+                                       f"`ggfuse compile {src} --{k.replace('_', '-')} {show(v)}` or load the GGUF itself")
 
 
 def cuda_available() -> bool:
@@ -89,39 +93,33 @@ class Model:
         return self.gguf.vocab()
 
 
-PRECISIONS = ("bf16", "f32")
-
-
-def resolve_precision(precision: str | None) -> str:
-    """The precision asked for, else $GGFUSE_PRECISION, else "bf16"; GGFuseError for others."""
-    p = precision if precision is not None else (os.environ.get("GGFUSE_PRECISION") or "bf16")
-    if p not in PRECISIONS:
-        raise GGFuseError(None, f"unknown precision {p!r} (use bf16 or f32)")
-    return p
-
-
-def load(path: str, device: str = "auto", chunk: int | None = None, gguf: str | None = None,
-         vram_budget=None, precision: str | None = None) -> Model:
+def load(path: str, device: str | None = None, chunk: int | None = None, gguf: str | None = None,
+         vram_budget=None, precision: str | None = None, *, options=None, **kw) -> Model:
     """Load a plan (.json) or a GGUF (compiled on the fly).
 
     device: "cpu" (numpy reference), "cuda", or "auto" (cuda when available, else cpu).
     chunk: prefill chunk length (default: the plan's, or 512 for a GGUF).
     gguf: the GGUF a plan runs against, when it moved since compile time.
     vram_budget: device memory budget ("12GiB", bytes): a GGUF is compiled for it (experts that
-    do not fit are streamed); a plan must have been compiled for the same budget (a plan is a
-    compiled artifact: it is never silently recompiled), and under a budget it runs at its own
-    chunk or a smaller one (a larger chunk needs a larger arena than the budget planned).
-    precision: "bf16" (default; $GGFUSE_PRECISION when None): GEMMs on bf16 tensor cores; "f32":
-    f32-faithful GEMMs and delta rule on the cuda device, for verification (slower; see
-    runtime/cuda/ops.py). The cpu device always computes in f32 and accepts both.
+    do not fit are streamed).
+    precision: "bf16" (default): GEMMs on bf16 tensor cores; "f32": f32-faithful GEMMs and delta
+    rule on the cuda device, for verification (slower; see runtime/cuda/ops.py). The cpu device
+    always computes in f32.
+    options: a ggfuse.options.Options; any other keyword is one of its fields (target=,
+    max_context=, moe_schedule=, stream_host=, eager=, ...). A plan must have been compiled
+    with the compile options given here (a plan is a compiled artifact: it is never silently
+    recompiled); a chunk may be one of the sizes it captures.
     """
-    precision = resolve_precision(precision)
-    if device not in ("auto", "cpu", "cuda"):
-        raise GGFuseError(None, f"unknown device {device!r} (use auto, cpu or cuda)")
-    if device == "auto":
-        device = "cuda" if cuda_available() else "cpu"
-    if device == "cuda" and not cuda_available():
+    from ggfuse.options import COMPILE, Options
+    given = dict(kw, device=device, chunk=chunk, vram_budget=vram_budget, precision=precision)
+    opts = Options.make(options, **given)
+    explicit = {k: getattr(opts, k) for k, v in given.items() if v is not None and k in Options.names(COMPILE)}
+    dev = opts.device
+    if dev == "auto":
+        dev = "cuda" if cuda_available() else "cpu"
+    if dev == "cuda" and not cuda_available():
         raise DeviceError(path, "the cuda device is not available (no GPU, or cupy/cuda-python not installed); use device='cpu'")
+    opts = opts.replace(device=dev)
     if _is_plan(path):
         plan = load_plan(path)
         src = gguf or plan.source["path"]
@@ -129,14 +127,18 @@ def load(path: str, device: str = "auto", chunk: int | None = None, gguf: str | 
             src = os.path.join(os.path.dirname(os.path.abspath(path)), src)
         gf = GGUFFile(src)
         check_source(plan, gf, path)
-        check_budget(plan, vram_budget, chunk, path)
+        check_plan_options(plan, explicit, path)
+        run_chunk = int(chunk) if chunk is not None else plan.chunk
     else:
         gf = GGUFFile(path)
-        plan = compile_gguf(path, chunk=chunk or DEFAULT_CHUNK, gf=gf, vram_budget=vram_budget)
-    if device == "cuda":
+        if dev == "cpu" and opts.target == "auto":
+            opts = opts.replace(target="cpu")
+        plan = compile_gguf(path, options=opts, gf=gf)
+        run_chunk = plan.chunk
+    if dev == "cuda":
         from ggfuse.runtime.cuda import CUDABackend
-        backend = CUDABackend(plan, gf, chunk=chunk or plan.chunk, precision=precision)
+        backend = CUDABackend(plan, gf, chunk=run_chunk, options=opts)
     else:
         from ggfuse.runtime.cpu import CPUBackend
         backend = CPUBackend(plan, gf)
-    return Model(plan, gf, backend, chunk or plan.chunk)
+    return Model(plan, gf, backend, run_chunk)

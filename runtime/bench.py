@@ -28,13 +28,11 @@ PHASES = {
     "chunk_gated_delta_rule": "deltanet", "gated_delta_rule": "deltanet", "ssm_conv_silu": "deltanet",
     "deltanet_gates": "deltanet", "l2_norm": "deltanet", "gated_rms_norm": "deltanet",
     "moe_route": "moe routing", "moe_grouped_gemm": "moe gemm", "ffn_swiglu": "dense matmuls",
-    "matmul": "dense matmuls", "fetch_weights": "transfers",
+    "matmul": "dense matmuls", "fetch_weights": "transfers", "lm_head": "lm head",
 }
 
 
 def phase_of(node) -> str:
-    if node.op.value == "matmul" and node.name == "lm_head":
-        return "lm head"
     return PHASES.get(node.op.value, "norms and elementwise")
 
 
@@ -43,25 +41,32 @@ def _median(xs):
 
 
 def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None, device: str = "auto",
-                max_context: int | None = None, seed: int = 0, log=print, with_ceilings: bool = True) -> dict:
+                max_context: int | None = None, seed: int = 0, log=print, with_ceilings: bool = True,
+                options=None) -> dict:
+    """options: ggfuse.options.Options for everything else (target, precision, kernel variants,
+    runtime switches); chunk / vram_budget / device / max_context given here override it."""
     from ggfuse.compiler.driver import compile_gguf
     from ggfuse.compiler.gguf_file import GGUFFile
+    from ggfuse.options import Options
     from ggfuse.runtime.api import Model, cuda_available
 
     if device == "auto":
         device = "cuda" if cuda_available() else "cpu"
     ctx = max(max_context or 0, max(prompts))
+    opts = Options.make(options, chunk=chunk, vram_budget=vram_budget, max_context=ctx, device=device)
+    if device == "cpu" and opts.target == "auto":
+        opts = opts.replace(target="cpu")
     # the ceilings first: their cuBLAS / cuRAND modules and buffers are the benchmark's, and
     # must not count in the model's measured device memory (used since its load)
     ceilings = measure_ceilings(log) if device == "cuda" and with_ceilings else None
     t0 = time.perf_counter()
     gf = GGUFFile(path)
-    plan = compile_gguf(path, chunk=chunk, gf=gf, vram_budget=vram_budget, max_context=ctx)
+    plan = compile_gguf(path, options=opts, gf=gf)
     t_compile = time.perf_counter() - t0
     t0 = time.perf_counter()
     if device == "cuda":
         from ggfuse.runtime.cuda.backend import CUDABackend
-        backend = CUDABackend(plan, gf, chunk=chunk)
+        backend = CUDABackend(plan, gf, chunk=chunk, options=opts)
     else:
         from ggfuse.runtime.cpu import CPUBackend
         backend = CPUBackend(plan, gf)
@@ -99,11 +104,19 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
             row.update(floor_ms=fl["floor_ms"], of_floor=fl["floor_ms"] / ms, tflops=fl["flops"] / ms / 1e9)
         if device == "cuda":
             ops: list = []
-            row["phases"] = phase_breakdown(model, backend, tokens, ops)
+            try:
+                row["phases"] = replay_profile(model, backend, tokens, ops, ceilings)
+                row["profile"] = "replayed: each launch its own CUDA graph, events between"
+            except Exception as e:  # noqa: BLE001 -- a launch that cannot be captured alone: the eager profile
+                ops.clear()
+                row["phases"] = phase_breakdown(model, backend, tokens, ops)
+                row["profile"] = f"eager (the replayed profile failed: {type(e).__name__}: {e})"
             row["ops"] = ops
+            log(f"  op profile ({row['profile'].split(':')[0]}), slowest first:")
             for o in ops[:12]:
+                fl = f"  {100 * o['of_floor']:5.1f}% of floor" if o.get("of_floor") is not None else ""
                 log(f"    {o['ms']:8.2f} ms  x{o['launches']:<4} {o['op']:<20} {o['name']:<34}"
-                    + (f" {o['tflops']:6.1f} TFLOP/s" if o['gflop'] else ""))
+                    + (f" {o['tflops']:6.1f} TFLOP/s" if o['gflop'] else "") + fl)
             import cupy as cp
             row["peak_device_bytes"] = int(cp.get_default_memory_pool().total_bytes())
             if getattr(backend, "streamer", None) is not None:   # --vram-budget: streamed experts
@@ -118,8 +131,10 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
         log(f"pp{n:<6} {row['tok_per_s']:10.1f} tok/s   TTFT {ms:9.2f} ms{host}")
     if device == "cuda":
         backend.close()   # give the device back before anything else runs in this process
-    return {"model": os.path.abspath(path), "arch": plan.arch, "device": device, "chunk": chunk,
-            "vram_budget": vram_budget, "repeat": repeat, "compile_s": t_compile, "load_s": t_load,
+    from ggfuse.compiler.buildinfo import build_info
+    return {"model": os.path.abspath(path), "model_identity": plan.source, "arch": plan.arch, "device": device,
+            "chunk": chunk, "vram_budget": vram_budget, "repeat": repeat, "compile_s": t_compile, "load_s": t_load,
+            "options": {**plan.options, **opts.to_json("runtime")}, "ggfuse": build_info(),
             "results": rows, "prefetch": plan.stats.get("prefetch"), "ceilings": ceilings,
             "device_name": _device_name() if device == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d")}
 
@@ -197,6 +212,92 @@ def phase_breakdown(model, backend, tokens, ops_out: list | None = None) -> dict
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
+def op_bytes(g, node, env) -> int:
+    """Bytes an op must move at least: every input read once (weights in their device form:
+    graph meta "weights"), every output written once; views and states move nothing."""
+    from ggfuse.ir.ops import Op
+    from ggfuse.ir.types import DType, nbytes_of
+    if node.op in (Op.RESHAPE, Op.SLICE, Op.INPUT, Op.WEIGHT):
+        return 0
+    forms = g.meta.get("weights") or {}
+    total = 0
+    for v in node.inputs:
+        src = g.node(v.node)
+        if src.op in (Op.WEIGHT, Op.FETCH_WEIGHTS):
+            try:
+                w = forms.get(g.tensor_of(v))
+            except KeyError:
+                w = None
+            total += int(w["device_bytes"]) if w else g.type_of(v).nbytes(env)
+        else:
+            t = g.type_of(v)
+            st = (src.meta.get("storage") or [t.dtype.value] * (v.index + 1))[v.index]
+            total += nbytes_of(DType(st), t.numel(env))
+    for i, t in enumerate(node.outputs):
+        st = (node.meta.get("storage") or [t.dtype.value] * len(node.outputs))[i]
+        total += nbytes_of(DType(st), t.numel(env))
+    return total
+
+
+def replay_profile(model, backend, tokens, ops_out: list, ceilings: dict | None) -> dict:
+    """Per-op GPU times of the replayed prefill: each launch of each chunk captured as its own
+    CUDA graph, the graphs replayed in schedule order with an event between each two (the
+    kernels run back to back as in the chunk's one graph; only a graph launch's gap separates
+    them, not Python's). ms per phase; with ops_out, one row per kind of node (op and name with
+    layer numbers folded to '#'): ms, launches, useful FLOPs, TFLOP/s, and against its floor
+    (useful FLOPs at the measured matmul rate, or its bytes at the measured copy rate)."""
+    import cupy as cp
+    from ggfuse.ir.ops import OPS
+    from ggfuse.runtime.cuda.streaming import HostStep
+    if getattr(backend, "streamer", None) is not None:
+        raise RuntimeError("streamed experts: a fetch cannot be captured apart from its join")
+    model.reset()
+    s = backend.stream
+    totals: dict[str, float] = {}
+    kinds: dict[tuple, list] = {}
+    rate = (ceilings or {}).get("matmul_tflops")
+    bw = (ceilings or {}).get("copy_gbs")
+    for i in range(0, len(tokens), backend.chunk):
+        piece = tokens[i:i + backend.chunk]
+        ex = backend.executor_for(len(piece))
+        nodes, launches = list(ex.launch_nodes), list(ex.launches)
+        if ex.head_last is not None and i + backend.chunk >= len(tokens):
+            nodes.append(ex.head_node)
+            launches += ex.head_last
+        if any(isinstance(fn, HostStep) for fn in launches):
+            raise RuntimeError("the chunk has host steps (staged or routed streaming)")
+        graphs = [ex._capture([fn]) for fn in launches]       # recording runs nothing
+        ex.stage_inputs(piece)
+        evs = [cp.cuda.Event() for _ in range(len(graphs) + 1)]
+        evs[0].record(s)
+        for gph, ev in zip(graphs, evs[1:]):
+            gph.launch(s)
+            ev.record(s)
+        s.synchronize()
+        env = {"T": len(piece), "P": backend.n_past}
+        g = ex.graph
+        for node, a, b in zip(nodes, evs, evs[1:]):
+            ms = cp.cuda.get_elapsed_time(a, b)
+            ph = phase_of(node)
+            totals[ph] = totals.get(ph, 0.0) + ms
+            key = (node.op.value, re.sub(r"\d+", "#", node.name))
+            d = OPS.get(node.op)
+            f = d.flops(node.attrs, [g.type_of(v) for v in node.inputs], node.outputs, env) if d and d.flops else 0
+            if node is ex.head_node:
+                f = f // max(len(piece), 1)            # the last row only
+            k = kinds.setdefault(key, [0.0, 0, 0, 0.0])
+            k[0] += ms
+            k[1] += 1
+            k[2] += f
+            k[3] += max(f / (rate * 1e9) if rate else 0.0, op_bytes(g, node, env) / (bw * 1e6) if bw else 0.0)
+        backend.n_past += len(piece)
+    for (op, name), (ms, cnt, f, floor) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+        ops_out.append({"op": op, "name": name, "ms": ms, "launches": cnt, "gflop": f / 1e9,
+                        "tflops": f / ms / 1e9 if ms > 0 else 0.0, "floor_ms": floor if (rate or bw) else None,
+                        "of_floor": floor / ms if (rate or bw) and ms > 0 else None})
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def measure_ceilings(log=print) -> dict:
     """The device's ceilings, measured in the same run as the benchmark: tensor-core matmul rate
     (cuBLAS fp16 8192^3 through CuPy: the same tensor-core rate as bf16 on Ada/Hopper), device
@@ -246,8 +347,9 @@ def prompt_floor(plan, n: int, chunk: int, ceilings: dict) -> dict:
     measured matmul rate and its weight bytes read once at the measured copy bandwidth (half
     the read+write copy figure). Counts the LM head for the last token only, as TTFT needs."""
     from ggfuse.compiler.stats import graph_stats
+    from ggfuse.ir.ops import Op
     g = plan.graph
-    head = next((nd for nd in g.nodes() if nd.name == "lm_head"), None)
+    head = next(iter(g.by_op(Op.LM_HEAD)), None)
     head_per_row = 0
     if head is not None:
         v, d = (int(x) for x in g.type_of(head.inputs[1]).shape[-2:])
@@ -476,9 +578,16 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+BENCH_ARGS = ("model", "prompt", "chunk", "vram_budget", "repeat", "device", "against_llama_bench", "n_cpu_moe")
+_BENCH_OWN = ("chunk", "vram_budget", "device", "max_context")     # bench's own flags, not the options'
+
+
 def add_bench_parser(sub):
+    from ggfuse.options import add_arguments
     b = sub.add_parser("bench", help="measure prefill throughput and time-to-first-token")
-    b.add_argument("model")
+    b.add_argument("model", nargs="?", help="GGUF to benchmark (with --rerun: the JSON's model)")
+    b.add_argument("--rerun", metavar="JSON", help="repeat the run a bench JSON records, with the same arguments "
+                                                   "and options (the model must be the same file)")
     b.add_argument("--prompt", default="512,2048,8192", help="prompt lengths (default 512,2048,8192)")
     b.add_argument("--chunk", default="2048", help="chunk length, or 'auto': per prompt, the chunk with the best "
                                                    "predicted time under --vram-budget (default 2048)")
@@ -495,8 +604,34 @@ def add_bench_parser(sub):
                         "default with --vram-budget: a search from the layers' worth of experts the plan streams "
                         "for the fewest CPU layers whose measured peak memory stays under the budget (llama.cpp's "
                         "fastest setting that fits), which is what is compared")
+    add_arguments(b, skip=_BENCH_OWN)
     b.set_defaults(fn=bench_main)
     return b
+
+
+def _apply_rerun(args) -> None:
+    """Fill args from a bench JSON (--rerun): its recorded arguments and options."""
+    from ggfuse.compiler.gguf_file import GGUFFile
+    from ggfuse.options import Options
+    try:
+        with open(args.rerun) as f:
+            res = json.load(f)
+        rec, opts = res["args"], res["options"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise GGFuseError(args.rerun, f"not a bench JSON with recorded arguments ({type(e).__name__}: {e})") from None
+    for k in BENCH_ARGS:
+        if k == "model" and args.model:
+            continue
+        setattr(args, k, rec.get(k))
+    Options.from_json(opts, f"{args.rerun}: options")      # validated
+    for k, v in opts.items():
+        if k not in _BENCH_OWN:
+            setattr(args, k, v)
+    ident = res.get("model_identity") or {}
+    got = GGUFFile(args.model).identity()
+    if ident and (ident.get("size") != got["size"] or ident.get("header_sha256") != got["header_sha256"]):
+        raise GGFuseError(args.model, f"is not the file {args.rerun} benchmarked (size {ident.get('size')}, header "
+                                      f"{str(ident.get('header_sha256'))[:12]}); pass that model")
 
 
 def _int_list(s):
@@ -509,6 +644,12 @@ def _int_list(s):
 
 
 def bench_main(args) -> int:
+    from ggfuse.options import from_args
+    if getattr(args, "rerun", None):
+        _apply_rerun(args)
+    if not args.model:
+        raise GGFuseError(None, "bench needs a MODEL (or --rerun JSON)")
+    options = from_args(args)
     try:
         prompts = [int(x) for x in args.prompt.split(",") if x]
     except ValueError:
@@ -537,8 +678,9 @@ def bench_main(args) -> int:
             c = fixed_chunk
         chunks[n] = c
     if per_prompt:
-        from ggfuse.runtime.cuda.backend import context_for
-        runs = [(chunks[n], [n], context_for(n, chunks[n])) for n in prompts]
+        from ggfuse.passes.lower_cuda import capture_sizes, context_for
+        runs = [(chunks[n], [n], context_for(n, chunks[n], capture_sizes(chunks[n], options.sub_chunks,
+                                                                          options.sub_chunk_min, options.decode))) for n in prompts]
     elif auto:
         groups: dict[int, list] = {}
         for n in prompts:
@@ -567,7 +709,7 @@ def bench_main(args) -> int:
     res = None
     for c, ps, ctx in runs:
         part = bench_model(args.model, ps, chunk=c, repeat=args.repeat, vram_budget=args.vram_budget,
-                           device=args.device, log=log, max_context=ctx)
+                           device=args.device, log=log, max_context=ctx, options=options)
         for r in part["results"]:
             if auto:
                 r["chunk"] = c
@@ -581,6 +723,9 @@ def bench_main(args) -> int:
     if auto:
         res["chunk"] = "auto"
     res["max_context"] = "per prompt" if per_prompt else max(prompts)
+    res["args"] = {k: getattr(args, k) for k in BENCH_ARGS}
+    res["command"] = "ggfuse bench " + " ".join(
+        [str(args.model)] + [f"--{k.replace('_', '-')} {v}" for k, v in res["args"].items() if k != "model" and v is not None])
     if llama is not None:
         res["llama_bench"] = llama
     lb = (res.get("llama_bench") or {}).get("results", {})

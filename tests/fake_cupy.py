@@ -106,8 +106,10 @@ def make_fake_cupy():
     cuda.alloc_pinned_memory = lambda n: bytearray(n)
     cuda.runtime = types.SimpleNamespace(memGetInfo=lambda: (70 << 30, 80 << 30), getDeviceCount=lambda: 1,
                                          memcpyAsync=_memcpy_async, hostRegister=_host_register,
-                                         hostUnregister=lambda ptr: Stream.log.append(("runtime.hostUnregister", ptr)))
-    cuda.Device = lambda *a: types.SimpleNamespace(synchronize=lambda: None, compute_capability="90")
+                                         hostUnregister=lambda ptr: Stream.log.append(("runtime.hostUnregister", ptr)),
+                                         getDeviceProperties=lambda i: {"multiProcessorCount": 132,
+                                                                        "name": b"fake H200"})
+    cuda.Device = lambda *a: types.SimpleNamespace(synchronize=lambda: None, compute_capability=Stream.cc, id=0)
     cuda.memory = types.SimpleNamespace(OutOfMemoryError=MemoryError)
     cuda.Event = Event
     cuda.get_elapsed_time = lambda a, b: 1.0
@@ -117,18 +119,25 @@ def make_fake_cupy():
 
 LAUNCH_MODULES = ["ggfuse.kernels.dense.launch", "ggfuse.kernels.gemm.launch", "ggfuse.kernels.moe.launch",
                   "ggfuse.kernels.attention.launch", "ggfuse.kernels.deltanet.launch",
-                  "ggfuse.kernels.dense.qf32", "ggfuse.kernels.moe.launch_f32"]
+                  "ggfuse.kernels.dense.qf32", "ggfuse.kernels.moe.launch_f32", "ggfuse.kernels.gemm.blas"]
 
 
 @contextlib.contextmanager
-def fake_device(monkeypatch, refuse_register: bool = False):
+def fake_device(monkeypatch, refuse_register: bool = False, cc: str = "90"):
     """Install the fake cupy and signature-checking launcher stubs; yields the call log (kernel
-    calls and stream operations in program order). refuse_register: hostRegister raises."""
+    calls and stream operations in program order). refuse_register: hostRegister raises; cc:
+    the fake device's compute capability (an H200's by default)."""
     cp = make_fake_cupy()
     monkeypatch.setitem(sys.modules, "cupy", cp)
     calls = []
     Stream.log = calls
     Stream.refuse_register = refuse_register
+    Stream.cc = cc
+    from ggfuse.kernels.gemm import blas
+    from ggfuse.kernels.gemm import launch as gl
+    monkeypatch.setattr(blas, "usable", lambda a_dtype, w_type: a_dtype == "bf16" and w_type == "bf16")
+    monkeypatch.setattr(gl, "_cc", {})      # per-device caches of the real device's properties
+    monkeypatch.setattr(gl, "_sms", {})
     for modname in LAUNCH_MODULES:
         mod = importlib.import_module(modname)
         for name, fn in list(vars(mod).items()):

@@ -46,3 +46,19 @@ def errors(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     d = got.astype(np.float64) - ref
     scale = float(np.abs(ref).max()) or 1.0
     return float(np.sqrt((d ** 2).mean() / max((ref ** 2).mean(), 1e-30))), float(np.abs(d).max()) / scale
+
+
+class Family(str):
+    """A kernel family under test (mma, wgmma, wgmma_tiles, wgmma_persist, wgmma_generic): its
+    name, and the launcher arguments that select it (kernels/gemm/bench.py family_kwargs):
+    `gemm` for the dense GEMMs (impl, persist, dequant), `moe` for the grouped ones (impl,
+    schedule, dequant, max_blocks)."""
+
+    def __new__(cls, name: str, max_blocks: int | None = None):
+        from ggfuse.kernels.gemm.bench import family_kwargs
+        self = super().__new__(cls, name)
+        kw = family_kwargs(name)
+        self.gemm = {k: kw[k] for k in ("impl", "persist", "dequant")}
+        self.moe = {k: kw[k] for k in ("impl", "schedule", "dequant")}
+        self.moe["max_blocks"] = max_blocks
+        return self

@@ -157,13 +157,13 @@ def test_bench_under_a_budget_sizes_the_context_per_prompt(tmp_path):
     assert data["max_context"] == 20 and {r["max_context"] for r in data["results"]} == {20}
 
 
-def test_context_for_covers_the_padded_tail(monkeypatch):
-    from ggfuse.runtime.cuda.backend import context_for, sub_chunk_sizes
-    assert sub_chunk_sizes(2048) == [1024, 512, 256]
+def test_context_for_covers_the_padded_tail():
+    from ggfuse.passes.lower_cuda import capture_sizes, context_for
+    assert capture_sizes(2048) == [2048, 1024, 512, 256]
+    assert capture_sizes(2048, sub_chunk_min=512) == [2048, 1024, 512]
     assert context_for(2048, 2048) == 2048 and context_for(8192, 2048) == 8192
     assert context_for(512, 2048) == 512 and context_for(600, 2048) == 1024 and context_for(2100, 2048) == 2304
-    monkeypatch.setenv("GGFUSE_SUBCHUNKS", "0")
-    assert context_for(600, 2048) == 2048
+    assert context_for(600, 2048, capture_sizes(2048, sub_chunks=False)) == 2048
 
 
 @pytest.mark.parametrize("start,tried", [(18, [18, 20, 22, 24, 23]), (25, [25, 24, 23, 22]), (39, [39, 40])])

@@ -1,7 +1,8 @@
-"""The CUDA backend's plumbing on the CPU: every op of every architecture's plan binds to a
-kernel launcher called with the launcher's real signature, views and arena offsets resolve, and
-a chunk runs eagerly and is captured (with a numpy stand-in for CuPy and stubbed kernels).
-The kernels themselves are tested on the GPU (tests/test_gpu_*.py)."""
+"""The CUDA backend's plumbing on the CPU: every step of every architecture's lowered plan binds
+to the launcher its kernel record names, called with the launcher's real signature and the
+variant the plan recorded; views, arena offsets and workspace resolve; a chunk runs eagerly and
+is captured (with a numpy stand-in for CuPy and stubbed kernels). The kernels themselves are
+tested on the GPU (tests/test_gpu_*.py)."""
 import numpy as np
 import pytest
 
@@ -13,19 +14,33 @@ from util import ARCHS, GEMMA4, fixture
 NO_CUDA_YET = [pytest.param(a, marks=pytest.mark.skip(reason="gemma4 ops have no CUDA launchers yet"))
                for a in GEMMA4]
 
+# kernel record name -> the launcher stub it must call (fake_cupy names stubs module.function)
+CALLS = {"gemm.gemm": "gemm.gemm", "gemm.gemm_swiglu": "gemm.gemm_swiglu", "cublas.gemm_bf16": "gemm.gemm_bf16",
+         "dense.get_rows": "dense.get_rows", "dense.rms_norm": "dense.rms_norm", "dense.kv_append": "dense.kv_append",
+         "attention.flash_prefill": "attention.flash_attn_prefill", "moe.route": "moe.moe_route",
+         "moe.grouped": "moe.moe_gate_up", "deltanet.chunk": "deltanet.chunk_gated_delta_rule",
+         "deltanet.recurrent": "deltanet.gated_delta_rule_recurrent", "dense.copy": "dense.copy",
+         "dense.ssm_conv_silu": "dense.ssm_conv_silu", "dense.deltanet_gates": "dense.deltanet_gates"}
+
+
+def _backend(arch, quant, monkeypatch, **opts):
+    from ggfuse.compiler.driver import compile_gguf
+    from ggfuse.compiler.gguf_file import GGUFFile
+    from ggfuse.runtime.cuda.backend import CUDABackend
+    gf = GGUFFile(fixture(arch, quant))
+    plan = compile_gguf(gf.path, gf=gf, **{"chunk": 16, "target": "sm_90a", **opts})
+    return plan, CUDABackend(plan, gf, progress=False)
+
 
 @pytest.mark.parametrize("quant", ["f32", "q4_k_m"])
 @pytest.mark.parametrize("arch", list(ARCHS) + NO_CUDA_YET)
 def test_backend_binds_every_op(arch, quant, monkeypatch):
-    from ggfuse.compiler.driver import compile_gguf
-    from ggfuse.compiler.gguf_file import GGUFFile
+    from ggfuse.ir.ops import Op
+    from ggfuse.passes import plan_memory
     with fake_device(monkeypatch) as calls:
-        from ggfuse.runtime.cuda.backend import CUDABackend
-        gf = GGUFFile(fixture(arch, quant))
-        plan = compile_gguf(gf.path, chunk=16, gf=gf)
-        be = CUDABackend(plan, gf, chunk=16, progress=False)
+        plan, be = _backend(arch, quant, monkeypatch)
         ops = {n.op.value for n in be.launch_nodes}
-        expected = {n.op.value for n in plan.graph.nodes()} - {"input", "weight", "slice", "concat", "fetch_weights"}
+        expected = {n.op.value for n in plan.graph.nodes()} - {"input", "weight", "slice", "fetch_weights", "lm_head"}
         assert expected - {"reshape"} <= ops
         out = be.run_chunk(np.arange(10, dtype=np.int32))
         assert out.shape == (10, plan.hparams["n_vocab"])
@@ -35,68 +50,91 @@ def test_backend_binds_every_op(arch, quant, monkeypatch):
         last = be.run_chunk(np.arange(7, dtype=np.int32), "last")
         assert last.shape == (1, plan.hparams["n_vocab"])
         assert set(be.graphs) == {"body", "head_last"}   # all rows: eager blocks straight to the host
-        assert be.head_node.name == "lm_head" and be.head_node not in be.launch_nodes
+        assert be.head_node.op == Op.LM_HEAD and be.head_node not in be.launch_nodes
         names = {c[0] for c in calls}
         assert "dense.gemv" in names
-        # norm / gate outputs that only GEMMs read are stored bf16 (the GEMM rounds them anyway)
-        from ggfuse.runtime.cuda.ops import bf16_activations
-        vals = bf16_activations(be.graph)
-        assert vals and all(be.ctx.vals[v].dtype == np.uint16 for v in vals)
-        assert all(be.graph.type_of(v).dtype.value == "f32" for v in vals)
-        # the scratch beside the arena is what runtime/cuda/workspace.py says (the budget counts it)
-        from ggfuse.runtime.cuda.workspace import workspace_bytes
-        est = workspace_bytes(be.graph, 16)
-        named = be.scratch_shared["named"]
-        assert set(named) <= set(est), set(named) - set(est)
-        for k, buf in named.items():
-            assert buf.nbytes <= max(est[k], 256), (k, buf.nbytes, est[k])
-        live = be.scratch_shared["live"]
-        assert sum(b.nbytes for b in live) <= est.get("reshape_copies", 0)
-        assert be.graph.outputs["logits"].node not in {n.id for n in be.graph.nodes() if n.meta.get("arena")}
-
-        assert "dense.get_rows" in names and "gemm.gemm" in names
+        # each kernel the plan names is the launcher that ran
+        for n in plan.graph.nodes():
+            rec = n.meta.get("kernel")
+            if rec and rec["name"] in CALLS:
+                assert CALLS[rec["name"]] in names, (n.name, rec["name"])
+        # the variants recorded are the arguments the launchers got
+        for name, bound in calls:
+            if name == "gemm.gemm":
+                assert bound.arguments.get("impl") in ("wgmma", "mma")
+            if name in ("moe.moe_gate_up", "moe.moe_down"):
+                assert bound.arguments["schedule"] in ("wide", "persist", "tiles")
+        # values the plan stores bf16 are bf16 on the device; every value in its planned slot
+        for n in plan.graph.nodes():
+            for i, st in enumerate(n.meta.get("storage") or []):
+                v = n.value(i)
+                if v in be.ctx.vals and n.op not in (Op.INPUT,):
+                    assert (be.ctx.vals[v].dtype == np.uint16) == (st == "bf16"), (n.name, st)
+        # activations and workspace share one arena without overlap while live
+        intervals, _ = plan_memory.buffers(plan.graph, 16)
+        offsets, peak = plan_memory.place(intervals)
+        plan_memory.check_no_overlap(intervals, offsets)
+        assert peak <= be.arena.nbytes
+        assert any(isinstance(k, tuple) for k in intervals)      # workspace is in the arena
+        assert plan.graph.outputs["logits"].node not in {n.id for n in plan.graph.nodes() if n.meta.get("arena")}
+        assert "dense.get_rows" in names
         if arch != "qwen3moe":   # tensor-core chunked kernel for K, V in {64, 128}, else the fallback
             assert names & {"deltanet.chunk_gated_delta_rule", "deltanet.gated_delta_rule_recurrent"}
         if arch != "qwen35":
             assert {"moe.moe_route", "moe.moe_gate_up", "moe.moe_down"} <= names
 
 
+def test_sm89_plan_runs_the_mma_kernels_on_an_h200(monkeypatch):
+    """A plan lowered for Ada (sm_89) binds only mma.sync GEMMs, also on a cc 9.0 device, and the
+    kernels are built for that target; an sm_90a plan refuses an Ada device."""
+    from ggfuse.errors import DeviceError
+    from ggfuse.kernels import nvrtc
+    with fake_device(monkeypatch) as calls:
+        plan, be = _backend("qwen35moe", "q4_k_m", monkeypatch, target="sm_89", dense_gemm="ggfuse")
+        be.run_chunk(np.arange(16, dtype=np.int32), "last")
+        impls = {bound.arguments.get("impl") for name, bound in calls
+                 if name in ("gemm.gemm", "gemm.gemm_swiglu", "moe.moe_gate_up", "moe.moe_down")}
+        assert impls == {"mma"}, impls
+        assert be.target.name == "sm_89"
+        assert nvrtc.device_arch() == "sm_90"
+        with be.building():      # the driver compiles sm_89 PTX for the H200
+            assert nvrtc.build_arch() == "compute_89"
+        recs = [n.meta["kernel"] for n in plan.graph.nodes() if "kernel" in n.meta]
+        assert not any("wgmma" in str(r) for r in recs)
+    with fake_device(monkeypatch, cc="89"):
+        with pytest.raises(DeviceError, match="lowered for sm_90a .* compute capability 89; recompile with --target sm_89"):
+            _backend("qwen35moe", "q4_k_m", monkeypatch)
+
+
 def test_short_chunks_run_a_smaller_graph(monkeypatch):
-    """A prompt (or tail) shorter than half the chunk runs the smallest chunk size that holds
-    it: its own memory plan and graphs, sharing weights, states and the arena."""
-    from ggfuse.compiler.driver import compile_gguf
-    from ggfuse.compiler.gguf_file import GGUFFile
+    """A prompt (or tail) shorter than half the chunk runs the smallest captured size that holds
+    it: its own memory layout and graphs, sharing weights, states and the arena."""
     with fake_device(monkeypatch):
-        from ggfuse.runtime.cuda.backend import CUDABackend
-        gf = GGUFFile(fixture("qwen35moe", "q4_k_m"))
-        plan = compile_gguf(gf.path, chunk=1024, gf=gf)
-        be = CUDABackend(plan, gf, chunk=1024, max_context=4096, progress=False)
-        assert sorted(be.sub_graphs) == [256, 512]
+        plan, be = _backend("qwen35moe", "q4_k_m", monkeypatch, chunk=1024, max_context=4096)
+        assert be.captures == [1024, 512, 256, 1]
         assert be.executor_for(1024) is be and be.executor_for(600) is be
         small = be.executor_for(200)
         assert small.chunk == 256 and small.arena is be.arena and small.states is be.states
-        assert small.graph.meta["memory"]["peak_bytes"] < be.graph.meta["memory"]["peak_bytes"]
+        mem = plan.graph.meta["memory"]["by_chunk"]
+        assert mem["256"]["peak_bytes"] < mem["1024"]["peak_bytes"] <= be.arena.nbytes
         out = be.run_chunk(np.arange(300, dtype=np.int32) % 300, "last")
         assert out.shape == (1, plan.hparams["n_vocab"]) and be.n_past == 300
         assert be._views[512].graphs and not be.graphs
         be.run_chunk(np.arange(1000, dtype=np.int32) % 300, "none")
         assert be.n_past == 1300 and "body" in be.graphs
-        monkeypatch.setenv("GGFUSE_SUBCHUNKS", "0")
-        be2 = CUDABackend(plan, gf, chunk=1024, max_context=4096, progress=False)
-        assert be2.sub_graphs == {} and be2.executor_for(10) is be2
+        plan2, be2 = _backend("qwen35moe", "q4_k_m", monkeypatch, chunk=1024, max_context=4096, sub_chunks=False)
+        assert be2.captures == [1024, 1] and be2.executor_for(10) is be2 and be2.executor_for(1).chunk == 1
 
 
 @pytest.mark.parametrize("quant", ["f32", "q4_k_m"])
 @pytest.mark.parametrize("arch", list(ARCHS) + NO_CUDA_YET)
 def test_backend_binds_precision_f32(arch, quant, monkeypatch):
-    """precision="f32": every GEMM binds to the f32 kernels (dense/qf32.py, moe/launch_f32.py) on
+    """precision f32: every GEMM binds to the f32 kernels (dense/qf32.py, moe/launch_f32.py) on
     the weights as the GGUF stores them, no activation is stored bf16, the delta rule runs the
-    f32 recurrence, and the scratch is what workspace_bytes(..., "f32") says. The f32 launchers
-    run for real (their checks see the views the backend binds); only their kernels are stubbed."""
+    f32 recurrence. The f32 launchers run for real (their checks see the views the backend
+    binds, in the workspace the plan placed); only their kernels are stubbed."""
     import ctypes
     import sys
-    from ggfuse.compiler.driver import compile_gguf
-    from ggfuse.compiler.gguf_file import GGUFFile
     from ggfuse.ir.ops import Op
     from ggfuse.kernels.dense import qf32
     from ggfuse.kernels.moe import launch_f32
@@ -109,10 +147,7 @@ def test_backend_binds_precision_f32(arch, quant, monkeypatch):
         monkeypatch.setattr(launch_f32, "_fn", lambda name: lambda grid, block, args: calls.append(("qf32." + name, grid)))
         cp = sys.modules["cupy"]
         cp.cuda.runtime.memsetAsync = lambda ptr, v, n, s: ctypes.memset(ptr, v, n)
-        from ggfuse.runtime.cuda.backend import CUDABackend
-        gf = GGUFFile(fixture(arch, quant))
-        plan = compile_gguf(gf.path, chunk=16, gf=gf)
-        be = CUDABackend(plan, gf, chunk=16, progress=False, precision="f32")
+        plan, be = _backend(arch, quant, monkeypatch, precision="f32")
         assert all(fmts == ["raw"] or "f32" in fmts for fmts in be.buf.formats.values())
         assert not any("bf16" in fmts for fmts in be.buf.formats.values())
         out = be.run_chunk(np.arange(10, dtype=np.int32))
@@ -121,11 +156,11 @@ def test_backend_binds_precision_f32(arch, quant, monkeypatch):
         assert be.run_chunk(np.arange(7, dtype=np.int32), "last").shape == (1, plan.hparams["n_vocab"])
         names = {c[0] for c in calls}
         assert not names & {"gemm.gemm", "gemm.gemm_swiglu", "moe.moe_gate_up", "moe.moe_down",
-                            "deltanet.chunk_gated_delta_rule"}, names
+                            "deltanet.chunk_gated_delta_rule", "gemm.gemm_bf16"}, names
         assert any(n.startswith("qf32.gemm_qf32_") for n in names)
         # no activation is stored bf16 (graph inputs and the KV caches they extend stay as they are)
         assert not any(be.ctx.vals[v].dtype == np.uint16 for v in be.ctx.vals
-                       if be.graph.node(v.node).op not in (Op.INPUT, Op.CONCAT))
+                       if be.graph.node(v.node).op not in (Op.INPUT, Op.KV_APPEND))
         if arch != "qwen3moe":
             assert "deltanet.gated_delta_rule_recurrent" in names
         if arch != "qwen35":
@@ -134,26 +169,42 @@ def test_backend_binds_precision_f32(arch, quant, monkeypatch):
             assert any(n.startswith("qf32.moe_down_qf32_") for n in names)
         else:
             assert any(n.startswith("qf32.gemm_swiglu_qf32_") for n in names)
-        from ggfuse.runtime.cuda.workspace import workspace_bytes
-        est = workspace_bytes(be.graph, 16, "f32")
-        named = be.scratch_shared["named"]
-        assert set(named) <= set(est), set(named) - set(est)
-        for k, buf in named.items():
-            assert buf.nbytes <= max(est[k], 256), (k, buf.nbytes, est[k])
+
+
+def test_plan_for_the_cpu_is_refused_by_the_cuda_device(monkeypatch):
+    from ggfuse.errors import PlanError
+    with fake_device(monkeypatch):
+        with pytest.raises(PlanError, match="target 'cpu'.*--target sm_90a"):
+            _backend("qwen35moe", "q4_k_m", monkeypatch, target="cpu")
 
 
 def test_prompt_past_the_kv_cache_is_a_clear_error(monkeypatch):
     """A chunk whose padded rows would pass the KV cache's max_context rows: one-line error naming
     the file, the rows needed and the fix, before anything runs."""
-    from ggfuse.compiler.driver import compile_gguf
-    from ggfuse.compiler.gguf_file import GGUFFile
     from ggfuse.errors import GGFuseError
     with fake_device(monkeypatch):
-        from ggfuse.runtime.cuda.backend import CUDABackend
-        gf = GGUFFile(fixture("qwen35moe", "q4_k_m"))
-        plan = compile_gguf(gf.path, chunk=16, gf=gf, max_context=24)
-        be = CUDABackend(plan, gf, chunk=16, max_context=24, progress=False)
+        plan, be = _backend("qwen35moe", "q4_k_m", monkeypatch, max_context=24)
         be.run_chunk(np.arange(16, dtype=np.int32))
         with pytest.raises(GGFuseError, match=r"needs 32 KV-cache rows but the cache holds 24; use --max-context >= 32"):
             be.run_chunk(np.arange(4, dtype=np.int32))
         assert "qwen35moe" in str(pytest.raises(GGFuseError, be.run_chunk, np.arange(4, dtype=np.int32)).value)
+
+
+def test_replayed_profile_times_every_launch(monkeypatch):
+    """ggfuse bench's op profile of the replayed prefill: every launch of every chunk captured
+    alone and replayed in order, an event between each two; each op against its floor."""
+    from ggfuse.runtime import bench
+    from ggfuse.runtime.api import Model
+    with fake_device(monkeypatch) as calls:
+        plan, be = _backend("qwen35moe", "q4_k_m", monkeypatch)
+        m = Model(plan, be.gf, be, 16)
+        ops = []
+        tokens = np.arange(20, dtype=np.int32)
+        phases = bench.replay_profile(m, be, tokens, ops, {"matmul_tflops": 700.0, "copy_gbs": 4000.0})
+        launches = len(be.launch_nodes) + len(be.executor_for(4).launch_nodes) + 1
+        assert sum(o["launches"] for o in ops) == launches
+        assert sum(1 for c in calls if c[0] == "graph.launch") >= launches
+        assert abs(sum(phases.values()) - launches * 1.0) < 1e-6      # the fake events: 1 ms apart
+        assert "moe gemm" in phases and "lm head" in phases
+        moe = next(o for o in ops if o["op"] == "moe_grouped_gemm")
+        assert moe["gflop"] > 0 and moe["floor_ms"] > 0 and 0 < moe["of_floor"] < 1

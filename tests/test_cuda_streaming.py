@@ -7,13 +7,19 @@ import numpy as np
 import pytest
 
 from fake_cupy import fake_device
-from ggfuse.compiler.driver import compile_gguf
+from ggfuse.compiler.driver import compile_gguf as _compile
 from ggfuse.compiler.gguf_file import GGUFFile
 from ggfuse.errors import GGFuseError, PlanError
 from ggfuse.ir.ops import Op
 from util import fixture
 
 MOE_ARCHS = ["qwen35moe", "qwen3moe", "qwen3next"]
+
+
+def compile_gguf(*args, **kw):
+    """Plans lowered for the H200 (the fake device's target), dense matrices as stored (so a
+    resident plan's fixed bytes are a budgeted one's), unless a test says otherwise."""
+    return _compile(*args, **{"target": "sm_90a", "dense_form": "raw", **kw})
 
 
 def tight_budget(plan, layers: float) -> int:
@@ -28,15 +34,15 @@ def tight_budget(plan, layers: float) -> int:
     return int((fixed + layers * per_layer) * 16 / 15) + 1
 
 
-def streamed_plan(arch, quant="q4_k_m", chunk=8, room="split"):
+def streamed_plan(arch, quant="q4_k_m", chunk=8, room="split", **opts):
     """A plan that streams. room "split": room for all layers' experts but half of one (every
     layer keeps its first experts and streams its last 1-3 of 4: qwen35moe's 4 layers through
     two slots, the 2-layer fixtures' through one); "whole": room for 1.1 layers' experts beside
     the fixed part (every layer streams all its experts, through one slot)."""
     gf = GGUFFile(fixture(arch, quant))
-    full = compile_gguf(gf.path, chunk=chunk, gf=gf, max_context=64)
+    full = compile_gguf(gf.path, chunk=chunk, gf=gf, max_context=64, **opts)
     budget = tight_budget(full, layers=full.hparams["n_layer"] - 0.5 if room == "split" else 1.1)
-    plan = compile_gguf(gf.path, chunk=chunk, gf=gf, max_context=64, vram_budget=budget)
+    plan = compile_gguf(gf.path, chunk=chunk, gf=gf, max_context=64, vram_budget=budget, **opts)
     assert plan.stats["prefetch"]["streamed_layers"], plan.stats["prefetch"]
     return gf, plan, budget
 
@@ -205,14 +211,14 @@ def test_streamed_plan_binds_registered(arch, room, monkeypatch):
         assert [c for c in calls if c[0] == "runtime.hostUnregister"]
 
 
-@pytest.mark.parametrize("why", ["env", "refused"])
+@pytest.mark.parametrize("why", ["option", "refused"])
 def test_staged_fallback(why, monkeypatch, capsys):
+    from ggfuse.options import Options
     gf, plan, _ = streamed_plan("qwen35moe")
-    if why == "env":
-        monkeypatch.setenv("GGFUSE_STREAM", "staged")
+    opts = Options.make(stream_host="staged" if why == "option" else "auto")
     with fake_device(monkeypatch, refuse_register=(why == "refused")) as calls:
         from ggfuse.runtime.cuda.backend import CUDABackend
-        be = CUDABackend(plan, gf, chunk=8, progress=False)
+        be = CUDABackend(plan, gf, chunk=8, progress=False, options=opts)
         assert be.streamer.host_mode == "staged"
         if why == "refused":
             assert "cannot page-lock" in capsys.readouterr().err
@@ -287,7 +293,7 @@ def test_plan_for_another_budget_is_refused(tmp_path, monkeypatch):
     gf, plan, budget = streamed_plan("qwen35moe")
     path = tmp_path / "p.json"
     plan.save(str(path))
-    with pytest.raises(PlanError, match=r"p\.json: plan was compiled for --vram-budget .* recompile"):
+    with pytest.raises(PlanError, match=r"p\.json: plan was compiled with vram_budget=\d+, not \d+; recompile"):
         ggfuse.load(str(path), device="cpu", vram_budget=budget * 2)
     with pytest.raises(PlanError, match="chunk 16 needs a larger arena"):
         ggfuse.load(str(path), device="cpu", chunk=16)
@@ -310,16 +316,16 @@ def test_host_gathered_embedding(arch, monkeypatch):
     from gguf import GGMLQuantizationType as QT
     from gguf.quants import dequantize
     from ggfuse.compiler.gguf_file import GGUFFile
-    from ggfuse.runtime.cuda.workspace import HEAD_BLOCK_LEAN, workspace_bytes
-    monkeypatch.setenv("GGFUSE_SUBCHUNK_MIN", "8")
-    gf, plan, budget = streamed_plan(arch, chunk=32)
+    from ggfuse.ir.ops import Op
+    from ggfuse.passes.lower_cuda import HEAD_BLOCK_LEAN
+    gf, plan, budget = streamed_plan(arch, chunk=32, sub_chunk_min=8)
     info = plan.stats["prefetch"]
     name = "token_embd.weight"
     assert info["embedding"] == "host-gathered" and info["embedding_tensor"] == name
     assert info["head_block"] == HEAD_BLOCK_LEAN
     t = gf.tensor(name)
     row_bytes = info["embedding_row_bytes"]
-    full = compile_gguf(gf.path, chunk=32, gf=gf, max_context=64).stats["prefetch"]["fixed_bytes"]
+    full = compile_gguf(gf.path, chunk=32, gf=gf, max_context=64, sub_chunk_min=8).stats["prefetch"]["fixed_bytes"]
     fixed = info["fixed_bytes"]
     assert fixed["dense_weights"] == full["dense_weights"] - t.nbytes
     assert fixed["embedding_rows"] == 32 * (row_bytes + 4)
@@ -330,7 +336,7 @@ def test_host_gathered_embedding(arch, monkeypatch):
         emb = be.embedding
         assert emb is not None and emb.device_bytes() == fixed["embedding_rows"]
         assert be.weight(name, "rows")[0] is emb.dev and emb.dev.nbytes == 32 * row_bytes
-        assert sorted(be.sub_graphs) == [8, 16]
+        assert be.captures == [32, 16, 8, 1]
         rng = np.random.default_rng(1)
         for n in (32, 20, 5, 12):
             tokens = rng.integers(0, plan.hparams["n_vocab"], size=n).astype(np.int32)
@@ -348,10 +354,10 @@ def test_host_gathered_embedding(arch, monkeypatch):
             deq = dequantize(got, QT[t.type_name]).reshape(c, -1)
             assert np.array_equal(deq, table[padded])
         # the LM head's all-rows block is small under a budget, as the plan counted it
-        est = workspace_bytes(be.graph, 32, head_block=info["head_block"])
-        named = be.scratch_shared["named"]
-        assert named["logits_block"].nbytes == HEAD_BLOCK_LEAN * plan.hparams["n_vocab"] * 4
-        assert all(buf.nbytes <= max(est[k], 256) for k, buf in named.items())
+        head = plan.graph.by_op(Op.LM_HEAD)[0]
+        assert head.meta["kernel"]["block_rows"] == HEAD_BLOCK_LEAN
+        assert head.meta["workspace"]["32"]["block"] == HEAD_BLOCK_LEAN * plan.hparams["n_vocab"] * 4
+        assert be.head_all.buf.shape == (HEAD_BLOCK_LEAN, plan.hparams["n_vocab"])
         be.reset()
         out = be.run_chunk(np.arange(20, dtype=np.int32))
         assert out.shape == (20, plan.hparams["n_vocab"])
@@ -366,13 +372,12 @@ def test_context_of_a_short_prompt_under_a_budget(monkeypatch):
     """`ggfuse bench --vram-budget` compiles each prompt with its own context: a prompt shorter
     than the chunk gets a KV cache smaller than the chunk; the backend binds and runs it through
     the sub-chunk executor that holds it."""
-    from ggfuse.runtime.cuda.backend import context_for
-    monkeypatch.setenv("GGFUSE_SUBCHUNK_MIN", "8")
+    from ggfuse.passes.lower_cuda import capture_sizes, context_for
     gf = GGUFFile(fixture("qwen35moe", "q4_k_m"))
-    ctx = context_for(10, 64)
+    ctx = context_for(10, 64, capture_sizes(64, sub_chunk_min=8))
     assert ctx == 16
-    full = compile_gguf(gf.path, chunk=64, gf=gf, max_context=ctx)
-    plan = compile_gguf(gf.path, chunk=64, gf=gf, max_context=ctx,
+    full = compile_gguf(gf.path, chunk=64, gf=gf, max_context=ctx, sub_chunk_min=8)
+    plan = compile_gguf(gf.path, chunk=64, gf=gf, max_context=ctx, sub_chunk_min=8,
                         vram_budget=tight_budget(full, layers=full.hparams["n_layer"] - 0.5))
     assert plan.stats["prefetch"]["streamed_layers"] and plan.stats["prefetch"]["max_context"] == 16
     with fake_device(monkeypatch):

@@ -81,7 +81,7 @@ def test_graph_structure(name):
     own_swa = [il for il in range(L) if src[il] == il and sliding[il]]
     own_full = [il for il in range(L) if src[il] == il and not sliding[il]]
     assert len(g.by_op(Op.ATTENTION_WINDOW)) == sum(sliding) and len(g.by_op(Op.ATTENTION)) == L - sum(sliding)
-    assert len(g.by_op(Op.KV_RING_APPEND)) == 2 * len(own_swa) and len(g.by_op(Op.CONCAT)) == 2 * len(own_full)
+    assert len(g.by_op(Op.KV_RING_APPEND)) == 2 * len(own_swa) and len(g.by_op(Op.KV_APPEND)) == 2 * len(own_full)
     # state: fixed-size rings for the sliding layers, growing caches for the full ones, none for shared layers
     states = g.states()
     want = {}

@@ -1,6 +1,8 @@
 """The plan format changes only with its version: a golden plan of the tiny model must match."""
 import json
 
+import pytest
+
 from ggfuse.compiler.plan import PLAN_VERSION
 from make_golden import GOLDEN, golden_plan
 
@@ -17,10 +19,11 @@ def _diff(a, b, path="") -> str:
     return f"{path}: golden {json.dumps(a)[:200]} != now {json.dumps(b)[:200]}"
 
 
-def test_golden_plan_matches():
-    with open(GOLDEN) as f:
+@pytest.mark.parametrize("kind", sorted(GOLDEN))
+def test_golden_plan_matches(kind):
+    with open(GOLDEN[kind]) as f:
         golden = json.load(f)
-    now = golden_plan()
+    now = golden_plan(kind)
     if tuple(golden["version"]) == PLAN_VERSION:
         assert now == golden, ("the plan changed without a format version bump: bump PLAN_VERSION in "
                                "compiler/plan.py, then run `python tests/make_golden.py`\n  first difference "
@@ -28,3 +31,11 @@ def test_golden_plan_matches():
     else:
         assert False, (f"PLAN_VERSION is {PLAN_VERSION} but the golden plan is {golden['version']}: "
                        "run `python tests/make_golden.py`")
+
+
+def test_budget_golden_streams():
+    with open(GOLDEN["budget"]) as f:
+        d = json.load(f)
+    pre = d["graph_meta"]["prefetch"]
+    assert pre["streamed_layers"] and any(s["op"] == "fetch_weights" for s in d["steps"])
+    assert all("kernel" in s["meta"] for s in d["steps"] if s["op"] not in ("input", "weight"))

@@ -19,8 +19,7 @@ from ggfuse.kernels.gemm.weights import bf16_bits_to_f32, f32_to_bf16_bits  # no
 @pytest.mark.parametrize("M,N,K,lda_pad", [(77, 300, 256, 0), (1000, 1024, 2048, 64), (1, 257, 512, 8)])
 @pytest.mark.parametrize("c_dtype", ["f32", "bf16"])
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
-def test_cublas_bf16(M, N, K, lda_pad, c_dtype, graph, monkeypatch):
-    monkeypatch.delenv("GGFUSE_DENSE_GEMM", raising=False)
+def test_cublas_bf16(M, N, K, lda_pad, c_dtype, graph):
     assert blas.usable("bf16", "bf16"), blas.unavailable()
     rng = np.random.default_rng(M * 7 + N + K)
     lda = K + lda_pad
@@ -58,8 +57,5 @@ def test_cublas_bf16(M, N, K, lda_pad, c_dtype, graph, monkeypatch):
             assert np.isnan(got[:, N:]).all()
 
 
-def test_cublas_switch(monkeypatch):
-    monkeypatch.setenv("GGFUSE_DENSE_GEMM", "ggfuse")
-    assert not blas.usable("bf16", "bf16")
-    monkeypatch.delenv("GGFUSE_DENSE_GEMM")
+def test_cublas_only_for_bf16_pairs():
     assert not blas.usable("f32", "bf16") and not blas.usable("bf16", "q4_k")

@@ -5,7 +5,7 @@ The kernel rounds A and the dequantised W to bf16 and accumulates in f32, so the
 float64 matmul of round_bf16(A) and round_bf16(dequantize(W)): f32 outputs must agree to
 ~1e-5 relative RMS (we allow 1e-3); bf16 outputs to the context's 1e-2 / 2e-2 tolerances.
 Outputs are poisoned with NaN first so an unwritten element fails. M and N are not multiples of
-the 128 x 128 tile. Every test runs once per kernel family (the `impl` fixture sets GGFUSE_GEMM):
+the 128 x 128 tile. Every test runs once per kernel family (the `impl` fixture: the launchers' impl= and variants):
 mma (mma.sync) everywhere, wgmma (sm_90a) on a cc 9.0 device for the types it has.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.gpu
-from gpu_util import require_gpu  # noqa: E402
+from gpu_util import Family, require_gpu  # noqa: E402
 
 cp = require_gpu()
 
@@ -28,17 +28,13 @@ TYPES = launch.WEIGHT_TYPES
 
 
 @pytest.fixture(params=[*launch.IMPLS, "wgmma_tiles", "wgmma_generic"])
-def impl(request, monkeypatch):
-    """The GEMM kernel family under test, selected through GGFUSE_GEMM (and GGFUSE_DEQUANT:
+def impl(request):
+    """The GEMM kernel family under test (gpu_util.Family: its launcher arguments in .gemm):
     wgmma_generic = the wgmma kernels with the element-wise dequant8 instead of the word-wise one;
-    wgmma = persistent blocks, wgmma_tiles = a block per tile, GGFUSE_GEMM90_PERSIST=0)."""
-    monkeypatch.setenv("GGFUSE_GEMM90_PERSIST", "0" if request.param == "wgmma_tiles" else "1")
+    wgmma = persistent blocks, wgmma_tiles = a block per tile."""
     if request.param.startswith("wgmma") and launch.device_cc() != 90:
         pytest.skip("the wgmma kernels need a compute capability 9.0 device")
-    family = "wgmma" if request.param.startswith("wgmma") else request.param
-    monkeypatch.setenv("GGFUSE_GEMM", family)
-    monkeypatch.setenv("GGFUSE_DEQUANT", "generic" if request.param == "wgmma_generic" else "fast")
-    return request.param
+    return Family(request.param)
 
 
 def need(impl, w_type, K):
@@ -97,8 +93,8 @@ def test_gemm(w_type, a_kind, M, impl):
     w, W = weight(w_type, N, K, 1)
     a, A = make_a(M, K, a_kind, rng)
     c = new_c(M, N, "f32")
-    launch.prepare(a_kind, w_type)
-    launch.gemm(a, a_kind, K, w, w_type, N, K, c, "f32", N, M)
+    launch.prepare(a_kind, w_type, impl.gemm["impl"], impl.gemm["dequant"])
+    launch.gemm(a, a_kind, K, w, w_type, N, K, c, "f32", N, M, **impl.gemm)
     check(host(c, "f32"), A @ W.T, "f32")
 
 
@@ -111,7 +107,7 @@ def test_gemm_strided_bf16_out_and_accumulate(w_type, impl):
     w, W = weight(w_type, N, K, 2)
     a, A = make_a(M, K, "bf16", rng, lda=lda)
     c = new_c(M, ldc, "bf16")
-    launch.gemm(a, "bf16", lda, w, w_type, N, K, c, "bf16", ldc, M)
+    launch.gemm(a, "bf16", lda, w, w_type, N, K, c, "bf16", ldc, M, **impl.gemm)
     out = host(c, "bf16")
     ref = A @ W.T
     check(out[:, :N], ref, "bf16")
@@ -119,7 +115,7 @@ def test_gemm_strided_bf16_out_and_accumulate(w_type, impl):
     # accumulate: c += A W^T (f32 output, known initial values)
     c2 = cp.asarray(rng.standard_normal((M, ldc), dtype=np.float32))
     init = cp.asnumpy(c2).astype(np.float64)
-    launch.gemm(a, "bf16", lda, w, w_type, N, K, c2, "f32", ldc, M, accumulate=True)
+    launch.gemm(a, "bf16", lda, w, w_type, N, K, c2, "f32", ldc, M, accumulate=True, **impl.gemm)
     got = cp.asnumpy(c2)
     check(got[:, :N], init[:, :N] + ref, "f32")
     assert np.array_equal(got[:, N:], init[:, N:].astype(np.float32))
@@ -133,7 +129,7 @@ def test_gemm_matches_dense_ref(impl):
     raw, dense = random_weight("q4_k", (N, K), rng)
     x = rng.standard_normal((M, K), dtype=np.float32)
     c = new_c(M, N, "f32")
-    launch.gemm(cp.asarray(x), "f32", K, cp.asarray(raw), "q4_k", N, K, c, "f32", N, M)
+    launch.gemm(cp.asarray(x), "f32", K, cp.asarray(raw), "q4_k", N, K, c, "f32", N, M, **impl.gemm)
     ref = dense_ref.matmul(x, dense).astype(np.float64)
     out = cp.asnumpy(c).astype(np.float64)
     assert rel_rms(out, ref) < 1e-2
@@ -155,7 +151,7 @@ def test_gemm_swiglu(w_type, a_kind, c_kind, impl):
     wu, WU = weight(w_type, F, K, 5)
     a, A = make_a(M, K, a_kind, rng)
     c = new_c(M, F, c_kind)
-    launch.gemm_swiglu(a, a_kind, K, wg, wu, w_type, F, K, c, c_kind, F, M)
+    launch.gemm_swiglu(a, a_kind, K, wg, wu, w_type, F, K, c, c_kind, F, M, **impl.gemm)
     check(host(c, c_kind), silu(A @ WG.T) * (A @ WU.T), c_kind)
 
 
@@ -169,7 +165,7 @@ def test_gemm_swiglu_merged_views(impl):
     W = round_bf16(dense).astype(np.float64)
     a, A = make_a(M, K, "bf16", rng)
     c = new_c(M, F, "bf16")
-    launch.gemm_swiglu(a, "bf16", K, w[:F], w[F:], "q4_k", F, K, c, "bf16", F, M)
+    launch.gemm_swiglu(a, "bf16", K, w[:F], w[F:], "q4_k", F, K, c, "bf16", F, M, **impl.gemm)
     check(host(c, "bf16"), silu(A @ W[:F].T) * (A @ W[F:].T), "bf16")
 
 
@@ -183,11 +179,11 @@ def test_gemm_graph_replay(w_type, impl):
     a, A = make_a(M, K, "bf16", rng)
     c = new_c(M, N, "f32")
     h = new_c(M, N // 2, "bf16")
-    launch.prepare("bf16", w_type)
+    launch.prepare("bf16", w_type, impl.gemm["impl"], impl.gemm["dequant"])
     s = cp.cuda.Stream(non_blocking=True)
     s.begin_capture()
-    launch.gemm(a, "bf16", K, w, w_type, N, K, c, "f32", N, M, stream=s)
-    launch.gemm_swiglu(a, "bf16", K, w[:N // 2], w[N // 2:], w_type, N // 2, K, h, "bf16", N // 2, M, stream=s)
+    launch.gemm(a, "bf16", K, w, w_type, N, K, c, "f32", N, M, stream=s, **impl.gemm)
+    launch.gemm_swiglu(a, "bf16", K, w[:N // 2], w[N // 2:], w_type, N // 2, K, h, "bf16", N // 2, M, stream=s, **impl.gemm)
     g = s.end_capture()
     for _ in range(2):
         a2, A2 = make_a(M, K, "bf16", rng)
@@ -225,14 +221,13 @@ def test_gemm_prefill_shape(w_type, M, impl):
     w, W = weight(w_type, N, K, 8)
     a, A = make_a(M, K, "bf16", rng)
     c = new_c(M, N, "bf16")
-    launch.prepare("bf16", w_type)
-    launch.gemm(a, "bf16", K, w, w_type, N, K, c, "bf16", N, M)
+    launch.prepare("bf16", w_type, impl.gemm["impl"], impl.gemm["dequant"])
+    launch.gemm(a, "bf16", K, w, w_type, N, K, c, "bf16", N, M, **impl.gemm)
     check(host(c, "bf16"), A @ W.T, "bf16")
 
 
-def test_gemm_auto_falls_back_for_k_not_multiple_of_64(monkeypatch):
+def test_gemm_auto_falls_back_for_k_not_multiple_of_64():
     """K = 96: no wgmma kernel, the automatic choice is the mma.sync one (on any device)."""
-    monkeypatch.delenv("GGFUSE_GEMM", raising=False)
     assert launch.pick_impl("bf16", 96) == "mma"
     rng = np.random.default_rng(13)
     M, N, K = 50, 130, 96

@@ -1,8 +1,6 @@
 """Whole models on the GPU against the CPU reference and llama.cpp: top-1 identical on >= 99% of
 positions, max abs diff within 2e-2 of the largest |logit|; multi-chunk, split-call and
 graph-replayed prefill give the same logits as one eager pass."""
-import os
-
 import numpy as np
 import pytest
 
@@ -35,12 +33,17 @@ def _check(out, ref, what):
 BF16_NEAR_TIES = {("qwen35moe", "f32"), ("qwen35moe", "q8_0"), ("qwen3next", "f32")}
 
 
+@pytest.mark.parametrize("target", ["auto", "sm_89"])
 @pytest.mark.parametrize("quant", QUANTS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_gpu_matches_cpu_and_llama(arch, quant):
+def test_gpu_matches_cpu_and_llama(arch, quant, target):
+    """Both code paths: this GPU's own (sm_90a on an H200) and the one an Ada card runs (a plan
+    lowered for sm_89: mma.sync kernels, built as sm_89 PTX for this device)."""
     r = refs(arch)
     tokens = r["tokens"]
-    gpu = ggfuse.load(fixture(arch, quant), device="cuda", chunk=16).prefill(tokens)
+    m = ggfuse.load(fixture(arch, quant), device="cuda", chunk=16, target=target)
+    assert target == "auto" or m.backend.target.name == target
+    gpu = m.prefill(tokens)
     if (arch, quant) in BF16_NEAR_TIES:
         from precision_emulation import emulated_logits
         _check(gpu, emulated_logits(arch, quant, chunk=16), f"{arch} {quant} vs cpu with bf16 roundings")
@@ -74,21 +77,13 @@ def test_gpu_precision_f32_matches_cpu_and_llama(arch, quant):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gpu_chunks_calls_and_replay_agree(arch):
     tokens = refs(arch)["tokens"]
-    os.environ["GGFUSE_EAGER"] = "1"
-    try:
-        eager = ggfuse.load(fixture(arch, "q4_k_m"), device="cuda", chunk=64).prefill(tokens)
-    finally:
-        del os.environ["GGFUSE_EAGER"]
+    eager = ggfuse.load(fixture(arch, "q4_k_m"), device="cuda", chunk=64, eager=True).prefill(tokens)
     m = ggfuse.load(fixture(arch, "q4_k_m"), device="cuda", chunk=8)
     split = np.concatenate([m.prefill(tokens[:5]), m.prefill(tokens[5:13]), m.prefill(tokens[13:])])
     _check(split, eager, f"{arch} replayed chunks of 8 + split calls vs one eager pass")
     # short calls run smaller captured chunk sizes (32 -> 16, 8) sharing weights and state
-    os.environ["GGFUSE_SUBCHUNK_MIN"] = "8"
-    try:
-        sub = ggfuse.load(fixture(arch, "q4_k_m"), device="cuda", chunk=32)
-    finally:
-        del os.environ["GGFUSE_SUBCHUNK_MIN"]
-    assert sorted(sub.backend.sub_graphs) == [8, 16]
+    sub = ggfuse.load(fixture(arch, "q4_k_m"), device="cuda", chunk=32, sub_chunk_min=8)
+    assert sub.backend.captures == [32, 16, 8, 1]
     mixed = np.concatenate([sub.prefill(tokens[:5]), sub.prefill(tokens[5:20]), sub.prefill(tokens[20:])])
     _check(mixed, eager, f"{arch} sub-chunks of 8/16 + chunks of 32 vs one eager pass")
     # the same calls again after reset: every chunk now replays the captured graph (the first
@@ -110,16 +105,12 @@ def test_gpu_chunks_calls_and_replay_agree(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bf16_activations_change_nothing(arch):
-    """Norm outputs that only GEMMs read are stored as bf16 (runtime/cuda/ops.py
-    bf16_activations); the GEMMs round their activations to bf16 anyway, so the logits match
-    the all-f32 storage (to rounding-mode ties)."""
+    """Norm outputs that only GEMMs read are stored as bf16 (passes/lower_cuda.py bf16_values);
+    the GEMMs round their activations to bf16 anyway, so the logits match the all-f32 storage
+    (to rounding-mode ties)."""
     tokens = refs(arch)["tokens"]
     fast = ggfuse.load(fixture(arch, "q4_k_m"), device="cuda", chunk=16).prefill(tokens)
-    os.environ["GGFUSE_BF16_ACT"] = "0"
-    try:
-        plain = ggfuse.load(fixture(arch, "q4_k_m"), device="cuda", chunk=16).prefill(tokens)
-    finally:
-        del os.environ["GGFUSE_BF16_ACT"]
+    plain = ggfuse.load(fixture(arch, "q4_k_m"), device="cuda", chunk=16, bf16_act=False).prefill(tokens)
     d = float(np.abs(fast - plain).max() / np.abs(plain).max())
     print(f"{arch}: bf16 activations vs f32 storage: max|diff|/max = {d:.2e}")
     assert d < 1e-3

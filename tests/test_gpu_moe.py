@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.gpu
-from gpu_util import require_gpu, run_captured  # noqa: E402
+from gpu_util import Family, require_gpu, run_captured  # noqa: E402
 
 cp = require_gpu()
 
@@ -29,19 +29,15 @@ TILE = launch.MOE_TILE
 
 
 @pytest.fixture(params=[*gl.IMPLS, "wgmma_persist", "wgmma_tiles", "wgmma_generic"])
-def impl(request, monkeypatch):
-    """The grouped-GEMM kernel family under test (GGFUSE_GEMM): mma.sync, or wgmma on cc 9.0
-    with persistent blocks on 256-row tiles (GGFUSE_MOE90=wide, the default; GGML weights and
-    bf16 x, else the 128-row persistent kernels), wgmma_persist (persistent, 128-row tiles,
-    GGFUSE_MOE90=persist), wgmma_tiles (a block per tile, GGFUSE_MOE90=tiles), wgmma_generic
-    (the default schedule with the element-wise dequant8, GGFUSE_DEQUANT=generic)."""
+def impl(request):
+    """The grouped-GEMM kernel family under test (gpu_util.Family; the launchers' arguments in
+    .moe): mma.sync, or wgmma on cc 9.0 with persistent blocks on 256-row tiles (schedule wide;
+    GGML weights and bf16 x, else the 128-row persistent kernels), wgmma_persist (persistent,
+    128-row tiles), wgmma_tiles (a block per tile), wgmma_generic (the wide schedule with the
+    element-wise dequant8)."""
     if request.param.startswith("wgmma") and gl.device_cc() != 90:
         pytest.skip("the wgmma kernels need a compute capability 9.0 device")
-    monkeypatch.setenv("GGFUSE_GEMM", "wgmma" if request.param.startswith("wgmma") else request.param)
-    monkeypatch.setenv("GGFUSE_DEQUANT", "generic" if request.param == "wgmma_generic" else "fast")
-    monkeypatch.setenv("GGFUSE_MOE90", {"wgmma_tiles": "tiles", "wgmma_persist": "persist"}.get(request.param, "wide"))
-    monkeypatch.delenv("GGFUSE_MOE90_BLOCKS", raising=False)
-    return request.param
+    return Family(request.param)
 
 
 def need(impl, *w_types):
@@ -207,9 +203,11 @@ def scattered(w, E: int, first: int):
 
 
 def run_moe(T, E, k, D, F, gu_type, dn_type, x_kind, merged, n_valid, rng, graph=False, out_offset=0,
-            table_first=None):
+            table_first=None, kw=None):
     """table_first: the experts are read through expert tables (scattered, first experts resident)
-    as well as from their stacks; h must match bit for bit and the outputs to f32 atomics order."""
+    as well as from their stacks; h must match bit for bit and the outputs to f32 atomics order.
+    kw: the grouped GEMMs' launcher arguments (the kernel family: gpu_util.Family.moe)."""
+    kw = kw or {}
     logits = separated_logits(T, E, rng)
     x, x_host = bf16_x(T, D, x_kind, rng)
     if merged:
@@ -231,12 +229,12 @@ def run_moe(T, E, k, D, F, gu_type, dn_type, x_kind, merged, n_valid, rng, graph
     out = out_buf[out_offset:].reshape(T, D)
     nv = cp.asarray([n_valid], dtype=cp.int32)
     lg = cp.asarray(logits)
-    launch.prepare(x_kind, gu_type, dn_type)
+    launch.prepare(x_kind, gu_type, dn_type, kw.get("impl"), kw.get("dequant", "fast"))
 
     def layer(stream=None):
         r.run(lg, nv, stream=stream)
-        launch.moe_gate_up(x, x_kind, w_gate, w_up, gu_type, E, F, D, r.slots, r.offs, k, h, stream)
-        launch.moe_down(h, w_down, dn_type, E, D, F, r.slots, r.offs, r.w, k, out, stream)
+        launch.moe_gate_up(x, x_kind, w_gate, w_up, gu_type, E, F, D, r.slots, r.offs, k, h, stream, **kw)
+        launch.moe_down(h, w_down, dn_type, E, D, F, r.slots, r.offs, r.w, k, out, stream, **kw)
 
     if graph:
         s = cp.cuda.Stream(non_blocking=True)
@@ -254,8 +252,8 @@ def run_moe(T, E, k, D, F, gu_type, dn_type, x_kind, merged, n_valid, rng, graph
         out2 = cp.full((T, D), np.nan, dtype=cp.float32)
 
         def layer2(stream=None):
-            launch.moe_gate_up(x, x_kind, tg, tu, gu_type, E, F, D, r.slots, r.offs, k, h2, stream, wtab=tab_gu)
-            launch.moe_down(h2, td, dn_type, E, D, F, r.slots, r.offs, r.w, k, out2, stream, wtab=tab_d)
+            launch.moe_gate_up(x, x_kind, tg, tu, gu_type, E, F, D, r.slots, r.offs, k, h2, stream, wtab=tab_gu, **kw)
+            launch.moe_down(h2, td, dn_type, E, D, F, r.slots, r.offs, r.w, k, out2, stream, wtab=tab_d, **kw)
         if graph:
             run_captured(cp.cuda.Stream(non_blocking=True), layer2)
         else:
@@ -291,26 +289,26 @@ def test_moe_layer(gu_type, dn_type, x_kind, impl):
     need(impl, gu_type, dn_type)
     rng = np.random.default_rng(seed("moe", gu_type, dn_type, x_kind))
     run_moe(T=200, E=16, k=4, D=512, F=256, gu_type=gu_type, dn_type=dn_type, x_kind=x_kind,
-            merged=False, n_valid=200, rng=rng)
+            merged=False, n_valid=200, rng=rng, kw=impl.moe)
 
 
 def test_moe_layer_merged_gate_up_padded_chunk(impl):
     rng = np.random.default_rng(31)
     run_moe(T=300, E=32, k=8, D=256, F=512, gu_type="q4_k", dn_type="q6_k", x_kind="bf16",
-            merged=True, n_valid=211, rng=rng)
+            merged=True, n_valid=211, rng=rng, kw=impl.moe)
 
 
 def test_moe_layer_many_experts_few_tokens(impl):
     """Decode-like: most experts empty, most row tiles past the layout."""
     rng = np.random.default_rng(41)
     run_moe(T=3, E=256, k=8, D=256, F=256, gu_type="q4_k", dn_type="q6_k", x_kind="f32",
-            merged=False, n_valid=3, rng=rng)
+            merged=False, n_valid=3, rng=rng, kw=impl.moe)
 
 
 def test_moe_layer_graph(impl):
     rng = np.random.default_rng(51)
     run_moe(T=260, E=16, k=4, D=256, F=256, gu_type="q4_k", dn_type="q6_k", x_kind="bf16",
-            merged=False, n_valid=260, rng=rng, graph=True)
+            merged=False, n_valid=260, rng=rng, kw=impl.moe, graph=True)
 
 
 def test_moe_layer_prefill_sized(impl):
@@ -319,34 +317,34 @@ def test_moe_layer_prefill_sized(impl):
     down's K = 512 (8 wgmma steps: the 4-deep ring wraps twice)."""
     rng = np.random.default_rng(61)
     run_moe(T=256, E=16, k=8, D=2048, F=512, gu_type="q4_k", dn_type="q6_k", x_kind="bf16",
-            merged=True, n_valid=250, rng=rng)
+            merged=True, n_valid=250, rng=rng, kw=impl.moe)
 
 
 # ---- the persistent wgmma schedules (moe90w_*, moe90p_*): few blocks, so that each walks many items ----
 
-def wgmma_persist(impl, monkeypatch, blocks):
+def wgmma_persist(impl, blocks):
     if impl not in ("wgmma", "wgmma_persist", "wgmma_generic"):
         pytest.skip("persistent blocks: the wgmma families that use them")
-    monkeypatch.setenv("GGFUSE_MOE90_BLOCKS", str(blocks))
+    impl.moe["max_blocks"] = blocks
 
 
 @pytest.mark.parametrize("blocks", [1, 3, 7])
-def test_moe_layer_persistent_few_blocks(impl, monkeypatch, blocks):
+def test_moe_layer_persistent_few_blocks(impl, blocks):
     """1, 3 or 7 blocks for about 60 row tiles x 2-4 column tiles: every block runs many items
     back to back (the ring, the raw ring and the double-buffered tables wrap across items; odd
     and even item counts per block), D = F = 512 (8 steps per item: two raw Q4_K / Q6_K units),
     padded chunk, merged gate_up."""
-    wgmma_persist(impl, monkeypatch, blocks)
+    wgmma_persist(impl, blocks)
     rng = np.random.default_rng(71 + blocks)
     run_moe(T=700, E=32, k=8, D=512, F=512, gu_type="q4_k", dn_type="q6_k", x_kind="bf16",
-            merged=True, n_valid=689, rng=rng)
+            merged=True, n_valid=689, rng=rng, kw=impl.moe)
 
 
-def test_moe_layer_persistent_graph(impl, monkeypatch):
-    wgmma_persist(impl, monkeypatch, 5)
+def test_moe_layer_persistent_graph(impl):
+    wgmma_persist(impl, 5)
     rng = np.random.default_rng(81)
     run_moe(T=300, E=24, k=6, D=256, F=256, gu_type="q8_0", dn_type="q4_k", x_kind="f32",
-            merged=False, n_valid=300, rng=rng, graph=True)
+            merged=False, n_valid=300, rng=rng, kw=impl.moe, graph=True)
 
 
 @pytest.mark.parametrize("w_type", ["q8_0", "bf16"])
@@ -356,21 +354,21 @@ def test_moe_down_tail_and_unaligned_out(impl, w_type):
     need(impl, w_type)
     rng = np.random.default_rng(91)
     run_moe(T=150, E=8, k=2, D=320, F=256, gu_type=w_type, dn_type=w_type, x_kind="bf16",
-            merged=False, n_valid=150, rng=rng, out_offset=2)
+            merged=False, n_valid=150, rng=rng, kw=impl.moe, out_offset=2)
     run_moe(T=150, E=8, k=2, D=320, F=256, gu_type=w_type, dn_type=w_type, x_kind="bf16",
-            merged=False, n_valid=150, rng=rng)
+            merged=False, n_valid=150, rng=rng, kw=impl.moe)
 
 
 @pytest.mark.parametrize("blocks", [0, 3])
-def test_moe_layer_wide_long_segments(impl, monkeypatch, blocks):
+def test_moe_layer_wide_long_segments(impl, blocks):
     """About 450 rows per expert: an expert's segment (384 to 640 rows) is cut into several
     256-row wide tiles and a 128-row last one whose other half is the next expert's rows (gate_up
     must not write them); merged gate_up, padded chunk; all blocks or 3."""
     if blocks:
-        wgmma_persist(impl, monkeypatch, blocks)
+        wgmma_persist(impl, blocks)
     rng = np.random.default_rng(101 + blocks)
     run_moe(T=900, E=8, k=4, D=256, F=512, gu_type="q4_k", dn_type="q6_k", x_kind="bf16",
-            merged=True, n_valid=893, rng=rng)
+            merged=True, n_valid=893, rng=rng, kw=impl.moe)
 
 
 @pytest.mark.parametrize("merged,first", [(False, 5), (True, 0), (True, 11)])
@@ -379,4 +377,4 @@ def test_moe_layer_through_expert_tables(impl, merged, first):
     found through expert tables (kernels/moe/table.py); every kernel family, eager and captured."""
     rng = np.random.default_rng(111 + first)
     run_moe(T=400, E=12, k=4, D=512, F=256, gu_type="q4_k", dn_type="q6_k", x_kind="bf16",
-            merged=merged, n_valid=397, rng=rng, table_first=first, graph=first == 11)
+            merged=merged, n_valid=397, rng=rng, kw=impl.moe, table_first=first, graph=first == 11)

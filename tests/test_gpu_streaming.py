@@ -1,30 +1,31 @@
 """Streamed experts on the GPU (run by the lead on the device): under a budget small enough to
 force streaming, the logits are bit-identical to fully resident (same kernels: dense matrices
-forced to the same form, GGFUSE_DENSE=raw; the MoE scatter adds k=2 terms onto zero, which is
+forced to the same form, dense_form=raw; the MoE scatter adds k=2 terms onto zero, which is
 order-independent), eager and graph-replayed, multi-chunk, with registered and staged host
-paths, from a cold page cache; measured device memory stays under the budget."""
+paths, from a cold page cache; measured device memory stays under the budget. Plans are
+lowered for sm_90a with dense matrices as stored (test_cuda_streaming.compile_gguf)."""
 import os
 
 import numpy as np
 import pytest
 
 from gpu_util import require_gpu
-from test_cuda_streaming import MOE_ARCHS, streamed_plan
+from test_cuda_streaming import MOE_ARCHS, compile_gguf, streamed_plan
 from util import refs
 
 pytestmark = pytest.mark.gpu
 cp = require_gpu()
 
 
-def _model(gf, plan, chunk):
+def _model(gf, plan, chunk, host="auto"):
+    from ggfuse.options import Options
     from ggfuse.runtime.api import Model
     from ggfuse.runtime.cuda.backend import CUDABackend
-    be = CUDABackend(plan, gf, chunk=chunk, progress=False)
+    be = CUDABackend(plan, gf, chunk=chunk, progress=False, options=Options.make(stream_host=host))
     return Model(plan, gf, be, chunk), be
 
 
 def _resident(arch, quant, chunk, tokens):
-    from ggfuse.compiler.driver import compile_gguf
     gf, plan, _ = streamed_plan(arch, quant, chunk)
     full = compile_gguf(gf.path, chunk=chunk, gf=gf, max_context=64)
     m, be = _model(gf, full, chunk)
@@ -34,21 +35,15 @@ def _resident(arch, quant, chunk, tokens):
     return out
 
 
-@pytest.fixture(autouse=True)
-def _same_dense_form(monkeypatch):
-    monkeypatch.setenv("GGFUSE_DENSE", "raw")
-
-
 @pytest.mark.parametrize("host", ["registered", "staged"])
 @pytest.mark.parametrize("quant", ["q4_k_m", "q8_0"])
 @pytest.mark.parametrize("arch", MOE_ARCHS)
-def test_streamed_logits_are_bit_identical(arch, quant, host, monkeypatch):
-    monkeypatch.setenv("GGFUSE_STREAM", host)
+def test_streamed_logits_are_bit_identical(arch, quant, host):
     tokens = refs(arch)["tokens"]
     chunk = 8                               # several chunks, the last one short
     ref = _resident(arch, quant, chunk, tokens)
     gf, plan, budget = streamed_plan(arch, quant, chunk)
-    m, be = _model(gf, plan, chunk)
+    m, be = _model(gf, plan, chunk, host)
     assert be.streamer.host_mode == host
     first = m.prefill(tokens)               # eager first chunk, then replays
     assert be.cuda_graph is not None
@@ -66,16 +61,15 @@ def test_streamed_logits_are_bit_identical(arch, quant, host, monkeypatch):
 def test_whole_layers_and_f32_precision_stream_bit_identical(room, precision):
     """Every layer's experts streamed whole (no expert table), and a split plan under
     precision="f32" (its own grouped kernels read the tables): logits as fully resident."""
-    from ggfuse.compiler.driver import compile_gguf
     from ggfuse.runtime.api import Model
     from ggfuse.runtime.cuda.backend import CUDABackend
     arch, chunk = "qwen35moe", 8
     tokens = refs(arch)["tokens"]
-    gf, plan, _ = streamed_plan(arch, "q4_k_m", chunk, room=room)
-    full = compile_gguf(gf.path, chunk=chunk, gf=gf, max_context=64)
+    gf, plan, _ = streamed_plan(arch, "q4_k_m", chunk, room=room, precision=precision)
+    full = compile_gguf(gf.path, chunk=chunk, gf=gf, max_context=64, precision=precision)
     outs = []
     for p in (full, plan):
-        be = CUDABackend(p, gf, chunk=chunk, progress=False, precision=precision)
+        be = CUDABackend(p, gf, chunk=chunk, progress=False)
         outs.append(Model(p, gf, be, chunk).prefill(tokens))
         be.close()
     np.testing.assert_array_equal(outs[1], outs[0])
@@ -91,7 +85,7 @@ def test_f32_experts_stream_converted():
     be.close()
 
 
-def test_cold_page_cache(monkeypatch, tmp_path):
+def test_cold_page_cache(tmp_path):
     """The GGUF's pages dropped from the page cache before load (a private copy, so other
     tests' mappings do not keep them): registration faults them in, staging reads them."""
     import shutil
@@ -99,7 +93,6 @@ def test_cold_page_cache(monkeypatch, tmp_path):
     tokens = refs(arch)["tokens"]
     ref = _resident(arch, "q4_k_m", 8, tokens)
     for host in ("registered", "staged"):
-        monkeypatch.setenv("GGFUSE_STREAM", host)
         gf0, plan0, budget = streamed_plan(arch, "q4_k_m", 8)
         path = tmp_path / f"cold-{host}.gguf"
         shutil.copyfile(gf0.path, path)
@@ -107,12 +100,11 @@ def test_cold_page_cache(monkeypatch, tmp_path):
         os.fsync(fd)                  # dirty pages cannot be dropped
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
-        from ggfuse.compiler.driver import compile_gguf
         from ggfuse.compiler.gguf_file import GGUFFile
         gf = GGUFFile(str(path))
         plan = compile_gguf(gf.path, chunk=8, gf=gf, max_context=64, vram_budget=budget)
         # the upload reads only the resident weights: the experts' pages are still cold here
-        m, be = _model(gf, plan, 8)
+        m, be = _model(gf, plan, 8, host)
         np.testing.assert_array_equal(m.prefill(tokens), ref)
         be.close()
 
@@ -124,7 +116,6 @@ def test_measured_memory_under_budget_on_a_shortened_35b(tmp_path):
     precision="f32", whose kernels are deterministic. (The default kernels' top-8 scatter adds
     with f32 atomics in a varying order; on a random 256-expert router that noise flips near-tied
     experts a few layers on, resident against resident too, so bf16 runs are not compared.)"""
-    from ggfuse.compiler.driver import compile_gguf
     from ggfuse.compiler.gguf_file import GGUFFile
     from ggfuse.compiler.synth import write_synth
     from ggfuse.runtime.api import Model
@@ -151,28 +142,27 @@ def test_measured_memory_under_budget_on_a_shortened_35b(tmp_path):
     be.close()
     del m, be
     outs = []
-    for p in (plan, full):
+    for p in (compile_gguf(gf.path, chunk=512, gf=gf, max_context=2048, vram_budget=budget, precision="f32"),
+              compile_gguf(gf.path, chunk=512, gf=gf, max_context=2048, precision="f32")):
         gc.collect()
         cp.get_default_memory_pool().free_all_blocks()
-        be = CUDABackend(p, gf, chunk=512, progress=False, precision="f32")
+        be = CUDABackend(p, gf, chunk=512, progress=False)
         outs.append(Model(p, gf, be, 512).prefill(tokens, logits="last"))
         be.close()
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
-def test_gathered_embedding_through_sub_chunks(arch, monkeypatch):
+def test_gathered_embedding_through_sub_chunks(arch):
     """A streamed plan gathers the token embedding on the host and keeps a 16-row LM head block:
     through the main executor and the sub-chunk executors (a 32-token chunk, then an 8-token
     tail; a 12-token prompt on the 16-token executor) the logits equal fully resident's:
     bit-identical for the last row (the same GEMV), to rounding for all rows (the all-rows head
     runs in blocks of 16 rows instead of 32)."""
-    from ggfuse.compiler.driver import compile_gguf
-    monkeypatch.setenv("GGFUSE_SUBCHUNK_MIN", "8")
     tokens = refs(arch)["tokens"]
-    gf, plan, _ = streamed_plan(arch, "q4_k_m", 32)
+    gf, plan, _ = streamed_plan(arch, "q4_k_m", 32, sub_chunk_min=8)
     assert plan.stats["prefetch"]["embedding"] == "host-gathered"
-    full = compile_gguf(gf.path, chunk=32, gf=gf, max_context=64)
+    full = compile_gguf(gf.path, chunk=32, gf=gf, max_context=64, sub_chunk_min=8)
     out = {}
     for name, p in (("resident", full), ("streamed", plan)):
         m, be = _model(gf, p, 32)

@@ -28,7 +28,7 @@ def test_symbolic_dims():
 def small_graph():
     g = Graph("small")
     x = g.add(Op.INPUT, key="x", kind="activation", shape=("T", 8), dtype="f32")
-    s = g.add(Op.INPUT, key="s", kind="state", shape=("P", 8), dtype="f32")
+    s = g.add(Op.INPUT, key="s", kind="state", state="kv_cache", shape=("P", 8), dtype="f32")
     w = g.add(Op.WEIGHT, tensor="w", shape=(4, 8), dtype="f32")
     y = g.add(Op.MATMUL, [x, w], name="proj")
     z = g.add(Op.SILU, [y])

@@ -140,8 +140,8 @@ def _window_graph(rows=8, window=8, after=True, shared=True):
     q = g.add(Op.INPUT, key="q", kind="activation", shape=("T", 4, 8), dtype="f32")
     k = g.add(Op.INPUT, key="k", kind="activation", shape=("T", 2, 8), dtype="f32")
     v = g.add(Op.INPUT, key="v", kind="activation", shape=("T", 2, 8), dtype="f32")
-    kr = g.add(Op.INPUT, key="k_ring", kind="state", shape=(rows, 2, 8), dtype="f32")
-    vr = g.add(Op.INPUT, key="v_ring", kind="state", shape=(rows, 2, 8), dtype="f32")
+    kr = g.add(Op.INPUT, key="k_ring", kind="state", shape=(rows, 2, 8), dtype="f32", state="kv_ring")
+    vr = g.add(Op.INPUT, key="v_ring", kind="state", shape=(rows, 2, 8), dtype="f32", state="kv_ring")
     o = g.add(Op.ATTENTION_WINDOW, [q, k, v, kr, vr], window=window, scale=1.0)
     last = o
     if shared:
@@ -178,10 +178,10 @@ def test_shape_rules():
     g2 = Graph("bad")
     q = g2.add(Op.INPUT, key="q", kind="activation", shape=("T", 3, 8), dtype="f32")
     k = g2.add(Op.INPUT, key="k", kind="activation", shape=("T", 2, 8), dtype="f32")
-    r = g2.add(Op.INPUT, key="r", kind="state", shape=(8, 2, 8), dtype="f32")
+    r = g2.add(Op.INPUT, key="r", kind="state", shape=(8, 2, 8), dtype="f32", state="kv_ring")
     with pytest.raises(InferError, match="multiple"):
         g2.add(Op.ATTENTION_WINDOW, [q, k, k, r, r], window=8, scale=1.0)
-    r4 = g2.add(Op.INPUT, key="r4", kind="state", shape=(8, 2, 4), dtype="f32")
+    r4 = g2.add(Op.INPUT, key="r4", kind="state", shape=(8, 2, 4), dtype="f32", state="kv_ring")
     with pytest.raises(InferError, match="rows of"):
         g2.add(Op.ATTENTION_WINDOW, [q, k, k, r4, r4], window=8, scale=1.0)
     with pytest.raises(InferError, match="kv_ring_append"):

@@ -159,11 +159,18 @@ def _squeeze(shape) -> tuple:
 # ---- the builder -----------------------------------------------------------------------------
 
 class Builder:
-    """A Graph plus the GGUF file it reads weights from; checks every weight's shape."""
+    """A Graph plus the GGUF file it reads weights from; checks every weight's shape.
+
+    `layer` is the index of the layer being built (None outside the layer stack): every node
+    added carries it as meta["layer"], so later stages never parse it out of names."""
 
     def __init__(self, gf, name: str):
         self.gf = gf
         self.g = Graph(name)
+        self.layer: int | None = None
+
+    def _meta(self) -> dict:
+        return {} if self.layer is None else {"layer": self.layer}
 
     def has(self, tensor: str) -> bool:
         return tensor in self.gf.tensors
@@ -176,13 +183,17 @@ class Builder:
             self.gf.tensor(tensor, tuple(shape))  # raises the shape-mismatch error
         dtype = DType.from_ggml(info.type_name)
         return self.g.add(Op.WEIGHT, name=tensor, tensor=tensor, shape=tuple(view or shape),
-                          dtype=dtype.value, ggml_type=info.type_name)
+                          dtype=dtype.value, ggml_type=info.type_name, meta=self._meta())
 
-    def input(self, key: str, *, kind: str, shape: tuple, dtype: str = "f32") -> Value:
-        return self.g.add(Op.INPUT, name=key, key=key, kind=kind, shape=tuple(shape), dtype=dtype)
+    def input(self, key: str, *, kind: str, shape: tuple, dtype: str = "f32", state: str | None = None) -> Value:
+        """A graph input: tokens, positions, or (kind "state") carried state of kind `state`
+        (ir/ops.py STATE_KINDS: kv_cache, conv_window, recurrent_state)."""
+        extra = {"state": state} if kind == "state" else {}
+        return self.g.add(Op.INPUT, name=key, key=key, kind=kind, shape=tuple(shape), dtype=dtype,
+                          meta=self._meta(), **extra)
 
     def op(self, op: Op, *inputs: Value, name: str = "", **attrs):
-        return self.g.add(op, inputs, name=name, **attrs)
+        return self.g.add(op, inputs, name=name, meta=self._meta(), **attrs)
 
     # small conveniences
     def matmul(self, x, tensor, out_dim, in_dim, name=None):
@@ -233,10 +244,10 @@ def attention_block(b: Builder, x: Value, *, il: int, hp: HParams, pos: Value, g
                 sections=tuple(hp.rope_sections))
     q = b.op(Op.ROPE, q, pos, name=f"{p}.q_rope", **rope)
     k = b.op(Op.ROPE, k, pos, name=f"{p}.k_rope", **rope)
-    k_cache = b.input(f"{p}.k_cache", kind="state", shape=("P", Hkv, hd))
-    v_cache = b.input(f"{p}.v_cache", kind="state", shape=("P", Hkv, hv))
-    k_all = b.op(Op.CONCAT, k_cache, k, axis=0, name=f"{p}.k_all")
-    v_all = b.op(Op.CONCAT, v_cache, v, axis=0, name=f"{p}.v_all")
+    k_cache = b.input(f"{p}.k_cache", kind="state", shape=("P", Hkv, hd), state="kv_cache")
+    v_cache = b.input(f"{p}.v_cache", kind="state", shape=("P", Hkv, hv), state="kv_cache")
+    k_all = b.op(Op.KV_APPEND, k_cache, k, name=f"{p}.k_all")
+    v_all = b.op(Op.KV_APPEND, v_cache, v, name=f"{p}.v_all")
     b.g.set_output(f"{p}.k_cache", k_all)
     b.g.set_output(f"{p}.v_cache", v_all)
     scale = hp.attn_scale if hp.attn_scale else 1.0 / math.sqrt(hd)
@@ -289,7 +300,7 @@ def deltanet_block(b: Builder, x: Value, *, il: int, hp: HParams, head_map: str)
     a = b.op(Op.ADD, alpha, b.weight(f"{p}.ssm_dt.bias", (Hv,)))
     g = b.op(Op.MUL, b.op(Op.SOFTPLUS, a), b.weight(f"{p}.ssm_a", (Hv,)), name=f"{p}.gate")  # ssm_a = -exp(A_log)
 
-    conv_state = b.input(f"{p}.conv_state", kind="state", shape=(hp.ssm_d_conv - 1, conv_dim))
+    conv_state = b.input(f"{p}.conv_state", kind="state", shape=(hp.ssm_d_conv - 1, conv_dim), state="conv_window")
     conv, conv_new = b.op(Op.SSM_CONV, qkv, conv_state, b.weight(f"{p}.ssm_conv1d.weight", (conv_dim, hp.ssm_d_conv)),
                           name=f"{p}.conv")
     b.g.set_output(f"{p}.conv_state", conv_new)
@@ -299,7 +310,7 @@ def deltanet_block(b: Builder, x: Value, *, il: int, hp: HParams, head_map: str)
     v = b.reshape(b.slice(conv, 1, 2 * key_dim, conv_dim), ("T", Hv, dv), name=f"{p}.v")
     q = b.op(Op.L2_NORM, q, eps=hp.rms_eps, name=f"{p}.q_l2")
     k = b.op(Op.L2_NORM, k, eps=hp.rms_eps, name=f"{p}.k_l2")
-    state = b.input(f"{p}.ssm_state", kind="state", shape=(Hv, dk, dv))
+    state = b.input(f"{p}.ssm_state", kind="state", shape=(Hv, dk, dv), state="recurrent_state")
     o, s_new = b.op(Op.GATED_DELTA_RULE, q, k, v, g, beta, state, scale=1.0 / math.sqrt(dk), head_map=head_map,
                     name=f"{p}.delta_rule")
     b.g.set_output(f"{p}.ssm_state", s_new)
@@ -360,9 +371,10 @@ def embed_inputs(b: Builder, hp: HParams) -> tuple[Value, Value]:
 
 def lm_head(b: Builder, h: Value, hp: HParams, *, softcap: float = 0.0) -> None:
     """Output norm and head; softcap > 0: logits = softcap * tanh(logits / softcap) (Gemma)."""
+    b.layer = None
     h = b.norm(h, "output_norm.weight", hp.n_embd, hp.rms_eps, name="output_norm")
     head = "output.weight" if b.has("output.weight") else "token_embd.weight"  # tied embeddings
-    logits = b.op(Op.MATMUL, h, b.weight(head, (hp.n_vocab, hp.n_embd)), name="lm_head")
+    logits = b.op(Op.LM_HEAD, h, b.weight(head, (hp.n_vocab, hp.n_embd)), name="lm_head")
     if softcap:
         logits = b.op(Op.SOFTCAP, logits, cap=float(softcap), name="logits_softcap")
     b.g.set_output("logits", logits)
@@ -374,6 +386,7 @@ def hybrid_model(gf, hp: HParams, *, ffn: str, head_map: str, rope_mode: str) ->
     b = Builder(gf, hp.arch)
     h, pos = embed_inputs(b, hp)
     for il in range(hp.n_layer):
+        b.layer = il
         p = f"blk.{il}"
         xn = b.norm(h, f"{p}.attn_norm.weight", hp.n_embd, hp.rms_eps)
         if hp.recurrent[il]:

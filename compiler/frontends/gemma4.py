@@ -195,7 +195,7 @@ class _KV:
     with the chunk appended. Layers sharing it read the same values."""
     k: Value
     v: Value
-    k_state: Value             # sliding: the ring before the chunk; full: cache + chunk (CONCAT)
+    k_state: Value             # sliding: the ring before the chunk; full: cache + chunk (KV_APPEND)
     v_state: Value
     sliding: bool
 
@@ -231,11 +231,13 @@ def attention(b: Builder, x: Value, *, il: int, hp: Gemma4HParams, pos: Value, k
         v = b.op(Op.RMS_NORM, b.reshape(vr, ("T", Hkv, hd)), eps=hp.rms_eps, name=f"{p}.v_norm")
         if sliding:
             rows = hp.n_swa  # >= n_swa - 1, the keys before a chunk that its queries can see
-            ks = b.input(f"{p}.k_ring", kind="state", shape=(rows, Hkv, hd))
-            vs = b.input(f"{p}.v_ring", kind="state", shape=(rows, Hkv, hd))
+            ks = b.input(f"{p}.k_ring", kind="state", shape=(rows, Hkv, hd), state="kv_ring")
+            vs = b.input(f"{p}.v_ring", kind="state", shape=(rows, Hkv, hd), state="kv_ring")
         else:
-            ks = b.op(Op.CONCAT, b.input(f"{p}.k_cache", kind="state", shape=("P", Hkv, hd)), k, axis=0, name=f"{p}.k_all")
-            vs = b.op(Op.CONCAT, b.input(f"{p}.v_cache", kind="state", shape=("P", Hkv, hd)), v, axis=0, name=f"{p}.v_all")
+            ks = b.op(Op.KV_APPEND, b.input(f"{p}.k_cache", kind="state", shape=("P", Hkv, hd), state="kv_cache"), k,
+                      name=f"{p}.k_all")
+            vs = b.op(Op.KV_APPEND, b.input(f"{p}.v_cache", kind="state", shape=("P", Hkv, hd), state="kv_cache"), v,
+                      name=f"{p}.v_all")
             b.g.set_output(f"{p}.k_cache", ks)
             b.g.set_output(f"{p}.v_cache", vs)
         kv[il] = _KV(k, v, ks, vs, sliding)
@@ -244,12 +246,13 @@ def attention(b: Builder, x: Value, *, il: int, hp: Gemma4HParams, pos: Value, k
     c = kv[src]
     meta = {"kv_source": src}  # whose K/V this layer attends over (itself, or a KV-shared layer's source)
     if c.sliding:
-        o = b.g.add(Op.ATTENTION_WINDOW, (q, c.k, c.v, c.k_state, c.v_state), name=f"{p}.attn", meta=meta,
-                    window=hp.n_swa, scale=hp.attn_scale)
+        o = b.g.add(Op.ATTENTION_WINDOW, (q, c.k, c.v, c.k_state, c.v_state), name=f"{p}.attn",
+                    meta={**b._meta(), **meta}, window=hp.n_swa, scale=hp.attn_scale)
         if il == max(j for j, s in enumerate(hp.kv_source) if s == src):
             append_rings(b, c, after=o, src=src)
     else:
-        o = b.g.add(Op.ATTENTION, (q, c.k_state, c.v_state), name=f"{p}.attn", meta=meta, scale=hp.attn_scale)
+        o = b.g.add(Op.ATTENTION, (q, c.k_state, c.v_state), name=f"{p}.attn", meta={**b._meta(), **meta},
+                    scale=hp.attn_scale)
     o = b.reshape(o, ("T", H * hd))
     return b.matmul(o, f"{p}.attn_output.weight", D, H * hd)
 
@@ -338,6 +341,7 @@ def build(gf):
     pl = per_layer_inputs(b, hp, tokens, h) if hp.n_embd_per_layer else None
     kv: dict[int, _KV] = {}
     for il in range(hp.n_layer):
+        b.layer = il
         p = f"blk.{il}"
         o = attention(b, b.norm(h, f"{p}.attn_norm.weight", D, hp.rms_eps), il=il, hp=hp, pos=pos, kv=kv)
         h = b.op(Op.ADD, b.norm(o, f"{p}.post_attention_norm.weight", D, hp.rms_eps), h, name=f"{p}.attn_residual")

@@ -13,6 +13,7 @@ def build(gf):
     b = Builder(gf, hp.arch)
     h, pos = embed_inputs(b, hp)
     for il in range(hp.n_layer):
+        b.layer = il
         p = f"blk.{il}"
         xn = b.norm(h, f"{p}.attn_norm.weight", hp.n_embd, hp.rms_eps)
         a = attention_block(b, xn, il=il, hp=hp, pos=pos, gated=False, rope_mode="neox")

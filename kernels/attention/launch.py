@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 
-from ggfuse.kernels.nvrtc import load_module
+from ggfuse.kernels.nvrtc import build_arch, load_module
 from ggfuse.kernels.quant.types import act_kind
 
 SOURCE = "attention/flash_attn.cu"
@@ -34,7 +34,7 @@ def smem_bytes(D: int, Dv: int) -> int:
 
 def _function(D: int, q_kind: str, o_kind: str):
     import cupy
-    key = (cupy.cuda.Device().id, D, q_kind, o_kind)
+    key = (cupy.cuda.Device().id, build_arch(), D, q_kind, o_kind)
     with _lock:
         fn = _functions.get(key)
         if fn is None:

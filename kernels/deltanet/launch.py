@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ggfuse.kernels.nvrtc import load_module
+from ggfuse.kernels.nvrtc import build_arch, load_module
 
 CHUNK = 64
 HEAD_MAPS = {"tile": 0, "interleave": 1}
@@ -64,6 +64,11 @@ def workspace_bytes(T: int, Hv: int, K: int, V: int, *, Hk: int | None = None, i
     return _workspace_layout(T, Hv, K, V, Hk or Hv, in_dtype == "f32")[1]
 
 
+def workspace(T: int, Hv: int, K: int, V: int, *, Hk: int, in_dtype: str) -> dict[str, int]:
+    """Scratch bytes of one chunked delta-rule step, placed by the memory plan in the arena."""
+    return {"ws": workspace_bytes(T, Hv, K, V, Hk=Hk, in_dtype=in_dtype)}
+
+
 def recur_smem_bytes(K: int, v_block: int, stages: int) -> int:
     """Dynamic shared memory of gdr_recur (mirror of RecurLayout in the .cu)."""
     stage = 2 * CHUNK * (K + 8) * 2 + 2 * CHUNK * _TP * 2 + CHUNK * (v_block + 8) * 2 + 4 * CHUNK * 4
@@ -95,7 +100,7 @@ def _max_smem_optin() -> int:
 
 def _kernels(K: int, V: int, v_block: int) -> _Kernels:
     import cupy
-    key = (cupy.cuda.Device().id, K, V, v_block)
+    key = (cupy.cuda.Device().id, build_arch(), K, V, v_block)
     ks = _cache.get(key)
     if ks is not None:
         return ks

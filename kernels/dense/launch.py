@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import numpy as np
 
@@ -461,14 +460,14 @@ ROUTER_SPLITS = ("f16", "bf16")
 ROUTER_W_SCALE = 256.0              # f16 split: W is multiplied by this (exact) before splitting
 
 
-def router_tile(M: int, N: int) -> str:
+def router_tile(M: int, N: int, sms: int | None = None) -> str:
     """128x64 once it gives 1.5 blocks per SM (it reads A and W less often from L2), else
-    64x64k2 (two k-groups of warps per block, 2x the blocks). GGFUSE_ROUTER_TILE overrides."""
-    env = os.environ.get("GGFUSE_ROUTER_TILE", "").strip()
-    if env:
-        return env
-    from ggfuse.kernels.gemm.launch import device_sms
-    return "128x64" if 2 * (-(-M // 128) * -(-N // 64)) >= 3 * device_sms() else "64x64k2"
+    64x64k2 (two k-groups of warps per block, 2x the blocks); sms: the multiprocessors assumed
+    (the plan's target; default this device's)."""
+    if sms is None:
+        from ggfuse.kernels.gemm.launch import device_sms
+        sms = device_sms()
+    return "128x64" if 2 * (-(-M // 128) * -(-N // 64)) >= 3 * sms else "64x64k2"
 
 
 def router_gemm(a, w, c, *, split: str = "f16", tile: str | None = None, w_scale: float = ROUTER_W_SCALE,
@@ -514,6 +513,12 @@ def router_gemm(a, w, c, *, split: str = "f16", tile: str | None = None, w_scale
            (_ptr(a), np.int64(lda), _ptr(w), _ptr(c), np.int64(ldc),
             np.int32(M), np.int32(N), np.int32(K), np.float32(w_scale if split == "f16" else 1.0)),
            shared_mem=smem)
+
+
+def lm_head_workspace(block_rows: int, N: int) -> dict[str, int]:
+    """Scratch bytes of the LM head: one block of `block_rows` rows of logits [rows, N] f32 (the
+    all-rows head, copied to the host block by block) and the last row's [1, N] (gemv)."""
+    return {"block": block_rows * N * 4, "last": N * 4}
 
 
 GEMV = "dense/gemv.cu"

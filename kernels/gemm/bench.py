@@ -6,13 +6,13 @@ is reported with achieved TFLOP/s and GB/s and the floors (FLOPs at 670 TFLOP/s,
 
 Every GEMM runs with each kernel family that applies (FAMILIES: "mma" = mma.sync, "wgmma" = the
 sm_90a kernel on cc 9.0, "wgmma_generic" = the same with the old element-wise dequantisation;
-GGFUSE_BENCH_IMPLS=mma,wgmma,wgmma_generic selects) and prints, beside its time, the
+`--impls mma,wgmma,wgmma_generic` selects) and prints, beside its time, the
 error on a sample of 64 rows x 256 columns against a float64 host reference on the same
 bf16-rounded operands: "err rms/max" = relative RMS and max-abs / max|ref|.
 """
 from __future__ import annotations
 
-import os
+import argparse
 
 import numpy as np
 
@@ -51,30 +51,36 @@ def device_weight(w_type, N: int, K: int):
 FAMILIES = (*launch.IMPLS, "wgmma_generic")
 
 
-def impls(families=FAMILIES) -> list[str]:
-    """The kernel families to time here: GGFUSE_BENCH_IMPLS (comma list) or all of `families`:
-    mma, wgmma (fast word-wise dequantisation) and wgmma_generic (the wgmma kernels built with
-    the element-wise dequant8, GGFUSE_DEQUANT=generic; timed for GGML weights only); the MoE
+def impls(families=FAMILIES, selected: str | None = None) -> list[str]:
+    """The kernel families to time here: `selected` (a comma list, the benchmarks' --impls) or
+    all of `families`: mma, wgmma (fast word-wise dequantisation) and wgmma_generic (the wgmma
+    kernels built with the element-wise dequant8; timed for GGML weights only); the MoE
     benchmark adds wgmma_tiles (a block per tile instead of persistent blocks). Names not in
     `families` are skipped if another benchmark knows them."""
-    env = os.environ.get("GGFUSE_BENCH_IMPLS")
-    out = [x.strip() for x in env.split(",")] if env else list(families)
+    out = [x.strip() for x in selected.split(",") if x.strip()] if selected else list(families)
     bad = [x for x in out if x not in ALL_FAMILIES]
     if bad:
-        raise ValueError(f"GGFUSE_BENCH_IMPLS: unknown families {bad} (known: {', '.join(ALL_FAMILIES)})")
+        raise ValueError(f"--impls: unknown families {bad} (known: {', '.join(ALL_FAMILIES)})")
     return [x for x in out if x in families]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--impls", help=f"comma-separated kernel families (known: {', '.join(ALL_FAMILIES)})")
+    return ap.parse_args(argv)
 
 
 ALL_FAMILIES = (*FAMILIES, "wgmma_persist", "wgmma_tiles")
 GEMM_FAMILIES = (*FAMILIES, "wgmma_tiles")    # the dense GEMM benchmark: persistent (wgmma) and a block per tile
 
 
-def use_family(family: str) -> str:
-    """Select a family for the launches that follow; returns the launcher's impl= argument."""
-    os.environ["GGFUSE_DEQUANT"] = "generic" if family == "wgmma_generic" else "fast"
-    os.environ["GGFUSE_MOE90"] = {"wgmma_tiles": "tiles", "wgmma_persist": "persist"}.get(family, "wide")
-    os.environ["GGFUSE_GEMM90_PERSIST"] = "0" if family == "wgmma_tiles" else "1"   # dense: a block per tile
-    return "wgmma" if family.startswith("wgmma") else family
+def family_kwargs(family: str) -> dict:
+    """The launcher arguments of a kernel family: impl and dequant for every GEMM; persist for the
+    dense ones (wgmma_tiles: a block per tile); schedule for the grouped ones."""
+    return {"impl": "wgmma" if family.startswith("wgmma") else family,
+            "dequant": "generic" if family == "wgmma_generic" else "fast",
+            "persist": family != "wgmma_tiles",
+            "schedule": {"wgmma_tiles": "tiles", "wgmma_persist": "persist"}.get(family, "wide")}
 
 
 def host_rows(w, w_type, rows, K: int) -> np.ndarray:
@@ -157,7 +163,8 @@ def row(name, ms, flops, nbytes):
             f"   floor {floor:7.3f} ms")
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    args = parse_args(argv)
     import cupy as cp
     try:
         import torch
@@ -165,7 +172,7 @@ def main() -> None:
         torch = None
     from ggfuse.kernels.gemm.weights import bf16_bits_to_f32
     print(f"device: {cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)['name'].decode()}, "
-          f"GEMM kernel families: {', '.join(impls(GEMM_FAMILIES))}")
+          f"GEMM kernel families: {', '.join(impls(GEMM_FAMILIES, args.impls))}")
     silu = lambda x: x / (1.0 + np.exp(-x))   # noqa: E731
     for name, M, N, K, types in CASES:
         swiglu = name.startswith("swiglu")
@@ -184,17 +191,18 @@ def main() -> None:
                 c = cp.empty((M, N), dtype=cp.float32)
                 flops, nbytes = 2 * M * N * K, w.nbytes + a.nbytes + c.nbytes
                 ref = A @ host_rows(w, wt, ni, K).T
-            for family in impls(GEMM_FAMILIES):
+            for family in impls(GEMM_FAMILIES, args.impls):
                 try:
                     if family.startswith("wgmma") and (launch.device_cc() != 90 or qtype(wt).name not in launch.SM90_TYPES
                                                        or K % 64 or (family == "wgmma_generic" and wt == "bf16")):
                         continue
-                    impl = use_family(family)
-                    launch.prepare("bf16", wt, impl)
+                    kw = family_kwargs(family)
+                    kw.pop("schedule")
+                    launch.prepare("bf16", wt, kw["impl"], kw["dequant"])
                     if swiglu:
-                        run = lambda s: launch.gemm_swiglu(a, "bf16", K, wg, wu, wt, N, K, c, "bf16", N, M, s, impl=impl)  # noqa: E731
+                        run = lambda s: launch.gemm_swiglu(a, "bf16", K, wg, wu, wt, N, K, c, "bf16", N, M, s, **kw)  # noqa: E731
                     else:
-                        run = lambda s: launch.gemm(a, "bf16", K, w, wt, N, K, c, "f32", N, M, s, impl=impl)  # noqa: E731
+                        run = lambda s: launch.gemm(a, "bf16", K, w, wt, N, K, c, "f32", N, M, s, **kw)  # noqa: E731
                     c.fill(0xFFFF if swiglu else np.nan)
                     ms = time_graph(run)
                     got = c[cp_index(mi)][:, cp_index(ni)].get()
@@ -202,7 +210,6 @@ def main() -> None:
                     print(row(f"{name} {wt} {family}", ms, flops, nbytes) + "   " + err(got, ref))
                 except Exception as exc:   # one failing variant must not hide the others
                     print(f"{name} {wt} {family}: {type(exc).__name__}: {exc}")
-            use_family("wgmma")
             if wt == "bf16" and not swiglu:   # the runtime's path for bf16 dense matrices (kernels/gemm/blas.py)
                 try:
                     from ggfuse.kernels.gemm import blas

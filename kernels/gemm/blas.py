@@ -6,7 +6,7 @@ The runtime keeps dense matrices dequantised to bf16 where they fit (runtime/cud
 for those, with bf16 activations, cuBLAS's Hopper kernels (TMA, persistent, 128x256 tiles)
 run at 600-680 TFLOP/s on the 35B-A3B's projection shapes where our wgmma kernel reaches
 ~370 (BENCHMARKS.md). Quantised weights, f32 activations and the fused SwiGLU stay on our
-kernels (kernels/gemm/launch.py). GGFUSE_DENSE_GEMM=ggfuse turns this path off.
+kernels (kernels/gemm/launch.py). The plan's lowering chooses this path (option dense_gemm).
 
 CuPy refuses cuBLAS calls inside a stream capture (its wrappers, down to cupy_backends, raise
 NotImplementedError); the cuBLAS library itself supports capture. We call the library CuPy
@@ -21,7 +21,6 @@ gemmEx(T, N, m=N, n=M, k=K, W (ld K), A (ld lda), C (ld ldc)), f32 accumulation.
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 
 import numpy as np
@@ -36,10 +35,6 @@ _lock = threading.Lock()
 _state: dict = {}
 _ONE = np.ones(1, dtype=np.float32)
 _ZERO = np.zeros(1, dtype=np.float32)
-
-
-def enabled() -> bool:
-    return os.environ.get("GGFUSE_DENSE_GEMM", "cublas").strip().lower() != "ggfuse"
 
 
 def _libcublas():
@@ -113,8 +108,8 @@ def _handle():
 
 
 def usable(a_dtype: str, w_type: str) -> bool:
-    """bf16 activations and bf16 weights, cuBLAS reachable and capturable, not switched off."""
-    if not enabled() or a_dtype != "bf16" or w_type != "bf16":
+    """bf16 activations and bf16 weights, cuBLAS reachable and capturable."""
+    if a_dtype != "bf16" or w_type != "bf16":
         return False
     try:
         _handle()

@@ -10,20 +10,21 @@ for type "bf16" (dense weights the runtime pre-dequantised). Nothing is allocate
 waits on the host, so every launcher is capturable; call `prepare` for each variant before
 capturing (module load and function attributes are not stream work).
 
-Which kernel: `impl="wgmma"` (the sm_90a kernel) where the device is cc 9.0, the weight type is
-in SM90_TYPES and K % 64 == 0; otherwise `impl="mma"`. The environment variable GGFUSE_GEMM=mma
-forces the mma.sync kernel everywhere (GGFUSE_GEMM=wgmma: an error where it cannot be used);
-an explicit impl= argument overrides both (the benchmarks compare them). GGFUSE_DEQUANT=generic
-builds the wgmma kernels with the old element-wise dequantisation (see dequant90()).
+Which kernel: the caller says (`impl=`; the plan's lowering, passes/lower_cuda.py, decides it
+per node): "wgmma" (the sm_90a kernel; needs a cc 9.0 build target, a weight type in SM90_TYPES
+and K % 64 == 0), "mma" (mma.sync, every target), or None (wgmma where it can run, else mma).
+`persist` (sm_90a dense GEMMs: persistent blocks or a block per tile) and `dequant` ("fast"
+word-wise or "generic" element-wise dequantisation in the wgmma producers) are arguments too.
+The kernels are built for kernels/target.py's current target (the device's when none is set).
 """
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np
 
-from ggfuse.kernels.nvrtc import load_module
+from ggfuse.kernels import target as _target
+from ggfuse.kernels.nvrtc import build_arch, load_module
 from ggfuse.kernels.quant.types import act_kind as _act_kind, qtype
 
 SOURCE = "gemm/gemm.cu"
@@ -125,16 +126,27 @@ def device_cc() -> int:
     return _cc[dev]
 
 
+def build_cc() -> int:
+    """The compute capability the kernels are built for (the target's, else the device's)."""
+    return _target.build_cc(device_cc())
+
+
+def wgmma_ok(w_name: str, K: int, cc: int | None = None) -> bool:
+    """Whether the wgmma kernel can run a weight type and K when building for cc (default: now)."""
+    cc = build_cc() if cc is None else cc
+    spec = _target.current()
+    return cc == 90 and (spec is None or spec.wgmma) and w_name in SM90_TYPES and K % 64 == 0
+
+
 def pick_impl(w_name: str, K: int, impl: str | None = None) -> str:
     """"wgmma" or "mma" for a weight type and K (see the module docstring)."""
-    ok90 = device_cc() == 90 and w_name in SM90_TYPES and K % 64 == 0
-    want = impl or os.environ.get("GGFUSE_GEMM", "").strip().lower() or None
-    if want not in (None, *IMPLS):
-        raise ValueError(f"gemm: impl / GGFUSE_GEMM must be one of {IMPLS}, got {want!r}")
-    if want == "wgmma" and not ok90:
-        raise ValueError(f"gemm: the wgmma kernel needs a cc 9.0 device, a weight type in {SM90_TYPES} "
-                         f"and K % 64 == 0 (got cc {device_cc()}, {w_name}, K={K})")
-    if want == "mma":
+    ok90 = wgmma_ok(w_name, K)
+    if impl not in (None, "auto", *IMPLS):
+        raise ValueError(f"gemm: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "wgmma" and not ok90:
+        raise ValueError(f"gemm: the wgmma kernel needs an sm_90a build target, a weight type in {SM90_TYPES} "
+                         f"and K % 64 == 0 (got cc {build_cc()}, {w_name}, K={K})")
+    if impl == "mma":
         return "mma"
     return "wgmma" if ok90 else "mma"
 
@@ -144,12 +156,12 @@ def function(source: str, name: str, w_type, smem: int | None = None, defines: d
     set (once per device); smem defaults to the mma.sync kernels' smem_bytes(w_type)."""
     import cupy
     dev = cupy.cuda.Device().id
-    key = (dev, source, name, tuple(sorted((defines or {}).items())))
+    key = (dev, build_arch(), source, name, tuple(sorted((defines or {}).items())))
     with _lock:
         fn = _functions.get(key)
         if fn is None:
             fn = load_module(source, defines=defines).get_function(name)
-            fn.max_dynamic_shared_size_bytes = smem_bytes(w_type, device_cc()) if smem is None else smem
+            fn.max_dynamic_shared_size_bytes = smem_bytes(w_type, build_cc()) if smem is None else smem
             fn.preferred_shared_memory_carveout = 100   # two blocks per SM need ~2 x 105 KB
             _functions[key] = fn
     return fn
@@ -158,35 +170,28 @@ def function(source: str, name: str, w_type, smem: int | None = None, defines: d
 DEQUANTS = ("fast", "generic")
 
 
-def dequant90() -> str:
+def check_dequant(dequant: str) -> str:
     """How the wgmma kernels' producers dequantise GGML weights: "fast" (word-wise,
-    gemm/dequant90.cuh, for Q4_K / Q6_K / Q8_0) unless GGFUSE_DEQUANT=generic asks for the
-    element-wise dequant8 of quant/ggml_quants.cuh (a separate module, for comparison). Read at
-    launch time, so a benchmark can switch between graph captures."""
-    v = os.environ.get("GGFUSE_DEQUANT", "").strip().lower() or "fast"
-    if v not in DEQUANTS:
-        raise ValueError(f"GGFUSE_DEQUANT must be one of {DEQUANTS}, got {v!r}")
-    return v
+    gemm/dequant90.cuh, for Q4_K / Q6_K / Q8_0) or "generic" (the element-wise dequant8 of
+    quant/ggml_quants.cuh, a separate module, for comparison)."""
+    if dequant not in DEQUANTS:
+        raise ValueError(f"dequant must be one of {DEQUANTS}, got {dequant!r}")
+    return dequant
 
 
-def dense_persist() -> bool:
-    """The sm_90a dense GEMMs run persistent blocks (gemm90p_*) unless GGFUSE_GEMM90_PERSIST=0
-    (a block per tile, gemm90_*). Read at launch time."""
-    return os.environ.get("GGFUSE_GEMM90_PERSIST", "1").strip() != "0"
-
-
-def _dense_grid90(n_cols: int, n_rows: int) -> tuple[str, tuple[int, int, int]]:
-    if dense_persist():
+def _dense_grid90(n_cols: int, n_rows: int, persist: bool) -> tuple[str, tuple[int, int, int]]:
+    """persist: persistent blocks (gemm90p_*, about one per SM), else a block per tile (gemm90_*)."""
+    if persist:
         return "gemm90p", (max(1, min(device_sms(), n_cols * n_rows)), 1, 1)
     return "gemm90", (n_cols, n_rows, 1)
 
 
-def function90(source: str, name: str, w_name: str, a_kind: str, wide: bool = False):
-    defines = {"G90_GENERIC_DEQUANT": 1} if dequant90() == "generic" else None
+def function90(source: str, name: str, w_name: str, a_kind: str, wide: bool = False, dequant: str = "fast"):
+    defines = {"G90_GENERIC_DEQUANT": 1} if check_dequant(dequant) == "generic" else None
     return function(source, name, w_name, cfg90(w_name, a_kind, wide)[2], defines)
 
 
-def prepare(a_dtype, w_type, impl: str | None = None) -> None:
+def prepare(a_dtype, w_type, impl: str | None = None, dequant: str = "fast") -> None:
     """Load and configure gemm and gemm_swiglu for (a_dtype, w_type); call before capturing.
     Loads the mma.sync kernels always (the fallback for K % 64 != 0) and the wgmma ones where
     they can be used."""
@@ -195,8 +200,8 @@ def prepare(a_dtype, w_type, impl: str | None = None) -> None:
     function(SOURCE, f"gemm_swiglu_{a}a_{w}", w)
     if pick_impl(w, 64, impl) == "wgmma":
         for pfx in ("gemm90", "gemm90p"):
-            function90(SOURCE90, f"{pfx}_{a}a_{w}", w, a)
-            function90(SOURCE90, f"{pfx}_swiglu_{a}a_{w}", w, a)
+            function90(SOURCE90, f"{pfx}_{a}a_{w}", w, a, dequant=dequant)
+            function90(SOURCE90, f"{pfx}_swiglu_{a}a_{w}", w, a, dequant=dequant)
 
 
 def ptr(x) -> np.uint64:
@@ -224,7 +229,8 @@ def check_operands(fn: str, a, a_kind: str, lda: int, K: int, w, w_name: str, c=
 
 
 def gemm(a, a_dtype, lda: int, w, w_type, N: int, K: int, c, c_dtype, ldc: int, M: int,
-         stream=None, *, accumulate: bool = False, impl: str | None = None) -> None:
+         stream=None, *, accumulate: bool = False, impl: str | None = None, persist: bool = True,
+         dequant: str = "fast") -> None:
     """C[M, N] (+)= A[M, K] @ W[N, K]^T on the tensor cores (bf16 operands, f32 accumulation).
 
     a: [M, lda] f32 or bf16 (a_dtype); w: W's raw GGUF bytes (w_type: a GGML type name / DType /
@@ -238,8 +244,8 @@ def gemm(a, a_dtype, lda: int, w, w_type, N: int, K: int, c, c_dtype, ldc: int, 
         return
     if pick_impl(w_name, K, impl) == "wgmma":
         bn, threads, smem = cfg90(w_name, a_kind)
-        pfx, grid = _dense_grid90((N + bn - 1) // bn, (M + BM - 1) // BM)
-        fn = function90(SOURCE90, f"{pfx}_{a_kind}a_{w_name}", w_name, a_kind)
+        pfx, grid = _dense_grid90((N + bn - 1) // bn, (M + BM - 1) // BM, persist)
+        fn = function90(SOURCE90, f"{pfx}_{a_kind}a_{w_name}", w_name, a_kind, dequant=dequant)
         fn(grid, (threads, 1, 1),
            (ptr(a), np.int64(lda), ptr(w), np.int64(qtype(w_name).row_bytes(K)), np.int32(M), np.int32(N),
             np.int32(K), ptr(c), np.int64(ldc), np.int32(c_kind == "bf16"), np.int32(bool(accumulate))),
@@ -250,11 +256,11 @@ def gemm(a, a_dtype, lda: int, w, w_type, N: int, K: int, c, c_dtype, ldc: int, 
     fn(grid, (THREADS, 1, 1),
        (ptr(a), np.int64(lda), ptr(w), np.int64(qtype(w_name).row_bytes(K)), np.int32(M), np.int32(N),
         np.int32(K), ptr(c), np.int64(ldc), np.int32(c_kind == "bf16"), np.int32(bool(accumulate))),
-       shared_mem=smem_bytes(w_name, device_cc()), stream=stream)
+       shared_mem=smem_bytes(w_name, build_cc()), stream=stream)
 
 
 def gemm_swiglu(a, a_dtype, lda: int, w_gate, w_up, w_type, F: int, K: int, c, c_dtype, ldc: int, M: int,
-                stream=None, *, impl: str | None = None) -> None:
+                stream=None, *, impl: str | None = None, persist: bool = True, dequant: str = "fast") -> None:
     """C[M, F] = silu(A Wg^T) * (A Wu^T), the dense SwiGLU FFN's first half in one GEMM.
 
     w_gate, w_up: [F, K] raw GGUF bytes of one type (views into a merged [2F, K] gate_up tensor
@@ -269,8 +275,8 @@ def gemm_swiglu(a, a_dtype, lda: int, w_gate, w_up, w_type, F: int, K: int, c, c
         return
     if pick_impl(w_name, K, impl) == "wgmma":
         bn, threads, smem = cfg90(w_name, a_kind)
-        pfx, grid = _dense_grid90((F + bn // 2 - 1) // (bn // 2), (M + BM - 1) // BM)
-        fn = function90(SOURCE90, f"{pfx}_swiglu_{a_kind}a_{w_name}", w_name, a_kind)
+        pfx, grid = _dense_grid90((F + bn // 2 - 1) // (bn // 2), (M + BM - 1) // BM, persist)
+        fn = function90(SOURCE90, f"{pfx}_swiglu_{a_kind}a_{w_name}", w_name, a_kind, dequant=dequant)
         fn(grid, (threads, 1, 1),
            (ptr(a), np.int64(lda), ptr(w_gate), ptr(w_up), np.int64(qtype(w_name).row_bytes(K)), np.int32(M),
             np.int32(F), np.int32(K), ptr(c), np.int64(ldc), np.int32(c_kind == "bf16")),
@@ -281,4 +287,4 @@ def gemm_swiglu(a, a_dtype, lda: int, w_gate, w_up, w_type, F: int, K: int, c, c
     fn(grid, (THREADS, 1, 1),
        (ptr(a), np.int64(lda), ptr(w_gate), ptr(w_up), np.int64(qtype(w_name).row_bytes(K)), np.int32(M),
         np.int32(F), np.int32(K), ptr(c), np.int64(ldc), np.int32(c_kind == "bf16")),
-       shared_mem=smem_bytes(w_name, device_cc()), stream=stream)
+       shared_mem=smem_bytes(w_name, build_cc()), stream=stream)

@@ -16,13 +16,14 @@ from __future__ import annotations
 import numpy as np
 
 from ggfuse.kernels.gemm import launch as gl
-from ggfuse.kernels.gemm.bench import FAMILIES, PEAK_TBS, PEAK_TFLOPS, device_weight, err, impls, time_graph, time_torch, use_family
+from ggfuse.kernels.gemm.bench import (FAMILIES, PEAK_TBS, PEAK_TFLOPS, device_weight, err, family_kwargs, impls,
+                                       parse_args, time_graph, time_torch)
 from ggfuse.kernels.moe import launch
 
 D, E, K_TOP, F = 2048, 256, 8, 512
 GU_TYPE, DN_TYPE = "q4_k", "q6_k"
 TOKENS = (512, 2048, 4096)
-# kernel families (GGFUSE_BENCH_IMPLS selects): wgmma = persistent blocks on 256-row tiles
+# kernel families (--impls selects): wgmma = persistent blocks on 256-row tiles
 # (moe90w_*), wgmma_persist = persistent on 128-row tiles (moe90p_*), wgmma_tiles
 # = a block per tile (moe90_*), wgmma_generic = persistent with the element-wise dequantisation
 MOE_FAMILIES = (*FAMILIES, "wgmma_persist", "wgmma_tiles")
@@ -65,7 +66,8 @@ def torch_layer(N: int):
     return layer, gemms_only
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    args = parse_args(argv)
     import cupy as cp
     try:
         import torch
@@ -101,13 +103,13 @@ def main() -> None:
         def route(s):
             launch.moe_route(logits, N, E, K_TOP, True, 0.0, launch.MOE_TILE, nv, ids, wts, slots, offs, scratch, s)
 
-        impl = None
+        kw = {}
 
         def gate_up(s):
-            launch.moe_gate_up(x, "bf16", w_gate, w_up, GU_TYPE, E, F, D, slots, offs, K_TOP, h, s, impl=impl)
+            launch.moe_gate_up(x, "bf16", w_gate, w_up, GU_TYPE, E, F, D, slots, offs, K_TOP, h, s, **kw)
 
         def down(s):
-            launch.moe_down(h, w_down, DN_TYPE, E, D, F, slots, offs, wts, K_TOP, out, s, impl=impl)
+            launch.moe_down(h, w_down, DN_TYPE, E, D, F, slots, offs, wts, K_TOP, out, s, **kw)
 
         def layer(s):
             router(s)
@@ -123,12 +125,13 @@ def main() -> None:
         print(row("router gemm (bf16)", time_graph(router), 2 * N * E * D))
         print(row("moe_route", time_graph(route), 0))
         first = None
-        for family in impls(MOE_FAMILIES):
+        for family in impls(MOE_FAMILIES, args.impls):
             if family.startswith("wgmma") and gl.device_cc() != 90:
                 continue
             try:
-                impl = use_family(family)
-                launch.prepare("bf16", GU_TYPE, DN_TYPE, impl)
+                kw = family_kwargs(family)
+                kw.pop("persist")
+                launch.prepare("bf16", GU_TYPE, DN_TYPE, kw["impl"], kw["dequant"])
                 layer(None)
                 cp.cuda.Device().synchronize()
                 valid = cp.asnumpy(slots[:pad_rows]) >= 0
@@ -140,8 +143,7 @@ def main() -> None:
                 print(row(f"whole layer (ours) {family}", time_graph(layer), f_gu + f_dn + 2 * N * E * D, wbytes))
             except Exception as exc:   # one failing variant must not hide the others
                 print(f"moe {family}: {type(exc).__name__}: {exc}")
-        impl = None
-        use_family("wgmma")
+        kw = {}
         if torch is not None:
             try:
                 t_layer, t_gemms = torch_layer(N)

@@ -13,8 +13,6 @@ MOE_TILE for the MOE_ROUTE node's `tile`.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from ggfuse.kernels.gemm import launch as gl
@@ -43,28 +41,42 @@ def route_scratch_ints(T: int, k: int, E: int) -> int:
     return max(1, -(-T * k // ROUTE_CHUNK)) * E
 
 
-def schedule90(schedule: str | None = None) -> str:
-    """How the wgmma grouped GEMMs are launched: "wide" (about one block per SM, each walking
-    (row tile, column tile) items of 256-row tiles that never cross an expert, moe90w_*; GGML
-    weights and bf16 activations only, otherwise "persist"), "persist" (the same on 128-row
-    tiles, moe90p_*), "tiles" (a block per 128-row item, the grid covering the worst-case layout,
-    moe90_*) or "auto" (the default: wide from WIDE_MIN_ROWS rows per expert on average, where
-    halving the dequantisation per MMA pays; measured on the H100 for the 35B-A3B layer: 4096
-    tokens (128 rows per expert) 1.17 ms wide vs 1.35 ms persist, 2048 tokens (64) 1.08 vs 0.92).
-    GGFUSE_MOE90 overrides the default; an explicit argument overrides both. Read at launch
-    time (the benchmark switches between captures)."""
-    v = schedule or os.environ.get("GGFUSE_MOE90", "").strip().lower() or "auto"
-    if v not in SCHEDULES:
-        raise ValueError(f"GGFUSE_MOE90 / schedule must be one of {SCHEDULES}, got {v!r}")
-    return v
+def route_workspace(T: int, k: int, E: int) -> dict[str, int]:
+    """Scratch bytes of one routing step (the MOE_ROUTE node): the router GEMM's logits [T, E]
+    f32 and moe_route's histograms. The memory plan places them in the arena."""
+    return {"router_logits": T * E * 4, "route_scratch": route_scratch_ints(T, k, E) * 4}
+
+
+def grouped_workspace(T: int, k: int, E: int, F: int, D: int, tile: int, *, x_copy: bool,
+                      shared_ffn: int = 0) -> dict[str, int]:
+    """Scratch bytes of one bf16 grouped-expert step (moe_gate_up + moe_down, and the shared
+    expert): h [S, F] bf16 between the two GEMMs; x_copy: the bf16 copy of an f32 x [T, D];
+    shared_ffn Fs > 0: the shared expert's hidden [T, Fs] bf16 and output [T, D] f32."""
+    ws = {"h": sorted_len(T, k, E, tile) * F * 2}
+    if x_copy:
+        ws["x_bf16"] = T * D * 2
+    if shared_ffn:
+        ws["hs"] = T * shared_ffn * 2
+        ws["ys"] = T * D * 4
+    return ws
 
 
 def _wide_ok(w_name: str, a_kind: str) -> bool:
     return w_name != "bf16" and a_kind == "bf16"
 
 
-def _pick_schedule(schedule, w_name: str, a_kind: str, T: int, k: int, E: int) -> str:
-    sch = schedule90(schedule)
+def pick_schedule(schedule: str | None, w_name: str, a_kind: str, T: int, k: int, E: int) -> str:
+    """How the wgmma grouped GEMMs are launched: "wide" (about one block per SM, each walking
+    (row tile, column tile) items of 256-row tiles that never cross an expert, moe90w_*; GGML
+    weights and bf16 activations only, otherwise "persist"), "persist" (the same on 128-row
+    tiles, moe90p_*), "tiles" (a block per 128-row item, the grid covering the worst-case layout,
+    moe90_*) or "auto" / None: wide from WIDE_MIN_ROWS rows per expert on average (T k / E), where
+    halving the dequantisation per MMA pays; measured on the H100 for the 35B-A3B layer: 4096
+    tokens (128 rows per expert) 1.17 ms wide vs 1.35 ms persist, 2048 tokens (64) 1.08 vs 0.92.
+    The plan's lowering calls this per captured chunk size and records the result."""
+    sch = schedule or "auto"
+    if sch not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {sch!r}")
     if sch == "auto":
         sch = "wide" if T * k >= WIDE_MIN_ROWS * E else "persist"
     if sch == "wide" and not _wide_ok(w_name, a_kind):
@@ -72,14 +84,14 @@ def _pick_schedule(schedule, w_name: str, a_kind: str, T: int, k: int, E: int) -
     return sch
 
 
-def _grid90(n_cols: int, S: int, E: int, schedule: str) -> tuple[str, tuple[int, int, int]]:
+def _grid90(n_cols: int, S: int, E: int, schedule: str, max_blocks: int | None = None) -> tuple[str, tuple[int, int, int]]:
     """(kernel name prefix, grid) of a wgmma grouped GEMM with n_cols column tiles over a
-    layout of S sorted rows (S // MOE_TILE row tiles at most; wide: at most S // 256 + E)."""
+    layout of S sorted rows (S // MOE_TILE row tiles at most; wide: at most S // 256 + E).
+    max_blocks caps the persistent grid (tests: fewer blocks, more items each)."""
     if schedule in ("persist", "wide"):
         blocks = gl.device_sms()
-        cap = os.environ.get("GGFUSE_MOE90_BLOCKS", "").strip()   # tests: fewer blocks, more items each
-        if cap:
-            blocks = min(blocks, max(1, int(cap)))
+        if max_blocks:
+            blocks = min(blocks, max(1, int(max_blocks)))
         tiles = min(S // MOE_TILE, S // 256 + E) if schedule == "wide" else S // MOE_TILE
         return ("moe90w" if schedule == "wide" else "moe90p"), (max(1, min(blocks, tiles * n_cols)), 1, 1)
     return "moe90", (n_cols, S // MOE_TILE, 1)
@@ -89,7 +101,7 @@ def _route_fn(name: str):
     return load_module(ROUTE_SOURCE).get_function(name)
 
 
-def prepare(x_dtype, w_gate_type, w_down_type, impl: str | None = None) -> None:
+def prepare(x_dtype, w_gate_type, w_down_type, impl: str | None = None, dequant: str = "fast") -> None:
     """Load and configure the router and the grouped GEMM variants; call before capturing."""
     for n in ("moe_topk", "moe_hist", "moe_scan", "moe_scatter"):
         _route_fn(n)
@@ -99,9 +111,9 @@ def prepare(x_dtype, w_gate_type, w_down_type, impl: str | None = None) -> None:
     for pfx in ("moe90", "moe90p", "moe90w"):
         wide = pfx == "moe90w"
         if gl.pick_impl(gu, 64, impl) == "wgmma" and (not wide or _wide_ok(gu, a)):
-            gl.function90(GEMM_SOURCE90, f"{pfx}_gate_up_{a}a_{gu}", gu, a, wide)
+            gl.function90(GEMM_SOURCE90, f"{pfx}_gate_up_{a}a_{gu}", gu, a, wide, dequant=dequant)
         if gl.pick_impl(dn, 64, impl) == "wgmma" and (not wide or _wide_ok(dn, "bf16")):
-            gl.function90(GEMM_SOURCE90, f"{pfx}_down_{dn}", dn, "bf16", wide)
+            gl.function90(GEMM_SOURCE90, f"{pfx}_down_{dn}", dn, "bf16", wide, dequant=dequant)
 
 
 def moe_route(logits, T: int, E: int, k: int, norm: bool, scale: float, tile: int, n_valid_dev,
@@ -157,7 +169,8 @@ def _check_layout(fn: str, sorted_slots, expert_offsets, E: int) -> int:
 
 def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted_slots, expert_offsets,
                 k: int, h_out, stream=None, *, ldx: int | None = None, impl: str | None = None,
-                schedule: str | None = None, wtab=None) -> None:
+                schedule: str | None = None, wtab=None, max_blocks: int | None = None,
+                dequant: str = "fast") -> None:
     """h[r] = silu(x[tok] Wg_e^T) * (x[tok] Wu_e^T) for every sorted row r of expert e.
 
     x [T, ldx] f32 or bf16 (x_dtype); w_gate, w_up [E, F, D] raw GGUF bytes (w_up None: w_gate is
@@ -188,15 +201,16 @@ def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted
     if S < MOE_TILE or F <= 0:
         return
     if gl.pick_impl(w_name, D, impl) == "wgmma":
-        sch = _pick_schedule(schedule, w_name, a_kind, x.shape[0], k, E)
+        sch = pick_schedule(schedule, w_name, a_kind, x.shape[0], k, E)
         bn, threads, smem = gl.cfg90(w_name, a_kind, sch == "wide")
-        pfx, grid = _grid90((F + bn // 2 - 1) // (bn // 2), S, E, sch)
-        fn = gl.function90(GEMM_SOURCE90, f"{pfx}_gate_up_{a_kind}a_{w_name}", w_name, a_kind, sch == "wide")
+        pfx, grid = _grid90((F + bn // 2 - 1) // (bn // 2), S, E, sch, max_blocks)
+        fn = gl.function90(GEMM_SOURCE90, f"{pfx}_gate_up_{a_kind}a_{w_name}", w_name, a_kind, sch == "wide",
+                           dequant=dequant)
         block = (threads, 1, 1)
     else:
         fn = gl.function(GEMM_SOURCE, f"moe_gate_up_{a_kind}a_{w_name}", w_name)
         grid, block = ((F + 63) // 64, S // MOE_TILE, 1), (gl.THREADS, 1, 1)
-        smem = gl.smem_bytes(w_name, gl.device_cc())
+        smem = gl.smem_bytes(w_name, gl.build_cc())
     fn(grid, block,
        (gl.ptr(x), np.int64(ldx), gl.ptr(w_gate), np.uint64(up_ptr), np.int64(rb), np.int64(e_bytes),
         np.int32(F), np.int32(D), gl.ptr(h_out), np.int64(F), sorted_slots, expert_offsets, np.int32(E), np.int32(k),
@@ -206,7 +220,7 @@ def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted
 
 def moe_down(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_offsets, weights, k: int, out,
              stream=None, *, zero_out: bool = True, impl: str | None = None, schedule: str | None = None,
-             wtab=None) -> None:
+             wtab=None, max_blocks: int | None = None, dequant: str = "fast") -> None:
     """out[tok] (+)= sum over the token's slots of weights[slot] * (h[r] Wd_e^T).
 
     h [S, F] bf16 (moe_gate_up's output); w_down [E, D, F] raw GGUF bytes; weights [T, k] f32;
@@ -237,15 +251,15 @@ def moe_down(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_off
         return
     rb = qtype(w_name).row_bytes(F)
     if gl.pick_impl(w_name, F, impl) == "wgmma":
-        sch = _pick_schedule(schedule, w_name, "bf16", out.size // D, k, E)
+        sch = pick_schedule(schedule, w_name, "bf16", out.size // D, k, E)
         bn, threads, smem = gl.cfg90(w_name, "bf16", sch == "wide")
-        pfx, grid = _grid90((D + bn - 1) // bn, S, E, sch)
-        fn = gl.function90(GEMM_SOURCE90, f"{pfx}_down_{w_name}", w_name, "bf16", sch == "wide")
+        pfx, grid = _grid90((D + bn - 1) // bn, S, E, sch, max_blocks)
+        fn = gl.function90(GEMM_SOURCE90, f"{pfx}_down_{w_name}", w_name, "bf16", sch == "wide", dequant=dequant)
         block = (threads, 1, 1)
     else:
         fn = gl.function(GEMM_SOURCE, f"moe_down_{w_name}", w_name)
         grid, block = ((D + gl.BN - 1) // gl.BN, S // MOE_TILE, 1), (gl.THREADS, 1, 1)
-        smem = gl.smem_bytes(w_name, gl.device_cc())
+        smem = gl.smem_bytes(w_name, gl.build_cc())
     fn(grid, block,
        (gl.ptr(h), np.int64(F), gl.ptr(w_down), np.int64(rb), np.int64(D * rb), np.int32(D), np.int32(F),
         gl.ptr(out), np.int64(D), sorted_slots, expert_offsets, np.int32(E), np.int32(k), weights,

@@ -107,6 +107,17 @@ def moe_sum_slots(y, T: int, k: int, D: int, out, *, stream=None) -> None:
                                   np.uint64(out.data.ptr), np.int64(ldo)))
 
 
+def experts_workspace_f32(T: int, k: int, E: int, F: int, D: int, tile: int, *, shared_ffn: int = 0) -> dict[str, int]:
+    """Scratch bytes of one f32 grouped-expert step (moe_experts_f32, and the shared expert's
+    f32 GEMMs when shared_ffn > 0): h [S, F] and y [T*k, D] f32; hs [T, Fs] and ys [T, D] f32."""
+    from ggfuse.kernels.moe.launch import sorted_len
+    ws = {"h": sorted_len(T, k, E, tile) * F * 4, "y": T * k * D * 4}
+    if shared_ffn:
+        ws["hs"] = T * shared_ffn * 4
+        ws["ys"] = T * D * 4
+    return ws
+
+
 def moe_experts_f32(x, w_gate, w_up, w_gu_type, w_down, w_down_type, E: int, F: int, D: int, sorted_slots,
                     expert_offsets, weights, h, y, out, *, tile: int = 128, stream=None,
                     wtab_gate_up=None, wtab_down=None) -> None:

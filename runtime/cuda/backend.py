@@ -1,18 +1,19 @@
-"""CUDABackend: executes a plan's schedule with NVRTC kernels, one CUDA graph per chunk.
+"""CUDABackend: executes a lowered plan with NVRTC kernels, one CUDA graph per chunk.
 
-Life of a model:
-1. weights go from the memory-mapped GGUF to the device once (progress on stderr), each in the
-   form the runtime chooses per tensor: 1-D tensors as f32; stacked experts and the embedding
-   table kept quantised (raw GGUF bytes, read by the kernels directly); other matrices
-   dequantised to bf16 on the device when they fit, else kept quantised;
-2. one activation arena laid out by the plan's memory plan (recomputed if the plan was compiled
-   for another chunk), plus state buffers: a bf16 KV cache of max_context rows per attention
-   layer, the conv windows and DeltaNet states in f32;
-3. the schedule becomes a list of bound kernel launches (runtime/cuda/ops.py); the first chunk
-   runs them eagerly (module loading, validation), then they are captured once on the compute
-   stream as a CUDA graph and every chunk replays it. Everything that changes between chunks
-   (token ids, positions, tokens already cached P, valid tokens of a padded last chunk) lives in
-   small device buffers copied in before the replay, never in kernel arguments.
+The plan says what runs (passes/lower_cuda.py): every kernel and variant, each weight's device
+forms, each value's storage dtype, each launch's workspace and where it lives in the arena, the
+chunk sizes to capture. This backend only carries it out:
+1. weights go from the memory-mapped GGUF to the device once (progress on stderr), in the forms
+   the plan lists per tensor (graph meta "weights": raw GGUF bytes, bf16 or f32);
+2. one arena of the plan's size (activations and workspace of every captured chunk size: the
+   memory plan laid each out), plus state buffers: a bf16 KV cache of max_context rows per
+   attention layer, the conv windows and DeltaNet states in f32;
+3. the schedule becomes a list of bound kernel launches (runtime/cuda/ops.py: a lookup from the
+   kernel record's name to a launcher); the first chunk runs them eagerly (module loading,
+   validation), then they are captured once on the compute stream as a CUDA graph and every
+   chunk replays it. Everything that changes between chunks (token ids, positions, tokens
+   already cached P, valid tokens of a padded last chunk) lives in small device buffers copied
+   in before the replay, never in kernel arguments.
 Under a --vram-budget plan, the streamed layers' experts are not uploaded: they live in the
 memory-mapped GGUF and move into device slots during each chunk (runtime/cuda/streaming.py); a
 chunk whose fetches need the host (staged or routed) is captured as several graphs with those
@@ -24,15 +25,15 @@ inputs; the device lookup reads row i for position i (HostEmbedding).
 from __future__ import annotations
 
 import copy
-import os
 import sys
 import time
 
 import numpy as np
 
-from ggfuse.errors import DeviceError, GGFuseError
+from ggfuse.errors import DeviceError, GGFuseError, PlanError
 from ggfuse.ir.ops import Op
-from ggfuse.ir.types import DType, shape_eval
+from ggfuse.ir.types import shape_eval
+from ggfuse.passes.lower_cuda import context_for, form_bytes, state_bytes  # noqa: F401  (context_for: bench)
 from ggfuse.passes.schedule_expert_prefetch import align_up
 
 
@@ -57,37 +58,8 @@ class DeviceBuffers:
         self.block = None    # the one allocation the uploaded weights are carved from
 
 
-def _form_bytes(fmt: str, shape: tuple, raw_bytes: int) -> int:
-    """Device bytes of a tensor in one form: its GGUF bytes (raw), or 2 / 4 per element."""
-    return raw_bytes if fmt == "raw" else int(np.prod(shape)) * (4 if fmt == "f32" else 2)
-
-
-SUB_CHUNK_MIN = 256
 EMBED_STAGING = 2     # page-locked buffers of gathered embedding rows: one filled while one uploads
-
-
-def sub_chunk_sizes(chunk: int) -> list[int]:
-    """The smaller chunk sizes a backend compiles beside `chunk`: halvings down to SUB_CHUNK_MIN
-    (env GGFUSE_SUBCHUNK_MIN), multiples of 64 from 128 up; GGFUSE_SUBCHUNKS=0: none."""
-    if os.environ.get("GGFUSE_SUBCHUNKS") == "0":
-        return []
-    lo = int(os.environ.get("GGFUSE_SUBCHUNK_MIN", SUB_CHUNK_MIN))
-    out, c = [], chunk // 2
-    while c >= max(lo, 1):
-        c = c // 64 * 64 if c >= 128 else c
-        out.append(c)
-        c //= 2
-    return out
-
-
-def context_for(prompt: int, chunk: int) -> int:
-    """The KV-cache rows a prompt of `prompt` tokens needs when prefilled in chunks of `chunk`:
-    the last piece runs the smallest compiled chunk size that holds it, padded to that size."""
-    full = prompt // chunk * chunk
-    tail = prompt - full
-    if tail == 0:
-        return max(prompt, 1)
-    return full + min(c for c in sub_chunk_sizes(chunk) + [chunk] if c >= tail)
+RUNTIME_RESERVE = 256 << 20   # device memory kept free beside the plan's buffers at load (graphs, modules)
 
 
 class HostEmbedding:
@@ -99,7 +71,7 @@ class HostEmbedding:
 
     def __init__(self, be, name: str):
         entry = next((w for w in be.plan.weights if w.name == name), None)
-        if entry is None or be._roles.get(name) != {"rows"}:
+        if entry is None or be.weight_info(name).get("roles") != ["rows"]:
             raise GGFuseError(be.gf.path, f"plan gathers {name!r} on the host but the graph does not read it "
                                           f"as an embedding only; recompile the plan")
         self.name, self.ggml_type, self.shape = name, entry.ggml_type, tuple(entry.shape)
@@ -151,43 +123,60 @@ class CUDABackend:
     name = "cuda"
 
     def __init__(self, plan, gf, chunk: int | None = None, *, max_context: int | None = None,
-                 progress: bool = True, precision: str = "bf16"):
+                 progress: bool = True, options=None):
+        """options: ggfuse.options.Options (its runtime fields: stream_host, eager)."""
         import cupy as cp
-        from ggfuse.passes import plan_memory
+        from ggfuse.kernels import target as tgt
+        from ggfuse.options import Options, quiet
 
         self.cp = cp
         self.plan = plan
-        # "f32": f32-faithful GEMMs on weights kept as the GGUF stores them (runtime/cuda/ops.py)
-        self.precision = precision
         self.gf = gf
-        self.chunk = int(chunk or plan.chunk)
+        self.options = options if options is not None else Options()
+        low = plan.graph.meta.get("lowering")
+        if not low:
+            raise PlanError(plan.source.get("path"), f"plan was compiled for target {plan.target!r}, not lowered "
+                                                     f"for a GPU; recompile with `ggfuse compile --target sm_90a` "
+                                                     f"(or sm_89 / sm_80) to run it on cuda")
+        self.target = tgt.from_json(low["target"])
+        cc = int(cp.cuda.Device().compute_capability)
+        if not self.target.runs_on(cc):
+            raise DeviceError(gf.path, f"plan was lowered for {self.target.name} (compute capability "
+                                       f"{self.target.cc}{' only' if self.target.wgmma else ' or newer'}) but this GPU "
+                                       f"has compute capability {cc}; recompile with --target "
+                                       f"{tgt.for_device(cc).name if tgt.for_device(cc) else 'cpu'}")
+        self.precision = low["precision"]
+        self.captures = [int(c) for c in low["captures"]]
+        self.chunk = int(plan.chunk)
+        if chunk is not None and int(chunk) not in self.captures:
+            raise PlanError(plan.source.get("path"), f"plan captures chunk sizes {self.captures}, not {chunk}; "
+                                                     f"recompile with --chunk {chunk}")
         pre = plan.stats.get("prefetch") or {}
-        self.max_context = int(max_context or pre.get("max_context") or 8192)
+        self.max_context = int(max_context or pre.get("max_context") or plan.options.get("max_context") or 8192)
         g = plan.graph
-        if (g.meta.get("memory") or {}).get("chunk") != self.chunk:
-            g = plan_memory.run(g, chunk=self.chunk).graph
+        by_chunk = (g.meta.get("memory") or {}).get("by_chunk") or {}
+        missing = [c for c in self.captures if str(c) not in by_chunk]
+        if missing:
+            raise PlanError(plan.source.get("path"), f"plan has no memory plan for captured chunk sizes {missing}; "
+                                                     f"recompile it")
         self.graph = g
         self.env = {"T": self.chunk, "P": self.max_context - self.chunk}
-        # smaller chunk sizes for short prompts and the tail of long ones: their own memory plan
-        # and graphs, sharing the weights, states and arena (never two chunks at once)
-        self.sub_graphs = {c: plan_memory.run(plan.graph, chunk=c).graph for c in self._sub_chunk_sizes()}
         self._views = {}
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.copy_stream = cp.cuda.Stream(non_blocking=True)
-        self.progress = progress and os.environ.get("GGFUSE_QUIET") != "1"
+        self.progress = progress and not quiet()
         self.buf = DeviceBuffers()
-        self.budget = (plan.stats.get("prefetch") or {}).get("budget_bytes")
+        self.budget = pre.get("budget_bytes")
         self.free_at_load = cp.cuda.runtime.memGetInfo()[0]
-        self._bf16_dense = False
-        self._roles = self._weight_roles()
-        self.head_block = int(pre.get("head_block") or 0) or None    # None: workspace.HEAD_BLOCK
+        self.head_block = None
         self.embedding = None
-        if pre.get("embedding") == "host-gathered":
-            self.embedding = HostEmbedding(self, pre["embedding_tensor"])
+        emb = next((name for name, w in self.weights_meta().items() if w.get("residency") == "host-gathered"), None)
+        if emb is not None:
+            self.embedding = HostEmbedding(self, emb)
         self.streamer = None
         if self.graph.by_op(Op.FETCH_WEIGHTS):
             from ggfuse.runtime.cuda.streaming import ExpertStreamer
-            self.streamer = ExpertStreamer(self, self._roles)
+            self.streamer = ExpertStreamer(self)
         try:
             self._check_fits()
             self._upload_weights()
@@ -198,73 +187,45 @@ class CUDABackend:
             raise DeviceError(gf.path, f"out of GPU memory while loading ({e}); try a smaller --chunk, a lower "
                                        f"--max-context, or compile with --vram-budget") from None
         from ggfuse.runtime.cuda.ops import build_launches
-        self.launches = build_launches(self)
+        with self.building():
+            self.launches = build_launches(self)
         self.graphs = {}      # "body" / "head_last" -> captured CUDA graph
         self.host_stats = {"chunks": 0, "host_s": 0.0}
         self.reset()
 
+    def building(self):
+        """Kernels looked up inside are built for the plan's target (kernels/target.py)."""
+        from ggfuse.kernels.target import building_for
+        return building_for(self.target)
+
     # ---- memory -------------------------------------------------------------------------------
-    def _weight_roles(self) -> dict[str, set]:
-        """How each GGUF tensor is read: "gemm" (a matmul / expert operand), "rows" (embedding
-        lookup) or "f32" (norm weights, conv taps, gates). A tied embedding is both rows and gemm."""
-        roles: dict[str, set] = {}
-        g = self.graph
+    def weights_meta(self) -> dict:
+        return self.graph.meta.get("weights") or {}
 
-        def consumers(v):
-            for u, i in g.uses_of(v):
-                if u.op in (Op.RESHAPE, Op.FETCH_WEIGHTS):
-                    yield from consumers(u.value(i if u.op == Op.FETCH_WEIGHTS else 0))
-                else:
-                    yield u, i
-        for w in g.weights():
-            r = roles.setdefault(w.attrs.tensor, set())
-            for u, i in consumers(w.out):
-                if u.op == Op.GET_ROWS:
-                    r.add("rows")
-                elif (u.op == Op.MATMUL and i == 1) or (u.op == Op.FFN_SWIGLU and i in (1, 2)) or \
-                        (u.op == Op.MOE_GROUPED_GEMM and i >= 4):
-                    r.add("gemm")
-                else:
-                    r.add("f32")
-        return roles
+    def weight_info(self, name: str) -> dict:
+        w = self.weights_meta().get(name)
+        if w is None:
+            raise PlanError(self.plan.source.get("path"), f"plan lists no device form for tensor {name!r}; recompile it")
+        return w
 
-    def _formats(self, name: str, roles: set, ggml_type: str, shape: tuple) -> list[str]:
-        """Device forms of one tensor: "raw" GGUF bytes, "bf16" or "f32"."""
-        out = []
-        if "f32" in roles:
-            out.append("f32")
-        if "rows" in roles:
-            out.append("raw")
-        if "gemm" in roles and self.precision == "f32":
-            out.append("raw")        # the f32 kernels dequantise GGUF blocks themselves, in f32
-        elif "gemm" in roles:
-            floaty = ggml_type in ("F32", "F16", "BF16")
-            dense = len(shape) == 2
-            out.append("bf16" if floaty or (dense and self._bf16_dense) else "raw")
-        return list(dict.fromkeys(out))
+    def forms(self, name: str) -> list[str]:
+        return list(self.weight_info(name)["forms"])
 
     def _check_fits(self):
         cp = self.cp
         free, total = cp.cuda.runtime.memGetInfo()
-        streamed = self._not_uploaded()
-        w_raw = sum(w.nbytes for w in self.plan.weights if w.name not in streamed)
+        w = sum(int(x["device_bytes"]) for x in self.weights_meta().values())
         if self.streamer is not None:
-            w_raw += self.streamer.device_bytes()
+            w += self.streamer.n_slots * self.streamer.slot_bytes
         if self.embedding is not None:
-            w_raw += self.embedding.device_bytes()
-        dense_bf16 = sum(int(np.prod(w.shape)) * 2 for w in self.plan.weights if len(w.shape) == 2)
+            w += self.embedding.device_bytes()
         states = self._state_bytes()
         arena = self._arena_bytes()
-        need_raw = w_raw + states + arena + (256 << 20)
-        # dense matrices go bf16 (faster GEMMs) only when that still fits the device and the
-        # plan's budget; GGFUSE_DENSE=raw|bf16 forces it (tests compare like with like)
-        room = 0.92 * (free if not self.budget else min(free, self.budget))
-        force = os.environ.get("GGFUSE_DENSE", "auto")
-        self._bf16_dense = force == "bf16" or (force != "raw" and need_raw + dense_bf16 < room)
-        if need_raw > 0.95 * free:
-            raise DeviceError(self.gf.path, f"the model needs {need_raw / 2**30:.2f} GiB on the GPU (weights "
-                                            f"{w_raw / 2**30:.2f}, KV cache and states at {self.max_context} tokens "
-                                            f"{states / 2**30:.2f}, activations of a {self.chunk}-token chunk "
+        need = w + states + arena + RUNTIME_RESERVE
+        if need > 0.95 * free:
+            raise DeviceError(self.gf.path, f"the plan needs {need / 2**30:.2f} GiB on the GPU (weights "
+                                            f"{w / 2**30:.2f}, KV cache and states at {self.max_context} tokens "
+                                            f"{states / 2**30:.2f}, arena of a {self.chunk}-token chunk "
                                             f"{arena / 2**30:.2f}) but {free / 2**30:.2f} GiB are free of "
                                             f"{total / 2**30:.2f}; compile with --vram-budget "
                                             f"{max(1, int(free * 0.9 / 2**30))}GiB or use a smaller --chunk / --max-context")
@@ -277,23 +238,17 @@ class CUDABackend:
         return out
 
     def _state_bytes(self) -> int:
-        n = 0
-        for name, node in self.graph.states().items():
-            shape = shape_eval(node.outputs[0].shape, {"P": self.max_context, "T": 0})
-            n += int(np.prod(shape)) * (2 if "k_cache" in name or "v_cache" in name else 4)
-        return n
+        return state_bytes(self.graph, self.max_context)
 
     def _uploads(self) -> list:
         """(weight entry, device forms, numpy shape, bytes, part) of what is uploaded at load:
         every resident tensor whole (part False); of a streamed tensor the plan splits, its
         resident experts [0, first) (part True: runtime/cuda/streaming.py binds them)."""
-        roles = self._roles
         streamed = self._not_uploaded()
         out = []
         for w in self.plan.weights:
             if w.name not in streamed:
-                fmts = self._formats(w.name, roles.get(w.name, {"gemm"}), w.ggml_type, tuple(w.shape))
-                out.append((w, fmts, tuple(w.shape), w.nbytes, False))
+                out.append((w, self.forms(w.name), tuple(w.shape), w.nbytes, False))
             elif self.streamer is not None and w.name in self.streamer.tensors:
                 p = self.streamer.tensors[w.name][0][1]
                 if p.first > 0:
@@ -313,38 +268,39 @@ class CUDABackend:
         # every device form in one allocation, carved at 256-byte offsets: hundreds of separate
         # allocations would each round up to the driver's 2 MiB pages (measured: ~0.2 GiB of a
         # 35B-A3B plan under a 12 GiB budget, outside the pool's count)
-        sizes = [align_up(_form_bytes(fmt, shape, nbytes)) for _, fmts, shape, nbytes, _ in uploads for fmt in fmts]
+        sizes = [align_up(form_bytes(fmt, shape, nbytes)) for _, fmts, shape, nbytes, _ in uploads for fmt in fmts]
         block = cp.empty(max(sum(sizes), 256), dtype=cp.uint8)
         self.buf.block = block
         at = 0
-        for w, fmts, shape, nbytes, part in uploads:
-            staging[:nbytes] = self.gf.raw(w.name)[:nbytes]
-            dev = None
-            if "raw" not in fmts:       # a raw copy only to dequantise from: temporary
-                dev = cp.empty(nbytes, dtype=cp.uint8)
-                dev.set(staging[:nbytes], stream=self.copy_stream)
-            for fmt in sorted(fmts, key=lambda f: f != "raw"):     # raw first: the others dequantise it
-                size = _form_bytes(fmt, shape, nbytes)
-                view = block[at:at + size]
-                at += align_up(size)
-                if fmt == "raw":
-                    view.set(staging[:nbytes], stream=self.copy_stream)
-                    arr = dev = view
-                else:
-                    row = shape[-1]
-                    out = view.view(cp.float32 if fmt == "f32" else cp.uint16)
-                    dense.dequantize(dev, w.ggml_type, int(np.prod(shape)) // row, row, out, stream=self.copy_stream)
-                    arr = out.reshape(shape)
-                if part:
-                    self.buf.parts[w.name] = arr
-                else:
-                    self.buf.weights[(w.name, fmt)] = (arr, fmt, w.ggml_type, shape)
-            if not part:
-                self.buf.formats[w.name] = fmts
-            self.copy_stream.synchronize()   # the staging buffer is reused by the next tensor
-            done += nbytes
-            if self.progress:
-                _progress(done, total, t0, "uploading weights")
+        with self.building():
+            for w, fmts, shape, nbytes, part in uploads:
+                staging[:nbytes] = self.gf.raw(w.name)[:nbytes]
+                dev = None
+                if "raw" not in fmts:       # a raw copy only to dequantise from: temporary
+                    dev = cp.empty(nbytes, dtype=cp.uint8)
+                    dev.set(staging[:nbytes], stream=self.copy_stream)
+                for fmt in sorted(fmts, key=lambda f: f != "raw"):     # raw first: the others dequantise it
+                    size = form_bytes(fmt, shape, nbytes)
+                    view = block[at:at + size]
+                    at += align_up(size)
+                    if fmt == "raw":
+                        view.set(staging[:nbytes], stream=self.copy_stream)
+                        arr = dev = view
+                    else:
+                        row = shape[-1]
+                        out = view.view(cp.float32 if fmt == "f32" else cp.uint16)
+                        dense.dequantize(dev, w.ggml_type, int(np.prod(shape)) // row, row, out, stream=self.copy_stream)
+                        arr = out.reshape(shape)
+                    if part:
+                        self.buf.parts[w.name] = arr
+                    else:
+                        self.buf.weights[(w.name, fmt)] = (arr, fmt, w.ggml_type, shape)
+                if not part:
+                    self.buf.formats[w.name] = fmts
+                self.copy_stream.synchronize()   # the staging buffer is reused by the next tensor
+                done += nbytes
+                if self.progress:
+                    _progress(done, total, t0, "uploading weights")
         if self.progress:
             _progress(done, total, t0, "uploading weights", final=True)
         pool = getattr(cp, "get_default_memory_pool", None)
@@ -352,7 +308,8 @@ class CUDABackend:
             pool().free_all_blocks()      # the raw copies of dequantised tensors
 
     def weight(self, name: str, role: str):
-        """(array, format, ggml type, numpy shape) of a tensor in the form `role` needs."""
+        """(array, format, ggml type, numpy shape) of a tensor in the form `role` needs, as the
+        plan uploaded it ("gemm": bf16 where the plan dequantised it, else raw)."""
         fmts = self.buf.formats[name]
         want = {"rows": ["raw"], "f32": ["f32"], "gemm": ["bf16", "raw"]}[role]
         for f in want:
@@ -360,27 +317,24 @@ class CUDABackend:
                 return self.buf.weights[(name, f)]
         raise GGFuseError(None, f"cuda: tensor {name!r} was not uploaded in a form for {role} (have {fmts})")
 
-    def _sub_chunk_sizes(self) -> list[int]:
-        return sub_chunk_sizes(self.chunk)
-
     def _arena_bytes(self) -> int:
-        return max([self.graph.meta["memory"]["peak_bytes"], 256] +
-                   [g.meta["memory"]["peak_bytes"] for g in self.sub_graphs.values()])
+        return max(int(self.graph.meta["memory"]["arena_bytes"]), 256)
 
     def executor_for(self, n: int) -> "CUDABackend":
-        """The executor of an n-token chunk: the smallest compiled chunk size that holds it."""
-        fits = [c for c in self.sub_graphs if c >= n]
-        if not fits:
+        """The executor of an n-token chunk: the smallest captured chunk size that holds it."""
+        fits = [c for c in self.captures if c >= n]
+        c = min(fits) if fits else self.chunk
+        if c >= self.chunk:
             return self
-        c = min(fits)
         v = self._views.get(c)
         if v is None:
             from ggfuse.runtime.cuda.ops import build_launches
             v = copy.copy(self)     # shares weights, states, arena, streams, scalars
-            v.chunk, v.graph, v.sub_graphs, v._views, v.graphs = c, self.sub_graphs[c], {}, {}, {}
+            v.chunk, v._views, v.graphs = c, {}, {}
             v.env = {"T": c, "P": self.max_context - c}
             v.tokens_dev, v.pos_dev = self.tokens_dev[:c], self.pos_dev[:c]
-            v.launches = build_launches(v)
+            with self.building():
+                v.launches = build_launches(v)
             self._views[c] = v
         v.n_past = self.n_past
         return v
@@ -397,22 +351,36 @@ class CUDABackend:
         self.states = {}
         for name, node in self.graph.states().items():
             t = node.outputs[0]
-            if "P" in str(t.shape[0]):
-                shape = (self.max_context,) + tuple(int(d) for d in t.shape[1:])
-                self.states[name] = cp.zeros(shape, dtype=cp.uint16)  # bf16 bits
-            else:
-                self.states[name] = cp.zeros(tuple(int(d) for d in t.shape), dtype=cp.float32)
+            shape = shape_eval(t.shape, {"P": self.max_context, "T": 0})
+            bf16 = node.meta.get("storage", ["f32"])[0] == "bf16"
+            self.states[name] = cp.zeros(shape, dtype=cp.uint16 if bf16 else cp.float32)
 
-    def arena_view(self, node, index: int = 0, dtype=None):
-        """The arena bytes of a value as a CuPy array of its shape at T = chunk (in `dtype`
-        when given: a bf16 copy of an f32 value takes the first half of its slot)."""
+    def arena_view(self, node, index: int = 0):
+        """The arena bytes of a value as a CuPy array of its shape at T = chunk, in its storage
+        dtype, at the offset the memory plan gave it for this chunk size."""
         cp = self.cp
-        off = node.meta["arena"][index]
+        off = node.meta["arena"][str(self.chunk)][index]
         t = node.outputs[index]
         shape = shape_eval(t.shape, {"T": self.chunk, "P": 0})
-        dt = dtype or {DType.F32: cp.float32, DType.I32: cp.int32, DType.BF16: cp.uint16}[t.dtype]
+        dt = {"f32": cp.float32, "i32": cp.int32, "bf16": cp.uint16}[node.meta.get("storage", [t.dtype.value] * len(node.outputs))[index]]
         n = int(np.prod(shape)) * np.dtype(dt).itemsize
         return self.arena[off:off + n].view(dt).reshape(shape)
+
+    def workspace_view(self, node, name: str, shape, dtype):
+        """A launch's workspace `name` (passes/lower_cuda.py declared it, plan_memory placed it)
+        as a CuPy array of `shape` / `dtype` (at most the declared bytes)."""
+        key = str(self.chunk)
+        try:
+            off = node.meta["workspace_at"][key][name]
+            size = node.meta["workspace"][key][name]
+        except KeyError:
+            raise PlanError(self.plan.source.get("path"), f"{node.name}: the plan places no workspace {name!r} at "
+                                                          f"chunk {self.chunk}; recompile it") from None
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if nbytes > size:
+            raise PlanError(self.plan.source.get("path"), f"{node.name}: workspace {name!r} needs {nbytes} bytes, "
+                                                          f"the plan declares {size}")
+        return self.arena[off:off + nbytes].view(dtype).reshape(shape)
 
     # ---- execution ----------------------------------------------------------------------------
     def reset(self) -> None:
@@ -465,14 +433,12 @@ class CUDABackend:
         self.n_past += n
         if want == "none":
             return None
-        if self.head_all is None:          # logits not from a matmul: computed inside the body
-            logits = self.logits_view
-            rows = logits[n - 1:n] if want == "last" else logits[:n]
-        elif want == "last":
+        if want == "last":
             self._replay("head_last", self.head_last)
             rows = self.logits_last_view
         else:
-            return self.head_all(n)        # every row, in blocks, straight to the host
+            with self.building():
+                return self.head_all(n)        # every row, in blocks, straight to the host
         out = cp.asnumpy(rows, stream=s)
         s.synchronize()
         return out
@@ -480,24 +446,26 @@ class CUDABackend:
     def _replay(self, key: str, launches: list) -> None:
         """Run `launches` on the compute stream: the first time eagerly (module loading, launch
         checks), then captured once as a CUDA graph that every later call replays (several
-        graphs with the host steps between them, when the schedule has host steps)."""
+        graphs with the host steps between them, when the schedule has host steps). With the
+        runtime option eager, every call runs eagerly."""
         from ggfuse.runtime.cuda.streaming import HostStep, SegmentedProgram, split_segments
         s = self.stream
         g = self.graphs.get(key)
         if g is not None:
             g.launch(s)
             return
-        with s:
+        with self.building(), s:
             for fn in launches:
                 fn()
-        if os.environ.get("GGFUSE_EAGER") == "1":
+        if self.options.eager:
             return
         s.synchronize()
-        if any(isinstance(fn, HostStep) for fn in launches):
-            self.graphs[key] = SegmentedProgram([x if isinstance(x, HostStep) else self._capture(x)
-                                                 for x in split_segments(launches)])
-        else:
-            self.graphs[key] = self._capture(launches)
+        with self.building():
+            if any(isinstance(fn, HostStep) for fn in launches):
+                self.graphs[key] = SegmentedProgram([x if isinstance(x, HostStep) else self._capture(x)
+                                                     for x in split_segments(launches)])
+            else:
+                self.graphs[key] = self._capture(launches)
 
     def _capture(self, launches: list):
         s = self.stream
@@ -532,12 +500,11 @@ class CUDABackend:
             self.streamer.close()
             self.streamer = None
         self.graphs, self._views, self.launches = {}, {}, []
-        self.head_all = self.head_last = self.logits_view = self.logits_last_view = None
+        self.head_all = self.head_last = self.logits_last_view = None
         self.ctx = None
         self.buf = DeviceBuffers()
         self.arena, self.states = None, {}
         self.embedding = None
-        self.scratch_shared = {"named": {}, "live": []}
         gc.collect()
         cp = self.cp
         for pool in ("get_default_memory_pool", "get_default_pinned_memory_pool"):

@@ -1,50 +1,47 @@
-"""The schedule as bound kernel launches: one function per op turns a node into a closure that
-launches its kernel(s) on the backend's compute stream, with every pointer fixed at build time.
+"""The schedule as bound kernel launches: a lookup from each node's kernel record (the plan's
+meta["kernel"], written by passes/lower_cuda.py) to a launcher that turns the node into a closure
+launching exactly that kernel and variant on the backend's compute stream, with every pointer
+fixed at build time. Nothing here chooses: a record the runtime cannot follow is an error.
 
-Values without work are views: RESHAPE and SLICE are CuPy views of their input (kernels accept
-row strides), CONCAT onto a KV cache is the cache itself (the attention launch appends the
-chunk's K/V first), FETCH_WEIGHTS of resident experts is the weight itself; of streamed experts,
-a copy into the layer's device slot plus a wait before the first reader (runtime/cuda/streaming.py).
+Values without work are views: a SLICE, and a RESHAPE the plan made a view, are CuPy views of
+their input (kernels accept row strides; kernels/layout.py gives the strides, as it gave the
+lowering); KV_APPEND's value is the cache itself (its launch appends the chunk's rows first);
+FETCH_WEIGHTS of resident experts is the weight itself, of streamed experts a copy into the
+layer's device slot plus a wait before the first reader (runtime/cuda/streaming.py).
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from ggfuse.errors import GGFuseError
+from ggfuse.errors import GGFuseError, PlanError
 from ggfuse.ir.ops import Op
-from ggfuse.ir.types import DType, shape_eval
+from ggfuse.ir.ops_fused_moe import moe_operands
+from ggfuse.ir.types import shape_eval
+from ggfuse.kernels import layout
 from ggfuse.runtime.cuda.streaming import fetch_chain
 
 _LAUNCHERS = {}
 
 
-def launcher(*ops):
+def launcher(*names):
+    """Register a launcher for kernel records named `names`."""
     def deco(fn):
-        for op in ops:
-            _LAUNCHERS[op] = fn
+        for name in names:
+            _LAUNCHERS[name] = fn
         return fn
     return deco
 
 
 class Ctx:
-    """What a launcher needs: the backend, value lookup, scratch buffers."""
+    """What a launcher needs: the backend, value lookup, the node's record and workspace."""
 
     def __init__(self, be):
         self.be = be
         self.cp = be.cp
         self.g = be.graph
+        self.key = str(be.chunk)
         self.vals = {}
-        self.weights = {}      # Value -> (array, fmt, ggml type, numpy shape)
-        # scratch buffers outside the arena, shared by the backend's sub-chunk executors (they
-        # never run at the same time); runtime/cuda/workspace.py bounds what they add up to
-        shared = getattr(be, "scratch_shared", None)
-        if shared is None:
-            shared = be.scratch_shared = {"named": {}, "live": []}
-        self._scratch = shared["named"]
-        self._live = shared["live"]
-        self._busy = []        # per live buffer: last schedule step of its current holder
+        self.weights = {}      # Value -> GGUF tensor name (resolved per use: raw / bf16 / f32)
 
     @property
     def stream(self):
@@ -59,105 +56,41 @@ class Ctx:
     def shape(self, value):
         return shape_eval(self.t(value).shape, {"T": self.be.chunk, "P": 0})
 
-    def scratch(self, key: str, shape, dtype):
-        """A persistent buffer outside the arena, shared by every node that asks for `key`."""
-        cp = self.cp
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        buf = self._scratch.get(key)
-        if buf is None or buf.nbytes < nbytes:
-            buf = cp.empty(max(nbytes, 256), dtype=cp.uint8)
-            self._scratch[key] = buf
-        return buf[:nbytes].view(dtype).reshape(shape)
+    def ws(self, node, name: str, shape, dtype):
+        """The node's workspace `name` in the arena (the plan placed it)."""
+        return self.be.workspace_view(node, name, shape, dtype)
 
-    def scratch_live(self, shape, dtype, first: int, last: int):
-        """A buffer outside the arena for a value live over schedule steps [first, last]:
-        reuses one whose previous holder's last step is before `first`."""
-        from ggfuse.runtime.cuda.workspace import reuse_slot
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        # the buffers are shared with the sub-chunk executors; who holds them is per schedule
-        self._busy += [-1] * (len(self._live) - len(self._busy))
-        i = reuse_slot([b.nbytes for b in self._live], self._busy, nbytes, first, last)
-        if i < 0:
-            self._live.append(self.cp.empty(max(nbytes, 256), dtype=self.cp.uint8))
-            self._busy.append(last)
-            i = len(self._live) - 1
-        return self._live[i][:nbytes].view(dtype).reshape(shape)
+    def at(self, rec: dict) -> dict:
+        """A kernel record's variant fields for this chunk size (its by_chunk entry)."""
+        by = rec.get("by_chunk")
+        if by is None:
+            return {}
+        try:
+            return by[self.key]
+        except KeyError:
+            raise PlanError(None, f"kernel {rec.get('name')}: the plan has no variant for chunk {self.key}") from None
 
 
-# ops whose kernels write bf16 as well as f32 (dense/launch.py), by output index
-_BF16_OUT = {Op.RMS_NORM: (0,), Op.ADD_RMS_NORM: (0,), Op.GATED_RMS_NORM: (0,), Op.SIGMOID_MUL: (0,)}
+def _dt(a) -> str:
+    return "f32" if a.dtype == np.float32 else "bf16"
 
 
-def _gemm_operand_only(g, v) -> bool:
-    """Every reader of v (through RESHAPE / SLICE views) is a GEMM's activation operand."""
-    uses = list(g.uses_of(v))
-    if not uses:
-        return False
-    for u, i in uses:
-        if u.op in (Op.RESHAPE, Op.SLICE):
-            if not _gemm_operand_only(g, u.out):
-                return False
-        elif not (u.op in (Op.MATMUL, Op.FFN_SWIGLU) and i == 0):
-            return False
-    return True
+def _expect(node, what: str, have: str, want: str) -> None:
+    if have != want:
+        raise PlanError(None, f"cuda: {node.name}: the plan says {what} {want}, the runtime has {have}; recompile the plan")
 
 
-def bf16_activations(g) -> set:
-    """Values stored as bf16 although the IR says f32: outputs of norms / gates that only GEMMs
-    read. The tensor-core GEMMs round their activation operand to bf16 anyway, so the results are
-    bit-identical, while the norm writes half the bytes and the GEMM takes its bf16 x bf16 path
-    (128 x 256 tiles on sm_90) instead of converting f32 while staging. GGFUSE_BF16_ACT=0: off."""
-    if os.environ.get("GGFUSE_BF16_ACT") == "0":
-        return set()
-    outs = set(g.outputs.values())
-    vals = set()
-    for n in g.nodes():
-        for i in _BF16_OUT.get(n.op, ()):
-            v = n.value(i)
-            if v not in outs and g.type_of(v).dtype == DType.F32 and _gemm_operand_only(g, v):
-                vals.add(v)
-    return vals
-
-
-def last_use(g, v, step: dict) -> int:
-    """The last schedule step that reads `v`, through views (RESHAPE / SLICE) of it."""
-    last = step[v.node]
-    for u, _ in g.uses_of(v):
-        last = max(last, step[u.id])
-        if u.op in (Op.RESHAPE, Op.SLICE):
-            last = max(last, last_use(g, u.out, step))
-    return last
-
-
-def strided_reshape(cp, a, shape):
-    """Reshape a view without copying: contiguous arrays reshape; a row-strided 2-D view whose
-    rows are contiguous splits/merges its trailing dims with as_strided."""
+def view_as(cp, a, shape):
+    """`a` (a CuPy view) re-viewed as `shape` without a copy, by kernels/layout.py's rule (the
+    lowering's); None where only a copy can give it."""
     shape = tuple(int(d) for d in shape)
+    item = a.itemsize
+    st = layout.reshape_strides(a.shape, tuple(s // item for s in a.strides), shape)
+    if st is None:
+        return None
     if a.flags.c_contiguous:
         return a.reshape(shape)
-    item = a.itemsize
-    rows = a.shape[0]
-    if shape[0] == rows and a.strides[-1] == item:
-        inner_a = int(np.prod(a.shape[1:]))
-        if int(np.prod(shape[1:])) == inner_a and _rows_contiguous(a):
-            strides = [a.strides[0]]
-            acc = item
-            tail = []
-            for d in reversed(shape[1:]):
-                tail.append(acc)
-                acc *= d
-            strides += list(reversed(tail))
-            return cp.lib.stride_tricks.as_strided(a, shape=shape, strides=tuple(strides))
-    raise GGFuseError(None, f"cannot view an array of shape {a.shape} strides {a.strides} as {shape} without a copy")
-
-
-def _rows_contiguous(a) -> bool:
-    expect = a.itemsize
-    for d, s in zip(reversed(a.shape[1:]), reversed(a.strides[1:])):
-        if d != 1 and s != expect:
-            return False
-        expect *= d
-    return True
+    return cp.lib.stride_tricks.as_strided(a, shape=shape, strides=tuple(s * item for s in st))
 
 
 def build_launches(be) -> list:
@@ -171,144 +104,110 @@ def build_launches(be) -> list:
     be.head_all = be.head_last = be.head_node = be.logits_last_view = None
     streamer = getattr(be, "streamer", None)
     joined = set()
-    order = be.graph.topo()
-    step = {n.id: i for i, n in enumerate(order)}
-    bf16_vals = set() if f32_precision(be) else bf16_activations(be.graph)   # f32: GEMMs read f32
-    for n in order:
+    for n in be.graph.topo():
         if n.op == Op.INPUT:
             kind = n.attrs.kind
             ctx.vals[n.out] = {"tokens": be.tokens_dev, "positions": be.pos_dev}.get(kind) if kind != "state" \
                 else be.states[n.attrs.key]
             continue
         if n.op == Op.WEIGHT:
-            ctx.weights[n.out] = n.attrs.tensor   # resolved per use: raw / bf16 / f32 (be.weight)
+            ctx.weights[n.out] = n.attrs.tensor
             continue
         if n.op == Op.FETCH_WEIGHTS:
             # the fetched value is looked up by tensor name: the weight itself when resident, its
             # view in the layer's device slot when streamed (runtime/cuda/streaming.py)
             for i in range(n.attrs.n_weights):
                 ctx.weights[n.value(i)] = ctx.weights[n.inputs[i]]
-            if streamer is not None:
-                out.append(streamer.step(ctx, n))   # host -> slot copy on the copy stream
-                be.launch_nodes.append(n)
+            if streamer is None:
+                raise PlanError(None, f"cuda: {n.name}: a fetch step but no streamed experts")
+            out.append(_for_target(be, streamer.step(ctx, n)))   # host -> slot copy on the copy stream
+            be.launch_nodes.append(n)
             continue
-        if n.op == Op.RESHAPE:
+        rec = n.meta.get("kernel")
+        if rec is None:
+            raise PlanError(None, f"cuda: {n.name or n.op.value} (%{n.id}) has no kernel record: the plan was not "
+                                  f"lowered for a GPU; recompile it with --target")
+        name = rec["name"]
+        if n.op in (Op.RESHAPE, Op.SLICE) and name == "view":
             if n.inputs[0] in ctx.weights:
                 ctx.weights[n.out] = ctx.weights[n.inputs[0]]
                 continue
-            src = ctx.v(n.inputs[0])
-            try:
-                ctx.vals[n.out] = strided_reshape(cp, src, ctx.shape(n.out))
-            except GGFuseError:
-                if src.dtype != np.float32:
-                    raise GGFuseError(None, f"cuda: {n.name}: a bf16 activation cannot be re-viewed as "
-                                            f"{ctx.shape(n.out)} without a copy (set GGFUSE_BF16_ACT=0)") from None
-                # e.g. the attention gate: one half of each head's [q | gate] row, merged across heads
-                dst = ctx.scratch_live(ctx.shape(n.out), src.dtype, step[n.id], last_use(be.graph, n.out, step))
-                d = _dense()
-                out.append(lambda src=src, dst=dst: d.copy(src, dst.reshape(src.shape), stream=ctx.stream))
-                be.launch_nodes.append(n)
-                ctx.vals[n.out] = dst
-            continue
-        if n.op == Op.SLICE:
             x = ctx.v(n.inputs[0])
-            idx = [slice(None)] * x.ndim
-            idx[n.attrs.axis % x.ndim] = slice(n.attrs.start, n.attrs.stop)
-            ctx.vals[n.out] = x[tuple(idx)]
-            continue
-        if n.op == Op.CONCAT:
-            # onto a KV cache: the chunk's rows are appended at P, here, where the graph reads them
-            # (their buffer may be reused right after this step), and the value is the cache
-            state = [v for v in n.inputs if be.graph.node(v.node).op == Op.INPUT]
-            if len(state) != 1 or len(n.inputs) != 2 or n.inputs[0] != state[0]:
-                raise GGFuseError(None, f"cuda: concat {n.name} is not a KV-cache append")
-            cache, new = ctx.v(state[0]), ctx.v(n.inputs[1])
-            d = _dense()
-            # kv_append writes a k and a v; the same tensor twice appends it once (identical writes)
-            out.append(lambda cache=cache, new=new: d.kv_append(new, new, cache, cache, be.past_dev, stream=ctx.stream))
-            be.launch_nodes.append(n)
-            ctx.vals[n.out] = cache
+            if n.op == Op.SLICE:
+                idx = [slice(None)] * x.ndim
+                idx[n.attrs.axis % x.ndim] = slice(n.attrs.start, n.attrs.stop)
+                ctx.vals[n.out] = x[tuple(idx)]
+            else:
+                v = view_as(cp, x, ctx.shape(n.out))
+                if v is None:
+                    raise PlanError(None, f"cuda: {n.name}: the plan says view, but {x.shape} with strides "
+                                          f"{x.strides} cannot be viewed as {ctx.shape(n.out)}; recompile the plan")
+                ctx.vals[n.out] = v
             continue
         # every other value lives in the arena (state outputs are bound by their launcher)
-        for i, off in enumerate(n.meta.get("arena", [])):
+        for i, off in enumerate((n.meta.get("arena") or {}).get(ctx.key, [])):
             if off is not None:
-                v = n.value(i)
-                ctx.vals[v] = be.arena_view(n, i, cp.uint16 if v in bf16_vals else None)
-        fn = _LAUNCHERS.get(n.op)
+                ctx.vals[n.value(i)] = be.arena_view(n, i)
+        fn = _LAUNCHERS.get(name)
         if fn is None:
-            raise GGFuseError(None, f"the cuda backend has no kernel for op {n.op.value} ({n.name})")
-        if n.out == logits and n.op == Op.MATMUL:
+            raise PlanError(None, f"cuda: {n.name}: this runtime has no launcher for kernel {name!r}; "
+                                  f"recompile the plan with this ggfuse")
+        if n.op == Op.LM_HEAD:
+            if n.out != logits:
+                raise PlanError(None, f"cuda: {n.name}: an lm_head whose output is not the logits")
             # the LM head runs outside the chunk's graph: every row when the caller wants every
             # position's logits, one row (the last valid token) for time-to-first-token, none
             # for the other chunks of a long prompt
-            be.head_all = _HeadAll(ctx, n)
-            be.head_last = [_lm_head_last(ctx, n)]
-            be.head_node = n
+            fn(ctx, n)
             continue
-        if n.out == logits:   # logits from another op: computed inside the chunk, into scratch
-            ctx.vals[n.out] = ctx.scratch("logits", ctx.shape(n.out), np.float32)
         if streamer is not None:
             # the first reader of a streamed layer's experts waits for their copy first
             chains = [fetch_chain(be.graph, v) for v in n.inputs]
             for f in dict.fromkeys(x for c in chains for x in c):
                 if f.id not in joined:
                     joined.add(f.id)
-                    out.append(streamer.join(ctx, f))
+                    out.append(_for_target(be, streamer.join(ctx, f)))
                     be.launch_nodes.append(f)
-        out.append(fn(ctx, n))
+        out.append(_for_target(be, fn(ctx, n)))
         be.launch_nodes.append(n)
-    be.logits_view = ctx.vals.get(logits)
+    if be.head_last is None:
+        raise PlanError(None, "cuda: the plan has no lm_head producing the logits")
     return out
 
 
-from ggfuse.runtime.cuda.workspace import HEAD_BLOCK  # noqa: E402  (rows per block of the all-rows LM head)
+def _for_target(be, fn):
+    """fn, run with the kernels built for the plan's target (kernels/target.py): a launcher
+    looks its kernel up when it runs (eagerly, or while being captured), so an sm_89 plan gets
+    its sm_89 kernels wherever the launch is called from. HostSteps keep their type."""
+    from ggfuse.runtime.cuda.streaming import HostStep
+    spec = be.target
+    if isinstance(fn, HostStep):
+        inner = fn.fn
+        fn.fn = lambda *a, **k: _call_for(spec, inner, a, k)
+        return fn
+    return _Bound(spec, fn)
 
 
-class _HeadAll:
-    """Every valid row's logits, HEAD_BLOCK rows at a time through one scratch buffer, each
-    block copied to the host: the [T, vocab] logits (2 GB at T=2048 for a 248k vocabulary)
-    never need device memory of their own. Eager launches and a host copy per block: this
-    path is for callers that want every position's logits, not for time-to-first-token."""
-
-    def __init__(self, ctx, n):
-        from ggfuse.kernels.gemm import launch as gemm
-        self.gemm, self.ctx = gemm, ctx
-        self.x = ctx.v(n.inputs[0])
-        self.w, self.wtype, shape = _weight(ctx, n.inputs[1])
-        self.N, self.K = shape[-2], shape[-1]
-        self.a_dt = "f32" if self.x.dtype == np.float32 else "bf16"
-        self.lda = self.x.strides[0] // self.x.itemsize
-        self.rb = min(self.x.shape[0], getattr(ctx.be, "head_block", None) or HEAD_BLOCK)
-        self.buf = ctx.scratch("logits_block", (self.rb, self.N), np.float32)
-        if f32_precision(ctx.be):
-            self.gemm = _QF32Head()
-        else:
-            gemm.prepare(self.a_dt, self.wtype)
-
-    def __call__(self, n_rows: int) -> np.ndarray:
-        cp, s = self.ctx.cp, self.ctx.stream
-        out = np.empty((n_rows, self.N), dtype=np.float32)
-        for b in range(0, n_rows, self.rb):
-            m = min(self.rb, n_rows - b)
-            self.gemm.gemm(self.x[b:b + m], self.a_dt, self.lda, self.w, self.wtype, self.N, self.K,
-                           self.buf[:m], "f32", self.N, m, s)
-            out[b:b + m] = cp.asnumpy(self.buf[:m], stream=s)
-            s.synchronize()
-        return out
+def _call_for(spec, fn, a, k):
+    from ggfuse.kernels.target import building_for
+    with building_for(spec):
+        return fn(*a, **k)
 
 
-def _lm_head_last(ctx, n):
-    """logits of the chunk's last valid row only: a GEMV straight from the stored weight."""
-    d = _dense()
-    x = ctx.v(n.inputs[0])
-    w, wtype, shape = _weight(ctx, n.inputs[1])
-    N, K = shape[-2], shape[-1]
-    y = ctx.scratch("lm_head.last", (1, N), np.float32)
-    ctx.be.logits_last_view = y
-    return lambda: d.gemv(x, w, wtype, N, K, y, nvalid=ctx.be.nvalid_dev, stream=ctx.stream)
+class _Bound:
+    __slots__ = ("spec", "fn")
+
+    def __init__(self, spec, fn):
+        self.spec, self.fn = spec, fn
+
+    def __call__(self, *a, **k):
+        return _call_for(self.spec, self.fn, a, k)
+
+    def __getattr__(self, name):          # e.g. _HeadAll.buf
+        return getattr(self.fn, name)
 
 
-# ---- dense ----------------------------------------------------------------------------------
+# ---- helpers ------------------------------------------------------------------------------
 
 def _dense():
     from ggfuse.kernels.dense import launch
@@ -333,64 +232,174 @@ def _in(ctx, value):
     return _f32(ctx, value) if value in ctx.weights else ctx.v(value)
 
 
-@launcher(Op.GET_ROWS)
+def _rows2d(a):
+    return a.reshape(-1, a.shape[-1]) if a.flags.c_contiguous else a
+
+
+def gemm_closure(ctx, node, rec: dict, a, w_value, c, *, accumulate: bool = False):
+    """A dense GEMM C = A W^T as the record says: cuBLAS, our tensor-core kernel or the f32 one."""
+    from ggfuse.kernels.gemm import launch as gemm
+    w, wtype, shape = _weight(ctx, w_value)
+    N, K = shape[-2], shape[-1]
+    a2, c2 = _rows2d(a), _rows2d(c)
+    M = a2.shape[0]
+    name = rec["name"]
+    if name == "qf32.gemm":
+        from ggfuse.kernels.dense import qf32
+        _expect(node, "weight", wtype, rec["w"])
+        return lambda: qf32.gemm_qf32(a2, w, wtype, N, K, c2, M, accumulate=accumulate, stream=ctx.stream)
+    _expect(node, "activation dtype", _dt(a2), rec["a"])
+    _expect(node, "weight", wtype, rec["w"])
+    c_dt = _dt(c2)
+    lda, ldc = a2.strides[0] // a2.itemsize, c2.strides[0] // c2.itemsize
+    if name == "cublas.gemm_bf16":
+        from ggfuse.kernels.gemm import blas
+        if not blas.usable("bf16", "bf16"):
+            raise GGFuseError(None, f"cuda: the plan runs bf16 GEMMs through cuBLAS inside the captured graph, which "
+                                    f"this machine cannot ({blas.unavailable()}); recompile with --dense-gemm ggfuse")
+        return lambda: blas.gemm_bf16(a2, lda, w, N, K, c2, c_dt, ldc, M, ctx.stream, accumulate=accumulate)
+    if name != "gemm.gemm":
+        raise PlanError(None, f"cuda: {node.name}: {name!r} is not a dense GEMM kernel")
+    kw = dict(impl=rec["impl"], persist=rec.get("persist", True), dequant=rec.get("dequant", "fast"))
+    gemm.prepare(rec["a"], wtype, impl=kw["impl"], dequant=kw["dequant"])
+    return lambda: gemm.gemm(a2, rec["a"], lda, w, wtype, N, K, c2, c_dt, ldc, M, ctx.stream,
+                             accumulate=accumulate, **kw)
+
+
+def swiglu_closure(ctx, node, rec: dict, x, wg_value, wu_value, out, out_dt: str):
+    """silu(x Wg^T) * (x Wu^T) as the record says (our tensor-core kernel or the f32 one)."""
+    from ggfuse.kernels.gemm import launch as gemm
+    wg, tg, sg = _weight(ctx, wg_value)
+    wu, tu, _ = _weight(ctx, wu_value)
+    if tg != tu:
+        raise GGFuseError(None, f"cuda: {node.name}: gate {tg} and up {tu} weights differ in type")
+    F, K = sg[0], sg[1]
+    M = x.shape[0]
+    if rec["name"] == "qf32.gemm_swiglu":
+        from ggfuse.kernels.dense import qf32
+        return lambda: qf32.gemm_swiglu_qf32(x, wg, wu, tg, F, K, out, stream=ctx.stream)
+    _expect(node, "activation dtype", _dt(x), rec["a"])
+    _expect(node, "weight", tg, rec["w"])
+    kw = dict(impl=rec["impl"], persist=rec.get("persist", True), dequant=rec.get("dequant", "fast"))
+    gemm.prepare(rec["a"], tg, impl=kw["impl"], dequant=kw["dequant"])
+    ldx, ldo = x.strides[0] // x.itemsize, out.strides[0] // out.itemsize
+    return lambda: gemm.gemm_swiglu(x, rec["a"], ldx, wg, wu, tg, F, K, out, out_dt, ldo, M, ctx.stream, **kw)
+
+
+# ---- dense ----------------------------------------------------------------------------------
+
+@launcher("gemm.gemm", "cublas.gemm_bf16", "qf32.gemm")
+def _matmul(ctx, n):
+    return gemm_closure(ctx, n, n.meta["kernel"], ctx.v(n.inputs[0]), n.inputs[1], ctx.v(n.out))
+
+
+@launcher("gemm.gemm_swiglu", "qf32.gemm_swiglu")
+def _ffn_swiglu(ctx, n):
+    return swiglu_closure(ctx, n, n.meta["kernel"], ctx.v(n.inputs[0]), n.inputs[1], n.inputs[2], ctx.v(n.out), "f32")
+
+
+@launcher("lm_head")
+def _lm_head(ctx, n):
+    rec = n.meta["kernel"]
+    be = ctx.be
+    be.head_all = _for_target(ctx.be, _HeadAll(ctx, n, rec))
+    be.head_last = [_for_target(ctx.be, _lm_head_last(ctx, n, rec["last"]))]
+    be.head_node = n
+
+
+class _HeadAll:
+    """Every valid row's logits, block_rows rows at a time through the head's workspace block,
+    each block copied to the host: the [T, vocab] logits (2 GB at T=2048 for a 248k
+    vocabulary) never need device memory of their own. Eager launches and a host copy per
+    block: this path is for callers that want every position's logits, not for time-to-first-token."""
+
+    def __init__(self, ctx, n, rec):
+        self.ctx = ctx
+        x = ctx.v(n.inputs[0])
+        N = ctx.t(n.inputs[1]).shape[0]
+        self.rb = min(x.shape[0], int(rec["block_rows"]))
+        self.x = x
+        self.buf = ctx.ws(n, "block", (self.rb, N), np.float32)
+        self.N = N
+        self._rec, self._n = rec["all"], n
+
+    def __call__(self, n_rows: int) -> np.ndarray:
+        cp, s = self.ctx.cp, self.ctx.stream
+        out = np.empty((n_rows, self.N), dtype=np.float32)
+        for b in range(0, n_rows, self.rb):
+            m = min(self.rb, n_rows - b)
+            gemm_closure(self.ctx, self._n, self._rec, self.x[b:b + m], self._n.inputs[1], self.buf[:m])()
+            out[b:b + m] = cp.asnumpy(self.buf[:m], stream=s)
+            s.synchronize()
+        return out
+
+
+def _lm_head_last(ctx, n, rec):
+    """logits of the chunk's last valid row only: a GEMV straight from the stored weight."""
+    d = _dense()
+    x = ctx.v(n.inputs[0])
+    w, wtype, shape = _weight(ctx, n.inputs[1])
+    _expect(n, "head weight", wtype, rec["w"])
+    N, K = shape[-2], shape[-1]
+    y = ctx.ws(n, "last", (1, N), np.float32)
+    ctx.be.logits_last_view = y
+    return lambda: d.gemv(x, w, wtype, N, K, y, nvalid=ctx.be.nvalid_dev, stream=ctx.stream)
+
+
+@launcher("dense.get_rows")
 def _get_rows(ctx, n):
     d = _dense()
     name = ctx.weights[n.inputs[0]]
     raw, fmt, gt, shape = ctx.be.weight(name, "rows")
     ids, out = ctx.v(n.inputs[1]), ctx.v(n.out)
-    emb = getattr(ctx.be, "embedding", None)
-    if emb is not None and emb.name == name:
+    if n.meta["kernel"].get("source") == "host":
+        emb = ctx.be.embedding
+        if emb is None or emb.name != name:
+            raise PlanError(None, f"cuda: {n.name}: the plan gathers {name} on the host, the runtime does not")
         # gathered on the host (runtime/cuda/backend.py HostEmbedding): row i is position i's
         ids = emb.ids[:ids.shape[0]]
     return lambda: d.get_rows(raw, gt, shape[1], ids, out, stream=ctx.stream)
 
 
-def _gemm_call(ctx, a, w_value, c, *, accumulate=False):
-    from ggfuse.kernels.gemm import launch as gemm
-    w, wtype, shape = _weight(ctx, w_value)
-    N, K = shape[-2], shape[-1]
-    a2 = a.reshape(-1, a.shape[-1]) if a.flags.c_contiguous else a
-    c2 = c.reshape(-1, c.shape[-1]) if c.flags.c_contiguous else c
-    M = a2.shape[0]
-    a_dt = "f32" if a2.dtype == np.float32 else "bf16"
-    c_dt = "f32" if c2.dtype == np.float32 else "bf16"
-    lda = a2.strides[0] // a2.itemsize
-    ldc = c2.strides[0] // c2.itemsize
-    from ggfuse.kernels.gemm import blas
-    if blas.usable(a_dt, gemm.weight_name(wtype)):
-        # bf16 x bf16 (dense matrices the runtime dequantised): cuBLAS, capturable (kernels/gemm/blas.py)
-        return lambda: blas.gemm_bf16(a2, lda, w, N, K, c2, c_dt, ldc, M, ctx.stream, accumulate=accumulate)
-    gemm.prepare(a_dt, wtype)
-    return lambda: gemm.gemm(a2, a_dt, lda, w, wtype, N, K, c2, c_dt, ldc, M, ctx.stream, accumulate=accumulate)
+@launcher("dense.copy")
+def _copy(ctx, n):
+    d = _dense()
+    src, dst = ctx.v(n.inputs[0]), ctx.v(n.out)
+    return lambda: d.copy(src, dst.reshape(src.shape), stream=ctx.stream)
 
 
-@launcher(Op.MATMUL)
-def _matmul(ctx, n):
-    if f32_precision(ctx.be):
-        return _matmul_f32(ctx, n)
-    return _gemm_call(ctx, ctx.v(n.inputs[0]), n.inputs[1], ctx.v(n.out))
-
-
-@launcher(Op.FFN_SWIGLU)
-def _ffn_swiglu(ctx, n):
-    if f32_precision(ctx.be):
-        return _ffn_swiglu_f32(ctx, n)
-    from ggfuse.kernels.gemm import launch as gemm
-    x = ctx.v(n.inputs[0])
-    wg, tg, sg = _weight(ctx, n.inputs[1])
-    wu, tu, _ = _weight(ctx, n.inputs[2])
+@launcher("dense.concat")
+def _concat(ctx, n):
+    d = _dense()
     out = ctx.v(n.out)
-    M, K = x.shape
-    F = sg[0]
-    if tg != tu:
-        raise GGFuseError(None, f"cuda: ffn_swiglu {n.name}: gate {tg} and up {tu} weights differ in type")
-    a_dt = "f32" if x.dtype == np.float32 else "bf16"
-    gemm.prepare(a_dt, tg)
-    return lambda: gemm.gemm_swiglu(x, a_dt, x.strides[0] // x.itemsize, wg, wu, tg, F, K, out, "f32", F, M, ctx.stream)
+    ax = n.attrs.axis % out.ndim
+    parts, off = [], 0
+    for v in n.inputs:
+        x = ctx.v(v)
+        idx = [slice(None)] * out.ndim
+        idx[ax] = slice(off, off + x.shape[ax])
+        parts.append((x, out[tuple(idx)]))
+        off += x.shape[ax]
+
+    def run():
+        for x, dst in parts:
+            d.copy(x, dst, stream=ctx.stream)
+    return run
 
 
-@launcher(Op.RMS_NORM)
+@launcher("dense.kv_append")
+def _kv_append(ctx, n):
+    # the chunk's rows are appended at P, here, where the graph reads them (their buffer may be
+    # reused right after this step), and the value is the cache
+    d = _dense()
+    cache, new = ctx.v(n.inputs[0]), ctx.v(n.inputs[1])
+    ctx.vals[n.out] = cache
+    be = ctx.be
+    # kv_append writes a k and a v; the same tensor twice appends it once (identical writes)
+    return lambda: d.kv_append(new, new, cache, cache, be.past_dev, stream=ctx.stream)
+
+
+@launcher("dense.rms_norm")
 def _rms_norm(ctx, n):
     d = _dense()
     x, out = ctx.v(n.inputs[0]), ctx.v(n.out)
@@ -398,7 +407,7 @@ def _rms_norm(ctx, n):
     return lambda: d.rms_norm(x, w, out, eps=n.attrs.eps, stream=ctx.stream)
 
 
-@launcher(Op.ADD_RMS_NORM)
+@launcher("dense.add_rms_norm")
 def _add_rms_norm(ctx, n):
     d = _dense()
     a, b, w = (_in(ctx, v) for v in n.inputs)
@@ -406,14 +415,14 @@ def _add_rms_norm(ctx, n):
     return lambda: d.add_rms_norm(a, b, w, on, osum, eps=n.attrs.eps, stream=ctx.stream)
 
 
-@launcher(Op.L2_NORM)
+@launcher("dense.l2_norm")
 def _l2_norm(ctx, n):
     d = _dense()
     x, out = ctx.v(n.inputs[0]), ctx.v(n.out)
     return lambda: d.l2_norm(x, out, eps=n.attrs.eps, stream=ctx.stream)
 
 
-@launcher(Op.GATED_RMS_NORM)
+@launcher("dense.gated_rms_norm")
 def _gated_rms_norm(ctx, n):
     d = _dense()
     o, w, z = (_in(ctx, v) for v in n.inputs)
@@ -421,7 +430,7 @@ def _gated_rms_norm(ctx, n):
     return lambda: d.gated_rms_norm(o, w, z, out, eps=n.attrs.eps, stream=ctx.stream)
 
 
-@launcher(Op.NORM_ROPE)
+@launcher("dense.norm_rope")
 def _norm_rope(ctx, n):
     d = _dense()
     x, w, pos = (_in(ctx, v) for v in n.inputs)
@@ -431,7 +440,7 @@ def _norm_rope(ctx, n):
                                freq_scale=a.freq_scale, mode=a.mode, stream=ctx.stream)
 
 
-@launcher(Op.SIGMOID_MUL)
+@launcher("dense.sigmoid_mul")
 def _sigmoid_mul(ctx, n):
     d = _dense()
     x, g = (_in(ctx, v) for v in n.inputs)
@@ -439,7 +448,7 @@ def _sigmoid_mul(ctx, n):
     return lambda: d.sigmoid_mul(x, g, out, stream=ctx.stream)
 
 
-@launcher(Op.ADD)
+@launcher("dense.add")
 def _add(ctx, n):
     d = _dense()
     a, b = (_in(ctx, v) for v in n.inputs)
@@ -447,7 +456,7 @@ def _add(ctx, n):
     return lambda: d.add(a, b, out, stream=ctx.stream)
 
 
-@launcher(Op.MUL)
+@launcher("dense.mul")
 def _mul(ctx, n):
     d = _dense()
     a, b = (_in(ctx, v) for v in n.inputs)
@@ -457,7 +466,7 @@ def _mul(ctx, n):
 
 # ---- recurrent ------------------------------------------------------------------------------
 
-@launcher(Op.SSM_CONV_SILU)
+@launcher("dense.ssm_conv_silu")
 def _ssm_conv_silu(ctx, n):
     d = _dense()
     x, state, w = (_in(ctx, v) for v in n.inputs)
@@ -467,7 +476,7 @@ def _ssm_conv_silu(ctx, n):
     return lambda: d.ssm_conv_silu(x, state, w, out, nv, stream=ctx.stream)
 
 
-@launcher(Op.DELTANET_GATES)
+@launcher("dense.deltanet_gates")
 def _deltanet_gates(ctx, n):
     d = _dense()
     alpha, beta_lin, dtb, ssm_a = (_in(ctx, v) for v in n.inputs)
@@ -476,9 +485,10 @@ def _deltanet_gates(ctx, n):
     return lambda: d.deltanet_gates(alpha, beta_lin, dtb, ssm_a, g_out, b_out, nv, stream=ctx.stream)
 
 
-@launcher(Op.CHUNK_GATED_DELTA_RULE)
+@launcher("deltanet.chunk", "deltanet.recurrent")
 def _chunk_gdr(ctx, n):
     from ggfuse.kernels.deltanet import launch as dn
+    rec = n.meta["kernel"]
     q, k, v, g, beta, state = (ctx.v(x) for x in n.inputs)
     out = ctx.v(n.value(0))
     ctx.vals[n.value(1)] = state   # final state written in place
@@ -486,14 +496,15 @@ def _chunk_gdr(ctx, n):
     Hv, V = v.shape[1], v.shape[2]
     if q.strides != k.strides or q.strides[1] != K * q.itemsize:
         raise GGFuseError(None, f"cuda: {n.name}: q and k must share a row layout")
-    if not dn.chunked_supported(K, V) or f32_precision(ctx.be):   # exact f32 token recurrence
+    if rec["name"] == "deltanet.recurrent":   # the exact f32 token recurrence
         return lambda: dn.gated_delta_rule_recurrent(q, k, v, g, beta, state, out, n.attrs.scale,
                                                      n.attrs.head_map, stream=ctx.stream)
-    in_dt = "f32" if q.dtype == np.float32 else "bf16"
-    ws = ctx.scratch("deltanet_ws", (dn.workspace_bytes(T, Hv, K, V, Hk=Hk, in_dtype=in_dt),), np.uint8)
+    in_dt = _dt(q)
+    _expect(n, "input dtype", in_dt, rec["in"])
+    ws = ctx.ws(n, "ws", (dn.workspace_bytes(T, Hv, K, V, Hk=Hk, in_dtype=in_dt),), np.uint8)
     item = q.itemsize
-    out_dt = "f32" if out.dtype == np.float32 else "bf16"
-    dn.prepare(K, V)
+    out_dt = _dt(out)
+    dn.prepare(K, V, rec.get("v_block"))
     # the kernels take base arrays plus element offsets: the views themselves are the bases
     return lambda: dn.chunk_gated_delta_rule(q, k, v, q.strides[0] // item, 0, 0, v.strides[0] // v.itemsize, 0,
                                              g, beta, state, out, out_dt, T, Hk, Hv, K, V, n.attrs.scale,
@@ -502,7 +513,7 @@ def _chunk_gdr(ctx, n):
 
 # ---- attention ------------------------------------------------------------------------------
 
-@launcher(Op.ATTENTION)
+@launcher("attention.flash_prefill")
 def _attention(ctx, n):
     from ggfuse.kernels.attention import launch as fa
     q = ctx.v(n.inputs[0])
@@ -511,7 +522,8 @@ def _attention(ctx, n):
     T, Hq, D = q.shape
     Hkv, Dv = k_cache.shape[1], v_cache.shape[2]
     be = ctx.be
-    q_dt = "f32" if q.dtype == np.float32 else "bf16"
+    q_dt = _dt(q)
+    _expect(n, "q dtype", q_dt, n.meta["kernel"]["q"])
     fa.prepare(D, q_dt, out.dtype)
 
     def run():
@@ -522,33 +534,32 @@ def _attention(ctx, n):
 
 # ---- mixture of experts ---------------------------------------------------------------------
 
-@launcher(Op.MOE_ROUTE)
+@launcher("moe.route")
 def _moe_route(ctx, n):
     from ggfuse.kernels.moe import launch as moe
     d = _dense()
+    rec = n.meta["kernel"]
     x = ctx.v(n.inputs[0])
     w_router = n.inputs[1]
     T = x.shape[0]
     E = ctx.t(w_router).shape[0]
-    logits = ctx.scratch("router_logits", (T, E), np.float32)
+    a = n.attrs
+    logits = ctx.ws(n, "router_logits", (T, E), np.float32)
+    scratch = ctx.ws(n, "route_scratch", (moe.route_scratch_ints(T, a.k, E),), np.int32)
     w_f32 = _f32(ctx, w_router)
-    # f32-accurate logits (llama.cpp multiplies f32 routers in f32; bf16 flips near-tied experts):
-    # tensor cores on split f16 halves (kernels/dense/router_gemm.cu); GGFUSE_ROUTER=f32simt: the
-    # CUDA-core f32 GEMM, =bf16x3: bf16 halves
-    mode = os.environ.get("GGFUSE_ROUTER", "f16x3")
-    if mode == "f32simt" or x.shape[1] % 32 or w_f32.data.ptr % 16:
+    # f32-accurate logits (llama.cpp multiplies f32 routers in f32; bf16 flips near-tied experts)
+    if rec["router"] == "f32simt":
         router = lambda: d.gemm_f32(x, w_f32, logits, stream=ctx.stream)  # noqa: E731
     else:
-        split = "bf16" if mode == "bf16x3" else "f16"
-        router = lambda: d.router_gemm(x, w_f32, logits, split=split, stream=ctx.stream)  # noqa: E731
+        split = "bf16" if rec["router"] == "bf16x3" else "f16"
+        tile = ctx.at(rec)["tile"]
+        router = lambda: d.router_gemm(x, w_f32, logits, split=split, tile=tile, stream=ctx.stream)  # noqa: E731
     ids, weights, slots, offsets = (ctx.v(n.value(i)) for i in range(4))
-    a = n.attrs
     be = ctx.be
     shexp = None
     if len(n.inputs) > 2:
         wsh = _f32(ctx, n.inputs[2]).reshape(-1)
         shexp = (wsh, ctx.v(n.value(4)))
-    scratch = ctx.scratch("moe_route_scratch", (moe.route_scratch_ints(T, a.k, E),), np.int32)
 
     def run():
         router()
@@ -560,89 +571,89 @@ def _moe_route(ctx, n):
 
 
 def _moe_operands(ctx, n):
-    """The MOE_GROUPED_GEMM node's operands, resolved: x, routing (weights, slots, offsets),
-    the experts (gate and up, or the merged gate_up with up None; down) and, with a shared
-    expert, its three weights and gate; T, D, k, E, F, S."""
+    """The MOE_GROUPED_GEMM node's operands (ir/ops_fused_moe.py moe_operands), resolved: x,
+    routing (weights, slots, offsets), the experts (gate and up, or the merged gate_up with up
+    None; down) and, with a shared expert, its three weights and gate; T, D, k, E, F, S."""
     from types import SimpleNamespace
-    a = n.attrs
-    x, weights, slots, offsets = (ctx.v(v) for v in n.inputs[:4])
-    i = 4
-    wg, tg, sg = _weight(ctx, n.inputs[i])
-    if a.merged_gate_up:
+    ops = moe_operands(n.attrs, n.inputs)
+    x, weights, slots, offsets = (ctx.v(v) for v in (ops.x, ops.weights, ops.slots, ops.offsets))
+    wg, tg, sg = _weight(ctx, ops.first_gate)
+    if ops.gate_up is not None:
         wu, F = None, sg[1] // 2
-        i += 1
     else:
-        wu, tu, _ = _weight(ctx, n.inputs[i + 1])
+        wu, tu, _ = _weight(ctx, ops.up)
         F = sg[1]
-        i += 2
         if tu != tg:
             raise GGFuseError(None, f"cuda: {n.name}: gate ({tg}) and up ({tu}) experts differ in type")
-    wd, td, _ = _weight(ctx, n.inputs[i])
-    i += 1
-    shared = None
-    if a.shared:
-        wgs, tgs, sgs = _weight(ctx, n.inputs[i])
-        wus, _, _ = _weight(ctx, n.inputs[i + 1])
-        wds, tds, _ = _weight(ctx, n.inputs[i + 2])
-        shared = SimpleNamespace(wg=wgs, wu=wus, tg=tgs, wd=wds, td=tds, F=sgs[0],
-                                 gate=ctx.v(n.inputs[i + 3]).reshape(-1))
+    wd, td, _ = _weight(ctx, ops.down)
     T, D = x.shape
     E = sg[0]
     tab_gu, tab_d = _expert_tables(ctx, n, wg, wu, tg, wd, E, F, D)
-    return SimpleNamespace(x=x, weights=weights, slots=slots, offsets=offsets, wg=wg, wu=wu, tg=tg, wd=wd, td=td,
-                           E=E, F=F, T=T, D=D, k=weights.shape[1], S=slots.shape[0], out=ctx.v(n.out),
-                           shared=shared, tab_gu=tab_gu, tab_d=tab_d)
+    return SimpleNamespace(ops=ops, x=x, weights=weights, slots=slots, offsets=offsets, wg=wg, wu=wu, tg=tg, wd=wd,
+                           td=td, E=E, F=F, T=T, D=D, k=weights.shape[1], S=slots.shape[0], out=ctx.v(n.out),
+                           tab_gu=tab_gu, tab_d=tab_d)
 
 
 def _expert_tables(ctx, n, wg, wu, tg, wd, E: int, F: int, D: int):
-    """Device expert tables (kernels/moe/table.py) for a layer whose experts are split between
-    resident memory and a streaming slot (runtime/cuda/streaming.py binds such a tensor to an
-    ExpertTable): (gate_up [2E], down [E]), each None where the weight is one contiguous stack.
-    Built here, before any capture, once per backend (the addresses never change)."""
+    """Device expert tables (kernels/moe/table.py) for a layer the plan splits between resident
+    memory and a streaming slot (its record says expert_tables; runtime/cuda/streaming.py binds
+    such a tensor to an ExpertTable): (gate_up [2E], down [E]). Built here, before any capture,
+    once per backend (the addresses never change)."""
     from ggfuse.kernels.gemm import launch as gl
     from ggfuse.kernels.moe import table
     from ggfuse.kernels.quant.types import qtype
+    want = bool(n.meta["kernel"].get("expert_tables"))
+    have = any(isinstance(w, table.ExpertTable) for w in (wg, wu, wd))
+    if want != have:
+        raise PlanError(None, f"cuda: {n.name}: the plan says expert_tables={want}, the streamer bound "
+                              f"{'tables' if have else 'stacked weights'}; recompile the plan")
+    if not want:
+        return None, None
     tabs = ctx.be.buf.tables
-    gu = d = None
-    if isinstance(wg, table.ExpertTable) or isinstance(wu, table.ExpertTable):
-        key = (n.name, "gate_up")
-        if key not in tabs:
-            rb = qtype(gl.weight_name(tg)).row_bytes(D)
-            tabs[key] = table.device_table(ctx.be.cp, table.gate_up_pointers(wg, wu, E, F * rb))
-        gu = tabs[key]
-    if isinstance(wd, table.ExpertTable):
-        key = (n.name, "down")
-        if key not in tabs:
-            tabs[key] = table.device_table(ctx.be.cp, table.pointers(wd, E))
-        d = tabs[key]
-    return gu, d
+    key = (n.name, "gate_up")
+    if key not in tabs:
+        rb = qtype(gl.weight_name(tg)).row_bytes(D)
+        tabs[key] = table.device_table(ctx.be.cp, table.gate_up_pointers(wg, wu, E, F * rb))
+    key_d = (n.name, "down")
+    if key_d not in tabs:
+        tabs[key_d] = table.device_table(ctx.be.cp, table.pointers(wd, E))
+    return tabs[key], tabs[key_d]
 
 
-@launcher(Op.MOE_GROUPED_GEMM)
+@launcher("moe.grouped")
 def _moe_grouped_gemm(ctx, n):
-    if f32_precision(ctx.be):
-        return _moe_grouped_f32(ctx, n)
-    from ggfuse.kernels.gemm import launch as gemm
     from ggfuse.kernels.moe import launch as moe
     d = _dense()
+    rec = n.meta["kernel"]
+    at = ctx.at(rec)
     o = _moe_operands(ctx, n)
-    h = ctx.scratch("moe_h", (o.S, o.F), np.uint16)
-    x, x_dt = o.x, ("f32" if o.x.dtype == np.float32 else "bf16")
-    # x stays f32 for the f32-accurate router (MOE_ROUTE reads it too, so bf16_activations keeps
-    # it f32); the expert GEMMs round it to bf16 anyway, so a bf16 copy first gives bit-identical
-    # results while they take the bf16-A path (on sm_90 the wide tiles; no f32 conversion in the
-    # producers). GGFUSE_MOE_XBF16=0: read x as f32.
+    _expect(n, "expert type", o.tg, rec["w_gate_up"])
+    _expect(n, "expert type", o.td, rec["w_down"])
+    h = ctx.ws(n, "h", (o.S, o.F), np.uint16)
+    x = o.x
     x_copy = None
-    if x_dt == "f32" and os.environ.get("GGFUSE_MOE_XBF16", "1") != "0":
-        x_copy = ctx.scratch("moe_x_bf16", (o.T, o.D), np.uint16)
-        x, x_dt = x_copy, "bf16"
-    moe.prepare(x_dt, o.tg, o.td)
-    sh = o.shared
-    if sh is not None:
-        hs = ctx.scratch("moe_hs", (o.T, sh.F), np.uint16)
-        ys = ctx.scratch("moe_ys", (o.T, o.D), np.float32)
-        gemm.prepare(x_dt, sh.tg)
-        gemm.prepare("bf16", sh.td)
+    if rec["x_copy"]:
+        # x stays f32 for the f32-accurate router (MOE_ROUTE reads it too); the expert GEMMs
+        # round it to bf16 anyway, so a bf16 copy first gives bit-identical results while they
+        # take the bf16-A path (on sm_90 the wide tiles; no f32 conversion in the producers)
+        x_copy = ctx.ws(n, "x_bf16", (o.T, o.D), np.uint16)
+        x = x_copy
+    _expect(n, "expert activation dtype", _dt(x), rec["a"])
+    x_dt = rec["a"]
+    moe.prepare(x_dt, o.tg, o.td, dequant=rec["dequant"])
+    kw_gu = dict(impl=rec["impl_gate_up"], schedule=at["schedule_gate_up"], max_blocks=rec.get("max_blocks"),
+                 dequant=rec["dequant"])
+    kw_d = dict(impl=rec["impl_down"], schedule=at["schedule_down"], max_blocks=rec.get("max_blocks"),
+                dequant=rec["dequant"])
+    shared = []
+    if o.ops.shared is not None:
+        sh = rec["shared"]
+        hs = ctx.ws(n, "hs", (o.T, ctx.t(o.ops.shared.gate).shape[0]), np.uint16)
+        ys = ctx.ws(n, "ys", (o.T, o.D), np.float32)
+        gate = ctx.v(o.ops.shared.scale).reshape(-1)
+        shared = [swiglu_closure(ctx, n, sh["gate_up"], x, o.ops.shared.gate, o.ops.shared.up, hs, "bf16"),
+                  gemm_closure(ctx, n, sh["down"], hs, o.ops.shared.down, ys),
+                  lambda: d.axpy_rows(o.out, ys, gate, stream=ctx.stream)]
     ldx = x.strides[0] // x.itemsize
 
     def run():
@@ -650,74 +661,42 @@ def _moe_grouped_gemm(ctx, n):
         if x_copy is not None:
             d.copy(o.x, x_copy, stream=s)
         moe.moe_gate_up(x, x_dt, o.wg, o.wu, o.tg, o.E, o.F, o.D, o.slots, o.offsets, o.k, h, s, ldx=ldx,
-                        wtab=o.tab_gu)
+                        wtab=o.tab_gu, **kw_gu)
         moe.moe_down(h, o.wd, o.td, o.E, o.D, o.F, o.slots, o.offsets, o.weights, o.k, o.out, s, zero_out=True,
-                     wtab=o.tab_d)
-        if sh is not None:
-            gemm.gemm_swiglu(x, x_dt, ldx, sh.wg, sh.wu, sh.tg, sh.F, o.D, hs, "bf16", sh.F, o.T, s)
-            gemm.gemm(hs, "bf16", sh.F, sh.wd, sh.td, o.D, sh.F, ys, "f32", o.D, o.T, s)
-            d.axpy_rows(o.out, ys, sh.gate, stream=s)
+                     wtab=o.tab_d, **kw_d)
+        for fn in shared:
+            fn()
     return run
 
 
 # ---- precision="f32" ---------------------------------------------------------------------------
 #
-# The default kernels round every GEMM operand to bf16 (tensor cores). precision="f32" (load(...,
-# precision="f32"), `ggfuse run --precision f32`, GGFUSE_PRECISION) makes the results f32-faithful
-# where that matters (tests/precision_emulation.py: bf16 GEMM operands flip near-tied MoE experts
-# of the test fixtures; bf16 attention and delta-rule operands move logits by <= 4e-3 of max):
-# every GEMM (dense, SwiGLU, routed and shared experts, LM head) multiplies f32 activations by the
-# weight as the GGUF stores it, dequantised in f32 (kernels/dense/gemm_qf32.cu,
-# kernels/moe/grouped_f32.cu), and the delta rule runs the exact f32 token recurrence. Attention
-# keeps its bf16 KV cache and tensor cores. A verification mode: slower, not tuned.
+# The default kernels round every GEMM operand to bf16 (tensor cores). A plan compiled with
+# precision "f32" makes the results f32-faithful where that matters (tests/precision_emulation.py:
+# bf16 GEMM operands flip near-tied MoE experts of the test fixtures; bf16 attention and delta-rule
+# operands move logits by <= 4e-3 of max): every GEMM (dense, SwiGLU, routed and shared experts, LM
+# head) multiplies f32 activations by the weight as the GGUF stores it, dequantised in f32
+# (kernels/dense/gemm_qf32.cu, kernels/moe/grouped_f32.cu), and the delta rule runs the exact f32
+# token recurrence. Attention keeps its bf16 KV cache and tensor cores. A verification mode:
+# slower, not tuned.
 
-def f32_precision(be) -> bool:
-    return getattr(be, "precision", "bf16") == "f32"
-
-
-def _rows2d(a):
-    return a.reshape(-1, a.shape[-1]) if a.flags.c_contiguous else a
-
-
-def _matmul_f32(ctx, n):
-    from ggfuse.kernels.dense import qf32
-    w, wtype, shape = _weight(ctx, n.inputs[1])
-    N, K = shape[-2], shape[-1]
-    a2, c2 = _rows2d(ctx.v(n.inputs[0])), _rows2d(ctx.v(n.out))
-    return lambda: qf32.gemm_qf32(a2, w, wtype, N, K, c2, stream=ctx.stream)
-
-
-def _ffn_swiglu_f32(ctx, n):
-    from ggfuse.kernels.dense import qf32
-    x, out = ctx.v(n.inputs[0]), ctx.v(n.out)
-    wg, tg, sg = _weight(ctx, n.inputs[1])
-    wu, tu, _ = _weight(ctx, n.inputs[2])
-    if tg != tu:
-        raise GGFuseError(None, f"cuda: ffn_swiglu {n.name}: gate {tg} and up {tu} weights differ in type")
-    F, K = sg[0], sg[1]
-    return lambda: qf32.gemm_swiglu_qf32(x, wg, wu, tg, F, K, out, stream=ctx.stream)
-
-
-class _QF32Head:
-    """The all-rows LM head's GEMM call (kernels/gemm/launch.py gemm's argument order) on the
-    f32 kernel."""
-
-    def gemm(self, a, a_dt, lda, w, wtype, N, K, c, c_dt, ldc, M, stream):
-        from ggfuse.kernels.dense import qf32
-        qf32.gemm_qf32(a, w, wtype, N, K, c, M, stream=stream)
-
-
+@launcher("moe.grouped_f32")
 def _moe_grouped_f32(ctx, n):
     from ggfuse.kernels.dense import qf32
     from ggfuse.kernels.moe import launch_f32 as moe32
     d = _dense()
     o = _moe_operands(ctx, n)
-    h = ctx.scratch("moe_h_f32", (o.S, o.F), np.float32)
-    y = ctx.scratch("moe_y_f32", (o.T * o.k, o.D), np.float32)
-    sh = o.shared
+    h = ctx.ws(n, "h", (o.S, o.F), np.float32)
+    y = ctx.ws(n, "y", (o.T * o.k, o.D), np.float32)
+    sh = o.ops.shared
     if sh is not None:
-        hs = ctx.scratch("moe_hs_f32", (o.T, sh.F), np.float32)
-        ys = ctx.scratch("moe_ys", (o.T, o.D), np.float32)
+        wgs, tgs, sgs = _weight(ctx, sh.gate)
+        wus, _, _ = _weight(ctx, sh.up)
+        wds, tds, _ = _weight(ctx, sh.down)
+        Fs = sgs[0]
+        hs = ctx.ws(n, "hs", (o.T, Fs), np.float32)
+        ys = ctx.ws(n, "ys", (o.T, o.D), np.float32)
+        gate = ctx.v(sh.scale).reshape(-1)
 
     def run():
         s = ctx.stream
@@ -725,7 +704,7 @@ def _moe_grouped_f32(ctx, n):
                               h, y, o.out, tile=n.attrs.tile, stream=s, wtab_gate_up=o.tab_gu,
                               wtab_down=o.tab_d)
         if sh is not None:
-            qf32.gemm_swiglu_qf32(o.x, sh.wg, sh.wu, sh.tg, sh.F, o.D, hs, stream=s)
-            qf32.gemm_qf32(hs, sh.wd, sh.td, o.D, sh.F, ys, stream=s)
-            d.axpy_rows(o.out, ys, sh.gate, stream=s)
+            qf32.gemm_swiglu_qf32(o.x, wgs, wus, tgs, Fs, o.D, hs, stream=s)
+            qf32.gemm_qf32(hs, wds, tds, o.D, Fs, ys, stream=s)
+            d.axpy_rows(o.out, ys, gate, stream=s)
     return run

@@ -11,8 +11,8 @@ after the last reader of that slot's previous layer (and, "routed", after the la
   kernel, no change. Streamed tensors are never uploaded.
 - Host, "registered" (the fast path): the GGUF's memory-mapped expert regions are page-locked in
   place (cudaHostRegister, portable + read-only), so the copies DMA straight from the page cache.
-  "staged" (registration refused, F32/F16 experts the host must convert to bf16, or
-  GGFUSE_STREAM=staged): a ring of pinned staging buffers allocated once, filled one fetch ahead
+  "staged" (registration refused, F32/F16 experts the host must convert to bf16, or the
+  runtime option stream_host=staged): a ring of pinned staging buffers allocated once, filled one fetch ahead
   by a thread pool (numpy copies release the GIL), with madvise(WILLNEED) read-ahead of the
   following fetches' regions, so a cold page cache reads from disk while the GPU works.
 - Ordering, by events both ways: a fetch records `fork` on the compute stream (the slot's last
@@ -187,27 +187,12 @@ def fetch_chain(g, value) -> list:
     return out[::-1]
 
 
-def _weight_tensor(g, value) -> str:
-    """The GGUF tensor a fetch's weight input is (through earlier fetches of the same layer:
-    a fetch's output i is its input i)."""
-    while True:
-        n = g.node(value.node)
-        if n.op == Op.WEIGHT:
-            return n.attrs.tensor
-        if n.op == Op.FETCH_WEIGHTS:
-            value = n.inputs[value.index]
-        elif n.op == Op.RESHAPE:
-            value = n.inputs[0]
-        else:
-            raise GGFuseError(None, f"fetch input {value} is not a weight ({n.op.value} {n.name})")
-
-
 class ExpertStreamer:
     """Slots, the host side and the fetch/join steps of a backend's streamed layers. One per
     backend; the sub-chunk executors share it (their schedules fetch the same layers in the
     same order, and never two chunks run at once)."""
 
-    def __init__(self, be, roles: dict[str, set]):
+    def __init__(self, be):
         self.be = be
         self.cp = be.cp
         g = be.graph
@@ -219,9 +204,12 @@ class ExpertStreamer:
             first = int(n.attrs.get("first_expert", 0) or 0)
             end = n.attrs.get("end_expert")
             for v in n.inputs[: n.attrs.n_weights]:
-                name = _weight_tensor(g, v)
+                try:
+                    name = g.tensor_of(v)
+                except KeyError as e:
+                    raise GGFuseError(None, f"fetch {n.name}: {e}") from None
                 w = entries[name]
-                fmts = be._formats(name, roles.get(name, {"gemm"}), w.ggml_type, tuple(w.shape))
+                fmts = be.forms(name)
                 if fmts not in (["raw"], ["bf16"]):
                     raise DeviceError(be.gf.path, f"streamed tensor {name} is read as {fmts}; only grouped-GEMM "
                                                   f"expert operands can stream")
@@ -305,9 +293,7 @@ class ExpertStreamer:
         self._setup_host()
 
     def _setup_host(self) -> None:
-        want = os.environ.get("GGFUSE_STREAM", "auto")
-        if want not in ("auto", "registered", "staged"):
-            raise DeviceError(self.be.gf.path, f"GGFUSE_STREAM={want!r}: use auto, registered or staged")
+        want = self.be.options.stream_host
         self.file_base = int(self.be.gf._data.ctypes.data)
         if any(p.convert for f in self.fetches for p in f.pieces):
             if want == "registered":

@@ -1,6 +1,6 @@
 """The expert-streaming benchmark in one device call (issue 6):
 
-    python -m ggfuse.runtime.stream_bench [--out DIR] [--budget 12GiB] [--prompts 2048,8192]
+    python tools/stream_bench.py [--out DIR] [--budget 12GiB] [--prompts 2048,8192]
 
 1. synthesises Qwen3.5-35B-A3B Q4_K_M (`ggfuse synth`, ~21 GB) unless DIR/q35.gguf exists;
 2. `ggfuse bench` with --vram-budget and --chunk auto (per prompt, the chunk with the best
@@ -8,7 +8,7 @@
    --chunk 2048, printing the streaming telemetry: per-layer hit rate, bytes moved per chunk,
    host->device GB/s against the pinned ceiling measured in the same run, fraction of transfer
    hidden under compute, measured device memory;
-3. the same with GGFUSE_STREAM=staged (the fallback host path), 2048 tokens only;
+3. the same with --stream-host staged (the fallback host path), 2048 tokens only;
 4. the tokens/s a 12 GB PCIe-4 card would see if PCIe-bound: bytes moved per chunk at 25 GB/s.
 JSON results land in DIR.
 """
@@ -22,10 +22,10 @@ import sys
 import time
 
 
-def _run(cmd, env=None):
+def _run(cmd):
     print("$ " + " ".join(cmd), flush=True)
     t = time.time()
-    p = subprocess.run(cmd, env={**os.environ, **(env or {})})
+    p = subprocess.run(cmd)
     print(f"  ({time.time() - t:.0f} s, exit {p.returncode})", flush=True)
     return p.returncode
 
@@ -47,18 +47,17 @@ def main(argv=None) -> int:
     if not os.path.exists(model):
         if _run(exe + ["synth", "--preset", "qwen3.5-35b-a3b", "--quant", "q4_k_m", "-o", model]):
             return 1
-    env = {"GGFUSE_QUIET": "1"}
-    runs = [("auto", a.prompts, {}), ("2048", a.prompts, {})]
+    runs = [("auto", a.prompts, []), ("2048", a.prompts, [])]
     if not a.skip_staged:
-        runs.append(("2048", "2048", {"GGFUSE_STREAM": "staged"}))
+        runs.append(("2048", "2048", ["--stream-host", "staged"]))
     rc = 0
     if a.skip_ggfuse:
         runs = []
     for chunk, prompts, extra in runs:
         tag = f"chunk{chunk}" + ("-staged" if extra else "")
         rc |= _run(exe + ["bench", model, "--prompt", prompts, "--vram-budget", a.budget, "--chunk", chunk,
-                          "--device", "cuda", "--repeat", a.repeat, "--json", os.path.join(a.out, f"{tag}.json")],
-                   env={**env, **extra})
+                          "--device", "cuda", "--repeat", a.repeat, "--json", os.path.join(a.out, f"{tag}.json")]
+                   + extra)
     if a.llama_bench:
         from ggfuse.runtime.bench import run_llama_bench
         t = time.time()

@@ -1,6 +1,6 @@
 """Where a budgeted plan's device memory goes (a diagnostic, run on the device):
 
-    python tests/gpu_memstages.py MODEL.gguf [budget=12GiB] [chunk=2048]
+    python tools/gpu_memstages.py MODEL.gguf [budget=12GiB] [chunk=2048]
 
 prints device-wide use (memGetInfo against the start), the CuPy pool and what lies outside it
 after each load stage (weights, streaming slots, arena and states, launches) and after an eager,

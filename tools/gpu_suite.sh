@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, run every gpu-marked test, then the benchmarks.
-# Usage on the device machine, from the repo root:  bash tests/gpu_suite.sh [pytest -k expr] [bench names]
+# Usage on the device machine, from the repo root:  bash tools/gpu_suite.sh [pytest -k expr] [bench names]
 # Logs land in $OUT (the device tool brings them back).
 set -u
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"

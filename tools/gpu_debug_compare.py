@@ -1,7 +1,7 @@
 """Diagnose a GPU/CPU mismatch node by node: run one chunk on the GPU one launch at a time and
 compare every value it writes with the CPU reference interpreter's value for the same node.
 
-    python tests/gpu_debug_compare.py MODEL.gguf [n_tokens]
+    python tools/gpu_debug_compare.py MODEL.gguf [n_tokens] [chunk] [target]
 """
 import sys
 
@@ -9,35 +9,23 @@ import numpy as np
 
 from ggfuse.compiler.driver import compile_gguf
 from ggfuse.compiler.gguf_file import GGUFFile
-from ggfuse.ir.ops import OPS, Op
+from ggfuse.ir.interpret import interpret_values
+from ggfuse.ir.ops import Op
 from ggfuse.runtime.weights import WeightStore
 
 
 def cpu_values(graph, gf, tokens, past=0, state=None, weights=None):
-    """Every value of one chunk on the CPU; `state` maps state names to carried arrays."""
+    """Every value of one chunk on the CPU reference (ir.interpret_values); `state` maps state
+    names to carried arrays (zeros when absent)."""
+    from ggfuse.ir.types import shape_eval
     weights = weights or WeightStore(gf)
     env = {"T": len(tokens), "P": past}
-    vals = {}
-    for n in graph.topo():
-        if n.op == Op.INPUT:
-            kind = n.attrs.kind
-            if kind == "tokens":
-                x = tokens.astype(np.int32)
-            elif kind == "positions":
-                x = (past + np.arange(len(tokens))).astype(np.int32)
-            elif state is not None and n.attrs.key in state:
-                x = state[n.attrs.key]
-            else:
-                from ggfuse.ir.types import shape_eval
-                x = np.zeros(shape_eval(n.outputs[0].shape, env), np.float32)
-            outs = (x,)
-        elif n.op == Op.WEIGHT:
-            outs = (weights(n),)
-        else:
-            outs = OPS[n.op].ref(n.attrs, env, *[vals[v] for v in n.inputs])
-        for i, o in enumerate(outs):
-            vals[n.value(i)] = o
-    return vals
+    feeds = {"tokens": tokens.astype(np.int32), "positions": (past + np.arange(len(tokens))).astype(np.int32)}
+    for name, n in graph.states().items():
+        feeds[name] = state[name] if state is not None and name in state else \
+            np.zeros(shape_eval(n.outputs[0].shape, env), np.float32)
+    feeds = {k: v for k, v in feeds.items() if k in graph.inputs()}
+    return interpret_values(graph, feeds, weights, env)
 
 
 def to_f32(cp, a):
@@ -64,13 +52,13 @@ def _check_attention(cp, be, node, cpu, past, nv):
           f"k_cache {be.ctx.vals[node.inputs[1]].shape} scale {node.attrs.scale}")
 
 
-def main(path, n=16, chunk=None):
+def main(path, n=16, chunk=None, target="auto"):
     """n tokens in chunks of `chunk` (default: one chunk); every chunk compared node by node."""
     import cupy as cp
     from ggfuse.runtime.cuda.backend import CUDABackend
     chunk = chunk or n
     gf = GGUFFile(path)
-    plan = compile_gguf(path, chunk=chunk, gf=gf)
+    plan = compile_gguf(path, chunk=chunk, gf=gf, target=target)
     be = CUDABackend(plan, gf, chunk=chunk, progress=False)
     tokens = np.random.default_rng(0).integers(0, plan.hparams["n_vocab"], n)
     weights = WeightStore(gf)
@@ -84,7 +72,7 @@ def main(path, n=16, chunk=None):
         be.stage_inputs(tk)
         print(f"--- chunk at {c0}: {nv} valid of {chunk}")
         for node, fn in zip(be.launch_nodes, be.launches):   # the LM head runs after the body
-            with be.stream:
+            with be.building(), be.stream:
                 fn()
             be.stream.synchronize()
             for i in range(len(node.outputs)):
@@ -112,4 +100,4 @@ def main(path, n=16, chunk=None):
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 16,
-         int(sys.argv[3]) if len(sys.argv) > 3 else None)
+         int(sys.argv[3]) if len(sys.argv) > 3 else None, sys.argv[4] if len(sys.argv) > 4 else "auto")

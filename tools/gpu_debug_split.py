@@ -1,6 +1,6 @@
 """Diagnose a streamed plan against resident on the device (not a test; run by hand):
 
-    python tests/gpu_debug_split.py [layers_of_room=2.5]
+    python tools/gpu_debug_split.py [layers_of_room=2.5]
 
 writes a 4-layer synthetic Qwen3.5-35B-A3B Q4_K_M to /tmp (once), plans it with room for that
 many layers' experts beside the fixed part, runs one 512-token chunk launch by launch on both
@@ -11,15 +11,13 @@ router's near ties) from a streaming fault."""
 import os, sys, ctypes
 import numpy as np
 import cupy as cp
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from ggfuse.compiler.synth import write_synth
 from ggfuse.compiler.gguf_file import GGUFFile
-from ggfuse.compiler.driver import compile_gguf
 from ggfuse.ir.ops import Op
 from ggfuse.runtime.cuda.backend import CUDABackend
 from ggfuse.kernels.moe.table import ExpertTable
-from test_cuda_streaming import tight_budget
-os.environ["GGFUSE_DENSE"] = "raw"
+from test_cuda_streaming import compile_gguf, tight_budget   # lowered for sm_90a, dense matrices raw
 path = "/tmp/q35-4l.gguf"
 if not os.path.exists(path):
     write_synth("qwen3.5-35b-a3b", "q4_k_m", path, layers=4, progress=False)
@@ -36,7 +34,8 @@ def step_run(p, check_tables=False):
     outs = {}
     for node, fn in zip(be.launch_nodes, be.launches):
         with be.stream:
-            fn()
+            with be.building():
+                fn()
         be.stream.synchronize(); be.copy_stream.synchronize()
         if node.op == Op.MOE_GROUPED_GEMM:
             outs[node.name] = (cp.asnumpy(be.ctx.v(node.inputs[0])), cp.asnumpy(be.ctx.v(node.out)))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The precision="f32" GPU tests only (one device call), from the repo root, with the wheels in .whl:
-#     bash tests/gpu_precision.sh
-# Runs, through tests/gpu_suite.sh (which installs the wheels and sets the paths),
+#     bash tools/gpu_precision.sh
+# Runs, through tools/gpu_suite.sh (which installs the wheels and sets the paths),
 # tests/test_gpu_precision.py (the f32 kernels) and the f32 and default-precision model tests of
 # tests/test_gpu_models.py (test_gpu_precision_f32_matches_cpu_and_llama,
 # test_gpu_matches_cpu_and_llama), printing each case's error; then tests/precision_emulation.py

@@ -3,9 +3,9 @@
 # --against-llama-bench` (issue 5). Two steps, because the device machine has no network:
 #
 #   here (any machine with the llama-cpp-python sdist extracted):
-#     bash tests/build_llama_bench.sh pack /path/to/llama_cpp_python-0.3.36 .llama/llama-src.tar.xz
+#     bash tools/build_llama_bench.sh pack /path/to/llama_cpp_python-0.3.36 .llama/llama-src.tar.xz
 #   on the GPU machine (carry .llama/):
-#     bash tests/build_llama_bench.sh build .llama/llama-src.tar.xz /tmp/llama [ARCH=90-real] [JOBS=16]
+#     bash tools/build_llama_bench.sh build .llama/llama-src.tar.xz /tmp/llama [ARCH=90-real] [JOBS=16]
 #
 # `pack` keeps what llama-bench needs (ggml with only the CPU and CUDA backends, src, include,
 # common, vendor, tools/llama-bench) and makes tools/ build llama-bench alone: ~2.3 MB.

@@ -1,0 +1,232 @@
+"""Every behaviour switch of ggfuse, in one frozen, validated object.
+
+`Options` holds the compile options (they decide the plan: the kernels, their variants, the
+memory layout; a plan records them in its "options" section) and the runtime options (how a
+plan is executed on this machine: device, host streaming path, capture or not). CLI flags and
+`ggfuse.load(...)` keyword arguments map onto these fields one to one (the flag is the field
+name with '-' for '_'), and every bench JSON carries the whole object with the ggfuse version
+and git commit, so a run can be repeated from its JSON alone.
+
+    opts = Options.make(chunk=4096, vram_budget="12GiB", target="sm_89")
+    opts.chunk, opts.vram_budget          # 4096, 12884901888
+    opts.replace(precision="f32")         # a new, validated object
+
+Environment variables name paths and verbosity only (GGFUSE_CACHE: the cubin cache folder;
+GGFUSE_QUIET=1: no progress lines); this module is the one place that reads them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+
+from ggfuse.errors import GGFuseError
+
+COMPILE, RUNTIME = "compile", "runtime"
+
+TARGETS = ("auto", "sm_90a", "sm_89", "sm_80", "cpu")
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_bytes(s, what: str = "size") -> int:
+    """'12GiB', '12GB', '1.5g', '12884901888' -> bytes (positive, finite)."""
+    if isinstance(s, bool):
+        raise GGFuseError(None, f"{what}: cannot read {s!r} as a size")
+    if isinstance(s, (int, float)):
+        if not math.isfinite(s) or s <= 0:
+            raise GGFuseError(None, f"{what}: {s!r} is not a positive size")
+        return int(s)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(s))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise GGFuseError(None, f"{what}: cannot read {s!r} as a size (use e.g. 12GiB, 12GB, 12000000000)")
+    v = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not math.isfinite(v) or v < 1:
+        raise GGFuseError(None, f"{what}: {s!r} is not a positive size")
+    return int(v)
+
+
+def _opt(kind: str, help: str, choices=None, check=None, default=None):
+    return field(default=default, metadata={"kind": kind, "help": help, "choices": choices, "check": check})
+
+
+def _positive_int(name, v):
+    bad = GGFuseError(None, f"option {name}: {v!r} is not a positive integer")
+    if isinstance(v, bool):
+        raise bad
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise bad
+        v = int(v)
+    if isinstance(v, str):
+        try:
+            v = int(v.strip())
+        except ValueError:
+            raise bad from None
+    if not isinstance(v, int) or v <= 0 or v > 1 << 40:
+        raise bad
+    return v
+
+
+def _bool(name, v):
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(v, str) and v.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    raise GGFuseError(None, f"option {name}: {v!r} is not a boolean (use true or false)")
+
+
+def _budget(name, v):
+    return None if v is None else parse_bytes(v, f"option {name}")
+
+
+def _opt_positive(name, v):
+    return None if v is None else _positive_int(name, v)
+
+
+@dataclass(frozen=True)
+class Options:
+    # ---- compile: they decide the plan ----
+    target: str = _opt(COMPILE, "the GPU the plan is lowered for: sm_90a (Hopper: wgmma kernels), sm_89 (Ada), "
+                                "sm_80 (Ampere), cpu (the numpy reference; no lowering), or auto (this machine's GPU, "
+                                "else cpu). An sm_89 / sm_80 plan also runs on newer GPUs", TARGETS, default="auto")
+    chunk: int = _opt(COMPILE, "prefill chunk length: the tokens one captured CUDA graph processes", None,
+                      _positive_int, default=512)
+    max_context: int = _opt(COMPILE, "longest sequence the KV cache is sized for", None, _positive_int, default=8192)
+    vram_budget: int | None = _opt(COMPILE, "device memory budget, e.g. 12GiB: experts that do not fit are streamed "
+                                            "from the GGUF during each chunk", None, _budget)
+    precision: str = _opt(COMPILE, "bf16: tensor-core GEMMs with bf16 operands; f32: f32-faithful GEMMs and delta "
+                                   "rule (verification, slower)", ("bf16", "f32"), default="bf16")
+    sub_chunks: bool = _opt(COMPILE, "also capture smaller chunk sizes (halvings of --chunk down to "
+                                     "--sub-chunk-min) for short prompts and the tail of long ones", None, _bool,
+                            default=True)
+    sub_chunk_min: int = _opt(COMPILE, "smallest captured sub-chunk size", None, _positive_int, default=256)
+    decode: bool = _opt(COMPILE, "also capture a one-token step, the graph text generation replays per token",
+                        None, _bool, default=True)
+    deltanet_chunk: int = _opt(COMPILE, "chunk length of the chunked (WY) delta rule", None, _positive_int, default=64)
+    gemm: str = _opt(COMPILE, "tensor-core GEMM family: auto (wgmma on sm_90a where the weight type allows, else "
+                              "mma.sync), mma, wgmma (an error where it cannot run)", ("auto", "mma", "wgmma"),
+                     default="auto")
+    dequant: str = _opt(COMPILE, "how the wgmma kernels dequantise GGML weights: fast (word-wise) or generic "
+                                 "(element-wise, for comparison)", ("fast", "generic"), default="fast")
+    dense_persist: bool = _opt(COMPILE, "sm_90a dense GEMMs as persistent blocks (else one block per tile)", None,
+                               _bool, default=True)
+    dense_gemm: str = _opt(COMPILE, "bf16 x bf16 dense GEMMs through cublas (inside the captured graph) or our "
+                                    "ggfuse kernels", ("cublas", "ggfuse"), default="cublas")
+    dense_form: str = _opt(COMPILE, "device form of dense quantised matrices: auto (dequantised to bf16 where that "
+                                    "fits the budget or the device), raw (as stored), bf16", ("auto", "raw", "bf16"),
+                           default="auto")
+    bf16_act: bool = _opt(COMPILE, "store norm / gate outputs that only GEMMs read as bf16 (the GEMMs round them to "
+                                   "bf16 anyway)", None, _bool, default=True)
+    moe_x_bf16: bool = _opt(COMPILE, "the expert GEMMs read a bf16 copy of the (f32) MoE input", None, _bool,
+                            default=True)
+    moe_schedule: str = _opt(COMPILE, "sm_90a grouped-GEMM schedule: auto (wide 256-row tiles from 96 rows per "
+                                      "expert), wide, persist, tiles", ("auto", "wide", "persist", "tiles"),
+                             default="auto")
+    moe_blocks: int | None = _opt(COMPILE, "cap on the persistent grouped GEMMs' blocks (testing)", None,
+                                  _opt_positive)
+    router: str = _opt(COMPILE, "MoE router GEMM: f16x3 (tensor cores on split f16 halves), bf16x3, f32simt "
+                                "(CUDA cores)", ("f16x3", "bf16x3", "f32simt"), default="f16x3")
+    router_tile: str = _opt(COMPILE, "router GEMM tile: auto (by shape), 128x64, 64x64k2",
+                            ("auto", "128x64", "64x64k2"), default="auto")
+    # ---- runtime: how this machine executes a plan ----
+    device: str = _opt(RUNTIME, "auto (cuda when available, else the cpu reference), cpu, cuda",
+                       ("auto", "cpu", "cuda"), default="auto")
+    stream_host: str = _opt(RUNTIME, "host side of streamed experts: auto (page-lock the GGUF's mapping, else "
+                                     "stage), registered, staged", ("auto", "registered", "staged"), default="auto")
+    eager: bool = _opt(RUNTIME, "run every chunk eagerly instead of replaying captured CUDA graphs (debugging)",
+                       None, _bool, default=False)
+
+    # ---- construction ----
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            md = f.metadata
+            if md.get("check") is not None:
+                v = md["check"](f.name, v)
+            elif md.get("choices") is not None:
+                if not isinstance(v, str) or v.strip().lower() not in md["choices"]:
+                    raise GGFuseError(None, f"option {f.name}: {v!r} is not one of {', '.join(md['choices'])}")
+                v = v.strip().lower()
+            object.__setattr__(self, f.name, v)
+
+    @classmethod
+    def make(cls, options: "Options | None" = None, **kw) -> "Options":
+        """Options from keyword arguments (None means: the default, or `options`' value)."""
+        names = {f.name for f in fields(cls)}
+        bad = sorted(set(kw) - names)
+        if bad:
+            raise GGFuseError(None, f"unknown option {bad[0]!r} (options: {', '.join(sorted(names))})")
+        base = options if options is not None else cls()
+        return dataclasses.replace(base, **{k: v for k, v in kw.items() if v is not None})
+
+    def replace(self, **kw) -> "Options":
+        return dataclasses.replace(self, **kw)
+
+    # ---- views ----
+    @classmethod
+    def names(cls, kind: str | None = None) -> list[str]:
+        return [f.name for f in fields(cls) if kind is None or f.metadata["kind"] == kind]
+
+    def to_json(self, kind: str | None = None) -> dict:
+        return {k: getattr(self, k) for k in self.names(kind)}
+
+    def compile_json(self) -> dict:
+        return self.to_json(COMPILE)
+
+    @classmethod
+    def from_json(cls, d: dict, what: str = "options") -> "Options":
+        if not isinstance(d, dict):
+            raise GGFuseError(None, f"{what}: expected an object of options, got {type(d).__name__}")
+        names = set(cls.names())
+        bad = sorted(set(d) - names)
+        if bad:
+            raise GGFuseError(None, f"{what}: unknown option {bad[0]!r}")
+        return cls(**d)
+
+    def differs(self, other: "Options", kind: str = COMPILE) -> dict:
+        """{name: (self's value, other's value)} of the options of `kind` that differ."""
+        return {k: (getattr(self, k), getattr(other, k)) for k in self.names(kind)
+                if getattr(self, k) != getattr(other, k)}
+
+
+def add_arguments(parser, kind: str | None = None, skip=()) -> None:
+    """One CLI flag per option (--max-context for max_context), its help from the field. Every
+    flag defaults to None, meaning "not given": Options.make keeps the default then."""
+    for f in fields(Options):
+        if (kind is not None and f.metadata["kind"] != kind) or f.name in skip:
+            continue
+        md = f.metadata
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_ = f"{md['help']} (default {default})" if default is not None else md["help"]
+        # values are checked by Options (one line naming the option), not by argparse's choices
+        metavar = "{" + ",".join(md["choices"]) + "}" if md.get("choices") else f.name.upper()
+        parser.add_argument(flag, dest=f.name, default=None, metavar=metavar, help=help_)
+
+
+def from_args(args, kind: str | None = None) -> Options:
+    """Options from an argparse namespace filled by add_arguments."""
+    return Options.make(**{k: getattr(args, k) for k in Options.names(kind) if hasattr(args, k)})
+
+
+# ---- paths and verbosity: the only environment this package reads ----
+
+def cache_dir_env() -> str | None:
+    return os.environ.get("GGFUSE_CACHE") or None
+
+
+def quiet() -> bool:
+    return os.environ.get("GGFUSE_QUIET") == "1"
+
+
+def cuda_homes() -> list[str]:
+    """CUDA toolkit folders named by CUDA_HOME / CUDA_PATH (where NVRTC finds its headers)."""
+    return [os.environ[k] for k in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(k)]

@@ -1,0 +1,512 @@
+"""lower_cuda: decide everything the CUDA runtime will do, and write it into the graph.
+
+After this pass (and the memory plan, which places what it declares), the CUDA backend only
+looks launchers up by name and binds them: it never chooses by a name, a shape or the
+environment. Per node, meta["kernel"] records the kernel and its variant:
+
+    {"name": "gemm.gemm", "impl": "wgmma", "persist": true, "dequant": "fast",
+     "a": "bf16", "c": "f32", "w": "q4_k"}
+    {"name": "moe.grouped", "impl_gate_up": "wgmma", "impl_down": "wgmma", "x_copy": true,
+     "expert_tables": false, "by_chunk": {"8192": {"schedule_gate_up": "wide", ...}, ...}}
+    {"name": "view"} / {"name": "dense.copy"}          (RESHAPE: a strided view, or a copy)
+
+meta["storage"] gives each output's storage dtype on the device (bf16 for norm / gate outputs
+that only GEMMs read, whose tensor cores round them to bf16 anyway; f32 otherwise), and
+meta["workspace"] = {"<chunk>": {name: bytes}} the scratch each launch needs at every captured
+chunk size (the launchers declare it: kernels/*/launch.py *_workspace). The graph's meta gets
+"lowering" (target, precision, captured chunk sizes, the dense-weight policy and why) and
+"weights" (per GGUF tensor: how it is read and the device forms it is uploaded in).
+
+Later passes extend the records: schedule_expert_prefetch marks split layers' grouped GEMMs
+(expert tables), the embedding gathered on the host and the lean LM-head block, and gives its
+FETCH_WEIGHTS nodes their kernel; plan_memory places values and workspace per chunk size.
+"""
+from __future__ import annotations
+
+from ggfuse.errors import GGFuseError
+from ggfuse.ir.graph import Graph
+from ggfuse.ir.ops import Op
+from ggfuse.ir.ops_fused_moe import moe_operands
+from ggfuse.ir.types import DType, nbytes_of, shape_eval
+from ggfuse.kernels import layout
+from ggfuse.kernels.target import TARGETS, TargetSpec
+from ggfuse.passes.base import PassResult
+
+# The all-rows LM head writes logits HEAD_BLOCK rows at a time (a budgeted plan that sheds
+# fixed costs uses HEAD_BLOCK_LEAN: time-to-first-token never uses the all-rows head).
+HEAD_BLOCK = 128
+HEAD_BLOCK_LEAN = 16
+# device memory the runtime keeps outside the plan's buffers when it decides whether dense
+# matrices fit as bf16 (CUDA graphs, modules, cuBLAS workspace, allocator slack)
+DENSE_FIT_RESERVE = 256 << 20
+DENSE_FIT_FRACTION = 0.92
+
+GEMM_TYPES = ("bf16", "q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q5_k", "q6_k")    # kernels/gemm/launch.py
+WGMMA_TYPES = ("bf16", "q8_0", "q4_k", "q6_k")                                    # SM90_TYPES
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+# ops whose kernels write their first output as bf16 as well as f32 (kernels/dense/launch.py)
+_BF16_OUT = {Op.RMS_NORM: (0,), Op.ADD_RMS_NORM: (0,), Op.GATED_RMS_NORM: (0,), Op.SIGMOID_MUL: (0,)}
+_ELEMENTWISE = {Op.RMS_NORM: "dense.rms_norm", Op.ADD_RMS_NORM: "dense.add_rms_norm", Op.L2_NORM: "dense.l2_norm",
+                Op.GATED_RMS_NORM: "dense.gated_rms_norm", Op.NORM_ROPE: "dense.norm_rope",
+                Op.SIGMOID_MUL: "dense.sigmoid_mul", Op.ADD: "dense.add", Op.MUL: "dense.mul",
+                Op.SSM_CONV_SILU: "dense.ssm_conv_silu", Op.DELTANET_GATES: "dense.deltanet_gates",
+                Op.KV_APPEND: "dense.kv_append", Op.CONCAT: "dense.concat"}
+_NO_KERNEL = (Op.INPUT, Op.WEIGHT, Op.SLICE, Op.FETCH_WEIGHTS)
+
+
+def capture_sizes(chunk: int, sub_chunks: bool = True, sub_chunk_min: int = 256, decode: bool = False) -> list[int]:
+    """The chunk sizes the runtime captures: `chunk`, then halvings down to sub_chunk_min
+    (multiples of 64 from 128 up), for short prompts and the tail of long ones; decode: also a
+    one-token step (the graph generation replays per token)."""
+    out, c = [chunk], chunk // 2
+    while sub_chunks and c >= max(sub_chunk_min, 1):
+        c = c // 64 * 64 if c >= 128 else c
+        out.append(c)
+        c //= 2
+    if decode and out[-1] > 1:
+        out.append(1)
+    return out
+
+
+def context_for(prompt: int, chunk: int, sizes: list[int] | None = None) -> int:
+    """The KV-cache rows a prompt needs when prefilled in chunks of `chunk`: the last piece runs
+    the smallest captured size that holds it, padded to that size."""
+    sizes = sizes or capture_sizes(chunk)
+    full = prompt // chunk * chunk
+    tail = prompt - full
+    if tail == 0:
+        return max(prompt, 1)
+    return full + min(c for c in sizes if c >= tail)
+
+
+def _lower(name: str) -> str:
+    return name.lower()
+
+
+# ---- weights -----------------------------------------------------------------------------------
+
+def weight_roles(g: Graph) -> dict[str, set]:
+    """How each GGUF tensor is read: "gemm" (a matmul / expert operand), "rows" (embedding
+    lookup) or "f32" (norm weights, conv taps, gates). A tied embedding is both rows and gemm."""
+    roles: dict[str, set] = {}
+
+    def consumers(v):
+        for u, i in g.uses_of(v):
+            if u.op in (Op.RESHAPE, Op.FETCH_WEIGHTS):
+                yield from consumers(u.value(i if u.op == Op.FETCH_WEIGHTS else 0))
+            else:
+                yield u, i
+    for w in g.weights():
+        r = roles.setdefault(w.attrs.tensor, set())
+        for u, i in consumers(w.out):
+            if u.op == Op.GET_ROWS:
+                r.add("rows")
+            elif (u.op in (Op.MATMUL, Op.LM_HEAD) and i == 1) or (u.op == Op.FFN_SWIGLU and i in (1, 2)) or \
+                    (u.op == Op.MOE_GROUPED_GEMM and i >= 4):
+                r.add("gemm")
+            else:
+                r.add("f32")
+    return roles
+
+
+def _tensors(g: Graph) -> dict[str, dict]:
+    """{tensor: {"ggml_type", "shape", "bytes"}} of every weight the graph reads."""
+    out = {}
+    for n in g.weights():
+        shape = tuple(int(d) for d in n.outputs[0].shape)
+        t = n.attrs.get("ggml_type", n.outputs[0].dtype.ggml_name)
+        numel = 1
+        for d in shape:
+            numel *= d
+        prev = out.get(n.attrs.tensor)
+        if prev is None or len(shape) > len(prev["shape"]):   # a [1, D] view of a [D] vector
+            out[n.attrs.tensor] = {"ggml_type": t, "shape": shape, "bytes": nbytes_of(DType.from_ggml(t), numel)}
+    return out
+
+
+def forms_of(roles: set, ggml_type: str, rank: int, *, precision: str, dense_bf16: bool) -> list[str]:
+    """Device forms of one tensor: "raw" GGUF bytes, "bf16" or "f32"."""
+    out = []
+    if "f32" in roles:
+        out.append("f32")
+    if "rows" in roles:
+        out.append("raw")
+    if "gemm" in roles:
+        if precision == "f32":
+            out.append("raw")        # the f32 kernels dequantise GGUF blocks themselves, in f32
+        elif ggml_type in FLOAT_TYPES:
+            out.append("bf16")
+        elif rank == 2 and (dense_bf16 or _lower(ggml_type) not in GEMM_TYPES):
+            out.append("bf16")       # dequantised once at load (types the GEMM cannot read, too)
+        else:
+            out.append("raw")
+    return list(dict.fromkeys(out))
+
+
+def form_bytes(form: str, shape, raw_bytes: int) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return raw_bytes if form == "raw" else n * (4 if form == "f32" else 2)
+
+
+def state_bytes(g: Graph, max_context: int) -> int:
+    """Device bytes of the carried states: KV caches bf16 at max_context rows, others f32."""
+    n = 0
+    for node in g.states().values():
+        numel = 1
+        for d in shape_eval(node.outputs[0].shape, {"P": max_context, "T": 0}):
+            numel *= d
+        n += numel * (2 if node.attrs.get("state") == "kv_cache" else 4)
+    return n
+
+
+def _dense_policy(g: Graph, tensors: dict, roles: dict, *, options, device_free: int | None) -> tuple[bool, str]:
+    """Whether dense quantised matrices are dequantised to bf16 at load, and why."""
+    if options.precision == "f32":
+        return False, "precision f32: every GEMM reads the weights as stored"
+    if options.dense_form != "auto":
+        return options.dense_form == "bf16", f"dense_form={options.dense_form}"
+    from ggfuse.passes import plan_memory
+    raw = sum(t["bytes"] for t in tensors.values())
+    dense_extra = sum(form_bytes("bf16", t["shape"], 0) for name, t in tensors.items()
+                      if len(t["shape"]) == 2 and "gemm" in roles.get(name, ())
+                      and t["ggml_type"] not in FLOAT_TYPES)
+    intervals, _ = plan_memory.buffers(g, options.chunk)
+    arena = plan_memory.place(intervals)[1]
+    # the reserve scales down for toy budgets, as schedule_expert_prefetch's does
+    reserve = DENSE_FIT_RESERVE if not options.vram_budget else min(DENSE_FIT_RESERVE, options.vram_budget // 16)
+    need = raw + state_bytes(g, options.max_context) + arena + reserve
+    limits = [x for x in (options.vram_budget, device_free) if x]
+    if not limits:
+        return True, ("bf16: no --vram-budget and no device to measure at compile time, so the dense matrices "
+                      "are assumed to fit dequantised (compile with --vram-budget for a smaller card)")
+    room = DENSE_FIT_FRACTION * min(limits)
+    what = "the budget" if options.vram_budget and (not device_free or options.vram_budget <= device_free) \
+        else "the device's free memory at compile time"
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    if need + dense_extra < room:
+        return True, f"bf16: weights, states and arena {gib(need)} + dequantised dense matrices " \
+                     f"{gib(dense_extra)} fit {DENSE_FIT_FRACTION:.0%} of {what} ({gib(min(limits))})"
+    return False, f"raw: weights, states and arena {gib(need)} + dequantised dense matrices {gib(dense_extra)} " \
+                  f"exceed {DENSE_FIT_FRACTION:.0%} of {what} ({gib(min(limits))})"
+
+
+# ---- layouts and storage -----------------------------------------------------------------------
+
+def _layouts(g: Graph, sizes: list[int]) -> dict:
+    """Per value, at each captured size: (shape, strides) as the runtime will view it; per
+    RESHAPE whether it is a view (True) or needs a copy (False, at any size)."""
+    order = g.topo()
+    is_view: dict[int, bool] = {}
+    per_size = []
+    for c in sizes:
+        env = {"T": c, "P": 0}
+        lay: dict = {}
+        for n in order:
+            if n.op in (Op.WEIGHT, Op.FETCH_WEIGHTS):
+                continue
+            if n.op == Op.SLICE and n.inputs[0] in lay:
+                shape, strides = lay[n.inputs[0]]
+                s2, st2, _ = layout.slice_strides(shape, strides, n.attrs.axis, n.attrs.start, n.attrs.stop)
+                lay[n.out] = (s2, st2)
+                continue
+            if n.op == Op.RESHAPE and n.inputs[0] in lay:
+                shape, strides = lay[n.inputs[0]]
+                new = tuple(shape_eval(n.outputs[0].shape, env))
+                st = layout.reshape_strides(shape, strides, new)
+                if st is None:
+                    is_view[n.id] = False
+                    st = layout.contiguous_strides(new)
+                else:
+                    is_view.setdefault(n.id, True)
+                lay[n.out] = (new, st)
+                continue
+            for i, t in enumerate(n.outputs):
+                shape = tuple(shape_eval(t.shape, env))
+                lay[n.value(i)] = (shape, layout.contiguous_strides(shape))
+        per_size.append(lay)
+    return {"views": is_view, "by_size": dict(zip(sizes, per_size))}
+
+
+def _gemm_operand_only(g: Graph, v, views: dict) -> bool:
+    """Every reader of v (through RESHAPE / SLICE views, no copies) is a GEMM's activation operand."""
+    uses = list(g.uses_of(v))
+    if not uses:
+        return False
+    for u, i in uses:
+        if u.op in (Op.RESHAPE, Op.SLICE):
+            if (u.op == Op.RESHAPE and not views.get(u.id, True)) or not _gemm_operand_only(g, u.out, views):
+                return False
+        elif not (u.op in (Op.MATMUL, Op.FFN_SWIGLU, Op.LM_HEAD) and i == 0):
+            return False
+    return True
+
+
+def bf16_values(g: Graph, views: dict) -> set:
+    """Values stored as bf16 although the IR says f32: outputs of norms / gates that only GEMMs
+    read. The tensor-core GEMMs round their activation operand to bf16 anyway, so the results are
+    bit-identical, while the norm writes half the bytes and the GEMM takes its bf16 x bf16 path."""
+    outs = set(g.outputs.values())
+    vals = set()
+    for n in g.nodes():
+        for i in _BF16_OUT.get(n.op, ()):
+            v = n.value(i)
+            if v not in outs and g.type_of(v).dtype == DType.F32 and _gemm_operand_only(g, v, views):
+                vals.add(v)
+    return vals
+
+
+def _root(g: Graph, v):
+    """The value a view (RESHAPE-as-view / SLICE chain) reads."""
+    n = g.node(v.node)
+    while n.op in (Op.RESHAPE, Op.SLICE) and n.meta.get("kernel", {}).get("name", "view") == "view":
+        v = n.inputs[0]
+        n = g.node(v.node)
+    return v
+
+
+# ---- kernels -----------------------------------------------------------------------------------
+
+class _Lowering:
+    def __init__(self, g: Graph, spec: TargetSpec, options, sizes: list[int], forms: dict, tensors: dict):
+        self.g, self.spec, self.o, self.sizes, self.forms, self.tensors = g, spec, options, sizes, forms, tensors
+
+    def storage(self, v) -> str:
+        """Storage dtype of a value (through views)."""
+        r = _root(self.g, v)
+        n = self.g.node(r.node)
+        if n.op == Op.INPUT:
+            return n.meta.get("storage", [n.outputs[0].dtype.value])[0]
+        st = n.meta.get("storage")
+        return st[r.index] if st else n.outputs[r.index].dtype.value
+
+    def weight(self, v) -> tuple[str, str, tuple]:
+        """(tensor, the form a GEMM reads: "bf16" or the ggml type lower-cased, shape) of a weight value."""
+        name = self.g.tensor_of(v)
+        t = self.tensors[name]
+        form = "bf16" if "bf16" in self.forms[name] else _lower(t["ggml_type"])
+        return name, form, t["shape"]
+
+    def impl(self, w: str, K: int) -> str:
+        ok = self.spec.wgmma and w in WGMMA_TYPES and K % 64 == 0
+        if self.o.gemm == "wgmma" and not ok:
+            raise GGFuseError(None, f"option gemm=wgmma: the wgmma kernel cannot run {w} weights with K={K} on "
+                                    f"target {self.spec.name} (it needs sm_90a, a weight type in "
+                                    f"{', '.join(WGMMA_TYPES)} and K % 64 == 0)")
+        return "wgmma" if ok and self.o.gemm != "mma" else "mma"
+
+    def gemm(self, a: str, w: str, K: int, c: str, *, swiglu: bool = False, ours: bool = False) -> dict:
+        """A dense GEMM's record (C[M, N] = A[M, K] W[N, K]^T; swiglu: the fused gate+up);
+        ours: never cuBLAS."""
+        if self.o.precision == "f32":
+            return {"name": "qf32.gemm_swiglu" if swiglu else "qf32.gemm", "w": w}
+        if not swiglu and not ours and self.o.dense_gemm == "cublas" and a == "bf16" and w == "bf16":
+            return {"name": "cublas.gemm_bf16", "a": a, "c": c, "w": w}
+        impl = self.impl(w, K)
+        rec = {"name": "gemm.gemm_swiglu" if swiglu else "gemm.gemm", "impl": impl, "a": a, "c": c, "w": w}
+        if impl == "wgmma":
+            rec.update(persist=self.o.dense_persist, dequant=self.o.dequant)
+        return rec
+
+    def check_gemm_weight(self, node, w: str, name: str):
+        if self.o.precision != "f32" and w not in GEMM_TYPES:
+            raise GGFuseError(None, f"{node.name}: weight {name} of type {w} cannot be read by the tensor-core GEMMs "
+                                    f"(types: {', '.join(GEMM_TYPES)})")
+
+    def node(self, n) -> tuple[dict | None, dict]:
+        """(kernel record, {chunk: workspace}) of a node."""
+        g, o = self.g, self.o
+        ws = {}
+        if n.op in (Op.MATMUL, Op.LM_HEAD):
+            name, w, shape = self.weight(n.inputs[1])
+            self.check_gemm_weight(n, w, name)
+            K = int(shape[-1])
+            N = int(shape[-2]) if len(shape) > 1 else 1
+            a = self.storage(n.inputs[0])
+            if n.op == Op.MATMUL:
+                return self.gemm(a, w, K, "f32"), ws
+            rec = {"name": "lm_head", "all": self.gemm(a, w, K, "f32"), "last": {"name": "dense.gemv", "a": a, "w": w},
+                   "block_rows": HEAD_BLOCK}
+            for c in self.sizes:
+                ws[c] = _lm_head_ws(min(c, HEAD_BLOCK), N)
+            return rec, ws
+        if n.op == Op.FFN_SWIGLU:
+            name, w, shape = self.weight(n.inputs[1])
+            name_u, wu, _ = self.weight(n.inputs[2])
+            if w != wu:
+                raise GGFuseError(None, f"{n.name}: gate ({w}) and up ({wu}) weights differ in type")
+            self.check_gemm_weight(n, w, name)
+            return self.gemm(self.storage(n.inputs[0]), w, int(shape[-1]), "f32", swiglu=True), ws
+        if n.op in _ELEMENTWISE:
+            rec = {"name": _ELEMENTWISE[n.op]}
+            return rec, ws
+        if n.op == Op.GET_ROWS:
+            name, _, _ = self.weight(n.inputs[0])
+            return {"name": "dense.get_rows", "w": _lower(self.tensors[name]["ggml_type"]), "source": "device"}, ws
+        if n.op == Op.ATTENTION:
+            from ggfuse.kernels.attention.launch import HEAD_DIMS
+            D = int(g.type_of(n.inputs[0]).shape[2])
+            if D not in HEAD_DIMS:
+                raise GGFuseError(None, f"{n.name}: head dim {D} has no flash attention kernel (have {HEAD_DIMS})")
+            return {"name": "attention.flash_prefill", "q": self.storage(n.inputs[0]), "o": self.storage(n.out),
+                    "head_dim": D}, ws
+        if n.op == Op.CHUNK_GATED_DELTA_RULE:
+            from ggfuse.kernels.deltanet import launch as dn
+            _, Hk, K = g.type_of(n.inputs[0]).shape
+            _, Hv, V = g.type_of(n.inputs[2]).shape
+            if not dn.chunked_supported(K, V) or o.precision == "f32":
+                why = "precision f32: the exact f32 token recurrence" if o.precision == "f32" else \
+                    f"head dims K={K}, V={V} have no tensor-core chunked kernel"
+                return {"name": "deltanet.recurrent", "why": why}, ws
+            in_dt = self.storage(n.inputs[0])
+            for c in self.sizes:
+                ws[c] = dn.workspace(c, Hv, K, V, Hk=Hk, in_dtype=in_dt)
+            return {"name": "deltanet.chunk", "in": in_dt, "out": self.storage(n.out),
+                    "v_block": dn.default_v_block(V)}, ws
+        if n.op == Op.MOE_ROUTE:
+            return self.moe_route(n, ws)
+        if n.op == Op.MOE_GROUPED_GEMM:
+            return self.moe_gemm(n, ws)
+        if n.op == Op.RESHAPE:
+            return None, ws      # decided in run(): view or copy
+        raise GGFuseError(None, f"{n.name or n.op.value}: op {n.op.value} has no CUDA kernel"
+                                + ("; run the pipeline's fusing passes first" if n.op in
+                                   (Op.GATED_DELTA_RULE, Op.SSM_CONV, Op.TOPK, Op.MUL_MAT_ID, Op.SOFTMAX) else ""))
+
+    def moe_route(self, n, ws):
+        from ggfuse.kernels.dense import launch as dense
+        from ggfuse.kernels.moe import launch as moe
+        g, o = self.g, self.o
+        E, D = (int(d) for d in g.type_of(n.inputs[1]).shape)
+        k = int(n.attrs.k)
+        if o.router == "f32simt" or D % 32:
+            rec = {"name": "moe.route", "router": "f32simt"}
+            if o.router != "f32simt":
+                rec["why"] = f"D={D} is not a multiple of 32 (the tensor-core router GEMM's K step)"
+        else:
+            rec = {"name": "moe.route", "router": o.router, "by_chunk": {}}
+            for c in self.sizes:
+                tile = o.router_tile if o.router_tile != "auto" else dense.router_tile(c, E, self.spec.sms)
+                rec["by_chunk"][str(c)] = {"tile": tile}
+        rec["shared_gate"] = len(n.inputs) > 2
+        for c in self.sizes:
+            ws[c] = moe.route_workspace(c, k, E)
+        return rec, ws
+
+    def moe_gemm(self, n, ws):
+        from ggfuse.kernels.moe import launch as moe
+        from ggfuse.kernels.moe import launch_f32 as moe32
+        g, o = self.g, self.o
+        ops = moe_operands(n.attrs, n.inputs)
+        _, tg, sg = self.weight(ops.first_gate)
+        _, td, sd = self.weight(ops.down)
+        if ops.up is not None and self.weight(ops.up)[1] != tg:
+            raise GGFuseError(None, f"{n.name}: gate ({tg}) and up ({self.weight(ops.up)[1]}) experts differ in type")
+        E, D, F = (int(d) for d in sd)
+        k = int(g.type_of(ops.weights).shape[1])
+        tile = int(n.attrs.tile)
+        Fs = 0
+        if ops.shared is not None:
+            _, tsg, ssg = self.weight(ops.shared.gate)
+            _, tsd, _ = self.weight(ops.shared.down)
+            Fs = int(ssg[0])
+        x_st = self.storage(ops.x)
+        if o.precision == "f32":
+            for c in self.sizes:
+                ws[c] = moe32.experts_workspace_f32(c, k, E, F, D, tile, shared_ffn=Fs)
+            rec = {"name": "moe.grouped_f32", "w_gate_up": tg, "w_down": td, "expert_tables": False}
+            if ops.shared is not None:
+                rec["shared"] = {"w_gate_up": tsg, "w_down": tsd}
+            return rec, ws
+        for w in (tg, td):
+            if w not in GEMM_TYPES:
+                raise GGFuseError(None, f"{n.name}: experts of type {w} cannot be read by the grouped GEMMs")
+        x_copy = x_st == "f32" and o.moe_x_bf16
+        a = "bf16" if x_copy else x_st
+        rec = {"name": "moe.grouped", "a": a, "x_copy": x_copy, "w_gate_up": tg, "w_down": td,
+               "impl_gate_up": self.impl(tg, D), "impl_down": self.impl(td, F), "dequant": o.dequant,
+               "max_blocks": o.moe_blocks, "expert_tables": False, "by_chunk": {}}
+        for c in self.sizes:
+            rec["by_chunk"][str(c)] = {
+                "schedule_gate_up": moe.pick_schedule(o.moe_schedule, tg, a, c, k, E),
+                "schedule_down": moe.pick_schedule(o.moe_schedule, td, "bf16", c, k, E)}
+            ws[c] = moe.grouped_workspace(c, k, E, F, D, tile, x_copy=x_copy, shared_ffn=Fs)
+        if ops.shared is not None:
+            self.check_gemm_weight(n, tsg, "shared expert")
+            self.check_gemm_weight(n, tsd, "shared expert")
+            # our kernels (not cuBLAS): the SwiGLU is fused, and the shared down reads bf16 h
+            rec["shared"] = {"gate_up": self.gemm(a, tsg, D, "bf16", swiglu=True),
+                             "down": self.gemm("bf16", tsd, Fs, "f32", ours=True)}
+        return rec, ws
+
+
+def _lm_head_ws(rows: int, N: int) -> dict:
+    from ggfuse.kernels.dense.launch import lm_head_workspace
+    return lm_head_workspace(rows, N)
+
+
+def run(g: Graph, *, options, device_free: int | None = None) -> PassResult:
+    """options: ggfuse.options.Options with a resolved target (not "auto" or "cpu")."""
+    if options.target not in TARGETS:
+        raise GGFuseError(None, f"lower_cuda needs a GPU target, got {options.target!r}")
+    spec = TARGETS[options.target]
+    g = g.copy()
+    sizes = capture_sizes(options.chunk, options.sub_chunks, options.sub_chunk_min, options.decode)
+    tensors = _tensors(g)
+    roles = weight_roles(g)
+    dense_bf16, why = _dense_policy(g, tensors, roles, options=options, device_free=device_free)
+    forms = {name: forms_of(roles.get(name, {"gemm"}), t["ggml_type"], len(t["shape"]), precision=options.precision,
+                            dense_bf16=dense_bf16) for name, t in tensors.items()}
+    lay = _layouts(g, sizes)
+    # RESHAPE: a view of its input, or a copy into its own buffer (a column slice merged across
+    # heads, e.g. the attention gate): decided before the storage dtypes (a copy reads f32)
+    for n in g.by_op(Op.RESHAPE):
+        if g.node(n.inputs[0].node).op in (Op.WEIGHT, Op.FETCH_WEIGHTS) or \
+                g.node(_root(g, n.inputs[0]).node).op in (Op.WEIGHT, Op.FETCH_WEIGHTS):
+            n.meta["kernel"] = {"name": "view"}
+        else:
+            n.meta["kernel"] = {"name": "view"} if lay["views"].get(n.id, True) else {"name": "dense.copy"}
+    bf16 = set() if (options.precision == "f32" or not options.bf16_act) else bf16_values(g, lay["views"])
+    for n in g.topo():
+        if n.op == Op.INPUT:
+            st = "bf16" if n.attrs.get("state") == "kv_cache" else n.outputs[0].dtype.value
+            n.meta["storage"] = [st]
+        elif n.op in (Op.WEIGHT, Op.FETCH_WEIGHTS):
+            continue
+        elif n.op in (Op.SLICE, Op.RESHAPE) and n.meta.get("kernel", {"name": "view"})["name"] == "view":
+            src = g.node(n.inputs[0].node)
+            if src.op not in (Op.WEIGHT, Op.FETCH_WEIGHTS):     # a view has its source's storage
+                n.meta["storage"] = [src.meta["storage"][n.inputs[0].index]]
+        elif n.op == Op.KV_APPEND:                               # the value is the cache itself
+            n.meta["storage"] = list(g.node(n.inputs[0].node).meta["storage"])
+        else:
+            n.meta["storage"] = ["bf16" if n.value(i) in bf16 else t.dtype.value for i, t in enumerate(n.outputs)]
+    lw = _Lowering(g, spec, options, sizes, forms, tensors)
+    for n in g.topo():
+        if n.op in _NO_KERNEL:
+            if n.op == Op.SLICE:
+                n.meta["kernel"] = {"name": "view"}
+            continue
+        if n.op == Op.RESHAPE:
+            if n.meta["kernel"]["name"] == "dense.copy" and lw.storage(n.inputs[0]) != "f32":
+                raise GGFuseError(None, f"{n.name}: a bf16 value cannot be re-viewed as {list(n.outputs[0].shape)} "
+                                        f"without a copy (compile with --bf16-act false)")
+            continue
+        rec, ws = lw.node(n)
+        n.meta["kernel"] = rec
+        if ws:
+            n.meta["workspace"] = {str(c): w for c, w in ws.items()}
+    logits = g.outputs.get("logits")
+    if logits is None or g.node(logits.node).op != Op.LM_HEAD:
+        raise GGFuseError(None, "the CUDA lowering needs the logits to come from an LM_HEAD node")
+    g.meta["lowering"] = {
+        "target": spec.to_json(), "precision": options.precision, "captures": sizes,
+        "dense_form": {"form": "bf16" if dense_bf16 else "raw", "why": why},
+    }
+    g.meta["weights"] = {name: {"roles": sorted(roles.get(name, {"gemm"})), "forms": forms[name],
+                                "ggml_type": t["ggml_type"], "shape": list(t["shape"]),
+                                "device_bytes": sum(form_bytes(f, t["shape"], t["bytes"]) for f in forms[name])}
+                         for name, t in sorted(tensors.items())}
+    return PassResult(g, True)
