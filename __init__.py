@@ -3,6 +3,7 @@
     import ggfuse
     m = ggfuse.load("model.gguf", device="cpu")
     logits = m.prefill([1, 2, 3])     # [3, n_vocab]
+    print(m.tokenizer.decode(m.generate("Once upon a time", 16)))
 """
 __version__ = "0.1.0"
 
@@ -18,7 +19,10 @@ def __getattr__(name):
     if name == "Options":
         from ggfuse.options import Options
         return Options
-    raise AttributeError(name)
+    if name == "Tokenizer":   # imported on first use: it needs the `tokenizers` package
+        from ggfuse.runtime.tokenizer import Tokenizer
+        return Tokenizer
+    raise AttributeError(f"module 'ggfuse' has no attribute {name!r}")
 
 
-__all__ = ["load", "Options", "__version__"]
+__all__ = ["load", "Options", "Tokenizer", "__version__"]

@@ -243,14 +243,22 @@ def _parse_tokens(s: str) -> list[int]:
 
 def cmd_run(args) -> int:
     import ggfuse
+    from ggfuse.options import from_args
     model_path = args.model or EXAMPLE_MODEL
     if not args.model:
         print(f"no model given: running the example model {os.path.relpath(model_path)}", file=sys.stderr)
+    options = from_args(args)          # bad option values fail before the model loads
+    if args.tokens is None:
+        from ggfuse.runtime.text_cli import run_text, sampling_kwargs
+        if args.logits:
+            raise GGFuseError(None, "--logits needs --tokens (it saves the logits of given token ids)")
+        sampling_kwargs(args)   # bad flag values fail before the model loads
+        m = ggfuse.load(model_path, options=options)
+        return run_text(args, m)
     tokens = _parse_tokens(args.tokens)
     if not tokens:
         raise GGFuseError(None, "--tokens is empty")
-    from ggfuse.options import from_args
-    m = ggfuse.load(model_path, options=from_args(args))
+    m = ggfuse.load(model_path, options=options)
     logits = m.prefill(tokens)
     if args.logits:
         np.save(args.logits, logits)
@@ -292,14 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--summary", action="store_true", help="the summary only, without the table of steps")
     i.set_defaults(fn=cmd_inspect)
 
-    r = sub.add_parser("run", help="prefill tokens and print the top-5 next tokens")
+    r = sub.add_parser("run", help="generate text from a prompt (or, with --tokens, print the top-5 next tokens)")
     r.add_argument("model", nargs="?", help="GGUF or plan (default: the example model)")
-    r.add_argument("--tokens", default="1,2,3", help="comma-separated token ids (default 1,2,3)")
-    r.add_argument("--logits", help="save all logits [n_tokens, vocab] to this .npy")
+    r.add_argument("--tokens", default=None, help="comma-separated token ids: prefill them and print the top-5 "
+                                                  "next tokens instead of generating text")
+    r.add_argument("--logits", help="with --tokens: save all logits [n_tokens, vocab] to this .npy")
     # compile options apply when MODEL is a GGUF (compiled on the fly); a plan must have been
     # compiled with the ones given
     add_arguments(r)
+    from ggfuse.runtime.text_cli import add_text_run_arguments, add_tokenize_parser
+    add_text_run_arguments(r)
     r.set_defaults(fn=cmd_run)
+    add_tokenize_parser(sub)
 
     try:
         from ggfuse.compiler.synth import add_synth_parser

@@ -4,7 +4,9 @@ Real checkpoints cannot be downloaded where ggfuse is developed, so this
 module writes GGUF files with the *structure* of the real thing -- the
 metadata keys, tensor names, GGUF shapes and ggml types that llama.cpp's
 ``convert_hf_to_gguf.py`` followed by ``llama-quantize`` would produce -- and
-random but well-scaled weights.
+random but well-scaled weights. The tokenizer is a real one, so that the files take text:
+llama.cpp's vocab-only GGUF of the Qwen family (compiler/vocab/ggml-vocab-qwen35.gguf, padded
+with UNUSED [PAD<id>] rows to the preset's vocab size) and the model's chat template.
 
 Sources: llama.cpp as vendored in llama-cpp-python 0.3.36
 (``conversion/qwen.py`` and ``conversion/base.py`` for the keys and the
@@ -32,6 +34,7 @@ follow those.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import queue
 import shutil
@@ -69,7 +72,6 @@ class Preset:
     n_head_kv: int
     head_dim: int
     n_vocab: int                # vocab_size (embedding rows, padded)
-    n_text_tokens: int          # ids below this are ordinary BPE tokens; specials follow
     context_length: int         # max_position_embeddings
     rope_theta: float
     rms_eps: float
@@ -88,6 +90,7 @@ class Preset:
     ssm_k_dim: int = 0                      # linear_key_head_dim
     ssm_v_dim: int = 0                      # linear_value_head_dim
     tokenizer_pre: str = "qwen2"
+    chat_template: str = "Qwen-Qwen3-0.6B.jinja"   # in compiler/vocab/
 
     @property
     def hybrid(self) -> bool:
@@ -107,30 +110,32 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     # Qwen/Qwen3.5-35B-A3B (text_config). 40 layers = 10 x (3 DeltaNet + 1 attention).
     Preset("qwen3.5-35b-a3b", "qwen35moe", "Qwen/Qwen3.5-35B-A3B", "35B-A3B",
            n_layer=40, n_embd=2048, n_head=16, n_head_kv=2, head_dim=256,
-           n_vocab=248320, n_text_tokens=248044, context_length=262144,
+           n_vocab=248320, context_length=262144,
            rope_theta=10_000_000.0, rms_eps=1e-6,
            n_expert=256, n_expert_used=8, n_ff_exp=512, n_ff_shexp=512,
            mrope_sections=(11, 11, 10, 0), write_layer_types=True, tokenizer_pre="qwen35",
+           chat_template="Qwen3.5-4B.jinja",
            **_QWEN35_LINEAR),
     # Qwen/Qwen3.5-9B: the largest dense Qwen3.5 that llama.cpp names (qwen35.cpp:
     # 32 layers & n_embd != 2560 -> 9B); published model card numbers.
     Preset("qwen3.5-9b", "qwen35", "Qwen/Qwen3.5-9B", "9B",
            n_layer=32, n_embd=4096, n_head=16, n_head_kv=4, head_dim=256,
-           n_vocab=248320, n_text_tokens=248044, context_length=262144,
+           n_vocab=248320, context_length=262144,
            rope_theta=10_000_000.0, rms_eps=1e-6, n_ff=12288,
            mrope_sections=(11, 11, 10, 0), write_layer_types=True, tokenizer_pre="qwen35",
+           chat_template="Qwen3.5-4B.jinja",
            **_QWEN35_LINEAR),
     # Qwen/Qwen3-Next-80B-A3B-Instruct. 48 layers = 12 x (3 DeltaNet + 1 attention).
     Preset("qwen3-next-80b-a3b", "qwen3next", "Qwen/Qwen3-Next-80B-A3B-Instruct", "80B-A3B",
            n_layer=48, n_embd=2048, n_head=16, n_head_kv=2, head_dim=256,
-           n_vocab=151936, n_text_tokens=151643, context_length=262144,
+           n_vocab=151936, context_length=262144,
            rope_theta=10_000_000.0, rms_eps=1e-6, n_ff=5120,
            n_expert=512, n_expert_used=10, n_ff_exp=512, n_ff_shexp=512,
            **_QWEN35_LINEAR),
     # Qwen/Qwen3-30B-A3B.
     Preset("qwen3-30b-a3b", "qwen3moe", "Qwen/Qwen3-30B-A3B", "30B-A3B",
            n_layer=48, n_embd=2048, n_head=32, n_head_kv=4, head_dim=128,
-           n_vocab=151936, n_text_tokens=151643, context_length=40960,
+           n_vocab=151936, context_length=40960,
            rope_theta=1_000_000.0, rms_eps=1e-6, n_ff=6144,
            n_expert=128, n_expert_used=8, n_ff_exp=768),
 ]}
@@ -453,43 +458,78 @@ def _tensor_chunks(s: TensorSpec, seed: int) -> Iterator[np.ndarray]:
 # Tokenizer
 # --------------------------------------------------------------------------
 
-def _byte_chars() -> list[str]:
-    """GPT-2 byte-level alphabet: printable Latin-1 bytes stand for themselves,
-    the other 68 bytes are shifted to U+0100.. (so e.g. space is 'Ġ')."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    rest = [c for c in range(256) if c not in printable]
-    return [chr(c) for c in printable] + [chr(0x100 + i) for i in range(len(rest))]
+VOCAB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab")
+# llama.cpp's vocab-only GGUF of the Qwen family (models/ggml-vocab-qwen35.gguf: Qwen2's 151936
+# tokens and 151387 merges); every preset takes its tokenizer from it.
+QWEN_VOCAB = os.path.join(VOCAB_DIR, "ggml-vocab-qwen35.gguf")
+_TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
+_NORMAL, _CONTROL = int(TokenType.NORMAL), int(TokenType.CONTROL)
 
 
-_MERGES = [("Ġ", "t"), ("Ġ", "a"), ("h", "e"), ("i", "n"), ("r", "e"), ("o", "n"),
-           ("t", "o"), ("to", "k"), ("Ġt", "he")]
-_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+@dataclass(frozen=True)
+class SynthTokenizer:
+    tokens: list
+    types: list
+    merges: list
+    special_ids: dict           # tokenizer.ggml.<role>_token_id -> id
+    chat_template: str
 
 
-def _vocab(p: Preset) -> tuple[list[str], list[int], int]:
-    """A small but valid byte-level BPE vocabulary padded to n_vocab, laid out
-    like Qwen's: BPE tokens, then the special tokens at n_text_tokens, then
-    the converter's [PAD<id>] UNUSED rows. Returns (tokens, types, first special id)."""
-    tokens = _byte_chars() + [a + b for a, b in _MERGES]
-    tokens += [f"tok{i}" for i in range(len(tokens), p.n_text_tokens)]
-    types = [int(TokenType.NORMAL)] * len(tokens)
-    tokens += _SPECIALS
-    types += [int(TokenType.CONTROL)] * len(_SPECIALS)
-    tokens += [f"[PAD{i}]" for i in range(len(tokens), p.n_vocab)]
-    types += [int(TokenType.UNUSED)] * (p.n_vocab - len(types))
-    return tokens, types, p.n_text_tokens
+def _tokenizer(p: Preset, source: str | None) -> SynthTokenizer:
+    """The tokenizer of `source` (default: QWEN_VOCAB) fitted to p.n_vocab rows: padded with the
+    converter's [PAD<id>] UNUSED tokens, or (the test-only smaller vocab) cut to its first
+    ordinary tokens, with its control tokens after them and the merges that stay inside."""
+    path = source or QWEN_VOCAB
+    st = os.stat(path) if os.path.exists(path) else None
+    model, tokens, types, merges, file_template = _read_tokenizer(path, st and (st.st_size, st.st_mtime_ns))
+    if model != "gpt2":
+        raise UnsupportedError(path, f"tokenizer.ggml.model is {model!r}; synth writes Qwen models, whose "
+                                     f"tokenizer is a byte-level BPE ('gpt2')")
+    n = p.n_vocab
+    if n >= len(tokens):
+        tokens = tokens + [f"[PAD{i}]" for i in range(len(tokens), n)]
+        types = list(types) + [int(TokenType.UNUSED)] * (n - len(types))
+    else:
+        control = [i for i, t in enumerate(types) if t == _CONTROL]
+        normal = [i for i, t in enumerate(types) if t == _NORMAL][:n - len(control)]
+        keep = normal + control
+        if len(keep) < n:
+            raise UnsupportedError(path, f"vocab {n} is more than this file's {len(keep)} ordinary and control tokens")
+        tokens, types = [tokens[i] for i in keep], [types[i] for i in keep]
+        kept = set(tokens)
+        merges = [m for m in merges if (c := m.find(" ", 1)) > 0
+                  and m[:c] in kept and m[c + 1:] in kept and m[:c] + m[c + 1:] in kept]
+    index = {t: i for i, t in enumerate(tokens)}
+    missing = [t for t in ("<|im_end|>", "<|endoftext|>") if t not in index]
+    if missing:
+        raise UnsupportedError(path, f"the vocabulary has no {' or '.join(missing)} token (a Qwen tokenizer has both)")
+    # Qwen3.5's GGUFs: EOS <|im_end|>, padding and BOS <|endoftext|> (not added)
+    special_ids = {"eos": index["<|im_end|>"], "padding": index["<|endoftext|>"], "bos": index["<|endoftext|>"]}
+    if source is not None and isinstance(file_template, str):
+        template = file_template
+    else:
+        with open(os.path.join(VOCAB_DIR, p.chat_template), encoding="utf-8") as f:
+            template = f.read()
+    return SynthTokenizer(tokens, types, merges, special_ids, template)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_tokenizer(path: str, stamp) -> tuple:
+    """The tokenizer arrays of a GGUF, read once per process (a 150k-token vocabulary takes
+    seconds to parse); `stamp` (size, mtime) makes a changed file read again."""
+    from ggfuse.compiler.gguf_file import GGUFFile
+    gf = GGUFFile(path)
+    model = gf.key("tokenizer.ggml.model", None)
+    if model != "gpt2":
+        return (model, None, None, None, None)
+    return (model, *(gf.key(k) for k in _TOKENIZER_ARRAYS), gf.key("tokenizer.chat_template", None))
 
 
 # --------------------------------------------------------------------------
 # Metadata
 # --------------------------------------------------------------------------
 
-def _add_metadata(w: GGUFWriter, p: Preset, quant: str, seed: int) -> None:
-    if not isinstance(p, Preset):  # a preset of its own module (compiler/synth_gemma4.py)
-        p.add_metadata(w, QUANTS[quant][0], seed)
-        return
+def _add_metadata(w: GGUFWriter, p: Preset, quant: str, seed: int, tok: SynthTokenizer) -> None:
     a = p.arch
     w.add_string("general.type", "model")
     w.add_string("general.name", f"{p.hf_repo.split('/')[1]} (ggfuse synthetic)")
@@ -532,17 +572,15 @@ def _add_metadata(w: GGUFWriter, p: Preset, quant: str, seed: int) -> None:
         w.add_uint32(f"{a}.full_attention_interval", p.full_attention_interval)
         w.add_uint32(f"{a}.rope.dimension_count", int(p.head_dim * p.partial_rotary))
     # _set_vocab_gpt2 + SpecialVocab
-    tokens, types, first_special = _vocab(p)
     w.add_string("tokenizer.ggml.model", "gpt2")
     w.add_string("tokenizer.ggml.pre", p.tokenizer_pre)
-    w.add_array("tokenizer.ggml.tokens", tokens)
-    w.add_array("tokenizer.ggml.token_type", types)
-    w.add_array("tokenizer.ggml.merges", [f"{x} {y}" for x, y in _MERGES])
-    w.add_uint32("tokenizer.ggml.eos_token_id", first_special + 2)      # <|im_end|>
-    w.add_uint32("tokenizer.ggml.padding_token_id", first_special)      # <|endoftext|>
-    w.add_uint32("tokenizer.ggml.bos_token_id", first_special)
+    w.add_array("tokenizer.ggml.tokens", tok.tokens)
+    w.add_array("tokenizer.ggml.token_type", tok.types)
+    w.add_array("tokenizer.ggml.merges", tok.merges)
+    for role, tid in tok.special_ids.items():
+        w.add_uint32(f"tokenizer.ggml.{role}_token_id", tid)
     w.add_bool("tokenizer.ggml.add_bos_token", False)
-    w.add_string("tokenizer.chat_template", _CHAT_TEMPLATE)
+    w.add_string("tokenizer.chat_template", tok.chat_template)
     # added by llama-quantize
     w.add_uint32("general.quantization_version", 2)
 
@@ -570,7 +608,7 @@ def _resolve(preset: str, quant: str, layers: int | None, vocab: int | None,
     if layers is not None:
         p = replace(p, n_layer=layers)
     if vocab is not None:
-        p = replace(p, n_vocab=vocab, n_text_tokens=min(p.n_text_tokens, vocab - len(_SPECIALS) - 5))
+        p = replace(p, n_vocab=vocab)
     if experts is not None:
         p = replace(p, n_expert=experts, n_expert_used=min(p.n_expert_used, experts))
     return p, _assign_types(_tensor_table(p), p, quant)
@@ -639,7 +677,8 @@ class _Progress:
 def write_synth(preset: str, quant: str, out_path: str | os.PathLike[str], *,
                 layers: int | None = None, seed: int = 0, progress: bool = True,
                 vocab: int | None = None, experts: int | None = None,
-                progress_cb: Callable[[int, int], None] | None = None, sparse: bool = False) -> dict:
+                progress_cb: Callable[[int, int], None] | None = None, sparse: bool = False,
+                tokenizer_from: str | os.PathLike[str] | None = None) -> dict:
     """Write a synthetic GGUF of `preset` in the llama.cpp mix `quant`.
 
     layers:  keep only the first N layers (block_count = N); the hybrid
@@ -648,6 +687,9 @@ def write_synth(preset: str, quant: str, out_path: str | os.PathLike[str], *,
              expert count so that CPU tests stay small; the result is no
              longer the real model's structure.
     progress_cb(bytes_done, bytes_total) is called as data is written.
+    tokenizer_from: a GGUF (a model or a vocab-only file of the Qwen family) whose tokenizer and
+             chat template are written; default: llama.cpp's Qwen vocabulary in compiler/vocab/
+             with the preset's chat template.
     sparse:  write only the header and tensor table and leave the data a hole of the right size
              (reads as zeros, takes a few MB on disk): enough for the compiler, which plans from
              shapes and types and never reads the data (real-shape planning tests use it).
@@ -669,7 +711,13 @@ def write_synth(preset: str, quant: str, out_path: str | os.PathLike[str], *,
                           f"({need / 1e9:.1f} GB), {free} bytes ({free / 1e9:.1f} GB) free in {out_dir}")
 
     w = GGUFWriter(None, p.arch)
-    _add_metadata(w, p, quant, seed)
+    if isinstance(p, Preset):
+        _add_metadata(w, p, quant, seed, _tokenizer(p, os.fspath(tokenizer_from) if tokenizer_from else None))
+    elif tokenizer_from is not None:
+        raise UnsupportedError(os.fspath(tokenizer_from), f"preset '{preset}' writes its own Gemma 4 stand-in "
+                                                          f"tokenizer; tokenizer_from applies to the Qwen presets")
+    else:  # a preset of its own module (compiler/synth_gemma4.py)
+        p.add_metadata(w, QUANTS[quant][0], seed)
     for s in specs:
         # GGUFWriter wants numpy order; ne is ggml order.
         w.add_tensor_info(s.name, tuple(reversed(s.ne)), np.dtype(np.float32), s.nbytes, raw_dtype=s.ggml_type)
@@ -766,6 +814,9 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("-o", "--output", required=True, help="output .gguf path")
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    ap.add_argument("--tokenizer-from", metavar="GGUF", default=None,
+                    help="take the tokenizer and chat template from this GGUF (default: llama.cpp's Qwen "
+                         "vocabulary, shipped in compiler/vocab/, and the preset's chat template)")
     ap.add_argument("--vocab", type=int, default=None, help=argparse.SUPPRESS)    # test-only
     ap.add_argument("--experts", type=int, default=None, help=argparse.SUPPRESS)  # test-only
     ap.add_argument("--quiet", action="store_true", help="no progress output")
@@ -775,7 +826,8 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
 
 def synth_main(args: argparse.Namespace) -> int:
     s = write_synth(args.preset, args.quant, args.output, layers=args.layers, seed=args.seed,
-                    progress=not args.quiet, vocab=args.vocab, experts=args.experts)
+                    progress=not args.quiet, vocab=args.vocab, experts=args.experts,
+                    tokenizer_from=args.tokenizer_from)
     mix = ", ".join(f"{t} {d['count']}" for t, d in s["types"].items())
     print(f"{s['path']}: {s['arch']} {s['n_layer']} layers, {s['n_tensors']} tensors ({mix}), "
           f"{s['bytes'] / 1e9:.2f} GB in {s['seconds']:.1f} s ({s['mb_per_s']:.0f} MB/s)")

@@ -1,6 +1,7 @@
 """`ggfuse.load(...)`: a plan or a GGUF in, a model with prefill() and reset() out."""
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -91,6 +92,30 @@ class Model:
 
     def vocab(self):
         return self.gguf.vocab()
+
+    # -- text (runtime/tokenizer.py, runtime/generate.py) -------------------------------------------
+
+    last_stats = None   # the GenerationStats of the last generate() / stream() / chat turn
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The GGUF's tokenizer (ggfuse.Tokenizer); GGFuseError if the file has none."""
+        from ggfuse.runtime.tokenizer import Tokenizer
+        return Tokenizer.from_gguf(self.gguf)
+
+    def generate(self, prompt, max_new_tokens: int | None = 128, **kwargs) -> list[int]:
+        """The new token ids after `prompt` (a str, tokenized with self.tokenizer, or a list of
+        ids). Keywords: temperature=0.0 (greedy), top_k=40, top_p=0.95, min_p=0.05,
+        repeat_penalty=1.0, repeat_last_n=64, seed=None, stop=() (strings), reset=True (False:
+        continue from the tokens already fed). self.last_stats holds the timings afterwards."""
+        from ggfuse.runtime.generate import generate
+        return generate(self, prompt, max_new_tokens, **kwargs)
+
+    def stream(self, prompt, max_new_tokens: int | None = 128, **kwargs):
+        """Like generate(), but an iterator of the new text, piece by piece as it comes (a
+        multi-byte character is never split); its .stats are complete once it is exhausted."""
+        from ggfuse.runtime.generate import stream
+        return stream(self, prompt, max_new_tokens, **kwargs)
 
 
 def load(path: str, device: str | None = None, chunk: int | None = None, gguf: str | None = None,

@@ -42,9 +42,10 @@ def _median(xs):
 
 def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None, device: str = "auto",
                 max_context: int | None = None, seed: int = 0, log=print, with_ceilings: bool = True,
-                options=None) -> dict:
+                options=None, tg: int = 0) -> dict:
     """options: ggfuse.options.Options for everything else (target, precision, kernel variants,
-    runtime switches); chunk / vram_budget / device / max_context given here override it."""
+    runtime switches); chunk / vram_budget / device / max_context given here override it.
+    tg > 0: also a decode row (tg one-token steps from an empty context, as llama-bench's tgN)."""
     from ggfuse.compiler.driver import compile_gguf
     from ggfuse.compiler.gguf_file import GGUFFile
     from ggfuse.options import Options
@@ -52,7 +53,7 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
 
     if device == "auto":
         device = "cuda" if cuda_available() else "cpu"
-    ctx = max(max_context or 0, max(prompts))
+    ctx = max([max_context or 0, tg + 8 if tg else 0] + list(prompts))
     opts = Options.make(options, chunk=chunk, vram_budget=vram_budget, max_context=ctx, device=device)
     if device == "cpu" and opts.target == "auto":
         opts = opts.replace(target="cpu")
@@ -129,14 +130,49 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
         host = (f"   host {row['host_ms_per_chunk']:.2f} ms/chunk ({100 * row['host_fraction']:.1f}% of the chunk)"
                 if "host_fraction" in row else "")
         log(f"pp{n:<6} {row['tok_per_s']:10.1f} tok/s   TTFT {ms:9.2f} ms{host}")
+    decode = decode_row(model, backend, tg, rng, repeat, log) if tg else None
     if device == "cuda":
         backend.close()   # give the device back before anything else runs in this process
     from ggfuse.compiler.buildinfo import build_info
     return {"model": os.path.abspath(path), "model_identity": plan.source, "arch": plan.arch, "device": device,
             "chunk": chunk, "vram_budget": vram_budget, "repeat": repeat, "compile_s": t_compile, "load_s": t_load,
             "options": {**plan.options, **opts.to_json("runtime")}, "ggfuse": build_info(),
-            "results": rows, "prefetch": plan.stats.get("prefetch"), "ceilings": ceilings,
+            "results": rows, "decode": decode, "prefetch": plan.stats.get("prefetch"), "ceilings": ceilings,
             "device_name": _device_name() if device == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d")}
+
+
+def decode_row(model, backend, n: int, rng, repeat: int, log=print) -> dict:
+    """Decode speed as llama-bench's tgN measures it: n one-token steps from an empty context
+    (each the captured one-token graph, its last-row logits copied to the host as sampling
+    needs them), a warm-up run, then `repeat` timed runs (host clock around the whole run:
+    every step waits for its logits); the median. Host time per token (staging the token and
+    launching the step's graph) against the step's wall time."""
+    tokens = rng.integers(0, model.n_vocab, size=n)
+
+    def run():
+        model.reset()
+        hs = getattr(backend, "host_stats", None)
+        if hs is not None:
+            hs.update(chunks=0, host_s=0.0)
+        t = time.perf_counter()
+        for tok in tokens:
+            backend.run_chunk(np.array([tok]), "last")
+        return (time.perf_counter() - t) * 1e3, (hs or {}).get("host_s")
+    run()
+    times, host = [], []
+    for _ in range(max(repeat, 1)):
+        ms, h = run()
+        times.append(ms)
+        if h is not None:
+            host.append(h * 1e3)
+    ms = _median(times)
+    row = {"tg": n, "ms": ms, "tok_per_s": n / ms * 1e3, "ms_per_token": ms / n, "runs": times}
+    if host:
+        row["host_ms_per_token"] = _median(host) / n
+        row["host_fraction"] = row["host_ms_per_token"] / row["ms_per_token"]
+    log(f"tg{n:<7} {row['tok_per_s']:10.1f} tok/s   {row['ms_per_token']:.2f} ms/token"
+        + (f"   host {row['host_ms_per_token']:.3f} ms/token ({100 * row['host_fraction']:.1f}%)" if host else ""))
+    return row
 
 
 def _device_name() -> str:
@@ -464,10 +500,14 @@ class _VramSampler:
         return False
 
 
+UBATCHES = (512, 2048, 4096, 8192)      # llama-bench -ub tried for a resident comparison
+
+
 def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe=None, vram_budget=None,
-                    search_from: int | None = None, n_layers: int | None = None, log=None) -> dict:
+                    search_from: int | None = None, n_layers: int | None = None, log=None, tg: int = 0,
+                    ubatch=(2048,)) -> dict:
     """llama.cpp's own benchmark on the same file: flash attention on, every layer on the GPU,
-    -ub 2048. With `n_cpu_moe` (an int or a list of ints: llama-bench runs once per setting and
+    at the micro-batch sizes `ubatch` (-ub; the best per prompt is kept). With `n_cpu_moe` (an int or a list of ints: llama-bench runs once per setting and
     the best is kept per prompt), that many layers' experts stay in host memory, loaded into
     pinned buffers (-lm none: its fastest host path; the default mmap is 5-20x slower). Each
     setting's peak device memory is measured (nvidia-smi); with `vram_budget` the best is taken
@@ -477,11 +517,13 @@ def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe=None
     search_from (with vram_budget, instead of n_cpu_moe): find the fewest layers on the CPU that
     stay under the budget (llama.cpp's fastest setting that fits): from search_from up in steps of
     2 until one fits, then the one in between; or, if search_from fits already, down one at a time
-    until one does not."""
+    until one does not. tg > 0: also its decode test tgN (-n tg), kept under the key "tgN".
+    ubatch: the micro-batch sizes to try (-ub, with -b the largest); the best per prompt is kept."""
     if not (os.path.exists(exe) or shutil.which(exe)):
         raise GGFuseError(exe, "llama-bench not found (see BENCHMARKS.md for how to build it)")
-    base = [exe, "-m", path, "-p", ",".join(map(str, prompts)), "-n", "0", "-fa", "1", "-ngl", "99",
-            "-ub", "2048", "-b", "2048", "-r", str(repeat), "-o", "json"]
+    ub = sorted({int(u) for u in ubatch})
+    base = [exe, "-m", path, "-p", ",".join(map(str, prompts)), "-n", str(int(tg)), "-fa", "1", "-ngl", "99",
+            "-ub", ",".join(map(str, ub)), "-b", str(max(ub)), "-r", str(repeat), "-o", "json"]
     settings = [None]
     if n_cpu_moe:
         settings = [n_cpu_moe] if isinstance(n_cpu_moe, int) else list(n_cpu_moe)
@@ -510,7 +552,9 @@ def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe=None
         fits = budget_mib is None or vs.peak is None or vs.peak <= budget_mib
         for r in res:
             n, ts = int(r["n_prompt"]), float(r["avg_ts"])
-            runs.append({"n_prompt": n, "avg_ts": ts, "stddev_ts": r.get("stddev_ts"),
+            if int(r.get("n_gen") or 0) > 0 and n == 0:
+                n = f"tg{int(r['n_gen'])}"         # the decode test
+            runs.append({"n_prompt": n, "avg_ts": ts, "stddev_ts": r.get("stddev_ts"), "n_ubatch": r.get("n_ubatch"),
                          "n_cpu_moe": r.get("n_cpu_moe", ncm), "peak_vram_mib": vs.peak, "fits_budget": fits})
             best_any[n] = max(best_any.get(n, 0.0), ts)
             if fits:
@@ -578,7 +622,7 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-BENCH_ARGS = ("model", "prompt", "chunk", "vram_budget", "repeat", "device", "against_llama_bench", "n_cpu_moe")
+BENCH_ARGS = ("model", "prompt", "chunk", "vram_budget", "repeat", "device", "against_llama_bench", "n_cpu_moe", "tg")
 _BENCH_OWN = ("chunk", "vram_budget", "device", "max_context")     # bench's own flags, not the options'
 
 
@@ -595,6 +639,9 @@ def add_bench_parser(sub):
                    help="device memory budget, e.g. 12GiB: stream experts; each prompt length is then compiled "
                         "and run on its own, with a KV cache for that prompt (as llama-bench sizes its context)")
     b.add_argument("--repeat", type=int, default=5)
+    b.add_argument("--tg", type=int, default=None, help="decode row: this many one-token steps from an empty "
+                                                       "context, as llama-bench's tgN (0: none; default 128 on "
+                                                       "cuda, 0 on the cpu reference)")
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--json", dest="json_out", help="write the results as JSON")
     b.add_argument("--plot", help="write a PNG: tok/s against prompt length, stacked phases")
@@ -688,6 +735,13 @@ def bench_main(args) -> int:
         runs = [(c, ps, max(prompts)) for c, ps in groups.items()]
     else:
         runs = [(fixed_chunk, prompts, None)]
+    tg = args.tg
+    if tg is None:
+        from ggfuse.runtime.api import cuda_available
+        tg = 128 if args.device == "cuda" or (args.device == "auto" and cuda_available()) else 0
+    if tg < 0:
+        raise GGFuseError(None, f"--tg must be 0 or a positive number of tokens, got {tg}")
+    args.tg = tg
     if args.against_llama_bench:
         n_cpu_moe = _int_list(args.n_cpu_moe)
         search = None
@@ -701,15 +755,21 @@ def bench_main(args) -> int:
         log(f"llama-bench on {args.model} ...")
         llama = run_llama_bench(args.against_llama_bench, args.model, prompts, repeat=args.repeat,
                                 n_cpu_moe=n_cpu_moe, vram_budget=args.vram_budget, search_from=search,
-                                n_layers=_n_expert_layers(args.model) if search is not None else None)
+                                n_layers=_n_expert_layers(args.model) if search is not None else None,
+                                tg=args.tg, ubatch=(2048,) if args.vram_budget else UBATCHES)
         for r in llama["runs"]:
             if r.get("peak_vram_mib") is not None:
                 log(f"llama-bench --n-cpu-moe {r['n_cpu_moe']}: pp{r['n_prompt']} {r['avg_ts']:.0f} tok/s, peak device "
                     f"memory {r['peak_vram_mib'] / 1024:.2f} GiB" + ("" if r["fits_budget"] else " (over the budget)"))
     res = None
-    for c, ps, ctx in runs:
+    if per_prompt and tg:
+        # under a budget the decode row is a run of its own: a prompt's KV cache stays its size
+        runs.append((runs[-1][0], [], tg + 8))
+    for i, (c, ps, ctx) in enumerate(runs):
+        last = i == len(runs) - 1       # the decode row once, with the last run's plan
         part = bench_model(args.model, ps, chunk=c, repeat=args.repeat, vram_budget=args.vram_budget,
-                           device=args.device, log=log, max_context=ctx, options=options)
+                           device=args.device, log=log, max_context=ctx, options=options,
+                           tg=tg if last else 0)
         for r in part["results"]:
             if auto:
                 r["chunk"] = c
@@ -719,6 +779,7 @@ def bench_main(args) -> int:
             res = part
         else:
             res["results"] += part["results"]
+            res["decode"] = part["decode"] or res.get("decode")
     res["results"].sort(key=lambda r: r["prompt"])
     if auto:
         res["chunk"] = "auto"
@@ -749,6 +810,13 @@ def bench_main(args) -> int:
         if r.get("phases"):
             tot = sum(r["phases"].values())
             print("         " + ", ".join(f"{k} {100 * v / tot:.0f}%" for k, v in r["phases"].items()))
+    d = res.get("decode")
+    if d:
+        other = lb.get(f"tg{d['tg']}")
+        line = f"{'tg' + str(d['tg']):>8} {d['tok_per_s']:>14.1f} {d['ms_per_token']:>10.2f} {'-':>9} {'-':>9}"
+        if lb:
+            line += f" {other:>16.1f} {d['tok_per_s'] / other:>7.2f}" if other else f" {'-':>16} {'-':>7}"
+        print(line + (f"   host {100 * d['host_fraction']:.1f}% of a step" if "host_fraction" in d else ""))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(res, f, indent=1)

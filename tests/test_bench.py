@@ -200,3 +200,32 @@ def test_llama_bench_searches_the_fastest_setting_that_fits(tmp_path, monkeypatc
     assert min(fitting) == (23 if start != 39 else 40)
     with pytest.raises(GGFuseError, match="needs a --vram-budget"):
         bench.run_llama_bench(str(exe), EXAMPLE, [2048], repeat=1, search_from=20)
+
+
+FAKE_TG = """#!/bin/sh
+# fake llama-bench with a decode test: -p gives pp rows, -n N a tgN row
+p=0; n=0
+while [ $# -gt 0 ]; do [ "$1" = "-p" ] && p=$2; [ "$1" = "-n" ] && n=$2; shift; done
+echo "[{\\"n_prompt\\": $p, \\"n_gen\\": 0, \\"avg_ts\\": 1000}, {\\"n_prompt\\": 0, \\"n_gen\\": $n, \\"avg_ts\\": 50}]"
+"""
+
+
+def test_decode_row_beside_llama_bench_tg(tmp_path, capsys):
+    """`ggfuse bench --tg N`: a decode row (N one-token steps from an empty context, llama-bench's
+    tgN) in the JSON and the table, with llama-bench's tgN in the same run for the ratio."""
+    from ggfuse.compiler.cli import main
+    exe = tmp_path / "llama-bench"
+    exe.write_text(FAKE_TG)
+    exe.chmod(0o755)
+    js = tmp_path / "r.json"
+    assert main(["bench", EXAMPLE, "--device", "cpu", "--prompt", "8", "--repeat", "1", "--chunk", "16",
+                 "--tg", "6", "--against-llama-bench", str(exe), "--json", str(js)]) == 0
+    data = json.loads(js.read_text())
+    d = data["decode"]
+    assert d["tg"] == 6 and d["tok_per_s"] > 0 and len(d["runs"]) == 1
+    assert data["llama_bench"]["results"]["tg6"] == 50.0 and "-n 6" in data["llama_bench"]["cmd"]
+    out = capsys.readouterr().out
+    assert "     tg6" in out and f"{d['tok_per_s'] / 50.0:.2f}" in out
+    assert main(["bench", EXAMPLE, "--device", "cpu", "--prompt", "8", "--repeat", "1", "--chunk", "16",
+                 "--tg", "0", "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["decode"] is None

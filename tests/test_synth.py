@@ -13,6 +13,7 @@ import importlib.util
 import re
 import shutil
 from collections import namedtuple
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -354,6 +355,65 @@ def test_cli(tmp_path, capsys):
     assert args.fn(args) == 0
     assert "qwen3next 4 layers" in capsys.readouterr().out
     assert GGUFFile(out).arch_key("block_count") == 4
+
+
+# --------------------------------------------------------------------------
+# A real tokenizer: the files take text
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer():
+    from ggfuse.runtime.tokenizer import Tokenizer
+    return Tokenizer.from_gguf(synth.QWEN_VOCAB)
+
+
+@pytest.mark.parametrize("preset, pre, template", [("qwen3.5-35b-a3b", "qwen35", "Qwen3.5-4B.jinja"),
+                                                   ("qwen3-30b-a3b", "qwen2", "Qwen-Qwen3-0.6B.jinja")])
+def test_full_vocab_is_llama_cpp_qwen_vocab(tmp_path, qwen_tokenizer, preset, pre, template):
+    from ggfuse.runtime.tokenizer import Tokenizer
+    path = tmp_path / "m.gguf"
+    synth.write_synth(preset, "q4_k_m", path, layers=1, sparse=True, progress=False)
+    tok = Tokenizer.from_gguf(path)
+    p = synth.PRESETS[preset]
+    assert tok.n_vocab == p.n_vocab and tok.pre == pre and not tok.add_bos
+    assert tok.tokens[:qwen_tokenizer.n_vocab] == qwen_tokenizer.tokens
+    assert all(t.startswith("[PAD") for t in tok.tokens[qwen_tokenizer.n_vocab:])
+    text = "Hello world, 你好! <|im_start|>user"
+    assert tok.encode(text, parse_special=True) == qwen_tokenizer.encode(text, parse_special=True)
+    assert tok.tokens[tok.eos_id] == "<|im_end|>" and tok.is_eog(tok.eos_id)
+    with open(f"{synth.VOCAB_DIR}/{template}", encoding="utf-8") as f:
+        assert tok.chat_template == f.read()
+
+
+def test_small_vocab_is_a_consistent_cut(tmp_path):
+    from ggfuse.runtime.tokenizer import Tokenizer
+    path = tmp_path / "m.gguf"
+    synth.write_synth("qwen3.5-35b-a3b", "q4_k_m", path, layers=1, vocab=VOCAB, experts=4, progress=False)
+    tok = Tokenizer.from_gguf(path)   # every merge names tokens of the cut vocabulary
+    assert tok.n_vocab == VOCAB and tok.tokens[-3:] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    text = "def main():\n    print('hi there')  # 日本語"
+    ids = tok.encode(text)
+    assert max(ids) < VOCAB and len(ids) < len(text.encode()) and tok.decode(ids) == text
+    import ggfuse
+    m = ggfuse.load(str(path), device="cpu")
+    assert len(m.generate("Hello", 3)) <= 3 and isinstance("".join(m.stream("Hello", 3)), str)
+
+
+def test_tokenizer_from_another_gguf(tmp_path):
+    from ggfuse.runtime.tokenizer import Tokenizer
+    src = Path(__file__).parent / "fixtures" / "qwen35moe" / "f32.gguf"
+    path = tmp_path / "m.gguf"
+    synth.write_synth("qwen3-30b-a3b", "q8_0", path, layers=1, vocab=VOCAB, experts=4, progress=False,
+                      tokenizer_from=src)
+    tok, tiny = Tokenizer.from_gguf(path), Tokenizer.from_gguf(src)
+    assert tok.tokens[:tiny.n_vocab] == tiny.tokens and tok.encode("Hello world") == tiny.encode("Hello world")
+    with pytest.raises(UnsupportedError, match="tokenizer.ggml.model is None"):
+        bare = tmp_path / "bare.gguf"
+        import gguf
+        w = gguf.GGUFWriter(str(bare), "qwen3moe")
+        w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+        synth.write_synth("qwen3-30b-a3b", "q8_0", tmp_path / "x.gguf", layers=1, vocab=VOCAB, experts=4,
+                          progress=False, tokenizer_from=bare)
 
 
 # --------------------------------------------------------------------------
