@@ -1,4 +1,4 @@
-"""Synthetic stand-ins for real Qwen GGUF checkpoints.
+"""Synthetic stand-ins for real Qwen and Gemma 4 GGUF checkpoints.
 
 Real checkpoints cannot be downloaded where ggfuse is developed, so this
 module writes GGUF files with the *structure* of the real thing -- the
@@ -13,7 +13,8 @@ Sources: llama.cpp as vendored in llama-cpp-python 0.3.36
 tensors the converter keeps in F32, ``src/llama-quant.cpp`` for the
 Q4_K_M / Q8_0 type rules and the tensor order of a quantized file,
 ``src/models/*.cpp`` for the tensor shapes) and the models' published HF
-configs. See ``PRESETS`` for the numbers.
+configs. See ``PRESETS`` for the numbers; the Gemma 4 presets live in
+``compiler/synth_gemma4.py`` with their own sources.
 
 Quantized tensors are not quantized from float data: random *valid* blocks
 are generated directly (random quants and sub-block scales, a super-block
@@ -49,6 +50,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFWriter, TokenType
 from gguf.constants import GGML_QUANT_SIZES
 
+from ggfuse.compiler.synth_gemma4 import GEMMA4_PRESETS
 from ggfuse.errors import GGFuseError, UnsupportedError
 
 __all__ = ["PRESETS", "QUANTS", "Preset", "write_synth", "describe", "add_synth_parser", "synth_main"]
@@ -137,6 +139,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            rope_theta=1_000_000.0, rms_eps=1e-6, n_ff=6144,
            n_expert=128, n_expert_used=8, n_ff_exp=768),
 ]}
+
+PRESETS.update(GEMMA4_PRESETS)
 
 # quant name -> (general.file_type, default type of quantizable tensors)
 QUANTS: dict[str, tuple[int, QT]] = {
@@ -249,8 +253,12 @@ def _tensor_table(p: Preset) -> list[TensorSpec]:
     ]
     for il in range(p.n_layer):
         specs.extend(_layer_tensors(p, il))
-    # llama-quantize writes tensors in llama_model_loader's weights_map order:
-    # by layer (non-layer tensors first), then by name.
+    return _sort_like_quantize(specs)
+
+
+def _sort_like_quantize(specs: list[TensorSpec]) -> list[TensorSpec]:
+    """llama-quantize writes tensors in llama_model_loader's weights_map order:
+    by layer (non-layer tensors first), then by name."""
     def key(s: TensorSpec):
         layer = int(s.name.split(".")[1]) if s.name.startswith("blk.") else -1
         return (layer, s.name)
@@ -296,8 +304,13 @@ def _assign_types(specs: list[TensorSpec], p: Preset, quant: str) -> list[Tensor
             out.append(replace(s, ggml_type=QT.F32))
             continue
         layer = int(n.split(".")[1]) if n.startswith("blk.") else -1
-        if n == "output.weight" or (tied and n == "token_embd.weight"):
+        if n == "output.weight" or (tied and n in ("token_embd.weight", "per_layer_token_embd.weight")):
+            # per_layer_token_embd (Gemma 4) counts as a token embedding (tensor_get_category)
             t = QT.Q8_0 if s.ne[0] % 256 else (QT.Q6_K if t != QT.Q8_0 else t)
+        elif "per_layer_model_proj" in n:
+            # never quantized (tensor_allows_quantization): it keeps the F16 of the conversion
+            out.append(replace(s, ggml_type=QT.F16))
+            continue
         elif n == "token_embd.weight":
             pass  # Q4_K_M and Q8_0 leave the token embedding at the default type
         elif n.endswith(("attn_v.weight", "attn_qkv.weight")):
@@ -411,6 +424,9 @@ def _gen_f32(rng: np.random.Generator, init: tuple, n: int) -> np.ndarray:
         return (0.1 * rng.standard_normal(n)).astype(np.float32)
     if kind == "conv":
         return (0.3 * rng.standard_normal(n)).astype(np.float32)
+    if kind == "rope_freqs":
+        # Gemma 4 proportional RoPE (conversion/gemma.py): 1 for the rotated pairs, 1e30 for the rest
+        return np.where(np.arange(n) < init[1], 1.0, 1e30).astype(np.float32)
     raise AssertionError(kind)
 
 
@@ -577,19 +593,23 @@ def _resolve(preset: str, quant: str, layers: int | None, vocab: int | None,
              experts: int | None) -> tuple[Preset, list[TensorSpec]]:
     p = get_preset(preset)
     _check_quant(quant)
-    if layers is not None:
-        if not 1 <= layers <= p.n_layer:
-            raise UnsupportedError(None, f"layers must be in 1..{p.n_layer} for preset '{preset}', got {layers}")
-        p = replace(p, n_layer=layers)
-    if vocab is not None:
-        if vocab < 512:
-            raise UnsupportedError(None, f"vocab must be >= 512, got {vocab}")
-        p = replace(p, n_vocab=vocab)
+    if layers is not None and not 1 <= layers <= p.n_layer:
+        raise UnsupportedError(None, f"layers must be in 1..{p.n_layer} for preset '{preset}', got {layers}")
+    if vocab is not None and vocab < 512:
+        raise UnsupportedError(None, f"vocab must be >= 512, got {vocab}")
     if experts is not None:
         if not p.n_expert:
             raise UnsupportedError(None, f"preset '{preset}' is dense; experts= does not apply")
         if experts < 1:
             raise UnsupportedError(None, f"experts must be >= 1, got {experts}")
+    if not isinstance(p, Preset):  # a preset of its own module (compiler/synth_gemma4.py)
+        p = p.reduced(layers=layers, vocab=vocab, experts=experts)
+        return p, _assign_types(p.tensor_table(), p, quant)
+    if layers is not None:
+        p = replace(p, n_layer=layers)
+    if vocab is not None:
+        p = replace(p, n_vocab=vocab)
+    if experts is not None:
         p = replace(p, n_expert=experts, n_expert_used=min(p.n_expert_used, experts))
     return p, _assign_types(_tensor_table(p), p, quant)
 
@@ -691,7 +711,13 @@ def write_synth(preset: str, quant: str, out_path: str | os.PathLike[str], *,
                           f"({need / 1e9:.1f} GB), {free} bytes ({free / 1e9:.1f} GB) free in {out_dir}")
 
     w = GGUFWriter(None, p.arch)
-    _add_metadata(w, p, quant, seed, _tokenizer(p, os.fspath(tokenizer_from) if tokenizer_from else None))
+    if isinstance(p, Preset):
+        _add_metadata(w, p, quant, seed, _tokenizer(p, os.fspath(tokenizer_from) if tokenizer_from else None))
+    elif tokenizer_from is not None:
+        raise UnsupportedError(os.fspath(tokenizer_from), f"preset '{preset}' writes its own Gemma 4 stand-in "
+                                                          f"tokenizer; tokenizer_from applies to the Qwen presets")
+    else:  # a preset of its own module (compiler/synth_gemma4.py)
+        p.add_metadata(w, QUANTS[quant][0], seed)
     for s in specs:
         # GGUFWriter wants numpy order; ne is ggml order.
         w.add_tensor_info(s.name, tuple(reversed(s.ne)), np.dtype(np.float32), s.nbytes, raw_dtype=s.ggml_type)
@@ -781,7 +807,7 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     ap = subparsers.add_parser(
         "synth", help="write a synthetic GGUF with a real model's structure and random weights",
         description="Write a GGUF with the metadata, tensor names, shapes and ggml types that "
-                    "llama.cpp's converter + llama-quantize produce for a real Qwen model, "
+                    "llama.cpp's converter + llama-quantize produce for a real Qwen or Gemma 4 model, "
                     "filled with random but well-scaled weights.")
     ap.add_argument("--preset", required=True, help=f"model ({', '.join(PRESETS)})")
     ap.add_argument("--quant", default="q4_k_m", help=f"llama.cpp type mix ({', '.join(QUANTS)}; default q4_k_m)")

@@ -44,9 +44,14 @@ class Op(str, Enum):
     EXP = "exp"
     SOFTMAX = "softmax"
     SUM = "sum"
+    GELU = "gelu"              # tanh approximation
+    SOFTCAP = "softcap"        # cap * tanh(x / cap)
+    PLE_GATHER = "ple_gather"  # per-layer embedding rows of the tokens (Gemma 4)
     # attention
     ROPE = "rope"
     ATTENTION = "attention"
+    ATTENTION_WINDOW = "attention_window"  # sliding window over a ring of earlier keys + the chunk
+    KV_RING_APPEND = "kv_ring_append"      # write a chunk's keys/values into a sliding ring
     # recurrent (Gated DeltaNet)
     SSM_CONV = "ssm_conv"
     GATED_DELTA_RULE = "gated_delta_rule"
@@ -69,6 +74,10 @@ class Op(str, Enum):
     SIGMOID_MUL = "sigmoid_mul"            # attention output gate: x * sigmoid(g)
     GATED_RMS_NORM = "gated_rms_norm"      # DeltaNet output: rms_norm(o, w) * silu(z)
     FFN_SWIGLU = "ffn_swiglu"              # dense FFN gate+up+SwiGLU: silu(x Wg) * (x Wu)
+    FFN_GEGLU = "ffn_geglu"                # dense FFN gate+up+GELU-tanh GLU: gelu(x Wg) * (x Wu)
+    GELU_MUL = "gelu_mul"                  # gelu(x) * y (Gemma's per-layer-embedding gate)
+    NORM_ADD = "norm_add"                  # post-norm residual: (rms_norm(x) w + r) [* s]
+    NORM_ADD_NORM = "norm_add_norm"        # norm_add + the next RMSNorm: (normed, sum)
     # transfers (expert streaming under a VRAM budget)
     FETCH_WEIGHTS = "fetch_weights"        # host -> device copy on the copy stream
 
@@ -189,7 +198,8 @@ register(Op.CONCAT, (2, 64), _infer_concat,
 
 
 # the kinds of carried state an INPUT of kind "state" holds (attrs.state)
-STATE_KINDS = ("kv_cache", "conv_window", "recurrent_state")
+STATE_KINDS = ("kv_cache", "conv_window", "recurrent_state",
+               "kv_ring")   # a sliding-window layer's last keys or values (ir/ops_gemma4.py)
 
 
 def _infer_kv_append(a, ins):
@@ -309,15 +319,19 @@ register(Op.SUM, 1, _infer_sum,
 # ---- attention -------------------------------------------------------------------------------
 
 def _infer_rope(a, ins):
-    x, pos = ins
+    x, pos = ins[:2]
     _req(x.rank == 3 and pos.rank == 1 and dim_eq(x.shape[0], pos.shape[0]), "rope wants x[T, H, D], pos[T]")
     _req(a.n_dims <= x.shape[2] and a.n_dims % 2 == 0, f"rope n_dims {a.n_dims} vs head dim {x.shape[2]}")
+    if len(ins) == 3:  # freq factors (llama.cpp rope_freqs), one per rotated pair
+        _req(ins[2].rank == 1 and ins[2].shape[0] == a.n_dims // 2,
+             f"rope freq factors {list(ins[2].shape)} must be [{a.n_dims // 2}]")
     return (_f32(x.shape),)
 
 
-register(Op.ROPE, 2, _infer_rope,
-         lambda a, env, x, pos: (attn_ref.rope(x, pos, n_dims=a.n_dims, freq_base=a.freq_base, mode=a.mode,
-                                               freq_scale=a.freq_scale, sections=a.sections),),
+register(Op.ROPE, (2, 3), _infer_rope,
+         lambda a, env, x, pos, ff=None: (attn_ref.rope(x, pos, n_dims=a.n_dims, freq_base=a.freq_base, mode=a.mode,
+                                                        freq_scale=a.freq_scale, sections=a.sections,
+                                                        freq_factors=ff),),
          lambda a, ins, outs, env: 3 * _numel(outs[0], env))
 
 
@@ -420,9 +434,10 @@ register(Op.MUL_MAT_ID, 3, _infer_mul_mat_id,
 
 
 def _register_fused():
-    # Ops produced by the passes live beside the pass that makes them; importing registers them.
+    # Ops produced by the passes live beside the pass that makes them, the plain ops only Gemma 4
+    # emits so far in ops_gemma4; importing registers them.
     import importlib
-    for mod in ("ops_fused_deltanet", "ops_fused_moe", "ops_fused_elementwise", "ops_fused_transfer"):
+    for mod in ("ops_gemma4", "ops_fused_deltanet", "ops_fused_moe", "ops_fused_elementwise", "ops_fused_transfer"):
         try:
             importlib.import_module(f"ggfuse.ir.{mod}")
         except ModuleNotFoundError as e:

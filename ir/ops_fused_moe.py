@@ -1,7 +1,9 @@
 """Ops made by passes/fuse_moe.py: the router with its counting sort, and the grouped expert GEMM.
 
-MOE_ROUTE  inputs  x [T, D], w_router [E, D], (w_shexp_gate [1, D])
-           attrs   k, gating ("softmax" | "sigmoid"), norm, scale, tile
+MOE_ROUTE  inputs  x [T, D], w_router [E, D], (w_shexp_gate [1, D]), (expert_scale [1, E])
+           attrs   k, gating ("softmax" | "sigmoid"), norm, scale, tile,
+                   expert_scale (absent: False; True: the last input scales each expert's output,
+                   Gemma 4's ffn_down_exps.scale, folded into the slot weights)
            outputs ids [T, k] i32, weights [T, k] f32, sorted_slots [S] i32, expert_offsets [E+1] i32,
                    and shexp_gate [T, 1] f32 only when w_shexp_gate is an input (so 4 or 5 outputs:
                    a layer without a shared expert carries no dummy value).
@@ -11,8 +13,9 @@ MOE_GROUPED_GEMM
                      or w_gate_up [E, 2F, D]                (merged_gate_up=True),
                    then w_down [E, D, F],
                    then w_gate_sh [Fs, D], w_up_sh [Fs, D], w_down_sh [D, Fs], shexp_gate [T, 1]  (shared=True)
-           attrs   merged_gate_up, shared, tile
+           attrs   merged_gate_up, shared, tile, act (absent: "silu"; "gelu": GELU-tanh GLU, Gemma 4)
            output  [T, D]
+x is the experts' input; Gemma 4's router reads another one (MOE_ROUTE's x).
 S = k*T + E*(tile-1), the static worst case of the padded layout (kernels/moe/ref.py).
 The router's ids stay an output of MOE_ROUTE for the passes that schedule expert transfers; the
 grouped GEMM reads only the sorted layout, which says everything about which slot goes where.
@@ -32,8 +35,17 @@ def _slots_dim(T, k: int, E: int, tile: int):
     return dim_add(dim_mul(T, k), E * (tile - 1))
 
 
+def _route_inputs(a, ins):
+    """(x, w_router, w_shexp_gate or None, expert_scale or None)."""
+    has_scale = bool(a.get("expert_scale", False))
+    _req(len(ins) - has_scale in (2, 3), f"moe_route (expert_scale={has_scale}) takes {2 + has_scale} or "
+                                         f"{3 + has_scale} inputs, got {len(ins)}")
+    wsg = ins[2] if len(ins) - has_scale == 3 else None
+    return ins[0], ins[1], wsg, ins[-1] if has_scale else None
+
+
 def _infer_moe_route(a, ins):
-    x, w = ins[0], ins[1]
+    x, w, wsg, es = _route_inputs(a, ins)
     _req(x.rank == 2 and w.rank == 2 and dim_eq(x.shape[1], w.shape[1]),
          f"moe_route wants x[T, D], w_router[E, D], got x{list(x.shape)} w{list(w.shape)}")
     E = w.shape[0]
@@ -43,10 +55,11 @@ def _infer_moe_route(a, ins):
     T = x.shape[0]
     outs = (TensorType((T, a.k), _I32), _f32((T, a.k)),
             TensorType((_slots_dim(T, a.k, E, a.tile),), _I32), TensorType((E + 1,), _I32))
-    if len(ins) == 3:
-        g = ins[2]
-        _req(g.rank == 2 and g.shape[0] == 1 and dim_eq(g.shape[1], x.shape[1]),
-             f"moe_route w_shexp_gate must be [1, {x.shape[1]}], got {list(g.shape)}")
+    if es is not None:
+        _req(tuple(es.shape) == (1, E), f"moe_route expert_scale must be [1, {E}], got {list(es.shape)}")
+    if wsg is not None:
+        _req(wsg.rank == 2 and wsg.shape[0] == 1 and dim_eq(wsg.shape[1], x.shape[1]),
+             f"moe_route w_shexp_gate must be [1, {x.shape[1]}], got {list(wsg.shape)}")
         outs += (_f32((T, 1)),)
     return outs
 
@@ -54,13 +67,16 @@ def _infer_moe_route(a, ins):
 def _flops_moe_route(a, ins, outs, env):
     T = dim_eval(ins[0].shape[0], env)
     E, D = ins[1].shape
-    return 2 * T * E * D + (2 * T * D if len(ins) == 3 else 0)
+    return 2 * T * E * D + (2 * T * D if _route_inputs(a, ins)[2] is not None else 0)
 
 
-register(Op.MOE_ROUTE, (2, 3), _infer_moe_route,
-         lambda a, env, x, w, wsg=None: moe_ref.moe_route(x, w, wsg, k=a.k, gating=a.gating, norm=a.norm,
-                                                          scale=a.scale, tile=a.tile),
-         _flops_moe_route, n_outputs=5)
+def _ref_moe_route(a, env, *arrays):
+    x, w, wsg, es = _route_inputs(a, arrays)
+    return moe_ref.moe_route(x, w, wsg, k=a.k, gating=a.gating, norm=a.norm, scale=a.scale, tile=a.tile,
+                             expert_scale=es)
+
+
+register(Op.MOE_ROUTE, (2, 4), _infer_moe_route, _ref_moe_route, _flops_moe_route, n_outputs=5)
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,7 @@ def moe_operands(a, ins) -> MoeOperands:
     want = 4 + n_exp + (4 if a.shared else 0)
     _req(len(ins) == want, f"moe_grouped_gemm (merged_gate_up={a.merged_gate_up}, shared={a.shared}) "
                            f"takes {want} inputs, got {len(ins)}")
+    _req(a.get("act", "silu") in ("silu", "gelu"), f"moe_grouped_gemm act {a.get('act')!r} is not silu or gelu")
     x, wts, slots, offs = ins[:4]
     if a.merged_gate_up:
         wg, wu, wgu, wd = None, None, ins[4], ins[5]
@@ -139,7 +156,8 @@ def _ref_moe_grouped_gemm(a, env, *arrays):
     o = moe_operands(a, arrays)
     shared = (o.shared.gate, o.shared.up, o.shared.down, o.shared.scale) if o.shared else None
     return (moe_ref.moe_grouped_gemm(o.x, o.weights, o.slots, o.offsets, w_gate=o.gate, w_up=o.up,
-                                     w_gate_up=o.gate_up, w_down=o.down, shared=shared),)
+                                     w_gate_up=o.gate_up, w_down=o.down, shared=shared,
+                                     act=a.get("act", "silu")),)
 
 
 def _flops_moe_grouped_gemm(a, ins, outs, env):

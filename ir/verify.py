@@ -68,6 +68,15 @@ def verify(g: Graph) -> None:
             problems.append(f"state {name!r} has no updated value among the outputs")
         elif g.type_of(g.outputs[name]).rank != node.outputs[0].rank:
             problems.append(f"state {name!r}: output rank differs from input rank")
+        else:
+            # A runtime updates a state in place: every other reader of the old value must come
+            # before the node that writes the new one (Gemma's shared sliding rings have several).
+            writer = g.outputs[name].node
+            for u in g.users(node.id):
+                if u.id != writer and not nx.has_path(g.nx, u.id, writer):
+                    problems.append(f"state {name!r} is read by %{u.id} ({u.op.value} {u.name!r}), which the "
+                                    f"node writing it (%{writer}) does not depend on: an in-place update could "
+                                    f"overwrite it first")
     if problems:
         head = f"graph {g.name!r} fails verification ({len(problems)} problems)"
         raise VerifyError(head + ":\n  " + "\n  ".join(problems[:50]))

@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 from fake_cupy import fake_device
-from util import ARCHS, fixture
+from util import ARCHS, GEMMA4, fixture
+
+# Gemma 4's ops (attention_window, kv_ring_append, ple_gather, gelu, softcap and their fusions)
+# have no CUDA launchers yet (the CUDA half of issue 13); its fixtures join here when they do.
+NO_CUDA_YET = [pytest.param(a, marks=pytest.mark.skip(reason="gemma4 ops have no CUDA launchers yet"))
+               for a in GEMMA4]
 
 # kernel record name -> the launcher stub it must call (fake_cupy names stubs module.function)
 CALLS = {"gemm.gemm": "gemm.gemm", "gemm.gemm_swiglu": "gemm.gemm_swiglu", "cublas.gemm_bf16": "gemm.gemm_bf16",
@@ -28,7 +33,7 @@ def _backend(arch, quant, monkeypatch, **opts):
 
 
 @pytest.mark.parametrize("quant", ["f32", "q4_k_m"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", list(ARCHS) + NO_CUDA_YET)
 def test_backend_binds_every_op(arch, quant, monkeypatch):
     from ggfuse.ir.ops import Op
     from ggfuse.passes import plan_memory
@@ -122,7 +127,7 @@ def test_short_chunks_run_a_smaller_graph(monkeypatch):
 
 
 @pytest.mark.parametrize("quant", ["f32", "q4_k_m"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", list(ARCHS) + NO_CUDA_YET)
 def test_backend_binds_precision_f32(arch, quant, monkeypatch):
     """precision f32: every GEMM binds to the f32 kernels (dense/qf32.py, moe/launch_f32.py) on
     the weights as the GGUF stores them, no activation is stored bf16, the delta rule runs the

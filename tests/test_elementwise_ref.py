@@ -87,3 +87,51 @@ def test_ffn_swiglu(rng):
 def test_shape_rules_reject(op, shapes):
     with pytest.raises(InferError):
         infer(op, Attrs(eps=1e-6), [TensorType(s) for s in shapes])
+
+
+# ---- Gemma 4 -----------------------------------------------------------------------------------
+
+def test_norm_rope_with_freq_factors(rng):
+    x, w = _r(rng, T, H, DH), _r(rng, DH)
+    pos = (100 + np.arange(T)).astype(np.int32)
+    ff = np.array([1.0] * 8 + [1e30] * (DH // 2 - 8), np.float32)  # Gemma's proportional RoPE
+    rope = dict(n_dims=DH, freq_base=1e6, freq_scale=1.0, mode="neox", sections=())
+    (want,) = _ref(Op.ROPE, rope, *_ref(Op.RMS_NORM, {"eps": 1e-6}, x, w), pos, ff)
+    _check(Op.NORM_ROPE, {**rope, "eps": 1e-6}, (x, w, pos, ff), (want,))
+
+
+def test_ffn_geglu(rng):
+    x, wg, wu = _r(rng, T, D), _r(rng, F, D) / 4, _r(rng, F, D) / 4
+    (gate,) = _ref(Op.MATMUL, {}, x, wg)
+    (up,) = _ref(Op.MATMUL, {}, x, wu)
+    (want,) = _ref(Op.MUL, {}, *_ref(Op.GELU, {}, gate), up)
+    _check(Op.FFN_GEGLU, {}, (x, wg, wu), (want,))
+
+
+def test_gelu_mul(rng):
+    x, y = _r(rng, T, D) * 3, _r(rng, T, D)
+    (want,) = _ref(Op.MUL, {}, *_ref(Op.GELU, {}, x), y)
+    _check(Op.GELU_MUL, {}, (x, y), (want,))
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "layer-output-scale"])
+def test_norm_add_and_norm_add_norm(rng, scaled):
+    x, w, r, w2 = _r(rng, T, D), _r(rng, D), _r(rng, T, D), _r(rng, D)
+    s = (np.float32([0.7]),) if scaled else ()
+    (total,) = _ref(Op.ADD, {}, *_ref(Op.RMS_NORM, {"eps": 1e-6}, x, w), r)
+    if scaled:
+        (total,) = _ref(Op.MUL, {}, total, s[0])
+    _check(Op.NORM_ADD, {"eps": 1e-6}, (x, w, r) + s, (total,))
+    (normed,) = _ref(Op.RMS_NORM, {"eps": 1e-5}, total, w2)
+    _check(Op.NORM_ADD_NORM, {"eps": 1e-6, "eps_next": 1e-5}, (x, w, r, w2) + s, (normed, total))
+
+
+@pytest.mark.parametrize("op,shapes", [
+    (Op.NORM_ADD, [("T", D), (D,), (1, D)]),                # the residual does not broadcast
+    (Op.NORM_ADD, [("T", D), (D,), ("T", D), (D,)]),        # the scale is one number
+    (Op.GELU_MUL, [("T", D), ("T", 1)]),
+    (Op.FFN_GEGLU, [("T", D), (F, D), (F + 1, D)]),
+], ids=["norm_add-broadcast", "norm_add-scale-shape", "gelu_mul-broadcast", "ffn_geglu-widths"])
+def test_gemma_shape_rules_reject(op, shapes):
+    with pytest.raises(InferError):
+        infer(op, Attrs(eps=1e-6, eps_next=1e-6), [TensorType(s) for s in shapes])

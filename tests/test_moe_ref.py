@@ -176,3 +176,39 @@ def test_ops_infer_symbolic_and_flops():
     ins = [g.type_of(v) for v in g.node(y.node).inputs]
     assert OPS[Op.MOE_GROUPED_GEMM].flops(g.node(y.node).attrs, ins, None, env) == 2 * 10 * 2 * 3 * D * F + 2 * 10 * 3 * D * FS
     assert dim_eval(g.type_of(route[2]).shape[0], env) == moe_ref.padded_length(10, 2, E, 16)
+
+
+# ---- Gemma 4: per-expert output scale, GELU experts, a router input of its own ------------------
+
+@pytest.mark.parametrize("T", [1, 7, 40], ids=lambda t: f"T{t}")
+def test_gemma_route_and_gelu_experts_match_the_plain_ops(T):
+    rng = _rng(T + 1000)
+    k = 2
+    x_router, x = _randn(rng, T, D), _randn(rng, T, D)
+    w_router, es = _randn(rng, E, D, scale=0.3), np.abs(_randn(rng, 1, E)) + 0.5
+    wg, wu, wd = _experts(rng)
+    ids, w, slots, offsets = moe_ref.moe_route(x_router, w_router, k=k, tile=4, expert_scale=es)
+    want_ids, want_w = _plain_route(x_router, w_router, k=k, gating="softmax", norm=True, scale=0.0)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(w, dense_ref.mul(want_w, moe_ref.take_along(es, want_ids)))
+    got = moe_ref.moe_grouped_gemm(x, w, slots, offsets, w_gate_up=np.concatenate([wg, wu], axis=1), w_down=wd,
+                                   act="gelu")
+    h = dense_ref.mul(dense_ref.gelu(moe_ref.mul_mat_id(wg, x, ids)), moe_ref.mul_mat_id(wu, x, ids))
+    want = dense_ref.sum_axis(dense_ref.mul(moe_ref.mul_mat_id(wd, h, ids), w[:, :, None]), axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+def test_gemma_route_shape_rules():
+    from ggfuse.ir.ops import InferError
+    g = Graph("moe")
+    x = g.add(Op.INPUT, key="x", kind="activation", shape=("T", D), dtype="f32")
+    wr = g.add(Op.WEIGHT, tensor="r", shape=(E, D), dtype="f32")
+    es = g.add(Op.WEIGHT, tensor="s", shape=(1, E), dtype="f32")
+    route = g.add(Op.MOE_ROUTE, [x, wr, es], k=2, gating="softmax", norm=True, scale=0.0, tile=16, expert_scale=True)
+    assert len(route) == 4
+    with pytest.raises(InferError, match="expert_scale must be"):
+        g.add(Op.MOE_ROUTE, [x, wr, wr], k=2, gating="softmax", norm=True, scale=0.0, tile=16, expert_scale=True)
+    wgu = g.add(Op.WEIGHT, tensor="gu", shape=(E, 2 * F, D), dtype="f32")
+    wd = g.add(Op.WEIGHT, tensor="d", shape=(E, D, F), dtype="f32")
+    with pytest.raises(InferError, match="act"):
+        g.add(Op.MOE_GROUPED_GEMM, [x, *route[1:4], wgu, wd], merged_gate_up=True, shared=False, tile=16, act="relu")

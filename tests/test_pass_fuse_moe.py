@@ -159,3 +159,80 @@ def test_routed_sum_read_twice_keeps_shared_expert_apart():
     verify(res.graph)
     x = np.random.default_rng(0).standard_normal((5, D)).astype(np.float32)
     np.testing.assert_allclose(_run(res.graph, gf, x), _run(g, gf, x), rtol=1e-6, atol=1e-7)
+
+
+# ---- Gemma 4: router input of its own, per-expert scale, GELU experts, dense MLP beside -------
+
+def test_gemma4_structure_and_logits():
+    gf, g = _load("gemma4-moe")
+    res = fuse_moe.run(g)
+    out = res.graph
+    verify(out)
+    L = g.meta["hparams"]["n_layer"]
+    assert res.changed and all(not out.by_op(op) for op in GONE)
+    routes, gemms = out.by_op(Op.MOE_ROUTE), out.by_op(Op.MOE_GROUPED_GEMM)
+    assert len(routes) == len(gemms) == L
+    for il, (r, m) in enumerate(zip(routes, gemms)):
+        assert r.attrs.expert_scale and r.attrs.gating == "softmax" and r.attrs.norm and len(r.outputs) == 4
+        assert out.node(r.inputs[2].node).attrs.tensor == f"blk.{il}.ffn_down_exps.scale"
+        assert out.node(r.inputs[0].node).name == f"blk.{il}.router_in"       # rms(h) / sqrt(D) * scale
+        assert out.node(m.inputs[0].node).name == f"blk.{il}.pre_ffw_norm_2"  # the experts' own norm
+        assert m.attrs.act == "gelu" and m.attrs.merged_gate_up and not m.attrs.shared
+        assert m.inputs[1:4] == tuple(r.value(i) for i in (1, 2, 3))
+    # the dense MLP beside the experts stays as it was
+    assert len(out.by_op(Op.MATMUL)) == len(g.by_op(Op.MATMUL)) - L
+    assert not fuse_moe.run(out).changed
+    for quant in ("f32", "q4_k_m"):
+        gf, g = _load("gemma4-moe", quant)
+        tokens = np.random.default_rng(7).integers(0, g.meta["hparams"]["n_vocab"], size=40)
+        plain = run_graph(g, gf, tokens, chunk=16)
+        assert rel_err(run_graph(fuse_moe.run(g).graph, gf, tokens, chunk=16), plain) <= 1e-5
+
+
+def _gemma_synthetic(*, merged: bool, expert_scale: bool, seed: int = 0):
+    from ggfuse.compiler.frontends import gemma4
+    rng = np.random.default_rng(seed)
+    w = lambda *s: (rng.standard_normal(s) * 0.2).astype(np.float32)
+    p = "blk.0"
+    arrays = {f"{p}.ffn_gate_inp.weight": w(E, D), f"{p}.ffn_down_exps.weight": w(E, D, F)}
+    if merged:
+        arrays[f"{p}.ffn_gate_up_exps.weight"] = w(E, 2 * F, D)
+    else:
+        arrays.update({f"{p}.ffn_gate_exps.weight": w(E, F, D), f"{p}.ffn_up_exps.weight": w(E, F, D)})
+    if expert_scale:
+        arrays[f"{p}.ffn_down_exps.scale"] = np.abs(w(E)) + 0.5
+    gf = _FakeGGUF(arrays)
+    hp = gemma4.Gemma4HParams(arch="gemma4", n_layer=1, n_embd=D, n_vocab=0, rms_eps=1e-6, n_expert=E,
+                              n_expert_used=K, n_expert_used_l=(K,), n_ff_exp=F)
+    b = Builder(gf, "synthetic")
+    xe = b.input("x", kind="activation", shape=("T", D))
+    xr = b.op(Op.SCALE, xe, factor=0.5)   # the router reads another value than the experts
+    b.g.set_output("y", gemma4.moe(b, xe, xr, il=0, hp=hp))
+    return b.g, gf
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["split", "merged"])
+@pytest.mark.parametrize("expert_scale", [False, True], ids=["unscaled", "expert-scale"])
+def test_gemma4_moe_variants(merged, expert_scale):
+    g, gf = _gemma_synthetic(merged=merged, expert_scale=expert_scale)
+    res = fuse_moe.run(g)
+    assert res.changed
+    out = res.graph
+    verify(out)
+    (route,), (gemm,) = out.by_op(Op.MOE_ROUTE), out.by_op(Op.MOE_GROUPED_GEMM)
+    assert bool(route.attrs.get("expert_scale", False)) == expert_scale and len(route.inputs) == 2 + expert_scale
+    assert gemm.attrs.act == "gelu" and gemm.attrs.merged_gate_up == merged
+    assert out.node(route.inputs[0].node).op == Op.SCALE and out.node(gemm.inputs[0].node).op == Op.INPUT
+    assert len(out) == len(out.weights()) + 4  # input, router scale, route, grouped GEMM
+    for T in (1, 19):
+        x = np.random.default_rng(T).standard_normal((T, D)).astype(np.float32)
+        want = _run(g, gf, x)
+        np.testing.assert_allclose(_run(out, gf, x), want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+def test_gemma4_expert_scale_read_elsewhere_stays_plain():
+    g, _ = _gemma_synthetic(merged=True, expert_scale=True)
+    take = next(n for n in g.by_op(Op.TAKE_ALONG) if n.name.endswith("expert_scales"))
+    g.set_output("scales", take.out)
+    res = fuse_moe.run(g)
+    assert not res.changed and "graph output" in res.graph.by_op(Op.TOPK)[0].meta["fuse_moe"]

@@ -12,6 +12,10 @@ from ggfuse.runtime.weights import WeightStore
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures")
 ARCHS = ("qwen35moe", "qwen35", "qwen3next", "qwen3moe")
+# Gemma 4 fixtures (arch gemma4): an E2B-like dense model and a 26B-A4B-like MoE. Not in ARCHS:
+# tests over ARCHS read Qwen-only hparams or expect Qwen ops; MODELS is for model-level checks.
+GEMMA4 = ("gemma4-dense", "gemma4-moe")
+MODELS = ARCHS + GEMMA4
 QUANTS = ("f32", "q8_0", "q4_k_m")
 
 

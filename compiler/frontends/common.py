@@ -72,10 +72,11 @@ class HParams:
         return d
 
 
-def per_layer(value, n_layer: int, what: str, gf) -> list:
-    """llama.cpp lets many keys be a scalar or a per-layer array."""
+def per_layer(value, n_layer: int, what: str, gf, *, exact: bool = False) -> list:
+    """llama.cpp lets many keys be a scalar or a per-layer array (exact: of exactly n_layer
+    entries; otherwise longer arrays are cut, as llama.cpp reads only the first n_layer)."""
     if isinstance(value, list):
-        if len(value) < n_layer:
+        if len(value) < n_layer or (exact and len(value) != n_layer):
             raise GGUFFormatError(gf.path, f"metadata key {what!r} has {len(value)} entries, expected {n_layer}")
         return list(value[:n_layer])
     return [value] * n_layer
@@ -319,11 +320,13 @@ def deltanet_block(b: Builder, x: Value, *, il: int, hp: HParams, head_map: str)
     return b.matmul(o, f"{p}.ssm_out.weight", D, value_dim)
 
 
-def dense_ffn(b: Builder, x: Value, *, prefix: str, n_embd: int, n_ff: int, suffix: str = "") -> Value:
-    """SwiGLU FFN: down(silu(gate x) * up x)."""
+def dense_ffn(b: Builder, x: Value, *, prefix: str, n_embd: int, n_ff: int, suffix: str = "",
+              act: Op = Op.SILU) -> Value:
+    """Gated FFN: down(act(gate x) * up x); SwiGLU by default, GELU-tanh for Gemma."""
     gate = b.matmul(x, f"{prefix}.ffn_gate{suffix}.weight", n_ff, n_embd)
     up = b.matmul(x, f"{prefix}.ffn_up{suffix}.weight", n_ff, n_embd)
-    h = b.op(Op.MUL, b.op(Op.SILU, gate), up, name=f"{prefix}.ffn_swiglu{suffix}")
+    glu = "ffn_swiglu" if act == Op.SILU else f"ffn_{act.value}_glu"
+    h = b.op(Op.MUL, b.op(act, gate), up, name=f"{prefix}.{glu}{suffix}")
     return b.matmul(h, f"{prefix}.ffn_down{suffix}.weight", n_embd, n_ff)
 
 
@@ -366,11 +369,14 @@ def embed_inputs(b: Builder, hp: HParams) -> tuple[Value, Value]:
     return emb, pos
 
 
-def lm_head(b: Builder, h: Value, hp: HParams) -> None:
+def lm_head(b: Builder, h: Value, hp: HParams, *, softcap: float = 0.0) -> None:
+    """Output norm and head; softcap > 0: logits = softcap * tanh(logits / softcap) (Gemma)."""
     b.layer = None
     h = b.norm(h, "output_norm.weight", hp.n_embd, hp.rms_eps, name="output_norm")
     head = "output.weight" if b.has("output.weight") else "token_embd.weight"  # tied embeddings
     logits = b.op(Op.LM_HEAD, h, b.weight(head, (hp.n_vocab, hp.n_embd)), name="lm_head")
+    if softcap:
+        logits = b.op(Op.SOFTCAP, logits, cap=float(softcap), name="logits_softcap")
     b.g.set_output("logits", logits)
 
 

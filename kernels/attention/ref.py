@@ -9,16 +9,20 @@ F32 = np.float32
 
 
 def rope(x: np.ndarray, pos: np.ndarray, *, n_dims: int, freq_base: float, mode: str = "neox",
-         freq_scale: float = 1.0, sections=()) -> np.ndarray:
+         freq_scale: float = 1.0, sections=(), freq_factors=None) -> np.ndarray:
     """Rotate the first n_dims dims of each head; the rest pass through.
 
     x [T, H, D], pos [T] (absolute positions). mode "neox" pairs dim i with i + n_dims/2,
     "normal" pairs 2i with 2i+1. "imrope" (Qwen3.5's interleaved multi-section rope) gives
     every section the same position for text tokens, which makes it exactly "neox".
+    freq_factors [n_dims/2] (llama.cpp's rope_freqs) divide each pair's angle; Gemma 4's full
+    layers set 1e30 on the pairs that must not rotate ("proportional" partial RoPE).
     """
     T, H, D = x.shape
     half = n_dims // 2
     inv = freq_base ** (-np.arange(half, dtype=np.float64) * 2.0 / n_dims)
+    if freq_factors is not None:
+        inv = inv / np.asarray(freq_factors, dtype=np.float64).reshape(half)
     theta = (pos.astype(np.float64)[:, None] * freq_scale) * inv[None, :]  # [T, half]
     cos = np.cos(theta).astype(F32)[:, None, :]
     sin = np.sin(theta).astype(F32)[:, None, :]
@@ -75,3 +79,63 @@ def kv_append(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.nda
     n = max(0, min(T, k_cache.shape[0] - P))
     k_cache[P:P + n] = k[:n]
     v_cache[P:P + n] = v[:n]
+
+
+# ---- sliding-window attention over a ring cache (Gemma's SWA layers) -------------------------
+#
+# A sliding layer keeps only the keys a later query can still see: a query at position p sees
+# the keys at p - window + 1 .. p (itself included), so a chunk starting at P needs at most the
+# window - 1 keys before P. The carried state is a ring of R >= window - 1 rows: row r holds the
+# key (value) of the latest position p < P with p % R == r, and is empty while p < 0. Its size is
+# fixed by the window, whatever the prompt length.
+
+def ring_positions(P: int, R: int) -> np.ndarray:
+    """Position of the key each of the R ring rows holds before a chunk starting at P (-1: empty)."""
+    r = np.arange(R, dtype=np.int64)
+    p = P - 1 - ((P - 1 - r) % R)
+    return np.where(p >= 0, p, -1)
+
+
+def attention_window(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_ring: np.ndarray, v_ring: np.ndarray,
+                     *, P: int, window: int, scale: float) -> np.ndarray:
+    """Causal sliding-window GQA attention of a chunk over its own keys and a ring of earlier ones.
+
+    q [Tq, Hq, D] are the last Tq queries of the chunk (Tq = T normally), at positions
+    P + T - Tq + t; k [T, Hkv, D], v [T, Hkv, Dv] are the chunk's keys and values at P..P+T-1;
+    k_ring [R, Hkv, D], v_ring [R, Hkv, Dv] hold the keys before P (see ring_positions).
+    A query at p sees the keys at p0 with p0 <= p and p - p0 < window. Returns [Tq, Hq, Dv].
+    """
+    Tq, Hq, D = q.shape
+    T, Hkv, _ = k.shape
+    R = k_ring.shape[0]
+    group = Hq // Hkv
+    pos_k = np.concatenate([ring_positions(P, R), P + np.arange(T)])        # [R + T]
+    pos_q = P + T - Tq + np.arange(Tq)                                      # [Tq]
+    keys = np.concatenate([k_ring, k]).astype(np.float64)
+    vals = np.concatenate([v_ring, v]).astype(np.float64)
+    kh = np.repeat(keys, group, axis=1)
+    vh = np.repeat(vals, group, axis=1)
+    s = np.einsum("thd,shd->hts", q.astype(np.float64), kh) * scale
+    dist = pos_q[:, None] - pos_k[None, :]
+    visible = (pos_k[None, :] >= 0) & (dist >= 0) & (dist < window)       # [Tq, R + T]
+    s = np.where(visible[None], s, -np.inf)
+    s = s - s.max(axis=-1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("hts,shd->thd", p, vh).astype(F32)
+
+
+def window_pairs(Tq: int, T: int, P: int, window: int) -> int:
+    """(query, key) pairs attention_window actually weighs: sum over queries of min(window, p + 1)."""
+    pos_q = P + T - Tq + np.arange(Tq)
+    return int(np.minimum(window, pos_q + 1).sum())
+
+
+def kv_ring_append(ring: np.ndarray, x: np.ndarray, *, P: int) -> np.ndarray:
+    """The ring after a chunk: x [T, Hkv, D] at positions P..P+T-1 written to rows (P + t) % R;
+    only the last R rows of a chunk longer than the ring survive. ring [R, Hkv, D] -> new ring."""
+    R, T = ring.shape[0], x.shape[0]
+    out = ring.astype(F32, copy=True)
+    first = max(0, T - R)
+    out[(P + np.arange(first, T)) % R] = x[first:]
+    return out

@@ -86,3 +86,25 @@ def scale(x, *, factor: float):
 
 def sum_axis(x, *, axis: int, keepdims: bool = False):
     return np.sum(x, axis=axis, keepdims=keepdims, dtype=np.float64).astype(F32)
+
+
+_GELU_C = np.sqrt(2.0 / np.pi)
+
+
+def gelu(x):
+    """GELU, tanh approximation (ggml_gelu, HF gelu_pytorch_tanh):
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    xd = x.astype(np.float64)
+    return (0.5 * xd * (1.0 + np.tanh(_GELU_C * (xd + 0.044715 * xd ** 3)))).astype(F32)
+
+
+def softcap(x, *, cap: float):
+    """Soft-cap: cap * tanh(x / cap) (Gemma's final logits)."""
+    return (cap * np.tanh(x.astype(np.float64) / cap)).astype(F32)
+
+
+def ple_gather(w, ids: np.ndarray, *, n_layer: int, width: int, scale: float) -> np.ndarray:
+    """Per-layer embeddings of the tokens: w [V, n_layer * width], ids [T] ->
+    rows * scale as [T, n_layer, width] (layer il's slice is [:, il])."""
+    r = get_rows(w, ids)
+    return (r * F32(scale)).reshape(len(ids), n_layer, width)

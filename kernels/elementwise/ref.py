@@ -20,11 +20,11 @@ def add_rms_norm(a: np.ndarray, b: np.ndarray, w, *, eps: float) -> tuple[np.nda
 
 
 def norm_rope(x: np.ndarray, w, pos: np.ndarray, *, eps: float, n_dims: int, freq_base: float,
-              mode: str, freq_scale: float, sections=()) -> np.ndarray:
+              mode: str, freq_scale: float, sections=(), freq_factors=None) -> np.ndarray:
     """q/k RMSNorm over the head dim, then (partial) RoPE of its first n_dims.
-    x [T, H, D]; w [D]; pos [T] -> [T, H, D]."""
+    x [T, H, D]; w [D]; pos [T]; freq_factors [n_dims/2] or None -> [T, H, D]."""
     return attn_ref.rope(dense_ref.rms_norm(x, w, eps=eps), pos, n_dims=n_dims, freq_base=freq_base,
-                         mode=mode, freq_scale=freq_scale, sections=sections)
+                         mode=mode, freq_scale=freq_scale, sections=sections, freq_factors=freq_factors)
 
 
 def sigmoid_mul(x: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -41,3 +41,29 @@ def ffn_swiglu(x: np.ndarray, w_gate, w_up) -> np.ndarray:
     """Dense FFN up to the down projection: silu(x @ w_gate^T) * (x @ w_up^T).
     x [T, D]; w_gate, w_up [F, D] -> [T, F]."""
     return dense_ref.mul(dense_ref.silu(dense_ref.matmul(x, w_gate)), dense_ref.matmul(x, w_up))
+
+
+def ffn_geglu(x: np.ndarray, w_gate, w_up) -> np.ndarray:
+    """Gemma's dense FFN up to the down projection: gelu(x @ w_gate^T) * (x @ w_up^T), GELU with
+    the tanh approximation. x [T, D]; w_gate, w_up [F, D] -> [T, F]."""
+    return dense_ref.mul(dense_ref.gelu(dense_ref.matmul(x, w_gate)), dense_ref.matmul(x, w_up))
+
+
+def gelu_mul(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """gelu(x) * y (the per-layer-embedding gate). x, y [T, N] -> [T, N]."""
+    return dense_ref.mul(dense_ref.gelu(x), y)
+
+
+def norm_add(x: np.ndarray, w, r: np.ndarray, s=None, *, eps: float) -> np.ndarray:
+    """Gemma's post-norm residual: rms_norm(x) * w + r, then times the scalar s when given
+    (layer_output_scale). x, r [T, D]; w [D]; s [1] -> [T, D]."""
+    y = dense_ref.add(dense_ref.rms_norm(x, w, eps=eps), r)
+    return y if s is None else dense_ref.mul(y, s)
+
+
+def norm_add_norm(x: np.ndarray, w, r: np.ndarray, w_next, s=None, *, eps: float,
+                  eps_next: float) -> tuple[np.ndarray, np.ndarray]:
+    """norm_add, then the next block's RMSNorm of the sum: (rms_norm(sum) * w_next, sum).
+    The sum is the second output because the next residual add reads it too."""
+    total = norm_add(x, w, r, s, eps=eps)
+    return dense_ref.rms_norm(total, w_next, eps=eps_next), total

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ggfuse.kernels.dense import ref as dense_ref
-from ggfuse.kernels.dequant.ref import expert
+from ggfuse.kernels.dequant.ref import dense, expert
 
 F32 = np.float32
 
@@ -17,8 +17,8 @@ def topk(x: np.ndarray, *, k: int) -> np.ndarray:
 
 
 def take_along(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """x [T, E], ids [T, k] -> x[t, ids[t, j]]  [T, k]."""
-    return np.take_along_axis(x, ids.astype(np.int64), axis=-1).astype(F32, copy=False)
+    """x [T, E] (or a per-expert vector [1, E], a weight), ids [T, k] -> x[t, ids[t, j]]  [T, k]."""
+    return np.take_along_axis(dense(x), ids.astype(np.int64), axis=-1).astype(F32, copy=False)
 
 
 def mul_mat_id(w, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -80,12 +80,13 @@ def route_layout(ids: np.ndarray, *, n_expert: int, tile: int) -> tuple[np.ndarr
 
 
 def moe_route(x: np.ndarray, w_router, w_shexp_gate=None, *, k: int, gating: str = "softmax",
-              norm: bool = True, scale: float = 0.0, tile: int = 16) -> tuple:
+              norm: bool = True, scale: float = 0.0, tile: int = 16, expert_scale=None) -> tuple:
     """Router of llama.cpp's build_moe_ffn, plus the routing layout above.
 
     x [T, D], w_router [E, D], w_shexp_gate [1, D] (optional) ->
       ids [T, k] i32            chosen experts, most probable first
-      weights [T, k] f32        their probabilities, / their sum if norm, * scale unless 0 or 1
+      weights [T, k] f32        their probabilities, / their sum if norm, * scale unless 0 or 1,
+                                * expert_scale[0, e] of their expert when given ([1, E]; Gemma 4)
       sorted_slots [S] i32, expert_offsets [E+1] i32   (layout above)
       shexp_gate [T, 1] f32     sigmoid(x w_shexp_gate^T), only when w_shexp_gate is given
     gating: "softmax" or "sigmoid" over the router logits.
@@ -105,6 +106,8 @@ def moe_route(x: np.ndarray, w_router, w_shexp_gate=None, *, k: int, gating: str
         w = dense_ref.div(w, s)
     if scale not in (0.0, 1.0):
         w = dense_ref.scale(w, factor=scale)
+    if expert_scale is not None:
+        w = dense_ref.mul(w, take_along(expert_scale, ids))
     slots, offsets = route_layout(ids, n_expert=logits.shape[-1], tile=tile)
     out = (ids, w, slots, offsets)
     if w_shexp_gate is not None:
@@ -113,7 +116,7 @@ def moe_route(x: np.ndarray, w_router, w_shexp_gate=None, *, k: int, gating: str
 
 
 def moe_grouped_gemm(x: np.ndarray, weights: np.ndarray, sorted_slots: np.ndarray, expert_offsets: np.ndarray,
-                     *, w_down, w_gate=None, w_up=None, w_gate_up=None, shared=None) -> np.ndarray:
+                     *, w_down, w_gate=None, w_up=None, w_gate_up=None, shared=None, act: str = "silu") -> np.ndarray:
     """Routed SwiGLU experts over expert-sorted tokens, weighted back into token order.
 
     x [T, D], weights [T, k], sorted_slots [S], expert_offsets [E+1] (layout above);
@@ -121,8 +124,10 @@ def moe_grouped_gemm(x: np.ndarray, weights: np.ndarray, sorted_slots: np.ndarra
     shared: (w_gate_sh [Fs, D], w_up_sh [Fs, D], w_down_sh [D, Fs], shexp_gate [T, 1]) or None.
     out[t] = sum_j weights[t, j] * down_e(silu(gate_e x_t) * up_e x_t), e = expert of slot (t, j),
              + shexp_gate[t] * down_sh(silu(gate_sh x_t) * up_sh x_t)   -> [T, D]
+    act "gelu" replaces silu by GELU-tanh in the routed experts (Gemma 4; it has no shared expert).
     Stacked expert weights may be lazy GGUF handles: only experts with tokens are dequantised.
     """
+    act_fn = dense_ref.gelu if act == "gelu" else dense_ref.silu
     T, k = weights.shape
     per_slot = np.zeros((T * k, x.shape[1]), dtype=F32)
     w_flat = weights.reshape(-1)
@@ -138,7 +143,7 @@ def moe_grouped_gemm(x: np.ndarray, weights: np.ndarray, sorted_slots: np.ndarra
             gate, up = gu[:, :F], gu[:, F:]
         else:
             gate, up = xe @ expert(w_gate, e).T, xe @ expert(w_up, e).T
-        y = dense_ref.mul(dense_ref.silu(gate), up) @ expert(w_down, e).T
+        y = dense_ref.mul(act_fn(gate), up) @ expert(w_down, e).T
         per_slot[seg] = y * w_flat[seg, None]
     # One weighted sum per token over its k slots: the scatter-add, summed as the plain graph does.
     out = dense_ref.sum_axis(per_slot.reshape(T, k, -1), axis=1)
