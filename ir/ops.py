@@ -238,7 +238,13 @@ def _flops_matmul(a, ins, outs, env):
 
 
 register(Op.MATMUL, 2, _infer_matmul, lambda a, env, x, w: (dense_ref.matmul(x, w),), _flops_matmul)
-register(Op.LM_HEAD, 2, _infer_matmul, lambda a, env, x, w: (dense_ref.matmul(x, w),), _flops_matmul)
+def _lm_head_ref(a, env, x, w):
+    y = dense_ref.matmul(x, w)
+    # softcap: the logits' soft-cap folded into the head (passes/lower_cuda.py fold_softcap)
+    return (dense_ref.softcap(y, cap=a.softcap) if a.get("softcap") else y,)
+
+
+register(Op.LM_HEAD, 2, _infer_matmul, _lm_head_ref, _flops_matmul)
 
 
 def _broadcast(sa, sb):

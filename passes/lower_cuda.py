@@ -46,12 +46,20 @@ WGMMA_TYPES = ("bf16", "q8_0", "q4_k", "q6_k")                                  
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 # ops whose kernels write their first output as bf16 as well as f32 (kernels/dense/launch.py)
-_BF16_OUT = {Op.RMS_NORM: (0,), Op.ADD_RMS_NORM: (0,), Op.GATED_RMS_NORM: (0,), Op.SIGMOID_MUL: (0,)}
+_BF16_OUT = {Op.RMS_NORM: (0,), Op.ADD_RMS_NORM: (0,), Op.GATED_RMS_NORM: (0,), Op.SIGMOID_MUL: (0,),
+             Op.NORM_ADD_NORM: (0,), Op.GELU_MUL: (0,)}
 _ELEMENTWISE = {Op.RMS_NORM: "dense.rms_norm", Op.ADD_RMS_NORM: "dense.add_rms_norm", Op.L2_NORM: "dense.l2_norm",
                 Op.GATED_RMS_NORM: "dense.gated_rms_norm", Op.NORM_ROPE: "dense.norm_rope",
                 Op.SIGMOID_MUL: "dense.sigmoid_mul", Op.ADD: "dense.add", Op.MUL: "dense.mul",
                 Op.SSM_CONV_SILU: "dense.ssm_conv_silu", Op.DELTANET_GATES: "dense.deltanet_gates",
-                Op.KV_APPEND: "dense.kv_append", Op.CONCAT: "dense.concat"}
+                Op.KV_APPEND: "dense.kv_append", Op.CONCAT: "dense.concat",
+                # Gemma 4 (ir/ops_gemma4.py, ir/ops_fused_elementwise.py)
+                Op.SCALE: "dense.scale", Op.GELU: "dense.gelu", Op.GELU_MUL: "dense.gelu_mul",
+                Op.SOFTCAP: "dense.softcap", Op.NORM_ADD: "dense.norm_add", Op.NORM_ADD_NORM: "dense.norm_add_norm"}
+_GLU = (Op.FFN_SWIGLU, Op.FFN_GEGLU)      # gate+up GEMMs with the GLU fused: SiLU or GELU-tanh gate
+_GLU_ACT = {Op.FFN_SWIGLU: "silu", Op.FFN_GEGLU: "gelu"}
+# state kinds kept bf16 on the device: the attention caches (full layers' KV cache, sliding rings)
+BF16_STATES = ("kv_cache", "kv_ring")
 _NO_KERNEL = (Op.INPUT, Op.WEIGHT, Op.SLICE, Op.FETCH_WEIGHTS)
 
 
@@ -100,9 +108,9 @@ def weight_roles(g: Graph) -> dict[str, set]:
     for w in g.weights():
         r = roles.setdefault(w.attrs.tensor, set())
         for u, i in consumers(w.out):
-            if u.op == Op.GET_ROWS:
+            if u.op in (Op.GET_ROWS, Op.PLE_GATHER) and i == 0:
                 r.add("rows")
-            elif (u.op in (Op.MATMUL, Op.LM_HEAD) and i == 1) or (u.op == Op.FFN_SWIGLU and i in (1, 2)) or \
+            elif (u.op in (Op.MATMUL, Op.LM_HEAD) and i == 1) or (u.op in _GLU and i in (1, 2)) or \
                     (u.op == Op.MOE_GROUPED_GEMM and i >= 4):
                 r.add("gemm")
             else:
@@ -152,13 +160,14 @@ def form_bytes(form: str, shape, raw_bytes: int) -> int:
 
 
 def state_bytes(g: Graph, max_context: int) -> int:
-    """Device bytes of the carried states: KV caches bf16 at max_context rows, others f32."""
+    """Device bytes of the carried states: KV caches bf16 at max_context rows, sliding rings bf16,
+    others f32."""
     n = 0
     for node in g.states().values():
         numel = 1
         for d in shape_eval(node.outputs[0].shape, {"P": max_context, "T": 0}):
             numel *= d
-        n += numel * (2 if node.attrs.get("state") == "kv_cache" else 4)
+        n += numel * (2 if node.attrs.get("state") in BF16_STATES else 4)
     return n
 
 
@@ -239,7 +248,7 @@ def _gemm_operand_only(g: Graph, v, views: dict) -> bool:
         if u.op in (Op.RESHAPE, Op.SLICE):
             if (u.op == Op.RESHAPE and not views.get(u.id, True)) or not _gemm_operand_only(g, u.out, views):
                 return False
-        elif not (u.op in (Op.MATMUL, Op.FFN_SWIGLU, Op.LM_HEAD) and i == 0):
+        elif not (u.op in (Op.MATMUL, Op.LM_HEAD) + _GLU and i == 0):
             return False
     return True
 
@@ -297,15 +306,21 @@ class _Lowering:
                                     f"{', '.join(WGMMA_TYPES)} and K % 64 == 0)")
         return "wgmma" if ok and self.o.gemm != "mma" else "mma"
 
-    def gemm(self, a: str, w: str, K: int, c: str, *, swiglu: bool = False, ours: bool = False) -> dict:
-        """A dense GEMM's record (C[M, N] = A[M, K] W[N, K]^T; swiglu: the fused gate+up);
-        ours: never cuBLAS."""
+    def gemm(self, a: str, w: str, K: int, c: str, *, swiglu: bool = False, ours: bool = False,
+             act: str = "silu") -> dict:
+        """A dense GEMM's record (C[M, N] = A[M, K] W[N, K]^T; swiglu: the fused gate+up, its
+        gate `act`: "silu", or "gelu" for GELU-tanh, a variant of the same kernels); ours: never cuBLAS."""
         if self.o.precision == "f32":
-            return {"name": "qf32.gemm_swiglu" if swiglu else "qf32.gemm", "w": w}
+            rec = {"name": "qf32.gemm_swiglu" if swiglu else "qf32.gemm", "w": w}
+            if swiglu:
+                rec["act"] = act
+            return rec
         if not swiglu and not ours and self.o.dense_gemm == "cublas" and a == "bf16" and w == "bf16":
             return {"name": "cublas.gemm_bf16", "a": a, "c": c, "w": w}
         impl = self.impl(w, K)
         rec = {"name": "gemm.gemm_swiglu" if swiglu else "gemm.gemm", "impl": impl, "a": a, "c": c, "w": w}
+        if swiglu:
+            rec["act"] = act
         if impl == "wgmma":
             rec.update(persist=self.o.dense_persist, dequant=self.o.dequant)
         return rec
@@ -329,29 +344,58 @@ class _Lowering:
                 return self.gemm(a, w, K, "f32"), ws
             rec = {"name": "lm_head", "all": self.gemm(a, w, K, "f32"), "last": {"name": "dense.gemv", "a": a, "w": w},
                    "block_rows": HEAD_BLOCK}
+            if n.attrs.get("softcap"):
+                rec["softcap"] = float(n.attrs.softcap)      # cap * tanh(logits / cap) on each block / row
             for c in self.sizes:
                 ws[c] = _lm_head_ws(min(c, HEAD_BLOCK), N)
             return rec, ws
-        if n.op == Op.FFN_SWIGLU:
+        if n.op in _GLU:
             name, w, shape = self.weight(n.inputs[1])
             name_u, wu, _ = self.weight(n.inputs[2])
             if w != wu:
                 raise GGFuseError(None, f"{n.name}: gate ({w}) and up ({wu}) weights differ in type")
             self.check_gemm_weight(n, w, name)
-            return self.gemm(self.storage(n.inputs[0]), w, int(shape[-1]), "f32", swiglu=True), ws
+            return self.gemm(self.storage(n.inputs[0]), w, int(shape[-1]), "f32", swiglu=True,
+                             act=_GLU_ACT[n.op]), ws
         if n.op in _ELEMENTWISE:
             rec = {"name": _ELEMENTWISE[n.op]}
             return rec, ws
         if n.op == Op.GET_ROWS:
             name, _, _ = self.weight(n.inputs[0])
             return {"name": "dense.get_rows", "w": _lower(self.tensors[name]["ggml_type"]), "source": "device"}, ws
+        if n.op == Op.PLE_GATHER:
+            # rows gathered by token id and dequantised on the device, the table resident (a
+            # budgeted plan may gather them on the host: schedule_expert_prefetch)
+            name, _, _ = self.weight(n.inputs[0])
+            return {"name": "dense.ple_gather", "w": _lower(self.tensors[name]["ggml_type"]), "source": "device"}, ws
         if n.op == Op.ATTENTION:
-            from ggfuse.kernels.attention.launch import HEAD_DIMS
+            from ggfuse.kernels.attention.launch import HEAD_DIMS, WINDOW_HEAD_DIMS
             D = int(g.type_of(n.inputs[0]).shape[2])
-            if D not in HEAD_DIMS:
-                raise GGFuseError(None, f"{n.name}: head dim {D} has no flash attention kernel (have {HEAD_DIMS})")
-            return {"name": "attention.flash_prefill", "q": self.storage(n.inputs[0]), "o": self.storage(n.out),
-                    "head_dim": D}, ws
+            Dv = int(g.type_of(n.inputs[2]).shape[2])
+            if D in HEAD_DIMS and D == Dv:
+                return {"name": "attention.flash_prefill", "q": self.storage(n.inputs[0]), "o": self.storage(n.out),
+                        "head_dim": D}, ws
+            if D not in WINDOW_HEAD_DIMS or D != Dv:
+                raise GGFuseError(None, f"{n.name}: head dims {D}/{Dv} have no attention kernel (tensor cores: "
+                                        f"{HEAD_DIMS}; CUDA cores: {WINDOW_HEAD_DIMS}, K and V dims equal)")
+            return {"name": "attention.window", "impl": "simt", "q": self.storage(n.inputs[0]),
+                    "o": self.storage(n.out), "head_dim": D, "ring_rows": 0, "window": 0,
+                    "why": f"head dim {D} has no tensor-core flash kernel (have {HEAD_DIMS})"}, ws
+        if n.op == Op.ATTENTION_WINDOW:
+            from ggfuse.kernels.attention.launch import WINDOW_HEAD_DIMS
+            q, k, v, kr, vr = (g.type_of(x) for x in n.inputs)
+            D, R = int(q.shape[2]), int(kr.shape[0])
+            if D not in WINDOW_HEAD_DIMS or int(v.shape[2]) != D:
+                raise GGFuseError(None, f"{n.name}: head dims {D}/{v.shape[2]} have no windowed attention kernel "
+                                        f"(have {WINDOW_HEAD_DIMS}, K and V dims equal)")
+            for x in n.inputs[1:3]:
+                if self.storage(x) != "f32":
+                    raise GGFuseError(None, f"{n.name}: the chunk's keys / values must be stored f32, the plan "
+                                            f"stores {self.storage(x)}")
+            return {"name": "attention.window", "impl": "simt", "q": self.storage(n.inputs[0]),
+                    "o": self.storage(n.out), "head_dim": D, "ring_rows": R, "window": int(n.attrs.window)}, ws
+        if n.op == Op.KV_RING_APPEND:
+            return {"name": "dense.kv_ring_append", "ring_rows": int(g.type_of(n.inputs[0]).shape[0])}, ws
         if n.op == Op.CHUNK_GATED_DELTA_RULE:
             from ggfuse.kernels.deltanet import launch as dn
             _, Hk, K = g.type_of(n.inputs[0]).shape
@@ -390,7 +434,9 @@ class _Lowering:
             for c in self.sizes:
                 tile = o.router_tile if o.router_tile != "auto" else dense.router_tile(c, E, self.spec.sms)
                 rec["by_chunk"][str(c)] = {"tile": tile}
-        rec["shared_gate"] = len(n.inputs) > 2
+        expert_scale = bool(n.attrs.get("expert_scale", False))
+        rec["shared_gate"] = len(n.inputs) - expert_scale > 2
+        rec["expert_scale"] = expert_scale      # route weights times the expert's output scale (Gemma 4)
         for c in self.sizes:
             ws[c] = moe.route_workspace(c, k, E)
         return rec, ws
@@ -416,7 +462,8 @@ class _Lowering:
         if o.precision == "f32":
             for c in self.sizes:
                 ws[c] = moe32.experts_workspace_f32(c, k, E, F, D, tile, shared_ffn=Fs)
-            rec = {"name": "moe.grouped_f32", "w_gate_up": tg, "w_down": td, "expert_tables": False}
+            rec = {"name": "moe.grouped_f32", "w_gate_up": tg, "w_down": td, "expert_tables": False,
+                   "act": n.attrs.get("act", "silu")}
             if ops.shared is not None:
                 rec["shared"] = {"w_gate_up": tsg, "w_down": tsd}
             return rec, ws
@@ -427,7 +474,7 @@ class _Lowering:
         a = "bf16" if x_copy else x_st
         rec = {"name": "moe.grouped", "a": a, "x_copy": x_copy, "w_gate_up": tg, "w_down": td,
                "impl_gate_up": self.impl(tg, D), "impl_down": self.impl(td, F), "dequant": o.dequant,
-               "max_blocks": o.moe_blocks, "expert_tables": False, "by_chunk": {}}
+               "max_blocks": o.moe_blocks, "expert_tables": False, "act": n.attrs.get("act", "silu"), "by_chunk": {}}
         for c in self.sizes:
             rec["by_chunk"][str(c)] = {
                 "schedule_gate_up": moe.pick_schedule(o.moe_schedule, tg, a, c, k, E),
@@ -447,12 +494,31 @@ def _lm_head_ws(rows: int, N: int) -> dict:
     return lm_head_workspace(rows, N)
 
 
+def fold_softcap(g: Graph) -> bool:
+    """A soft-cap of the logits (Gemma) runs inside the LM head: the head's attribute softcap,
+    applied to each block of rows of the all-rows head and to the last row's GEMV output, so the
+    logits still come from the LM_HEAD node (the runtime runs it outside the chunk's graph).
+    In place; whether it changed the graph."""
+    logits = g.outputs.get("logits")
+    if logits is None or g.node(logits.node).op != Op.SOFTCAP:
+        return False
+    cap = g.node(logits.node)
+    head = g.node(cap.inputs[0].node)
+    if head.op != Op.LM_HEAD or len(g.uses_of(head.out)) != 1 or head.attrs.get("softcap"):
+        return False
+    g.replace_node(head.id, attrs=head.attrs.updated(softcap=float(cap.attrs.cap)))
+    g.replace_uses(cap.out, head.out)
+    g.remove(cap.id)
+    return True
+
+
 def run(g: Graph, *, options, device_free: int | None = None) -> PassResult:
     """options: ggfuse.options.Options with a resolved target (not "auto" or "cpu")."""
     if options.target not in TARGETS:
         raise GGFuseError(None, f"lower_cuda needs a GPU target, got {options.target!r}")
     spec = TARGETS[options.target]
     g = g.copy()
+    fold_softcap(g)
     sizes = capture_sizes(options.chunk, options.sub_chunks, options.sub_chunk_min, options.decode)
     tensors = _tensors(g)
     roles = weight_roles(g)
@@ -471,7 +537,7 @@ def run(g: Graph, *, options, device_free: int | None = None) -> PassResult:
     bf16 = set() if (options.precision == "f32" or not options.bf16_act) else bf16_values(g, lay["views"])
     for n in g.topo():
         if n.op == Op.INPUT:
-            st = "bf16" if n.attrs.get("state") == "kv_cache" else n.outputs[0].dtype.value
+            st = "bf16" if n.attrs.get("state") in BF16_STATES else n.outputs[0].dtype.value
             n.meta["storage"] = [st]
         elif n.op in (Op.WEIGHT, Op.FETCH_WEIGHTS):
             continue
@@ -479,7 +545,7 @@ def run(g: Graph, *, options, device_free: int | None = None) -> PassResult:
             src = g.node(n.inputs[0].node)
             if src.op not in (Op.WEIGHT, Op.FETCH_WEIGHTS):     # a view has its source's storage
                 n.meta["storage"] = [src.meta["storage"][n.inputs[0].index]]
-        elif n.op == Op.KV_APPEND:                               # the value is the cache itself
+        elif n.op in (Op.KV_APPEND, Op.KV_RING_APPEND):         # the value is the cache / ring itself
             n.meta["storage"] = list(g.node(n.inputs[0].node).meta["storage"])
         else:
             n.meta["storage"] = ["bf16" if n.value(i) in bf16 else t.dtype.value for i, t in enumerate(n.outputs)]

@@ -9,10 +9,7 @@ import pytest
 from fake_cupy import fake_device
 from util import ARCHS, GEMMA4, fixture
 
-# Gemma 4's ops (attention_window, kv_ring_append, ple_gather, gelu, softcap and their fusions)
-# have no CUDA launchers yet (the CUDA half of issue 13); its fixtures join here when they do.
-NO_CUDA_YET = [pytest.param(a, marks=pytest.mark.skip(reason="gemma4 ops have no CUDA launchers yet"))
-               for a in GEMMA4]
+MODELS = list(ARCHS) + list(GEMMA4)
 
 # kernel record name -> the launcher stub it must call (fake_cupy names stubs module.function)
 CALLS = {"gemm.gemm": "gemm.gemm", "gemm.gemm_swiglu": "gemm.gemm_swiglu", "cublas.gemm_bf16": "gemm.gemm_bf16",
@@ -20,7 +17,12 @@ CALLS = {"gemm.gemm": "gemm.gemm", "gemm.gemm_swiglu": "gemm.gemm_swiglu", "cubl
          "attention.flash_prefill": "attention.flash_attn_prefill", "moe.route": "moe.moe_route",
          "moe.grouped": "moe.moe_gate_up", "deltanet.chunk": "deltanet.chunk_gated_delta_rule",
          "deltanet.recurrent": "deltanet.gated_delta_rule_recurrent", "dense.copy": "dense.copy",
-         "dense.ssm_conv_silu": "dense.ssm_conv_silu", "dense.deltanet_gates": "dense.deltanet_gates"}
+         "dense.ssm_conv_silu": "dense.ssm_conv_silu", "dense.deltanet_gates": "dense.deltanet_gates",
+         # Gemma 4
+         "attention.window": "attention.window_attn", "dense.kv_ring_append": "dense.kv_ring_append",
+         "dense.ple_gather": "dense.ple_gather", "dense.norm_add": "dense.norm_add",
+         "dense.norm_add_norm": "dense.norm_add", "dense.gelu_mul": "dense.gelu_mul", "dense.scale": "dense.scale",
+         "dense.norm_rope": "dense.norm_rope"}
 
 
 def _backend(arch, quant, monkeypatch, **opts):
@@ -33,7 +35,7 @@ def _backend(arch, quant, monkeypatch, **opts):
 
 
 @pytest.mark.parametrize("quant", ["f32", "q4_k_m"])
-@pytest.mark.parametrize("arch", list(ARCHS) + NO_CUDA_YET)
+@pytest.mark.parametrize("arch", MODELS)
 def test_backend_binds_every_op(arch, quant, monkeypatch):
     from ggfuse.ir.ops import Op
     from ggfuse.passes import plan_memory
@@ -78,10 +80,12 @@ def test_backend_binds_every_op(arch, quant, monkeypatch):
         assert any(isinstance(k, tuple) for k in intervals)      # workspace is in the arena
         assert plan.graph.outputs["logits"].node not in {n.id for n in plan.graph.nodes() if n.meta.get("arena")}
         assert "dense.get_rows" in names
-        if arch != "qwen3moe":   # tensor-core chunked kernel for K, V in {64, 128}, else the fallback
+        if arch in ("qwen35", "qwen35moe"):   # tensor-core chunked kernel for K, V in {64, 128}, else the fallback
             assert names & {"deltanet.chunk_gated_delta_rule", "deltanet.gated_delta_rule_recurrent"}
-        if arch != "qwen35":
+        if arch not in ("qwen35", "gemma4-dense"):
             assert {"moe.moe_route", "moe.moe_gate_up", "moe.moe_down"} <= names
+        if arch in GEMMA4:
+            _check_gemma4_calls(plan, calls)
 
 
 def test_sm89_plan_runs_the_mma_kernels_on_an_h200(monkeypatch):
@@ -127,7 +131,7 @@ def test_short_chunks_run_a_smaller_graph(monkeypatch):
 
 
 @pytest.mark.parametrize("quant", ["f32", "q4_k_m"])
-@pytest.mark.parametrize("arch", list(ARCHS) + NO_CUDA_YET)
+@pytest.mark.parametrize("arch", MODELS)
 def test_backend_binds_precision_f32(arch, quant, monkeypatch):
     """precision f32: every GEMM binds to the f32 kernels (dense/qf32.py, moe/launch_f32.py) on
     the weights as the GGUF stores them, no activation is stored bf16, the delta rule runs the
@@ -143,8 +147,10 @@ def test_backend_binds_precision_f32(arch, quant, monkeypatch):
     with fake_device(monkeypatch) as calls:
         for m, n, f in real:
             monkeypatch.setattr(m, n, f)
-        monkeypatch.setattr(qf32, "_call", lambda name, grid, args, stream: calls.append(("qf32." + name, grid)))
-        monkeypatch.setattr(launch_f32, "_fn", lambda name: lambda grid, block, args: calls.append(("qf32." + name, grid)))
+        monkeypatch.setattr(qf32, "_call", lambda name, grid, args, stream, defines=None:
+                            calls.append(("qf32." + name, grid, defines)))
+        monkeypatch.setattr(launch_f32, "_fn", lambda name, defines=None: lambda grid, block, args:
+                            calls.append(("qf32." + name, grid, defines)))
         cp = sys.modules["cupy"]
         cp.cuda.runtime.memsetAsync = lambda ptr, v, n, s: ctypes.memset(ptr, v, n)
         plan, be = _backend(arch, quant, monkeypatch, precision="f32")
@@ -158,17 +164,20 @@ def test_backend_binds_precision_f32(arch, quant, monkeypatch):
         assert not names & {"gemm.gemm", "gemm.gemm_swiglu", "moe.moe_gate_up", "moe.moe_down",
                             "deltanet.chunk_gated_delta_rule", "gemm.gemm_bf16"}, names
         assert any(n.startswith("qf32.gemm_qf32_") for n in names)
-        # no activation is stored bf16 (graph inputs and the KV caches they extend stay as they are)
+        # no activation is stored bf16 (graph inputs and the KV caches / rings they extend stay as they are)
         assert not any(be.ctx.vals[v].dtype == np.uint16 for v in be.ctx.vals
-                       if be.graph.node(v.node).op not in (Op.INPUT, Op.KV_APPEND))
-        if arch != "qwen3moe":
+                       if be.graph.node(v.node).op not in (Op.INPUT, Op.KV_APPEND, Op.KV_RING_APPEND))
+        if arch in ("qwen35", "qwen35moe"):
             assert "deltanet.gated_delta_rule_recurrent" in names
-        if arch != "qwen35":
+        if arch not in ("qwen35", "gemma4-dense"):
             assert "moe.moe_route" in names and "qf32.moe_sum_slots_f32" in names
             assert any(n.startswith("qf32.moe_gate_up_qf32_") for n in names)
             assert any(n.startswith("qf32.moe_down_qf32_") for n in names)
         else:
             assert any(n.startswith("qf32.gemm_swiglu_qf32_") for n in names)
+        # Gemma's GLUs are the same kernels built with the GELU-tanh gate (GLU_ACT=1)
+        glu = [c for c in calls if c[0].startswith(("qf32.gemm_swiglu_qf32_", "qf32.moe_gate_up_qf32_"))]
+        assert glu and all((c[2] or {}).get("GLU_ACT") == (1 if arch in GEMMA4 else None) for c in glu), glu
 
 
 def test_plan_for_the_cpu_is_refused_by_the_cuda_device(monkeypatch):
@@ -208,3 +217,60 @@ def test_replayed_profile_times_every_launch(monkeypatch):
         assert "moe gemm" in phases and "lm head" in phases
         moe = next(o for o in ops if o["op"] == "moe_grouped_gemm")
         assert moe["gflop"] > 0 and moe["floor_ms"] > 0 and 0 < moe["of_floor"] < 1
+
+
+def _check_gemma4_calls(plan, calls):
+    """Gemma 4's steps ran as the plan says: every sliding layer's attention over its ring with
+    the window and ring rows recorded, KV-shared layers over their source's rings and caches,
+    the GLUs with the GELU gate, the soft-cap folded into the LM head, the PLE gathered on the
+    device, the router scaling each expert's slots."""
+    from ggfuse.ir.ops import Op
+    g = plan.graph
+    hp = plan.hparams
+    # each launch runs eagerly and again while captured, at every chunk size: one per output array
+    win = list({id(b.arguments["out"]): b for name, b in calls if name == "attention.window_attn"
+                and b.arguments["T"] == 16}.values())
+    n_swa, n_full = sum(hp["sliding"]), len(hp["sliding"]) - sum(hp["sliding"])
+    sliding = [b for b in win if b.arguments["ring_rows"] > 0]
+    assert len(sliding) == n_swa, (len(sliding), n_swa)
+    assert all(b.arguments["window"] == hp["n_swa"] and b.arguments["ring_rows"] >= hp["n_swa"] - 1
+               for b in sliding)
+    assert all(b.arguments["D"] == hp["head_dim_swa"] for b in sliding)
+    # KV sharing: the shared layers read the very arrays of their source layer
+    rings = {}
+    for n in g.by_op(Op.ATTENTION_WINDOW):
+        rings.setdefault(tuple(n.inputs[3:]), []).append(n.name)
+    assert len(rings) == len([i for i, s in enumerate(hp["sliding"]) if s and hp["kv_source"][i] == i])
+    ring_ids = {id(b.arguments["k_ring"]) for b in sliding}
+    assert len(ring_ids) == len(rings)
+    appends = {(id(b.arguments["ring"]), id(b.arguments["x"])) for name, b in calls if name == "dense.kv_ring_append"
+               and b.arguments["x"].shape[0] == 16}
+    assert len(appends) == 2 * len(rings)
+    # full layers at head dims the tensor cores lack run the CUDA-core kernel over the cache
+    full = [b for b in win if b.arguments["ring_rows"] == 0] + \
+        list({id(b.arguments["out"]): b for name, b in calls if name == "attention.flash_attn_prefill"
+              and b.arguments["T"] == 16}.values())
+    assert len(full) == n_full
+    # the GELU GLUs: dense FFN and experts
+    for name, b in calls:
+        if name in ("gemm.gemm_swiglu", "moe.moe_gate_up"):
+            assert b.arguments["act"] == "gelu", name
+        if name in ("moe.moe_route",):
+            assert b.arguments["gating"] == "softmax"
+    names = [name for name, _ in calls]
+    assert "gemm.gemm_swiglu" in names
+    if hp["n_expert"]:
+        assert names.count("dense.scale_by_expert") == names.count("moe.moe_route") > 0
+    if hp["n_embd_per_layer"]:
+        ples = [b for name, b in calls if name == "dense.ple_gather"]
+        assert ples and all(b.arguments["scale"] == pytest.approx(hp["n_embd_per_layer"] ** 0.5) for b in ples)
+    # the soft-cap runs on the head's rows (the last row's GEMV and every all-rows block)
+    head = next(iter(g.by_op(Op.LM_HEAD)))
+    assert head.meta["kernel"]["softcap"] == hp["final_softcap"] and not g.by_op(Op.SOFTCAP)
+    caps = [b for name, b in calls if name == "dense.softcap"]
+    assert caps and all(b.arguments["cap"] == hp["final_softcap"] for b in caps)
+    # the full layers' rope factors reach the kernel
+    ffs = list({id(b.arguments["out"]): b for name, b in calls if name == "dense.norm_rope"
+                and b.arguments.get("freq_factors") is not None and b.arguments["x"].shape[0] == 16}.values())
+    assert len(ffs) == 2 * sum(1 for i, s in enumerate(hp["sliding"]) if not s and hp["kv_source"][i] == i) + \
+        sum(1 for i, s in enumerate(hp["sliding"]) if not s and hp["kv_source"][i] != i)

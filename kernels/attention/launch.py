@@ -93,3 +93,65 @@ def flash_attn_prefill(q, q_dtype, q_stride_t: int, q_stride_h: int, k_cache, v_
        (q, np.int64(q_stride_t), np.int64(q_stride_h), k_cache, v_cache, out,
         np.int32(T), np.int32(Hq), np.int32(Hkv), np.float32(scale), past_dev, n_valid_dev),
        shared_mem=smem_bytes(D, Dv), stream=stream)
+
+
+# ---- CUDA-core attention: sliding windows over a ring, and head dims the tensor cores lack ------
+
+WINDOW_SOURCE = "attention/window_attn.cu"
+WINDOW_HEAD_DIMS = (32, 64, 128, 256, 512)
+WINDOW_WARPS = 4      # warps (one (query, head) each) per block, window_attn.cu wa::WARPS
+
+
+def window_attn(q, q_dtype, k, v, k_ring, v_ring, out, T: int, Hq: int, Hkv: int, D: int, ring_rows: int,
+                window: int, scale: float, past_dev, n_valid_dev, stream=None) -> None:
+    """GQA attention of a chunk on CUDA cores (kernels/attention/window_attn.cu), a warp per
+    (query, head).
+
+    ring_rows R > 0: Gemma's sliding layers (ref.attention_window): k_ring, v_ring [R, Hkv, D]
+    bf16 contiguous rings of the keys before the chunk (position p at row p % R); k, v
+    [T, Hkv, D] f32 views of the chunk's own keys and values. R == 0: causal attention over
+    the KV cache (ref.attention_cache): k_ring, v_ring are the caches [max_ctx, Hkv, D] bf16
+    with the chunk appended; k, v unused (None). q [T, Hq, D] f32 or bf16 (q_dtype) view with a
+    unit stride along D; out [T, Hq, D] f32 or bf16 contiguous. Query t at P + t sees keys p0 <= P + t
+    with P + t - p0 < window (window 0: no limit); keys outside the window are never read.
+    past_dev = int32[1] P, n_valid_dev = int32[1] (rows t >= n_valid get zeros). The grid depends
+    on T and Hq only, so a captured graph serves every P.
+    """
+    q_kind = _dtype_name(q_dtype, "q")
+    o_kind = _dtype_name(out.dtype, "out")
+    if D not in WINDOW_HEAD_DIMS:
+        raise ValueError(f"window_attn: head dim {D} not in {WINDOW_HEAD_DIMS}")
+    if Hkv <= 0 or Hq % Hkv:
+        raise ValueError(f"window_attn: Hq={Hq} must be a multiple of Hkv={Hkv}")
+    if not scale > 0 or window < 0:
+        raise ValueError(f"window_attn: scale {scale} must be > 0 and window {window} >= 0")
+    if ring_rows and window and ring_rows < window - 1:
+        raise ValueError(f"window_attn: a ring of {ring_rows} rows cannot hold the {window - 1} keys before a chunk")
+    if q.ndim != 3 or tuple(q.shape) != (T, Hq, D) or q.strides[2] != q.itemsize:
+        raise ValueError(f"window_attn: q must be a [{T}, {Hq}, {D}] view with a unit stride along D, got {q.shape}")
+    for name, a in (("k_ring", k_ring), ("v_ring", v_ring)):
+        if a.itemsize != 2 or not a.flags.c_contiguous or a.ndim != 3 or tuple(a.shape[1:]) != (Hkv, D):
+            raise ValueError(f"window_attn: {name} must be contiguous bf16 [rows, {Hkv}, {D}], got {a.dtype} {a.shape}")
+    ks = vs = (0, 0)
+    if ring_rows:
+        if k_ring.shape[0] != ring_rows or v_ring.shape[0] != ring_rows:
+            raise ValueError(f"window_attn: rings of {k_ring.shape[0]} / {v_ring.shape[0]} rows, expected {ring_rows}")
+        for name, a in (("k", k), ("v", v)):
+            if a is None or a.dtype != np.float32 or a.ndim != 3 or tuple(a.shape) != (T, Hkv, D) or a.strides[2] != 4:
+                raise ValueError(f"window_attn: {name} must be an f32 [{T}, {Hkv}, {D}] view, got "
+                                 f"{None if a is None else (a.dtype, a.shape)}")
+        ks, vs = (k.strides[0] // 4, k.strides[1] // 4), (v.strides[0] // 4, v.strides[1] // 4)
+    if out.size != T * Hq * D or not out.flags.c_contiguous:
+        raise ValueError(f"window_attn: out must be contiguous [{T}, {Hq}, {D}], got {out.shape}")
+    if T <= 0:
+        return
+    fn = load_module(WINDOW_SOURCE).get_function(f"window_attn_d{D}_q{q_kind}_o{o_kind}")
+    item = q.itemsize
+    warps = T * Hq
+    nul = np.uint64(0)
+    fn((-(-warps // WINDOW_WARPS), 1, 1), (WINDOW_WARPS * 32, 1, 1),
+       (q, np.int64(q.strides[0] // item), np.int64(q.strides[1] // item),
+        k if ring_rows else nul, np.int64(ks[0]), np.int64(ks[1]), v if ring_rows else nul, np.int64(vs[0]),
+        np.int64(vs[1]), k_ring, v_ring, out, np.int32(T), np.int32(Hq), np.int32(Hkv), np.int32(ring_rows),
+        np.int32(window), np.float32(scale), past_dev, n_valid_dev),
+       stream=stream)

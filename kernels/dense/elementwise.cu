@@ -36,6 +36,10 @@ template<> __device__ __forceinline__ void storev<4>(__nv_bfloat16* p, const flo
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + __expf(-x)); }
 __device__ __forceinline__ float siluf_(float x) { return x / (1.0f + __expf(-x)); }
+// GELU, tanh approximation (ggml_gelu; kernels/dense/ref.py gelu)
+__device__ __forceinline__ float geluf_(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
 
 // ---- row norms -----------------------------------------------------------------------------------
 //
@@ -44,8 +48,8 @@ __device__ __forceinline__ float siluf_(float x) { return x / (1.0f + __expf(-x)
 //   s    = a (+ b if b)                       ; written to out_sum if out_sum
 //   norm = mean(s^2) (rms) or sum(s^2) (l2)   ; scale = 1 / sqrt(norm + eps)
 //   y    = s * scale (* w[d] if w) (* silu(z) if z)   -> out (f32 or bf16)
-// Up to NIT = 16/V values per thread are kept in registers between the two passes, so
-// D <= G * 16 (512 per warp, 4096 per block); every input element is read once and outputs may alias inputs (in place).
+// Up to NIT = 16/V (a warp per row) or 32/V (a block per row) values per thread are kept in
+// registers between the two passes, so D <= 512 per warp, 8192 per block; every input element is read once and outputs may alias inputs (in place).
 struct View {  // p[t*st + h*sh + d]
     long long st, sh;
 };
@@ -56,7 +60,7 @@ __device__ __forceinline__ void row_norm_impl(
     const float* __restrict__ w, const float* __restrict__ z, View vz,
     O* out, View vo, float* out_sum, View vs,
     int n_rows, int H, int D, float eps, int l2) {
-    constexpr int NIT = 16 / V;
+    constexpr int NIT = (G == 32 ? 16 : 32) / V;
     __shared__ float scratch[32];
     int row, lane;
     if (G == 32) {
@@ -139,7 +143,8 @@ GGF_ROW_NORM_O(256, 4)
 //
 // x [T, H, D] (view), w [D], pos [T] int32 (device) -> out [T, H, D] (view):
 //   y = rms_norm(x[t, h]) * w, then rotate the first n_dims dims of y by angle
-//   theta_i = pos[t] * freq_scale * freq_base^(-2i/n_dims), i < n_dims/2
+//   theta_i = pos[t] * freq_scale * freq_base^(-2i/n_dims) / ff[i], i < n_dims/2 (ff = freq
+//   factors [n_dims/2], llama.cpp's rope_freqs, or null)
 //   mode 0 (neox): pairs (i, i + n_dims/2);  mode 1 (normal): pairs (2i, 2i+1).
 // One block per token; its warps take the heads in turn. The angles are computed in double
 // (the reference does; at position 1e5 a float angle would be off by ~1e-2 rad) and their
@@ -150,14 +155,16 @@ GGF_ROW_NORM_O(256, 4)
 extern "C" __global__ void __launch_bounds__(NR_WARPS * 32) norm_rope_f32(
     const float* __restrict__ x, long long x_st, long long x_sh, const float* __restrict__ w,
     const int* __restrict__ pos, float* __restrict__ out, long long o_st, long long o_sh,
-    int H, int D, int n_dims, double freq_base, double freq_scale, float eps, int mode) {
+    int H, int D, int n_dims, double freq_base, double freq_scale, float eps, int mode,
+    const float* __restrict__ ff) {
     __shared__ float cs[NR_MAX_D / 2], sn[NR_MAX_D / 2];
     __shared__ float rowbuf[NR_WARPS][NR_MAX_D];
     const int t = blockIdx.x;
     const int half = n_dims >> 1;
     const double p = (double)pos[t] * freq_scale;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        const double theta = p * pow(freq_base, -(double)i * 2.0 / (double)n_dims);
+        double theta = p * pow(freq_base, -(double)i * 2.0 / (double)n_dims);
+        if (ff) theta /= (double)ff[i];   // rope_freqs (Gemma 4 full layers: 1e30 = no rotation)
         double s, c;
         sincos(theta, &s, &c);
         cs[i] = (float)c;
@@ -212,6 +219,9 @@ extern "C" __global__ void __launch_bounds__(NR_WARPS * 32) norm_rope_f32(
 //   op 3 silu_mul:     out = silu(a) * b           (SwiGLU)
 //   op 4 scale:        out = a * factor            (b unused)
 //   op 5 copy:         out = a                     (b unused; also converts to bf16)
+//   op 6 gelu:         out = gelu(a)               (tanh approximation; b unused)
+//   op 7 gelu_mul:     out = gelu(a) * b           (GELU GLU; Gemma's per-layer-embedding gate)
+//   op 8 softcap:      out = factor * tanh(a / factor)   (b unused; Gemma's logits)
 // b_bcast: b has one value per (t, h) (b[t*st + h*sh]) broadcast along d ([T, 1] gates).
 // One thread per V consecutive elements of a row.
 template<int V, typename O>
@@ -227,7 +237,7 @@ __device__ __forceinline__ void ew_impl(const float* a, View va, const float* b,
         const long long t = row / H, h = row % H;
         float x[V], y[V], r[V];
         loadv<V>(a + t * va.st + h * va.sh + e, x);
-        if (op <= 3) {
+        if (op <= 3 || op == 7) {
             if (b_bcast) {
                 const float s = b[t * vb.st + h * vb.sh];
 #pragma unroll
@@ -244,6 +254,9 @@ __device__ __forceinline__ void ew_impl(const float* a, View va, const float* b,
                 case 2: r[i] = x[i] * sigmoidf_(y[i]); break;
                 case 3: r[i] = siluf_(x[i]) * y[i]; break;
                 case 4: r[i] = x[i] * factor; break;
+                case 6: r[i] = geluf_(x[i]); break;
+                case 7: r[i] = geluf_(x[i]) * y[i]; break;
+                case 8: r[i] = factor * tanhf(x[i] / factor); break;
                 default: r[i] = x[i]; break;
             }
         }
@@ -424,5 +437,123 @@ extern "C" __global__ void __launch_bounds__(256) argmax_rows_f32(const float* _
             if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
         }
         if (lane == 0) out[blockIdx.x] = bi == 0x7fffffff ? 0 : bi;
+    }
+}
+
+// ---- Gemma's post-norm residual --------------------------------------------------------------------
+//
+// norm_add (kernels/elementwise/ref.py norm_add / norm_add_norm), rows r = t*H + h of [T, H, D] views:
+//   y    = x * rsqrt(mean(x^2) + eps) * w + res      ; then y *= s[0] if s (layer_output_scale)
+//   sum  -> out_sum (f32)
+//   if w_next: out_norm = y * rsqrt(mean(y^2) + eps_next) * w_next  (f32 or bf16)
+// G as row_norm (32: a warp per row, 8 rows per block, D <= 512; 256: a block per row, D <= 8192).
+// out_sum may alias res (in-place residual stream).
+template<int G, int V, typename O>
+__device__ __forceinline__ void norm_add_impl(
+    const float* __restrict__ x, View vx, const float* __restrict__ w, const float* res, View vr,
+    const float* __restrict__ s, const float* __restrict__ w_next, float* out_sum, View vs,
+    O* __restrict__ out_norm, View vo, int n_rows, int H, int D, float eps, float eps_next) {
+    constexpr int NIT = (G == 32 ? 16 : 32) / V;
+    __shared__ float scratch[32];
+    int row, lane;
+    if (G == 32) {
+        row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+        lane = threadIdx.x & 31;
+        if (row >= n_rows) return;
+    } else {
+        row = blockIdx.x;
+        lane = threadIdx.x;
+    }
+    const long long t = row / H, h = row % H;
+    const float* xr = x + t * vx.st + h * vx.sh;
+    const float* rr = res + t * vr.st + h * vr.sh;
+    float y[NIT][V];
+    float ss = 0.0f;
+#pragma unroll
+    for (int it = 0; it < NIT; ++it) {
+        const int e = (lane + it * G) * V;
+        if (e < D) {
+            loadv<V>(xr + e, y[it]);
+#pragma unroll
+            for (int i = 0; i < V; ++i) ss += y[it][i] * y[it][i];
+        }
+    }
+    ss = G == 32 ? warp_sum(ss) : block_sum(ss, scratch);
+    const float sc = 1.0f / sqrtf(ss / (float)D + eps);
+    const float mul = s ? s[0] : 1.0f;
+    float ss2 = 0.0f;
+#pragma unroll
+    for (int it = 0; it < NIT; ++it) {
+        const int e = (lane + it * G) * V;
+        if (e < D) {
+            float wv[V], rv[V];
+            loadv<V>(w + e, wv);
+            loadv<V>(rr + e, rv);
+#pragma unroll
+            for (int i = 0; i < V; ++i) {
+                y[it][i] = (y[it][i] * sc * wv[i] + rv[i]) * mul;
+                ss2 += y[it][i] * y[it][i];
+            }
+        }
+    }
+    float* srow = out_sum + t * vs.st + h * vs.sh;
+    float sc2 = 0.0f;
+    if (w_next) {
+        ss2 = G == 32 ? warp_sum(ss2) : block_sum(ss2, scratch);
+        sc2 = 1.0f / sqrtf(ss2 / (float)D + eps_next);
+    }
+    O* orow = w_next ? out_norm + t * vo.st + h * vo.sh : nullptr;
+#pragma unroll
+    for (int it = 0; it < NIT; ++it) {
+        const int e = (lane + it * G) * V;
+        if (e < D) {
+            storev<V>(srow + e, y[it]);
+            if (w_next) {
+                float wv[V], z[V];
+                loadv<V>(w_next + e, wv);
+#pragma unroll
+                for (int i = 0; i < V; ++i) z[i] = y[it][i] * sc2 * wv[i];
+                storev<V>(orow + e, z);
+            }
+        }
+    }
+}
+
+#define GGF_NORM_ADD(G, V, O, oname)                                                                    \
+    extern "C" __global__ void __launch_bounds__(G == 32 ? 256 : G) norm_add_g##G##_v##V##_##oname(     \
+        const float* x, long long x_st, long long x_sh, const float* w, const float* res,              \
+        long long r_st, long long r_sh, const float* s, const float* w_next, float* out_sum,            \
+        long long s_st, long long s_sh, O* out_norm, long long o_st, long long o_sh, int n_rows, int H, \
+        int D, float eps, float eps_next) {                                                             \
+        norm_add_impl<G, V, O>(x, View{x_st, x_sh}, w, res, View{r_st, r_sh}, s, w_next, out_sum,       \
+                               View{s_st, s_sh}, out_norm, View{o_st, o_sh}, n_rows, H, D, eps, eps_next); \
+    }
+#define GGF_NORM_ADD_O(G, V) GGF_NORM_ADD(G, V, float, f32) GGF_NORM_ADD(G, V, __nv_bfloat16, bf16)
+GGF_NORM_ADD_O(32, 1)
+GGF_NORM_ADD_O(32, 4)
+GGF_NORM_ADD_O(256, 1)
+GGF_NORM_ADD_O(256, 4)
+
+// ---- sliding-window ring append --------------------------------------------------------------------
+//
+// kernels/attention/ref.py kv_ring_append, for the valid rows of a chunk: x [T, Hkv, D] f32 view
+// (rows t at positions P + t), ring [R, Hkv, D] bf16 contiguous:
+//   ring[(P + t) % R] = bf16(x[t])   for max(0, nv - R) <= t < nv,  P = *p_dev, nv = *n_valid
+// (only the last R valid rows survive a chunk longer than the ring; padding rows never enter it).
+// Every ring element is written at most once, so threads do not race.
+extern "C" __global__ void __launch_bounds__(256) kv_ring_append_bf16(
+    const float* __restrict__ x, long long x_st, long long x_sh, __nv_bfloat16* __restrict__ ring,
+    const int* __restrict__ p_dev, const int* __restrict__ n_valid, int T, int Hkv, int D, int R) {
+    const int P = *p_dev;
+    const int nv = min(max(*n_valid, 0), T);
+    const int t0 = max(0, nv - R);
+    const long long n = (long long)(nv - t0) * Hkv * D;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < n;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const long long row = idx / D;
+        const int d = (int)(idx - row * D);
+        const long long t = t0 + row / Hkv, h = row % Hkv;
+        const long long r = (P + t) % R;
+        ring[(r * Hkv + h) * D + d] = __float2bfloat16_rn(x[t * x_st + h * x_sh + d]);
     }
 }

@@ -5,6 +5,7 @@
 //       C[m, n] (+)= sum_k A[m, k] W[n, k]                     grid (ceil(N/64), ceil(M/64))
 //   gemm_swiglu_qf32_<w>(A, lda, Wg, Wu, row_bytes, C, ldc, M, N, K)
 //       C[m, n] = silu(A[m] . Wg[n]) * (A[m] . Wu[n])          grid (ceil(N/64), ceil(M/64))
+//       (built with GLU_ACT=1: gelu(A[m] . Wg[n]) * (A[m] . Wu[n]), Gemma 4)
 // A: f32 rows of stride lda; C: f32 rows of stride ldc; W: N rows of row_bytes; K % 8 == 0.
 #include "dense/qf32_tile.cuh"
 
@@ -26,7 +27,7 @@ __device__ __forceinline__ void gemm_qf32_impl(const float* __restrict__ A, long
     for_tile4x4(n0, N, [&](int i, int j, int r, int n) {
         if (m0 + r >= M) return;
         float* c = C + (long long)(m0 + r) * ldc + n;
-        if (SWIGLU) *c = qf32::silu(acc0[i][j]) * acc1[i][j];
+        if (SWIGLU) *c = qf32::glu_gate(acc0[i][j]) * acc1[i][j];
         else *c = accumulate ? *c + acc0[i][j] : acc0[i][j];
     });
 }

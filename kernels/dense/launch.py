@@ -160,6 +160,7 @@ def get_rows(raw, qtype, row_len: int, ids, out, n_tokens: int | None = None, *,
 # ---- row norms -----------------------------------------------------------------------------------
 
 ELEMENTWISE = "dense/elementwise.cu"
+ROW_MAX = 8192    # the row kernels' longest row (a block per row, 32 values per thread in registers)
 
 
 def _row_norm(a, b, w, z, out, out_sum, *, eps: float, l2: bool, stream, what: str):
@@ -171,8 +172,8 @@ def _row_norm(a, b, w, z, out, out_sum, *, eps: float, l2: bool, stream, what: s
         raise ValueError(f"{what}: weight must be contiguous [{D}], got {w.shape}")
     views = [(x, _view(x, T, H, D, f"{what} {nm}") if x is not None else (0, 0))
              for x, nm in ((a, "a"), (b, "b"), (z, "z"), (out, "out"), (out_sum, "out_sum"))]
-    if D > 4096:
-        raise ValueError(f"{what}: rows of {D} > 4096 elements are not supported")
+    if D > ROW_MAX:
+        raise ValueError(f"{what}: rows of {D} > {ROW_MAX} elements are not supported")
     G = 32 if D <= 512 else 256
     V = 4 if _vec_ok(views + [(w, ())], D) else 1
     name = f"row_norm_g{G}_v{V}_{_dtype_name(out)}"
@@ -190,7 +191,7 @@ def _row_norm(a, b, w, z, out, out_sum, *, eps: float, l2: bool, stream, what: s
 
 def rms_norm(x, w, out, *, eps: float, stream=None):
     """out = x / sqrt(mean(x^2) + eps) * w over the last dim. x [T, D] or [T, H, D] (per head)
-    f32 view; w [D] f32 or None; out like x, f32 or bf16. D <= 4096."""
+    f32 view; w [D] f32 or None; out like x, f32 or bf16. D <= ROW_MAX."""
     _row_norm(x, None, w, None, out, None, eps=eps, l2=False, stream=stream, what="rms_norm")
 
 
@@ -218,8 +219,10 @@ _ROPE_MODES = {"neox": 0, "imrope": 0, "mrope": 0, "normal": 1}
 
 
 def norm_rope(x, w, pos, out, *, eps: float, n_dims: int, freq_base: float, freq_scale: float = 1.0,
-              mode: str = "neox", stream=None):
-    """Per-head RMSNorm (weight w [D]) then RoPE of the first n_dims dims of each head.
+              mode: str = "neox", freq_factors=None, stream=None):
+    """Per-head RMSNorm (weight w [D]) then RoPE of the first n_dims dims of each head; each
+    pair's angle divided by freq_factors[i] when given (f32 [n_dims/2] on the device,
+    llama.cpp's rope_freqs: Gemma 4's full layers).
 
     x [T, H, D] f32 view (e.g. q inside a [T, H, 2*D] q|gate buffer); pos int32 [T] on the
     device (absolute positions); out [T, H, D] f32 view. mode "neox" ("imrope" text-only is
@@ -237,18 +240,23 @@ def norm_rope(x, w, pos, out, *, eps: float, n_dims: int, freq_base: float, freq
         raise ValueError(f"norm_rope: unknown rope mode {mode!r}")
     if w.size != D:
         raise ValueError(f"norm_rope: weight must be [{D}], got {w.shape}")
+    if freq_factors is not None:
+        _check_f32(freq_factors, "norm_rope freq_factors")
+        if freq_factors.size != n_dims // 2 or not freq_factors.flags.c_contiguous:
+            raise ValueError(f"norm_rope: freq_factors must be contiguous [{n_dims // 2}], got {freq_factors.shape}")
     xs, os_ = _view(x, T, H, D, "norm_rope x"), _view(out, T, H, D, "norm_rope out")
     if T == 0:
         return
     args = (_ptr(x), np.int64(xs[0]), np.int64(xs[1]), _ptr(w), _ptr(pos), _ptr(out), np.int64(os_[0]), np.int64(os_[1]),
             np.int32(H), np.int32(D), np.int32(n_dims), np.float64(freq_base), np.float64(freq_scale),
-            np.float32(eps), np.int32(_ROPE_MODES[mode]))
+            np.float32(eps), np.int32(_ROPE_MODES[mode]), _ptr(freq_factors))
     _launch(ELEMENTWISE, "norm_rope_f32", (T,), (256,), args, stream)
 
 
 # ---- elementwise binary ----------------------------------------------------------------------------
 
-_EW_OPS = {"add": 0, "mul": 1, "sigmoid_mul": 2, "silu_mul": 3, "scale": 4, "copy": 5}
+_EW_OPS = {"add": 0, "mul": 1, "sigmoid_mul": 2, "silu_mul": 3, "scale": 4, "copy": 5, "gelu": 6, "gelu_mul": 7,
+           "softcap": 8}
 
 
 def _ew(op: str, a, b, out, *, factor: float = 1.0, stream=None):
@@ -305,6 +313,24 @@ def silu_mul(a, b, out, *, stream=None):
 def scale(x, out, factor: float, *, stream=None):
     """out = x * factor."""
     _ew("scale", x, None, out, factor=factor, stream=stream)
+
+
+def gelu(x, out, *, stream=None):
+    """out = gelu(x), the tanh approximation (kernels/dense/ref.py gelu)."""
+    _ew("gelu", x, None, out, stream=stream)
+
+
+def gelu_mul(a, b, out, *, stream=None):
+    """GELU GLU: out = gelu(a) * b (Gemma's per-layer-embedding gate). a, b [T, N] f32 views;
+    out f32 or bf16."""
+    _ew("gelu_mul", a, b, out, stream=stream)
+
+
+def softcap(x, out, cap: float, *, stream=None):
+    """out = cap * tanh(x / cap) (Gemma's final logits); out may be x."""
+    if not cap > 0:
+        raise ValueError(f"softcap: cap must be > 0, got {cap}")
+    _ew("softcap", x, None, out, factor=cap, stream=stream)
 
 
 def copy(src, dst, *, stream=None):
@@ -566,3 +592,94 @@ def gemv(x, w, w_type, N: int, K: int, y, *, M: int | None = None, nvalid=None, 
     with (stream if stream is not None else contextlib.nullcontext()):
         fn(grid, (256,), (_ptr(x), np.int64(ldx), np.int32(M), _ptr(w), np.int64(rb), np.int32(N), np.int32(K),
                           _ptr(y), np.int64(ldy), _ptr(nvalid)), shared_mem=smem)
+
+
+# ---- Gemma 4 ---------------------------------------------------------------------------------------
+
+def norm_add(x, w, res, out_sum, *, scale=None, w_next=None, out_norm=None, eps: float, eps_next: float = 0.0,
+             stream=None):
+    """Gemma's post-norm residual (kernels/elementwise/ref.py norm_add / norm_add_norm):
+    out_sum = (rms_norm(x) * w + res) [* scale[0]]; with w_next also
+    out_norm = rms_norm(out_sum) * w_next (eps_next).
+
+    x, res, out_sum [T, D] or [T, H, D] f32 views (rows per head); w, w_next [D] f32; scale f32
+    [1] on the device (layer_output_scale) or None; out_norm like x, f32 or bf16. out_sum may be
+    res (in place). D <= ROW_MAX."""
+    T, H, D = _thd(x, res, out_sum)
+    for arr, nm in ((x, "x"), (res, "res"), (out_sum, "out_sum"), (w, "w"), (w_next, "w_next"), (scale, "scale")):
+        if arr is not None:
+            _check_f32(arr, f"norm_add {nm}")
+    for arr, nm in ((w, "w"), (w_next, "w_next")):
+        if arr is not None and (arr.size != D or not arr.flags.c_contiguous):
+            raise ValueError(f"norm_add: {nm} must be contiguous [{D}], got {arr.shape}")
+    if scale is not None and scale.size != 1:
+        raise ValueError(f"norm_add: scale must be [1], got {scale.shape}")
+    if (w_next is None) != (out_norm is None):
+        raise ValueError("norm_add: w_next and out_norm go together")
+    if D > ROW_MAX:
+        raise ValueError(f"norm_add: rows of {D} > {ROW_MAX} elements are not supported")
+    views = [(a, _view(a, T, H, D, f"norm_add {nm}") if a is not None else (0, 0))
+             for a, nm in ((x, "x"), (res, "res"), (out_sum, "out_sum"), (out_norm, "out_norm"))]
+    G = 32 if D <= 512 else 256
+    V = 4 if _vec_ok(views + [(w, ()), (w_next, ())], D) else 1
+    o = out_norm if out_norm is not None else out_sum
+    name = f"norm_add_g{G}_v{V}_{_dtype_name(o)}"
+    n_rows = T * H
+    if n_rows == 0:
+        return
+    (sx, sr, ss, so) = [v for _, v in views]
+    args = (_ptr(x), np.int64(sx[0]), np.int64(sx[1]), _ptr(w), _ptr(res), np.int64(sr[0]), np.int64(sr[1]),
+            _ptr(scale), _ptr(w_next), _ptr(out_sum), np.int64(ss[0]), np.int64(ss[1]),
+            _ptr(out_norm), np.int64(so[0]), np.int64(so[1]), np.int32(n_rows), np.int32(H), np.int32(D),
+            np.float32(eps), np.float32(eps_next))
+    grid = (-(-n_rows // 8),) if G == 32 else (n_rows,)
+    _launch(ELEMENTWISE, name, grid, (256,), args, stream)
+
+
+def kv_ring_append(x, ring, p_dev, n_valid_dev, *, stream=None):
+    """A sliding layer's ring after a chunk (kernels/attention/ref.py kv_ring_append, valid rows
+    only): ring[(P + t) % R] = bf16(x[t]) for the last min(R, n_valid) valid rows t.
+
+    x [T, Hkv, D] f32 view (or [T, Hkv*D]); ring [R, Hkv, D] bf16 (uint16 storage) contiguous;
+    p_dev, n_valid_dev int32 [1] on the device. Run it after every reader of the ring."""
+    R, Hkv, D = (int(s) for s in ring.shape)
+    T = int(x.shape[0])
+    if ring.ndim != 3 or not ring.flags.c_contiguous or _dtype_name(ring) != "bf16":
+        raise ValueError(f"kv_ring_append: ring must be contiguous bf16 [R, Hkv, D], got {ring.dtype} {ring.shape}")
+    _check_f32(x, "kv_ring_append x")
+    sx = _view(x, T, Hkv, D, "kv_ring_append x")
+    _check_i32(p_dev, "kv_ring_append P")
+    _check_i32(n_valid_dev, "kv_ring_append n_valid")
+    if T == 0:
+        return
+    args = (_ptr(x), np.int64(sx[0]), np.int64(sx[1]), _ptr(ring), _ptr(p_dev), _ptr(n_valid_dev),
+            np.int32(T), np.int32(Hkv), np.int32(D), np.int32(R))
+    _launch(ELEMENTWISE, "kv_ring_append_bf16", (_blocks(min(T, R) * Hkv * D),), (_THREADS,), args, stream)
+
+
+def scale_by_expert(weights, ids, scale, *, stream=None):
+    """weights[t, j] *= scale[ids[t, j]] (Gemma 4's per-expert output scale folded into the
+    route weights, kernels/moe/ref.py moe_route expert_scale). weights f32 [T, k], ids int32
+    [T, k] contiguous; scale f32 [E]."""
+    _check_f32(weights, "scale_by_expert weights")
+    _check_f32(scale, "scale_by_expert scale")
+    if ids.dtype != np.int32 or ids.size != weights.size or not (ids.flags.c_contiguous and weights.flags.c_contiguous):
+        raise ValueError(f"scale_by_expert: ids int32 and weights f32 contiguous of one size, got {ids.dtype} "
+                         f"{ids.shape} and {weights.shape}")
+    n = int(weights.size)
+    if n == 0:
+        return
+    _launch("dense/misc.cu", "scale_by_expert_f32", (_blocks(n),), (_THREADS,),
+            (_ptr(weights), _ptr(ids), _ptr(scale), np.int32(n)), stream)
+
+
+def ple_gather(raw, qtype, ids, out, scale: float, *, stream=None):
+    """Gemma 4's per-layer embeddings of a chunk (kernels/dense/ref.py ple_gather): the rows of
+    `ids` gathered from the quantised table [V, L*P] and dequantised on the device, times
+    `scale` (sqrt(P)). raw: uint8 table bytes; ids int32 [T]; out f32 [T, L, P] contiguous."""
+    T = int(out.shape[0])
+    row_len = int(out.size) // max(T, 1)
+    flat = out.reshape(T, row_len)
+    get_rows(raw, qtype, row_len, ids, flat, T, stream=stream)
+    if scale != 1.0:
+        _ew("scale", flat, None, flat, factor=float(scale), stream=stream)

@@ -29,3 +29,11 @@ extern "C" __global__ void axpy_rows_f32(float* __restrict__ out, long long ldo,
         out[t * ldo + d] += y[t * ldy + d] * s[t];
     }
 }
+
+// Gemma 4's per-expert output scale folded into the route weights (kernels/moe/ref.py moe_route
+// expert_scale): weights[t, j] *= scale[ids[t, j]] for the T*k slots. ids and weights contiguous.
+extern "C" __global__ void scale_by_expert_f32(float* __restrict__ weights, const int* __restrict__ ids,
+                                               const float* __restrict__ scale, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        weights[i] *= scale[ids[i]];
+}

@@ -52,8 +52,8 @@ def check_weight(fn: str, w, w_name: str, rows: int, K: int) -> int:
     return rb
 
 
-def _call(name: str, grid, args, stream):
-    fn = load_module(SOURCE).get_function(name)
+def _call(name: str, grid, args, stream, defines=None):
+    fn = load_module(SOURCE, defines=defines).get_function(name)
     with (stream if stream is not None else contextlib.nullcontext()):
         fn(tuple(grid), (THREADS,), tuple(args))
 
@@ -74,8 +74,11 @@ def gemm_qf32(a, w, w_type, N: int, K: int, c, M: int | None = None, *, accumula
            np.int64(ldc), np.int32(M), np.int32(N), np.int32(K), np.int32(1 if accumulate else 0)), stream)
 
 
-def gemm_swiglu_qf32(a, w_gate, w_up, w_type, N: int, K: int, c, M: int | None = None, *, stream=None) -> None:
-    """c[m, :N] = silu(a[m] @ Wg^T) * (a[m] @ Wu^T), Wg and Wu [N, K] of the same type."""
+def gemm_swiglu_qf32(a, w_gate, w_up, w_type, N: int, K: int, c, M: int | None = None, *, act: str = "silu",
+                     stream=None) -> None:
+    """c[m, :N] = silu(a[m] @ Wg^T) * (a[m] @ Wu^T), Wg and Wu [N, K] of the same type (act
+    "gelu": GELU-tanh in place of silu, a module built with GLU_ACT=1)."""
+    from ggfuse.kernels.gemm.launch import act_defines
     w_name = weight_name(w_type)
     M = int(a.shape[0] if M is None else M)
     lda = check_rows("gemm_swiglu_qf32", a, K, "a")
@@ -86,4 +89,4 @@ def gemm_swiglu_qf32(a, w_gate, w_up, w_type, N: int, K: int, c, M: int | None =
         return
     _call(f"gemm_swiglu_qf32_{w_name}", (-(-N // BN), -(-M // BM)),
           (np.uint64(a.data.ptr), np.int64(lda), np.uint64(w_gate.data.ptr), np.uint64(w_up.data.ptr), np.int64(rb),
-           np.uint64(c.data.ptr), np.int64(ldc), np.int32(M), np.int32(N), np.int32(K)), stream)
+           np.uint64(c.data.ptr), np.int64(ldc), np.int32(M), np.int32(N), np.int32(K)), stream, act_defines(act))

@@ -75,6 +75,16 @@ __device__ __forceinline__ void tile(const long long* a_off, const float* __rest
 }
 
 __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
+#ifndef GLU_ACT
+#define GLU_ACT 0   // the GLU's gate: 0 SiLU (SwiGLU), 1 GELU-tanh (Gemma 4; the launchers build a module with -DGLU_ACT=1)
+#endif
+__device__ __forceinline__ float glu_gate(float x) {
+#if GLU_ACT == 1
+    return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+#else
+    return silu(x);
+#endif
+}
 
 }  // namespace qf32
 

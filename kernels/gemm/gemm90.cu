@@ -2,7 +2,7 @@
 // Dense GEMMs for Hopper on wgmma (kernels/gemm/gemm90_core.cuh has the design); same meaning
 // and arguments as gemm/gemm.cu:
 //   gemm90_<a>_<w>:        C[M, N] (+)= A[M, K] @ W[N, K]^T
-//   gemm90_swiglu_<a>_<w>: C[M, F] = silu(A Wg^T) * (A Wu^T)
+//   gemm90_swiglu_<a>_<w>: C[M, F] = silu(A Wg^T) * (A Wu^T)   (GLU_ACT=1: gelu(A Wg^T) * (A Wu^T))
 // <a> = f32a | bf16a, <w> = bf16 | q8_0 | q4_k | q6_k. Threads and BN from g90::Cfg (bf16a_bf16:
 // 384, BN 256; otherwise 512, BN 128), grid (ceil(N / BN), ceil(M / 128)) [swiglu:
 // (ceil(F / (BN / 2)), ...)], dynamic shared memory = launch.smem_bytes90(w, a). K % 64 == 0 (and % 256 for K-quants).
@@ -11,6 +11,9 @@
 // Compiled for sm_90a; for any other target the entry points are empty (launch.py never picks
 // them there).
 #include "gemm/gemm90_core.cuh"
+#ifndef GLU_ACT
+#define GLU_ACT 0   // the GLU's gate: 0 SiLU (SwiGLU), 1 GELU-tanh (Gemma 4; launch.py builds a module with -DGLU_ACT=1)
+#endif
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define GEMM90_BODY(...) __VA_ARGS__
@@ -31,7 +34,7 @@ extern "C" __global__ void __launch_bounds__((g90::Cfg<WTYPE, AF32>::THREADS), 1
 PFX##_swiglu_##ANAME##_##WNAME(const void* a, long long lda, const unsigned char* wg,                 \
                                const unsigned char* wu, long long w_row_bytes, int M, int F, int K,   \
                                void* c, long long ldc, int c_bf16) {                                 \
-    GEMM90_BODY(g90::gemm_block<WTYPE, AF32, g90::kSwiglu, PERSIST>(a, lda, wg, wu, w_row_bytes, 0,    \
+    GEMM90_BODY(g90::gemm_block<WTYPE, AF32, g90::kSwiglu, PERSIST, false, GLU_ACT>(a, lda, wg, wu, w_row_bytes, 0,    \
                 M, F, K, c, ldc, c_bf16, 0, nullptr, nullptr, 0, 1, nullptr);)                       \
 }
 

@@ -165,6 +165,14 @@ __device__ __forceinline__ void red_add4(float* p, float a, float b, float c, fl
     asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" :: "l"(p), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
 }
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
+// The GLU's gate activation (ACT template argument of gemm_block): kSilu (SwiGLU) or kGeluTanh
+// (Gemma's GELU GLU: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), kernels/dense/ref.py gelu).
+enum Act { kSilu = 0, kGeluTanh = 1 };
+template<int ACT>
+__device__ __forceinline__ float glu_act(float g) {
+    if constexpr (ACT == kGeluTanh) return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    else return silu(g);
+}
 
 // Shared-memory matrix descriptor, K-major, 128-byte swizzle: start address >> 4 (bits 0-13),
 // leading byte offset unused for this layout (1), stride byte offset 1024 >> 4 (bits 32-45),
@@ -196,7 +204,7 @@ template<int N> __device__ __forceinline__ void wgmma(float* d, u64 da, u64 db) 
 // j & 1) and handed over by two more mbarriers: tbl_full[b] (producers -> consumers: the tables
 // of item j are written) and tbl_empty[b] (consumers -> producers: item j's epilogue is done,
 // buffer b may take item j + 2).
-template<int W, bool A_F32, int MODE, bool PERSIST = false, bool WIDE = false>
+template<int W, bool A_F32, int MODE, bool PERSIST = false, bool WIDE = false, int ACT = kSilu>
 __device__ __forceinline__ void gemm_block(
     const void* __restrict__ a, long long lda,
     const u8* __restrict__ w0, const u8* __restrict__ w1, long long w_row_bytes, long long w_expert_bytes,
@@ -637,8 +645,8 @@ __device__ __forceinline__ void gemm_block(
 #pragma unroll
                     for (int jj = 0; jj < BN / 16; ++jj) {
                         const int f = nt * (BN / 2) + 8 * jj + c2;
-                        const float v0 = silu(acc[hf][4 * jj + 2 * h]) * acc[hf][4 * (jj + BN / 16) + 2 * h];
-                        const float v1 = silu(acc[hf][4 * jj + 2 * h + 1]) * acc[hf][4 * (jj + BN / 16) + 2 * h + 1];
+                        const float v0 = glu_act<ACT>(acc[hf][4 * jj + 2 * h]) * acc[hf][4 * (jj + BN / 16) + 2 * h];
+                        const float v1 = glu_act<ACT>(acc[hf][4 * jj + 2 * h + 1]) * acc[hf][4 * (jj + BN / 16) + 2 * h + 1];
                         gepi::store_pair(c, (long long)m * ldc, f, N, v0, v1, c_bf16, 0);
                     }
                 }

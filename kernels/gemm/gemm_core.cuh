@@ -124,6 +124,14 @@ __device__ __forceinline__ void red_add2(float* p, float a, float b) {
 __device__ __forceinline__ int swz(int r, int ch) { return r * 64 + ((ch ^ ((r >> 1) & 3)) << 4); }
 
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
+// The GLU's gate activation (ACT template argument of gemm_block): kSilu (SwiGLU) or kGeluTanh
+// (Gemma's GELU GLU: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), kernels/dense/ref.py gelu).
+enum Act { kSilu = 0, kGeluTanh = 1 };
+template<int ACT>
+__device__ __forceinline__ float glu_act(float g) {
+    if constexpr (ACT == kGeluTanh) return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    else return silu(g);
+}
 
 // ---- the block program ---------------------------------------------------------------------
 //
@@ -139,7 +147,7 @@ __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g));
 // For the MoE modes w0 / w1 are the expert-0 bases and w_expert_bytes the stride between experts;
 // or, with wtab (an expert table, kernels/moe/launch.py), expert e's bases are wtab[e] (w0) and
 // wtab[n_expert + e] (w1): resident and streamed experts anywhere in device memory.
-template<int W, bool A_F32, int MODE>
+template<int W, bool A_F32, int MODE, int ACT = kSilu>
 __device__ __forceinline__ void gemm_block(
     const void* __restrict__ a, long long lda,
     const u8* __restrict__ w0, const u8* __restrict__ w1, long long w_row_bytes, long long w_expert_bytes,
@@ -415,8 +423,8 @@ __device__ __forceinline__ void gemm_block(
 #pragma unroll
                 for (int nt = 0; nt < NT / 2; ++nt) {
                     const int f = blockIdx.x * (BN / 2) + warp_n * 16 + nt * 8 + t2;
-                    const float v0 = silu(acc[mt][nt][2 * h]) * acc[mt][nt + NT / 2][2 * h];
-                    const float v1 = silu(acc[mt][nt][2 * h + 1]) * acc[mt][nt + NT / 2][2 * h + 1];
+                    const float v0 = glu_act<ACT>(acc[mt][nt][2 * h]) * acc[mt][nt + NT / 2][2 * h];
+                    const float v1 = glu_act<ACT>(acc[mt][nt][2 * h + 1]) * acc[mt][nt + NT / 2][2 * h + 1];
                     gepi::store_pair(c, (long long)m * ldc, f, N, v0, v1, c_bf16, 0);
                 }
             } else {   // kMoeDown

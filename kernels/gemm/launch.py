@@ -186,22 +186,37 @@ def _dense_grid90(n_cols: int, n_rows: int, persist: bool) -> tuple[str, tuple[i
     return "gemm90", (n_cols, n_rows, 1)
 
 
-def function90(source: str, name: str, w_name: str, a_kind: str, wide: bool = False, dequant: str = "fast"):
+GLU_ACTS = {"silu": 0, "gelu": 1}    # the GLU's gate: the sources' GLU_ACT define (gemm_core.cuh Act)
+
+
+def act_defines(act: str, defines: dict | None = None) -> dict | None:
+    """The module defines that build the GLU kernels (gemm_swiglu, moe_gate_up) with gate `act`:
+    "silu" (SwiGLU, the sources' default) or "gelu" (GELU-tanh, Gemma 4): the same kernel names
+    in a module of their own."""
+    if act not in GLU_ACTS:
+        raise ValueError(f"GLU activation must be one of {tuple(GLU_ACTS)}, got {act!r}")
+    if GLU_ACTS[act] == 0:
+        return defines
+    return {**(defines or {}), "GLU_ACT": GLU_ACTS[act]}
+
+
+def function90(source: str, name: str, w_name: str, a_kind: str, wide: bool = False, dequant: str = "fast",
+               act: str = "silu"):
     defines = {"G90_GENERIC_DEQUANT": 1} if check_dequant(dequant) == "generic" else None
-    return function(source, name, w_name, cfg90(w_name, a_kind, wide)[2], defines)
+    return function(source, name, w_name, cfg90(w_name, a_kind, wide)[2], act_defines(act, defines))
 
 
-def prepare(a_dtype, w_type, impl: str | None = None, dequant: str = "fast") -> None:
-    """Load and configure gemm and gemm_swiglu for (a_dtype, w_type); call before capturing.
-    Loads the mma.sync kernels always (the fallback for K % 64 != 0) and the wgmma ones where
-    they can be used."""
+def prepare(a_dtype, w_type, impl: str | None = None, dequant: str = "fast", act: str = "silu") -> None:
+    """Load and configure gemm and gemm_swiglu (its GLU gate `act`) for (a_dtype, w_type); call
+    before capturing. Loads the mma.sync kernels always (the fallback for K % 64 != 0) and the
+    wgmma ones where they can be used."""
     a, w = act_kind(a_dtype), weight_name(w_type)
     function(SOURCE, f"gemm_{a}a_{w}", w)
-    function(SOURCE, f"gemm_swiglu_{a}a_{w}", w)
+    function(SOURCE, f"gemm_swiglu_{a}a_{w}", w, defines=act_defines(act))
     if pick_impl(w, 64, impl) == "wgmma":
         for pfx in ("gemm90", "gemm90p"):
             function90(SOURCE90, f"{pfx}_{a}a_{w}", w, a, dequant=dequant)
-            function90(SOURCE90, f"{pfx}_swiglu_{a}a_{w}", w, a, dequant=dequant)
+            function90(SOURCE90, f"{pfx}_swiglu_{a}a_{w}", w, a, dequant=dequant, act=act)
 
 
 def ptr(x) -> np.uint64:
@@ -260,8 +275,10 @@ def gemm(a, a_dtype, lda: int, w, w_type, N: int, K: int, c, c_dtype, ldc: int, 
 
 
 def gemm_swiglu(a, a_dtype, lda: int, w_gate, w_up, w_type, F: int, K: int, c, c_dtype, ldc: int, M: int,
-                stream=None, *, impl: str | None = None, persist: bool = True, dequant: str = "fast") -> None:
-    """C[M, F] = silu(A Wg^T) * (A Wu^T), the dense SwiGLU FFN's first half in one GEMM.
+                stream=None, *, impl: str | None = None, persist: bool = True, dequant: str = "fast",
+                act: str = "silu") -> None:
+    """C[M, F] = silu(A Wg^T) * (A Wu^T), the dense SwiGLU FFN's first half in one GEMM; act
+    "gelu": gelu(A Wg^T) * (A Wu^T) (GELU-tanh, Gemma 4's GELU GLU; act_defines).
 
     w_gate, w_up: [F, K] raw GGUF bytes of one type (views into a merged [2F, K] gate_up tensor
     work: pass its two halves). Each block computes 64 output columns from 64 gate and 64 up
@@ -276,13 +293,13 @@ def gemm_swiglu(a, a_dtype, lda: int, w_gate, w_up, w_type, F: int, K: int, c, c
     if pick_impl(w_name, K, impl) == "wgmma":
         bn, threads, smem = cfg90(w_name, a_kind)
         pfx, grid = _dense_grid90((F + bn // 2 - 1) // (bn // 2), (M + BM - 1) // BM, persist)
-        fn = function90(SOURCE90, f"{pfx}_swiglu_{a_kind}a_{w_name}", w_name, a_kind, dequant=dequant)
+        fn = function90(SOURCE90, f"{pfx}_swiglu_{a_kind}a_{w_name}", w_name, a_kind, dequant=dequant, act=act)
         fn(grid, (threads, 1, 1),
            (ptr(a), np.int64(lda), ptr(w_gate), ptr(w_up), np.int64(qtype(w_name).row_bytes(K)), np.int32(M),
             np.int32(F), np.int32(K), ptr(c), np.int64(ldc), np.int32(c_kind == "bf16")),
            shared_mem=smem, stream=stream)
         return
-    fn = function(SOURCE, f"gemm_swiglu_{a_kind}a_{w_name}", w_name)
+    fn = function(SOURCE, f"gemm_swiglu_{a_kind}a_{w_name}", w_name, defines=act_defines(act))
     grid = ((F + BN // 2 - 1) // (BN // 2), (M + BM - 1) // BM, 1)
     fn(grid, (THREADS, 1, 1),
        (ptr(a), np.int64(lda), ptr(w_gate), ptr(w_up), np.int64(qtype(w_name).row_bytes(K)), np.int32(M),

@@ -6,7 +6,7 @@
 // sized for the static worst case S and nothing depends on the host.
 //
 //   moe_gate_up_qf32_<w>(x, ldx, wg, wu, row_bytes, expert_bytes, F, D, h, ldh, slots, offs, E, topk, wtab)
-//       h[r, f] = silu(x[tok] . Wg_e[f]) * (x[tok] . Wu_e[f]), r a sorted row of expert e,
+//       h[r, f] = silu(x[tok] . Wg_e[f]) * (x[tok] . Wu_e[f]) (GLU_ACT=1: gelu), r a sorted row of expert e,
 //       tok = slots[r] / topk; padding rows (slot -1) get 0.   grid (ceil(F/64), S/64), h f32
 //   moe_down_qf32_<w>(h, ldh, wd, row_bytes, expert_bytes, D, F, slots, offs, E, route_w, y, ldy, wtab)
 //       y[slot, d] = route_w[slot] * (h[r] . Wd_e[d]) for slot = slots[r] >= 0.
@@ -52,7 +52,7 @@ __device__ __forceinline__ void gate_up_impl(const float* __restrict__ x, long l
     qf32::tile<W, true>(a_off, x, expert_weights(wtab, e, wg, e, expert_bytes),
                         expert_weights(wtab, E + e, wu, e, expert_bytes), row_bytes, n0, F, D, acc0, acc1);
     for_tile4x4(n0, F, [&](int i, int j, int r, int n) {
-        h[(long long)(m0 + r) * ldh + n] = a_off[r] < 0 ? 0.f : qf32::silu(acc0[i][j]) * acc1[i][j];
+        h[(long long)(m0 + r) * ldh + n] = a_off[r] < 0 ? 0.f : qf32::glu_gate(acc0[i][j]) * acc1[i][j];
     });
 }
 

@@ -12,6 +12,9 @@
 // wtab (last argument, may be null): an expert table, expert e's weights at wtab[e] (gate or down)
 // and wtab[n_expert + e] (up) instead of w + e * w_expert_bytes (kernels/moe/launch.py).
 #include "gemm/gemm_core.cuh"
+#ifndef GLU_ACT
+#define GLU_ACT 0   // the GLU's gate: 0 SiLU (SwiGLU), 1 GELU-tanh (Gemma 4; launch.py builds a module with -DGLU_ACT=1)
+#endif
 
 #define MOE_GATE_UP(WNAME, WTYPE, AF32, ANAME)                                                      \
 extern "C" __global__ void __launch_bounds__(gemm::kThreads, 2)                                     \
@@ -20,7 +23,7 @@ moe_gate_up_##ANAME##_##WNAME(const void* x, long long ldx, const unsigned char*
                               int F, int K, void* h, long long ldh, const int* sorted_slots,          \
                               const int* expert_offsets, int n_expert, int topk,                      \
                               const unsigned long long* wtab) {                                       \
-    gemm::gemm_block<WTYPE, AF32, gemm::kMoeGateUp>(x, ldx, wg, wu, w_row_bytes, w_expert_bytes, 0,   \
+    gemm::gemm_block<WTYPE, AF32, gemm::kMoeGateUp, GLU_ACT>(x, ldx, wg, wu, w_row_bytes, w_expert_bytes, 0,   \
         F, K, h, ldh, 1, 0, sorted_slots, expert_offsets, n_expert, topk, nullptr, wtab);             \
 }
 

@@ -16,6 +16,9 @@
 // wtab (last argument, may be null): an expert table, as in moe/grouped_gemm.cu.
 // Empty entry points for any target but sm_90a (launch.py picks them only there).
 #include "gemm/gemm90_core.cuh"
+#ifndef GLU_ACT
+#define GLU_ACT 0   // the GLU's gate: 0 SiLU (SwiGLU), 1 GELU-tanh (Gemma 4; launch.py builds a module with -DGLU_ACT=1)
+#endif
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define MOE90_BODY(...) __VA_ARGS__
@@ -32,7 +35,7 @@ PFX##_gate_up_##ANAME##_##WNAME(const void* x, long long ldx, const unsigned cha
                                 long long w_expert_bytes, int F, int K, void* h, long long ldh,       \
                                 const int* sorted_slots, const int* expert_offsets, int n_expert,     \
                                 int topk, const unsigned long long* wtab) {                           \
-    MOE90_BODY(g90::gemm_block<WTYPE, AF32, g90::kMoeGateUp, PERSIST, WIDE>(x, ldx, wg, wu, w_row_bytes,       \
+    MOE90_BODY(g90::gemm_block<WTYPE, AF32, g90::kMoeGateUp, PERSIST, WIDE, GLU_ACT>(x, ldx, wg, wu, w_row_bytes,       \
         w_expert_bytes, 0, F, K, h, ldh, 1, 0, sorted_slots, expert_offsets, n_expert, topk, nullptr, wtab);) \
 }
 

@@ -101,17 +101,19 @@ def _route_fn(name: str):
     return load_module(ROUTE_SOURCE).get_function(name)
 
 
-def prepare(x_dtype, w_gate_type, w_down_type, impl: str | None = None, dequant: str = "fast") -> None:
-    """Load and configure the router and the grouped GEMM variants; call before capturing."""
+def prepare(x_dtype, w_gate_type, w_down_type, impl: str | None = None, dequant: str = "fast",
+            act: str = "silu") -> None:
+    """Load and configure the router and the grouped GEMM variants (gate_up with GLU gate
+    `act`); call before capturing."""
     for n in ("moe_topk", "moe_hist", "moe_scan", "moe_scatter"):
         _route_fn(n)
     gu, dn, a = gl.weight_name(w_gate_type), gl.weight_name(w_down_type), gl.act_kind(x_dtype, "x")
-    gl.function(GEMM_SOURCE, f"moe_gate_up_{a}a_{gu}", gu)
+    gl.function(GEMM_SOURCE, f"moe_gate_up_{a}a_{gu}", gu, defines=gl.act_defines(act))
     gl.function(GEMM_SOURCE, f"moe_down_{dn}", dn)
     for pfx in ("moe90", "moe90p", "moe90w"):
         wide = pfx == "moe90w"
         if gl.pick_impl(gu, 64, impl) == "wgmma" and (not wide or _wide_ok(gu, a)):
-            gl.function90(GEMM_SOURCE90, f"{pfx}_gate_up_{a}a_{gu}", gu, a, wide, dequant=dequant)
+            gl.function90(GEMM_SOURCE90, f"{pfx}_gate_up_{a}a_{gu}", gu, a, wide, dequant=dequant, act=act)
         if gl.pick_impl(dn, 64, impl) == "wgmma" and (not wide or _wide_ok(dn, "bf16")):
             gl.function90(GEMM_SOURCE90, f"{pfx}_down_{dn}", dn, "bf16", wide, dequant=dequant)
 
@@ -170,8 +172,9 @@ def _check_layout(fn: str, sorted_slots, expert_offsets, E: int) -> int:
 def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted_slots, expert_offsets,
                 k: int, h_out, stream=None, *, ldx: int | None = None, impl: str | None = None,
                 schedule: str | None = None, wtab=None, max_blocks: int | None = None,
-                dequant: str = "fast") -> None:
-    """h[r] = silu(x[tok] Wg_e^T) * (x[tok] Wu_e^T) for every sorted row r of expert e.
+                dequant: str = "fast", act: str = "silu") -> None:
+    """h[r] = silu(x[tok] Wg_e^T) * (x[tok] Wu_e^T) for every sorted row r of expert e (act
+    "gelu": GELU-tanh in place of silu, Gemma 4's experts).
 
     x [T, ldx] f32 or bf16 (x_dtype); w_gate, w_up [E, F, D] raw GGUF bytes (w_up None: w_gate is
     the merged [E, 2F, D] gate_up, gate rows first); h_out [S, F] bf16 (S = sorted_slots.size),
@@ -205,10 +208,10 @@ def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted
         bn, threads, smem = gl.cfg90(w_name, a_kind, sch == "wide")
         pfx, grid = _grid90((F + bn // 2 - 1) // (bn // 2), S, E, sch, max_blocks)
         fn = gl.function90(GEMM_SOURCE90, f"{pfx}_gate_up_{a_kind}a_{w_name}", w_name, a_kind, sch == "wide",
-                           dequant=dequant)
+                           dequant=dequant, act=act)
         block = (threads, 1, 1)
     else:
-        fn = gl.function(GEMM_SOURCE, f"moe_gate_up_{a_kind}a_{w_name}", w_name)
+        fn = gl.function(GEMM_SOURCE, f"moe_gate_up_{a_kind}a_{w_name}", w_name, defines=gl.act_defines(act))
         grid, block = ((F + 63) // 64, S // MOE_TILE, 1), (gl.THREADS, 1, 1)
         smem = gl.smem_bytes(w_name, gl.build_cc())
     fn(grid, block,

@@ -20,8 +20,8 @@ from ggfuse.kernels.nvrtc import load_module
 SOURCE = "moe/grouped_f32.cu"
 
 
-def _fn(name: str):
-    return load_module(SOURCE).get_function(name)
+def _fn(name: str, defines=None):
+    return load_module(SOURCE, defines=defines).get_function(name)
 
 
 def _layout(fn: str, sorted_slots, expert_offsets, E: int, tile: int) -> int:
@@ -35,8 +35,9 @@ def _layout(fn: str, sorted_slots, expert_offsets, E: int, tile: int) -> int:
 
 
 def moe_gate_up_f32(x, w_gate, w_up, w_type, E: int, F: int, D: int, sorted_slots, expert_offsets, k: int,
-                    h, *, tile: int = 128, stream=None, wtab=None) -> None:
-    """h[r, f] = silu(x[tok] Wg_e[f]) * (x[tok] Wu_e[f]) for the sorted rows r of expert e,
+                    h, *, tile: int = 128, stream=None, wtab=None, act: str = "silu") -> None:
+    """h[r, f] = silu(x[tok] Wg_e[f]) * (x[tok] Wu_e[f]) for the sorted rows r of expert e (act
+    "gelu": GELU-tanh in place of silu, Gemma 4),
     tok = sorted_slots[r] // k; padding rows get 0, rows from expert_offsets[E] on are not written.
     w_gate [E, F, D]; w_up [E, F, D] or None when w_gate is the merged [E, 2F, D] (gate rows
     first); h f32 [>= S, F] row-strided. tile: the layout's (moe_route's) row tile. wtab: an
@@ -60,7 +61,8 @@ def moe_gate_up_f32(x, w_gate, w_up, w_type, E: int, F: int, D: int, sorted_slot
     if tiles == 0 or F <= 0:
         return
     with (stream if stream is not None else contextlib.nullcontext()):
-        _fn(f"moe_gate_up_qf32_{w_name}")((-(-F // BN), tiles), (THREADS,),
+        from ggfuse.kernels.gemm.launch import act_defines
+        _fn(f"moe_gate_up_qf32_{w_name}", act_defines(act))((-(-F // BN), tiles), (THREADS,),
             (np.uint64(x.data.ptr), np.int64(ldx), np.uint64(gate_ptr), np.uint64(up_ptr), np.int64(rb),
              np.int64(e_bytes), np.int32(F), np.int32(D), np.uint64(h.data.ptr), np.int64(ldh),
              sorted_slots, expert_offsets, np.int32(E), np.int32(k), np.uint64(0 if wtab is None else wtab.data.ptr)))
@@ -120,8 +122,9 @@ def experts_workspace_f32(T: int, k: int, E: int, F: int, D: int, tile: int, *, 
 
 def moe_experts_f32(x, w_gate, w_up, w_gu_type, w_down, w_down_type, E: int, F: int, D: int, sorted_slots,
                     expert_offsets, weights, h, y, out, *, tile: int = 128, stream=None,
-                    wtab_gate_up=None, wtab_down=None) -> None:
-    """The routed experts end to end: out[t] = sum_j weights[t, j] * down_e(SwiGLU_e(x[t])).
+                    wtab_gate_up=None, wtab_down=None, act: str = "silu") -> None:
+    """The routed experts end to end: out[t] = sum_j weights[t, j] * down_e(SwiGLU_e(x[t]))
+    (act "gelu": the GELU-tanh GLU).
     h f32 [S, F] and y f32 [T*k, D] are scratch; out f32 [T, D]; tile: the layout's row tile
     (a multiple of 64). y is cleared first (a
     capturable memset), so padding tokens (no routed slot) get 0."""
@@ -132,7 +135,7 @@ def moe_experts_f32(x, w_gate, w_up, w_gu_type, w_down, w_down_type, E: int, F: 
         raise ValueError("moe_experts_f32: y must be contiguous")
     cupy.cuda.runtime.memsetAsync(y.data.ptr, 0, y.nbytes, s.ptr)
     moe_gate_up_f32(x, w_gate, w_up, w_gu_type, E, F, D, sorted_slots, expert_offsets, k, h, tile=tile, stream=stream,
-                    wtab=wtab_gate_up)
+                    wtab=wtab_gate_up, act=act)
     moe_down_f32(h, w_down, w_down_type, E, D, F, sorted_slots, expert_offsets, weights, y, tile=tile, stream=stream,
                  wtab=wtab_down)
     moe_sum_slots(y, T, k, D, out, stream=stream)

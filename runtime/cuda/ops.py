@@ -267,7 +267,8 @@ def gemm_closure(ctx, node, rec: dict, a, w_value, c, *, accumulate: bool = Fals
 
 
 def swiglu_closure(ctx, node, rec: dict, x, wg_value, wu_value, out, out_dt: str):
-    """silu(x Wg^T) * (x Wu^T) as the record says (our tensor-core kernel or the f32 one)."""
+    """silu(x Wg^T) * (x Wu^T) as the record says (our tensor-core kernel or the f32 one); the
+    record's act "gelu": gelu(x Wg^T) * (x Wu^T) (Gemma's GELU GLU, a variant of the same kernels)."""
     from ggfuse.kernels.gemm import launch as gemm
     wg, tg, sg = _weight(ctx, wg_value)
     wu, tu, _ = _weight(ctx, wu_value)
@@ -275,13 +276,14 @@ def swiglu_closure(ctx, node, rec: dict, x, wg_value, wu_value, out, out_dt: str
         raise GGFuseError(None, f"cuda: {node.name}: gate {tg} and up {tu} weights differ in type")
     F, K = sg[0], sg[1]
     M = x.shape[0]
+    act = rec.get("act", "silu")
     if rec["name"] == "qf32.gemm_swiglu":
         from ggfuse.kernels.dense import qf32
-        return lambda: qf32.gemm_swiglu_qf32(x, wg, wu, tg, F, K, out, stream=ctx.stream)
+        return lambda: qf32.gemm_swiglu_qf32(x, wg, wu, tg, F, K, out, act=act, stream=ctx.stream)
     _expect(node, "activation dtype", _dt(x), rec["a"])
     _expect(node, "weight", tg, rec["w"])
-    kw = dict(impl=rec["impl"], persist=rec.get("persist", True), dequant=rec.get("dequant", "fast"))
-    gemm.prepare(rec["a"], tg, impl=kw["impl"], dequant=kw["dequant"])
+    kw = dict(impl=rec["impl"], persist=rec.get("persist", True), dequant=rec.get("dequant", "fast"), act=act)
+    gemm.prepare(rec["a"], tg, impl=kw["impl"], dequant=kw["dequant"], act=act)
     ldx, ldo = x.strides[0] // x.itemsize, out.strides[0] // out.itemsize
     return lambda: gemm.gemm_swiglu(x, rec["a"], ldx, wg, wu, tg, F, K, out, out_dt, ldo, M, ctx.stream, **kw)
 
@@ -322,6 +324,7 @@ class _HeadAll:
         self.buf = ctx.ws(n, "block", (self.rb, N), np.float32)
         self.N = N
         self._rec, self._n = rec["all"], n
+        self.cap = rec.get("softcap")
 
     def __call__(self, n_rows: int) -> np.ndarray:
         cp, s = self.ctx.cp, self.ctx.stream
@@ -329,6 +332,8 @@ class _HeadAll:
         for b in range(0, n_rows, self.rb):
             m = min(self.rb, n_rows - b)
             gemm_closure(self.ctx, self._n, self._rec, self.x[b:b + m], self._n.inputs[1], self.buf[:m])()
+            if self.cap:
+                _dense().softcap(self.buf[:m], self.buf[:m], self.cap, stream=s)
             out[b:b + m] = cp.asnumpy(self.buf[:m], stream=s)
             s.synchronize()
         return out
@@ -343,7 +348,14 @@ def _lm_head_last(ctx, n, rec):
     N, K = shape[-2], shape[-1]
     y = ctx.ws(n, "last", (1, N), np.float32)
     ctx.be.logits_last_view = y
-    return lambda: d.gemv(x, w, wtype, N, K, y, nvalid=ctx.be.nvalid_dev, stream=ctx.stream)
+    cap = n.meta["kernel"].get("softcap")
+    if not cap:
+        return lambda: d.gemv(x, w, wtype, N, K, y, nvalid=ctx.be.nvalid_dev, stream=ctx.stream)
+
+    def run():
+        d.gemv(x, w, wtype, N, K, y, nvalid=ctx.be.nvalid_dev, stream=ctx.stream)
+        d.softcap(y, y, cap, stream=ctx.stream)
+    return run
 
 
 @launcher("dense.get_rows")
@@ -359,6 +371,19 @@ def _get_rows(ctx, n):
         # gathered on the host (runtime/cuda/backend.py HostEmbedding): row i is position i's
         ids = emb.ids[:ids.shape[0]]
     return lambda: d.get_rows(raw, gt, shape[1], ids, out, stream=ctx.stream)
+
+
+@launcher("dense.ple_gather")
+def _ple_gather(ctx, n):
+    # Gemma 4's per-layer embeddings: the token's row of the table, dequantised on the device
+    d = _dense()
+    name = ctx.weights[n.inputs[0]]
+    raw, fmt, gt, shape = ctx.be.weight(name, "rows")
+    ids, out = ctx.v(n.inputs[1]), ctx.v(n.out)
+    _expect(n, "table type", gt.lower(), n.meta["kernel"]["w"])
+    if n.meta["kernel"].get("source") == "host":
+        raise PlanError(None, f"cuda: {n.name}: the plan gathers {name} on the host, which this runtime does not")
+    return lambda: d.ple_gather(raw, gt, ids, out, float(n.attrs.scale), stream=ctx.stream)
 
 
 @launcher("dense.copy")
@@ -399,6 +424,20 @@ def _kv_append(ctx, n):
     return lambda: d.kv_append(new, new, cache, cache, be.past_dev, stream=ctx.stream)
 
 
+@launcher("dense.kv_ring_append")
+def _kv_ring_append(ctx, n):
+    # the ring is updated in place: the graph orders this after every reader of the ring (the
+    # IR's `after` input), and the value is the ring
+    d = _dense()
+    ring, new = ctx.v(n.inputs[0]), ctx.v(n.inputs[1])
+    if ring.shape[0] != n.meta["kernel"]["ring_rows"]:
+        raise PlanError(None, f"cuda: {n.name}: the plan's ring has {n.meta['kernel']['ring_rows']} rows, "
+                              f"the runtime's {ring.shape[0]}; recompile the plan")
+    ctx.vals[n.out] = ring
+    be = ctx.be
+    return lambda: d.kv_ring_append(new, ring, be.past_dev, be.nvalid_dev, stream=ctx.stream)
+
+
 @launcher("dense.rms_norm")
 def _rms_norm(ctx, n):
     d = _dense()
@@ -433,11 +472,58 @@ def _gated_rms_norm(ctx, n):
 @launcher("dense.norm_rope")
 def _norm_rope(ctx, n):
     d = _dense()
-    x, w, pos = (_in(ctx, v) for v in n.inputs)
+    x, w, pos = (_in(ctx, v) for v in n.inputs[:3])
+    ff = _in(ctx, n.inputs[3]).reshape(-1) if len(n.inputs) > 3 else None     # rope_freqs
     out = ctx.v(n.out)
     a = n.attrs
     return lambda: d.norm_rope(x, w, pos, out, eps=a.eps, n_dims=a.n_dims, freq_base=a.freq_base,
-                               freq_scale=a.freq_scale, mode=a.mode, stream=ctx.stream)
+                               freq_scale=a.freq_scale, mode=a.mode, freq_factors=ff, stream=ctx.stream)
+
+
+@launcher("dense.norm_add", "dense.norm_add_norm")
+def _norm_add(ctx, n):
+    # Gemma's post-norm residual, [* layer_output_scale], [the next block's RMSNorm]
+    d = _dense()
+    a = n.attrs
+    if n.op == Op.NORM_ADD:
+        x, w, r = (_in(ctx, v) for v in n.inputs[:3])
+        s = _in(ctx, n.inputs[3]).reshape(-1) if len(n.inputs) > 3 else None
+        total = ctx.v(n.out)
+        return lambda: d.norm_add(x, w, r, total, scale=s, eps=a.eps, stream=ctx.stream)
+    x, w, r, w_next = (_in(ctx, v) for v in n.inputs[:4])
+    s = _in(ctx, n.inputs[4]).reshape(-1) if len(n.inputs) > 4 else None
+    normed, total = ctx.v(n.value(0)), ctx.v(n.value(1))
+    return lambda: d.norm_add(x, w, r, total, scale=s, w_next=w_next, out_norm=normed, eps=a.eps,
+                              eps_next=a.eps_next, stream=ctx.stream)
+
+
+@launcher("dense.scale")
+def _scale(ctx, n):
+    d = _dense()
+    x, out = ctx.v(n.inputs[0]), ctx.v(n.out)
+    return lambda: d.scale(x, out, float(n.attrs.factor), stream=ctx.stream)
+
+
+@launcher("dense.gelu")
+def _gelu(ctx, n):
+    d = _dense()
+    x, out = ctx.v(n.inputs[0]), ctx.v(n.out)
+    return lambda: d.gelu(x, out, stream=ctx.stream)
+
+
+@launcher("dense.gelu_mul")
+def _gelu_mul(ctx, n):
+    d = _dense()
+    x, y = (_in(ctx, v) for v in n.inputs)
+    out = ctx.v(n.out)
+    return lambda: d.gelu_mul(x, y, out, stream=ctx.stream)
+
+
+@launcher("dense.softcap")
+def _softcap(ctx, n):
+    d = _dense()
+    x, out = ctx.v(n.inputs[0]), ctx.v(n.out)
+    return lambda: d.softcap(x, out, float(n.attrs.cap), stream=ctx.stream)
 
 
 @launcher("dense.sigmoid_mul")
@@ -532,6 +618,33 @@ def _attention(ctx, n):
     return run
 
 
+@launcher("attention.window")
+def _attention_window(ctx, n):
+    # CUDA-core attention (kernels/attention/window_attn.cu): a sliding layer over its ring
+    # (ATTENTION_WINDOW: the chunk's own k, v plus the ring before the chunk; KV-shared layers
+    # get the same values), or ATTENTION over the cache at a head dim the tensor cores lack
+    from ggfuse.kernels.attention import launch as fa
+    rec = n.meta["kernel"]
+    q = ctx.v(n.inputs[0])
+    out = ctx.v(n.out)
+    T, Hq, D = q.shape
+    q_dt = _dt(q)
+    _expect(n, "q dtype", q_dt, rec["q"])
+    be = ctx.be
+    if n.op == Op.ATTENTION_WINDOW:
+        k, v, k_ring, v_ring = (ctx.v(x) for x in n.inputs[1:])
+        R, window = int(rec["ring_rows"]), int(rec["window"])
+        if k_ring.shape[0] != R:
+            raise PlanError(None, f"cuda: {n.name}: the plan's ring has {R} rows, the runtime's {k_ring.shape[0]}")
+    else:
+        k, v = None, None
+        k_ring, v_ring = ctx.v(n.inputs[1]), ctx.v(n.inputs[2])     # the caches, the chunk appended
+        R, window = 0, 0
+    Hkv = k_ring.shape[1]
+    return lambda: fa.window_attn(q, q_dt, k, v, k_ring, v_ring, out, T, Hq, Hkv, D, R, window, float(n.attrs.scale),
+                                  be.past_dev, be.nvalid_dev, stream=ctx.stream)
+
+
 # ---- mixture of experts ---------------------------------------------------------------------
 
 @launcher("moe.route")
@@ -557,14 +670,18 @@ def _moe_route(ctx, n):
     ids, weights, slots, offsets = (ctx.v(n.value(i)) for i in range(4))
     be = ctx.be
     shexp = None
-    if len(n.inputs) > 2:
+    if rec.get("shared_gate"):
         wsh = _f32(ctx, n.inputs[2]).reshape(-1)
         shexp = (wsh, ctx.v(n.value(4)))
+    # Gemma 4: each expert's output scale (ffn_down_exps.scale) folded into its slots' weights
+    escale = _f32(ctx, n.inputs[-1]).reshape(-1) if rec.get("expert_scale") else None
 
     def run():
         router()
         moe.moe_route(logits, T, E, a.k, a.norm, a.scale, a.tile, be.nvalid_dev, ids, weights, slots, offsets,
                       scratch, ctx.stream, gating=a.gating)
+        if escale is not None:
+            d.scale_by_expert(weights, ids, escale, stream=ctx.stream)
         if shexp is not None:
             d.rowdot_sigmoid(x, shexp[0], shexp[1], stream=ctx.stream)
     return run
@@ -640,9 +757,10 @@ def _moe_grouped_gemm(ctx, n):
         x = x_copy
     _expect(n, "expert activation dtype", _dt(x), rec["a"])
     x_dt = rec["a"]
-    moe.prepare(x_dt, o.tg, o.td, dequant=rec["dequant"])
+    act = rec.get("act", "silu")
+    moe.prepare(x_dt, o.tg, o.td, dequant=rec["dequant"], act=act)
     kw_gu = dict(impl=rec["impl_gate_up"], schedule=at["schedule_gate_up"], max_blocks=rec.get("max_blocks"),
-                 dequant=rec["dequant"])
+                 dequant=rec["dequant"], act=act)
     kw_d = dict(impl=rec["impl_down"], schedule=at["schedule_down"], max_blocks=rec.get("max_blocks"),
                 dequant=rec["dequant"])
     shared = []
@@ -702,7 +820,7 @@ def _moe_grouped_f32(ctx, n):
         s = ctx.stream
         moe32.moe_experts_f32(o.x, o.wg, o.wu, o.tg, o.wd, o.td, o.E, o.F, o.D, o.slots, o.offsets, o.weights,
                               h, y, o.out, tile=n.attrs.tile, stream=s, wtab_gate_up=o.tab_gu,
-                              wtab_down=o.tab_d)
+                              wtab_down=o.tab_d, act=n.meta["kernel"].get("act", "silu"))
         if sh is not None:
             qf32.gemm_swiglu_qf32(o.x, wgs, wus, tgs, Fs, o.D, hs, stream=s)
             qf32.gemm_qf32(hs, wds, tds, o.D, Fs, ys, stream=s)
