@@ -312,14 +312,14 @@ class _Lowering:
         gate `act`: "silu", or "gelu" for GELU-tanh, a variant of the same kernels); ours: never cuBLAS."""
         if self.o.precision == "f32":
             rec = {"name": "qf32.gemm_swiglu" if swiglu else "qf32.gemm", "w": w}
-            if swiglu:
-                rec["act"] = act
+            if swiglu and act != "silu":
+                rec["act"] = act      # absent: "silu" (plans before Gemma read the same)
             return rec
         if not swiglu and not ours and self.o.dense_gemm == "cublas" and a == "bf16" and w == "bf16":
             return {"name": "cublas.gemm_bf16", "a": a, "c": c, "w": w}
         impl = self.impl(w, K)
         rec = {"name": "gemm.gemm_swiglu" if swiglu else "gemm.gemm", "impl": impl, "a": a, "c": c, "w": w}
-        if swiglu:
+        if swiglu and act != "silu":
             rec["act"] = act
         if impl == "wgmma":
             rec.update(persist=self.o.dense_persist, dequant=self.o.dequant)
@@ -436,7 +436,8 @@ class _Lowering:
                 rec["by_chunk"][str(c)] = {"tile": tile}
         expert_scale = bool(n.attrs.get("expert_scale", False))
         rec["shared_gate"] = len(n.inputs) - expert_scale > 2
-        rec["expert_scale"] = expert_scale      # route weights times the expert's output scale (Gemma 4)
+        if expert_scale:
+            rec["expert_scale"] = True      # route weights times the expert's output scale (Gemma 4)
         for c in self.sizes:
             ws[c] = moe.route_workspace(c, k, E)
         return rec, ws
@@ -462,8 +463,9 @@ class _Lowering:
         if o.precision == "f32":
             for c in self.sizes:
                 ws[c] = moe32.experts_workspace_f32(c, k, E, F, D, tile, shared_ffn=Fs)
-            rec = {"name": "moe.grouped_f32", "w_gate_up": tg, "w_down": td, "expert_tables": False,
-                   "act": n.attrs.get("act", "silu")}
+            rec = {"name": "moe.grouped_f32", "w_gate_up": tg, "w_down": td, "expert_tables": False}
+            if n.attrs.get("act", "silu") != "silu":
+                rec["act"] = n.attrs.act
             if ops.shared is not None:
                 rec["shared"] = {"w_gate_up": tsg, "w_down": tsd}
             return rec, ws
@@ -474,7 +476,9 @@ class _Lowering:
         a = "bf16" if x_copy else x_st
         rec = {"name": "moe.grouped", "a": a, "x_copy": x_copy, "w_gate_up": tg, "w_down": td,
                "impl_gate_up": self.impl(tg, D), "impl_down": self.impl(td, F), "dequant": o.dequant,
-               "max_blocks": o.moe_blocks, "expert_tables": False, "act": n.attrs.get("act", "silu"), "by_chunk": {}}
+               "max_blocks": o.moe_blocks, "expert_tables": False, "by_chunk": {}}
+        if n.attrs.get("act", "silu") != "silu":
+            rec["act"] = n.attrs.act         # absent: "silu"
         for c in self.sizes:
             rec["by_chunk"][str(c)] = {
                 "schedule_gate_up": moe.pick_schedule(o.moe_schedule, tg, a, c, k, E),

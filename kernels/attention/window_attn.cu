@@ -17,12 +17,14 @@
 // Query t (position P + t) sees the keys at p0 <= P + t with P + t - p0 < window (window 0:
 // every earlier key); query head h reads KV head h / (Hq / Hkv). The key loop starts at the
 // window's first key, so keys outside it are never read; a window of W over a ring R >= W - 1
-// reads at most W - 1 ring rows and the chunk rows up to the query. Rows t >= n_valid get zeros.
+// reads at most W - 1 ring rows and the chunk rows up to the query (window_keys.cuh: the runs
+// of rows). Rows t >= n_valid get zeros.
 //
 // Lane l of the warp holds dims d = i * 32 + l (i < D / 32) of q and of the output accumulator,
 // so every key row is read with coalesced 32-element loads; scores use an online softmax in
 // log2 units (exp2 of score * scale * log2 e). Blocks of 4 warps.
 #include "common.cuh"
+#include "attention/window_keys.cuh"
 
 namespace wa {
 
@@ -93,26 +95,18 @@ __device__ __forceinline__ void window_attn(
         acc[i] = 0.f;
     }
     float m = __int_as_float(0xff800000), l = 0.f;
-    const int qp = P + t;
-    const int lo = window > 0 ? max(0, qp - window + 1) : 0;      // the window's first key
     const long long rs = static_cast<long long>(Hkv) * D;         // ring / cache row stride
     const __nv_bfloat16* kb = k_ring + static_cast<long long>(hk) * D;
     const __nv_bfloat16* vb = v_ring + static_cast<long long>(hk) * D;
-    if (R == 0) {
-        attend<DPL>(kb + lo * rs, vb + lo * rs, rs, rs, qp - lo + 1, qv, m, l, acc, lane);
-    } else {
-        // positions lo .. min(qp, P - 1) from the ring: at most two runs of consecutive rows
-        const int a = lo, b = min(qp, P - 1);
-        if (a <= b) {
-            const int r0 = a % R;
-            const int n1 = min(b - a + 1, R - r0);
-            attend<DPL>(kb + r0 * rs, vb + r0 * rs, rs, rs, n1, qv, m, l, acc, lane);
-            if (b - a + 1 > n1) attend<DPL>(kb, vb, rs, rs, b - a + 1 - n1, qv, m, l, acc, lane);
-        }
-        // positions max(lo, P) .. qp from the chunk (rows - P)
-        const int c0 = max(lo, P) - P;
-        attend<DPL>(k + c0 * k_st + static_cast<long long>(hk) * k_sh, v + c0 * v_st + static_cast<long long>(hk) * v_sh,
-                    k_st, v_st, t - c0 + 1, qv, m, l, acc, lane);
+    wk::Run runs[3];
+    const int n_runs = wk::key_runs(P, t, R, window, runs);        // the window's keys only
+    for (int i = 0; i < n_runs; ++i) {
+        const wk::Run r = runs[i];
+        if (r.src == wk::kRing)
+            attend<DPL>(kb + r.row * rs, vb + r.row * rs, rs, rs, r.n, qv, m, l, acc, lane);
+        else
+            attend<DPL>(k + r.row * k_st + static_cast<long long>(hk) * k_sh,
+                        v + r.row * v_st + static_cast<long long>(hk) * v_sh, k_st, v_st, r.n, qv, m, l, acc, lane);
     }
     const float inv = l > 0.f ? 1.f / l : 0.f;
 #pragma unroll
