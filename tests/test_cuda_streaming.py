@@ -133,7 +133,8 @@ def _check_order(calls, be, *, captured: bool):
             assert not [r for r in readers if fork_rec < r < join], f.layer
 
 
-@pytest.mark.parametrize("arch,room", [(a, "split") for a in MOE_ARCHS] + [("qwen35moe", "whole")])
+@pytest.mark.parametrize("arch,room", [(a, "split") for a in MOE_ARCHS] + [("qwen35moe", "whole"), ("gemma4-moe", "split"),
+                                       ("gemma4-moe", "whole")])
 def test_streamed_plan_binds_registered(arch, room, monkeypatch):
     gf, plan, budget = streamed_plan(arch, room=room)
     info = plan.stats["prefetch"]

@@ -155,6 +155,43 @@ def test_gemm_swiglu(w_type, a_kind, c_kind, impl):
     check(host(c, c_kind), silu(A @ WG.T) * (A @ WU.T), c_kind)
 
 
+def gelu(x):
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+@pytest.mark.parametrize("c_kind", ["bf16", "f32"])
+@pytest.mark.parametrize("w_type", ["bf16", "q4_k", "q6_k", "q8_0", "q5_0"])
+def test_gemm_geglu(w_type, c_kind, impl):
+    """Gemma 4's GELU GLU: the gemm_swiglu kernels built with the GELU-tanh gate (act "gelu",
+    GLU_ACT=1), against gelu(A Wg^T) * (A Wu^T); also inside a captured graph, and the IR's
+    reference (kernels/elementwise/ref.py ffn_geglu) at the bf16 tolerance."""
+    from gpu_util import run_captured
+    from ggfuse.kernels.elementwise import ref as ew_ref
+    rng = np.random.default_rng(zlib.crc32(f'geglu/{w_type}/{c_kind}'.encode()))
+    M, F, K = 150, 160, 512
+    need(impl, w_type, K)
+    rw_g, dg = random_weight(w_type, (F, K), np.random.default_rng(14))
+    rw_u, du = random_weight(w_type, (F, K), np.random.default_rng(15))
+    wg, wu = cp.asarray(rw_g), cp.asarray(rw_u)
+    WG, WU = round_bf16(dg).astype(np.float64), round_bf16(du).astype(np.float64)
+    x = rng.standard_normal((M, K), dtype=np.float32)
+    a, A = cp.asarray(x), round_bf16(x).astype(np.float64)
+    launch.prepare("f32", w_type, impl.gemm["impl"], impl.gemm["dequant"], act="gelu")
+    c = new_c(M, F, c_kind)
+    launch.gemm_swiglu(a, "f32", K, wg, wu, w_type, F, K, c, c_kind, F, M, act="gelu", **impl.gemm)
+    want = gelu(A @ WG.T) * (A @ WU.T)
+    check(host(c, c_kind), want, c_kind)
+    assert not np.allclose(host(c, c_kind), silu(A @ WG.T) * (A @ WU.T), rtol=1e-2, atol=1e-2), "silu, not gelu"
+    c2 = new_c(M, F, c_kind)
+    run_captured(cp.cuda.Stream(non_blocking=True),
+                 lambda s: launch.gemm_swiglu(a, "f32", K, wg, wu, w_type, F, K, c2, c_kind, F, M, stream=s, act="gelu",
+                                              **impl.gemm))
+    assert np.array_equal(cp.asnumpy(c2), cp.asnumpy(c))
+    ref = ew_ref.ffn_geglu(x, dg, du).astype(np.float64)
+    out = host(c, c_kind).astype(np.float64)
+    assert np.abs(out - ref).max() < 2e-2 * np.abs(ref).max()
+
+
 def test_gemm_swiglu_merged_views(impl):
     """gate/up as the two halves of one merged [2F, K] tensor (byte views)."""
     rng = np.random.default_rng(11)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import ggfuse
-from util import ARCHS, QUANTS, fixture, refs
+from util import ARCHS, GEMMA4, QUANTS, fixture, refs
 
 pytestmark = pytest.mark.gpu
 from gpu_util import require_gpu  # noqa: E402
@@ -114,3 +114,121 @@ def test_bf16_activations_change_nothing(arch):
     d = float(np.abs(fast - plain).max() / np.abs(plain).max())
     print(f"{arch}: bf16 activations vs f32 storage: max|diff|/max = {d:.2e}")
     assert d < 1e-3
+
+
+# ---- Gemma 4 (issue 13): sliding layers over rings, KV sharing, PLE, GELU GLUs, soft-cap -------
+
+def _gemma_refs(r, quant):
+    out = [("llama.cpp", r["llama_f32"] if quant == "f32" else r[f"llama_{quant}_deq"])]
+    if quant == "f32":
+        out.append(("transformers", r["hf_f32"]))
+    return out
+
+
+@pytest.mark.parametrize("target", ["auto", "sm_89"])
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("arch", GEMMA4)
+def test_gemma4_gpu_matches_cpu_and_references(arch, quant, target):
+    """The 40-token prompt in chunks of 16 (16, 16, then 8 padded to the 16 graph): the fixtures'
+    8-token window and 8-row rings cross every chunk boundary; every chunk after the first is a
+    graph replay. Against the CPU reference, llama.cpp (on the F32 copy of the quantised file)
+    and transformers (F32); both code paths (sm_90a on an H200, and the Ada plan)."""
+    r = refs(arch)
+    tokens = r["tokens"]
+    m = ggfuse.load(fixture(arch, quant), device="cuda", chunk=16, target=target)
+    gpu = m.prefill(tokens)
+    assert m.backend.cuda_graph is not None
+    cpu = ggfuse.load(fixture(arch, quant), device="cpu").prefill(tokens)
+    _check(gpu, cpu, f"{arch} {quant} {target} vs cpu")
+    for who, ref in _gemma_refs(r, quant):
+        _check(gpu, ref, f"{arch} {quant} {target} vs {who}")
+    # again from an empty state: every chunk replays its captured graph, bit for bit (the MoE
+    # scatter adds k=2 terms onto zero: order-independent)
+    m.reset()
+    np.testing.assert_array_equal(m.prefill(tokens), gpu)
+    # the rings stay at the window's rows whatever the prompt length
+    hp = m.hparams
+    for key, st in m.backend.states.items():
+        if key.endswith("_ring"):
+            assert st.shape[0] == hp["n_swa"] and st.dtype == cp.uint16, key
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("arch", GEMMA4)
+def test_gemma4_gpu_precision_f32(arch, quant):
+    """precision="f32": the f32 GEMMs (GELU GLUs built with GLU_ACT=1) on the stored weights."""
+    r = refs(arch)
+    tokens = r["tokens"]
+    cpu = ggfuse.load(fixture(arch, quant), device="cpu").prefill(tokens)
+    m = ggfuse.load(fixture(arch, quant), device="cuda", chunk=16, precision="f32")
+    gpu = m.prefill(tokens)
+    _check(gpu, cpu, f"{arch} {quant} f32 vs cpu")
+    for who, ref in _gemma_refs(r, quant):
+        _check(gpu, ref, f"{arch} {quant} f32 vs {who}")
+    m.reset()
+    last = m.prefill(tokens, logits="last")           # the soft-capped GEMV row
+    np.testing.assert_allclose(last[0], gpu[-1], rtol=0, atol=1e-3 * np.abs(gpu).max())
+
+
+@pytest.mark.parametrize("arch", GEMMA4)
+def test_gemma4_gpu_chunks_calls_and_replay_agree(arch):
+    """Chunks of 8 (= the window and the ring: the ring is overwritten whole every chunk), split
+    calls whose padded chunks must not write their padding into the ring, sub-chunk executors
+    sharing the rings, the replayed graphs, and the last-row head (GEMV + soft-cap)."""
+    tokens = refs(arch)["tokens"]
+    eager = ggfuse.load(fixture(arch, "q4_k_m"), device="cuda", chunk=64, eager=True).prefill(tokens)
+    m = ggfuse.load(fixture(arch, "q4_k_m"), device="cuda", chunk=8)
+    split = np.concatenate([m.prefill(tokens[:5]), m.prefill(tokens[5:13]), m.prefill(tokens[13:])])
+    _check(split, eager, f"{arch} replayed chunks of 8 + split calls vs one eager pass")
+    sub = ggfuse.load(fixture(arch, "q4_k_m"), device="cuda", chunk=32, sub_chunk_min=8)
+    assert sub.backend.captures == [32, 16, 8, 1]
+    mixed = np.concatenate([sub.prefill(tokens[:3]), sub.prefill(tokens[3:20]), sub.prefill(tokens[20:])])
+    _check(mixed, eager, f"{arch} sub-chunks + chunks of 32 vs one eager pass")
+    m.reset()
+    again = np.concatenate([m.prefill(tokens[:5]), m.prefill(tokens[5:13]), m.prefill(tokens[13:])])
+    np.testing.assert_array_equal(again, split)
+    m.reset()
+    last = m.prefill(tokens, logits="last")
+    np.testing.assert_allclose(last[0], split[-1], rtol=0, atol=2e-2 * np.abs(split).max())
+    assert last[0].argmax() == split[-1].argmax()
+    # one-token steps after the prompt (the captured decode graph): the ring keeps sliding
+    m.reset()
+    m.prefill(tokens[:30], logits="last")
+    steps = np.concatenate([m.prefill(tokens[i:i + 1]) for i in range(30, 40)])
+    _check(steps, eager[30:], f"{arch} one-token steps vs one eager pass")
+
+
+@pytest.mark.parametrize("room", ["split", "whole"])
+@pytest.mark.parametrize("quant", ["q4_k_m", "q8_0"])
+def test_gemma4_moe_under_a_vram_budget(quant, room):
+    """gemma4-moe under a budget that streams its experts (the Q5_0 / Q8_0 down experts read as
+    stored, through the expert slots or tables): the logits equal fully resident's bit for bit
+    (same kernels; the MoE scatter adds k=2 terms onto zero) and the CPU reference within 2e-2."""
+    from test_cuda_streaming import compile_gguf, streamed_plan
+
+    from ggfuse.runtime.api import Model
+    from ggfuse.runtime.cuda.backend import CUDABackend
+    tokens = refs("gemma4-moe")["tokens"]
+    gf, plan, budget = streamed_plan("gemma4-moe", quant, 8, room=room)
+    outs = []
+    for p in (plan, compile_gguf(gf.path, chunk=8, gf=gf, max_context=64)):
+        be = CUDABackend(p, gf, chunk=8, progress=False)
+        assert (be.streamer is not None) == (p is plan)
+        m = Model(p, gf, be, 8)
+        first = m.prefill(tokens)
+        m.reset()
+        np.testing.assert_array_equal(m.prefill(tokens), first)     # every chunk replayed
+        outs.append(first)
+        be.close()
+    np.testing.assert_array_equal(outs[0], outs[1])
+    cpu = ggfuse.load(fixture("gemma4-moe", quant), device="cpu").prefill(tokens)
+    _check(outs[0], cpu, f"gemma4-moe {quant} streamed ({room}, budget {budget} B) vs cpu")
+
+
+def test_gemma4_dense_under_a_vram_budget():
+    """gemma4-dense compiled for a budget (it fits: the plan records so) runs the same logits."""
+    tokens = refs("gemma4-dense")["tokens"]
+    m = ggfuse.load(fixture("gemma4-dense", "q4_k_m"), device="cuda", chunk=16, vram_budget="2GiB")
+    assert "fits" in m.plan.stats["prefetch"]["policy"]
+    cpu = ggfuse.load(fixture("gemma4-dense", "q4_k_m"), device="cpu").prefill(tokens)
+    _check(m.prefill(tokens), cpu, "gemma4-dense q4_k_m under a 2 GiB budget vs cpu")

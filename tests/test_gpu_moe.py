@@ -153,8 +153,13 @@ def bf16_x(T, D, x_kind, rng):
     return cp.asarray(x), x
 
 
-def expected(x, wts, slots, offs, k, WG, WU, WD):
+def gelu(x):
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def expected(x, wts, slots, offs, k, WG, WU, WD, act="silu"):
     """float64 reference with the kernel's roundings: bf16 x, weights and h."""
+    gate = gelu if act == "gelu" else silu
     T = x.shape[0]
     X = round_bf16(x).astype(np.float64)
     out = np.zeros((T, WD.shape[1]))
@@ -165,7 +170,7 @@ def expected(x, wts, slots, offs, k, WG, WU, WD):
         if seg.size == 0:
             continue
         xe = X[seg // k]
-        h = silu(xe @ WG[e].T) * (xe @ WU[e].T)
+        h = gate(xe @ WG[e].T) * (xe @ WU[e].T)
         h = round_bf16(h.astype(np.float32)).astype(np.float64)
         for i, s in enumerate(seg):
             h_rows[int(s)] = h[i]
@@ -203,7 +208,7 @@ def scattered(w, E: int, first: int):
 
 
 def run_moe(T, E, k, D, F, gu_type, dn_type, x_kind, merged, n_valid, rng, graph=False, out_offset=0,
-            table_first=None, kw=None):
+            table_first=None, kw=None, act="silu"):
     """table_first: the experts are read through expert tables (scattered, first experts resident)
     as well as from their stacks; h must match bit for bit and the outputs to f32 atomics order.
     kw: the grouped GEMMs' launcher arguments (the kernel family: gpu_util.Family.moe)."""
@@ -229,11 +234,11 @@ def run_moe(T, E, k, D, F, gu_type, dn_type, x_kind, merged, n_valid, rng, graph
     out = out_buf[out_offset:].reshape(T, D)
     nv = cp.asarray([n_valid], dtype=cp.int32)
     lg = cp.asarray(logits)
-    launch.prepare(x_kind, gu_type, dn_type, kw.get("impl"), kw.get("dequant", "fast"))
+    launch.prepare(x_kind, gu_type, dn_type, kw.get("impl"), kw.get("dequant", "fast"), act=act)
 
     def layer(stream=None):
         r.run(lg, nv, stream=stream)
-        launch.moe_gate_up(x, x_kind, w_gate, w_up, gu_type, E, F, D, r.slots, r.offs, k, h, stream, **kw)
+        launch.moe_gate_up(x, x_kind, w_gate, w_up, gu_type, E, F, D, r.slots, r.offs, k, h, stream, act=act, **kw)
         launch.moe_down(h, w_down, dn_type, E, D, F, r.slots, r.offs, r.w, k, out, stream, **kw)
 
     if graph:
@@ -252,7 +257,8 @@ def run_moe(T, E, k, D, F, gu_type, dn_type, x_kind, merged, n_valid, rng, graph
         out2 = cp.full((T, D), np.nan, dtype=cp.float32)
 
         def layer2(stream=None):
-            launch.moe_gate_up(x, x_kind, tg, tu, gu_type, E, F, D, r.slots, r.offs, k, h2, stream, wtab=tab_gu, **kw)
+            launch.moe_gate_up(x, x_kind, tg, tu, gu_type, E, F, D, r.slots, r.offs, k, h2, stream, wtab=tab_gu,
+                               act=act, **kw)
             launch.moe_down(h2, td, dn_type, E, D, F, r.slots, r.offs, r.w, k, out2, stream, wtab=tab_d, **kw)
         if graph:
             run_captured(cp.cuda.Stream(non_blocking=True), layer2)
@@ -265,7 +271,7 @@ def run_moe(T, E, k, D, F, gu_type, dn_type, x_kind, merged, n_valid, rng, graph
     check_route(r, logits, n_valid)
     slots, offs, wts = cp.asnumpy(r.slots), cp.asnumpy(r.offs), cp.asnumpy(r.w)
     WGr, WUr, WDr = (round_bf16(w).astype(np.float64) for w in (WG, WU, WD))
-    ref, h_rows = expected(x_host[:n_valid], wts[:n_valid], slots, offs, k, WGr, WUr, WDr)
+    ref, h_rows = expected(x_host[:n_valid], wts[:n_valid], slots, offs, k, WGr, WUr, WDr, act=act)
     got = cp.asnumpy(out)
     check(got[:n_valid], ref, tol_rms=2e-3)
     assert (got[n_valid:] == 0).all(), "padded tokens must get nothing from the experts"
@@ -277,7 +283,8 @@ def run_moe(T, E, k, D, F, gu_type, dn_type, x_kind, merged, n_valid, rng, graph
     pad = [i for i in range(offs[-1]) if slots[i] < 0]
     assert (h_host[pad] == 0).all()
     # and the IR's reference (f32, no intermediate rounding) at the bf16 tolerance
-    full = moe_ref.moe_grouped_gemm(x_host[:n_valid], wts[:n_valid], slots, offs, w_down=WD, w_gate=WG, w_up=WU)
+    full = moe_ref.moe_grouped_gemm(x_host[:n_valid], wts[:n_valid], slots, offs, w_down=WD, w_gate=WG, w_up=WU,
+                                    act=act)
     check(got[:n_valid], full.astype(np.float64))
 
 
@@ -290,6 +297,18 @@ def test_moe_layer(gu_type, dn_type, x_kind, impl):
     rng = np.random.default_rng(seed("moe", gu_type, dn_type, x_kind))
     run_moe(T=200, E=16, k=4, D=512, F=256, gu_type=gu_type, dn_type=dn_type, x_kind=x_kind,
             merged=False, n_valid=200, rng=rng, kw=impl.moe)
+
+
+@pytest.mark.parametrize("dn_type", ["q5_0", "q8_0"])
+def test_moe_layer_gelu_gemma4_shapes(dn_type, impl):
+    """Gemma 4 26B-A4B's experts: GELU-tanh GLU (act "gelu", GLU_ACT=1 modules), 128 experts top-8,
+    expert FFN 704 (not a multiple of 256, so Q4_K_M files carry Q5_0 / Q8_0 down experts: read
+    as stored), the merged gate_up, a padded chunk; eagerly and in a CUDA graph."""
+    need(impl, "q4_k", dn_type)
+    for graph in (False, True):
+        rng = np.random.default_rng(seed("gelu", dn_type, str(graph)))
+        run_moe(T=160, E=128, k=8, D=256, F=704, gu_type="q4_k", dn_type=dn_type, x_kind="bf16",
+                merged=True, n_valid=151, rng=rng, graph=graph, kw=impl.moe, act="gelu")
 
 
 def test_moe_layer_merged_gate_up_padded_chunk(impl):

@@ -14,7 +14,7 @@ SOURCES = all_sources()
 
 def test_there_are_kernels_and_headers():
     names = {os.path.relpath(p, KERNELS_DIR) for p in SOURCES}
-    assert {"dense/elementwise.cu", "dense/dequant.cu", "attention/flash_attn.cu"} <= names
+    assert {"dense/elementwise.cu", "dense/dequant.cu", "attention/flash_attn.cu", "attention/window_attn.cu"} <= names
     assert cuda_include_dirs(), "no CUDA headers found (install nvidia-cuda-runtime, the nvrtc extra)"
 
 
@@ -23,6 +23,20 @@ def test_there_are_kernels_and_headers():
 def test_compiles(path, arch, tmp_path, monkeypatch):
     monkeypatch.setenv("GGFUSE_CACHE", str(tmp_path))  # really compile, never a cached cubin
     cubin = compile_cubin(path, arch)
+    assert cubin[:4] == b"\x7fELF" and len(cubin) > 1000
+
+
+# The GLU kernels are also built with the GELU-tanh gate (Gemma 4: kernels/gemm/launch.py
+# act_defines, GLU_ACT=1): the same kernel names in a module of their own
+GLU_SOURCES = ("gemm/gemm.cu", "moe/grouped_gemm.cu", "dense/gemm_qf32.cu", "moe/grouped_f32.cu")
+
+
+@pytest.mark.parametrize("arch", ["sm_89", "sm_90"])
+@pytest.mark.parametrize("rel", GLU_SOURCES, ids=[f"{r}-gelu" for r in GLU_SOURCES])
+def test_compiles_gelu_glu(rel, arch, tmp_path, monkeypatch):
+    from ggfuse.kernels.gemm.launch import act_defines
+    monkeypatch.setenv("GGFUSE_CACHE", str(tmp_path))
+    cubin = compile_cubin(os.path.join(KERNELS_DIR, rel), arch, defines=act_defines("gelu"))
     assert cubin[:4] == b"\x7fELF" and len(cubin) > 1000
 
 
@@ -37,11 +51,13 @@ def test_sm90a_sources_are_marked():
 # the wgmma GEMM sources are also built with the element-wise dequantisation (launch.py
 # GGFUSE_DEQUANT=generic), so check that variant too
 SM90A_VARIANTS = [(p, None) for p in SM90A] + [(p, {"G90_GENERIC_DEQUANT": 1}) for p in SM90A
-                                               if os.path.relpath(p, KERNELS_DIR) in ("gemm/gemm90.cu", "moe/grouped_gemm90.cu")]
+                                               if os.path.relpath(p, KERNELS_DIR) in ("gemm/gemm90.cu", "moe/grouped_gemm90.cu")] + \
+    [(p, {"GLU_ACT": 1}) for p in SM90A if os.path.relpath(p, KERNELS_DIR) in ("gemm/gemm90.cu", "moe/grouped_gemm90.cu")]
 
 
 @pytest.mark.parametrize("path,defines", SM90A_VARIANTS,
-                         ids=[os.path.relpath(p, KERNELS_DIR) + ("-generic" if d else "") for p, d in SM90A_VARIANTS])
+                         ids=[os.path.relpath(p, KERNELS_DIR) + ("-gelu" if d and "GLU_ACT" in d else "-generic" if d else "")
+                              for p, d in SM90A_VARIANTS])
 def test_compiles_sm90a_without_spills(path, defines):
     """Sources marked for sm_90a (wgmma, setmaxnreg) build for it with no stack and no spills,
     and ptxas honours setmaxnreg (it warns C7508 when it ignores it)."""
