@@ -274,6 +274,10 @@ def _ew(op: str, a, b, out, *, factor: float = 1.0, stream=None):
                 sb = (b.strides[0] // b.itemsize, b.strides[1] // b.itemsize)
             else:
                 raise ValueError(f"{op}: broadcast operand {b.shape} does not match [T, H] = [{T}, {H}]")
+        elif b.ndim == 1 and b.shape[0] == D and T * H > 1:   # a [D] vector along every row (Gemma's router scale)
+            if b.strides[0] != b.itemsize:
+                raise ValueError(f"{op}: the row vector b must be contiguous")
+            sb = (0, 0)
         else:
             sb = _view(b, T, H, D, f"{op} b")
     sa, so = _view(a, T, H, D, f"{op} a"), _view(out, T, H, D, f"{op} out")
@@ -294,7 +298,7 @@ def add(a, b, out, *, stream=None):
 
 
 def mul(a, b, out, *, stream=None):
-    """out = a * b; b may be [T, 1] (broadcast along the row)."""
+    """out = a * b; b may be [T, 1] (broadcast along the row) or [D] (the same vector for every row)."""
     _ew("mul", a, b, out, stream=stream)
 
 

@@ -1,0 +1,372 @@
+"""Numpy stand-ins for the CUDA launchers a transformer plan binds, over tests/fake_cupy.py's
+host arrays: the CUDA backend's host logic (weight forms, arena views, workspace, states, the
+graph capture and replay, the LM head's blocks) then runs for real on the CPU, so whole-model
+logits test the plumbing from plan records to launcher arguments: which value goes where,
+strides, storage dtypes, in-place states, replays after a capture. Each stand-in computes what
+its launcher's docstring says (in f32, from the same bf16-stored values); the kernels themselves
+are tested on the GPU. Captures record the launches and graph.launch replays them.
+
+    with emulated_device(monkeypatch) as used:   # used: the launcher names that ran
+        ...
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from ggfuse.kernels.attention import ref as attn_ref
+from ggfuse.kernels.dense import ref as dense_ref
+from ggfuse.kernels.dequant.ref import bf16_bits_to_f32, f32_to_bf16_bits
+from ggfuse.kernels.elementwise import ref as ew_ref
+
+
+def _val(a) -> np.ndarray:
+    a = np.asarray(a)
+    return bf16_bits_to_f32(a) if a.dtype == np.uint16 else a.astype(np.float32)
+
+
+def _put(out, x) -> None:
+    x = np.asarray(x, np.float32).reshape(out.shape)
+    out[...] = f32_to_bf16_bits(x) if out.dtype == np.uint16 else x
+
+
+def _dequant(raw, qtype, n_rows: int, row_len: int, row0: int = 0) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from ggfuse.kernels.quant.types import qtype as _qt
+    t = _qt(qtype)
+    name = t.name
+    b = np.asarray(raw).reshape(-1).view(np.uint8)
+    if name in ("f32", "f16", "bf16"):
+        item = {"f32": 4, "f16": 2, "bf16": 2}[name]
+        v = b[row0 * row_len * item:(row0 + n_rows) * row_len * item]
+        v = v.view({"f32": np.float32, "f16": np.float16, "bf16": np.uint16}[name])
+        v = bf16_bits_to_f32(v) if name == "bf16" else v.astype(np.float32)
+        return v.reshape(n_rows, row_len)
+    rb = t.row_bytes(row_len)
+    rows = b[row0 * rb:(row0 + n_rows) * rb].reshape(n_rows, rb)
+    return dequantize(rows, GGMLQuantizationType(t.ggml_id)).reshape(n_rows, row_len).astype(np.float32)
+
+
+def _matrix(w, w_type, N: int, K: int) -> np.ndarray:
+    """W [N, K] of a GEMM operand: bf16 bits, an f32 array, or raw GGUF bytes."""
+    w = np.asarray(w)
+    if w.dtype == np.uint16:
+        return bf16_bits_to_f32(w).reshape(-1)[:N * K].reshape(N, K)
+    if w.dtype == np.float32:
+        return w.reshape(-1)[:N * K].reshape(N, K)
+    return _dequant(w, w_type, N, K)
+
+
+def _rows(a, M: int, K: int) -> np.ndarray:
+    return _val(a)[:M, :K]
+
+
+def _gelu(x):
+    return dense_ref.gelu(x)
+
+
+def _act(act):
+    return _gelu if act == "gelu" else dense_ref.silu
+
+
+# ---- the launchers -------------------------------------------------------------------------------
+
+def dequantize(raw, qtype, n_rows, row_len, out, *, row0=0, stream=None):
+    _put(out.reshape(-1)[:n_rows * row_len], _dequant(raw, qtype, n_rows, row_len, row0))
+
+
+def get_rows(raw, qtype, row_len, ids, out, n_tokens=None, *, stream=None):
+    from ggfuse.kernels.quant.types import qtype as _qt
+    n = int(ids.size) if n_tokens is None else int(n_tokens)
+    n_table = np.asarray(raw).reshape(-1).view(np.uint8).size // _qt(qtype).row_bytes(row_len)
+    table = _dequant(raw, qtype, n_table, row_len)
+    _put(out.reshape(-1)[:n * row_len], table[np.clip(np.asarray(ids)[:n], 0, n_table - 1)])
+
+
+def ple_gather(raw, qtype, ids, out, scale, *, stream=None):
+    T = out.shape[0]
+    flat = out.reshape(T, -1)
+    get_rows(raw, qtype, flat.shape[1], ids, flat, T)
+    flat[...] = flat * np.float32(scale)
+
+
+def rms_norm(x, w, out, *, eps, stream=None):
+    _put(out, dense_ref.rms_norm(_val(x), None if w is None else _val(w), eps=eps))
+
+
+def add_rms_norm(a, b, w, out_norm, out_sum, *, eps, stream=None):
+    s = _val(a) + _val(b)
+    _put(out_sum, s)
+    _put(out_norm, dense_ref.rms_norm(s, _val(w), eps=eps))
+
+
+def norm_rope(x, w, pos, out, *, eps, n_dims, freq_base, freq_scale=1.0, mode="neox", freq_factors=None,
+              stream=None):
+    T = x.shape[0]
+    _put(out, ew_ref.norm_rope(_val(x), _val(w), np.asarray(pos)[:T], eps=eps, n_dims=n_dims, freq_base=freq_base,
+                               mode=mode, freq_scale=freq_scale,
+                               freq_factors=None if freq_factors is None else _val(freq_factors)))
+
+
+def norm_add(x, w, res, out_sum, *, scale=None, w_next=None, out_norm=None, eps, eps_next=0.0, stream=None):
+    total = ew_ref.norm_add(_val(x), _val(w), _val(res), None if scale is None else _val(scale), eps=eps)
+    if w_next is not None:
+        _put(out_norm, dense_ref.rms_norm(total, _val(w_next), eps=eps_next))
+    _put(out_sum, total)
+
+
+def _b(a, b):
+    """b as the kernel reads it against a: the same shape, a [T, 1] gate, or a [D] row vector."""
+    b = _val(b)
+    if b.shape == a.shape or (b.ndim == a.ndim and b.shape[-1] == 1):
+        return b
+    if b.ndim == 1 and b.shape[0] == a.shape[-1]:
+        return b[None]
+    return b.reshape(a.shape)
+
+
+def add(a, b, out, *, stream=None):
+    x = _val(a)
+    _put(out, x + _b(x, b))
+
+
+def mul(a, b, out, *, stream=None):
+    x = _val(a)
+    _put(out, x * _b(x, b))
+
+
+def sigmoid_mul(x, g, out, *, stream=None):
+    a = _val(x)
+    _put(out, a * dense_ref.sigmoid(_b(a, g)))
+
+
+def silu_mul(a, b, out, *, stream=None):
+    _put(out, dense_ref.silu(_val(a)) * _val(b))
+
+
+def gelu(x, out, *, stream=None):
+    _put(out, _gelu(_val(x)))
+
+
+def gelu_mul(a, b, out, *, stream=None):
+    _put(out, _gelu(_val(a)) * _val(b))
+
+
+def softcap(x, out, cap, *, stream=None):
+    _put(out, dense_ref.softcap(_val(x), cap=cap))
+
+
+def scale(x, out, factor, *, stream=None):
+    _put(out, _val(x) * np.float32(factor))
+
+
+def copy(src, dst, *, stream=None):
+    _put(dst, _val(src).reshape(dst.shape))
+
+
+def kv_append(k, v, k_cache, v_cache, p_dev, *, stream=None):
+    P = int(np.asarray(p_dev)[0])
+    max_ctx, Hkv, D = k_cache.shape
+    for src, dst in ((k, k_cache), (v, v_cache)):
+        x = _val(src).reshape(src.shape[0], Hkv, D)
+        n = max(0, min(x.shape[0], max_ctx - P))
+        _put(dst[P:P + n], x[:n])
+
+
+def kv_ring_append(x, ring, p_dev, n_valid_dev, *, stream=None):
+    P, nv = int(np.asarray(p_dev)[0]), int(np.asarray(n_valid_dev)[0])
+    R, Hkv, D = ring.shape
+    xs = _val(x).reshape(x.shape[0], Hkv, D)[:nv]
+    new = attn_ref.kv_ring_append(_val(ring), xs, P=P)
+    _put(ring, new)
+
+
+def flash_attn_prefill(q, q_dtype, q_stride_t, q_stride_h, k_cache, v_cache, out, T, Hq, Hkv, D, Dv, scale,
+                       past_dev, n_valid_dev, stream=None):
+    P, nv = int(np.asarray(past_dev)[0]), int(np.asarray(n_valid_dev)[0])
+    o = np.zeros((T, Hq, Dv), np.float32)
+    if nv:
+        o[:nv] = attn_ref.attention_cache(_val(q)[:nv], _val(k_cache), _val(v_cache), P, scale=scale)
+    _put(out, o)
+
+
+def window_attn(q, q_dtype, k, v, k_ring, v_ring, out, T, Hq, Hkv, D, ring_rows, window, scale, past_dev,
+                n_valid_dev, stream=None):
+    P, nv = int(np.asarray(past_dev)[0]), int(np.asarray(n_valid_dev)[0])
+    o = np.zeros((T, Hq, D), np.float32)
+    if nv:
+        if ring_rows:
+            o[:nv] = attn_ref.attention_window(_val(q)[:nv], _val(k)[:nv], _val(v)[:nv], _val(k_ring), _val(v_ring),
+                                               P=P, window=window, scale=scale)
+        else:
+            assert window == 0
+            o[:nv] = attn_ref.attention_cache(_val(q)[:nv], _val(k_ring), _val(v_ring), P, scale=scale)
+    _put(out, o)
+
+
+def gemm(a, a_dtype, lda, w, w_type, N, K, c, c_dtype, ldc, M, stream=None, *, accumulate=False, impl=None,
+         persist=True, dequant="fast"):
+    y = _rows(a, M, K) @ _matrix(w, w_type, N, K).T
+    cv = c[:M, :N]
+    _put(cv, y + (_val(cv) if accumulate else 0))
+
+
+def gemm_bf16(a, lda, w, N, K, c, c_dtype, ldc, M, stream, *, accumulate=False):
+    gemm(a, "bf16", lda, w, "bf16", N, K, c, c_dtype, ldc, M, accumulate=accumulate)
+
+
+def gemm_swiglu(a, a_dtype, lda, w_gate, w_up, w_type, F, K, c, c_dtype, ldc, M, stream=None, *, impl=None,
+                persist=True, dequant="fast", act="silu"):
+    x = _rows(a, M, K)
+    _put(c[:M, :F], _act(act)(x @ _matrix(w_gate, w_type, F, K).T) * (x @ _matrix(w_up, w_type, F, K).T))
+
+
+def gemv(x, w, w_type, N, K, y, *, M=None, nvalid=None, stream=None):
+    xs = _val(x)
+    row = xs[int(np.asarray(nvalid)[0]) - 1:int(np.asarray(nvalid)[0])] if nvalid is not None else xs[:M or 1]
+    _put(y[:row.shape[0], :N], row[:, :K] @ _matrix(w, w_type, N, K).T)
+
+
+def gemm_f32(a, w, c, *, stream=None):
+    _put(c, _val(a) @ _val(w).reshape(c.shape[1], -1).T)
+
+
+def router_gemm(a, w, c, *, split="f16", tile=None, w_scale=256.0, stream=None):
+    gemm_f32(a, w, c)
+
+
+def rowdot_sigmoid(x, w, out, *, stream=None):
+    _put(out, dense_ref.sigmoid(_val(x) @ _val(w).reshape(-1)))
+
+
+def axpy_rows(out, y, s, *, stream=None):
+    _put(out, _val(out) + _val(y) * _val(s).reshape(-1, 1))
+
+
+def scale_by_expert(weights, ids, scale, *, stream=None):
+    _put(weights, _val(weights) * _val(scale).reshape(-1)[np.asarray(ids)])
+
+
+def moe_route(logits, T, E, k, norm, scale, tile, n_valid_dev, ids_out, weights_out, sorted_slots_out,
+              expert_offsets_out, scratch, stream=None, *, gating="softmax"):
+    from ggfuse.kernels.moe import ref as moe_ref
+    nv = int(np.asarray(n_valid_dev)[0])
+    lg = _val(logits)[:T]
+    probs = dense_ref.softmax(lg, axis=-1) if gating == "softmax" else dense_ref.sigmoid(lg)
+    ids = moe_ref.topk(probs, k=k)
+    w = moe_ref.take_along(probs, ids)
+    if norm:
+        w = w / np.maximum(w.sum(-1, keepdims=True), moe_ref.NORM_SUM_MIN)
+    if scale not in (0.0, 1.0):
+        w = w * np.float32(scale)
+    ids[nv:] = np.arange(k)
+    w[nv:] = 0
+    slots, offs = moe_ref.route_layout(ids[:nv], n_expert=E, tile=tile)
+    ids_out[...] = ids
+    _put(weights_out, w)
+    sorted_slots_out[...] = -1
+    sorted_slots_out[:slots.size] = slots
+    expert_offsets_out[...] = offs
+
+
+def _experts(w, w_type, E, rows, K):
+    return _dequant(w, w_type, E * rows, K).reshape(E, rows, K) if np.asarray(w).dtype == np.uint8 else \
+        _matrix(w, w_type, E * rows, K).reshape(E, rows, K)
+
+
+def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E, F, D, sorted_slots, expert_offsets, k, h_out, stream=None, *,
+                ldx=None, impl=None, schedule=None, wtab=None, max_blocks=None, dequant="fast", act="silu"):
+    assert wtab is None, "expert tables are not emulated"
+    xs = _val(x)
+    if w_up is None:
+        gu = _experts(w_gate, w_type, E, 2 * F, D)
+        wg, wu = gu[:, :F], gu[:, F:]
+    else:
+        wg, wu = _experts(w_gate, w_type, E, F, D), _experts(w_up, w_type, E, F, D)
+    slots, offs = np.asarray(sorted_slots), np.asarray(expert_offsets)
+    h = np.zeros((slots.size, F), np.float32)
+    for e in range(E):
+        for r in range(offs[e], offs[e + 1]):
+            if slots[r] >= 0:
+                t = xs[slots[r] // k, :D]
+                h[r] = _act(act)(t @ wg[e].T) * (t @ wu[e].T)
+    _put(h_out.reshape(-1)[:h.size].reshape(h.shape), h)
+
+
+def moe_down(h, w_down, w_type, E, D, F, sorted_slots, expert_offsets, weights, k, out, stream=None, *,
+             zero_out=True, impl=None, schedule=None, wtab=None, max_blocks=None, dequant="fast"):
+    assert wtab is None, "expert tables are not emulated"
+    wd = _experts(w_down, w_type, E, D, F)
+    hs = _val(h).reshape(-1, F)
+    slots, offs = np.asarray(sorted_slots), np.asarray(expert_offsets)
+    wts = _val(weights).reshape(-1)
+    o = np.zeros(out.shape, np.float32) if zero_out else _val(out)
+    for e in range(E):
+        for r in range(offs[e], offs[e + 1]):
+            s = slots[r]
+            if s >= 0:
+                o[s // k] += wts[s] * (hs[r] @ wd[e].T)
+    _put(out, o)
+
+
+def _noop(*a, **k):
+    return None
+
+
+EMULATED = {
+    "ggfuse.kernels.dense.launch": ["dequantize", "get_rows", "ple_gather", "rms_norm", "add_rms_norm", "norm_rope",
+                                    "norm_add", "add", "mul", "sigmoid_mul", "silu_mul", "gelu", "gelu_mul", "softcap",
+                                    "scale", "copy", "kv_append", "kv_ring_append", "gemv", "gemm_f32", "router_gemm",
+                                    "rowdot_sigmoid", "axpy_rows", "scale_by_expert"],
+    "ggfuse.kernels.gemm.launch": ["gemm", "gemm_swiglu"],
+    "ggfuse.kernels.gemm.blas": ["gemm_bf16"],
+    "ggfuse.kernels.moe.launch": ["moe_route", "moe_gate_up", "moe_down"],
+    "ggfuse.kernels.attention.launch": ["flash_attn_prefill", "window_attn"],
+}
+
+
+@contextlib.contextmanager
+def emulated_device(monkeypatch):
+    """fake_cupy's device with the launchers above computing for real and CUDA graphs that
+    replay what was captured. Yields the set of launcher names that ran (module.function)."""
+    import importlib
+    import sys
+
+    from fake_cupy import Stream, fake_device
+    used: set = set()
+    capturing: dict = {}
+    with fake_device(monkeypatch):
+        cp = sys.modules["cupy"]
+        cp.asnumpy = lambda a, stream=None: np.array(a)
+        for modname, names in EMULATED.items():
+            mod = importlib.import_module(modname)
+            for name in names:
+                impl = globals()[name]
+                tag = f"{modname.split('.')[-2]}.{name}"
+
+                def run(*a, __impl=impl, __tag=tag, **k):
+                    used.add(__tag)
+                    rec = capturing.get("launches")
+                    if rec is not None:
+                        rec.append(lambda: __impl(*a, **k))
+                    else:
+                        __impl(*a, **k)
+                monkeypatch.setattr(mod, name, run)
+
+        def begin(self):
+            capturing["launches"] = []
+
+        def end(self):
+            rec = capturing.pop("launches")
+
+            def launch(stream=None):
+                for fn in rec:
+                    fn()
+            import types
+            return types.SimpleNamespace(launch=launch)
+        monkeypatch.setattr(Stream, "begin_capture", begin)
+        monkeypatch.setattr(Stream, "end_capture", end)
+        yield used
