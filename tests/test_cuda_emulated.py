@@ -62,3 +62,26 @@ def test_emulated_cuda_backend_matches_the_cpu(arch, quant, monkeypatch):
             assert {"dense.scale_by_expert", "moe.moe_gate_up"} <= used
         else:
             assert "dense.ple_gather" in used
+
+
+def test_emulated_gemma4_moe_streamed_and_decode_steps(monkeypatch):
+    """gemma4-moe under a budget that streams every layer's experts through one slot (host steps
+    between the captured graphs, the slot copies really happen): the same logits as resident;
+    then one-token steps (the captured decode graph) continue the prompt as a long prefill does."""
+    from test_cuda_streaming import streamed_plan
+
+    from ggfuse.runtime.api import Model
+    from ggfuse.runtime.cuda.backend import CUDABackend
+    tokens = refs("gemma4-moe")["tokens"]
+    with emulated_device(monkeypatch):
+        gf, plan, _ = streamed_plan("gemma4-moe", "q4_k_m", 8, room="whole")
+        be = CUDABackend(plan, gf, chunk=8, progress=False)
+        assert be.streamer is not None
+        streamed = Model(plan, gf, be, 8).prefill(tokens)
+        m, _ = _cuda_model("gemma4-moe", "q4_k_m", chunk=8, dense_form="raw", max_context=64)
+        resident = m.prefill(tokens)
+        m.reset()
+        m.prefill(tokens[:30], logits="last")
+        steps = np.concatenate([m.prefill(tokens[i:i + 1]) for i in range(30, 40)])
+    assert _rel(streamed, resident) < 1e-6
+    assert _rel(steps, resident[30:]) < 3e-2 and np.mean(steps.argmax(-1) == resident[30:].argmax(-1)) >= 0.9
