@@ -90,6 +90,22 @@ def gathered_embedding(g: Graph):
     return None
 
 
+def gathered_ple(g: Graph):
+    """(tensor name, bytes of one row) of a per-layer-embedding table (Gemma 4's
+    per_layer_token_embd: [V, L*P], 2-3 GB on E2B / E4B) the runtime can gather on the host: a
+    weight read only by one PLE_GATHER of the chunk's token ids. Else None."""
+    for n in g.by_op(Op.PLE_GATHER):
+        w, ids = g.node(n.inputs[0].node), g.node(n.inputs[1].node)
+        if w.op != Op.WEIGHT or ids.op != Op.INPUT or ids.attrs.kind != "tokens":
+            continue
+        same = [x for x in g.weights() if x.attrs.tensor == w.attrs.tensor]
+        if [u.id for x in same for u in g.users(x.id)] != [n.id]:
+            continue
+        rows = int(w.outputs[0].shape[0])
+        return w.attrs.tensor, _wbytes(w) // rows
+    return None
+
+
 def _device_bytes(g: Graph, n) -> int:
     """Device bytes of a weight: its lowered forms (graph.meta["weights"]), else as stored."""
     w = (g.meta.get("weights") or {}).get(n.attrs.tensor)
@@ -100,13 +116,16 @@ def fixed_bytes(g: Graph, *, chunk: int, max_context: int, reserve: int = RESERV
                 lean: bool = False) -> dict:
     """What stays on the device besides the experts, by kind: the arena counts every launch's
     workspace (the lowering declares it). lean (a plan that must save memory): the embedding
-    table is gathered on the host (only the chunk's rows are on the device: "embedding_rows");
-    the all-rows LM head's small block is the caller's (lean_head)."""
+    table and a per-layer-embedding table are gathered on the host (only the chunk's rows are
+    on the device: "embedding_rows", "ple_rows"); the all-rows LM head's small block is the
+    caller's (lean_head)."""
     experts = {n.id for ns in expert_layers(g).values() for n in ns}
     gathered = gathered_embedding(g) if lean else None
+    ple = gathered_ple(g) if lean else None
+    host = {t[0] for t in (gathered, ple) if t is not None}
     dense = {}
     for n in g.weights():
-        if n.id not in experts and (gathered is None or n.attrs.tensor != gathered[0]):
+        if n.id not in experts and n.attrs.tensor not in host:
             dense[n.attrs.tensor] = _device_bytes(g, n)
     kv = sum(state_bytes_of(g, n, max_context) for n in g.states().values() if n.attrs.get("state") == "kv_cache")
     ssm = sum(state_bytes_of(g, n, max_context) for n in g.states().values() if n.attrs.get("state") != "kv_cache")
@@ -114,6 +133,8 @@ def fixed_bytes(g: Graph, *, chunk: int, max_context: int, reserve: int = RESERV
            "arena": plan_memory.arena_bytes(g, chunk), "reserve": reserve}
     if gathered is not None:
         out["embedding_rows"] = chunk * gathered[1] + chunk * 4     # the chunk's rows and their index
+    if ple is not None:
+        out["ple_rows"] = chunk * ple[1] + chunk * 4
     return out
 
 
@@ -341,6 +362,12 @@ def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CON
     if emb is not None:
         info.update(embedding="host-gathered", embedding_tensor=emb[0], embedding_row_bytes=emb[1])
         _gather_on_host(g, emb[0])
+    ple = gathered_ple(g)
+    if ple is not None:
+        # Gemma 4's per-layer embeddings: the chunk's rows gathered from the mapped file on the
+        # host and uploaded with the chunk's inputs (the previous chunk runs meanwhile)
+        info.update(ple="host-gathered", ple_tensor=ple[0], ple_row_bytes=ple[1])
+        _gather_on_host(g, ple[0], op=Op.PLE_GATHER)
     avail = budget - fixed_total
     E = next(iter(layers.values()))[0].outputs[0].shape[0] if layers else 0
     per_expert = {l: [_wbytes(n) // E for n in ns] for l, ns in layers.items()}
@@ -443,10 +470,11 @@ def run(g: Graph, *, chunk: int, budget=None, max_context: int = DEFAULT_MAX_CON
     return PassResult(g, True)
 
 
-def _gather_on_host(g: Graph, tensor: str) -> None:
+def _gather_on_host(g: Graph, tensor: str, op: Op = Op.GET_ROWS) -> None:
     """The runtime gathers the embedding's rows on the host (lowered graphs: the lookup's kernel
-    reads the chunk's uploaded rows; the table is not uploaded)."""
-    for n in g.by_op(Op.GET_ROWS):
+    reads the chunk's uploaded rows; the table is not uploaded); op PLE_GATHER: a per-layer
+    embedding table's."""
+    for n in g.by_op(op):
         if g.node(n.inputs[0].node).op == Op.WEIGHT and g.tensor_of(n.inputs[0]) == tensor and "kernel" in n.meta:
             n.meta["kernel"]["source"] = "host"
     w = (g.meta.get("weights") or {}).get(tensor)

@@ -169,10 +169,15 @@ class CUDABackend:
         self.budget = pre.get("budget_bytes")
         self.free_at_load = cp.cuda.runtime.memGetInfo()[0]
         self.head_block = None
-        self.embedding = None
-        emb = next((name for name, w in self.weights_meta().items() if w.get("residency") == "host-gathered"), None)
-        if emb is not None:
-            self.embedding = HostEmbedding(self, emb)
+        self.embedding = self.ple_rows = None
+        ple = {g.tensor_of(n.inputs[0]) for n in g.by_op(Op.PLE_GATHER)}
+        for name, w in self.weights_meta().items():
+            if w.get("residency") == "host-gathered":
+                # the token embedding, or Gemma 4's per-layer-embedding table (PLE_GATHER reads it)
+                if name in ple:
+                    self.ple_rows = HostEmbedding(self, name)
+                else:
+                    self.embedding = HostEmbedding(self, name)
         self.streamer = None
         if self.graph.by_op(Op.FETCH_WEIGHTS):
             from ggfuse.runtime.cuda.streaming import ExpertStreamer
@@ -217,8 +222,8 @@ class CUDABackend:
         w = sum(int(x["device_bytes"]) for x in self.weights_meta().values())
         if self.streamer is not None:
             w += self.streamer.n_slots * self.streamer.slot_bytes
-        if self.embedding is not None:
-            w += self.embedding.device_bytes()
+        for host in self._host_tables():
+            w += host.device_bytes()
         states = self._state_bytes()
         arena = self._arena_bytes()
         need = w + states + arena + RUNTIME_RESERVE
@@ -230,11 +235,14 @@ class CUDABackend:
                                             f"{total / 2**30:.2f}; compile with --vram-budget "
                                             f"{max(1, int(free * 0.9 / 2**30))}GiB or use a smaller --chunk / --max-context")
 
+    def _host_tables(self) -> list:
+        """The tables gathered on the host per chunk: the token embedding, the PLE table."""
+        return [t for t in (self.embedding, self.ple_rows) if t is not None]
+
     def _not_uploaded(self) -> set:
-        """Tensors that stay in the GGUF: streamed experts, a host-gathered embedding table."""
+        """Tensors that stay in the GGUF: streamed experts, host-gathered embedding tables."""
         out = set(self.streamer.tensors) if self.streamer is not None else set()
-        if self.embedding is not None:
-            out.add(self.embedding.name)
+        out |= {t.name for t in self._host_tables()}
         return out
 
     def _state_bytes(self) -> int:
@@ -346,8 +354,8 @@ class CUDABackend:
         self.pos_dev = cp.zeros(self.chunk, dtype=cp.int32)
         self.past_dev = cp.zeros(1, dtype=cp.int32)
         self.nvalid_dev = cp.zeros(1, dtype=cp.int32)
-        if self.embedding is not None:
-            self.embedding.allocate(self)
+        for host in self._host_tables():
+            host.allocate(self)
         self.states = {}
         for name, node in self.graph.states().items():
             t = node.outputs[0]
@@ -456,8 +464,8 @@ class CUDABackend:
         self.pos_dev.set(pos, stream=s)
         self.past_dev.set(np.array([self.n_past], np.int32), stream=s)
         self.nvalid_dev.set(np.array([n], np.int32), stream=s)
-        if self.embedding is not None:
-            self.embedding.stage(host, s)
+        for table in self._host_tables():
+            table.stage(host, s)
         return n
 
     def run_chunk(self, tokens: np.ndarray, want: str = "all") -> np.ndarray:
@@ -551,7 +559,7 @@ class CUDABackend:
         self.ctx = None
         self.buf = DeviceBuffers()
         self.arena, self.states = None, {}
-        self.embedding = None
+        self.embedding = self.ple_rows = None
         gc.collect()
         cp = self.cp
         for pool in ("get_default_memory_pool", "get_default_pinned_memory_pool"):

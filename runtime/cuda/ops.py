@@ -382,7 +382,11 @@ def _ple_gather(ctx, n):
     ids, out = ctx.v(n.inputs[1]), ctx.v(n.out)
     _expect(n, "table type", gt.lower(), n.meta["kernel"]["w"])
     if n.meta["kernel"].get("source") == "host":
-        raise PlanError(None, f"cuda: {n.name}: the plan gathers {name} on the host, which this runtime does not")
+        rows = ctx.be.ple_rows
+        if rows is None or rows.name != name:
+            raise PlanError(None, f"cuda: {n.name}: the plan gathers {name} on the host, the runtime does not")
+        # gathered on the host (runtime/cuda/backend.py HostEmbedding): row i is position i's
+        ids = rows.ids[:ids.shape[0]]
     return lambda: d.ple_gather(raw, gt, ids, out, float(n.attrs.scale), stream=ctx.stream)
 
 
