@@ -22,7 +22,7 @@
 //
 // Lane l of the warp holds dims d = i * 32 + l (i < D / 32) of q and of the output accumulator,
 // so every key row is read with coalesced 32-element loads; scores use an online softmax in
-// log2 units (exp2 of score * scale * log2 e). Blocks of 4 warps.
+// log2 units (exp2 of score * scale * log2 e). Blocks of 4 warps: 4 consecutive queries of a head.
 #include "common.cuh"
 #include "attention/window_keys.cuh"
 
@@ -76,7 +76,9 @@ __device__ __forceinline__ void window_attn(
     const int lane = threadIdx.x & 31;
     const long long wid = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
     if (wid >= static_cast<long long>(T) * Hq) return;            // warp-uniform
-    const int t = static_cast<int>(wid / Hq), h = static_cast<int>(wid % Hq);
+    // consecutive warps take consecutive queries of one head: a block's 4 queries read nearly
+    // the same keys (the window slides by one row), so they share them through L1
+    const int h = static_cast<int>(wid / T), t = static_cast<int>(wid % T);
     const int hk = h / (Hq / Hkv);
     const int P = *past_dev;
     const int nv = min(max(*n_valid_dev, 0), T);
