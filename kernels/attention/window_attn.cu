@@ -101,8 +101,9 @@ __device__ __forceinline__ void window_attn(
     const __nv_bfloat16* kb = k_ring + static_cast<long long>(hk) * D;
     const __nv_bfloat16* vb = v_ring + static_cast<long long>(hk) * D;
     wk::Run runs[3];
-    const int n_runs = wk::key_runs(P, t, R, window, runs);        // the window's keys only
-    for (int i = 0; i < n_runs; ++i) {
+    wk::key_runs(P, t, R, window, runs);                           // the window's keys only
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {        // unrolled: the runs stay in registers
         const wk::Run r = runs[i];
         if (r.src == wk::kRing)
             attend<DPL>(kb + r.row * rs, vb + r.row * rs, rs, rs, r.n, qv, m, l, acc, lane);

@@ -25,25 +25,25 @@ struct Run {
 WK_HD int max_i(int a, int b) { return a > b ? a : b; }
 WK_HD int min_i(int a, int b) { return a < b ? a : b; }
 
-// Fills runs[0..2]; returns how many (empty runs are left out).
-WK_HD int key_runs(int P, int t, int R, int window, Run runs[3]) {
+// Fills runs[0..2] (n = 0: an empty run): runs[0], runs[1] the ring's two runs (or the cache's
+// one run, R == 0), runs[2] the chunk's. Fixed slots, so a kernel keeps them in registers.
+WK_HD void key_runs(int P, int t, int R, int window, Run runs[3]) {
     const int qp = P + t;
     const int lo = window > 0 ? max_i(0, qp - window + 1) : 0;
-    int n = 0;
+    runs[1] = Run{kRing, 0, 0};
+    runs[2] = Run{kChunk, 0, 0};
     if (R == 0) {
-        runs[n++] = Run{kRing, lo, qp - lo + 1};
-        return n;
+        runs[0] = Run{kRing, lo, qp - lo + 1};
+        return;
     }
     const int a = lo, b = min_i(qp, P - 1);
-    if (a <= b) {
-        const int r0 = a % R;
-        const int n1 = min_i(b - a + 1, R - r0);
-        runs[n++] = Run{kRing, r0, n1};
-        if (b - a + 1 > n1) runs[n++] = Run{kRing, 0, b - a + 1 - n1};
-    }
+    const int n_ring = max_i(b - a + 1, 0);
+    const int r0 = n_ring > 0 ? a % R : 0;
+    const int n1 = min_i(n_ring, R - r0);
+    runs[0] = Run{kRing, r0, n1};
+    runs[1] = Run{kRing, 0, n_ring - n1};
     const int c0 = max_i(lo, P) - P;
-    runs[n++] = Run{kChunk, c0, t - c0 + 1};
-    return n;
+    runs[2] = Run{kChunk, c0, t - c0 + 1};
 }
 
 }  // namespace wk
