@@ -274,3 +274,70 @@ def _check_gemma4_calls(plan, calls):
                 and b.arguments.get("freq_factors") is not None and b.arguments["x"].shape[0] == 16}.values())
     assert len(ffs) == 2 * sum(1 for i, s in enumerate(hp["sliding"]) if not s and hp["kv_source"][i] == i) + \
         sum(1 for i, s in enumerate(hp["sliding"]) if not s and hp["kv_source"][i] != i)
+
+
+class _FakeFunction:
+    """A kernel looked up in a compiled module: attributes settable, calls recorded."""
+
+    def __init__(self, module, name, log):
+        self.module, self.name, self.log = module, name, log
+        self.max_dynamic_shared_size_bytes = 0
+        self.preferred_shared_memory_carveout = 0
+
+    def __call__(self, grid, block, args, **kw):
+        self.log.append((self.module, self.name, tuple(grid), tuple(block), args))
+
+
+@pytest.mark.slow   # compiles every module the plan loads (NVRTC, minutes the first time; cached after)
+@pytest.mark.parametrize("arch", list(GEMMA4) + ["qwen3moe"])
+def test_real_launchers_accept_what_the_backend_binds(arch, monkeypatch):
+    """The launchers' own Python runs (their shape, stride, dtype and alignment checks see the
+    arrays the backend binds); only the kernel calls are recorded. Every kernel they ask for
+    exists in the module they load (its compiled cubin's symbols, for the plan's target), and
+    each call passes its grid and block."""
+    import importlib
+    import os
+
+    pytest.importorskip("cuda.bindings.nvrtc")
+    from ggfuse.kernels import nvrtc
+    log, missing = [], []
+    symbols = {}
+
+    def fake_load_module(path, options=(), defines=None):
+        full = path if os.path.isabs(path) else os.path.join(nvrtc.KERNELS_DIR, path)
+        key = (full, tuple(sorted((defines or {}).items())))
+        if key not in symbols:
+            symbols[key] = nvrtc.compile_cubin(full, nvrtc.source_arch(full, "sm_90"), options, defines)
+        cubin = symbols[key]
+
+        class Module:
+            def get_function(self, name):
+                if (name.encode() + b"\0") not in cubin:
+                    missing.append((path, name, defines))
+                return _FakeFunction(path, name, log)
+        return Module()
+
+    mods = [importlib.import_module(m) for m in (
+        "ggfuse.kernels.dense.launch", "ggfuse.kernels.gemm.launch", "ggfuse.kernels.moe.launch",
+        "ggfuse.kernels.attention.launch", "ggfuse.kernels.deltanet.launch")]
+    real = [(m, n, getattr(m, n)) for m in mods for n in dir(m) if not n.startswith("_") and callable(getattr(m, n))]
+    with fake_device(monkeypatch):
+        for m, n, f in real:
+            monkeypatch.setattr(m, n, f)
+        for m in mods:
+            if hasattr(m, "load_module"):
+                monkeypatch.setattr(m, "load_module", fake_load_module)
+        import sys
+        cp = sys.modules["cupy"]
+        cp.cuda.runtime.memsetAsync = lambda ptr, v, n, s: None
+        cp.cuda.get_current_stream = lambda: cp.cuda.Stream()
+        plan, be = _backend(arch, "q4_k_m", monkeypatch, dense_gemm="ggfuse")
+        be.run_chunk(np.arange(10, dtype=np.int32))
+        be.run_chunk(np.arange(16, dtype=np.int32), "last")
+        be.run_chunk(np.arange(1, dtype=np.int32), "last")
+    assert not missing, missing
+    called = {name for _, name, *_ in log}
+    assert all(all(int(x) > 0 for x in grid) and all(int(x) > 0 for x in block) for _, _, grid, block, _ in log)
+    if arch in GEMMA4:
+        assert any(n.startswith("window_attn_d") for n in called) and "kv_ring_append_bf16" in called
+        assert any(n.startswith("norm_add_g") for n in called)
