@@ -70,8 +70,10 @@ def _route_exact(orig_route, state):
 
 
 def _grouped_bf16(x, weights, sorted_slots, expert_offsets, *, w_down, w_gate=None, w_up=None, w_gate_up=None,
-                  shared=None):
-    """moe_ref.moe_grouped_gemm with bf16 operands and a bf16 SwiGLU intermediate."""
+                  shared=None, act="silu"):
+    """moe_ref.moe_grouped_gemm with bf16 operands and a bf16 GLU intermediate (act "gelu":
+    Gemma 4's GELU-tanh experts)."""
+    gate_fn = dref.gelu if act == "gelu" else dref.silu
     T, k = weights.shape
     per_slot = np.zeros((T * k, x.shape[1]), dtype=F32)
     w_flat = weights.reshape(-1)
@@ -88,7 +90,7 @@ def _grouped_bf16(x, weights, sorted_slots, expert_offsets, *, w_down, w_gate=No
             gate, up = gu[:, :F], gu[:, F:]
         else:
             gate, up = xe @ rb(moe_ref.expert(w_gate, e)).T, xe @ rb(moe_ref.expert(w_up, e)).T
-        h = rb(dref.mul(dref.silu(gate), up))
+        h = rb(dref.mul(gate_fn(gate), up))
         per_slot[seg] = (h @ rb(moe_ref.expert(w_down, e)).T) * w_flat[seg, None]
     out = dref.sum_axis(per_slot.reshape(T, k, -1), axis=1)
     if shared is not None:
