@@ -131,6 +131,17 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
                 if "host_fraction" in row else "")
         log(f"pp{n:<6} {row['tok_per_s']:10.1f} tok/s   TTFT {ms:9.2f} ms{host}")
     decode = decode_row(model, backend, tg, rng, repeat, log) if tg else None
+    if decode is not None and device == "cuda" and getattr(backend, "streamer", None) is None:
+        ops = []
+        try:
+            decode["phases"] = replay_profile(model, backend, rng.integers(0, model.n_vocab, size=1), ops, ceilings)
+            decode["ops"] = ops
+            log("  decode step op profile (replayed, one token from an empty context), slowest first:")
+            for o in ops[:16]:
+                fl = f"  {100 * o['of_floor']:5.1f}% of floor" if o.get("of_floor") is not None else ""
+                log(f"    {1e3 * o['ms']:8.1f} us  x{o['launches']:<4} {o['op']:<20} {o['name']:<34}{fl}")
+        except Exception as e:  # noqa: BLE001 -- the profile is extra information, the row stands without it
+            decode["profile_error"] = f"{type(e).__name__}: {e}"
     if device == "cuda":
         backend.close()   # give the device back before anything else runs in this process
     from ggfuse.compiler.buildinfo import build_info
@@ -601,7 +612,7 @@ def plot(result: dict, path: str) -> None:
     ax1.plot(xs, [r["tok_per_s"] for r in rows], "o-", label="ggfuse")
     if result.get("llama_bench"):
         lb = result["llama_bench"]["results"]
-        lb = {int(k): v for k, v in lb.items()}      # JSON keys are strings
+        lb = {int(k): v for k, v in lb.items() if k.isdigit()}   # JSON keys are strings; "tgN" is decode
         ax1.plot(xs, [lb.get(x, np.nan) for x in xs], "s--", label="llama.cpp")
     ax1.set_xscale("log", base=2)
     ax1.set_xlabel("prompt tokens")
