@@ -136,6 +136,9 @@ class Options:
                                 "(CUDA cores)", ("f16x3", "bf16x3", "f32simt"), default="f16x3")
     router_tile: str = _opt(COMPILE, "router GEMM tile: auto (by shape), 128x64, 64x64k2",
                             ("auto", "128x64", "64x64k2"), default="auto")
+    decode_moe: str = _opt(COMPILE, "experts and router of the one-token (decode) step: gemv (matrix-vector "
+                                    "products on the k picked experts' stored rows, the router in f32) or grouped "
+                                    "(the prefill's grouped GEMMs)", ("gemv", "grouped"), default="gemv")
     # ---- runtime: how this machine executes a plan ----
     device: str = _opt(RUNTIME, "auto (cuda when available, else the cpu reference), cpu, cuda",
                        ("auto", "cpu", "cuda"), default="auto")

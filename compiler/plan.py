@@ -37,7 +37,10 @@ PLAN_FORMAT = "ggfuse-plan"
 #              residency per tensor); new ops kv_append and lm_head (concat onto a KV cache and
 #              the logits matmul before); state inputs name their kind (attrs "state"); nodes carry
 #              their layer in meta "layer". A 3.x runtime would run a 4.0 plan wrongly.
-PLAN_VERSION = (4, 0)
+#          4.1 option decode_moe; the one-token chunk's by_chunk records may say impl "gemv"
+#              (moe.grouped: kernels/moe/gemv.cu, workspace h_gemv / slot_expert / hs_gemv) and
+#              router "gemv" (moe.route); fields added, none changed meaning.
+PLAN_VERSION = (4, 1)
 
 
 @dataclass(frozen=True)

@@ -393,7 +393,35 @@ class _Lowering:
         rec["shared_gate"] = len(n.inputs) > 2
         for c in self.sizes:
             ws[c] = moe.route_workspace(c, k, E)
+            if self.moe_gemv(c):
+                # the decode step: the router's [E, D] f32 matrix times one row, read once
+                rec.setdefault("by_chunk", {}).setdefault(str(c), {})["router"] = "gemv"
         return rec, ws
+
+    def moe_gemv(self, c: int, n=None) -> bool:
+        """Whether chunk size c runs the experts (and their router) as matrix-vector products
+        (kernels/moe/gemv.cu): the one-token decode step, by option decode_moe; n: the
+        MOE_GROUPED_GEMM node whose weights must suit those kernels."""
+        from ggfuse.kernels.moe import launch as moe
+        if c != 1 or self.o.decode_moe != "gemv" or self.o.precision == "f32":
+            return False
+        if n is None:
+            return True
+        ops = moe_operands(n.attrs, n.inputs)
+        _, tg, sg = self.weight(ops.first_gate)
+        _, td, sd = self.weight(ops.down)
+        E, D, F = (int(d) for d in sd)
+        k = int(self.g.type_of(ops.weights).shape[1])
+        from ggfuse.kernels.quant.types import qtype
+        ok = all(t in moe.GEMV_TYPES for t in (tg, td)) and D % max(8, qtype(tg).block) == 0 \
+            and F % max(8, qtype(td).block) == 0 and D * 4 <= 96 * 1024 and k * F * 4 <= 96 * 1024
+        if ops.shared is not None:
+            _, tsg, ssg = self.weight(ops.shared.gate)
+            _, tsd, _ = self.weight(ops.shared.down)
+            Fs = int(ssg[0])
+            ok = ok and all(t in moe.GEMV_TYPES for t in (tsg, tsd)) and Fs % max(8, qtype(tsd).block) == 0 \
+                and Fs * 4 <= 96 * 1024
+        return ok
 
     def moe_gemm(self, n, ws):
         from ggfuse.kernels.moe import launch as moe
@@ -429,6 +457,11 @@ class _Lowering:
                "impl_gate_up": self.impl(tg, D), "impl_down": self.impl(td, F), "dequant": o.dequant,
                "max_blocks": o.moe_blocks, "expert_tables": False, "by_chunk": {}}
         for c in self.sizes:
+            if self.moe_gemv(c, n):
+                # one token: the k picked experts' rows as stored, no tiles (kernels/moe/gemv.cu)
+                rec["by_chunk"][str(c)] = {"impl": "gemv", "a": x_st}
+                ws[c] = moe.gemv_workspace(c, k, F, shared_ffn=Fs)
+                continue
             rec["by_chunk"][str(c)] = {
                 "schedule_gate_up": moe.pick_schedule(o.moe_schedule, tg, a, c, k, E),
                 "schedule_down": moe.pick_schedule(o.moe_schedule, td, "bf16", c, k, E)}

@@ -548,7 +548,10 @@ def _moe_route(ctx, n):
     scratch = ctx.ws(n, "route_scratch", (moe.route_scratch_ints(T, a.k, E),), np.int32)
     w_f32 = _f32(ctx, w_router)
     # f32-accurate logits (llama.cpp multiplies f32 routers in f32; bf16 flips near-tied experts)
-    if rec["router"] == "f32simt":
+    if ctx.at(rec).get("router") == "gemv":
+        D = ctx.t(w_router).shape[1]
+        router = lambda: d.gemv(x, w_f32, "f32", E, D, logits, M=T, stream=ctx.stream)  # noqa: E731
+    elif rec["router"] == "f32simt":
         router = lambda: d.gemm_f32(x, w_f32, logits, stream=ctx.stream)  # noqa: E731
     else:
         split = "bf16" if rec["router"] == "bf16x3" else "f16"
@@ -629,6 +632,8 @@ def _moe_grouped_gemm(ctx, n):
     o = _moe_operands(ctx, n)
     _expect(n, "expert type", o.tg, rec["w_gate_up"])
     _expect(n, "expert type", o.td, rec["w_down"])
+    if at.get("impl") == "gemv":
+        return _moe_gemv(ctx, n, o, at)
     h = ctx.ws(n, "h", (o.S, o.F), np.uint16)
     x = o.x
     x_copy = None
@@ -666,6 +671,51 @@ def _moe_grouped_gemm(ctx, n):
                      wtab=o.tab_d, **kw_d)
         for fn in shared:
             fn()
+    return run
+
+
+def _moe_gemv(ctx, n, o, at):
+    """The few-token (decode) experts: matrix-vector products on the picked experts' rows
+    (kernels/moe/gemv.cu), the shared expert through the same kernels as one expert of its own."""
+    from ggfuse.kernels.moe import launch as moe
+    from ggfuse.kernels.quant.types import qtype
+    _expect(n, "expert activation dtype", _dt(o.x), at["a"])
+    act = n.attrs.get("act", "silu")
+    h = ctx.ws(n, "h_gemv", (o.T * o.k, o.F), np.float32)
+    slot_e = ctx.ws(n, "slot_expert", (o.T * o.k,), np.int32)
+    rb_gu = qtype(o.tg).row_bytes(o.D)
+    tabbed = o.tab_gu is not None
+    if tabbed:
+        w_gate, up_ptr, e_gu = None, 0, 0
+    elif o.wu is None:                      # merged gate_up [E, 2F, D]: gate rows first
+        w_gate, up_ptr, e_gu = o.wg, o.wg.data.ptr + o.F * rb_gu, 2 * o.F * rb_gu
+    else:
+        w_gate, up_ptr, e_gu = o.wg, o.wu.data.ptr, o.F * rb_gu
+    w_down = None if tabbed else o.wd
+    e_d = qtype(o.td).row_bytes(o.F) * o.D
+    shared = None
+    if o.ops.shared is not None:
+        sh = o.ops.shared
+        wgs, tgs, sgs = _weight(ctx, sh.gate)
+        wus, tus, _ = _weight(ctx, sh.up)
+        wds, tds, _ = _weight(ctx, sh.down)
+        if tus != tgs:
+            raise GGFuseError(None, f"cuda: {n.name}: shared gate ({tgs}) and up ({tus}) differ in type")
+        Fs = sgs[0]
+        hs = ctx.ws(n, "hs_gemv", (o.T, Fs), np.float32)
+        gate = ctx.v(sh.scale).reshape(-1)
+        shared = (wgs, wus, tgs, wds, tds, Fs, hs, gate)
+
+    def run():
+        s = ctx.stream
+        moe.moe_gemv_gate_up(o.x, w_gate, up_ptr, e_gu, o.tg, o.E, o.F, o.D, o.k, h, sorted_slots=o.slots,
+                             expert_offsets=o.offsets, slot_expert=slot_e, wtab=o.tab_gu, act=act, stream=s)
+        moe.moe_gemv_down(h, w_down, e_d, o.td, o.D, o.F, o.k, o.weights, o.out, slot_expert=slot_e,
+                          wtab=o.tab_d, stream=s)
+        if shared is not None:
+            wgs, wus, tgs, wds, tds, Fs, hs, gate = shared
+            moe.moe_gemv_gate_up(o.x, wgs, wus.data.ptr, 0, tgs, 1, Fs, o.D, 1, hs, act="silu", stream=s)
+            moe.moe_gemv_down(hs, wds, 0, tds, o.D, Fs, 1, gate, o.out, accumulate=True, stream=s)
     return run
 
 
