@@ -139,6 +139,9 @@ class Options:
     decode_moe: str = _opt(COMPILE, "experts and router of the one-token (decode) step: gemv (matrix-vector "
                                     "products on the k picked experts' stored rows, the router in f32) or grouped "
                                     "(the prefill's grouped GEMMs)", ("gemv", "grouped"), default="gemv")
+    decode_deltanet: str = _opt(COMPILE, "delta rule of the one-token (decode) step: recurrent (the state "
+                                         "update for one token) or chunk (the prefill's chunked kernels)",
+                                ("recurrent", "chunk"), default="recurrent")
     # ---- runtime: how this machine executes a plan ----
     device: str = _opt(RUNTIME, "auto (cuda when available, else the cpu reference), cpu, cuda",
                        ("auto", "cpu", "cuda"), default="auto")

@@ -361,10 +361,17 @@ class _Lowering:
                     f"head dims K={K}, V={V} have no tensor-core chunked kernel"
                 return {"name": "deltanet.recurrent", "why": why}, ws
             in_dt = self.storage(n.inputs[0])
+            rec = {"name": "deltanet.chunk", "in": in_dt, "out": self.storage(n.out),
+                   "v_block": dn.default_v_block(V), "by_chunk": {}}
             for c in self.sizes:
+                if c == 1 and o.decode_deltanet == "recurrent":
+                    # one token: the state update itself, no chunk to factor (recurrent.cu)
+                    rec["by_chunk"][str(c)] = {"impl": "recurrent"}
+                    ws[c] = {}
+                    continue
+                rec["by_chunk"][str(c)] = {"impl": "chunk"}
                 ws[c] = dn.workspace(c, Hv, K, V, Hk=Hk, in_dtype=in_dt)
-            return {"name": "deltanet.chunk", "in": in_dt, "out": self.storage(n.out),
-                    "v_block": dn.default_v_block(V)}, ws
+            return rec, ws
         if n.op == Op.MOE_ROUTE:
             return self.moe_route(n, ws)
         if n.op == Op.MOE_GROUPED_GEMM:

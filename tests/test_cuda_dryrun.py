@@ -242,3 +242,5 @@ def test_decode_step_experts(decode_moe, monkeypatch):
             assert [bool(b.arguments.get("accumulate", False)) for b in downs] == [False, True] * n_moe * reps
         else:
             assert names.count("moe.moe_gate_up") == n_moe * reps and "moe.moe_gemv_gate_up" not in names
+        # the delta rule of one token is the recurrent state update (option decode_deltanet)
+        assert "deltanet.gated_delta_rule_recurrent" in names and "deltanet.chunk_gated_delta_rule" not in names

@@ -496,7 +496,10 @@ def _chunk_gdr(ctx, n):
     Hv, V = v.shape[1], v.shape[2]
     if q.strides != k.strides or q.strides[1] != K * q.itemsize:
         raise GGFuseError(None, f"cuda: {n.name}: q and k must share a row layout")
-    if rec["name"] == "deltanet.recurrent":   # the exact f32 token recurrence
+    if rec["name"] == "deltanet.recurrent" or ctx.at(rec).get("impl") == "recurrent":
+        # the exact f32 token recurrence (also the decode step of the chunked path's operands)
+        if rec["name"] == "deltanet.chunk":
+            _expect(n, "input dtype", _dt(q), rec["in"])
         return lambda: dn.gated_delta_rule_recurrent(q, k, v, g, beta, state, out, n.attrs.scale,
                                                      n.attrs.head_map, stream=ctx.stream)
     in_dt = _dt(q)
