@@ -326,7 +326,13 @@ class _Lowering:
             N = int(shape[-2]) if len(shape) > 1 else 1
             a = self.storage(n.inputs[0])
             if n.op == Op.MATMUL:
-                return self.gemm(a, w, K, "f32"), ws
+                rec = self.gemm(a, w, K, "f32")
+                if self.o.precision != "f32" and 1 in self.sizes:
+                    from ggfuse.kernels.dense.launch import GEMV_MAX_SMEM, GEMV_TYPES
+                    # the decode step: one row times W, read once as the device holds it
+                    one = self.o.decode_dense == "gemv" and w in GEMV_TYPES and K % 8 == 0 and K * 4 <= GEMV_MAX_SMEM
+                    rec["by_chunk"] = {str(c): {"impl": "gemv" if c == 1 and one else "gemm"} for c in self.sizes}
+                return rec, ws
             rec = {"name": "lm_head", "all": self.gemm(a, w, K, "f32"), "last": {"name": "dense.gemv", "a": a, "w": w},
                    "block_rows": HEAD_BLOCK}
             for c in self.sizes:
@@ -398,11 +404,14 @@ class _Lowering:
                 tile = o.router_tile if o.router_tile != "auto" else dense.router_tile(c, E, self.spec.sms)
                 rec["by_chunk"][str(c)] = {"tile": tile}
         rec["shared_gate"] = len(n.inputs) > 2
+        by = rec.setdefault("by_chunk", {})
         for c in self.sizes:
             ws[c] = moe.route_workspace(c, k, E)
             if self.moe_gemv(c):
                 # the decode step: the router's [E, D] f32 matrix times one row, read once
-                rec.setdefault("by_chunk", {}).setdefault(str(c), {})["router"] = "gemv"
+                by.setdefault(str(c), {})["router"] = "gemv"
+            else:
+                by.setdefault(str(c), {})
         return rec, ws
 
     def moe_gemv(self, c: int, n=None) -> bool:

@@ -242,5 +242,10 @@ def test_decode_step_experts(decode_moe, monkeypatch):
             assert [bool(b.arguments.get("accumulate", False)) for b in downs] == [False, True] * n_moe * reps
         else:
             assert names.count("moe.moe_gate_up") == n_moe * reps and "moe.moe_gemv_gate_up" not in names
+        # the dense matmuls of one token are gemvs too (option decode_dense), nothing through cuBLAS
+        n_mm = sum(1 for n in plan.graph.nodes() if n.op.value == "matmul")
+        assert names.count("dense.gemv") >= (n_mm + (n_moe if decode_moe == "gemv" else 0) + 1) * reps
+        if decode_moe == "gemv":     # (grouped: the shared expert's GEMMs stay)
+            assert "blas.gemm_bf16" not in names and "gemm.gemm" not in names and "gemm.gemm_swiglu" not in names
         # the delta rule of one token is the recurrent state update (option decode_deltanet)
         assert "deltanet.gated_delta_rule_recurrent" in names and "deltanet.chunk_gated_delta_rule" not in names

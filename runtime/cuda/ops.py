@@ -290,7 +290,15 @@ def swiglu_closure(ctx, node, rec: dict, x, wg_value, wu_value, out, out_dt: str
 
 @launcher("gemm.gemm", "cublas.gemm_bf16", "qf32.gemm")
 def _matmul(ctx, n):
-    return gemm_closure(ctx, n, n.meta["kernel"], ctx.v(n.inputs[0]), n.inputs[1], ctx.v(n.out))
+    rec = n.meta["kernel"]
+    if ctx.at(rec).get("impl") == "gemv":       # the decode step: one row, W read once as held
+        d = _dense()
+        a, c = _rows2d(ctx.v(n.inputs[0])), _rows2d(ctx.v(n.out))
+        w, wtype, shape = _weight(ctx, n.inputs[1])
+        _expect(n, "weight", wtype, rec["w"])
+        N, K = shape[-2], shape[-1]
+        return lambda: d.gemv(a, w, wtype, N, K, c, M=a.shape[0], stream=ctx.stream)
+    return gemm_closure(ctx, n, rec, ctx.v(n.inputs[0]), n.inputs[1], ctx.v(n.out))
 
 
 @launcher("gemm.gemm_swiglu", "qf32.gemm_swiglu")
