@@ -142,9 +142,10 @@ class Options:
     decode_deltanet: str = _opt(COMPILE, "delta rule of the one-token (decode) step: recurrent (the state "
                                          "update for one token) or chunk (the prefill's chunked kernels)",
                                 ("recurrent", "chunk"), default="recurrent")
-    decode_dense: str = _opt(COMPILE, "dense matmuls of the one-token (decode) step: gemv (one row times the "
-                                      "matrix as the device holds it) or gemm (the prefill's GEMMs)",
-                             ("gemv", "gemm"), default="gemv")
+    decode_dense: str = _opt(COMPILE, "dense matmuls of the one-token (decode) step: gemm (the prefill's GEMMs: "
+                                      "cuBLAS on bf16 matrices) or gemv (one row times the matrix as the device "
+                                      "holds it; slower on bf16 matrices on the H200)",
+                             ("gemm", "gemv"), default="gemm")
     # ---- runtime: how this machine executes a plan ----
     device: str = _opt(RUNTIME, "auto (cuda when available, else the cpu reference), cpu, cuda",
                        ("auto", "cpu", "cuda"), default="auto")

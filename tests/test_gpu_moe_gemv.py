@@ -70,7 +70,7 @@ def run(T, n_valid, E, k, D, F, gu, dn, x_kind, merged, shared, act, graph, tabl
         tg, tu, td = (scattered(w, E, E // 3) if w is not None else None for w in (w_gate, w_up, w_down))
         wtab_gu = mt.device_table(cp, mt.gate_up_pointers(tg, tu, E, F * rb))
         wtab_d = mt.device_table(cp, mt.pointers(td, E))
-    Fs = 3 * F // 2 if shared else 0
+    Fs = 2 * F if shared else 0
     if shared:
         raw_sg, SG = random_weight(gu, (Fs, D), rng)
         raw_su, SU = random_weight(gu, (Fs, D), rng)

@@ -3,13 +3,15 @@
 // (grouped_gemm*.cu) cut the same work into 128-row tensor-core tiles, which for one token read
 // every tile of the padded layout and leave almost every MMA row empty.
 //
-//   moe_gemv_gate_up_<a>_<w>_<act>(x, ldx, T, k, slots, offsets, E, w_gate, up_ptr, e_bytes,
-//                                  row_bytes, F, D, h, slot_expert, wtab)
-//       for each slot j < T k (token t = j / k) of expert e (found in the sorted layout):
-//       h[j, f] = act(x[t] . Wg_e[f]) * (x[t] . Wu_e[f])            f < F
-//       slot_expert[j] = e, or -1 for a slot the layout does not hold (a padding token):
-//       its h row is 0. slots == nullptr: one expert (E = 1, e = 0) for every slot (the
-//       shared expert, k = 1).
+//   moe_slot_experts(slots, offsets, E, n_slots, slot_expert)       (one block of 1024 threads)
+//       slot_expert[j] = the expert e whose rows of the sorted layout hold slot j, or -1 for a
+//       slot the layout does not hold (a padding token's)
+//   moe_gemv_gate_up_<a>_<w>(x, ldx, T, k, E, w_gate, up_ptr, e_bytes, row_bytes, F, D, h,
+//                            slot_expert, wtab, act)
+//       for each slot j < T k (token t = j / k) of expert e = slot_expert[j]:
+//       h[j, f] = act(x[t] . Wg_e[f]) * (x[t] . Wu_e[f])            f < F   (act 0 silu, 1 gelu)
+//       a slot with e < 0 gets a zero row; slot_expert == nullptr: expert 0 for every slot
+//       (the shared expert, E = 1, k = 1).
 //   moe_gemv_down_<w>(h, T, k, weights, w_down, e_bytes, row_bytes, D, F, slot_expert, out,
 //                     accumulate, wtab)
 //       out[t, d] (+)= sum_j weights[t, j] * (h[t k + j] . Wd_e[d]),  e = slot_expert[t k + j]
@@ -50,32 +52,37 @@ __device__ __forceinline__ float row_dot(const unsigned char* __restrict__ row, 
     return warp_sum(acc);
 }
 
-// the expert of slot j in the sorted layout (ref.route_layout), or -1
-__device__ int find_expert(int j, const int* __restrict__ slots, const int* __restrict__ offsets, int E,
-                           int* found) {
-    if (threadIdx.x == 0) *found = -1;
+// slot_expert[j] = the expert holding slot j in the sorted layout (ref.route_layout), -1 for a
+// slot it does not hold (a padding token's). One block: every sorted row r < offsets[E] looks
+// its expert up in the offsets (binary search in shared memory) and writes it at its slot.
+extern "C" __global__ void __launch_bounds__(1024)
+moe_slot_experts(const int* __restrict__ slots, const int* __restrict__ offsets, int E, int n_slots,
+                 int* __restrict__ slot_expert) {
+    extern __shared__ int offs[];        // E + 1
+    for (int i = threadIdx.x; i <= E; i += blockDim.x) offs[i] = offsets[i];
+    for (int j = threadIdx.x; j < n_slots; j += blockDim.x) slot_expert[j] = -1;
     __syncthreads();
-    for (int e = threadIdx.x >> 5; e < E; e += blockDim.x >> 5) {        // a warp per expert
-        const int lo = offsets[e], hi = offsets[e + 1];
-        for (int r = lo + (threadIdx.x & 31); r < hi; r += 32)
-            if (slots[r] == j) *found = e;                                  // one writer: slots are unique
+    for (int r = threadIdx.x; r < offs[E]; r += blockDim.x) {
+        const int j = slots[r];
+        if (j < 0 || j >= n_slots) continue;
+        int lo = 0, hi = E - 1;              // the last e with offs[e] <= r
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) >> 1;
+            if (offs[mid] <= r) lo = mid; else hi = mid - 1;
+        }
+        slot_expert[j] = lo;
     }
-    __syncthreads();
-    return *found;
 }
 
 template<int W, typename A>
-__device__ __forceinline__ void gate_up_impl(const A* __restrict__ x, long long ldx, int T, int k,
-                                             const int* __restrict__ slots, const int* __restrict__ offsets, int E,
+__device__ __forceinline__ void gate_up_impl(const A* __restrict__ x, long long ldx, int T, int k, int E,
                                              const unsigned char* __restrict__ w_gate, unsigned long long up_ptr,
                                              long long e_bytes, long long row_bytes, int F, int D,
-                                             float* __restrict__ h, int* __restrict__ slot_expert,
+                                             float* __restrict__ h, const int* __restrict__ slot_expert,
                                              const unsigned long long* __restrict__ wtab, int act) {
     extern __shared__ __align__(16) float xs[];
-    __shared__ int found;
     const int j = blockIdx.y, t = j / k;
-    const int e = slots ? find_expert(j, slots, offsets, E, &found) : 0;
-    if (blockIdx.x == 0 && threadIdx.x == 0 && slot_expert) slot_expert[j] = e;
+    const int e = slot_expert ? slot_expert[j] : 0;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int f = blockIdx.x * 8 + warp;
     if (e < 0) {
@@ -121,12 +128,12 @@ __device__ __forceinline__ void down_impl(const float* __restrict__ h, int T, in
 
 #define MOE_GEMV(WNAME, WTYPE, ATYPE, ANAME)                                                                   \
 extern "C" __global__ void __launch_bounds__(256)                                                              \
-moe_gemv_gate_up_##ANAME##_##WNAME(const ATYPE* x, long long ldx, int T, int k, const int* slots,              \
-                                   const int* offsets, int E, const unsigned char* w_gate,                     \
-                                   unsigned long long up_ptr, long long e_bytes, long long row_bytes, int F,    \
-                                   int D, float* h, int* slot_expert, const unsigned long long* wtab, int act) { \
-    gate_up_impl<WTYPE, ATYPE>(x, ldx, T, k, slots, offsets, E, w_gate, up_ptr, e_bytes, row_bytes, F, D, h,   \
-                               slot_expert, wtab, act);                                                        \
+moe_gemv_gate_up_##ANAME##_##WNAME(const ATYPE* x, long long ldx, int T, int k, int E,                        \
+                                   const unsigned char* w_gate, unsigned long long up_ptr, long long e_bytes,  \
+                                   long long row_bytes, int F, int D, float* h, const int* slot_expert,         \
+                                   const unsigned long long* wtab, int act) {                                   \
+    gate_up_impl<WTYPE, ATYPE>(x, ldx, T, k, E, w_gate, up_ptr, e_bytes, row_bytes, F, D, h, slot_expert,      \
+                               wtab, act);                                                                     \
 }
 #define MOE_GEMV_W(WNAME, WTYPE)                                                                               \
 MOE_GEMV(WNAME, WTYPE, float, f32a) MOE_GEMV(WNAME, WTYPE, __nv_bfloat16, bf16a)                               \

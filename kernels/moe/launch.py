@@ -323,17 +323,30 @@ def moe_gemv_gate_up(x, w_gate, up_ptr: int, e_bytes: int, w_type, E: int, F: in
         raise ValueError("moe_gemv_gate_up: sorted_slots, expert_offsets and slot_expert go together")
     if T == 0 or F <= 0:
         return
+    if sorted_slots is not None:
+        moe_slot_experts(sorted_slots, expert_offsets, E, T * k, slot_expert, stream=stream)
     a = gl.act_kind(x.dtype, "x")
     smem = D * 4
     fn = _gemv_fn(f"moe_gemv_gate_up_{a}a_{name}", smem)
     ldx = x.strides[0] // x.itemsize
     fn(((F + 7) // 8, T * k, 1), (256, 1, 1),
-       (gl.ptr(x), np.int64(ldx), np.int32(T), np.int32(k), gl.ptr(0 if sorted_slots is None else sorted_slots),
-        gl.ptr(0 if expert_offsets is None else expert_offsets), np.int32(E), gl.ptr(0 if w_gate is None else w_gate),
+       (gl.ptr(x), np.int64(ldx), np.int32(T), np.int32(k), np.int32(E), gl.ptr(0 if w_gate is None else w_gate),
         np.uint64(up_ptr), np.int64(e_bytes), np.int64(qt.row_bytes(D)), np.int32(F), np.int32(D), gl.ptr(h),
         gl.ptr(0 if slot_expert is None else slot_expert), gl.ptr(0 if wtab is None else wtab),
         np.int32(ACTS[act])),
        shared_mem=smem, stream=stream)
+
+
+def moe_slot_experts(sorted_slots, expert_offsets, E: int, n_slots: int, slot_expert, stream=None) -> None:
+    """slot_expert[j] = the expert whose rows of the sorted layout (sorted_slots, expert_offsets
+    [E + 1]) hold slot j < n_slots, -1 where none does (a padding token's slots)."""
+    if sorted_slots.itemsize != 4 or expert_offsets.itemsize != 4 or expert_offsets.size != E + 1:
+        raise ValueError(f"moe_slot_experts: sorted_slots must be int32 and expert_offsets int32[{E + 1}]")
+    if slot_expert.itemsize != 4 or slot_expert.size < n_slots:
+        raise ValueError(f"moe_slot_experts: slot_expert must be int32 [{n_slots}]")
+    fn = _gemv_fn("moe_slot_experts", (E + 1) * 4)
+    fn((1, 1, 1), (1024, 1, 1), (sorted_slots, expert_offsets, np.int32(E), np.int32(n_slots), slot_expert),
+       shared_mem=(E + 1) * 4, stream=stream)
 
 
 def moe_gemv_down(h, w_down, e_bytes: int, w_type, D: int, F: int, k: int, weights, out, *, slot_expert=None,
