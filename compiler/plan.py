@@ -37,7 +37,11 @@ PLAN_FORMAT = "ggfuse-plan"
 #              residency per tensor); new ops kv_append and lm_head (concat onto a KV cache and
 #              the logits matmul before); state inputs name their kind (attrs "state"); nodes carry
 #              their layer in meta "layer". A 3.x runtime would run a 4.0 plan wrongly.
-PLAN_VERSION = (4, 0)
+#          4.1 the decode expert cache (passes/plan_decode_cache.py): graph_meta "decode_cache" (slots,
+#              policy, split points after the streamed layers' routers), the streamed layers' grouped
+#              GEMMs read "decode_tables" at chunk 1; options decode_cache*. A 4.0 runtime ignores
+#              them and decodes by streaming every expert (slow, correct).
+PLAN_VERSION = (4, 1)
 
 
 @dataclass(frozen=True)
