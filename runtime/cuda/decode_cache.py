@@ -246,7 +246,7 @@ class DecodeExpertCache:
         from ggfuse.runtime.cuda.streaming import HostStep
         lay = self.by_layer[layer]
         route = next(n for n in ctx.g.topo() if n.name == lay.rec["route"])
-        ids = ctx.v(route.value(0))
+        ids = lay.ids = ctx.v(route.value(0))      # the router's [1, k] expert ids on the device
         first_layer = layer == self.order[0]
         return HostStep(lambda: self._run(lay, ids, first_layer), f"decode cache lookup of layer {layer}")
 
