@@ -185,7 +185,11 @@ def test_decode_steps_copy_misses_in_one_batch(arch, room, stream_host, monkeypa
             new = calls[mark:]
             # no prefill fetch copies whole layers: every copy is one expert's tensor or a table
             sizes = {t["src_expert_bytes"] for l in dc.info["layers"] for t in l["tensors"]}
-            copies = [c for c in new if c[0] == "runtime.memcpyAsync"]
+            copies = [c for c in new if c[0] == "runtime.memcpyAsync" and c[1][3] == 1]     # host -> device
+            reads = [c for c in new if c[0] == "runtime.memcpyAsync" and c[1][3] == 2]
+            # the routing read back once per streamed layer, k ids, on the compute stream
+            assert [c[1][2] for c in reads] == [4 * k] * len(dc.by_layer)
+            assert all(c[1][4] == be.stream.ptr for c in reads)
             tables = {lay.tab_gu.nbytes for lay in dc.by_layer.values()} | {lay.tab_d.nbytes for lay in dc.by_layer.values()}
             assert all(c[1][2] in sizes | tables for c in copies)
             assert all(c[1][4] == be.copy_stream.ptr for c in copies)

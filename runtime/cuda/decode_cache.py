@@ -26,7 +26,7 @@ import numpy as np
 
 from ggfuse.errors import GGFuseError, PlanError
 
-H2D = 1
+H2D, D2H = 1, 2
 
 
 class ExpertCachePolicy:
@@ -151,6 +151,8 @@ class DecodeExpertCache:
         self.order = [r["layer"] for r in info["layers"]]
         self.stats = collections.Counter()
         self._staging = None
+        self._staged_done = None
+        self._ids_host = None        # pinned: the router's ids read back without a pageable copy
 
     # ---- memory -------------------------------------------------------------------------------
     def spare_bytes(self) -> int:
@@ -253,9 +255,13 @@ class DecodeExpertCache:
     def _run(self, lay: _Layer, ids_dev, first_layer: bool) -> None:
         cp, be = self.cp, self.be
         s, c = be.stream, be.copy_stream
-        ids = cp.asnumpy(ids_dev, stream=s)
+        rt = cp.cuda.runtime
+        if self._ids_host is None or self._ids_host.size < ids_dev.size:
+            self._ids_host = self._pinned(ids_dev.size).view(np.int32)[:ids_dev.size]
+        host = self._ids_host[:ids_dev.size]
+        rt.memcpyAsync(host.ctypes.data, ids_dev.data.ptr, host.nbytes, D2H, s.ptr)
         s.synchronize()          # the routing is known, and every earlier slot reader has run
-        experts = sorted({int(e) for e in np.asarray(ids).reshape(-1)})
+        experts = sorted({int(e) for e in host})
         streamed = [e for e in experts if e >= lay.first]
         st = self.stats
         st["tokens"] += int(first_layer)
@@ -273,7 +279,6 @@ class DecodeExpertCache:
             for t in lay.tensors:
                 lay.ptrs[t["role"]][e] = self.slot_addr[slot] + np.uint64(t["offset"])
         self._fill_host(lay, [e for e, _, _ in misses])
-        rt = cp.cuda.runtime
         for dst, src, n in copies:
             rt.memcpyAsync(dst, src, n, H2D, c.ptr)
         rt.memcpyAsync(lay.tab_gu.data.ptr, lay.host_gu.ctypes.data, lay.host_gu.nbytes, H2D, c.ptr)
@@ -297,11 +302,12 @@ class DecodeExpertCache:
                      st.file_base + int(entries[t["name"]].offset) + e * t["src_expert_bytes"], t["src_expert_bytes"])
                     for e, slot, _ in misses for t in lay.tensors]
         need = len(misses) * self.slot_bytes
+        if self._staged_done is not None:
+            self._staged_done.synchronize()      # the buffer's previous batch has landed
         if self._staging is None or self._staging[1].size < need:
+            # a layer misses at most k experts: one buffer of k slots serves every batch
             mem = self.cp.cuda.alloc_pinned_memory(max(need, self.slot_bytes * max(r["k"] for r in self.info["layers"])))
             self._staging = (mem, np.frombuffer(mem, dtype=np.uint8))
-        elif getattr(self, "_staged_done", None) is not None:
-            self._staged_done.synchronize()      # the buffer's previous batch has landed
         buf = self._staging[1]
         out = []
         for i, (e, slot, _) in enumerate(misses):
