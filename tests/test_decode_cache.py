@@ -190,7 +190,7 @@ def test_decode_steps_copy_misses_in_one_batch(arch, room, stream_host, monkeypa
             # the routing read back once per streamed layer, k ids, on the compute stream
             assert [c[1][2] for c in reads] == [4 * k] * len(dc.by_layer)
             assert all(c[1][4] == be.stream.ptr for c in reads)
-            tables = {lay.tab_gu.nbytes for lay in dc.by_layer.values()} | {lay.tab_d.nbytes for lay in dc.by_layer.values()}
+            tables = {lay.tab.nbytes for lay in dc.by_layer.values()}
             assert all(c[1][2] in sizes | tables for c in copies)
             assert all(c[1][4] == be.copy_stream.ptr for c in copies)
             # per layer with misses: its copies back to back, one event on the copy stream, the
@@ -198,7 +198,9 @@ def test_decode_steps_copy_misses_in_one_batch(arch, room, stream_host, monkeypa
             recs = [i for i, c in enumerate(new) if c[0] == "event.record" and c[1][1] is be.copy_stream]
             for i in recs:
                 assert new[i + 1][0] == "stream.wait_event" and new[i + 1][1] == (be.stream, new[i][1][0])
-                assert new[i - 1][0] == new[i - 2][0] == "runtime.memcpyAsync"     # the two tables last
+                # the experts' copies, then the layer's patched tables (one copy) last
+                assert new[i - 1][0] == new[i - 2][0] == "runtime.memcpyAsync"
+                assert new[i - 1][1][2] in tables and new[i - 2][1][2] in sizes
             assert checked[-len(dc.by_layer):] == sorted(dc.by_layer)
             for layer, experts in routed.items():
                 lookups += sum(e >= dc.by_layer[layer].first for e in experts)

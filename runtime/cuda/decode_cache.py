@@ -10,7 +10,7 @@ layer's router the step stops for a host step that
 3. issues the misses as one batch of async copies on the copy stream (GGUF bytes straight from
    the page-locked mapping, or through a pinned staging buffer), then the layer's patched expert
    tables (expert -> device address: resident experts where they were uploaded, cached ones in
-   their slot), and records one event that the compute stream waits for before the layer's
+   their slot; one copy), and records one event that the compute stream waits for before the layer's
    grouped GEMM, which reads its experts through those tables.
 A prefill chunk overwrites the prefill slots and the arena the cache lives in, so running one
 empties the cache (the tables need no change: an expert is looked up before it is read).
@@ -21,6 +21,7 @@ backend (tests/fake_cupy.py runs it on the CPU).
 from __future__ import annotations
 
 import collections
+import time
 
 import numpy as np
 
@@ -133,7 +134,7 @@ class _Layer:
         self.tensors = rec["tensors"]
         self.roles = {t["role"]: t for t in self.tensors}
         self.ptrs = {}            # role -> numpy uint64 [E]
-        self.tab_gu = self.tab_d = None
+        self.tab = self.tab_gu = self.tab_d = None     # device [3E]: gate_up [2E] then down [E]
         self.up_offset = 0
 
 
@@ -218,13 +219,15 @@ class DecodeExpertCache:
                                   f"such layer; recompile the plan")
         if lay.tab_gu is None:
             cp = self.cp
+            E = lay.E
             lay.up_offset = int(up_offset)
-            lay.host_gu, lay.host_d = self._pinned(2 * lay.E), self._pinned(lay.E)
-            self._fill_host(lay, range(lay.E))
-            lay.tab_gu = cp.empty(2 * lay.E, dtype=np.uint64)
-            lay.tab_d = cp.empty(lay.E, dtype=np.uint64)
-            lay.tab_gu.set(lay.host_gu)
-            lay.tab_d.set(lay.host_d)
+            # both tables in one array (and one pinned mirror): a patch is one copy
+            lay.host = self._pinned(3 * E)
+            lay.host_gu, lay.host_d = lay.host[:2 * E], lay.host[2 * E:]
+            self._fill_host(lay, range(E))
+            lay.tab = cp.empty(3 * E, dtype=np.uint64)
+            lay.tab.set(lay.host)
+            lay.tab_gu, lay.tab_d = lay.tab[:2 * E], lay.tab[2 * E:]
         return lay.tab_gu, lay.tab_d
 
     def _pinned(self, n: int) -> np.ndarray:
@@ -259,8 +262,21 @@ class DecodeExpertCache:
         if self._ids_host is None or self._ids_host.size < ids_dev.size:
             self._ids_host = self._pinned(ids_dev.size).view(np.int32)[:ids_dev.size]
         host = self._ids_host[:ids_dev.size]
+        t0 = time.perf_counter()
         rt.memcpyAsync(host.ctypes.data, ids_dev.data.ptr, host.nbytes, D2H, s.ptr)
         s.synchronize()          # the routing is known, and every earlier slot reader has run
+        t1 = time.perf_counter()
+        try:
+            self._lookup_and_copy(lay, host, first_layer)
+        finally:
+            t2 = time.perf_counter()
+            self.stats["wait_s"] += t1 - t0       # the device finishing the layer's router
+            self.stats["host_s"] += t2 - t1       # lookup and issuing the copies: the host's own time
+
+    def _lookup_and_copy(self, lay: _Layer, host: np.ndarray, first_layer: bool) -> None:
+        cp, be = self.cp, self.be
+        s, c = be.stream, be.copy_stream
+        rt = cp.cuda.runtime
         experts = sorted({int(e) for e in host})
         streamed = [e for e in experts if e >= lay.first]
         st = self.stats
@@ -281,14 +297,13 @@ class DecodeExpertCache:
         self._fill_host(lay, [e for e, _, _ in misses])
         for dst, src, n in copies:
             rt.memcpyAsync(dst, src, n, H2D, c.ptr)
-        rt.memcpyAsync(lay.tab_gu.data.ptr, lay.host_gu.ctypes.data, lay.host_gu.nbytes, H2D, c.ptr)
-        rt.memcpyAsync(lay.tab_d.data.ptr, lay.host_d.ctypes.data, lay.host_d.nbytes, H2D, c.ptr)
+        rt.memcpyAsync(lay.tab.data.ptr, lay.host.ctypes.data, lay.host.nbytes, H2D, c.ptr)
         done = cp.cuda.Event(disable_timing=True)
         done.record(c)
         s.wait_event(done)
         self._staged_done = done
         st["bytes"] += sum(n for _, _, n in copies)
-        st["table_bytes"] += lay.host_gu.nbytes + lay.host_d.nbytes
+        st["table_bytes"] += lay.host.nbytes
         st["copies"] += len(copies)
 
     def _copies(self, lay: _Layer, misses) -> list:
@@ -348,7 +363,9 @@ class DecodeExpertCache:
                 "misses_per_token": st["misses"] / tokens, "bytes_per_token": st["bytes"] / tokens,
                 "table_bytes_per_token": st["table_bytes"] / tokens,
                 "streaming_bytes_per_token": int(self.info.get("bytes_per_token_all", 0)),
-                "invalidations": st["invalidations"], "layers": len(self.layers)}
+                "host_ms_per_token": st["host_s"] * 1e3 / tokens, "sync_wait_ms_per_token": st["wait_s"] * 1e3 / tokens,
+                "invalidations": st["invalidations"], "layers": len(self.layers),
+                "hottest": [[layer, e, n] for (layer, e), n in self.policy.hottest(8)]}
 
     def reset_stats(self) -> None:
         self.stats = collections.Counter()
