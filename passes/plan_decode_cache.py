@@ -46,7 +46,6 @@ from ggfuse.passes.base import PassResult
 from ggfuse.passes.schedule_expert_prefetch import align_up
 
 DECODE_CHUNK = 1
-POLICIES = ("slru", "lru")
 
 
 def carve(regions: list[int], slot_bytes: int, limit: int | None = None) -> list[list[int]]:
@@ -151,7 +150,8 @@ def run(g: Graph, *, options) -> PassResult:
     cap = min(streamed, options.decode_cache_slots or streamed)
     offsets = carve(sizes, slot_bytes, cap)
     n = sum(len(o) for o in offsets)
-    k = max(l["k"] for l in layers)
+    # one token's streamed experts of one layer must all be on the device at once
+    k = max(min(l["k"], l["n_experts"] - l["first_streamed"]) for l in layers)
     info = {"policy": options.decode_cache, "slot_bytes": slot_bytes, "slots": n, "split_points": split,
             "layers": layers, "cold_experts": "copy", "decode_chunk": DECODE_CHUNK,
             "bytes_per_token_all": sum((l["n_experts"] - l["first_streamed"]) *
@@ -159,10 +159,10 @@ def run(g: Graph, *, options) -> PassResult:
             "regions": [{"kind": kind, "bytes": b, "slots": len(o)} for kind, b, o in zip(kinds, sizes, offsets)]}
     info["protected_slots"] = int(n * options.decode_cache_protected) if options.decode_cache == "slru" else 0
     if n < k:
-        # one token's experts of one layer must all be on the device at once
         info.update(policy="off", slots=0, protected_slots=0, regions=[],
                     why=f"the spare memory holds {n} expert slots of {slot_bytes} bytes, fewer than the {k} "
-                        f"experts a token routes to: decode streams every expert as prefill does")
+                        f"streamed experts a token may route to in one layer: decode streams every expert "
+                        f"as prefill does")
         for nd in g.by_op(Op.MOE_GROUPED_GEMM):
             nd.meta.get("kernel", {}).pop("decode_tables", None)
     else:

@@ -27,7 +27,7 @@ def test_lru_evicts_the_least_recent_and_never_the_current_token():
     assert p.lookup(1, [5]) == ([], [(5, 2, None)])
     hits, misses = p.lookup(0, [2, 7])         # 2 is a hit (now most recent); 7 evicts (0, 1)
     assert hits == [(2, 1)] and misses == [(7, 0, (0, 1))]
-    hits, misses = p.lookup(1, [5, 8, 9])      # needs 2 slots: (0, 2) is needed? no: the token is layer 1
+    hits, misses = p.lookup(1, [5, 8, 9])      # two misses evict layer 0's two least recent
     assert hits == [(5, 2)] and sorted(m[2] for m in misses) == [(0, 2), (0, 7)]
     assert (p.hits, p.misses, p.evictions) == (2, 6, 3)
     # the current token's experts are never evicted, even when they are the least recent
@@ -154,7 +154,6 @@ def test_decode_steps_copy_misses_in_one_batch(arch, room, stream_host, monkeypa
     gf, plan, _ = streamed_plan(arch, room=room)
     rng = np.random.default_rng(0)
     with fake_device(monkeypatch) as calls:
-        from ggfuse.options import Options
         from ggfuse.runtime.cuda.backend import CUDABackend
         be = CUDABackend(plan, gf, progress=False, options=Options.make(stream_host=stream_host))
         dc = be.decode_cache
