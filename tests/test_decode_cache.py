@@ -123,7 +123,7 @@ def test_plan_without_decode_cache():
     assert "decode_cache" not in plan.graph.meta
     gf, plan, _ = streamed_plan("qwen35moe", decode_cache_slots=1)     # fewer slots than k experts
     dc = plan.graph.meta["decode_cache"]
-    assert dc["policy"] == "off" and dc["slots"] == 0 and "fewer than the 2 experts" in dc["why"]
+    assert dc["policy"] == "off" and dc["slots"] == 0 and "fewer than the 2 streamed experts" in dc["why"]
     assert not any(n.meta["kernel"].get("decode_tables") for n in plan.graph.by_op(Op.MOE_GROUPED_GEMM))
 
 
