@@ -160,8 +160,11 @@ def decode_row(model, backend, n: int, rng, repeat: int, log=print) -> dict:
     launching the step's graph) against the step's wall time."""
     tokens = rng.integers(0, model.n_vocab, size=n)
 
+    from ggfuse.runtime.generate import decode_cache_report, expert_cache_text
+
     def run():
         model.reset()
+        decode_cache_report(backend, reset=True)
         hs = getattr(backend, "host_stats", None)
         if hs is not None:
             hs.update(chunks=0, host_s=0.0)
@@ -181,8 +184,12 @@ def decode_row(model, backend, n: int, rng, repeat: int, log=print) -> dict:
     if host:
         row["host_ms_per_token"] = _median(host) / n
         row["host_fraction"] = row["host_ms_per_token"] / row["ms_per_token"]
+    cache = decode_cache_report(backend)      # of the last timed run (random tokens: a cache's worst case)
+    if cache is not None:
+        row["expert_cache"] = cache
     log(f"tg{n:<7} {row['tok_per_s']:10.1f} tok/s   {row['ms_per_token']:.2f} ms/token"
-        + (f"   host {row['host_ms_per_token']:.3f} ms/token ({100 * row['host_fraction']:.1f}%)" if host else ""))
+        + (f"   host {row['host_ms_per_token']:.3f} ms/token ({100 * row['host_fraction']:.1f}%)" if host else "")
+        + expert_cache_text(cache))
     return row
 
 
@@ -827,7 +834,9 @@ def bench_main(args) -> int:
         line = f"{'tg' + str(d['tg']):>8} {d['tok_per_s']:>14.1f} {d['ms_per_token']:>10.2f} {'-':>9} {'-':>9}"
         if lb:
             line += f" {other:>16.1f} {d['tok_per_s'] / other:>7.2f}" if other else f" {'-':>16} {'-':>7}"
-        print(line + (f"   host {100 * d['host_fraction']:.1f}% of a step" if "host_fraction" in d else ""))
+        from ggfuse.runtime.generate import expert_cache_text
+        print(line + (f"   host {100 * d['host_fraction']:.1f}% of a step" if "host_fraction" in d else "")
+              + expert_cache_text(d.get("expert_cache")))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(res, f, indent=1)

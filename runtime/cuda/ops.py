@@ -616,6 +616,13 @@ def _expert_tables(ctx, n, wg, wu, tg, wd, E: int, F: int, D: int):
     from ggfuse.kernels.gemm import launch as gl
     from ggfuse.kernels.moe import table
     from ggfuse.kernels.quant.types import qtype
+    dec = n.meta["kernel"].get("decode_tables")
+    if dec is not None and ctx.be.chunk == int(dec["chunk"]):
+        # the one-token step of a budgeted plan: experts where the decode cache put them
+        cache = getattr(ctx.be, "decode_cache", None)
+        if cache is None:
+            raise PlanError(None, f"cuda: {n.name}: the plan reads decode tables but has no decode cache")
+        return cache.tables(n.name, F * qtype(gl.weight_name(tg)).row_bytes(D))
     want = bool(n.meta["kernel"].get("expert_tables"))
     have = any(isinstance(w, table.ExpertTable) for w in (wg, wu, wd))
     if want != have:
