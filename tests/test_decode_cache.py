@@ -215,10 +215,10 @@ def test_decode_steps_copy_misses_in_one_batch(arch, room, stream_host, monkeypa
         # a prefill chunk overwrites the slots: the cache empties
         be.run_chunk(np.arange(8), "none")
         assert len(dc.policy) == 0 and dc.stats["invalidations"] == 1
-        # the decode executor's grouped GEMMs read the decode tables
+        # the decode executor's experts (the one-token gemvs, option decode_moe) read the decode tables
         tabs = {lay.tab_d.data.ptr for lay in dc.by_layer.values()}
-        downs = [c[1].arguments for c in calls if c[0] == "moe.moe_down"]
-        dec = [b for b in downs if b["wtab"] is not None and b["wtab"].data.ptr in tabs]
+        downs = [c[1].arguments for c in calls if c[0] == "moe.moe_gemv_down"]
+        dec = [b for b in downs if b.get("wtab") is not None and b["wtab"].data.ptr in tabs]
         assert len(dec) == 2 * len(dc.by_layer)       # the eager step, and the capture
         # the one-token step is captured as graphs between the layers' host steps
         from ggfuse.runtime.cuda.streaming import SegmentedProgram
