@@ -312,6 +312,63 @@ def moe_down(h, w_down, w_type, E, D, F, sorted_slots, expert_offsets, weights, 
     _put(out, o)
 
 
+def _bytes_at(ptr: int, n: int) -> np.ndarray:
+    """n bytes of (fake) device memory at address ptr."""
+    import ctypes
+    return np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(int(ptr))).copy()
+
+
+def _slot_experts(slots, offs, n_slots):
+    e_of = np.full(n_slots, -1, np.int32)
+    slots, offs = np.asarray(slots), np.asarray(offs)
+    for e in range(len(offs) - 1):
+        seg = slots[offs[e]:offs[e + 1]]
+        e_of[seg[seg >= 0]] = e
+    return e_of
+
+
+def moe_gemv_gate_up(x, w_gate, up_ptr, e_bytes, w_type, E, F, D, k, h, *, sorted_slots=None, expert_offsets=None,
+                     slot_expert=None, wtab=None, act="silu", stream=None):
+    from ggfuse.kernels.quant.types import qtype as _qt
+    assert wtab is None, "expert tables are not emulated"
+    xs = _val(x)
+    T = xs.shape[0]
+    rb = _qt(w_type).row_bytes(D)
+    e_of = _slot_experts(sorted_slots, expert_offsets, T * k) if sorted_slots is not None else np.zeros(T * k, np.int32)
+    if slot_expert is not None:
+        slot_expert[...] = e_of
+    base = w_gate.data.ptr
+    out = np.zeros((T * k, F), np.float32)
+    for j in range(T * k):
+        e = int(e_of[j])
+        if e < 0:
+            continue
+        wg = _dequant(_bytes_at(base + e * e_bytes, F * rb), w_type, F, D)
+        wu = _dequant(_bytes_at(int(up_ptr) + e * e_bytes, F * rb), w_type, F, D)
+        t = xs[j // k, :D]
+        out[j] = _act(act)(t @ wg.T) * (t @ wu.T)
+    _put(h.reshape(-1)[:out.size].reshape(out.shape), out)
+
+
+def moe_gemv_down(h, w_down, e_bytes, w_type, D, F, k, weights, out, *, slot_expert=None, accumulate=False, wtab=None,
+                  stream=None):
+    from ggfuse.kernels.quant.types import qtype as _qt
+    assert wtab is None, "expert tables are not emulated"
+    T = out.size // D
+    hs = _val(h).reshape(-1)[:T * k * F].reshape(T * k, F)
+    wts = _val(weights).reshape(-1)
+    e_of = np.asarray(slot_expert) if slot_expert is not None else np.zeros(T * k, np.int32)
+    rb = _qt(w_type).row_bytes(F)
+    o = _val(out).reshape(T, D) if accumulate else np.zeros((T, D), np.float32)
+    for j in range(T * k):
+        e = int(e_of[j])
+        if e < 0:
+            continue
+        wd = _dequant(_bytes_at(w_down.data.ptr + e * e_bytes, D * rb), w_type, D, F)
+        o[j // k] += wts[j] * (hs[j] @ wd.T)
+    _put(out, o)
+
+
 def _noop(*a, **k):
     return None
 
@@ -323,7 +380,7 @@ EMULATED = {
                                     "rowdot_sigmoid", "axpy_rows", "scale_by_expert"],
     "ggfuse.kernels.gemm.launch": ["gemm", "gemm_swiglu"],
     "ggfuse.kernels.gemm.blas": ["gemm_bf16"],
-    "ggfuse.kernels.moe.launch": ["moe_route", "moe_gate_up", "moe_down"],
+    "ggfuse.kernels.moe.launch": ["moe_route", "moe_gate_up", "moe_down", "moe_gemv_gate_up", "moe_gemv_down"],
     "ggfuse.kernels.attention.launch": ["flash_attn_prefill", "window_attn"],
 }
 
