@@ -72,8 +72,10 @@ class RingLayer:
         pos = attn_ref.ring_positions(self.P, self.R)
         stale = (pos >= 0) & (pos < self.P - self.window + 1)
         if stale.any():
-            self.k_ring[cp.asarray(np.nonzero(stale)[0])] = BF16_NAN
-            self.v_ring[cp.asarray(np.nonzero(stale)[0])] = BF16_NAN
+            with s:          # on the chunk's stream, ordered before its launches
+                rows = cp.asarray(np.nonzero(stale)[0])
+                self.k_ring[rows] = BF16_NAN
+                self.v_ring[rows] = BF16_NAN
 
     def check(self, n):
         k, v = self.kv_host[:n, 0], self.kv_host[:n, 1]
@@ -111,6 +113,7 @@ def test_window_attention_over_the_ring_across_chunks(D, Hq, Hkv, window, R, q_k
     L = RingLayer(Tmax=Tmax, Hq=Hq, Hkv=Hkv, D=D, R=R, window=window, scale=1.0 / np.sqrt(D), q_kind=q_kind,
                   out_kind=out_kind, seed=D + window + R)
     s = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.Device().synchronize()       # the buffers' initialisation (default stream) is done
     sizes = [7, 40, 1, 33, 40, 40, 2, 17, 40, 5, 40, 40, 39]
     L.stage(sizes[0], s)
     with s:
@@ -167,10 +170,10 @@ def test_cuda_core_attention_over_the_cache(D):
     n_valid = 30
     out = cp.full((T, Hq, D), np.nan, dtype=cp.float32)
     s = cp.cuda.Stream(non_blocking=True)
-    kc, vc = cp.asarray(k_bits), cp.asarray(v_bits)
+    qd, kc, vc, past, nv = cp.asarray(q), cp.asarray(k_bits), cp.asarray(v_bits), _scalar(P), _scalar(n_valid)
+    cp.cuda.Device().synchronize()       # nothing but the launch inside the capture
     s.begin_capture()
-    fa.window_attn(cp.asarray(q), "f32", None, None, kc, vc, out, T, Hq, Hkv, D, 0, 0, scale, _scalar(P),
-                   _scalar(n_valid), stream=s)
+    fa.window_attn(qd, "f32", None, None, kc, vc, out, T, Hq, Hkv, D, 0, 0, scale, past, nv, stream=s)
     s.end_capture().launch(s)
     s.synchronize()
     got = cp.asnumpy(out)
@@ -194,9 +197,11 @@ def test_ple_gather(w_type):
     ids[3] = ids[7]                      # repeated tokens
     ids_dev = cp.asarray(np.concatenate([ids, np.zeros(3, np.int32)]))    # a padded chunk's ids
     out = cp.full((T, L, P), np.nan, dtype=cp.float32)
+    table = cp.asarray(raw)
     s = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.Device().synchronize()
     s.begin_capture()
-    d.ple_gather(cp.asarray(raw), w_type, ids_dev, out, float(np.sqrt(P)), stream=s)
+    d.ple_gather(table, w_type, ids_dev, out, float(np.sqrt(P)), stream=s)
     s.end_capture().launch(s)
     s.synchronize()
     want = dense_ref.ple_gather(dense.astype(np.float32), ids, n_layer=L, width=P, scale=float(np.sqrt(P)))
