@@ -10,7 +10,8 @@ from ggfuse.compiler.plan import Plan, WeightEntry
 from ggfuse.compiler.stats import graph_stats
 from ggfuse.errors import GGFuseError, GGUFFormatError, UnsupportedError
 from ggfuse.ir.graph import Graph
-from ggfuse.ir.verify import verify
+from ggfuse.ir.ops import InferError
+from ggfuse.ir.verify import VerifyError, verify
 from ggfuse.passes.pipeline import run_pipeline
 
 DEFAULT_CHUNK = 512      # ggfuse.options.Options.chunk's default
@@ -21,8 +22,12 @@ def build_graph(gf: GGUFFile) -> Graph:
     fn = FRONTENDS.get(gf.arch)
     if fn is None:
         raise UnsupportedError(gf.path, f"architecture {gf.arch!r} is not supported (supported: {', '.join(sorted(FRONTENDS))})")
-    g = fn(gf)
-    verify(g)
+    try:
+        g = fn(gf)
+        verify(g)
+    except (InferError, VerifyError) as e:
+        # shapes that do not fit each other come from the file's metadata / tensors
+        raise GGUFFormatError(gf.path, f"the {gf.arch} graph does not fit this file's shapes: {e}") from None
     return g
 
 
