@@ -396,7 +396,8 @@ class GGUFFile:
         return self.key(f"{self.arch}.{suffix}", default)
 
     def vocab(self) -> list[str] | None:
-        return self.key("tokenizer.ggml.tokens", None)
+        from ggfuse.compiler.metadata import Metadata
+        return Metadata(self).str_array("tokenizer.ggml.tokens", None)
 
     # -- tensors ------------------------------------------------------------
     def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> TensorInfo:
