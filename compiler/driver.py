@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from ggfuse.compiler.check_tensors import check_weights
 from ggfuse.compiler.frontends import FRONTENDS
 from ggfuse.compiler.gguf_file import GGUFFile
 from ggfuse.compiler.plan import Plan, WeightEntry
@@ -12,6 +13,7 @@ from ggfuse.errors import GGFuseError, GGUFFormatError, UnsupportedError
 from ggfuse.ir.graph import Graph
 from ggfuse.ir.ops import InferError
 from ggfuse.ir.verify import VerifyError, verify
+from ggfuse.options import quiet
 from ggfuse.passes.pipeline import run_pipeline
 
 DEFAULT_CHUNK = 512      # ggfuse.options.Options.chunk's default
@@ -68,6 +70,7 @@ def compile_gguf(path: str, *, options=None, passes: Sequence[str] | None = None
     options, device_free = resolve_target(options)
     gf = gf or GGUFFile(path)
     g = build_graph(gf)
+    check_weights(gf, [n.attrs.tensor for n in g.weights()], options.check_tensors, progress=not quiet())
     try:
         g, applied = run_pipeline(g, options=options, only=passes, skip=skip, dump_dir=dump_dir,
                                   device_free=device_free)

@@ -37,7 +37,8 @@ PLAN_FORMAT = "ggfuse-plan"
 #              residency per tensor); new ops kv_append and lm_head (concat onto a KV cache and
 #              the logits matmul before); state inputs name their kind (attrs "state"); nodes carry
 #              their layer in meta "layer". A 3.x runtime would run a 4.0 plan wrongly.
-PLAN_VERSION = (4, 0)
+#          4.1 options "check_tensors" (which weight values were checked for NaN / Inf).
+PLAN_VERSION = (4, 1)
 
 
 @dataclass(frozen=True)
