@@ -92,6 +92,7 @@ class Field:
     offset: int               # where the value (after the type id) starts
     itype: int | None = None  # arrays: item type id
     count: int = 1            # arrays: number of items
+    end: int = 0              # where the entry ends (the next key starts)
 
     @property
     def type_name(self) -> str:
@@ -230,7 +231,7 @@ class GGUFFile:
             end, itype, count = p.skip_value(off + 4, vtype)
             if key in self._fields:
                 raise p.fail(f"duplicate metadata key '{key}'")
-            self._fields[key] = Field(key, vtype, off + 4, itype, count)
+            self._fields[key] = Field(key, vtype, off + 4, itype, count, end)
             off = end
         self.alignment = 32
         af = self._fields.get("general.alignment")
@@ -384,10 +385,11 @@ class GGUFFile:
             dt = _SCALAR_BY_ID[f.itype]
             arr = self._data.view(np.ndarray)[start: start + dt.itemsize * f.count].view(dt)
             return arr.astype(bool) if f.itype == VT.BOOL else arr
-        out, off, unpack = [], start, _U64.unpack_from
+        blob = bytes(mv[start: f.end])   # one copy of the array's bytes: slicing bytes is cheapest
+        out, off, unpack = [], 0, _U64.unpack_from
         for _ in range(f.count):
-            n = unpack(mv, off)[0]
-            out.append(bytes(mv[off + 8: off + 8 + n]).decode("utf-8"))
+            n = unpack(blob, off)[0]
+            out.append(blob[off + 8: off + 8 + n].decode("utf-8"))
             off += 8 + n
         self._values[f.name] = out   # decoded once: vocabularies are read more than once
         return out
