@@ -136,8 +136,8 @@ class Options:
                                 "(CUDA cores)", ("f16x3", "bf16x3", "f32simt"), default="f16x3")
     router_tile: str = _opt(COMPILE, "router GEMM tile: auto (by shape), 128x64, 64x64k2",
                             ("auto", "128x64", "64x64k2"), default="auto")
-    check_tensors: str = _opt(COMPILE, "check weight values for NaN / Inf before compiling: small (norms, biases, "
-                                       "scales: every tensor of at most 64Ki elements; cheap) or all (every weight "
+    check_tensors: str = _opt(COMPILE, "check weight values for NaN / Inf before compiling: small (vectors: norms, "
+                                       "biases, scales; and tensors of at most 4096 elements; cheap) or all (every weight "
                                        "the graph reads, dequantised block by block, with a progress bar; as "
                                        "llama.cpp's --check-tensors)", ("small", "all"), default="small")
     # ---- runtime: how this machine executes a plan ----

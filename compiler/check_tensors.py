@@ -1,8 +1,9 @@
 """Check weight values before compiling: NaN and Inf, as llama.cpp's --check-tensors does.
 
 A NaN in one norm weight turns every logit into NaN while ggfuse exits 0, so the cheap default
-(`check_tensors="small"`) reads the tensors whose size is small beside the model: norms, biases,
-scales, gates (at most SMALL_ELEMENTS elements; a few hundred KiB for a 35B model). `"all"`
+(`check_tensors="small"`) reads the tensors whose size is small beside the model: vectors (norms,
+biases, scales, gates: one dimension above 1) and anything of at most SMALL_ELEMENTS elements; a
+few hundred KiB for a 35B model. `"all"`
 dequantises every weight the graph reads, block by block (memory bounded by BLOCK_BYTES), with a
 progress bar on stderr. Quantised blocks carry f16 scales, so a NaN or Inf there shows up in the
 dequantised values like any other.
@@ -18,7 +19,11 @@ from gguf.quants import dequantize as _gguf_dequantize
 
 from ggfuse.errors import GGUFFormatError
 
-SMALL_ELEMENTS = 1 << 16
+SMALL_ELEMENTS = 4096
+
+
+def is_small(info) -> bool:
+    return sum(d > 1 for d in info.ne) <= 1 or info.n_elements <= SMALL_ELEMENTS
 BLOCK_BYTES = 64 << 20      # raw bytes dequantised at a time
 
 
@@ -52,7 +57,7 @@ def check_weights(gf, names, mode: str, *, progress: bool = True) -> int:
     checked. "all" shows a tqdm bar over the bytes when stderr is a terminal and progress is on."""
     infos = [gf.tensor(n) for n in dict.fromkeys(names)]
     if mode == "small":
-        infos = [t for t in infos if t.n_elements <= SMALL_ELEMENTS]
+        infos = [t for t in infos if is_small(t)]
     bar = None
     if mode == "all" and progress:
         # tqdm (a pyproject dependency): a well-kept bar with rate and ETA that turns itself off
