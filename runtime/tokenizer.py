@@ -313,11 +313,16 @@ class Tokenizer:
         from tokenizers import Regex
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import models, pre_tokenizers
+        # checked first: for some merges naming tokens outside the vocabulary `tokenizers` panics
+        # (a pyo3 PanicException, a BaseException) instead of raising
+        self._check_merges()
         try:
             bpe = models.BPE(self.token_to_id, self.merges, byte_fallback=not self.pretok.byte_level)
-        except Exception:  # noqa: BLE001 -- tokenizers raises a bare Exception for a bad merge
-            self._check_merges()
-            raise
+        except BaseException as e:  # noqa: BLE001 -- a bare Exception or a Rust panic, from file contents
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise GGUFFormatError(self.source, f"tokenizer.ggml.tokens / tokenizer.ggml.merges refused by the BPE "
+                                               f"builder ({type(e).__name__}: {e})") from None
         hf = HFTokenizer(bpe)
         if self.pretok.split_regex is not None:
             hf.pre_tokenizer = pre_tokenizers.Sequence([

@@ -384,7 +384,9 @@ def classify(path: str, fn) -> tuple[str, str]:
         if "\n" in msg or not msg.startswith(f"{path}: "):
             return "bad_message", msg[:300]
         return "clean", msg
-    except Exception as e:  # noqa: BLE001 -- the fuzzer's point
+    except (Exception, BaseException) as e:  # noqa: BLE001 -- the fuzzer's point (a Rust panic is a BaseException)
+        if isinstance(e, KeyboardInterrupt):
+            raise
         tb = traceback.extract_tb(e.__traceback__)
         where = f"{os.path.relpath(tb[-1].filename, ROOT)}:{tb[-1].lineno}" if tb else "?"
         return "crash", f"{type(e).__name__}: {str(e)[:200]} at {where}"
@@ -413,8 +415,16 @@ def do_case(seed: int, case: int, tmpdir: str, timeout: float) -> dict:
 
 # ---- workers ---------------------------------------------------------------------------------------
 
+def _vm_size() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration):
+        return 4 << 30
+
+
 def _worker(conn, seed, timeout, mem_mb, tmpdir):
-    soft = (mem_mb + 2048) << 20                     # address space: the heap bound (plus mapped code)
+    soft = _vm_size() + ((mem_mb + 1024) << 20)      # address space: what is mapped now, plus the bound
     try:
         resource.setrlimit(resource.RLIMIT_AS, (soft, resource.RLIM_INFINITY))
     except (ValueError, OSError):
