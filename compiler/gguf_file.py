@@ -14,6 +14,7 @@ described. Every failure is a one-line GGUFFormatError / UnsupportedError naming
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ SUPPORTED_TYPES: tuple[QT, ...] = (
     QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K,
 )
 _SUPPORTED_NAMES = ", ".join(t.name for t in SUPPORTED_TYPES)
+_TYPE_INFO = {int(t): (t, *GGML_QUANT_SIZES[t]) for t in SUPPORTED_TYPES}   # id -> (type, block, bytes)
 SUPPORTED_VERSIONS = (2, 3)
 
 GGML_MAX_DIMS = 4
@@ -264,21 +266,21 @@ class GGUFFile:
         for i, (name, ne, tid, rel) in enumerate(raw):
             if name in out:
                 raise GGUFFormatError(self.path, f"duplicate tensor '{name}' in the tensor table")
-            if any(d >= 1 << 63 for d in ne) or 0 in ne:
+            if max(ne) >= 1 << 63 or 0 in ne:
                 raise GGUFFormatError(self.path, f"tensor '{name}' has absurd dimensions {list(ne)}")
-            try:
-                qt = QT(tid)
-            except ValueError:
-                raise UnsupportedError(self.path, f"tensor '{name}' has unknown ggml type id "
-                                       f"{tid}, supported: {_SUPPORTED_NAMES}") from None
-            if qt not in SUPPORTED_TYPES:
+            qt, block, type_size = _TYPE_INFO.get(tid, (None, 0, 0))
+            if qt is None:
+                try:
+                    qt = QT(tid)
+                except ValueError:
+                    raise UnsupportedError(self.path, f"tensor '{name}' has unknown ggml type id "
+                                           f"{tid}, supported: {_SUPPORTED_NAMES}") from None
                 raise UnsupportedError(self.path, f"tensor '{name}' has ggml type {qt.name}, "
                                        f"supported: {_SUPPORTED_NAMES}")
-            block, type_size = GGML_QUANT_SIZES[qt]
             if ne[0] % block:
                 raise GGUFFormatError(self.path, f"tensor '{name}' has row length ne[0]={ne[0]}, "
                                       f"not a multiple of the {qt.name} block size {block}")
-            nbytes = int(np.prod(ne, dtype=object)) // block * type_size
+            nbytes = math.prod(ne) // block * type_size
             if rel % self.alignment:
                 raise GGUFFormatError(self.path, f"tensor '{name}' data offset {rel} is not "
                                       f"a multiple of the alignment {self.alignment}")
@@ -287,7 +289,7 @@ class GGUFFile:
                 raise GGUFFormatError(
                     self.path, f"tensor '{name}' data [{begin}, {begin + nbytes}) lies past the "
                     f"end of the file (size {self.size}); the file is truncated or corrupt")
-            out[name] = TensorInfo(name=name, ggml_type=int(qt), type_name=qt.name, ne=tuple(ne),
+            out[name] = TensorInfo(name=name, ggml_type=tid, type_name=qt.name, ne=tuple(ne),
                                    shape=tuple(reversed(ne)), offset=begin, nbytes=nbytes)
         # no two tensors may share bytes: sorted by start, each ends before the next begins
         if len(out) > 1:

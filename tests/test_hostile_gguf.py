@@ -252,7 +252,7 @@ def test_strings_under_the_limit_open_quickly(tmp_path):
     _write_sparse(path, _header(0, [_kv("general.architecture", STR, fz.enc(STR, "qwen3moe"))], more=1)
                   + struct.pack("<Q", 4) + b"toks" + struct.pack("<IIQ", ARR, STR, n), 8 * n)
     dt, err = _timed(lambda: GGUFFile(path))
-    assert err is None and dt < 5.0, dt
+    assert err is None and dt < 10.0, dt               # ~0.3 s on an idle core
 
 
 def test_numeric_array_is_not_boxed(tmp_path):
@@ -291,7 +291,7 @@ def test_tensors_under_the_limit_open_quickly(tmp_path):
     path = str(tmp_path / "tensors.gguf")
     _many_tensors(path, MAX_TENSORS)
     dt, err = _timed(lambda: GGUFFile(path))
-    assert err is None and dt < 5.0, (dt, err)
+    assert err is None and dt < 10.0, (dt, err)        # ~1 s on an idle core
 
 
 def test_nested_arrays_are_refused(tmp_path):

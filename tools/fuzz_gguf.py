@@ -37,8 +37,6 @@ ROOT = os.path.dirname(HERE)
 if __name__ == "__main__" and __package__ is None:   # run as a script from a checkout
     sys.path.insert(0, os.path.dirname(ROOT))
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("GGFUSE_QUIET", "1")
 
 FAILURES = ("crash", "hang", "blowup", "bad_message")
