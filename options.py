@@ -91,6 +91,19 @@ def _opt_positive(name, v):
     return None if v is None else _positive_int(name, v)
 
 
+def _fraction(name, v):
+    bad = GGFuseError(None, f"option {name}: {v!r} is not a fraction between 0 and 1 (e.g. 0.5)")
+    if isinstance(v, bool):
+        raise bad
+    try:
+        f = float(v.strip()) if isinstance(v, str) else float(v)
+    except (TypeError, ValueError):
+        raise bad from None
+    if not math.isfinite(f) or not 0.0 <= f <= 1.0:
+        raise bad
+    return f
+
+
 @dataclass(frozen=True)
 class Options:
     # ---- compile: they decide the plan ----
@@ -110,6 +123,17 @@ class Options:
     sub_chunk_min: int = _opt(COMPILE, "smallest captured sub-chunk size", None, _positive_int, default=256)
     decode: bool = _opt(COMPILE, "also capture a one-token step, the graph text generation replays per token",
                         None, _bool, default=True)
+    decode_cache: str = _opt(COMPILE, "decode under --vram-budget: streamed experts a token routes to are kept in "
+                                      "a cache of expert slots in the device memory decoding leaves spare (the "
+                                      "prefill slots, the arena above the one-token step's, the unused budget); "
+                                      "misses are copied right after the router. slru: segmented LRU whose "
+                                      "protected segment keeps the experts hit more than once; lru; off: every "
+                                      "streamed expert copied per token as in prefill",
+                             ("slru", "lru", "off"), default="slru")
+    decode_cache_slots: int | None = _opt(COMPILE, "cap on the decode expert cache's slots (default: as many as the "
+                                                   "spare memory holds)", None, _opt_positive)
+    decode_cache_protected: float = _opt(COMPILE, "slru: the share of the decode cache's slots that the protected "
+                                                  "(hot) segment may hold", None, _fraction, default=0.8)
     deltanet_chunk: int = _opt(COMPILE, "chunk length of the chunked (WY) delta rule", None, _positive_int, default=64)
     gemm: str = _opt(COMPILE, "tensor-core GEMM family: auto (wgmma on sm_90a where the weight type allows, else "
                               "mma.sync), mma, wgmma (an error where it cannot run)", ("auto", "mma", "wgmma"),
@@ -136,6 +160,16 @@ class Options:
                                 "(CUDA cores)", ("f16x3", "bf16x3", "f32simt"), default="f16x3")
     router_tile: str = _opt(COMPILE, "router GEMM tile: auto (by shape), 128x64, 64x64k2",
                             ("auto", "128x64", "64x64k2"), default="auto")
+    decode_moe: str = _opt(COMPILE, "experts and router of the one-token (decode) step: gemv (matrix-vector "
+                                    "products on the k picked experts' stored rows, the router in f32) or grouped "
+                                    "(the prefill's grouped GEMMs)", ("gemv", "grouped"), default="gemv")
+    decode_deltanet: str = _opt(COMPILE, "delta rule of the one-token (decode) step: recurrent (the state "
+                                         "update for one token) or chunk (the prefill's chunked kernels)",
+                                ("recurrent", "chunk"), default="recurrent")
+    decode_dense: str = _opt(COMPILE, "dense matmuls of the one-token (decode) step: gemm (the prefill's GEMMs: "
+                                      "cuBLAS on bf16 matrices) or gemv (one row times the matrix as the device "
+                                      "holds it; slower on bf16 matrices on the H200)",
+                             ("gemm", "gemv"), default="gemm")
     check_tensors: str = _opt(COMPILE, "check weight values for NaN / Inf before compiling: small (vectors: norms, "
                                        "biases, scales; and tensors of at most 4096 elements; cheap) or all (every weight "
                                        "the graph reads, dequantised block by block, with a progress bar; as "

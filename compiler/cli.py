@@ -70,6 +70,7 @@ def inspect_summary(plan) -> dict:
         "memory": plan.stats.get("memory"),
         "prefetch": plan.stats.get("prefetch"),
         "segments": plan.stats.get("segments"),
+        "decode_cache": plan.stats.get("decode_cache"),
         "states": {k: {**n.outputs[0].to_json(), "kind": n.attrs.get("state"),
                        "storage": (n.meta.get("storage") or [None])[0]}
                    for k, n in sorted(plan.graph.states().items())},
@@ -184,6 +185,13 @@ def print_summary(d: dict) -> None:
             q = p["predicted"]
             print(f"  predicted per chunk: transfer {q['transfer_ms']:.2f} ms at {q['h2d_gbps']} GB/s, compute "
                   f"{q['compute_ms']:.2f} ms, chunk {q['chunk_ms']:.2f} ms, {100 * q['hidden_fraction']:.0f}% of transfer hidden")
+        dc = d.get("decode_cache")
+        if dc:
+            print(f"  decode: {dc['why']}" if dc["policy"] == "off" else
+                  f"  decode: expert cache ({dc['policy']}) of {dc['slots']} slots of {_human(dc['slot_bytes'])} ("
+                  + ", ".join(f"{r['kind']} {r['slots']}" for r in dc["regions"] if r["slots"]) +
+                  f"), the step cut after {len(dc['split_points'])} routers; streaming every expert would move "
+                  f"{_human(dc['bytes_per_token_all'])} per token")
     elif p:
         print(f"\nall weights resident: {_human(p['resident_bytes'])} with KV cache at {p['max_context']} tokens")
     if d.get("segments"):

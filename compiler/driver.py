@@ -81,7 +81,7 @@ def compile_gguf(path: str, *, options=None, passes: Sequence[str] | None = None
     ident = gf.identity()
     stats = graph_stats(g, options.chunk)
     stats["op_counts_before"] = g.meta.get("op_counts_before")
-    for k in ("memory", "prefetch", "segments"):
+    for k in ("memory", "prefetch", "segments", "decode_cache"):
         if k in g.meta:
             stats[k] = g.meta[k]
     from ggfuse.compiler.buildinfo import build_info

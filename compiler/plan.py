@@ -37,8 +37,15 @@ PLAN_FORMAT = "ggfuse-plan"
 #              residency per tensor); new ops kv_append and lm_head (concat onto a KV cache and
 #              the logits matmul before); state inputs name their kind (attrs "state"); nodes carry
 #              their layer in meta "layer". A 3.x runtime would run a 4.0 plan wrongly.
-#          4.1 options "check_tensors" (which weight values were checked for NaN / Inf).
-PLAN_VERSION = (4, 1)
+#          4.1 the decode step: options decode_moe, decode_deltanet, decode_dense; the one-token
+#              chunk's by_chunk records may say impl "gemv" (moe.grouped: kernels/moe/gemv.cu,
+#              workspace h_gemv / slot_expert / hs_gemv; matmul), router "gemv" (moe.route), impl
+#              "recurrent" (deltanet.chunk); the decode expert cache (passes/plan_decode_cache.py):
+#              graph_meta "decode_cache" (slots, policy, split points after the streamed layers'
+#              routers), the streamed layers' grouped GEMMs read "decode_tables" at chunk 1;
+#              options decode_cache*. Fields added, none changed meaning.
+#          4.2 option check_tensors (which weight values were checked for NaN / Inf).
+PLAN_VERSION = (4, 2)
 
 
 @dataclass(frozen=True)

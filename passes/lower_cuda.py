@@ -326,7 +326,13 @@ class _Lowering:
             N = int(shape[-2]) if len(shape) > 1 else 1
             a = self.storage(n.inputs[0])
             if n.op == Op.MATMUL:
-                return self.gemm(a, w, K, "f32"), ws
+                rec = self.gemm(a, w, K, "f32")
+                if self.o.precision != "f32" and 1 in self.sizes:
+                    from ggfuse.kernels.dense.launch import GEMV_MAX_SMEM, GEMV_TYPES
+                    # the decode step: one row times W, read once as the device holds it
+                    one = self.o.decode_dense == "gemv" and w in GEMV_TYPES and K % 8 == 0 and K * 4 <= GEMV_MAX_SMEM
+                    rec["by_chunk"] = {str(c): {"impl": "gemv" if c == 1 and one else "gemm"} for c in self.sizes}
+                return rec, ws
             rec = {"name": "lm_head", "all": self.gemm(a, w, K, "f32"), "last": {"name": "dense.gemv", "a": a, "w": w},
                    "block_rows": HEAD_BLOCK}
             for c in self.sizes:
@@ -361,10 +367,17 @@ class _Lowering:
                     f"head dims K={K}, V={V} have no tensor-core chunked kernel"
                 return {"name": "deltanet.recurrent", "why": why}, ws
             in_dt = self.storage(n.inputs[0])
+            rec = {"name": "deltanet.chunk", "in": in_dt, "out": self.storage(n.out),
+                   "v_block": dn.default_v_block(V), "by_chunk": {}}
             for c in self.sizes:
+                if c == 1 and o.decode_deltanet == "recurrent":
+                    # one token: the state update itself, no chunk to factor (recurrent.cu)
+                    rec["by_chunk"][str(c)] = {"impl": "recurrent"}
+                    ws[c] = {}
+                    continue
+                rec["by_chunk"][str(c)] = {"impl": "chunk"}
                 ws[c] = dn.workspace(c, Hv, K, V, Hk=Hk, in_dtype=in_dt)
-            return {"name": "deltanet.chunk", "in": in_dt, "out": self.storage(n.out),
-                    "v_block": dn.default_v_block(V)}, ws
+            return rec, ws
         if n.op == Op.MOE_ROUTE:
             return self.moe_route(n, ws)
         if n.op == Op.MOE_GROUPED_GEMM:
@@ -391,9 +404,40 @@ class _Lowering:
                 tile = o.router_tile if o.router_tile != "auto" else dense.router_tile(c, E, self.spec.sms)
                 rec["by_chunk"][str(c)] = {"tile": tile}
         rec["shared_gate"] = len(n.inputs) > 2
+        by = rec.setdefault("by_chunk", {})
         for c in self.sizes:
             ws[c] = moe.route_workspace(c, k, E)
+            if self.moe_gemv(c):
+                # the decode step: the router's [E, D] f32 matrix times one row, read once
+                by.setdefault(str(c), {})["router"] = "gemv"
+            else:
+                by.setdefault(str(c), {})
         return rec, ws
+
+    def moe_gemv(self, c: int, n=None) -> bool:
+        """Whether chunk size c runs the experts (and their router) as matrix-vector products
+        (kernels/moe/gemv.cu): the one-token decode step, by option decode_moe; n: the
+        MOE_GROUPED_GEMM node whose weights must suit those kernels."""
+        from ggfuse.kernels.moe import launch as moe
+        if c != 1 or self.o.decode_moe != "gemv" or self.o.precision == "f32":
+            return False
+        if n is None:
+            return True
+        ops = moe_operands(n.attrs, n.inputs)
+        _, tg, sg = self.weight(ops.first_gate)
+        _, td, sd = self.weight(ops.down)
+        E, D, F = (int(d) for d in sd)
+        k = int(self.g.type_of(ops.weights).shape[1])
+        from ggfuse.kernels.quant.types import qtype
+        ok = all(t in moe.GEMV_TYPES for t in (tg, td)) and D % max(8, qtype(tg).block) == 0 \
+            and F % max(8, qtype(td).block) == 0 and D * 4 <= 96 * 1024 and k * F * 4 <= 96 * 1024
+        if ops.shared is not None:
+            _, tsg, ssg = self.weight(ops.shared.gate)
+            _, tsd, _ = self.weight(ops.shared.down)
+            Fs = int(ssg[0])
+            ok = ok and all(t in moe.GEMV_TYPES for t in (tsg, tsd)) and Fs % max(8, qtype(tsd).block) == 0 \
+                and Fs * 4 <= 96 * 1024
+        return ok
 
     def moe_gemm(self, n, ws):
         from ggfuse.kernels.moe import launch as moe
@@ -429,6 +473,11 @@ class _Lowering:
                "impl_gate_up": self.impl(tg, D), "impl_down": self.impl(td, F), "dequant": o.dequant,
                "max_blocks": o.moe_blocks, "expert_tables": False, "by_chunk": {}}
         for c in self.sizes:
+            if self.moe_gemv(c, n):
+                # one token: the k picked experts' rows as stored, no tiles (kernels/moe/gemv.cu)
+                rec["by_chunk"][str(c)] = {"impl": "gemv", "a": x_st}
+                ws[c] = moe.gemv_workspace(c, k, F, shared_ffn=Fs)
+                continue
             rec["by_chunk"][str(c)] = {
                 "schedule_gate_up": moe.pick_schedule(o.moe_schedule, tg, a, c, k, E),
                 "schedule_down": moe.pick_schedule(o.moe_schedule, td, "bf16", c, k, E)}

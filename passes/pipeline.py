@@ -29,6 +29,8 @@ PIPELINE: list[str] = [
     # 4. memory and capture
     "plan_memory",                # one arena per captured chunk size: activations and workspace
     "segment_graphs",             # host-sync-free regions = CUDA graphs
+    # 5. decoding under a budget (needs the one-token step's memory plan)
+    "plan_decode_cache",          # expert cache slots in idle memory, the step cut after routers
 ]
 
 
@@ -46,6 +48,8 @@ def _pass_kwargs(name: str, options, device_free) -> dict:
         return {"options": options, "device_free": device_free}
     if name == "schedule_expert_prefetch":
         return {"chunk": options.chunk, "budget": options.vram_budget, "max_context": options.max_context}
+    if name == "plan_decode_cache":
+        return {"options": options}
     if name == "plan_memory":
         return {"chunk": options.chunk}
     return {}

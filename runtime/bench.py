@@ -131,6 +131,17 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
                 if "host_fraction" in row else "")
         log(f"pp{n:<6} {row['tok_per_s']:10.1f} tok/s   TTFT {ms:9.2f} ms{host}")
     decode = decode_row(model, backend, tg, rng, repeat, log) if tg else None
+    if decode is not None and device == "cuda" and getattr(backend, "streamer", None) is None:
+        ops = []
+        try:
+            decode["phases"] = replay_profile(model, backend, rng.integers(0, model.n_vocab, size=1), ops, ceilings)
+            decode["ops"] = ops
+            log("  decode step op profile (replayed, one token from an empty context), slowest first:")
+            for o in ops[:16]:
+                fl = f"  {100 * o['of_floor']:5.1f}% of floor" if o.get("of_floor") is not None else ""
+                log(f"    {1e3 * o['ms']:8.1f} us  x{o['launches']:<4} {o['op']:<20} {o['name']:<34}{fl}")
+        except Exception as e:  # noqa: BLE001 -- the profile is extra information, the row stands without it
+            decode["profile_error"] = f"{type(e).__name__}: {e}"
     if device == "cuda":
         backend.close()   # give the device back before anything else runs in this process
     from ggfuse.compiler.buildinfo import build_info
@@ -149,8 +160,11 @@ def decode_row(model, backend, n: int, rng, repeat: int, log=print) -> dict:
     launching the step's graph) against the step's wall time."""
     tokens = rng.integers(0, model.n_vocab, size=n)
 
+    from ggfuse.runtime.generate import decode_cache_report, expert_cache_text
+
     def run():
         model.reset()
+        decode_cache_report(backend, reset=True)
         hs = getattr(backend, "host_stats", None)
         if hs is not None:
             hs.update(chunks=0, host_s=0.0)
@@ -170,8 +184,12 @@ def decode_row(model, backend, n: int, rng, repeat: int, log=print) -> dict:
     if host:
         row["host_ms_per_token"] = _median(host) / n
         row["host_fraction"] = row["host_ms_per_token"] / row["ms_per_token"]
+    cache = decode_cache_report(backend)      # of the last timed run (random tokens: a cache's worst case)
+    if cache is not None:
+        row["expert_cache"] = cache
     log(f"tg{n:<7} {row['tok_per_s']:10.1f} tok/s   {row['ms_per_token']:.2f} ms/token"
-        + (f"   host {row['host_ms_per_token']:.3f} ms/token ({100 * row['host_fraction']:.1f}%)" if host else ""))
+        + (f"   host {row['host_ms_per_token']:.3f} ms/token ({100 * row['host_fraction']:.1f}%)" if host else "")
+        + expert_cache_text(cache))
     return row
 
 
@@ -603,7 +621,7 @@ def plot(result: dict, path: str) -> None:
     ax1.plot(xs, [r["tok_per_s"] for r in rows], "o-", label="ggfuse")
     if result.get("llama_bench"):
         lb = result["llama_bench"]["results"]
-        lb = {int(k): v for k, v in lb.items()}      # JSON keys are strings
+        lb = {int(k): v for k, v in lb.items() if k.isdigit()}   # JSON keys are strings; "tgN" is decode
         ax1.plot(xs, [lb.get(x, np.nan) for x in xs], "s--", label="llama.cpp")
     ax1.set_xscale("log", base=2)
     ax1.set_xlabel("prompt tokens")
@@ -818,7 +836,9 @@ def bench_main(args) -> int:
         line = f"{'tg' + str(d['tg']):>8} {d['tok_per_s']:>14.1f} {d['ms_per_token']:>10.2f} {'-':>9} {'-':>9}"
         if lb:
             line += f" {other:>16.1f} {d['tok_per_s'] / other:>7.2f}" if other else f" {'-':>16} {'-':>7}"
-        print(line + (f"   host {100 * d['host_fraction']:.1f}% of a step" if "host_fraction" in d else ""))
+        from ggfuse.runtime.generate import expert_cache_text
+        print(line + (f"   host {100 * d['host_fraction']:.1f}% of a step" if "host_fraction" in d else "")
+              + expert_cache_text(d.get("expert_cache")))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(res, f, indent=1)

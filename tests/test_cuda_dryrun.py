@@ -208,3 +208,45 @@ def test_replayed_profile_times_every_launch(monkeypatch):
         assert "moe gemm" in phases and "lm head" in phases
         moe = next(o for o in ops if o["op"] == "moe_grouped_gemm")
         assert moe["gflop"] > 0 and moe["floor_ms"] > 0 and 0 < moe["of_floor"] < 1
+
+
+@pytest.mark.parametrize("decode_moe", ["gemv", "grouped"])
+def test_decode_step_experts(decode_moe, monkeypatch):
+    """The one-token step runs the experts as the plan says: decode_moe gemv binds the
+    matrix-vector kernels (kernels/moe/gemv.cu) on the picked experts and the shared expert
+    and the f32 router gemv, and never the grouped GEMMs; grouped keeps the prefill's kernels.
+    Prefill chunks keep the grouped GEMMs either way."""
+    with fake_device(monkeypatch) as calls:
+        plan, be = _backend("qwen35moe", "q4_k_m", monkeypatch, decode_moe=decode_moe, decode_dense="gemv")
+        moe_nodes = [n for n in plan.graph.nodes() if n.op.value == "moe_grouped_gemm"]
+        assert moe_nodes
+        for n in moe_nodes:
+            assert (n.meta["kernel"]["by_chunk"]["1"].get("impl") == "gemv") == (decode_moe == "gemv")
+            assert "h_gemv" in n.meta["workspace"]["1"] if decode_moe == "gemv" else "h" in n.meta["workspace"]["1"]
+            assert "impl" not in n.meta["kernel"]["by_chunk"]["16"]
+        be.run_chunk(np.arange(10, dtype=np.int32), "last")
+        calls.clear()
+        be.run_chunk(np.array([5], dtype=np.int32), "last")     # the decode step (captured T=1)
+        names = [c[0] for c in calls]
+        n_moe = len(moe_nodes)
+        # the first step runs the launches once eagerly and once more while capturing them
+        reps = names.count("dense.get_rows")
+        assert reps >= 1
+        if decode_moe == "gemv":
+            # routed + shared expert: two gate_up and two down launches per layer
+            assert names.count("moe.moe_gemv_gate_up") == names.count("moe.moe_gemv_down") == 2 * n_moe * reps
+            # the layout's slot -> expert map is found by the launcher itself (stubbed here)
+            assert "moe.moe_gate_up" not in names and "moe.moe_down" not in names
+            assert names.count("dense.gemv") >= (n_moe + 1) * reps   # each router, and the LM head's last row
+            assert "dense.router_gemm" not in names
+            downs = [c[1] for c in calls if c[0] == "moe.moe_gemv_down"]
+            assert [bool(b.arguments.get("accumulate", False)) for b in downs] == [False, True] * n_moe * reps
+        else:
+            assert names.count("moe.moe_gate_up") == n_moe * reps and "moe.moe_gemv_gate_up" not in names
+        # the dense matmuls of one token are gemvs too (option decode_dense), nothing through cuBLAS
+        n_mm = sum(1 for n in plan.graph.nodes() if n.op.value == "matmul")
+        assert names.count("dense.gemv") >= (n_mm + (n_moe if decode_moe == "gemv" else 0) + 1) * reps
+        if decode_moe == "gemv":     # (grouped: the shared expert's GEMMs stay)
+            assert "blas.gemm_bf16" not in names and "gemm.gemm" not in names and "gemm.gemm_swiglu" not in names
+        # the delta rule of one token is the recurrent state update (option decode_deltanet)
+        assert "deltanet.gated_delta_rule_recurrent" in names and "deltanet.chunk_gated_delta_rule" not in names

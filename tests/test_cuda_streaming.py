@@ -257,7 +257,9 @@ def test_routed_fetch_copies_only_routed_experts(monkeypatch):
         g.meta["hparams"]["n_expert_used"] = 1
         return g
     monkeypatch.setattr(driver, "build_graph", top1)
-    plan = compile_gguf(gf.path, chunk=1, gf=gf, max_context=64, vram_budget=budget)
+    # decode_cache off: a one-token chunk would otherwise take the decode cache's host steps
+    # (tests/test_decode_cache.py) instead of the routed fetch
+    plan = compile_gguf(gf.path, chunk=1, gf=gf, max_context=64, vram_budget=budget, decode_cache="off")
     monkeypatch.setattr(driver, "build_graph", real)
     assert plan.stats["prefetch"]["mode"] == "routed"
     with fake_device(monkeypatch) as calls:

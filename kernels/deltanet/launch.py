@@ -267,18 +267,24 @@ def chunked_supported(K: int, V: int) -> bool:
 
 
 def gated_delta_rule_recurrent(q, k, v, g, beta, state, out, scale: float, head_map, stream=None) -> None:
-    """The token-recurrent delta rule on the GPU, for any head dims (f32 only; exact, slow).
-    q, k [T, Hk, K] f32 views sharing a row stride; v [T, Hv, V] f32 view; g, beta [T, Hv] f32;
-    state [Hv, K, V] f32 (in place); out [T, Hv, V] f32 contiguous."""
+    """The token-recurrent delta rule on the GPU, for any head dims (exact f32 arithmetic): the
+    fallback for head dims without a chunked kernel, precision f32's delta rule, and the decode
+    step (one token). q, k [T, Hk, K] views sharing a row stride and v [T, Hv, V], f32 or bf16
+    (uint16 words), all of one dtype; g, beta [T, Hv] f32; state [Hv, K, V] f32 (in place);
+    out [T, Hv, V] f32 or bf16, contiguous."""
     import contextlib
     from ggfuse.kernels.nvrtc import load_module
     T, Hk, K = q.shape
     Hv, V = v.shape[1], v.shape[2]
     hm = head_map if isinstance(head_map, int) else (0 if head_map == "tile" else 1)
-    fn = load_module("deltanet/recurrent.cu").get_function("gdr_recurrent_f32")
+    a, o = _elem_kind(q, "q"), _elem_kind(out, "out")
+    if _elem_kind(k, "k") != a or _elem_kind(v, "v") != a:
+        raise ValueError("gated_delta_rule_recurrent: q, k and v must share a dtype")
+    name = "gdr_recurrent_f32" if (a, o) == ("f32", "f32") else f"gdr_recurrent_{a}_{o}"
+    fn = load_module("deltanet/recurrent.cu").get_function(name)
     smem = (K * 32 + 2 * K) * 4
     with (stream if stream is not None else contextlib.nullcontext()):
         fn((Hv, (V + 31) // 32), (32,),
-           (q, k, np.int64(q.strides[0] // 4), v, np.int64(v.strides[0] // 4), g, beta, state, out,
+           (q, k, np.int64(q.strides[0] // q.itemsize), v, np.int64(v.strides[0] // v.itemsize), g, beta, state, out,
             np.int32(T), np.int32(Hk), np.int32(Hv), np.int32(K), np.int32(V), np.float32(scale), np.int32(hm)),
            shared_mem=smem)

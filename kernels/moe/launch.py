@@ -265,3 +265,115 @@ def moe_down(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_off
         gl.ptr(out), np.int64(D), sorted_slots, expert_offsets, np.int32(E), np.int32(k), weights,
         gl.ptr(0 if wtab is None else wtab)),
        shared_mem=smem, stream=stream)
+
+
+# ---- the few-token path (decode): matrix-vector products on the picked experts (moe/gemv.cu) ----
+
+GEMV_SOURCE = "moe/gemv.cu"
+GEMV_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+GEMV_MAX_T = 8          # the lowering picks these kernels for chunks of at most this many tokens
+ACTS = {"silu": 0, "gelu": 1}
+
+
+def gemv_workspace(T: int, k: int, F: int, *, shared_ffn: int = 0) -> dict[str, int]:
+    """Scratch bytes of one few-token expert step (moe_gemv_gate_up + moe_gemv_down): h [T k, F]
+    f32 and each slot's expert [T k] i32; with a shared expert of width Fs, its h [T, Fs] f32."""
+    ws = {"h_gemv": T * k * F * 4, "slot_expert": T * k * 4}
+    if shared_ffn:
+        ws["hs_gemv"] = T * shared_ffn * 4
+    return ws
+
+
+def _gemv_type(w_type, fn: str) -> str:
+    name = qtype(w_type).name
+    if name not in GEMV_TYPES:
+        raise ValueError(f"{fn}: weight type {name} is not supported (supported: {', '.join(GEMV_TYPES)})")
+    return name
+
+
+def _gemv_fn(name: str, smem: int):
+    fn = load_module(GEMV_SOURCE).get_function(name)
+    if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem
+    return fn
+
+
+def moe_gemv_gate_up(x, w_gate, up_ptr: int, e_bytes: int, w_type, E: int, F: int, D: int, k: int, h, *,
+                     sorted_slots=None, expert_offsets=None, slot_expert=None, wtab=None, act: str = "silu",
+                     stream=None) -> None:
+    """h[j] = act(x[j // k] Wg_e^T) * (x[j // k] Wu_e^T) for every slot j < T k, e its expert in
+    the sorted layout (slot_expert[j] = e, -1 for a slot the layout does not hold; its h row 0),
+    reading only the picked experts' rows as the GGUF stores them.
+
+    x [T, ldx] f32 or bf16 rows; w_gate: the stacked gate (or merged gate_up) weight [E, F, D]
+    (or [E, 2F, D]); up_ptr: the address of expert 0's up rows, e_bytes: bytes from one expert
+    to the next; h [T k, F] f32; slot_expert [T k] i32. Without a layout (sorted_slots None):
+    one expert for every slot (the shared expert: E = 1, k = 1). wtab: an expert table (gate at
+    wtab[e], up at wtab[E + e]) for a streamed layer; w_gate is then not read."""
+    name = _gemv_type(w_type, "moe_gemv_gate_up")
+    T = x.shape[0]
+    qt = qtype(name)
+    if D % 8 or D % qt.block:
+        raise ValueError(f"moe_gemv_gate_up: D={D} must be a multiple of 8 and of the {name} block ({qt.block})")
+    if x.strides[-1] != x.itemsize:
+        raise ValueError("moe_gemv_gate_up: x rows must be contiguous")
+    if h.itemsize != 4 or h.size < T * k * F:
+        raise ValueError(f"moe_gemv_gate_up: h must be f32 [{T * k}, {F}], got {h.dtype} {h.shape}")
+    if (sorted_slots is None) != (expert_offsets is None) or (sorted_slots is not None and slot_expert is None):
+        raise ValueError("moe_gemv_gate_up: sorted_slots, expert_offsets and slot_expert go together")
+    if T == 0 or F <= 0:
+        return
+    if sorted_slots is not None:
+        moe_slot_experts(sorted_slots, expert_offsets, E, T * k, slot_expert, stream=stream)
+    a = gl.act_kind(x.dtype, "x")
+    smem = D * 4
+    fn = _gemv_fn(f"moe_gemv_gate_up_{a}a_{name}", smem)
+    ldx = x.strides[0] // x.itemsize
+    fn(((F + 7) // 8, T * k, 1), (256, 1, 1),
+       (gl.ptr(x), np.int64(ldx), np.int32(T), np.int32(k), np.int32(E), gl.ptr(0 if w_gate is None else w_gate),
+        np.uint64(up_ptr), np.int64(e_bytes), np.int64(qt.row_bytes(D)), np.int32(F), np.int32(D), gl.ptr(h),
+        gl.ptr(0 if slot_expert is None else slot_expert), gl.ptr(0 if wtab is None else wtab),
+        np.int32(ACTS[act])),
+       shared_mem=smem, stream=stream)
+
+
+def moe_slot_experts(sorted_slots, expert_offsets, E: int, n_slots: int, slot_expert, stream=None) -> None:
+    """slot_expert[j] = the expert whose rows of the sorted layout (sorted_slots, expert_offsets
+    [E + 1]) hold slot j < n_slots, -1 where none does (a padding token's slots)."""
+    if sorted_slots.itemsize != 4 or expert_offsets.itemsize != 4 or expert_offsets.size != E + 1:
+        raise ValueError(f"moe_slot_experts: sorted_slots must be int32 and expert_offsets int32[{E + 1}]")
+    if slot_expert.itemsize != 4 or slot_expert.size < n_slots:
+        raise ValueError(f"moe_slot_experts: slot_expert must be int32 [{n_slots}]")
+    fn = _gemv_fn("moe_slot_experts", (E + 1) * 4)
+    fn((1, 1, 1), (1024, 1, 1), (sorted_slots, expert_offsets, np.int32(E), np.int32(n_slots), slot_expert),
+       shared_mem=(E + 1) * 4, stream=stream)
+
+
+def moe_gemv_down(h, w_down, e_bytes: int, w_type, D: int, F: int, k: int, weights, out, *, slot_expert=None,
+                  accumulate: bool = False, wtab=None, stream=None) -> None:
+    """out[t] (+)= sum_j weights[t, j] * (h[t k + j] Wd_e^T), e = slot_expert[t k + j] (slots with
+    e < 0 add nothing; slot_expert None: expert 0 for every slot, the shared expert with k = 1
+    and weights its gate [T]). h [T k, F] f32; w_down [E, D, F] as stored (e_bytes apart) or an
+    expert table wtab; out [T, D] f32 contiguous, written (accumulate False) or added to.
+    Deterministic: no atomics."""
+    name = _gemv_type(w_type, "moe_gemv_down")
+    qt = qtype(name)
+    if F % 8 or F % qt.block:
+        raise ValueError(f"moe_gemv_down: F={F} must be a multiple of 8 and of the {name} block ({qt.block})")
+    if out.itemsize != 4 or not out.flags.c_contiguous or out.size % D:
+        raise ValueError(f"moe_gemv_down: out must be contiguous f32 [T, {D}], got {out.dtype} {out.shape}")
+    T = out.size // D
+    if weights.itemsize != 4 or weights.size < T * k:
+        raise ValueError(f"moe_gemv_down: weights must be f32 [{T}, {k}]")
+    if h.itemsize != 4 or h.size < T * k * F:
+        raise ValueError(f"moe_gemv_down: h must be f32 [{T * k}, {F}]")
+    if T == 0:
+        return
+    smem = k * F * 4
+    fn = _gemv_fn(f"moe_gemv_down_{name}", smem)
+    fn(((D + 7) // 8, T, 1), (256, 1, 1),
+       (gl.ptr(h), np.int32(T), np.int32(k), gl.ptr(weights), gl.ptr(0 if w_down is None else w_down),
+        np.int64(e_bytes), np.int64(qt.row_bytes(F)), np.int32(D), np.int32(F),
+        gl.ptr(0 if slot_expert is None else slot_expert), gl.ptr(out), np.int32(bool(accumulate)),
+        gl.ptr(0 if wtab is None else wtab)),
+       shared_mem=smem, stream=stream)

@@ -17,7 +17,10 @@ chunk sizes to capture. This backend only carries it out:
 Under a --vram-budget plan, the streamed layers' experts are not uploaded: they live in the
 memory-mapped GGUF and move into device slots during each chunk (runtime/cuda/streaming.py); a
 chunk whose fetches need the host (staged or routed) is captured as several graphs with those
-host steps between them. Such a plan may also gather the token embedding on the host
+host steps between them. Its one-token step uses an expert cache instead
+(runtime/cuda/decode_cache.py): the step is cut after each streamed layer's router, the host
+copies the token's missing experts into cache slots and the grouped GEMM reads them through the
+cache's expert tables. Such a plan may also gather the token embedding on the host
 (prefetch["embedding"] == "host-gathered"): the table stays in the memory-mapped GGUF, and each
 chunk's rows (raw bytes) are gathered into a page-locked buffer and uploaded with the chunk's
 inputs; the device lookup reads row i for position i (HostEmbedding).
@@ -177,12 +180,19 @@ class CUDABackend:
         if self.graph.by_op(Op.FETCH_WEIGHTS):
             from ggfuse.runtime.cuda.streaming import ExpertStreamer
             self.streamer = ExpertStreamer(self)
+        self.decode_cache = None
+        dec = self.graph.meta.get("decode_cache") or {}
+        if dec.get("slots") and self.streamer is not None:
+            from ggfuse.runtime.cuda.decode_cache import DecodeExpertCache
+            self.decode_cache = DecodeExpertCache(self, dec)
         try:
             self._check_fits()
             self._upload_weights()
             if self.streamer is not None:
                 self.streamer.allocate()
             self._allocate()
+            if self.decode_cache is not None:
+                self.decode_cache.allocate()      # slots in the prefill slots, the arena, the spare budget
         except cp.cuda.memory.OutOfMemoryError as e:
             raise DeviceError(gf.path, f"out of GPU memory while loading ({e}); try a smaller --chunk, a lower "
                                        f"--max-context, or compile with --vram-budget") from None
@@ -217,6 +227,8 @@ class CUDABackend:
         w = sum(int(x["device_bytes"]) for x in self.weights_meta().values())
         if self.streamer is not None:
             w += self.streamer.n_slots * self.streamer.slot_bytes
+        if self.decode_cache is not None:
+            w += self.decode_cache.spare_bytes()
         if self.embedding is not None:
             w += self.embedding.device_bytes()
         states = self._state_bytes()
@@ -448,6 +460,8 @@ class CUDABackend:
                                             f"{self.n_past + self.chunk} KV-cache rows but the cache holds "
                                             f"{self.max_context}; use --max-context >= {self.n_past + self.chunk} "
                                             f"or a smaller --chunk")
+        if self.decode_cache is not None and self.chunk != self.decode_cache.chunk:
+            self.decode_cache.invalidate()      # this chunk overwrites the memory the cache lives in
         host = np.zeros(self.chunk, dtype=np.int32)
         host[:n] = tokens
         pos = (self.n_past + np.arange(self.chunk)).astype(np.int32)
@@ -546,6 +560,7 @@ class CUDABackend:
         if self.streamer is not None:
             self.streamer.close()
             self.streamer = None
+        self.decode_cache = None
         self.graphs, self._views, self.launches = {}, {}, []
         self.head_all = self.head_last = self.logits_last_view = None
         self.ctx = None
@@ -557,6 +572,10 @@ class CUDABackend:
         for pool in ("get_default_memory_pool", "get_default_pinned_memory_pool"):
             if hasattr(cp, pool):
                 getattr(cp, pool)().free_all_blocks()
+
+    def decode_cache_report(self) -> dict | None:
+        """The decode expert cache's hit rate and bytes moved per decoded token (None without one)."""
+        return self.decode_cache.report() if self.decode_cache is not None else None
 
     @property
     def cuda_graph(self):

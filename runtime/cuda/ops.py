@@ -290,7 +290,15 @@ def swiglu_closure(ctx, node, rec: dict, x, wg_value, wu_value, out, out_dt: str
 
 @launcher("gemm.gemm", "cublas.gemm_bf16", "qf32.gemm")
 def _matmul(ctx, n):
-    return gemm_closure(ctx, n, n.meta["kernel"], ctx.v(n.inputs[0]), n.inputs[1], ctx.v(n.out))
+    rec = n.meta["kernel"]
+    if ctx.at(rec).get("impl") == "gemv":       # the decode step: one row, W read once as held
+        d = _dense()
+        a, c = _rows2d(ctx.v(n.inputs[0])), _rows2d(ctx.v(n.out))
+        w, wtype, shape = _weight(ctx, n.inputs[1])
+        _expect(n, "weight", wtype, rec["w"])
+        N, K = shape[-2], shape[-1]
+        return lambda: d.gemv(a, w, wtype, N, K, c, M=a.shape[0], stream=ctx.stream)
+    return gemm_closure(ctx, n, rec, ctx.v(n.inputs[0]), n.inputs[1], ctx.v(n.out))
 
 
 @launcher("gemm.gemm_swiglu", "qf32.gemm_swiglu")
@@ -496,7 +504,10 @@ def _chunk_gdr(ctx, n):
     Hv, V = v.shape[1], v.shape[2]
     if q.strides != k.strides or q.strides[1] != K * q.itemsize:
         raise GGFuseError(None, f"cuda: {n.name}: q and k must share a row layout")
-    if rec["name"] == "deltanet.recurrent":   # the exact f32 token recurrence
+    if rec["name"] == "deltanet.recurrent" or ctx.at(rec).get("impl") == "recurrent":
+        # the exact f32 token recurrence (also the decode step of the chunked path's operands)
+        if rec["name"] == "deltanet.chunk":
+            _expect(n, "input dtype", _dt(q), rec["in"])
         return lambda: dn.gated_delta_rule_recurrent(q, k, v, g, beta, state, out, n.attrs.scale,
                                                      n.attrs.head_map, stream=ctx.stream)
     in_dt = _dt(q)
@@ -548,7 +559,10 @@ def _moe_route(ctx, n):
     scratch = ctx.ws(n, "route_scratch", (moe.route_scratch_ints(T, a.k, E),), np.int32)
     w_f32 = _f32(ctx, w_router)
     # f32-accurate logits (llama.cpp multiplies f32 routers in f32; bf16 flips near-tied experts)
-    if rec["router"] == "f32simt":
+    if ctx.at(rec).get("router") == "gemv":
+        D = ctx.t(w_router).shape[1]
+        router = lambda: d.gemv(x, w_f32, "f32", E, D, logits, M=T, stream=ctx.stream)  # noqa: E731
+    elif rec["router"] == "f32simt":
         router = lambda: d.gemm_f32(x, w_f32, logits, stream=ctx.stream)  # noqa: E731
     else:
         split = "bf16" if rec["router"] == "bf16x3" else "f16"
@@ -602,6 +616,13 @@ def _expert_tables(ctx, n, wg, wu, tg, wd, E: int, F: int, D: int):
     from ggfuse.kernels.gemm import launch as gl
     from ggfuse.kernels.moe import table
     from ggfuse.kernels.quant.types import qtype
+    dec = n.meta["kernel"].get("decode_tables")
+    if dec is not None and ctx.be.chunk == int(dec["chunk"]):
+        # the one-token step of a budgeted plan: experts where the decode cache put them
+        cache = getattr(ctx.be, "decode_cache", None)
+        if cache is None:
+            raise PlanError(None, f"cuda: {n.name}: the plan reads decode tables but has no decode cache")
+        return cache.tables(n.name, F * qtype(gl.weight_name(tg)).row_bytes(D))
     want = bool(n.meta["kernel"].get("expert_tables"))
     have = any(isinstance(w, table.ExpertTable) for w in (wg, wu, wd))
     if want != have:
@@ -629,6 +650,8 @@ def _moe_grouped_gemm(ctx, n):
     o = _moe_operands(ctx, n)
     _expect(n, "expert type", o.tg, rec["w_gate_up"])
     _expect(n, "expert type", o.td, rec["w_down"])
+    if at.get("impl") == "gemv":
+        return _moe_gemv(ctx, n, o, at)
     h = ctx.ws(n, "h", (o.S, o.F), np.uint16)
     x = o.x
     x_copy = None
@@ -666,6 +689,51 @@ def _moe_grouped_gemm(ctx, n):
                      wtab=o.tab_d, **kw_d)
         for fn in shared:
             fn()
+    return run
+
+
+def _moe_gemv(ctx, n, o, at):
+    """The few-token (decode) experts: matrix-vector products on the picked experts' rows
+    (kernels/moe/gemv.cu), the shared expert through the same kernels as one expert of its own."""
+    from ggfuse.kernels.moe import launch as moe
+    from ggfuse.kernels.quant.types import qtype
+    _expect(n, "expert activation dtype", _dt(o.x), at["a"])
+    act = n.attrs.get("act", "silu")
+    h = ctx.ws(n, "h_gemv", (o.T * o.k, o.F), np.float32)
+    slot_e = ctx.ws(n, "slot_expert", (o.T * o.k,), np.int32)
+    rb_gu = qtype(o.tg).row_bytes(o.D)
+    tabbed = o.tab_gu is not None
+    if tabbed:
+        w_gate, up_ptr, e_gu = None, 0, 0
+    elif o.wu is None:                      # merged gate_up [E, 2F, D]: gate rows first
+        w_gate, up_ptr, e_gu = o.wg, o.wg.data.ptr + o.F * rb_gu, 2 * o.F * rb_gu
+    else:
+        w_gate, up_ptr, e_gu = o.wg, o.wu.data.ptr, o.F * rb_gu
+    w_down = None if tabbed else o.wd
+    e_d = qtype(o.td).row_bytes(o.F) * o.D
+    shared = None
+    if o.ops.shared is not None:
+        sh = o.ops.shared
+        wgs, tgs, sgs = _weight(ctx, sh.gate)
+        wus, tus, _ = _weight(ctx, sh.up)
+        wds, tds, _ = _weight(ctx, sh.down)
+        if tus != tgs:
+            raise GGFuseError(None, f"cuda: {n.name}: shared gate ({tgs}) and up ({tus}) differ in type")
+        Fs = sgs[0]
+        hs = ctx.ws(n, "hs_gemv", (o.T, Fs), np.float32)
+        gate = ctx.v(sh.scale).reshape(-1)
+        shared = (wgs, wus, tgs, wds, tds, Fs, hs, gate)
+
+    def run():
+        s = ctx.stream
+        moe.moe_gemv_gate_up(o.x, w_gate, up_ptr, e_gu, o.tg, o.E, o.F, o.D, o.k, h, sorted_slots=o.slots,
+                             expert_offsets=o.offsets, slot_expert=slot_e, wtab=o.tab_gu, act=act, stream=s)
+        moe.moe_gemv_down(h, w_down, e_d, o.td, o.D, o.F, o.k, o.weights, o.out, slot_expert=slot_e,
+                          wtab=o.tab_d, stream=s)
+        if shared is not None:
+            wgs, wus, tgs, wds, tds, Fs, hs, gate = shared
+            moe.moe_gemv_gate_up(o.x, wgs, wus.data.ptr, 0, tgs, 1, Fs, o.D, 1, hs, act="silu", stream=s)
+            moe.moe_gemv_down(hs, wds, 0, tds, o.D, Fs, 1, gate, o.out, accumulate=True, stream=s)
     return run
 
 

@@ -116,6 +116,10 @@ class Fetch:
         return self.pieces[0].end if self.pieces else 0
 
 
+def _nothing():
+    """A schedule step with no work (a prefill fetch in the decode cache's one-token step)."""
+
+
 class HostStep:
     """A schedule step that needs the host (a filled staging buffer, a routing read back): the
     backend cuts the capture around it and runs it eagerly between the captured segments."""
@@ -457,11 +461,19 @@ class ExpertStreamer:
         self._ring.append(self._submit_fill(self._seq + STAGING_BUFFERS - 1))
 
     # ---- schedule steps -----------------------------------------------------------------------
+    @staticmethod
+    def _decoding(be) -> bool:
+        """Is `be` the one-token executor of a plan with a decode cache (runtime/cuda/decode_cache.py)?"""
+        dc = getattr(be, "decode_cache", None)
+        return dc is not None and be.chunk == dc.chunk
+
     def step(self, ctx, node):
         """The fetch step of a FETCH_WEIGHTS node: a capturable closure (registered, all) or a
         HostStep. Its `done` event is remembered for the join."""
         cp = self.cp
         be = ctx.be
+        if self._decoding(be):
+            return _nothing         # the one-token step copies its misses at the router instead
         f = self.by_node[node.id]
         fi = self.fetches.index(f)
         fork = cp.cuda.Event(disable_timing=True)
@@ -562,8 +574,15 @@ class ExpertStreamer:
         """The compute stream waits for a fetch's copies: a capturable closure, or a HostStep
         when the fetch itself is one (its event is recorded outside any capture)."""
         be = ctx.be
-        done = ctx.fetch_done[fetch_node.id]
         f = self.by_node[fetch_node.id]
+        if self._decoding(be):
+            # the decode cache's host step: read the routing, copy the misses, wait for them
+            joined = ctx.__dict__.setdefault("decode_joined", set())
+            if f.layer in joined:
+                return _nothing
+            joined.add(f.layer)
+            return be.decode_cache.step(ctx, f.layer)
+        done = ctx.fetch_done[fetch_node.id]
         cp = self.cp
 
         def wait():
