@@ -299,7 +299,7 @@ def mutate(doc: Doc, blob: bytes, rng: random.Random, log: list[str]) -> bytes |
     elif r < 0.95:                                   # NaN / Inf / random bytes in tensor data
         name, ne, tt, rel = rng.choice(doc.tis)
         at = rel + rng.randrange(8) * 2
-        val = rng.choice([b"\x00\x7e", b"\x00\x7c", b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f", os.urandom(4)])
+        val = rng.choice([b"\x00\x7e", b"\x00\x7c", b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f", rng.randbytes(4)])
         doc.data[at:at + len(val)] = val
         log.append(f"data {name}")
     else:                                            # huge counts and oversized arrays
