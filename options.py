@@ -170,6 +170,10 @@ class Options:
                                       "cuBLAS on bf16 matrices) or gemv (one row times the matrix as the device "
                                       "holds it; slower on bf16 matrices on the H200)",
                              ("gemm", "gemv"), default="gemm")
+    check_tensors: str = _opt(COMPILE, "check weight values for NaN / Inf before compiling: small (vectors: norms, "
+                                       "biases, scales; and tensors of at most 4096 elements; cheap) or all (every weight "
+                                       "the graph reads, dequantised block by block, with a progress bar; as "
+                                       "llama.cpp's --check-tensors)", ("small", "all"), default="small")
     # ---- runtime: how this machine executes a plan ----
     device: str = _opt(RUNTIME, "auto (cuda when available, else the cpu reference), cpu, cuda",
                        ("auto", "cpu", "cuda"), default="auto")

@@ -4,13 +4,16 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from ggfuse.compiler.check_tensors import check_weights
 from ggfuse.compiler.frontends import FRONTENDS
 from ggfuse.compiler.gguf_file import GGUFFile
 from ggfuse.compiler.plan import Plan, WeightEntry
 from ggfuse.compiler.stats import graph_stats
 from ggfuse.errors import GGFuseError, GGUFFormatError, UnsupportedError
 from ggfuse.ir.graph import Graph
-from ggfuse.ir.verify import verify
+from ggfuse.ir.ops import InferError
+from ggfuse.ir.verify import VerifyError, verify
+from ggfuse.options import quiet
 from ggfuse.passes.pipeline import run_pipeline
 
 DEFAULT_CHUNK = 512      # ggfuse.options.Options.chunk's default
@@ -21,8 +24,12 @@ def build_graph(gf: GGUFFile) -> Graph:
     fn = FRONTENDS.get(gf.arch)
     if fn is None:
         raise UnsupportedError(gf.path, f"architecture {gf.arch!r} is not supported (supported: {', '.join(sorted(FRONTENDS))})")
-    g = fn(gf)
-    verify(g)
+    try:
+        g = fn(gf)
+        verify(g)
+    except (InferError, VerifyError) as e:
+        # shapes that do not fit each other come from the file's metadata / tensors
+        raise GGUFFormatError(gf.path, f"the {gf.arch} graph does not fit this file's shapes: {e}") from None
     return g
 
 
@@ -63,6 +70,7 @@ def compile_gguf(path: str, *, options=None, passes: Sequence[str] | None = None
     options, device_free = resolve_target(options)
     gf = gf or GGUFFile(path)
     g = build_graph(gf)
+    check_weights(gf, [n.attrs.tensor for n in g.weights()], options.check_tensors, progress=not quiet())
     try:
         g, applied = run_pipeline(g, options=options, only=passes, skip=skip, dump_dir=dump_dir,
                                   device_free=device_free)

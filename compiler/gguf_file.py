@@ -1,21 +1,20 @@
 """Read a GGUF file: metadata, tensor table and (memory-mapped) tensor bytes.
 
-Parsing is gguf.GGUFReader's. What this module adds is a guard against bad
-input: GGUFReader trusts every count and length in the file, so a corrupt
-or hostile file makes it raise arbitrary exceptions, allocate huge arrays or
-loop (practically) forever -- a numeric array whose count says 2**60 never
-fails, because reads past EOF silently return empty arrays and the loop
-over the count just keeps going. ``_StrictReader`` overrides GGUFReader's
-low-level read helpers so that every read is bounds-checked and every
-count is checked against the bytes left before GGUFReader loops over it,
-and validates the tensor table before GGUFReader builds tensor views.
-Anything that still goes wrong inside GGUFReader is turned into a one-line
-GGUFFormatError naming the file.
+The header, metadata and tensor table are parsed here, not by gguf.GGUFReader: GGUFReader
+trusts every count and length in the file and builds several numpy views per array element,
+so a hostile file of 2**24 empty strings takes minutes and gigabytes to open. This parser
+reads with bounds-checked struct unpacks on the memory map, checks every count against the
+bytes left before looping over it, keeps numeric arrays as zero-copy numpy views (no Python
+object per element) and decodes strings only when a key is read. Limits far above any real
+model (MAX_*) turn absurd-but-possible counts into one-line errors. The tensor table is
+validated (types, dims, alignment, bounds, no two tensors sharing bytes) before any tensor is
+described. Every failure is a one-line GGUFFormatError / UnsupportedError naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -23,14 +22,14 @@ from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGUFValueType as VT
 from gguf.constants import GGML_QUANT_SIZES, GGUF_MAGIC
 from gguf.quants import dequantize as _gguf_dequantize
 from gguf.quants import quant_shape_to_byte_shape
 
 from ggfuse.errors import GGFuseError, GGUFFormatError, UnsupportedError
 
-__all__ = ["GGUFFile", "TensorInfo", "SUPPORTED_TYPES", "SUPPORTED_VERSIONS"]
+__all__ = ["GGUFFile", "TensorInfo", "SUPPORTED_TYPES", "SUPPORTED_VERSIONS", "VALUE_TYPE_NAMES"]
 
 # ggml types ggfuse can dequantize / run. llama.cpp's Q4_K_M, Q5_K_M, Q6_K,
 # Q8_0 and Q4_0 files only use these (mixes fall back to Q5_0/Q8_0/Q6_K/Q4_1).
@@ -39,28 +38,36 @@ SUPPORTED_TYPES: tuple[QT, ...] = (
     QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K,
 )
 _SUPPORTED_NAMES = ", ".join(t.name for t in SUPPORTED_TYPES)
+_TYPE_INFO = {int(t): (t, *GGML_QUANT_SIZES[t]) for t in SUPPORTED_TYPES}   # id -> (type, block, bytes)
 SUPPORTED_VERSIONS = (2, 3)
 
 GGML_MAX_DIMS = 4
-# Sanity limits, far above any real model (vocabularies are ~150k-260k
-# entries, tensor tables a few thousand) but low enough that GGUFReader's
-# per-element Python loop cannot run for minutes or eat gigabytes when a
-# corrupt count happens to fit inside a big file.
-MAX_ARRAY_LEN = 1 << 24
-MAX_TENSORS = 1 << 20
-MAX_KV = 1 << 20
+# Sanity limits, far above any real model (vocabularies are ~150k-262k entries, merges
+# ~500k, tensor tables a few thousand) but low enough that opening a hostile file that
+# happens to fit the counts stays well under a few seconds and a few hundred MB.
+MAX_ARRAY_LEN = 1 << 24          # numeric arrays (zero-copy views: cheap)
+MAX_STRING_ARRAY_LEN = 1 << 21   # string arrays (walked one length prefix at a time)
+MAX_STRINGS = 1 << 22            # string items in all the metadata together
+MAX_TENSORS = 1 << 16
+MAX_KV = 1 << 16
+MAX_NAME_LEN = 1 << 16           # key and tensor names (llama.cpp: GGML_MAX_NAME is 64)
 
 # Fixed header: magic u32, version u32, tensor count u64, kv count u64.
 _HEADER = struct.Struct("<IIQQ")
 # Smallest possible encodings, used to reject counts the file cannot hold.
 _MIN_KV_BYTES = 8 + 4 + 1            # key length, value type, 1-byte value
-_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
-_DTYPES = {t: np.dtype(t) for t in GGUFReader.gguf_scalar_to_np.values()}
-_MIN_VALUE_BYTES = {
-    **{int(t): np.dtype(d).itemsize for t, d in GGUFReader.gguf_scalar_to_np.items()},
-    int(GGUFValueType.STRING): 8,       # length prefix
-    int(GGUFValueType.ARRAY): 4 + 8,    # item type + count
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
+_SCALAR = {  # value type -> numpy dtype (little-endian)
+    VT.UINT8: np.dtype("<u1"), VT.INT8: np.dtype("<i1"), VT.UINT16: np.dtype("<u2"),
+    VT.INT16: np.dtype("<i2"), VT.UINT32: np.dtype("<u4"), VT.INT32: np.dtype("<i4"),
+    VT.FLOAT32: np.dtype("<f4"), VT.BOOL: np.dtype("<u1"), VT.UINT64: np.dtype("<u8"),
+    VT.INT64: np.dtype("<i8"), VT.FLOAT64: np.dtype("<f8"),
 }
+_SCALAR_BY_ID = {int(t): d for t, d in _SCALAR.items()}
+_STRUCT = {int(t): struct.Struct("<" + d.char) for t, d in _SCALAR.items()}
+VALUE_TYPE_NAMES = {int(t): t.name for t in VT}
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
 
 
 @dataclass(frozen=True)
@@ -78,142 +85,110 @@ class TensorInfo:
         return int(np.prod(self.ne, dtype=object))
 
 
-class _StrictReader(GGUFReader):
-    """GGUFReader whose reads cannot go past EOF and whose loops are bounded.
+@dataclass(frozen=True)
+class Field:
+    """One metadata entry as stored: its value type, for arrays the item type and count, and
+    where its value lies in the file. Values are decoded by GGUFFile.key() on demand."""
+    name: str
+    vtype: int                # GGUFValueType id
+    offset: int               # where the value (after the type id) starts
+    itype: int | None = None  # arrays: item type id
+    count: int = 1            # arrays: number of items
+    end: int = 0              # where the entry ends (the next key starts)
 
-    Relies on GGUFReader's internal helpers (_get, _get_str,
-    _get_field_parts, _build_tensors) as of gguf 0.17-0.19; the tests in
-    tests/test_gguf_file.py pin the behaviour if gguf changes them.
-    """
+    @property
+    def type_name(self) -> str:
+        if self.vtype == VT.ARRAY:
+            return f"array of {self.count} {VALUE_TYPE_NAMES[self.itype]}"
+        return VALUE_TYPE_NAMES[self.vtype]
 
-    def __init__(self, path: str):
-        self._path = path
-        self._where = "header"
-        self._tensor_idx = -1
-        super().__init__(path, "r")
 
-    # -- error context ----------------------------------------------------
-    def _fail(self, what: str) -> GGUFFormatError:
-        where = self._where
-        if where == "metadata":
-            n = len(self.fields) - 3  # GGUFReader pushes 3 header pseudo-fields first
-            last = list(self.fields)[-1]
-            where = f"metadata entry #{n}" + (f" (after key '{last}')" if n > 0 else "")
-        elif where == "tensor table":
-            where = f"tensor table entry #{self._tensor_idx}"
-        return GGUFFormatError(self._path, f"bad {where}: {what}")
+class _Parser:
+    """Bounds-checked reads on the memory map; `where` names the part being read."""
 
-    def _build_fields(self, offs: int, count: int) -> int:
-        self._where = "metadata"
-        return super()._build_fields(offs, count)
+    def __init__(self, path: str, buf: np.ndarray):
+        self.path = path
+        self.buf = buf
+        self.mv = memoryview(buf)
+        self.size = len(buf)
+        self.where = "header"
+        self.strings = 0
 
-    def _get_tensor_info_field(self, orig_offs: int):
-        self._where = "tensor table"
-        self._tensor_idx += 1
-        # Check n_dims before GGUFReader reads that many dims, for a clear message.
-        name_len, name = self._get_str(orig_offs)
-        n_dims = int(self._get(orig_offs + 8 + len(name), np.uint32)[0])
-        if not 1 <= n_dims <= GGML_MAX_DIMS:
-            name = bytes(name).decode("utf-8", "replace")
-            raise self._fail(f"tensor '{name}' has {n_dims} dimensions, expected 1 to {GGML_MAX_DIMS}")
-        return super()._get_tensor_info_field(orig_offs)
+    def fail(self, what: str) -> GGUFFormatError:
+        return GGUFFormatError(self.path, f"bad {self.where}: {what}")
 
-    # -- bounds-checked reads ---------------------------------------------
-    def _get(self, offset, dtype, count=1, override_order=None):
-        # Same contract as GGUFReader._get, with two changes:
-        # - a read past EOF raises (GGUFReader's memmap slice silently
-        #   truncates, which is what lets bad counts loop forever);
-        # - it slices a plain ndarray view of the map: np.memmap's
-        #   __getitem__/__array_finalize__ dominate GGUFReader's cost (a 150k
-        #   token vocabulary takes ~11 s to open with stock GGUFReader, ~1/4
-        #   of that this way).
-        buf = self.__dict__.get("_buf")
-        if buf is None:
-            buf = self._buf = self.data.view(np.ndarray)
-        dt = _DTYPES.get(dtype) or np.dtype(dtype)
-        offset = int(offset)
-        end = offset + dt.itemsize * int(count)
-        if end > len(buf):
-            raise self._fail(f"needs bytes [{offset}, {end}) but the file ends at "
-                             f"{len(buf)}; the file is truncated or corrupt")
-        arr = buf[offset:end].view(dt)
-        order = self.byte_order if override_order is None else override_order
-        return arr if order == "I" else arr.view(dt.newbyteorder(order))
+    def need(self, offset: int, n: int) -> None:
+        if n < 0 or offset + n > self.size:
+            raise self.fail(f"needs bytes [{offset}, {offset + n}) but the file ends at {self.size}; "
+                            f"the file is truncated or corrupt")
 
-    def _get_str(self, offset: int):
-        # As GGUFReader._get_str, but with a clear message for a bad length.
-        slen = self._get(offset, np.uint64)
-        n = int(slen[0])
-        if offset + 8 + n > len(self.data):
-            raise self._fail(f"string at byte {offset} claims length {n}, past the end "
-                             f"of the file (size {len(self.data)})")
-        return slen, self._get(offset + 8, np.uint8, n)
+    def u64(self, offset: int) -> int:
+        self.need(offset, 8)
+        return _U64.unpack_from(self.mv, offset)[0]
 
-    def _get_field_parts(self, orig_offs: int, raw_type: int):
-        raw_type = int(raw_type)
-        if raw_type not in _MIN_VALUE_BYTES:
-            raise self._fail(f"unknown value type {raw_type} at byte {orig_offs}")
-        if raw_type == GGUFValueType.ARRAY:
-            # GGUFReader loops `for idx in range(count)`; check the count first.
-            itype = int(self._get(orig_offs, np.uint32)[0])
-            count = int(self._get(orig_offs + 4, np.uint64)[0])
-            if itype not in _MIN_VALUE_BYTES:
-                raise self._fail(f"array at byte {orig_offs} has unknown item type {itype}")
-            need = count * _MIN_VALUE_BYTES[itype]
-            left = len(self.data) - (orig_offs + 12)
-            if need > left:
-                raise self._fail(
-                    f"array at byte {orig_offs} claims {count} items of type "
-                    f"{GGUFValueType(itype).name} (at least {need} bytes) but only {left} "
-                    f"bytes are left in the file")
+    def u32(self, offset: int) -> int:
+        self.need(offset, 4)
+        return _U32.unpack_from(self.mv, offset)[0]
+
+    def name(self, offset: int, what: str) -> tuple[str, int]:
+        """A length-prefixed name (key or tensor name) decoded now; returns (name, end)."""
+        n = self.u64(offset)
+        if n > MAX_NAME_LEN or offset + 8 + n > self.size:
+            raise self.fail(f"{what} at byte {offset} claims length {n}, past the end of the file "
+                            f"(size {self.size}) or over the limit {MAX_NAME_LEN}")
+        try:
+            s = bytes(self.mv[offset + 8: offset + 8 + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} at byte {offset} is not valid UTF-8") from None
+        return s, offset + 8 + n
+
+    def skip_string(self, offset: int) -> int:
+        n = self.u64(offset)
+        if offset + 8 + n > self.size:
+            raise self.fail(f"string at byte {offset} claims length {n}, past the end of the file "
+                            f"(size {self.size})")
+        return offset + 8 + n
+
+    def skip_value(self, offset: int, vtype: int) -> tuple[int, int | None, int]:
+        """Skip a value of type vtype at offset: returns (end, item type, count)."""
+        if vtype in _SCALAR_BY_ID:
+            end = offset + _SCALAR_BY_ID[vtype].itemsize
+            self.need(offset, end - offset)
+            return end, None, 1
+        if vtype == VT.STRING:
+            return self.skip_string(offset), None, 1
+        if vtype != VT.ARRAY:
+            raise self.fail(f"unknown value type {vtype} at byte {offset - 4}")
+        itype, count = self.u32(offset), self.u64(offset + 4)
+        start, left = offset + 12, self.size - (offset + 12)
+        if itype == VT.ARRAY:
+            raise self.fail(f"array at byte {offset} holds arrays (nested arrays are not supported, "
+                            f"as in llama.cpp)")
+        if itype not in _SCALAR_BY_ID and itype != VT.STRING:
+            raise self.fail(f"array at byte {offset} has unknown item type {itype}")
+        least = _SCALAR_BY_ID[itype].itemsize if itype in _SCALAR_BY_ID else 8
+        if count * least > left:
+            raise self.fail(f"array at byte {offset} claims {count} items of type {VALUE_TYPE_NAMES[itype]} "
+                            f"(at least {count * least} bytes) but only {left} bytes are left in the file")
+        if itype in _SCALAR_BY_ID:
             if count > MAX_ARRAY_LEN:
-                raise self._fail(f"array at byte {orig_offs} claims {count} items, "
-                                 f"more than the sanity limit {MAX_ARRAY_LEN}")
-        return super()._get_field_parts(orig_offs, raw_type)
-
-    # -- tensor table -----------------------------------------------------
-    def _build_tensors(self, start_offs: int, fields) -> None:
-        # Validate before GGUFReader builds views: it would otherwise fail in
-        # np.prod overflow / reshape / enum lookup with an opaque message.
-        size = len(self.data)
-        seen: set[str] = set()
-        for i, field in enumerate(fields):
-            _, name_data, _, dims, raw_dtype, rel_off = field.parts
-            try:
-                name = bytes(name_data).decode("utf-8")
-            except UnicodeDecodeError:
-                raise GGUFFormatError(self._path, f"tensor table entry #{i} has a name "
-                                      f"that is not valid UTF-8") from None
-            if name in seen:
-                raise GGUFFormatError(self._path, f"duplicate tensor '{name}' in the tensor table")
-            seen.add(name)
-            ne = [int(d) for d in dims]  # n_dims was checked in _get_tensor_info_field
-            if any(d >= 1 << 63 for d in ne):
-                raise GGUFFormatError(self._path, f"tensor '{name}' has absurd dimensions {ne}")
-            tid = int(raw_dtype[0])
-            try:
-                qt = QT(tid)
-            except ValueError:
-                raise UnsupportedError(self._path, f"tensor '{name}' has unknown ggml type id "
-                                       f"{tid}, supported: {_SUPPORTED_NAMES}") from None
-            if qt not in SUPPORTED_TYPES:
-                raise UnsupportedError(self._path, f"tensor '{name}' has ggml type {qt.name}, "
-                                       f"supported: {_SUPPORTED_NAMES}")
-            block, type_size = GGML_QUANT_SIZES[qt]
-            if ne[0] % block:
-                raise GGUFFormatError(self._path, f"tensor '{name}' has row length ne[0]={ne[0]}, "
-                                      f"not a multiple of the {qt.name} block size {block}")
-            nbytes = int(np.prod(ne, dtype=object)) // block * type_size
-            rel = int(rel_off[0])
-            if rel % self.alignment:
-                raise GGUFFormatError(self._path, f"tensor '{name}' data offset {rel} is not "
-                                      f"a multiple of the alignment {self.alignment}")
-            begin = start_offs + rel
-            if begin + nbytes > size:
-                raise GGUFFormatError(
-                    self._path, f"tensor '{name}' data [{begin}, {begin + nbytes}) lies past the "
-                    f"end of the file (size {size}); the file is truncated or corrupt")
-        super()._build_tensors(start_offs, fields)
+                raise self.fail(f"array at byte {offset} claims {count} items, more than the sanity limit "
+                                f"{MAX_ARRAY_LEN}")
+            return start + count * least, itype, count
+        if count > MAX_STRING_ARRAY_LEN or self.strings + count > MAX_STRINGS:
+            raise self.fail(f"array at byte {offset} claims {count} STRING items, more than the sanity limit "
+                            f"{MAX_STRING_ARRAY_LEN} per array / {MAX_STRINGS} in all")
+        self.strings += count
+        # walk the length prefixes; the loop is bounded by the limits above
+        mv, size, unpack, off = self.mv, self.size, _U64.unpack_from, start
+        for _ in range(count):
+            if off + 8 > size:
+                self.need(off, 8)
+            off += 8 + unpack(mv, off)[0]
+        if off > size:
+            raise self.fail(f"string array at byte {offset}: its strings run past the end of the file "
+                            f"(size {size})")
+        return off, itype, count
 
 
 _REQUIRED: Any = object()
@@ -227,36 +202,114 @@ class GGUFFile:
         self.path = os.fspath(path)
         self.size, self.version = _check_header(self.path)
         try:
-            self._reader: GGUFReader | None = _StrictReader(self.path)
+            self._map: np.memmap | None = np.memmap(self.path, mode="r")
+        except (OSError, ValueError) as e:
+            raise GGUFFormatError(self.path, f"cannot map the file: {e}") from None
+        try:
+            self._parse()
         except GGFuseError:
             raise
-        except Exception as e:  # noqa: BLE001 -- any GGUFReader failure means a bad file
+        except Exception as e:  # noqa: BLE001 -- a parser bug must still name the file
             raise GGUFFormatError(self.path, f"malformed GGUF file ({type(e).__name__}: {e})") from e
-        r = self._reader
-        self.data_offset = int(r.data_offset)
-        self.alignment = int(r.alignment)
-        # GGUFReader's first three fields are header pseudo-fields (GGUF.version, ...).
-        self._fields = dict(list(r.fields.items())[3:])
-        self._values: dict[str, Any] = {}
-        self.tensors: dict[str, TensorInfo] = {
-            t.name: TensorInfo(
-                name=t.name, ggml_type=int(t.tensor_type), type_name=t.tensor_type.name,
-                ne=tuple(int(d) for d in t.shape),
-                shape=tuple(int(d) for d in reversed(t.shape)),
-                offset=int(t.data_offset), nbytes=int(t.n_bytes))
-            for t in r.tensors
-        }
         arch = self.key("general.architecture")
         if not isinstance(arch, str) or not arch:
             raise GGUFFormatError(self.path, f"metadata key 'general.architecture' is {arch!r}, "
                                   f"expected a non-empty string")
         self.arch: str = arch
 
+    def _parse(self) -> None:
+        buf = self._map.view(np.ndarray)
+        p = _Parser(self.path, buf)
+        _, _, n_tensors, n_kv = _HEADER.unpack_from(p.mv, 0)
+        off = _HEADER.size
+        # -- metadata
+        self._fields: dict[str, Field] = {}
+        self._values: dict[str, Any] = {}
+        for i in range(n_kv):
+            last = next(reversed(self._fields)) if self._fields else None
+            p.where = f"metadata entry #{i}" + (f" (after key '{last}')" if last else "")
+            key, off = p.name(off, "key")
+            vtype = p.u32(off)
+            end, itype, count = p.skip_value(off + 4, vtype)
+            if key in self._fields:
+                raise p.fail(f"duplicate metadata key '{key}'")
+            self._fields[key] = Field(key, vtype, off + 4, itype, count, end)
+            off = end
+        self.alignment = 32
+        af = self._fields.get("general.alignment")
+        if af is not None:
+            if af.vtype != VT.UINT32:
+                raise GGUFFormatError(self.path, f"metadata key 'general.alignment' is {af.type_name}, "
+                                      f"expected UINT32")
+            self.alignment = int(self.key("general.alignment"))
+            if self.alignment <= 0 or self.alignment & (self.alignment - 1):
+                raise GGUFFormatError(self.path, f"metadata key 'general.alignment' is {self.alignment}, "
+                                      f"expected a power of two")
+        # -- tensor table
+        raw = []
+        for i in range(n_tensors):
+            p.where = f"tensor table entry #{i}"
+            name, off = p.name(off, "tensor name")
+            n_dims = p.u32(off)
+            if not 1 <= n_dims <= GGML_MAX_DIMS:
+                raise p.fail(f"tensor '{name}' has {n_dims} dimensions, expected 1 to {GGML_MAX_DIMS}")
+            p.need(off + 4, 8 * n_dims + 12)
+            ne = struct.unpack_from(f"<{n_dims}Q", p.mv, off + 4)
+            tid, rel = struct.unpack_from("<IQ", p.mv, off + 4 + 8 * n_dims)
+            off += 4 + 8 * n_dims + 12
+            raw.append((name, ne, tid, rel))
+        self.data_offset = -(-off // self.alignment) * self.alignment
+        self.tensors: dict[str, TensorInfo] = self._tensor_table(raw)
+
+    def _tensor_table(self, raw) -> dict[str, TensorInfo]:
+        out: dict[str, TensorInfo] = {}
+        for i, (name, ne, tid, rel) in enumerate(raw):
+            if name in out:
+                raise GGUFFormatError(self.path, f"duplicate tensor '{name}' in the tensor table")
+            if max(ne) >= 1 << 63 or 0 in ne:
+                raise GGUFFormatError(self.path, f"tensor '{name}' has absurd dimensions {list(ne)}")
+            qt, block, type_size = _TYPE_INFO.get(tid, (None, 0, 0))
+            if qt is None:
+                try:
+                    qt = QT(tid)
+                except ValueError:
+                    raise UnsupportedError(self.path, f"tensor '{name}' has unknown ggml type id "
+                                           f"{tid}, supported: {_SUPPORTED_NAMES}") from None
+                raise UnsupportedError(self.path, f"tensor '{name}' has ggml type {qt.name}, "
+                                       f"supported: {_SUPPORTED_NAMES}")
+            if ne[0] % block:
+                raise GGUFFormatError(self.path, f"tensor '{name}' has row length ne[0]={ne[0]}, "
+                                      f"not a multiple of the {qt.name} block size {block}")
+            nbytes = math.prod(ne) // block * type_size
+            if rel % self.alignment:
+                raise GGUFFormatError(self.path, f"tensor '{name}' data offset {rel} is not "
+                                      f"a multiple of the alignment {self.alignment}")
+            begin = self.data_offset + rel
+            if begin + nbytes > self.size:
+                raise GGUFFormatError(
+                    self.path, f"tensor '{name}' data [{begin}, {begin + nbytes}) lies past the "
+                    f"end of the file (size {self.size}); the file is truncated or corrupt")
+            out[name] = TensorInfo(name=name, ggml_type=tid, type_name=qt.name, ne=tuple(ne),
+                                   shape=tuple(reversed(ne)), offset=begin, nbytes=nbytes)
+        # no two tensors may share bytes: sorted by start, each ends before the next begins
+        if len(out) > 1:
+            infos = list(out.values())
+            begin = np.array([t.offset for t in infos], dtype=np.int64)
+            end = begin + np.array([t.nbytes for t in infos], dtype=np.int64)
+            order = np.argsort(begin, kind="stable")
+            bad = np.nonzero(end[order[:-1]] > begin[order[1:]])[0]
+            if len(bad):
+                a, b = infos[order[bad[0]]], infos[order[bad[0] + 1]]
+                raise GGUFFormatError(self.path, f"tensors '{a.name}' [{a.offset}, {a.offset + a.nbytes}) and "
+                                      f"'{b.name}' [{b.offset}, {b.offset + b.nbytes}) share bytes of the file "
+                                      f"(overlapping or aliased data)")
+        return out
+
     # -- lifetime -----------------------------------------------------------
     def close(self) -> None:
         # np.memmap has no close(); dropping the reader (and with it every
         # view we created) releases the mapping once callers drop raw() views.
-        self._reader = None
+        self._map = None
 
     def __enter__(self) -> GGUFFile:
         return self
@@ -269,9 +322,9 @@ class GGUFFile:
 
     @property
     def _data(self) -> np.memmap:
-        if self._reader is None:
+        if self._map is None:
             raise ValueError(f"{self.path}: GGUF file is closed")
-        return self._reader.data
+        return self._map
 
     # -- identity -----------------------------------------------------------
     def identity(self) -> dict:
@@ -288,6 +341,10 @@ class GGUFFile:
     def has_key(self, name: str) -> bool:
         return name in self._fields
 
+    def field(self, name: str) -> Field | None:
+        """The stored entry of a key (its value type and count), or None."""
+        return self._fields.get(name)
+
     def key(self, name: str, default: Any = _REQUIRED) -> Any:
         """Metadata value as Python str/int/float/bool, or a list of those."""
         if name in self._values:
@@ -297,19 +354,54 @@ class GGUFFile:
             if default is _REQUIRED:
                 raise GGUFFormatError(self.path, f"missing required metadata key '{name}'")
             return default
+        value = self.raw_value(name)
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        self._values[name] = value
+        return value
+
+    def raw_value(self, name: str) -> Any:
+        """As key(), but a numeric array comes back as a read-only numpy view of the file (no
+        Python object per element; ggfuse.compiler.metadata reads arrays this way). None if absent."""
+        field = self._fields.get(name)
+        if field is None:
+            return None
+        if name in self._values:
+            return self._values[name]
         try:
-            value = field.contents()
+            return self._decode(field)
         except UnicodeDecodeError:
             raise GGUFFormatError(self.path, f"metadata key '{name}' holds a string that is "
                                   f"not valid UTF-8") from None
-        self._values[name] = value
-        return value
+
+    def _decode(self, f: Field) -> Any:
+        mv = memoryview(self._data.view(np.ndarray))
+        if f.vtype in _STRUCT:
+            v = _STRUCT[f.vtype].unpack_from(mv, f.offset)[0]
+            return bool(v) if f.vtype == VT.BOOL else v
+        if f.vtype == VT.STRING:
+            n = _U64.unpack_from(mv, f.offset)[0]
+            return bytes(mv[f.offset + 8: f.offset + 8 + n]).decode("utf-8")
+        start = f.offset + 12
+        if f.itype in _SCALAR_BY_ID:
+            dt = _SCALAR_BY_ID[f.itype]
+            arr = self._data.view(np.ndarray)[start: start + dt.itemsize * f.count].view(dt)
+            return arr.astype(bool) if f.itype == VT.BOOL else arr
+        blob = bytes(mv[start: f.end])   # one copy of the array's bytes: slicing bytes is cheapest
+        out, off, unpack = [], 0, _U64.unpack_from
+        for _ in range(f.count):
+            n = unpack(blob, off)[0]
+            out.append(blob[off + 8: off + 8 + n].decode("utf-8"))
+            off += 8 + n
+        self._values[f.name] = out   # decoded once: vocabularies are read more than once
+        return out
 
     def arch_key(self, suffix: str, default: Any = _REQUIRED) -> Any:
         return self.key(f"{self.arch}.{suffix}", default)
 
     def vocab(self) -> list[str] | None:
-        return self.key("tokenizer.ggml.tokens", None)
+        from ggfuse.compiler.metadata import Metadata
+        return Metadata(self).str_array("tokenizer.ggml.tokens", None)
 
     # -- tensors ------------------------------------------------------------
     def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> TensorInfo:
@@ -339,7 +431,7 @@ class GGUFFile:
 
 
 def _check_header(path: str) -> tuple[int, int]:
-    """Cheap checks before GGUFReader maps the file: it exists, is a regular
+    """Cheap checks before the file is mapped: it exists, is a regular
     file, has the GGUF magic and a supported version, and its counts are
     possible for its size. Returns (size, version)."""
     try:
@@ -369,10 +461,14 @@ def _check_header(path: str) -> tuple[int, int]:
         raise GGUFFormatError(path, f"unsupported GGUF version {version} "
                               f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")
     left = size - _HEADER.size
-    if n_kv > MAX_KV or n_kv * _MIN_KV_BYTES > left:
+    if n_kv * _MIN_KV_BYTES > left:
         raise GGUFFormatError(path, f"header claims {n_kv} metadata entries, impossible "
                               f"for a file of {size} bytes; the file is corrupt")
-    if n_tensors > MAX_TENSORS or n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES > left:
+    if n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES > left:
         raise GGUFFormatError(path, f"header claims {n_tensors} tensors, impossible "
                               f"for a file of {size} bytes; the file is corrupt")
+    if n_kv > MAX_KV:
+        raise GGUFFormatError(path, f"header claims {n_kv} metadata entries, more than the sanity limit {MAX_KV}")
+    if n_tensors > MAX_TENSORS:
+        raise GGUFFormatError(path, f"header claims {n_tensors} tensors, more than the sanity limit {MAX_TENSORS}")
     return size, version

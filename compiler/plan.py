@@ -44,7 +44,8 @@ PLAN_FORMAT = "ggfuse-plan"
 #              graph_meta "decode_cache" (slots, policy, split points after the streamed layers'
 #              routers), the streamed layers' grouped GEMMs read "decode_tables" at chunk 1;
 #              options decode_cache*. Fields added, none changed meaning.
-PLAN_VERSION = (4, 1)
+#          4.2 option check_tensors (which weight values were checked for NaN / Inf).
+PLAN_VERSION = (4, 2)
 
 
 @dataclass(frozen=True)

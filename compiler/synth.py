@@ -518,11 +518,14 @@ def _read_tokenizer(path: str, stamp) -> tuple:
     """The tokenizer arrays of a GGUF, read once per process (a 150k-token vocabulary takes
     seconds to parse); `stamp` (size, mtime) makes a changed file read again."""
     from ggfuse.compiler.gguf_file import GGUFFile
-    gf = GGUFFile(path)
-    model = gf.key("tokenizer.ggml.model", None)
+    from ggfuse.compiler.metadata import Metadata
+    md = Metadata(GGUFFile(path))
+    model = md.str("tokenizer.ggml.model", None)
     if model != "gpt2":
         return (model, None, None, None, None)
-    return (model, *(gf.key(k) for k in _TOKENIZER_ARRAYS), gf.key("tokenizer.chat_template", None))
+    tokens, types, merges = _TOKENIZER_ARRAYS
+    return (model, md.str_array(tokens), md.int_array(types), md.str_array(merges),
+            md.str("tokenizer.chat_template", None))
 
 
 # --------------------------------------------------------------------------

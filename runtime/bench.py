@@ -441,7 +441,9 @@ def equivalent_n_cpu_moe(path: str, vram_budget, *, chunk: int, max_context: int
 
 def _n_expert_layers(path: str) -> int:
     from ggfuse.compiler.gguf_file import GGUFFile
-    return int(GGUFFile(path).arch_key("block_count"))
+    from ggfuse.compiler.metadata import MAX_LAYERS, Metadata
+    gf = GGUFFile(path)
+    return Metadata(gf).scope(f"{gf.arch}.").int("block_count", min=1, max=MAX_LAYERS)
 
 
 def choose_chunk(path: str, prompt: int, *, vram_budget=None, max_context: int | None = None,

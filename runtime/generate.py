@@ -94,8 +94,11 @@ def context_limit(model) -> int | None:
     limit = getattr(model.backend, "max_context", None)
     if limit:
         return int(limit)
-    n = model.gguf.arch_key("context_length", None) if hasattr(model.gguf, "arch_key") else None
-    return int(n) if isinstance(n, int) and n > 0 else None
+    if not hasattr(model.gguf, "arch"):
+        return None
+    from ggfuse.compiler.metadata import Metadata
+    n = Metadata(model.gguf).scope(f"{model.gguf.arch}.").int("context_length", None, min=0)
+    return n if n else None
 
 
 def prompt_ids(model, prompt) -> list[int]:

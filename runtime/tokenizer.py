@@ -27,6 +27,7 @@ import re
 import threading
 from dataclasses import dataclass
 
+from ggfuse.compiler.metadata import Metadata
 from ggfuse.errors import GGFuseError, GGUFFormatError, UnsupportedError
 
 __all__ = ["Tokenizer", "TextStream", "PreTokenizer", "PRE_TOKENIZERS"]
@@ -134,16 +135,16 @@ class Tokenizer:
     def __init__(self, metadata, source: str | None = None):
         """metadata: a mapping (or a GGUFFile: anything with .key(name, default)) holding the
         tokenizer.* keys. source names the file in error messages."""
-        get = metadata.key if hasattr(metadata, "key") else (lambda k, d=None: metadata.get(k, d))
+        md = Metadata(metadata, path=source)   # every key read with its type (one-line errors)
         self.source = source
-        self.model = get("tokenizer.ggml.model", None)
+        self.model = md.str("tokenizer.ggml.model", None)
         if self.model is None:
             raise GGUFFormatError(source, "no tokenizer: metadata key 'tokenizer.ggml.model' is missing")
         if self.model not in _MODELS:
             raise UnsupportedError(source, f"tokenizer model '{self.model}' (tokenizer.ggml.model) is not "
                                            f"supported; supported: {', '.join(_MODELS)}")
         implied_pre, default_bos, default_eos = _MODELS[self.model]
-        pre = implied_pre or get("tokenizer.ggml.pre", None)
+        pre = implied_pre or md.str("tokenizer.ggml.pre", None)
         if pre is None:
             raise UnsupportedError(source, f"tokenizer model '{self.model}' needs tokenizer.ggml.pre (the "
                                            f"pre-tokenizer), which is missing; supported: {', '.join(PRE_TOKENIZERS)}")
@@ -153,8 +154,8 @@ class Tokenizer:
         self.pre = pre
         self.pretok = PRE_TOKENIZERS[pre]
 
-        tokens = get("tokenizer.ggml.tokens", None)
-        if not isinstance(tokens, list) or not tokens or not isinstance(tokens[0], str):
+        tokens = md.str_array("tokenizer.ggml.tokens", None)
+        if not tokens:
             raise GGUFFormatError(source, "metadata key 'tokenizer.ggml.tokens' must be a non-empty array of "
                                           "strings" + (" (it is missing)" if tokens is None else ""))
         # llama.cpp renames an empty token so that every token has a text.
@@ -165,30 +166,29 @@ class Tokenizer:
             seen: set[str] = set()
             dup = next(t for t in self.tokens if t in seen or seen.add(t))
             raise GGUFFormatError(source, f"tokenizer.ggml.tokens holds '{dup}' twice")
-        types = get("tokenizer.ggml.token_type", None)
+        types = md.int_array("tokenizer.ggml.token_type", None)
         if types is None:
             types = [NORMAL] * self.n_vocab
-        if not isinstance(types, list) or len(types) < self.n_vocab:
-            raise GGUFFormatError(source, f"tokenizer.ggml.token_type has {len(types) if isinstance(types, list) else 0} "
+        if len(types) < self.n_vocab:
+            raise GGUFFormatError(source, f"tokenizer.ggml.token_type has {len(types)} "
                                           f"entries for {self.n_vocab} tokens")
-        self.types = [int(t) for t in types[:self.n_vocab]]
-        self.merges = self._read_merges(get("tokenizer.ggml.merges", None))
+        self.types = types[:self.n_vocab]
+        self.merges = self._read_merges(md.str_array("tokenizer.ggml.merges", None))
 
-        self.special_ids = self._special_ids(get, default_bos, default_eos)
+        self.special_ids = self._special_ids(md, default_bos, default_eos)
         self._control = self._control_flags()          # also fills in EOT / FIM ids found by text
         self.eog_ids = self._eog_ids()
         self.bos_id, self.eos_id, self.eot_id = (self.special_ids[k] for k in ("bos", "eos", "eot"))
-        self.add_bos = bool(get("tokenizer.ggml.add_bos_token", False))
-        self.add_eos = bool(get("tokenizer.ggml.add_eos_token", False))
+        self.add_bos = md.bool("tokenizer.ggml.add_bos_token", False)
+        self.add_eos = md.bool("tokenizer.ggml.add_eos_token", False)
         if self.pretok is PRE_TOKENIZERS["gemma4"]:
             self.add_bos = True   # llama.cpp forces BOS for Gemma 4 whatever the flag says
         if self.add_bos and self.bos_id is None:
             raise GGUFFormatError(source, "tokenizer.ggml.add_bos_token is set but the vocabulary has no BOS token")
         if self.add_eos and self.eos_id is None:
             raise GGUFFormatError(source, "tokenizer.ggml.add_eos_token is set but the vocabulary has no EOS token")
-        self.add_space_prefix = bool(get("tokenizer.ggml.add_space_prefix", False))
-        template = get("tokenizer.chat_template", None)
-        self.chat_template = template if isinstance(template, str) else None
+        self.add_space_prefix = md.bool("tokenizer.ggml.add_space_prefix", False)
+        self.chat_template = md.str("tokenizer.chat_template", None)
 
         # special tokens in llama.cpp's partition order: longest (in bytes) first
         order = sorted((i for i in range(self.n_vocab) if self._control[i] or self.types[i] in (USER_DEFINED, UNKNOWN)),
@@ -221,8 +221,6 @@ class Tokenizer:
         if merges is None:
             raise GGUFFormatError(self.source, f"tokenizer model '{self.model}' needs tokenizer.ggml.merges, "
                                                f"which is missing")
-        if not isinstance(merges, list) or (merges and not isinstance(merges[0], str)):
-            raise GGUFFormatError(self.source, "tokenizer.ggml.merges must be an array of strings")
         # llama.cpp splits at the first space after the first character; a merge without one
         # becomes a pair of empty strings, which never matches
         return [(m[:c], m[c + 1:]) for m in merges if (c := m.find(" ", 1)) > 0]
@@ -237,15 +235,15 @@ class Tokenizer:
                     raise GGUFFormatError(self.source, f"tokenizer.ggml.merges: merge {i} {a + ' ' + b!r} names "
                                                        f"{x!r}, which is not in tokenizer.ggml.tokens")
 
-    def _special_ids(self, get, default_bos, default_eos) -> dict[str, int | None]:
+    def _special_ids(self, md, default_bos, default_eos) -> dict[str, int | None]:
         n = self.n_vocab
         ids: dict[str, int | None] = {k: None for k in _SPECIAL_ID_KEYS}
         ids["bos"] = default_bos if default_bos is not None and default_bos < n else None
         ids["eos"] = default_eos if default_eos is not None and default_eos < n else None
         for key, role in [*((k, k) for k in _SPECIAL_ID_KEYS), *_DEPRECATED_FIM_KEYS.items()]:
-            v = get(f"tokenizer.ggml.{key}_token_id", None)
+            v = md.int(f"tokenizer.ggml.{key}_token_id", None)
             # llama.cpp ignores an out-of-range id (keeps the default)
-            if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n:
+            if v is not None and 0 <= v < n:
                 ids[role] = v
         return ids
 
@@ -315,11 +313,16 @@ class Tokenizer:
         from tokenizers import Regex
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import models, pre_tokenizers
+        # checked first: for some merges naming tokens outside the vocabulary `tokenizers` panics
+        # (a pyo3 PanicException, a BaseException) instead of raising
+        self._check_merges()
         try:
             bpe = models.BPE(self.token_to_id, self.merges, byte_fallback=not self.pretok.byte_level)
-        except Exception:  # noqa: BLE001 -- tokenizers raises a bare Exception for a bad merge
-            self._check_merges()
-            raise
+        except BaseException as e:  # noqa: BLE001 -- a bare Exception or a Rust panic, from file contents
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise GGUFFormatError(self.source, f"tokenizer.ggml.tokens / tokenizer.ggml.merges refused by the BPE "
+                                               f"builder ({type(e).__name__}: {e})") from None
         hf = HFTokenizer(bpe)
         if self.pretok.split_regex is not None:
             hf.pre_tokenizer = pre_tokenizers.Sequence([

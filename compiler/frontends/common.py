@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ggfuse.compiler.metadata import MAX_COUNT, MAX_DIM, MAX_LAYERS, Metadata
 from ggfuse.errors import GGUFFormatError, UnsupportedError
 from ggfuse.ir.graph import Graph, Value
 from ggfuse.ir.ops import Op
@@ -72,79 +73,80 @@ class HParams:
         return d
 
 
-def per_layer(value, n_layer: int, what: str, gf, *, exact: bool = False) -> list:
-    """llama.cpp lets many keys be a scalar or a per-layer array (exact: of exactly n_layer
-    entries; otherwise longer arrays are cut, as llama.cpp reads only the first n_layer)."""
-    if isinstance(value, list):
-        if len(value) < n_layer or (exact and len(value) != n_layer):
-            raise GGUFFormatError(gf.path, f"metadata key {what!r} has {len(value)} entries, expected {n_layer}")
-        return list(value[:n_layer])
-    return [value] * n_layer
+def arch_metadata(gf) -> Metadata:
+    """The file's metadata, keys relative to its architecture ("qwen35moe.block_count")."""
+    return Metadata(gf).scope(f"{gf.arch}.")
 
 
 def read_common(gf, *, recurrent_model: bool) -> HParams:
     arch = gf.arch
-    k = gf.arch_key
-    n_layer_all = int(k("block_count"))
-    n_nextn = int(k("nextn_predict_layers", 0))
+    k = arch_metadata(gf)
+    n_layer_all = k.int("block_count", min=1, max=MAX_LAYERS)
+    n_nextn = k.int("nextn_predict_layers", 0, min=0, max=n_layer_all - 1)
     n_layer = n_layer_all - n_nextn  # MTP blocks are not run by prefill
-    if n_layer <= 0 or n_layer > 100000:
-        raise GGUFFormatError(gf.path, f"block_count {n_layer_all} (nextn {n_nextn}) is not a usable layer count")
-    n_embd = int(k("embedding_length"))
+    n_embd = k.int("embedding_length", min=1, max=MAX_DIM)
     emb = gf.tensor("token_embd.weight")
     if len(emb.shape) != 2 or emb.shape[1] != n_embd:
         raise GGUFFormatError(gf.path, f"tensor 'token_embd.weight' has shape {emb.shape}, expected (n_vocab, {n_embd})")
     hp = HParams(arch=arch, n_layer=n_layer, n_embd=n_embd, n_vocab=int(emb.shape[0]),
-                 rms_eps=float(k("attention.layer_norm_rms_epsilon")))
-    heads = per_layer(k("attention.head_count"), n_layer_all, f"{arch}.attention.head_count", gf)
-    heads_kv = per_layer(k("attention.head_count_kv", heads), n_layer_all, f"{arch}.attention.head_count_kv", gf)
+                 rms_eps=k.float("attention.layer_norm_rms_epsilon", min=0.0, max=1.0))
+    heads = k.int_per_layer("attention.head_count", n_layer_all, min=0, max=MAX_COUNT)
+    heads_kv = k.int_per_layer("attention.head_count_kv", n_layer_all, heads, min=0, max=MAX_COUNT)
     hp.n_head = int(max(heads))
     hp.n_head_kv = int(max(heads_kv))
-    hp.head_dim_k = int(k("attention.key_length", n_embd // max(hp.n_head, 1)))
-    hp.head_dim_v = int(k("attention.value_length", hp.head_dim_k))
-    hp.n_rot = int(k("rope.dimension_count", hp.head_dim_k))
-    hp.rope_base = float(k("rope.freq_base", 10000.0))
-    hp.attn_scale = float(k("attention.scale", 0.0))
-    scaling = k("rope.scaling.type", "none")
+    if hp.n_head < 1 or hp.n_head_kv < 1 or hp.n_head % hp.n_head_kv:
+        raise GGUFFormatError(gf.path, f"metadata keys '{arch}.attention.head_count' ({hp.n_head}) and "
+                                       f"'{arch}.attention.head_count_kv' ({hp.n_head_kv}): expected at least one "
+                                       f"KV head, dividing the query heads")
+    hp.head_dim_k = k.int("attention.key_length", n_embd // hp.n_head, min=1, max=MAX_DIM)
+    hp.head_dim_v = k.int("attention.value_length", hp.head_dim_k, min=1, max=MAX_DIM)
+    hp.n_rot = k.int("rope.dimension_count", hp.head_dim_k, min=2, max=hp.head_dim_k)
+    if hp.n_rot % 2:
+        raise k.fail("rope.dimension_count", f"is {hp.n_rot}, expected an even count (RoPE rotates pairs)")
+    hp.rope_base = k.float("rope.freq_base", 10000.0, gt=0.0)
+    hp.attn_scale = k.float("attention.scale", 0.0, min=0.0)
+    scaling = k.str("rope.scaling.type", "none")
     if scaling == "linear":
-        hp.rope_freq_scale = 1.0 / float(k("rope.scaling.factor"))
-    elif scaling not in ("none", None, ""):
+        hp.rope_freq_scale = 1.0 / k.float("rope.scaling.factor", gt=0.0)
+    elif scaling not in ("none", ""):
         raise UnsupportedError(gf.path, f"rope scaling type {scaling!r} is not supported (supported: none, linear)")
     if recurrent_model:
-        if gf.has_key(f"{arch}.attention.recurrent_layers"):
-            rec = per_layer(k("attention.recurrent_layers"), n_layer_all, f"{arch}.attention.recurrent_layers", gf)
-            hp.recurrent = tuple(bool(x) for x in rec[:n_layer])
+        if k.has("attention.recurrent_layers"):
+            rec = k.bool_per_layer("attention.recurrent_layers", n_layer_all)
+            hp.recurrent = tuple(rec[:n_layer])
         else:
-            interval = int(k("full_attention_interval", 4))
-            if interval <= 0:
-                raise GGUFFormatError(gf.path, f"{arch}.full_attention_interval is {interval}, must be > 0")
+            interval = k.int("full_attention_interval", 4, min=1, max=MAX_LAYERS)
             hp.recurrent = tuple((i + 1) % interval != 0 for i in range(n_layer))
-        hp.ssm_d_conv = int(k("ssm.conv_kernel"))
-        hp.ssm_d_inner = int(k("ssm.inner_size"))
-        hp.ssm_d_state = int(k("ssm.state_size"))
-        hp.ssm_dt_rank = int(k("ssm.time_step_rank"))
-        hp.ssm_n_group = int(k("ssm.group_count"))
-        if hp.ssm_n_group <= 0 or hp.ssm_dt_rank % hp.ssm_n_group:
-            raise GGUFFormatError(gf.path, f"ssm.time_step_rank {hp.ssm_dt_rank} is not a multiple of ssm.group_count {hp.ssm_n_group}")
+        hp.ssm_d_conv = k.int("ssm.conv_kernel", min=1, max=1 << 10)
+        hp.ssm_d_inner = k.int("ssm.inner_size", min=1, max=MAX_DIM)
+        hp.ssm_d_state = k.int("ssm.state_size", min=1, max=MAX_DIM)
+        hp.ssm_dt_rank = k.int("ssm.time_step_rank", min=1, max=MAX_COUNT)
+        hp.ssm_n_group = k.int("ssm.group_count", min=1, max=MAX_COUNT)
+        if hp.ssm_dt_rank % hp.ssm_n_group:
+            raise GGUFFormatError(gf.path, f"metadata key '{arch}.ssm.time_step_rank' ({hp.ssm_dt_rank}) is not a "
+                                           f"multiple of '{arch}.ssm.group_count' ({hp.ssm_n_group})")
+        if hp.ssm_d_inner % hp.ssm_dt_rank:
+            raise GGUFFormatError(gf.path, f"metadata key '{arch}.ssm.inner_size' ({hp.ssm_d_inner}) is not a "
+                                           f"multiple of '{arch}.ssm.time_step_rank' ({hp.ssm_dt_rank})")
     else:
         hp.recurrent = tuple(False for _ in range(n_layer))
     return hp
 
 
 def read_experts(gf, hp: HParams) -> None:
-    k = gf.arch_key
-    hp.n_expert = int(k("expert_count"))
-    hp.n_expert_used = int(k("expert_used_count"))
-    if not 0 < hp.n_expert_used <= hp.n_expert:
-        raise GGUFFormatError(gf.path, f"expert_used_count {hp.n_expert_used} must be in 1..expert_count {hp.n_expert}")
-    n_ff = k("feed_forward_length", 0)
-    hp.n_ff = int(max(n_ff) if isinstance(n_ff, list) else n_ff)
-    ffe = k("expert_feed_forward_length", 0)
-    ffe = int(max(ffe) if isinstance(ffe, list) else ffe)
+    k = arch_metadata(gf)
+    n_all = k.int("block_count", min=1, max=MAX_LAYERS)
+    hp.n_expert = k.int("expert_count", min=1, max=MAX_COUNT)
+    hp.n_expert_used = k.int("expert_used_count", min=1, max=hp.n_expert)
+    hp.n_ff = max(k.int_per_layer("feed_forward_length", n_all, 0, min=0, max=MAX_DIM))
+    ffe = max(k.int_per_layer("expert_feed_forward_length", n_all, 0, min=0, max=MAX_DIM))
     hp.n_ff_exp = ffe if ffe else hp.n_ff // hp.n_expert_used
-    hp.n_ff_shexp = int(k("expert_shared_feed_forward_length", 0)) or hp.n_ff
-    hp.expert_weights_scale = float(k("expert_weights_scale", 0.0))
-    gating = int(k("expert_gating_func", 1))
+    if hp.n_ff_exp < 1:
+        raise k.fail("expert_feed_forward_length", f"is missing or 0 and feed_forward_length ({hp.n_ff}) / "
+                                                   f"expert_used_count ({hp.n_expert_used}) gives no expert width")
+    hp.n_ff_shexp = k.int("expert_shared_feed_forward_length", 0, min=0, max=MAX_DIM) or hp.n_ff
+    hp.expert_weights_scale = k.float("expert_weights_scale", 0.0, min=0.0)
+    gating = k.int("expert_gating_func", 1)
     if gating != 1:  # LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
         raise UnsupportedError(gf.path, f"expert_gating_func {gating} is not supported for {hp.arch} (supported: 1 = softmax)")
 
@@ -154,6 +156,15 @@ def _squeeze(shape) -> tuple:
     while len(shape) > 1 and shape[0] == 1:
         shape = shape[1:]
     return shape
+
+
+def shape_matches(found: tuple, expected: tuple) -> bool:
+    """llama.cpp's rule (trailing ne of 1 count as absent: (1, D) is a (D,) vector), except that a
+    tensor may not carry more dimensions than declared once it is 3-D: a stacked expert tensor
+    [E, F, D] stored as [1, E, F, D] would be read with E = 1 by everything that indexes experts."""
+    if len(expected) >= 3 and len(found) != len(expected):
+        return False
+    return _squeeze(found) == _squeeze(expected)
 
 
 # ---- the builder -----------------------------------------------------------------------------
@@ -179,7 +190,7 @@ class Builder:
         """A GGUF tensor (numpy-order `shape`, checked against the file), optionally viewed
         with another shape of the same size (a 1-D gate vector as a [1, D] matrix)."""
         info = self.gf.tensor(tensor)
-        if _squeeze(info.shape) != _squeeze(shape):  # llama.cpp treats trailing ne of 1 as absent
+        if not shape_matches(info.shape, tuple(shape)):
             self.gf.tensor(tensor, tuple(shape))  # raises the shape-mismatch error
         dtype = DType.from_ggml(info.type_name)
         return self.g.add(Op.WEIGHT, name=tensor, tensor=tensor, shape=tuple(view or shape),
@@ -362,6 +373,23 @@ def moe_ffn(b: Builder, x: Value, *, il: int, hp: HParams, shared: bool) -> Valu
     return out
 
 
+SHARED_EXPERT_TENSORS = ("ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
+
+
+def has_shared_expert(gf, hp: HParams) -> bool:
+    """Whether the model has a shared expert: then every layer must have all four of its tensors
+    (llama.cpp requires them; silently dropping one layer's shared expert would change the output)."""
+    names = [f"blk.{il}.{t}.weight" for il in range(hp.n_layer) for t in SHARED_EXPERT_TENSORS]
+    present = [n in gf.tensors for n in names]
+    if not any(present):
+        return False
+    missing = next(n for n, ok in zip(names, present) if not ok) if not all(present) else None
+    if missing:
+        raise GGUFFormatError(gf.path, f"missing tensor '{missing}' (the model has a shared expert: every layer "
+                                       f"needs {', '.join(SHARED_EXPERT_TENSORS)})")
+    return True
+
+
 def embed_inputs(b: Builder, hp: HParams) -> tuple[Value, Value]:
     tokens = b.input("tokens", kind="tokens", shape=("T",), dtype="i32")
     pos = b.input("positions", kind="positions", shape=("T",), dtype="i32")
@@ -384,6 +412,7 @@ def hybrid_model(gf, hp: HParams, *, ffn: str, head_map: str, rope_mode: str) ->
     """The Qwen3.5 / Qwen3-Next layer stack: pre-norm mixer (DeltaNet or gated attention),
     residual, post-attention norm, FFN (MoE + shared expert, or dense), residual."""
     b = Builder(gf, hp.arch)
+    shared = ffn == "moe" and has_shared_expert(gf, hp)
     h, pos = embed_inputs(b, hp)
     for il in range(hp.n_layer):
         b.layer = il
@@ -396,7 +425,7 @@ def hybrid_model(gf, hp: HParams, *, ffn: str, head_map: str, rope_mode: str) ->
         h = b.op(Op.ADD, a, h, name=f"{p}.attn_residual")
         xn = b.norm(h, f"{p}.post_attention_norm.weight", hp.n_embd, hp.rms_eps)
         if ffn == "moe":
-            f = moe_ffn(b, xn, il=il, hp=hp, shared=b.has(f"{p}.ffn_up_shexp.weight"))
+            f = moe_ffn(b, xn, il=il, hp=hp, shared=shared)
         else:
             f = dense_ffn(b, xn, prefix=p, n_embd=hp.n_embd, n_ff=hp.n_ff)
         h = b.op(Op.ADD, f, h, name=f"{p}.ffn_residual")

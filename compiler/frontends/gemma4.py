@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ggfuse.compiler.frontends.common import (Builder, HParams, dense_ffn, embed_inputs, lm_head, per_layer,
+from ggfuse.compiler.frontends.common import (Builder, HParams, arch_metadata, dense_ffn, embed_inputs, lm_head,
                                               register_arch)
+from ggfuse.compiler.metadata import MAX_COUNT, MAX_DIM, MAX_LAYERS, REQUIRED
 from ggfuse.errors import GGUFFormatError, UnsupportedError
 from ggfuse.ir.graph import Value
 from ggfuse.ir.ops import Op
@@ -51,60 +52,52 @@ class Gemma4HParams(HParams):
 
 # ---- hparams ---------------------------------------------------------------------------------
 
-def _positive(gf, key: str, values: list) -> list[int]:
-    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in values):
-        raise GGUFFormatError(gf.path, f"metadata key '{key}' must hold positive integers, got {values[:8]}")
-    return [int(v) for v in values]
-
-
 def read_hparams(gf) -> Gemma4HParams:
     a = gf.arch
-    k = gf.arch_key
-    L = int(k("block_count"))
-    if not 0 < L <= 100000:
-        raise GGUFFormatError(gf.path, f"metadata key '{a}.block_count' is {L}, not a usable layer count")
-    D = int(k("embedding_length"))
+    k = arch_metadata(gf)
+    L = k.int("block_count", min=1, max=MAX_LAYERS)
+    D = k.int("embedding_length", min=1, max=MAX_DIM)
     emb = gf.tensor("token_embd.weight")
     if len(emb.shape) != 2 or emb.shape[1] != D:
         raise GGUFFormatError(gf.path, f"tensor 'token_embd.weight' has shape {emb.shape}, expected (n_vocab, {D})")
     hp = Gemma4HParams(arch=a, n_layer=L, n_embd=D, n_vocab=int(emb.shape[0]),
-                       rms_eps=float(k("attention.layer_norm_rms_epsilon")))
+                       rms_eps=k.float("attention.layer_norm_rms_epsilon", min=0.0, max=1.0))
 
-    key = f"{a}.attention.sliding_window_pattern"
-    pattern = k("attention.sliding_window_pattern")
-    if not isinstance(pattern, list) or len(pattern) != L:
-        n = len(pattern) if isinstance(pattern, list) else "a scalar, not an array"
-        raise GGUFFormatError(gf.path, f"metadata key '{key}' has {n} entries, expected one per layer "
+    key = k.name("attention.sliding_window_pattern")
+    if k.has("attention.sliding_window_pattern") and not k.is_array("attention.sliding_window_pattern"):
+        raise GGUFFormatError(gf.path, f"metadata key '{key}' is a scalar, not an array: expected one entry per "
+                                       f"layer (block_count {L})")
+    v = k.bool_array("attention.sliding_window_pattern")
+    if len(v) != L:
+        raise GGUFFormatError(gf.path, f"metadata key '{key}' has {len(v)} entries, expected one per layer "
                                        f"(block_count {L})")
-    hp.sliding = tuple(bool(x) for x in pattern)
+    hp.sliding = tuple(v)
     hp.recurrent = tuple(False for _ in range(L))
 
-    def layers(suffix, default=None):
-        v = k(suffix) if default is None else k(suffix, default)
-        return per_layer(v, L, f"{a}.{suffix}", gf, exact=True)
+    def layers(suffix, default=REQUIRED):
+        return k.int_per_layer(suffix, L, default, exact=True, min=1, max=MAX_DIM)
 
-    hp.n_head_l = tuple(_positive(gf, f"{a}.attention.head_count", layers("attention.head_count")))
-    hp.n_head_kv_l = tuple(_positive(gf, f"{a}.attention.head_count_kv",
-                                     layers("attention.head_count_kv", list(hp.n_head_l))))
+    hp.n_head_l = layers("attention.head_count")
+    hp.n_head_kv_l = layers("attention.head_count_kv", hp.n_head_l)
     for il, (h, hkv) in enumerate(zip(hp.n_head_l, hp.n_head_kv_l)):
         if h % hkv:
             raise GGUFFormatError(gf.path, f"metadata key '{a}.attention.head_count_kv': layer {il} has {hkv} KV "
                                            f"heads, which do not divide its {h} query heads")
     hp.n_head, hp.n_head_kv = max(hp.n_head_l), max(hp.n_head_kv_l)
-    hp.n_ff_l = tuple(_positive(gf, f"{a}.feed_forward_length", layers("feed_forward_length")))
+    hp.n_ff_l = layers("feed_forward_length")
     hp.n_ff = max(hp.n_ff_l)
 
     # head dims: key_length* are the full layers', key_length_swa* the sliding layers'
-    hp.head_dim_k = int(k("attention.key_length", D // hp.n_head_l[0]))
-    hp.head_dim_v = int(k("attention.value_length", hp.head_dim_k))
-    hp.head_dim_swa = int(k("attention.key_length_swa"))
+    hp.head_dim_k = k.int("attention.key_length", D // hp.n_head_l[0], min=1, max=MAX_DIM)
+    hp.head_dim_v = k.int("attention.value_length", hp.head_dim_k, min=1, max=MAX_DIM)
+    hp.head_dim_swa = k.int("attention.key_length_swa", min=1, max=MAX_DIM)
     for kk, vk, hk, hv in (("key_length", "value_length", hp.head_dim_k, hp.head_dim_v),
-                           ("key_length_swa", "value_length_swa", hp.head_dim_swa, int(k("attention.value_length_swa")))):
+                           ("key_length_swa", "value_length_swa", hp.head_dim_swa, k.int("attention.value_length_swa", min=1, max=MAX_DIM))):
         if hk != hv or hk <= 0 or hk % 2:
             raise GGUFFormatError(gf.path, f"metadata keys '{a}.attention.{kk}' ({hk}) and '{a}.attention.{vk}' "
                                            f"({hv}) must be equal, even and positive (Gemma 4 attends V with K's head dim)")
-    hp.n_rot = int(k("rope.dimension_count", hp.head_dim_k))
-    hp.n_rot_swa = int(k("rope.dimension_count_swa", hp.n_rot))
+    hp.n_rot = k.int("rope.dimension_count", hp.head_dim_k)
+    hp.n_rot_swa = k.int("rope.dimension_count_swa", hp.n_rot)
     for rk, n_rot, hd in (("rope.dimension_count", hp.n_rot, hp.head_dim_k),
                           ("rope.dimension_count_swa", hp.n_rot_swa, hp.head_dim_swa)):
         if not 0 < n_rot <= hd or n_rot % 2:
@@ -113,20 +106,18 @@ def read_hparams(gf) -> Gemma4HParams:
         # rope_freqs holds one factor per pair of the full head dim (gemma4.cpp:94-98)
         raise UnsupportedError(gf.path, f"metadata key '{a}.rope.dimension_count' is {hp.n_rot}: full layers that "
                                         f"rotate fewer than their {hp.head_dim_k} dims are not supported")
-    hp.rope_base = float(k("rope.freq_base", 10000.0))
-    hp.rope_base_swa = float(k("rope.freq_base_swa", 10000.0))
-    scaling = k("rope.scaling.type", "linear")
-    factor = float(k("rope.scaling.factor", 0.0))
-    if scaling not in ("linear", "none", "", None):
+    hp.rope_base = k.float("rope.freq_base", 10000.0, gt=0.0)
+    hp.rope_base_swa = k.float("rope.freq_base_swa", 10000.0, gt=0.0)
+    scaling = k.str("rope.scaling.type", "linear")
+    factor = k.float("rope.scaling.factor", 0.0, min=0.0)
+    if scaling not in ("linear", "none", ""):
         raise UnsupportedError(gf.path, f"rope scaling type {scaling!r} is not supported for gemma4 (supported: linear)")
     hp.rope_freq_scale = 1.0 / factor if factor else 1.0   # full layers only; sliding layers never scale
     hp.rope_mode = "neox"
     hp.attn_scale = 1.0
 
-    hp.n_swa = int(k("attention.sliding_window"))
-    if hp.n_swa <= 0:
-        raise GGUFFormatError(gf.path, f"metadata key '{a}.attention.sliding_window' is {hp.n_swa}, must be >= 1")
-    hp.n_kv_shared = int(k("attention.shared_kv_layers", 0))
+    hp.n_swa = k.int("attention.sliding_window", min=1, max=MAX_DIM)
+    hp.n_kv_shared = k.int("attention.shared_kv_layers", 0, min=0, max=L)
     n_own = L - hp.n_kv_shared
     if not 0 < n_own <= L:
         raise GGUFFormatError(gf.path, f"metadata key '{a}.attention.shared_kv_layers' is {hp.n_kv_shared}: "
@@ -146,22 +137,18 @@ def read_hparams(gf) -> Gemma4HParams:
             raise GGUFFormatError(gf.path, f"metadata key '{a}.attention.head_count_kv': layer {il} has "
                                            f"{hp.n_head_kv_l[il]} KV heads but reads the KV of layer {src}, "
                                            f"which has {hp.n_head_kv_l[src]}")
-    hp.n_embd_per_layer = int(k("embedding_length_per_layer_input"))
-    if hp.n_embd_per_layer < 0:
-        raise GGUFFormatError(gf.path, f"metadata key '{a}.embedding_length_per_layer_input' is negative")
-    hp.final_softcap = float(k("final_logit_softcapping", 0.0))
-    if hp.final_softcap < 0:
-        raise GGUFFormatError(gf.path, f"metadata key '{a}.final_logit_softcapping' is {hp.final_softcap}, must be >= 0")
+    hp.n_embd_per_layer = k.int("embedding_length_per_layer_input", min=0, max=MAX_DIM)
+    hp.final_softcap = k.float("final_logit_softcapping", 0.0, min=0.0)
 
     if any(f"blk.{il}.ffn_gate_inp.weight" in gf.tensors for il in range(L)):
-        hp.n_expert = int(k("expert_count"))
-        used = _positive(gf, f"{a}.expert_used_count", layers("expert_used_count"))
-        if not hp.n_expert > 0 or max(used) > hp.n_expert:
+        hp.n_expert = k.int("expert_count", min=1, max=MAX_COUNT)
+        used = layers("expert_used_count")
+        if max(used) > hp.n_expert:
             raise GGUFFormatError(gf.path, f"metadata key '{a}.expert_used_count' ({max(used)}) must be in "
                                            f"1..expert_count ({hp.n_expert})")
         hp.n_expert_used_l = tuple(used)
         hp.n_expert_used = max(used)
-        ffe = _positive(gf, f"{a}.expert_feed_forward_length", layers("expert_feed_forward_length"))
+        ffe = layers("expert_feed_forward_length")
         if len(set(ffe)) != 1:
             raise UnsupportedError(gf.path, f"metadata key '{a}.expert_feed_forward_length': per-layer expert "
                                             f"widths {sorted(set(ffe))} are not supported")
