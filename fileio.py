@@ -44,7 +44,7 @@ def check_input(path, what: str = "file") -> str:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise GGFuseError(path, f"no such {what}") from None
+        raise GGFuseError(path, f"no such file (the {what})") from None
     except (OSError, ValueError) as e:       # ValueError: a NUL byte in the name
         raise GGFuseError(path, f"cannot read the {what}: {getattr(e, 'strerror', None) or e}") from None
     if not stat.S_ISREG(st.st_mode):

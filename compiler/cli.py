@@ -47,8 +47,6 @@ def cmd_compile(args) -> int:
     options = from_args(args, COMPILE)
     out = args.output or (os.path.splitext(args.model)[0] + ".ggfuse.json")
     check_output(out, inputs=[args.model], what="plan")     # before the compile, not after it
-    if args.dump_dir is not None and not os.path.isdir(args.dump_dir):
-        raise GGFuseError(args.dump_dir, "--dump-dir: no such folder")
     plan = compile_gguf(args.model, options=options, passes=_passes_list(args.passes),
                         skip=_passes_list(args.skip_pass) or (), dump_dir=args.dump_dir)
     plan.save(out, inputs=[args.model])
