@@ -78,6 +78,16 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _is_gguf(path: str) -> bool:
+    try:
+        if not os.path.isfile(path):
+            return False
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def check_output(path, inputs=(), what: str = "output") -> str:
     """path, or GGFuseError when it cannot be written safely: an empty name, a directory, a
     missing parent folder, or one of `inputs` (it would destroy an input)."""
@@ -91,6 +101,9 @@ def check_output(path, inputs=(), what: str = "output") -> str:
             raise GGFuseError(path, f"{what} would overwrite the input {os.fspath(src)}; choose another name")
     if os.path.isdir(path):
         raise GGFuseError(path, f"{what} is a directory; give a file name")
+    if what != "synth GGUF" and _is_gguf(path):
+        # a model is always somebody's input (a plan's source, a run's weights): never clobber one
+        raise GGFuseError(path, f"{what} would overwrite a GGUF model; choose another name")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise GGFuseError(path, f"{what}: the folder {parent} does not exist")

@@ -240,6 +240,9 @@ def _graph_of(p, d) -> Graph:
         raise PlanSchemaError(f"steps: malformed ({e.__class__.__name__}: {e})") from None
 
 
+_MAX_ELEMENTS_PER_TOKEN = 1 << 34    # 64 GiB of f32 at T=1, P=1: far past any real weight or state
+
+
 def _check_graph_contract(p, g: Graph) -> None:
     """What the runtime assumes of a verified graph: its inputs are the tokens, the positions
     and carried states; the logits are [T, n_vocab]; every weight is in the weights table."""
@@ -247,6 +250,12 @@ def _check_graph_contract(p, g: Graph) -> None:
     for key, n in g.inputs().items():
         if key not in ("tokens", "positions") and n.attrs.get("kind") != "state":
             raise PlanSchemaError(f"steps: input %{n.id} {key!r} is neither the tokens, the positions nor a state")
+    from ggfuse.ir.types import shape_eval
+    for n in g.nodes():                       # no value absurdly large even for one token
+        for t in n.outputs:
+            if math.prod(shape_eval(t.shape, {"T": 1, "P": 1})) > _MAX_ELEMENTS_PER_TOKEN:
+                raise PlanSchemaError(f"steps: %{n.id} ({n.op.value} {n.name!r}) has a value of {t} elements "
+                                      f"for a single token: not a model this plan could come from")
     lt = g.type_of(g.outputs["logits"])
     if lt.rank != 2 or lt.shape[0] != "T" or lt.shape[1] != p.hparams.n_vocab:
         raise PlanSchemaError(f"outputs.logits: type {lt} is not [T, hparams.n_vocab={p.hparams.n_vocab}]")

@@ -60,6 +60,10 @@ ATTRS: dict[Op, dict[str, object]] = {
                        "slot": ("int", 0, 1 << 16), "bytes": ("int", 0, 1 << 50), "stream": "str",
                        "first_expert": ("int", 0, 1 << 16), "end_expert": ("int", 0, 1 << 16)},
 }
+# attributes a node of the op may lack (the reference has a default); every other one is required
+OPTIONAL_ATTRS = {Op.INPUT: {"state"}, Op.MOE_ROUTE: {"expert_scale"}, Op.MOE_GROUPED_GEMM: {"act"},
+                  Op.FETCH_WEIGHTS: {"first_expert", "end_expert", "stream", "slot", "bytes", "layer"},
+                  Op.WEIGHT: {"ggml_type"}}
 _DIM_SYMBOLS = {"T", "P"}       # tokens in the chunk, positions before it
 _MAX_DIM = 1 << 40
 
@@ -133,6 +137,10 @@ def verify(g: Graph) -> None:
         if node.op not in OPS:
             problems.append(f"{where}: unknown op")
             continue
+        missing = sorted(set(ATTRS.get(node.op, {})) - set(node.attrs) - OPTIONAL_ATTRS.get(node.op, set()))
+        if missing:
+            problems.append(f"{where}: attribute {missing[0]!r} is missing")
+            continue
         bad_attr = next(((k, p) for k, p in ((k, attr_problem(node.op, k, v)) for k, v in node.attrs.items())
                          if p is not None), None)
         if bad_attr is not None:
@@ -182,6 +190,8 @@ def verify(g: Graph) -> None:
     for name, v in g.outputs.items():
         if v.node not in g:
             problems.append(f"output {name!r}: {v} does not exist")
+    if problems:        # the graph-wide rules below assume every node passed its own
+        _fail(g, problems)
     states = g.states()
     for name, node in states.items():
         if name not in g.outputs:
@@ -198,5 +208,9 @@ def verify(g: Graph) -> None:
                                     f"node writing it (%{writer}) does not depend on: an in-place update could "
                                     f"overwrite it first")
     if problems:
-        head = f"graph {g.name!r} fails verification ({len(problems)} problems)"
-        raise VerifyError(head + ":\n  " + "\n  ".join(problems[:50]))
+        _fail(g, problems)
+
+
+def _fail(g: Graph, problems: list[str]):
+    head = f"graph {g.name!r} fails verification ({len(problems)} problems)"
+    raise VerifyError(head + ":\n  " + "\n  ".join(problems[:50]))

@@ -65,6 +65,20 @@ def check_plan_options(plan, given: dict, plan_path: str) -> None:
                                        f"`ggfuse compile {src} --{k.replace('_', '-')} {show(v)}` or load the GGUF itself")
 
 
+_SAID_CPU_FALLBACK = []
+
+
+def _say_cpu_fallback() -> None:
+    """device auto without a usable GPU: say so once per process (stderr), and that it is slow."""
+    from ggfuse.options import quiet
+    if _SAID_CPU_FALLBACK or quiet():
+        return
+    _SAID_CPU_FALLBACK.append(True)
+    import sys
+    print("ggfuse: no CUDA device (or no cupy / cuda-python): running on the cpu reference, which is numpy and "
+          "slow (for checking results, not for speed); --device cpu silences this", file=sys.stderr)
+
+
 def cuda_available() -> bool:
     from ggfuse.runtime import cuda
     return cuda.available()
@@ -170,6 +184,8 @@ def load(path: str, device: str | None = None, chunk: int | None = None, gguf: s
     dev = opts.device
     if dev == "auto":
         dev = "cuda" if cuda_available() else "cpu"
+        if dev == "cpu":
+            _say_cpu_fallback()
     if dev == "cuda" and not cuda_available():
         raise DeviceError(path, "the cuda device is not available (no GPU, or cupy/cuda-python not installed); use device='cpu'")
     opts = opts.replace(device=dev)
