@@ -728,6 +728,9 @@ def bench_main(args) -> int:
         parse_bytes(args.vram_budget, "--vram-budget")
     if args.n_cpu_moe is not None:
         count_list(args.n_cpu_moe, "--n-cpu-moe", 0, 1 << 16)
+    if args.against_llama_bench and not (os.path.isfile(args.against_llama_bench)
+                                         or shutil.which(args.against_llama_bench)):
+        raise GGFuseError(args.against_llama_bench, "llama-bench not found (see BENCHMARKS.md for how to build it)")
     for out in (args.json_out, args.plot):        # before the runs, not after them
         if out is not None:
             check_output(out, inputs=[args.model])

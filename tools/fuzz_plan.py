@@ -15,8 +15,9 @@ Compiles plans of the shipped fixtures (tests/fixtures/*, cpu and lowered target
 Every case runs in this process through `ggfuse.compiler.cli.main` with a wall-clock limit
 (SIGALRM) and an address-space limit (RLIMIT_AS), and is classified:
   ok      exit 0
-  clean   exit 2 with exactly one line `ggfuse: error: ...` (for plan mutants: naming the file)
-  unclear exit 2 but more than one line, or a plan error not naming the file
+  clean   exit 2, the last line `ggfuse: error: ...` and no other error line (progress lines
+          may precede it); for plan mutants the line names the plan file
+  unclear exit 2 but the error spread over lines, or a plan error not naming the file
   crash   a traceback (an exception escaping main, or main's bug-report line)
   hang    over the time limit
   blowup  out of memory, or the resident set grew by more than --rss-growth
@@ -98,9 +99,11 @@ def classify(code, err, exc, hung, must_name=None) -> str:
         return "crash"
     if code == 0:
         return "ok"
+    # the error is the last line and the only one of its kind (progress lines may come before it)
     lines = err.strip("\n").split("\n")
-    if code == 2 and len(lines) == 1 and lines[0].startswith("ggfuse: error: "):
-        if must_name is not None and must_name not in lines[0]:
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    if code == 2 and lines[-1].startswith("ggfuse: error: ") and errors == [lines[-1]]:
+        if must_name is not None and must_name not in lines[-1]:
             return "unclear"
         return "clean"
     return "unclear"
