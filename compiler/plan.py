@@ -192,14 +192,14 @@ def load_plan(path: str) -> Plan:
     except VerifyError as e:
         lines = str(e).splitlines()
         more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
-        raise PlanError(path, f"steps: {lines[-1 if len(lines) == 2 else 1].strip()}{more}") from None
+        raise PlanError(path, f"steps: {lines[1].strip()}{more}") from None
     try:
         _check_graph_contract(p, graph)
     except PlanSchemaError as e:
         raise PlanError(path, str(e)) from None
     weights = [WeightEntry(w.name, w.ggml_type, tuple(w.shape), w.offset, w.nbytes) for w in p.weights]
     plan = Plan(source=dict(d["source"]), arch=p.arch, hparams=dict(d["hparams"]), chunk=p.chunk, graph=graph,
-                weights=weights, passes=list(p.passes), stats=dict(d.get("stats") or {}),
+                weights=weights, passes=list(p.passes), stats=_filled(d.get("stats") or {}, p.stats),
                 options=dict(d["options"]), ggfuse=dict(d.get("ggfuse") or {}), version=tuple(ver))
     try:
         opts = plan.compile_options()
@@ -208,6 +208,17 @@ def load_plan(path: str) -> Plan:
     if opts.chunk != plan.chunk:
         raise PlanError(path, f"chunk: plan chunk {plan.chunk} differs from its options' chunk {opts.chunk}")
     return plan
+
+
+def _filled(raw: dict, checked) -> dict:
+    """The raw section with the schema's view laid over it: every field the schema knows present
+    (its default where the file left it out) and of its checked type; fields it does not know
+    (a later minor version's) kept as they are."""
+    def merge(r, c):
+        if isinstance(r, dict) and isinstance(c, dict):
+            return {**r, **{k: merge(r.get(k), v) for k, v in c.items() if not (v is None and k not in r)}}
+        return c
+    return merge(dict(raw), checked.model_dump(exclude_none=False))
 
 
 def _graph_of(p, d) -> Graph:
@@ -235,7 +246,7 @@ def _graph_of(p, d) -> Graph:
             raise PlanSchemaError(f"outputs.{k}: {s} names no step output")
     try:
         return graph_from_json({"name": p.arch, "nodes": d["steps"], "outputs": d["outputs"],
-                                "meta": d.get("graph_meta") or {}})
+                                "meta": _filled(d.get("graph_meta") or {}, p.graph_meta)})
     except (KeyError, TypeError, ValueError) as e:   # the schema should have said: name the class anyway
         raise PlanSchemaError(f"steps: malformed ({e.__class__.__name__}: {e})") from None
 

@@ -68,7 +68,7 @@ class NodeMeta(_M):
     arena: Optional[dict[ChunkKey, list[Optional[Int]]]] = None
     layer: Optional[SmallInt] = None
     segment: Optional[SmallInt] = None
-    sched_key: Optional[Num] = None
+    sched_key: Num = 0.0        # absent: the node's id (ir/graph.py topo); never null
 
 
 class Step(_M):

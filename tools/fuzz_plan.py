@@ -111,15 +111,19 @@ def classify(code, err, exc, hung, must_name=None) -> str:
 
 # ---- base plans ------------------------------------------------------------------------------
 
+# and one that streams experts under a budget (the golden plan's settings)
+BUDGETED = ("qwen35moe", "q4_k_m", "sm_90a", {"vram_budget": 1_100_000, "max_context": 64, "dense_form": "raw"})
+
+
 def make_bases(workdir: str):
     from ggfuse.compiler.driver import compile_gguf
     out = []
-    for arch, quant, target in BASES:
+    for arch, quant, target, *kw in [BUDGETED] + BASES:
         gguf = os.path.join(FIXTURES, arch, f"{quant}.gguf")
         if not os.path.exists(gguf):
             continue
-        plan = compile_gguf(gguf, target=target, chunk=16 if target != "cpu" else 512)
-        path = os.path.join(workdir, f"base-{arch}-{quant}-{target}.ggfuse.json")
+        plan = compile_gguf(gguf, target=target, chunk=16 if target != "cpu" else 512, **(kw[0] if kw else {}))
+        path = os.path.join(workdir, f"base-{arch}-{quant}-{target}{'-budget' if kw else ''}.ggfuse.json")
         plan.save(path)
         out.append((path, json.loads(plan.dumps()), gguf))
     return out
