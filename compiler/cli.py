@@ -196,7 +196,7 @@ def print_summary(d: dict) -> None:
             print(f"  predicted per chunk: transfer {q['transfer_ms']:.2f} ms at {q['h2d_gbps']} GB/s, compute "
                   f"{q['compute_ms']:.2f} ms, chunk {q['chunk_ms']:.2f} ms, {100 * q['hidden_fraction']:.0f}% of transfer hidden")
     elif p:
-        print(f"\nall weights resident: {_human(p['resident_bytes'])} with KV cache at {p['max_context']} tokens")
+        print(f"\nall weights resident: {_human(p['resident_bytes'])} with KV cache at {p.get('max_context')} tokens")
     if d.get("segments"):
         print(f"capture segments {len(d['segments'])}: " + "; ".join(
             f"#{s['id']} {s['n_nodes']} nodes ({s['starts_with']})" for s in d["segments"][:4]) +

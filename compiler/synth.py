@@ -846,6 +846,8 @@ def synth_main(args: argparse.Namespace) -> int:
                     vocab=opt(args.vocab, "--vocab", 1, 1 << 24), experts=opt(args.experts, "--experts", 1, 1 << 16),
                     tokenizer_from=args.tokenizer_from)
     mix = ", ".join(f"{t} {d['count']}" for t, d in s["types"].items())
-    print(f"{s['path']}: {s['arch']} {s['n_layer']} layers, {s['n_tensors']} tensors ({mix}), "
-          f"{s['bytes'] / 1e9:.2f} GB in {s['seconds']:.1f} s ({s['mb_per_s']:.0f} MB/s)")
+    from ggfuse.errors import escape
+    from ggfuse.fileio import format_bytes
+    print(f"{escape(s['path'])}: {s['arch']} {s['n_layer']} layers, {s['n_tensors']} tensors ({mix}), "
+          f"{format_bytes(s['bytes'])} in {s['seconds']:.1f} s ({format_bytes(s['bytes'] / max(s['seconds'], 1e-9))}/s)")
     return 0

@@ -38,7 +38,7 @@ def token_array(token_ids, n_vocab: int, where=None) -> np.ndarray:
         raise GGFuseError(where, f"token ids must be a list of integers, got {type(token_ids).__name__}")
     for i, t in enumerate(items):
         if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
-            raise GGFuseError(where, f"token ids must be integers; item {i} is {t!r}"[:200])
+            raise GGFuseError(where, f"expected a list of token ids (integers); item {i} is {t!r}"[:200])
         if not 0 <= int(t) < n_vocab:
             raise GGFuseError(where, f"token id {int(t)} (item {i}) is outside the vocabulary 0..{n_vocab - 1}")
     return np.asarray([int(t) for t in items], dtype=np.int64).reshape(-1)
@@ -199,7 +199,10 @@ def load(path: str, device: str | None = None, chunk: int | None = None, gguf: s
         except GGFuseError as e:
             raise PlanError(path, f"source.path: the plan's GGUF {e}; pass the GGUF it was compiled from "
                                   f"(ggfuse.load(plan, gguf=...))") from None
-        gf = GGUFFile(src)
+        try:
+            gf = GGUFFile(src)
+        except GGFuseError as e:
+            raise PlanError(path, f"source.path: {e}") from None
         check_source(plan, gf, path)
         check_weights(plan, gf, path)
         check_plan_options(plan, explicit, path)
