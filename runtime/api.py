@@ -182,10 +182,9 @@ def load(path: str, device: str | None = None, chunk: int | None = None, gguf: s
     opts = Options.make(options, **given)
     explicit = {k: getattr(opts, k) for k, v in given.items() if v is not None and k in Options.names(COMPILE)}
     dev = opts.device
+    fell_back = dev == "auto" and not cuda_available()
     if dev == "auto":
-        dev = "cuda" if cuda_available() else "cpu"
-        if dev == "cpu":
-            _say_cpu_fallback()
+        dev = "cpu" if fell_back else "cuda"
     if dev == "cuda" and not cuda_available():
         raise DeviceError(path, "the cuda device is not available (no GPU, or cupy/cuda-python not installed); use device='cpu'")
     opts = opts.replace(device=dev)
@@ -219,4 +218,6 @@ def load(path: str, device: str | None = None, chunk: int | None = None, gguf: s
     else:
         from ggfuse.runtime.cpu import CPUBackend
         backend = CPUBackend(plan, gf)
+    if fell_back:       # said once the model is loaded: an error is still one line
+        _say_cpu_fallback()
     return Model(plan, gf, backend, run_chunk)

@@ -106,6 +106,13 @@ def run_text(args, model) -> int:
     if args.chat:
         return _chat(args, model, n, kw)
     text = _prompt_text(args)
+    from ggfuse.options import quiet
+    if model.device == "cpu" and not quiet():
+        # the cpu reference is slow: a long prompt says how far its prefill is, chunk by chunk
+        def on_chunk(n_past):
+            if n_past % model.chunk == 0:
+                print(f"prefill {n_past} tokens", file=sys.stderr, flush=True)
+        kw["on_chunk"] = on_chunk
     gen = model.stream(text, n, **kw)    # tokenizes, checks the context before any output
     out = sys.stdout
     if not args.no_display_prompt:

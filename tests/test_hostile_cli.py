@@ -316,3 +316,9 @@ def test_every_flag_has_help():
             if not a.help:
                 missing.append(f"{name} {'/'.join(a.option_strings) or a.dest}")
     assert not missing, missing
+
+
+def test_long_cpu_text_prompt_shows_progress(capsys):
+    code, out, err = run(capsys, "run", fixture("qwen35", "q8_0"), "--device", "cpu", "--chunk", "16",
+                         "-p", "hello world " * 12, "-n", "1")
+    assert code == 0 and "prefill 16 tokens" in err
