@@ -51,12 +51,6 @@ def parse_bytes(s, what: str = "size") -> int:
     return int(v)
 
 
-def format_bytes(n) -> str:
-    """A byte count for people, in the binary units parse_bytes reads: 512 B, 1.5 KiB, 12.0 GiB."""
-    from ggfuse.fileio import format_bytes as fmt
-    return fmt(n)
-
-
 def count(v, what: str, lo: int = 1, hi: int = 1 << 40) -> int:
     """An integer count in lo..hi from a CLI string or an API value (not a bool, not a float
     with a fraction, not NaN); GGFuseError naming `what` otherwise. For flags and arguments that
