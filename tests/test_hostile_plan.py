@@ -153,7 +153,7 @@ def edit_lowering(d):
     (edit_attr_type, "eps"), (edit_attr_huge, "tile"), (edit_op_type, "op"), (edit_op_unknown, "op"),
     (edit_op_other, "steps"), (edit_chunk0, "chunk"), (edit_version_null, "version"),
     (edit_version_major, "version"), (edit_no_logits, "logits"), (edit_no_steps, "steps"),
-    (edit_huge_number, "too large"), (edit_negative_offset, "offset"), (edit_duplicate_id, "id"),
+    (edit_huge_number, "n_vocab"), (edit_negative_offset, "offset"), (edit_duplicate_id, "id"),
     (edit_bool_for_int, "chunk"), (edit_unknown_dim, "'X'"), (edit_meta_sched, "sched_key"),
     (edit_state_shape, "shape"), (edit_options_type, "chunk"), (edit_stats_type, "memory"),
     (edit_lowering, "lowering"),
@@ -173,7 +173,7 @@ def test_edited_plan_is_one_line_naming_file_and_field(base, tmp_path, capsys, e
 @pytest.mark.parametrize("raw, words", [
     ("", "not valid JSON"), ("{", "not valid JSON"), ("[]", "not a ggfuse plan"),
     ('{"chunk": NaN}', "non-finite"), ('{"chunk": 1e999}', "out of range"),
-    ('{"chunk": ' + "9" * 5000 + "}", "too large"), ("[" * 100000 + "]" * 100000, "nested"),
+    ('{"chunk": ' + "9" * 5000 + "}", "5000 digits"), ("[" * 100000 + "]" * 100000, "nested"),
     ('{"a":' * 50 + "1" + "}" * 50, "nested"),
 ])
 def test_damaged_text(tmp_path, capsys, raw, words):
