@@ -82,7 +82,7 @@ def prompt_ids(model, prompt) -> list[int]:
     if not isinstance(prompt, (list, tuple, np.ndarray)):
         raise GGFuseError(None, f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
     from ggfuse.runtime.api import token_array
-    return token_array(prompt, model.n_vocab, model.gguf.path).tolist()
+    return token_array(prompt, model.n_vocab, getattr(getattr(model, "gguf", None), "path", None)).tolist()
 
 
 class _StopStrings:
