@@ -113,7 +113,7 @@ class Model:
             raise GGFuseError(None, f"logits must be 'all' or 'last', got {logits!r}")
         if on_chunk is not None and not callable(on_chunk):
             raise GGFuseError(None, f"on_chunk must be callable, got {type(on_chunk).__name__}")
-        ids = token_array(token_ids, self.n_vocab, getattr(self.gguf, "path", None))
+        ids = token_array(token_ids, self.n_vocab, getattr(getattr(self, "gguf", None), "path", None))
         if ids.size == 0:
             return np.zeros((0, self.n_vocab), dtype=np.float32)
         starts = list(range(0, ids.size, self.chunk))
