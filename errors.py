@@ -14,13 +14,25 @@ class GGFuseError(Exception):
 
     def __init__(self, path: str | os.PathLike[str] | None, message: str):
         self.path = os.fspath(path) if path is not None else None
+        if isinstance(self.path, bytes):
+            self.path = os.fsdecode(self.path)
         # Keep it on one line whatever the caller passed in (e.g. a wrapped
         # exception's text), so CLI output and logs stay greppable.
-        self.message = " ".join(str(message).split())
+        self.message = escape(" ".join(str(message).split()))
         super().__init__(self.path, self.message)
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path is not None else self.message
+        return f"{escape(self.path)}: {self.message}" if self.path is not None else self.message
+
+
+def escape(s: str) -> str:
+    """s with control and other unprintable characters written as escapes (a file name holding a
+    newline or a terminal escape stays on one line and harmless)."""
+    s = str(s)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in s)
 
 
 class GGUFFormatError(GGFuseError):

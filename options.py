@@ -37,8 +37,8 @@ def parse_bytes(s, what: str = "size") -> int:
     if isinstance(s, bool):
         raise GGFuseError(None, f"{what}: cannot read {s!r} as a size")
     if isinstance(s, (int, float)):
-        if not math.isfinite(s) or s <= 0:
-            raise GGFuseError(None, f"{what}: {s!r} is not a positive size")
+        if not math.isfinite(s) or s < 1 or s > 1 << 60:
+            raise GGFuseError(None, f"{what}: {s!r} is not a positive size (1 B .. 1 EiB)")
         return int(s)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(s))
     if not m or m.group(2).lower() not in _UNITS:
@@ -46,7 +46,40 @@ def parse_bytes(s, what: str = "size") -> int:
     v = float(m.group(1)) * _UNITS[m.group(2).lower()]
     if not math.isfinite(v) or v < 1:
         raise GGFuseError(None, f"{what}: {s!r} is not a positive size")
+    if v > 1 << 60:
+        raise GGFuseError(None, f"{what}: {s!r} is larger than 1 EiB")
     return int(v)
+
+
+def count(v, what: str, lo: int = 1, hi: int = 1 << 40) -> int:
+    """An integer count in lo..hi from a CLI string or an API value (not a bool, not a float
+    with a fraction, not NaN); GGFuseError naming `what` otherwise. For flags and arguments that
+    are not Options fields (bench --repeat, --prompt, max_new_tokens, ...)."""
+    bad = GGFuseError(None, f"{what}: {v!r} is not an integer in {lo}..{hi}"[:200])
+    if isinstance(v, bool) or v is None:
+        raise bad
+    if isinstance(v, float):
+        if not math.isfinite(v) or not v.is_integer():
+            raise bad
+        v = int(v)
+    if isinstance(v, str):
+        t = v.strip()
+        if not re.fullmatch(r"[+-]?[0-9]{1,19}", t):
+            raise bad
+        v = int(t)
+    if hasattr(v, "item") and not isinstance(v, int):    # numpy integers
+        v = v.item()
+    if not isinstance(v, int) or not lo <= v <= hi:
+        raise bad
+    return v
+
+
+def count_list(s, what: str, lo: int = 1, hi: int = 1 << 40) -> list[int]:
+    """Comma-separated counts ('512,2048'), each through count(); at least one."""
+    items = str(s).replace(" ", "").split(",") if s is not None else []
+    if not items or "" in items:
+        raise GGFuseError(None, f"{what}: expected comma-separated integers, got {s!r}"[:200])
+    return [count(x, what, lo, hi) for x in items]
 
 
 def _opt(kind: str, help: str, choices=None, check=None, default=None):
@@ -69,6 +102,16 @@ def _positive_int(name, v):
     if not isinstance(v, int) or v <= 0 or v > 1 << 40:
         raise bad
     return v
+
+
+def _upto(hi: int):
+    """A positive-integer check with a ceiling (a chunk of 2^40 tokens is a typo, not a plan)."""
+    def check(name, v):
+        v = _positive_int(name, v)
+        if v > hi:
+            raise GGFuseError(None, f"option {name}: {v} is larger than {hi}")
+        return v
+    return check
 
 
 def _bool(name, v):
@@ -111,8 +154,9 @@ class Options:
                                 "sm_80 (Ampere), cpu (the numpy reference; no lowering), or auto (this machine's GPU, "
                                 "else cpu). An sm_89 / sm_80 plan also runs on newer GPUs", TARGETS, default="auto")
     chunk: int = _opt(COMPILE, "prefill chunk length: the tokens one captured CUDA graph processes", None,
-                      _positive_int, default=512)
-    max_context: int = _opt(COMPILE, "longest sequence the KV cache is sized for", None, _positive_int, default=8192)
+                      _upto(1 << 20), default=512)
+    max_context: int = _opt(COMPILE, "longest sequence the KV cache is sized for", None, _upto(1 << 24),
+                            default=8192)
     vram_budget: int | None = _opt(COMPILE, "device memory budget, e.g. 12GiB: experts that do not fit are streamed "
                                             "from the GGUF during each chunk", None, _budget)
     precision: str = _opt(COMPILE, "bf16: tensor-core GEMMs with bf16 operands; f32: f32-faithful GEMMs and delta "
@@ -120,7 +164,7 @@ class Options:
     sub_chunks: bool = _opt(COMPILE, "also capture smaller chunk sizes (halvings of --chunk down to "
                                      "--sub-chunk-min) for short prompts and the tail of long ones", None, _bool,
                             default=True)
-    sub_chunk_min: int = _opt(COMPILE, "smallest captured sub-chunk size", None, _positive_int, default=256)
+    sub_chunk_min: int = _opt(COMPILE, "smallest captured sub-chunk size", None, _upto(1 << 20), default=256)
     decode: bool = _opt(COMPILE, "also capture a one-token step, the graph text generation replays per token",
                         None, _bool, default=True)
     decode_cache: str = _opt(COMPILE, "decode under --vram-budget: streamed experts a token routes to are kept in "
@@ -134,7 +178,8 @@ class Options:
                                                    "spare memory holds)", None, _opt_positive)
     decode_cache_protected: float = _opt(COMPILE, "slru: the share of the decode cache's slots that the protected "
                                                   "(hot) segment may hold", None, _fraction, default=0.8)
-    deltanet_chunk: int = _opt(COMPILE, "chunk length of the chunked (WY) delta rule", None, _positive_int, default=64)
+    deltanet_chunk: int = _opt(COMPILE, "chunk length of the chunked (WY) delta rule", None, _upto(4096),
+                            default=64)
     gemm: str = _opt(COMPILE, "tensor-core GEMM family: auto (wgmma on sm_90a where the weight type allows, else "
                               "mma.sync), mma, wgmma (an error where it cannot run)", ("auto", "mma", "wgmma"),
                      default="auto")
@@ -251,8 +296,14 @@ def add_arguments(parser, kind: str | None = None, skip=()) -> None:
 
 
 def from_args(args, kind: str | None = None) -> Options:
-    """Options from an argparse namespace filled by add_arguments."""
-    return Options.make(**{k: getattr(args, k) for k in Options.names(kind) if hasattr(args, k)})
+    """Options from an argparse namespace filled by add_arguments (errors name the flag)."""
+    try:
+        return Options.make(**{k: getattr(args, k) for k in Options.names(kind) if hasattr(args, k)})
+    except GGFuseError as e:
+        m = re.match(r"option (\w+):", e.message)
+        if m is None or e.path is not None:
+            raise
+        raise GGFuseError(None, "--" + m.group(1).replace("_", "-") + e.message[m.end() - 1:]) from None
 
 
 # ---- paths and verbosity: the only environment this package reads ----

@@ -1,7 +1,9 @@
 """The `ggfuse` command: compile, inspect, run, synth, bench, serve.
 
-Every user-facing failure (bad GGUF, unsupported input, wrong plan, no device) is one line on
-stderr and exit code 2; --debug shows the traceback instead.
+Every user-facing failure (bad GGUF, unsupported input, wrong plan, a bad flag value, no
+device, a file that cannot be read or written) is one line on stderr, `ggfuse: error: FILE:
+PROBLEM`, and exit code 2. Only a bug in ggfuse shows a traceback, with a line asking for a
+report; --debug (anywhere on the command line) shows the traceback of any error.
 """
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ EXAMPLE_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 
 
 def _human(n: float, unit: str = "B") -> str:
+    """Bytes in binary units (ggfuse/fileio.py, the convention --vram-budget reads); other
+    quantities (FLOP) in decimal prefixes."""
+    if unit == "B":
+        from ggfuse.fileio import format_bytes
+        return format_bytes(n)
     for prefix in ("", "K", "M", "G", "T", "P"):
         if abs(n) < 1000 or prefix == "P":
             return f"{n:.1f} {prefix}{unit}" if prefix else f"{n:.0f} {unit}"
@@ -34,11 +41,15 @@ def _passes_list(s):
 
 def cmd_compile(args) -> int:
     from ggfuse.compiler.driver import compile_gguf
+    from ggfuse.fileio import check_input, check_output
     from ggfuse.options import COMPILE, from_args
-    plan = compile_gguf(args.model, options=from_args(args, COMPILE), passes=_passes_list(args.passes),
-                        skip=_passes_list(args.skip_pass) or (), dump_dir=args.dump_dir)
+    check_input(args.model, "model")
+    options = from_args(args, COMPILE)
     out = args.output or (os.path.splitext(args.model)[0] + ".ggfuse.json")
-    plan.save(out)
+    check_output(out, inputs=[args.model], what="plan")     # before the compile, not after it
+    plan = compile_gguf(args.model, options=options, passes=_passes_list(args.passes),
+                        skip=_passes_list(args.skip_pass) or (), dump_dir=args.dump_dir)
+    plan.save(out, inputs=[args.model])
     s = plan.stats
     print(f"wrote {out}: {plan.arch}, target {plan.target}, {len(plan.graph)} nodes, chunk {plan.chunk}, "
           f"{_human(s['flops_per_chunk'], 'FLOP')}/chunk, weights {_human(s['weight_bytes'])}")
@@ -193,7 +204,7 @@ def print_summary(d: dict) -> None:
                   f"), the step cut after {len(dc['split_points'])} routers; streaming every expert would move "
                   f"{_human(dc['bytes_per_token_all'])} per token")
     elif p:
-        print(f"\nall weights resident: {_human(p['resident_bytes'])} with KV cache at {p['max_context']} tokens")
+        print(f"\nall weights resident: {_human(p['resident_bytes'])} with KV cache at {p.get('max_context')} tokens")
     if d.get("segments"):
         print(f"capture segments {len(d['segments'])}: " + "; ".join(
             f"#{s['id']} {s['n_nodes']} nodes ({s['starts_with']})" for s in d["segments"][:4]) +
@@ -224,10 +235,11 @@ def cmd_inspect(args) -> int:
     plan = load_plan(args.plan)
     d = inspect_summary(plan)
     if args.dot:
+        from ggfuse.errors import escape
+        from ggfuse.fileio import write_atomic
         from ggfuse.ir.printer import to_dot
-        with open(args.dot, "w") as f:
-            f.write(to_dot(plan.graph, weights=args.dot_weights))
-        print(f"wrote {args.dot} (render: dot -Tsvg {args.dot} -o graph.svg)", file=sys.stderr)
+        write_atomic(args.dot, to_dot(plan.graph, weights=args.dot_weights), inputs=[args.plan], what="dot file")
+        print(f"wrote {escape(args.dot)} (render: dot -Tsvg {escape(args.dot)} -o graph.svg)", file=sys.stderr)
     if args.text:
         from ggfuse.ir.printer import to_text
         sys.stdout.write(to_text(plan.graph))
@@ -243,10 +255,29 @@ def cmd_inspect(args) -> int:
 # ---- run -------------------------------------------------------------------------------------
 
 def _parse_tokens(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise GGFuseError(None, f"--tokens must be comma-separated integers, got {s!r}") from None
+    from ggfuse.options import count_list
+    return count_list(s, "--tokens", 0, (1 << 63) - 1)
+
+
+def _logits_path(path: str) -> str:
+    """--logits FILE: written as .npy; a name without that extension is refused rather than
+    silently becoming FILE.npy (what np.save would do)."""
+    if not path.endswith(".npy"):
+        raise GGFuseError(path, "--logits writes a NumPy .npy file: give a name ending in .npy")
+    return path
+
+
+def _progress(total: int, chunk: int, device: str):
+    """A per-chunk progress line on stderr for long cpu-reference prefills (None otherwise)."""
+    from ggfuse.options import quiet
+    if device != "cpu" or total <= chunk or quiet():
+        return None
+    done = [0]
+
+    def on_chunk(n_past):
+        done[0] = min(total, done[0] + chunk)
+        print(f"prefill {done[0]}/{total} tokens", file=sys.stderr, flush=True)
+    return on_chunk
 
 
 def cmd_run(args) -> int:
@@ -264,13 +295,17 @@ def cmd_run(args) -> int:
         m = ggfuse.load(model_path, options=options)
         return run_text(args, m)
     tokens = _parse_tokens(args.tokens)
-    if not tokens:
-        raise GGFuseError(None, "--tokens is empty")
-    m = ggfuse.load(model_path, options=options)
-    logits = m.prefill(tokens)
     if args.logits:
-        np.save(args.logits, logits)
-        print(f"wrote logits {logits.shape} to {args.logits}", file=sys.stderr)
+        from ggfuse.fileio import check_output
+        check_output(_logits_path(args.logits), inputs=[model_path], what="--logits file")
+    m = ggfuse.load(model_path, options=options)
+    logits = m.prefill(tokens, on_chunk=_progress(len(tokens), m.chunk, m.device))
+    if args.logits:
+        from ggfuse.errors import escape
+        from ggfuse.fileio import atomic_output
+        with atomic_output(args.logits, "wb", inputs=[model_path], what="--logits file") as f:
+            np.save(f, logits)
+        print(f"wrote logits {logits.shape} to {escape(args.logits)}", file=sys.stderr)
     last = logits[-1].astype(np.float64)
     p = np.exp(last - last.max())
     p /= p.sum()
@@ -284,14 +319,33 @@ def cmd_run(args) -> int:
 
 # ---- main ------------------------------------------------------------------------------------
 
+class UsageError(GGFuseError):
+    """A command line argparse cannot read (an unknown flag, a missing argument)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with ggfuse's one-line errors (and exit code 2) instead of usage + error."""
+
+    def error(self, message):
+        raise UsageError(None, f"{message} (see `{self.prog} --help`)")
+
+
+def _version() -> str:
+    from ggfuse.compiler.buildinfo import build_info
+    info = build_info()
+    commit = f" (commit {info['commit'][:12]}{', modified' if info.get('dirty') else ''})" if info.get("commit") else ""
+    return f"ggfuse {info['version']}{commit}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="ggfuse", description="Compile GGUF hybrid GDN + MoE models into a fused prefill plan and run it.")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = _Parser(prog="ggfuse", description="Compile GGUF hybrid GDN + MoE models into a fused prefill plan and run it.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks (accepted anywhere on the command line)")
+    ap.add_argument("--version", action="version", version=_version(), help="print the version and exit")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     from ggfuse.options import COMPILE, add_arguments
     c = sub.add_parser("compile", help="GGUF -> plan file")
-    c.add_argument("model")
+    c.add_argument("model", help="the GGUF to compile")
     c.add_argument("-o", "--output", help="plan path (default MODEL.ggfuse.json)")
     c.add_argument("--passes", help="comma-separated passes to run (default: the whole pipeline)")
     c.add_argument("--skip-pass", help="comma-separated passes to skip")
@@ -300,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_compile)
 
     i = sub.add_parser("inspect", help="summarise a plan")
-    i.add_argument("plan")
+    i.add_argument("plan", help="a plan file (ggfuse compile writes one)")
     i.add_argument("--json", action="store_true", help="the summary as JSON")
     i.add_argument("--dot", metavar="FILE", help="write the graph as Graphviz dot")
     i.add_argument("--dot-weights", action="store_true", help="include weight nodes in --dot")
@@ -336,24 +390,60 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+REPORT = ("ggfuse: this is a bug in ggfuse, not a problem with your input: please report it with the command line "
+          "and the traceback above")
+
+
+def _one_line_oserror(e: OSError) -> str:
+    from ggfuse.errors import escape
+    name = e.filename if e.filename is not None else None
+    what = e.strerror or e.__class__.__name__
+    return f"{escape(os.fsdecode(name))}: {what}" if name is not None else what
+
+
 def main(argv=None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug anywhere (before or after the command, among its flags); not after a bare "--"
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    argv = [a for i, a in enumerate(argv) if not (a == "--debug" and i < end)]
     try:
+        ap = build_parser()
+        args = ap.parse_args(argv)
         return int(args.fn(args) or 0)
     except GGFuseError as e:
-        if args.debug:
+        if debug:
             raise
         print(f"ggfuse: error: {e}", file=sys.stderr)
         return 2
     except MemoryError:
-        if args.debug:
+        if debug:
             raise
         print("ggfuse: error: out of host memory (try a smaller --chunk)", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # the reader went away (`ggfuse inspect plan | head`): not an error worth a traceback
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 1
+    except OSError as e:
+        # a file the user named that cannot be read or written (permissions, a full disk, ...)
+        if debug:
+            raise
+        print(f"ggfuse: error: {_one_line_oserror(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ggfuse: interrupted", file=sys.stderr)
         return 130
+    except SystemExit:
+        raise
+    except Exception:
+        import traceback
+        traceback.print_exc()
+        print(REPORT, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ The loader refuses an unknown MAJOR and says to recompile.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -37,15 +38,15 @@ PLAN_FORMAT = "ggfuse-plan"
 #              residency per tensor); new ops kv_append and lm_head (concat onto a KV cache and
 #              the logits matmul before); state inputs name their kind (attrs "state"); nodes carry
 #              their layer in meta "layer". A 3.x runtime would run a 4.0 plan wrongly.
-#          4.1 the decode step: options decode_moe, decode_deltanet, decode_dense; the one-token
-#              chunk's by_chunk records may say impl "gemv" (moe.grouped: kernels/moe/gemv.cu,
-#              workspace h_gemv / slot_expert / hs_gemv; matmul), router "gemv" (moe.route), impl
-#              "recurrent" (deltanet.chunk); the decode expert cache (passes/plan_decode_cache.py):
-#              graph_meta "decode_cache" (slots, policy, split points after the streamed layers'
-#              routers), the streamed layers' grouped GEMMs read "decode_tables" at chunk 1;
-#              options decode_cache*. Fields added, none changed meaning.
-#          4.2 option check_tensors (which weight values were checked for NaN / Inf).
-PLAN_VERSION = (4, 2)
+#          5.0 new kernel records and variants a 4.x runtime cannot run: the decode step's
+#              (options decode_moe, decode_deltanet, decode_dense: by_chunk impl "gemv" on
+#              moe.grouped (kernels/moe/gemv.cu, workspace h_gemv / slot_expert / hs_gemv) and
+#              matmul, router "gemv" on moe.route, impl "recurrent" on deltanet.chunk); the
+#              decode expert cache (passes/plan_decode_cache.py: graph_meta "decode_cache", the
+#              streamed layers' grouped GEMMs read "decode_tables" at chunk 1; options
+#              decode_cache*); Gemma 4's records (attention.window, kv_ring_append, ple_gather,
+#              norm_add, act "gelu", the LM head's softcap, expert_scale); option check_tensors.
+PLAN_VERSION = (5, 0)
 
 
 @dataclass(frozen=True)
@@ -113,11 +114,10 @@ class Plan:
     def dumps(self) -> str:
         return json.dumps(self.to_json(), sort_keys=True, indent=1) + "\n"
 
-    def save(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(self.dumps())
-        os.replace(tmp, path)
+    def save(self, path: str, inputs=()) -> None:
+        """Write the plan atomically (ggfuse/fileio.py); `inputs` are files it must not replace."""
+        from ggfuse.fileio import write_atomic
+        write_atomic(path, self.dumps(), inputs=inputs, what="plan")
 
 
 def _device_of(g: Graph, name: str) -> dict:
@@ -148,33 +148,166 @@ def buffers_of(g: Graph) -> list[dict]:
 
 
 def load_plan(path: str) -> Plan:
+    """Read and check a plan file: bounded JSON, the schema (compiler/plan_schema.py), the graph
+    (ids, references, the IR verifier), its outputs and options. Every failure is one PlanError
+    naming the file and the field."""
+    from ggfuse.compiler.plan_schema import MAX_PLAN_BYTES, PlanSchemaError, parse_plan_text, validate_plan_json
+    from ggfuse.fileio import open_input
     try:
-        with open(path) as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise PlanError(path, "no such plan file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PlanError(path, f"not a readable plan file ({e.__class__.__name__}: {e})") from None
+        with open_input(path, "rb", what="plan file") as f:
+            head = f.read(4)
+            if head == b"GGUF":
+                raise PlanError(path, f"is a GGUF model, not a plan: compile it first with `ggfuse compile {path}` "
+                                      f"(ggfuse run accepts either)")
+            if os.fstat(f.fileno()).st_size > MAX_PLAN_BYTES:
+                raise PlanError(path, f"larger than {MAX_PLAN_BYTES >> 20} MiB: not a plan file")
+            raw = head + f.read(MAX_PLAN_BYTES)
+    except GGFuseError as e:
+        raise PlanError(e.path, e.message) from None
+    except OSError as e:
+        raise PlanError(path, f"cannot read the plan file: {e.strerror or e}") from None
+    if len(raw) > MAX_PLAN_BYTES:
+        raise PlanError(path, f"larger than {MAX_PLAN_BYTES >> 20} MiB: not a plan file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PlanError(path, "not a plan file (not UTF-8 text; a GGUF? compile it first with `ggfuse compile`)") from None
+    try:
+        d = parse_plan_text(text)
+    except PlanSchemaError as e:
+        raise PlanError(path, f"not a readable plan file: {e}") from None
     if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
-        raise PlanError(path, f"not a ggfuse plan (format field is {d.get('format') if isinstance(d, dict) else None!r})")
-    ver = tuple(d.get("version", (0, 0)))
-    if len(ver) != 2 or ver[0] != PLAN_VERSION[0]:
-        raise PlanError(path, f"plan format version {'.'.join(map(str, ver))} is not supported by this ggfuse "
+        got = d.get("format") if isinstance(d, dict) else None
+        raise PlanError(path, f"not a ggfuse plan (format field is {str(got)[:40]!r})")
+    ver = d.get("version")
+    if not (isinstance(ver, list) and len(ver) == 2 and all(type(x) is int for x in ver)):
+        raise PlanError(path, f"version: expected [major, minor], got {json.dumps(ver)[:40]}; recompile the plan "
+                              f"with `ggfuse compile`")
+    if ver[0] != PLAN_VERSION[0]:
+        raise PlanError(path, f"plan format version {ver[0]}.{ver[1]} is not supported by this ggfuse "
                               f"(reads {PLAN_VERSION[0]}.x); recompile it with `ggfuse compile`")
     try:
-        graph = graph_from_json({"name": d["arch"], "nodes": d["steps"], "outputs": d["outputs"],
-                                 "meta": d.get("graph_meta", {})})
-        weights = [WeightEntry(w["name"], w["ggml_type"], tuple(w["shape"]), int(w["offset"]), int(w["nbytes"]))
-                   for w in d["weights"]]
-        plan = Plan(source=d["source"], arch=d["arch"], hparams=d["hparams"], chunk=int(d["chunk"]), graph=graph,
-                    weights=weights, passes=list(d.get("passes", [])), stats=d.get("stats", {}),
-                    options=dict(d["options"]), ggfuse=dict(d.get("ggfuse") or {}), version=ver)
-    except (KeyError, TypeError, ValueError) as e:
-        raise PlanError(path, f"plan is missing or has a malformed field ({e.__class__.__name__}: {e})") from None
+        p = validate_plan_json(d)
+    except PlanSchemaError as e:
+        raise PlanError(path, str(e)) from None
+    try:
+        graph = _graph_of(p, d)
+    except PlanSchemaError as e:
+        raise PlanError(path, str(e)) from None
+    from ggfuse.ir.verify import VerifyError, verify
+    try:
+        verify(graph)
+    except VerifyError as e:
+        lines = str(e).splitlines()
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        raise PlanError(path, f"steps: {lines[1].strip()}{more}") from None
+    try:
+        _check_graph_contract(p, graph)
+    except PlanSchemaError as e:
+        raise PlanError(path, str(e)) from None
+    weights = [WeightEntry(w.name, w.ggml_type, tuple(w.shape), w.offset, w.nbytes) for w in p.weights]
+    plan = Plan(source=dict(d["source"]), arch=p.arch, hparams=dict(d["hparams"]), chunk=p.chunk, graph=graph,
+                weights=weights, passes=list(p.passes), stats=_filled(d.get("stats") or {}, p.stats),
+                options=dict(d["options"]), ggfuse=dict(d.get("ggfuse") or {}), version=tuple(ver))
     try:
         opts = plan.compile_options()
     except GGFuseError as e:
-        raise PlanError(path, e.message) from None
+        raise PlanError(path, f"options: {e.message}") from None
     if opts.chunk != plan.chunk:
-        raise PlanError(path, f"plan chunk {plan.chunk} differs from its options' chunk {opts.chunk}")
+        raise PlanError(path, f"chunk: plan chunk {plan.chunk} differs from its options' chunk {opts.chunk}")
     return plan
+
+
+def _filled(raw: dict, checked) -> dict:
+    """The raw section with the schema's view laid over it: every field the schema knows present
+    (its default where the file left it out) and of its checked type; fields it does not know
+    (a later minor version's) kept as they are."""
+    def merge(r, c):
+        if isinstance(r, dict) and isinstance(c, dict):
+            return {**r, **{k: merge(r.get(k), v) for k, v in c.items() if not (v is None and k not in r)}}
+        return c
+    return merge(dict(raw), checked.model_dump(exclude_none=False))
+
+
+def _graph_of(p, d) -> Graph:
+    """The graph of a schema-checked plan: unique step ids, inputs naming existing outputs, a
+    "logits" output. (Graph construction itself trusts its input: this is the check before it.)"""
+    from ggfuse.compiler.plan_schema import PlanSchemaError
+    n_out = {}
+    for i, st in enumerate(p.steps):
+        if st.id in n_out:
+            raise PlanSchemaError(f"steps[{i}].id: step id {st.id} is used twice")
+        n_out[st.id] = len(st.outputs)
+
+    def ref_ok(s: str) -> bool:
+        node, _, idx = s[1:].partition(".")
+        return int(node) in n_out and int(idx or 0) < n_out[int(node)]
+
+    for i, st in enumerate(p.steps):
+        for j, s in enumerate(st.inputs):
+            if not ref_ok(s):
+                raise PlanSchemaError(f"steps[{i}].inputs[{j}]: {s} names no step output")
+    if "logits" not in p.outputs:
+        raise PlanSchemaError("outputs: no \"logits\" output")
+    for k, s in p.outputs.items():
+        if not ref_ok(s):
+            raise PlanSchemaError(f"outputs.{k}: {s} names no step output")
+    try:
+        return graph_from_json({"name": p.arch, "nodes": d["steps"], "outputs": d["outputs"],
+                                "meta": _filled(d.get("graph_meta") or {}, p.graph_meta)})
+    except (KeyError, TypeError, ValueError) as e:   # the schema should have said: name the class anyway
+        raise PlanSchemaError(f"steps: malformed ({e.__class__.__name__}: {e})") from None
+
+
+_MAX_ELEMENTS_PER_TOKEN = 1 << 34    # 64 GiB of f32 at T=1, P=1: far past any real weight or state
+
+
+def _check_graph_contract(p, g: Graph) -> None:
+    """What the runtime assumes of a verified graph: its inputs are the tokens, the positions
+    and carried states; the logits are [T, n_vocab]; every weight is in the weights table."""
+    from ggfuse.compiler.plan_schema import PlanSchemaError
+    for key, n in g.inputs().items():
+        if key not in ("tokens", "positions") and n.attrs.get("kind") != "state":
+            raise PlanSchemaError(f"steps: input %{n.id} {key!r} is neither the tokens, the positions nor a state")
+    from ggfuse.ir.types import shape_eval
+    for n in g.nodes():                       # no value absurdly large even for one token
+        for t in n.outputs:
+            if math.prod(shape_eval(t.shape, {"T": 1, "P": 1})) > _MAX_ELEMENTS_PER_TOKEN:
+                raise PlanSchemaError(f"steps: %{n.id} ({n.op.value} {n.name!r}) has a value of {t} elements "
+                                      f"for a single token: not a model this plan could come from")
+    lt = g.type_of(g.outputs["logits"])
+    if lt.rank != 2 or lt.shape[0] != "T" or lt.shape[1] != p.hparams.n_vocab:
+        raise PlanSchemaError(f"outputs.logits: type {lt} is not [T, hparams.n_vocab={p.hparams.n_vocab}]")
+    table = {}
+    for i, w in enumerate(p.weights):
+        if w.name in table:
+            raise PlanSchemaError(f"weights[{i}].name: {w.name!r} is listed twice")
+        table[w.name] = w
+    for n in g.weights():
+        w = table.get(n.attrs.tensor)
+        if w is None:
+            raise PlanSchemaError(f"weights: step %{n.id} reads tensor {n.attrs.tensor!r}, which the weights table "
+                                  f"does not list")
+        shape = n.outputs[0].shape
+        if not all(isinstance(x, int) for x in shape) or math.prod(shape) != math.prod(w.shape) or \
+                n.attrs.get("ggml_type") not in (None, w.ggml_type):
+            raise PlanSchemaError(f"weights: step %{n.id} reads {n.attrs.tensor!r} as {n.outputs[0]} "
+                                  f"({n.attrs.get('ggml_type')}), the table lists {w.ggml_type} {list(w.shape)}")
+
+
+def check_weights(plan: Plan, gf, plan_path: str) -> None:
+    """The plan's weights table against the GGUF's own tensor table (name, type, shape, offset,
+    size): a plan edited by hand, or made from another file of the same header, must not read
+    bytes the GGUF does not hold where the plan says."""
+    for w in plan.weights:
+        try:
+            t = gf.tensor(w.name)
+        except GGFuseError:
+            raise PlanError(plan_path, f"weights: tensor {w.name!r} is not in {gf.path}") from None
+        have = (t.type_name, tuple(t.shape), int(t.offset), int(t.nbytes))
+        want = (w.ggml_type, tuple(w.shape), w.offset, w.nbytes)
+        if have != want:
+            names = ("ggml_type", "shape", "offset", "nbytes")
+            k = next(i for i in range(4) if have[i] != want[i])
+            raise PlanError(plan_path, f"weights: tensor {w.name!r} has {names[k]} {want[k]} in the plan but "
+                                       f"{have[k]} in {gf.path}; recompile the plan")

@@ -706,8 +706,8 @@ def write_synth(preset: str, quant: str, out_path: str | os.PathLike[str], *,
     # Tensor data + generous room for the header (the vocab dominates it).
     need = summary["tensor_bytes"] + 32 * len(specs) + 64 * p.n_vocab + (1 << 20)
     out_dir = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(out_dir):
-        raise GGFuseError(out_path, f"output directory {out_dir} does not exist")
+    from ggfuse.fileio import check_output
+    check_output(out_path, inputs=[tokenizer_from] if tokenizer_from else (), what="synth GGUF")
     free = shutil.disk_usage(out_dir).free
     if free < need and not sparse:
         raise GGFuseError(out_path, f"not enough disk space: writing this file needs {need} bytes "
@@ -725,7 +725,13 @@ def write_synth(preset: str, quant: str, out_path: str | os.PathLike[str], *,
         # GGUFWriter wants numpy order; ne is ggml order.
         w.add_tensor_info(s.name, tuple(reversed(s.ne)), np.dtype(np.float32), s.nbytes, raw_dtype=s.ggml_type)
 
-    tmp = out_path + ".partial"
+    # a temp name of its own beside the target (two writers never share one), renamed when complete
+    import tempfile
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out_path)[:64]}.", suffix=".partial", dir=out_dir)
+        os.close(fd)
+    except OSError as e:
+        raise GGFuseError(out_path, f"cannot write the synth GGUF: {e.strerror}") from None
     prog = _Progress(summary["tensor_bytes"], os.path.basename(out_path), progress)
     t0 = time.monotonic()
     try:
@@ -744,13 +750,16 @@ def write_synth(preset: str, quant: str, out_path: str | os.PathLike[str], *,
         else:
             _write_data(fout, specs, seed, align, prog, progress_cb)
         w.close()
+        os.chmod(tmp, 0o644)
         os.replace(tmp, out_path)
-    except BaseException:
+    except BaseException as e:
         if w.fout:
             for f in w.fout:
                 f.close()
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):      # a full disk, permissions: one line naming the target
+            raise GGFuseError(out_path, f"cannot write the synth GGUF: {e.strerror or e}") from None
         raise
     prog.finish()
     dt = time.monotonic() - t0
@@ -815,23 +824,33 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--preset", required=True, help=f"model ({', '.join(PRESETS)})")
     ap.add_argument("--quant", default="q4_k_m", help=f"llama.cpp type mix ({', '.join(QUANTS)}; default q4_k_m)")
     ap.add_argument("-o", "--output", required=True, help="output .gguf path")
-    ap.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
-    ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    ap.add_argument("--layers", default=None, help="keep only the first N layers")
+    ap.add_argument("--seed", default="0", help="random seed (default 0)")
     ap.add_argument("--tokenizer-from", metavar="GGUF", default=None,
                     help="take the tokenizer and chat template from this GGUF (default: llama.cpp's Qwen "
                          "vocabulary, shipped in compiler/vocab/, and the preset's chat template)")
-    ap.add_argument("--vocab", type=int, default=None, help=argparse.SUPPRESS)    # test-only
-    ap.add_argument("--experts", type=int, default=None, help=argparse.SUPPRESS)  # test-only
+    ap.add_argument("--vocab", default=None, help=argparse.SUPPRESS)    # test-only
+    ap.add_argument("--experts", default=None, help=argparse.SUPPRESS)  # test-only
     ap.add_argument("--quiet", action="store_true", help="no progress output")
     ap.set_defaults(fn=synth_main)
     return ap
 
 
 def synth_main(args: argparse.Namespace) -> int:
-    s = write_synth(args.preset, args.quant, args.output, layers=args.layers, seed=args.seed,
-                    progress=not args.quiet, vocab=args.vocab, experts=args.experts,
+    from ggfuse.fileio import check_input
+    from ggfuse.options import count
+
+    def opt(v, flag, lo, hi):
+        return None if v is None else count(v, flag, lo, hi)
+    if args.tokenizer_from is not None:
+        check_input(args.tokenizer_from, "--tokenizer-from GGUF")
+    s = write_synth(args.preset, args.quant, args.output, layers=opt(args.layers, "--layers", 1, 4096),
+                    seed=count(args.seed, "--seed", 0, (1 << 63) - 1), progress=not args.quiet,
+                    vocab=opt(args.vocab, "--vocab", 1, 1 << 24), experts=opt(args.experts, "--experts", 1, 1 << 16),
                     tokenizer_from=args.tokenizer_from)
     mix = ", ".join(f"{t} {d['count']}" for t, d in s["types"].items())
-    print(f"{s['path']}: {s['arch']} {s['n_layer']} layers, {s['n_tensors']} tensors ({mix}), "
-          f"{s['bytes'] / 1e9:.2f} GB in {s['seconds']:.1f} s ({s['mb_per_s']:.0f} MB/s)")
+    from ggfuse.errors import escape
+    from ggfuse.fileio import format_bytes
+    print(f"{escape(s['path'])}: {s['arch']} {s['n_layer']} layers, {s['n_tensors']} tensors ({mix}), "
+          f"{format_bytes(s['bytes'])} in {s['seconds']:.1f} s ({format_bytes(s['bytes'] / max(s['seconds'], 1e-9))}/s)")
     return 0

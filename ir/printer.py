@@ -1,6 +1,8 @@
 """Human views of a graph: one line per node, and Graphviz dot."""
 from __future__ import annotations
 
+import re
+
 from ggfuse.ir.graph import Graph, Node
 from ggfuse.ir.ops import Op
 
@@ -40,15 +42,17 @@ _COLORS = {
 
 
 def _layer_of(n: Node):
-    if n.name.startswith("blk."):
-        return int(n.name.split(".")[1])
-    return None
+    m = re.match(r"blk\.([0-9]{1,6})\.", n.name)
+    return int(m.group(1)) if m else None
 
 
 def to_dot(g: Graph, weights: bool = False) -> str:
     """Graphviz source; one cluster per layer, weights hidden unless asked for."""
+    def esc(s):       # a name as dot text: its backslashes, quotes and line breaks escaped
+        return str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+
     def q(s):
-        return '"' + str(s).replace('"', r'\"') + '"'
+        return '"' + esc(s) + '"'
 
     lines = [f"digraph {q(g.name or 'ggfuse')} {{", "  rankdir=TB;", '  node [shape=box, style=filled, fillcolor=white, fontname="monospace", fontsize=10];']
     shown = {n.id for n in g.nodes() if weights or n.op != Op.WEIGHT}
@@ -62,9 +66,9 @@ def to_dot(g: Graph, weights: bool = False) -> str:
             lines.append(f"  subgraph cluster_{layer} {{ label={q('layer ' + str(layer))}; color=grey;")
             indent = "    "
         for n in nodes:
-            label = f"{n.op.value}\\n{n.name}\\n" + ", ".join(str(t) for t in n.outputs)
+            label = "\\n".join((esc(n.op.value), esc(n.name), esc(", ".join(str(t) for t in n.outputs))))
             color = _COLORS.get(n.op, "white")
-            lines.append(f"{indent}n{n.id} [label={q(label)}, fillcolor={color}];")
+            lines.append(f'{indent}n{n.id} [label="{label}", fillcolor={color}];')
         if layer is not None:
             lines.append("  }")
     for n in g.nodes():
@@ -73,8 +77,8 @@ def to_dot(g: Graph, weights: bool = False) -> str:
         for v in n.inputs:
             if v.node in shown:
                 lines.append(f"  n{v.node} -> n{n.id};")
-    for k, v in sorted(g.outputs.items()):
-        lines.append(f"  out_{abs(hash(k)) % 10**8} [label={q(k)}, shape=oval, fillcolor=lightblue];")
-        lines.append(f"  n{v.node} -> out_{abs(hash(k)) % 10**8};")
+    for i, (k, v) in enumerate(sorted(g.outputs.items())):      # ids by position: the same every run
+        lines.append(f"  out_{i} [label={q(k)}, shape=oval, fillcolor=lightblue];")
+        lines.append(f"  n{v.node} -> out_{i};")
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ import os
 from typing import Sequence
 
 from ggfuse.errors import GGFuseError
+from ggfuse.fileio import write_atomic
 from ggfuse.ir.graph import Graph
 from ggfuse.ir.printer import to_text
 from ggfuse.ir.verify import verify
@@ -72,8 +73,7 @@ def run_pipeline(g: Graph, *, options=None, only: Sequence[str] | None = None, s
         names = [p for p in names if p != "lower_cuda"]
     if dump_dir:
         os.makedirs(dump_dir, exist_ok=True)
-        with open(os.path.join(dump_dir, "00-frontend.txt"), "w") as f:
-            f.write(to_text(g))
+        write_atomic(os.path.join(dump_dir, "00-frontend.txt"), to_text(g), what="dump")
     counts_before = g.op_counts()
     applied = []
     for i, name in enumerate(names, 1):
@@ -83,7 +83,6 @@ def run_pipeline(g: Graph, *, options=None, only: Sequence[str] | None = None, s
         verify(g)
         applied.append(name)
         if dump_dir:
-            with open(os.path.join(dump_dir, f"{i:02d}-{name}.txt"), "w") as f:
-                f.write(to_text(g))
+            write_atomic(os.path.join(dump_dir, f"{i:02d}-{name}.txt"), to_text(g), what="dump")
     g.meta["op_counts_before"] = counts_before
     return g, applied

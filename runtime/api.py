@@ -8,18 +8,40 @@ import numpy as np
 
 from ggfuse.compiler.driver import check_source, compile_gguf
 from ggfuse.compiler.gguf_file import GGUFFile
-from ggfuse.compiler.plan import load_plan
-from ggfuse.errors import DeviceError, GGFuseError
+from ggfuse.compiler.plan import check_weights, load_plan
+from ggfuse.errors import DeviceError, GGFuseError, PlanError
 
 
 def _is_plan(path: str) -> bool:
     if path.endswith(".json"):
         return True
+    from ggfuse.fileio import open_input
     try:
-        with open(path, "rb") as f:
+        with open_input(path, "rb", what="model") as f:
             return f.read(1) == b"{"
-    except OSError:
+    except (OSError, GGFuseError):
         return False
+
+
+def token_array(token_ids, n_vocab: int, where=None) -> np.ndarray:
+    """Token ids as a 1-D int64 array, each in 0..n_vocab-1: a list (or tuple, or 1-D integer
+    array) of Python or numpy integers. Floats, booleans, None, strings, nested or ragged lists
+    and out-of-range ids are refused (GGFuseError naming the first bad one) rather than cast."""
+    if isinstance(token_ids, np.ndarray):
+        if token_ids.ndim != 1 or not (np.issubdtype(token_ids.dtype, np.integer) and token_ids.dtype != np.bool_):
+            raise GGFuseError(where, f"token ids must be a 1-D array of integers, got a {token_ids.ndim}-D "
+                                     f"{token_ids.dtype} array")
+        items = token_ids.tolist()
+    elif isinstance(token_ids, (list, tuple, range)):
+        items = list(token_ids)
+    else:
+        raise GGFuseError(where, f"token ids must be a list of integers, got {type(token_ids).__name__}")
+    for i, t in enumerate(items):
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+            raise GGFuseError(where, f"expected a list of token ids (integers); item {i} is {t!r}"[:200])
+        if not 0 <= int(t) < n_vocab:
+            raise GGFuseError(where, f"token id {int(t)} (item {i}) is outside the vocabulary 0..{n_vocab - 1}")
+    return np.asarray([int(t) for t in items], dtype=np.int64).reshape(-1)
 
 
 def check_plan_options(plan, given: dict, plan_path: str) -> None:
@@ -41,6 +63,20 @@ def check_plan_options(plan, given: dict, plan_path: str) -> None:
                 return "none" if x is None else x
             raise PlanError(plan_path, f"plan was compiled with {k}={show(have)}, not {show(v)}; recompile with "
                                        f"`ggfuse compile {src} --{k.replace('_', '-')} {show(v)}` or load the GGUF itself")
+
+
+_SAID_CPU_FALLBACK = []
+
+
+def _say_cpu_fallback() -> None:
+    """device auto without a usable GPU: say so once per process (stderr), and that it is slow."""
+    from ggfuse.options import quiet
+    if _SAID_CPU_FALLBACK or quiet():
+        return
+    _SAID_CPU_FALLBACK.append(True)
+    import sys
+    print("ggfuse: no CUDA device (or no cupy / cuda-python): running on the cpu reference, which is numpy and "
+          "slow (for checking results, not for speed); --device cpu silences this", file=sys.stderr)
 
 
 def cuda_available() -> bool:
@@ -75,12 +111,11 @@ class Model:
         is called after each chunk (the prefix cache snapshots the state there)."""
         if logits not in ("all", "last"):
             raise GGFuseError(None, f"logits must be 'all' or 'last', got {logits!r}")
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if on_chunk is not None and not callable(on_chunk):
+            raise GGFuseError(None, f"on_chunk must be callable, got {type(on_chunk).__name__}")
+        ids = token_array(token_ids, self.n_vocab, getattr(getattr(self, "gguf", None), "path", None))
         if ids.size == 0:
             return np.zeros((0, self.n_vocab), dtype=np.float32)
-        if ids.min() < 0 or (self.n_vocab and ids.max() >= self.n_vocab):
-            bad = int(ids[(ids < 0) | (ids >= self.n_vocab)][0])
-            raise GGFuseError(self.gguf.path, f"token id {bad} is outside the vocabulary 0..{self.n_vocab - 1}")
         starts = list(range(0, ids.size, self.chunk))
         outs = []
         for i in starts:
@@ -138,13 +173,18 @@ def load(path: str, device: str | None = None, chunk: int | None = None, gguf: s
     with the compile options given here (a plan is a compiled artifact: it is never silently
     recompiled); a chunk may be one of the sizes it captures.
     """
+    from ggfuse.fileio import check_input
     from ggfuse.options import COMPILE, Options
+    check_input(path, "model")
+    if gguf is not None:
+        check_input(gguf, "GGUF")
     given = dict(kw, device=device, chunk=chunk, vram_budget=vram_budget, precision=precision)
     opts = Options.make(options, **given)
     explicit = {k: getattr(opts, k) for k, v in given.items() if v is not None and k in Options.names(COMPILE)}
     dev = opts.device
+    fell_back = dev == "auto" and not cuda_available()
     if dev == "auto":
-        dev = "cuda" if cuda_available() else "cpu"
+        dev = "cpu" if fell_back else "cuda"
     if dev == "cuda" and not cuda_available():
         raise DeviceError(path, "the cuda device is not available (no GPU, or cupy/cuda-python not installed); use device='cpu'")
     opts = opts.replace(device=dev)
@@ -153,10 +193,19 @@ def load(path: str, device: str | None = None, chunk: int | None = None, gguf: s
         src = gguf or plan.source["path"]
         if not os.path.isabs(src) and not os.path.exists(src):
             src = os.path.join(os.path.dirname(os.path.abspath(path)), src)
-        gf = GGUFFile(src)
+        try:
+            check_input(src, "GGUF")
+        except GGFuseError as e:
+            raise PlanError(path, f"source.path: the plan's GGUF {e}; pass the GGUF it was compiled from "
+                                  f"(ggfuse.load(plan, gguf=...))") from None
+        try:
+            gf = GGUFFile(src)
+        except GGFuseError as e:
+            raise PlanError(path, f"source.path: {e}") from None
         check_source(plan, gf, path)
+        check_weights(plan, gf, path)
         check_plan_options(plan, explicit, path)
-        run_chunk = int(chunk) if chunk is not None else plan.chunk
+        run_chunk = opts.chunk if chunk is not None else plan.chunk
     else:
         gf = GGUFFile(path)
         if dev == "cpu" and opts.target == "auto":
@@ -169,4 +218,6 @@ def load(path: str, device: str | None = None, chunk: int | None = None, gguf: s
     else:
         from ggfuse.runtime.cpu import CPUBackend
         backend = CPUBackend(plan, gf)
+    if fell_back:       # said once the model is loaded: an error is still one line
+        _say_cpu_fallback()
     return Model(plan, gf, backend, run_chunk)

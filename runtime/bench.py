@@ -639,7 +639,17 @@ def plot(result: dict, path: str) -> None:
     ax2.legend(fontsize=7)
     fig.suptitle(f"{result['arch']} on {result['device']}, chunk {result['chunk']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str) -> None:
+    """A figure written atomically (the format from the name's extension, PNG without one)."""
+    from ggfuse.fileio import atomic_output
+    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    with atomic_output(path, "wb", what="plot") as f:
+        fig.savefig(f, dpi=120, format=fmt)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
 
 
 BENCH_ARGS = ("model", "prompt", "chunk", "vram_budget", "repeat", "device", "against_llama_bench", "n_cpu_moe", "tg")
@@ -658,11 +668,12 @@ def add_bench_parser(sub):
     b.add_argument("--vram-budget", default=None,
                    help="device memory budget, e.g. 12GiB: stream experts; each prompt length is then compiled "
                         "and run on its own, with a KV cache for that prompt (as llama-bench sizes its context)")
-    b.add_argument("--repeat", type=int, default=5)
-    b.add_argument("--tg", type=int, default=None, help="decode row: this many one-token steps from an empty "
+    b.add_argument("--repeat", default="5", help="timed runs per prompt length; the best is reported (default 5)")
+    b.add_argument("--tg", default=None, help="decode row: this many one-token steps from an empty "
                                                        "context, as llama-bench's tgN (0: none; default 128 on "
                                                        "cuda, 0 on the cpu reference)")
-    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
+                   help="cuda, the cpu reference (slow), or auto (cuda when available) (default auto)")
     b.add_argument("--json", dest="json_out", help="write the results as JSON")
     b.add_argument("--plot", help="write a PNG: tok/s against prompt length, stacked phases")
     b.add_argument("--against-llama-bench", metavar="PATH", help="also run llama.cpp's llama-bench on the file")
@@ -680,11 +691,14 @@ def _apply_rerun(args) -> None:
     """Fill args from a bench JSON (--rerun): its recorded arguments and options."""
     from ggfuse.compiler.gguf_file import GGUFFile
     from ggfuse.options import Options
+    from ggfuse.fileio import check_input, open_input
     try:
-        with open(args.rerun) as f:
-            res = json.load(f)
+        with open_input(args.rerun, "rb", what="bench JSON") as f:
+            res = json.loads(f.read(64 << 20).decode("utf-8"))
         rec, opts = res["args"], res["options"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        if not isinstance(rec, dict):
+            raise TypeError("args is not an object")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise GGFuseError(args.rerun, f"not a bench JSON with recorded arguments ({type(e).__name__}: {e})") from None
     for k in BENCH_ARGS:
         if k == "model" and args.model:
@@ -695,7 +709,11 @@ def _apply_rerun(args) -> None:
         if k not in _BENCH_OWN:
             setattr(args, k, v)
     ident = res.get("model_identity") or {}
-    got = GGUFFile(args.model).identity()
+    if not isinstance(ident, dict):
+        ident = {}
+    if not isinstance(args.model, str):
+        raise GGFuseError(args.rerun, "args.model: not a file name")
+    got = GGUFFile(check_input(args.model, "model")).identity()
     if ident and (ident.get("size") != got["size"] or ident.get("header_sha256") != got["header_sha256"]):
         raise GGFuseError(args.model, f"is not the file {args.rerun} benchmarked (size {ident.get('size')}, header "
                                       f"{str(ident.get('header_sha256'))[:12]}); pass that model")
@@ -716,19 +734,37 @@ def bench_main(args) -> int:
         _apply_rerun(args)
     if not args.model:
         raise GGFuseError(None, "bench needs a MODEL (or --rerun JSON)")
+    from ggfuse.fileio import check_input, check_output
+    from ggfuse.options import count, count_list, parse_bytes
+    check_input(args.model, "model")
     options = from_args(args)
-    try:
-        prompts = [int(x) for x in args.prompt.split(",") if x]
-    except ValueError:
-        raise GGFuseError(None, f"--prompt must be comma-separated integers, got {args.prompt!r}") from None
+    prompts = count_list(args.prompt, "--prompt", 1, 1 << 24)
+    args.repeat = count(args.repeat, "--repeat", 1, 1 << 20)
+    if args.tg is not None:
+        args.tg = count(args.tg, "--tg", 0, 1 << 24)
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise GGFuseError(None, f"--device: {args.device!r} is not one of auto, cpu, cuda")
+    if args.vram_budget is not None:
+        parse_bytes(args.vram_budget, "--vram-budget")
+    if args.n_cpu_moe is not None:
+        count_list(args.n_cpu_moe, "--n-cpu-moe", 0, 1 << 16)
+    if args.against_llama_bench and not (os.path.isfile(args.against_llama_bench)
+                                         or shutil.which(args.against_llama_bench)):
+        raise GGFuseError(args.against_llama_bench, "llama-bench not found (see BENCHMARKS.md for how to build it)")
+    for out in (args.json_out, args.plot):        # before the runs, not after them
+        if out is not None:
+            check_output(out, inputs=[args.model])
+    if args.device == "cuda":
+        from ggfuse.runtime.api import cuda_available
+        if not cuda_available():
+            from ggfuse.errors import DeviceError
+            raise DeviceError(args.model, "--device cuda: no CUDA device (no GPU, or cupy / cuda-python not "
+                                          "installed: pip install 'ggfuse[gpu]'); use --device cpu")
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     llama = None
     auto = args.chunk == "auto"
     if not auto:
-        try:
-            fixed_chunk = int(args.chunk)
-        except ValueError:
-            raise GGFuseError(None, f"--chunk must be an integer or 'auto', got {args.chunk!r}") from None
+        fixed_chunk = count(args.chunk, "--chunk", 1, 1 << 20)
     # Under a budget every prompt length is its own run with a KV cache for that prompt only (as
     # llama-bench sizes its context per test): a short prompt must not pay for a long one's cache
     # in pinned layers. Resident: one run, the cache sized for the longest prompt.
@@ -840,8 +876,8 @@ def bench_main(args) -> int:
         print(line + (f"   host {100 * d['host_fraction']:.1f}% of a step" if "host_fraction" in d else "")
               + expert_cache_text(d.get("expert_cache")))
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(res, f, indent=1)
+        from ggfuse.fileio import write_atomic
+        write_atomic(args.json_out, json.dumps(res, indent=1), inputs=[args.model], what="bench JSON")
     if args.plot:
         plot(res, args.plot)
     return 0
@@ -893,7 +929,7 @@ def plot_runs(paths, out: str) -> None:
     dev = next((r.get("device_name") for _, r in runs if r.get("device_name")), "")
     fig.suptitle(f"prefill on {dev}".strip())
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    _save_figure(fig, out)
 
 
 if __name__ == "__main__":      # python -m ggfuse.runtime.bench plot OUT.png RUN.json...

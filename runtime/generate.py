@@ -106,12 +106,10 @@ def prompt_ids(model, prompt) -> list[int]:
     if isinstance(prompt, str):
         # what llama-cli does with -p: BOS as the GGUF asks, special tokens in the text parsed
         return model.tokenizer.encode(prompt, add_special=True, parse_special=True)
-    if isinstance(prompt, np.ndarray):
-        prompt = prompt.reshape(-1).tolist()
-    if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
-                                                        for t in prompt):
-        raise GGFuseError(None, "prompt must be a str or a list of token ids")
-    return [int(t) for t in prompt]
+    if not isinstance(prompt, (list, tuple, np.ndarray)):
+        raise GGFuseError(None, f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+    from ggfuse.runtime.api import token_array
+    return token_array(prompt, model.n_vocab, getattr(getattr(model, "gguf", None), "path", None)).tolist()
 
 
 class _StopStrings:
@@ -177,6 +175,8 @@ class Generation:
         t = time.perf_counter()
         self.prompt = prompt_ids(model, prompt)
         self.stats.tokenize_s = time.perf_counter() - t
+        if not isinstance(reset, bool):
+            raise GGFuseError(None, f"reset must be True or False, got {reset!r}")
         self.reset = reset
         self.cache = cache
         self.on_chunk = on_chunk

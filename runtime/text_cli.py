@@ -79,16 +79,21 @@ def _prompt_text(args) -> str:
     if args.file is not None and args.prompt is not None:
         raise GGFuseError(None, "give the prompt with -p or -f, not both")
     if args.file is not None:
-        try:
-            with open(args.file, encoding="utf-8") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise GGFuseError(args.file, "no such file (-f)") from None
-        except UnicodeDecodeError as e:
-            raise GGFuseError(args.file, f"not UTF-8 text (byte {e.start}): -f takes a text file") from None
-        except OSError as e:
-            raise GGFuseError(args.file, f"cannot read the prompt file: {e.strerror}") from None
+        return read_text(args.file, "-f file")
     return args.prompt if args.prompt is not None else DEFAULT_PROMPT
+
+
+def read_text(path: str, what: str) -> str:
+    """A UTF-8 text file the user named (a prompt, a chat template): a regular file only (a FIFO
+    would block), one line naming it on any failure."""
+    from ggfuse.fileio import open_input
+    try:
+        with open_input(path, "rb", what=what) as f:
+            return f.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GGFuseError(path, f"not UTF-8 text (byte {e.start}): the {what} must be a text file") from None
+    except OSError as e:
+        raise GGFuseError(path, f"cannot read the {what}: {e.strerror}") from None
 
 
 def run_text(args, model) -> int:
@@ -101,6 +106,13 @@ def run_text(args, model) -> int:
     if args.chat:
         return _chat(args, model, n, kw)
     text = _prompt_text(args)
+    from ggfuse.options import quiet
+    if model.device == "cpu" and not quiet():
+        # the cpu reference is slow: a long prompt says how far its prefill is, chunk by chunk
+        def on_chunk(n_past):
+            if n_past % model.chunk == 0:
+                print(f"prefill {n_past} tokens", file=sys.stderr, flush=True)
+        kw["on_chunk"] = on_chunk
     gen = model.stream(text, n, **kw)    # tokenizes, checks the context before any output
     out = sys.stdout
     if not args.no_display_prompt:
@@ -121,11 +133,7 @@ def _chat(args, model, n, kw) -> int:
         raise GGFuseError(None, "--chat reads the conversation from stdin; -f does not apply")
     template = None
     if args.chat_template is not None:
-        try:
-            with open(args.chat_template, encoding="utf-8") as f:
-                template = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise GGFuseError(args.chat_template, f"cannot read the chat template: {getattr(e, 'strerror', None) or e}") from None
+        template = read_text(args.chat_template, "chat template")
     chat = ChatSession(model, system=args.prompt, template=template)
     interactive = sys.stdin.isatty()
     while True:
@@ -153,7 +161,7 @@ def add_tokenize_parser(sub):
     t = sub.add_parser("tokenize", help="print the token ids of a text, as llama.cpp's llama-tokenize does",
                        description="Tokenize TEXT with MODEL's tokenizer (a model GGUF, a vocab-only GGUF or a "
                                    "plan). Prints 'id -> piece' per token, or the ids as a list with --ids.")
-    t.add_argument("model")
+    t.add_argument("model", help="a model GGUF, a vocab-only GGUF or a plan")
     t.add_argument("text", nargs="?", help="the text (or -f FILE, or --stdin)")
     t.add_argument("-f", "--file", help="read the text from this file")
     t.add_argument("--stdin", action="store_true", help="read the text from stdin")
@@ -170,7 +178,9 @@ def tokenizer_of(path: str):
     """The tokenizer of a GGUF, or of the GGUF a plan was compiled from."""
     from ggfuse.runtime.api import _is_plan
     from ggfuse.runtime.tokenizer import Tokenizer
-    if _is_plan(path) and os.path.exists(path):
+    from ggfuse.fileio import check_input
+    check_input(path, "model")
+    if _is_plan(path):
         from ggfuse.compiler.plan import load_plan
         src = load_plan(path).source["path"]
         if not os.path.isabs(src) and not os.path.exists(src):

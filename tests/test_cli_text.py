@@ -99,7 +99,7 @@ def test_chat_reads_turns_from_stdin():
     (["-p", "a", "-f", "b.txt"], "-p or -f, not both"),
     (["-f", "/nonexistent/prompt.txt"], "/nonexistent/prompt.txt: no such file"),
     (["-n", "5000"], "do not fit the context of 4096 tokens"),
-    (["--chat", "--chat-template", "/nonexistent.jinja"], "/nonexistent.jinja: cannot read the chat template"),
+    (["--chat", "--chat-template", "/nonexistent.jinja"], "/nonexistent.jinja: no such file (the chat template)"),
 ])
 def test_bad_flag_values_are_one_line_exit_2(args, words):
     code, out, err = run_cli("run", fixture("qwen35moe"), "--device", "cpu", *args, stdin="")

@@ -385,7 +385,7 @@ def test_chat_without_a_template_is_a_400(model):
     (["--max-queue", "-1"], "--max-queue"),
     (["--api-key", "a", "--api-key-file", "k.txt"], "not both"),
     (["--api-key", "has space"], "API key"),
-    (["--device", "tpu"], "option device"),
+    (["--device", "tpu"], "--device"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_bad_flags_are_one_line_errors(args, words, capsys):
     from ggfuse.compiler.cli import main

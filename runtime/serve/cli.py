@@ -75,11 +75,8 @@ def settings_from_args(args):
     if args.api_key_file is not None:
         if key is not None:
             raise GGFuseError(None, "give --api-key or --api-key-file, not both")
-        try:
-            with open(args.api_key_file, encoding="utf-8") as f:
-                key = f.read().strip()
-        except OSError as e:
-            raise GGFuseError(args.api_key_file, f"cannot read the API key file: {e.strerror}") from None
+        from ggfuse.runtime.text_cli import read_text
+        key = read_text(args.api_key_file, "API key file").strip()
     if key is not None and (not key or any(c.isspace() for c in key) or not key.isprintable()):
         raise GGFuseError(None, "the API key must be non-empty printable text without spaces")
     memory = str(args.cache_memory).strip().lower()
@@ -90,13 +87,8 @@ def settings_from_args(args):
         raise GGFuseError(None, f"--log-level must be debug, info, warning or error, not {args.log_level!r}")
     template = None
     if args.chat_template is not None:
-        try:
-            with open(args.chat_template, encoding="utf-8") as f:
-                template = f.read()
-        except OSError as e:
-            raise GGFuseError(args.chat_template, f"cannot read the chat template: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise GGFuseError(args.chat_template, "the chat template is not UTF-8 text") from None
+        from ggfuse.runtime.text_cli import read_text
+        template = read_text(args.chat_template, "chat template")
     max_context = None if args.max_context is None else _int(args.max_context, "--max-context", 2, 1 << 30)
     s = ServeSettings(host=str(args.host), port=_int(args.port, "--port", 0, 65535), api_key=key,
                       model_name=args.model_name or model_name(args.model),
@@ -112,8 +104,8 @@ def cmd_serve(args) -> int:
     settings, budget, memory, template, level = settings_from_args(args)
     options = from_args(args)       # bad option values fail before the model loads
     require_stack()
-    if not os.path.exists(args.model):
-        raise GGFuseError(args.model, "no such file")
+    from ggfuse.fileio import check_input
+    check_input(args.model, "model")
     logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(name)s: %(message)s",
                         stream=sys.stderr)
     m = ggfuse.load(args.model, options=options)
