@@ -908,7 +908,8 @@ def plot_runs(paths, out: str) -> None:
         xs = [row["prompt"] for row in r["results"]]
         ys = [row["tok_per_s"] for row in r["results"]]
         line, = ax1.plot(xs, ys, "o-", label=f"{label} ggfuse")
-        lb = {int(a): b for a, b in ((r.get("llama_bench") or {}).get("results") or {}).items()}
+        lb = {int(a): b for a, b in ((r.get("llama_bench") or {}).get("results") or {}).items()
+              if a.isdigit()}                                   # prompt rows; "tgN" is decode
         if lb:
             ax1.plot(xs, [lb.get(x, np.nan) for x in xs], "s--", color=line.get_color(), alpha=0.7,
                      label=f"{label} llama.cpp")

@@ -95,7 +95,8 @@ def edit_version_null(d):
 
 
 def edit_version_major(d):
-    d["version"] = [5, 0]
+    from ggfuse.compiler.plan import PLAN_VERSION
+    d["version"] = [PLAN_VERSION[0] + 1, 0]
 
 
 def edit_no_logits(d):

@@ -37,8 +37,6 @@ ROOT = os.path.dirname(HERE)
 if __name__ == "__main__" and __package__ is None:   # run as a script from a checkout
     sys.path.insert(0, os.path.dirname(ROOT))
 
-os.environ.setdefault("GGFUSE_QUIET", "1")
-
 FAILURES = ("crash", "hang", "blowup", "bad_message")
 GGUF_MAGIC = 0x46554747
 
@@ -422,6 +420,7 @@ def _vm_size() -> int:
 
 
 def _worker(conn, seed, timeout, mem_mb, tmpdir):
+    os.environ.setdefault("GGFUSE_QUIET", "1")     # this process only: no progress lines per case
     soft = _vm_size() + ((mem_mb + 1024) << 20)      # address space: what is mapped now, plus the bound
     try:
         resource.setrlimit(resource.RLIMIT_AS, (soft, resource.RLIM_INFINITY))

@@ -17,6 +17,7 @@ DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # picture -> the bench JSONs it draws (paths relative to docs/)
 PLOTS = {
+    "bench-qwen3.5-35b-a3b-h200-vs-llama.png": ["bench-qwen3.5-35b-a3b-h200-vs-llama.json"],
     "bench-presets-h100.png": ["bench-qwen3.5-35b-a3b.json", "bench-qwen3-next-80b-a3b.json",
                                "bench-qwen3-30b-a3b.json", "bench-qwen3.5-9b.json"],
     "bench-35b-resident-h100.png": ["bench-qwen3.5-35b-a3b-4096.json", "bench-qwen3.5-35b-a3b-8192.json"],
