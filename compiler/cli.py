@@ -300,6 +300,8 @@ def cmd_run(args) -> int:
         check_output(_logits_path(args.logits), inputs=[model_path], what="--logits file")
     m = ggfuse.load(model_path, options=options)
     logits = m.prefill(tokens, on_chunk=_progress(len(tokens), m.chunk, m.device))
+    from ggfuse.runtime.generate import check_finite
+    check_finite(m, logits)
     if args.logits:
         from ggfuse.errors import escape
         from ggfuse.fileio import atomic_output

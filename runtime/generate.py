@@ -234,6 +234,7 @@ class Generation:
         decode_cache_report(m.backend, reset=True)
         try:
             while budget is None or len(self.new_ids) < budget:
+                check_finite(m, logits)
                 t = sampler.sample(logits, history)
                 if t_first is None:
                     t_first = time.perf_counter()
@@ -322,6 +323,15 @@ def _has_tokenizer(model) -> bool:
     except GGFuseError:
         return False
     return True
+
+
+def check_finite(model, logits) -> None:
+    """NaN or Inf logits (a weight holding NaN / Inf values the default check_tensors="small"
+    does not read) are a one-line error naming the model file, never sampled from."""
+    if not np.isfinite(logits).all():
+        gf = getattr(model, "gguf", None)
+        raise GGFuseError(getattr(gf, "path", None), "the logits hold NaN or Inf values: a weight of the model may "
+                                                     "hold NaN / Inf; compile with --check-tensors all to find it")
 
 
 def generate(model, prompt, max_new_tokens: int | None = 128, **kwargs) -> list[int]:

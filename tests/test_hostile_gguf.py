@@ -190,6 +190,24 @@ def test_inf_in_a_big_tensor_with_check_tensors_all(tmp_path):
                                                                             check_tensors="all"))
 
 
+def test_nan_logits_are_one_line_not_sampled(tmp_path, capsys):
+    """A NaN the default check does not read (a big expert weight) makes the logits NaN: `ggfuse
+    run` and generation stop with one line naming the file instead of printing or sampling them."""
+    import ggfuse
+    from ggfuse.compiler import cli
+    from ggfuse.runtime.generate import check_finite
+    big = "blk.0.ffn_up_exps.weight"
+    path = mutant(tmp_path, "qwen3moe", quant="f32", tensors=lambda d: _poison(d, big, b"\x00\x00\xc0\x7f"))
+    m = ggfuse.load(path, device="cpu", chunk=16)
+    logits = m.prefill(list(range(1, 9)), logits="last")[-1]
+    if np.isfinite(logits).all():
+        pytest.skip("the poisoned element met no token here")
+    rejects(path, "NaN or Inf", "--check-tensors all", fn=lambda: check_finite(m, logits))
+    assert cli.main(["run", path, "--tokens", ",".join(map(str, range(1, 9))), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and "NaN or Inf" in err[-1] and path in err[-1]
+
+
 def test_nan_scale_in_a_quantised_block(tmp_path):
     def edit(doc):
         t = _tensor(doc, "blk.0.attn_q.weight")
