@@ -11,7 +11,18 @@ export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1 GGFUSE_CACHE=/tmp/ggfuse
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import cupy, cuda.bindings, torch; print('cupy', cupy.__version__, 'torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 K="${1:-}"
-timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -m gpu -p no:cacheprovider --maxfail=40 --tb=short ${K:+-k "$K"} tests/ 2>&1 | tee "$OUT/pytest.log" | tail -40
+# -v: each test's name and outcome is printed as it ends, so the failing tests are known even when
+# the time limit cuts pytest off before its summary; WORKERS > 1 needs pytest-xdist among the wheels
+W="${WORKERS:-1}"
+# the device-memory measurement needs the GPU to itself: with several workers it runs alone after
+MEM=tests/test_gpu_streaming.py::test_measured_memory_under_budget_on_a_shortened_35b
+timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -v -m gpu -p no:cacheprovider --maxfail=80 --tb=short -rfE \
+    ${K:+-k "$K"} $([ "$W" -gt 1 ] && echo "-n $W --deselect $MEM") tests/ > "$OUT/pytest.log" 2>&1
+echo "pytest exit $?"
+[ "$W" -gt 1 ] && [ -z "$K" ] && timeout 120 python3 -m pytest -v -m gpu -p no:cacheprovider "$MEM" >> "$OUT/pytest.log" 2>&1
+grep -E "(FAILED|ERROR) tests/|tests/.*(FAILED|ERROR)" "$OUT/pytest.log" | sort -u > "$OUT/failed.txt" || true
+grep -cE " PASSED| FAILED| SKIPPED| ERROR" "$OUT/pytest.log" | sed 's/^/outcomes seen: /'
+tail -5 "$OUT/failed.txt"; tail -3 "$OUT/pytest.log"
 shift || true
 for b in "$@"; do
   echo "=== bench $b"
