@@ -343,9 +343,9 @@ class _Lowering:
             if n.op == Op.MATMUL:
                 rec = self.gemm(a, w, K, "f32")
                 if self.o.precision != "f32" and 1 in self.sizes:
-                    from ggfuse.kernels.dense.launch import GEMV_MAX_SMEM, GEMV_TYPES
+                    from ggfuse.kernels.dense.launch import gemv_supported
                     # the decode step: one row times W, read once as the device holds it
-                    one = self.o.decode_dense == "gemv" and w in GEMV_TYPES and K % 8 == 0 and K * 4 <= GEMV_MAX_SMEM
+                    one = self.o.decode_dense == "gemv" and gemv_supported(w, K)
                     rec["by_chunk"] = {str(c): {"impl": "gemv" if c == 1 and one else "gemm"} for c in self.sizes}
                 return rec, ws
             rec = {"name": "lm_head", "all": self.gemm(a, w, K, "f32"), "last": {"name": "dense.gemv", "a": a, "w": w},
@@ -454,37 +454,17 @@ class _Lowering:
         by = rec.setdefault("by_chunk", {})
         for c in self.sizes:
             ws[c] = moe.route_workspace(c, k, E)
-            if self.moe_gemv(c):
+            if self.decode_gemv(c):
                 # the decode step: the router's [E, D] f32 matrix times one row, read once
                 by.setdefault(str(c), {})["router"] = "gemv"
             else:
                 by.setdefault(str(c), {})
         return rec, ws
 
-    def moe_gemv(self, c: int, n=None) -> bool:
-        """Whether chunk size c runs the experts (and their router) as matrix-vector products
-        (kernels/moe/gemv.cu): the one-token decode step, by option decode_moe; n: the
-        MOE_GROUPED_GEMM node whose weights must suit those kernels."""
-        from ggfuse.kernels.moe import launch as moe
-        if c != 1 or self.o.decode_moe != "gemv" or self.o.precision == "f32":
-            return False
-        if n is None:
-            return True
-        ops = moe_operands(n.attrs, n.inputs)
-        _, tg, sg = self.weight(ops.first_gate)
-        _, td, sd = self.weight(ops.down)
-        E, D, F = (int(d) for d in sd)
-        k = int(self.g.type_of(ops.weights).shape[1])
-        from ggfuse.kernels.quant.types import qtype
-        ok = all(t in moe.GEMV_TYPES for t in (tg, td)) and D % max(8, qtype(tg).block) == 0 \
-            and F % max(8, qtype(td).block) == 0 and D * 4 <= 96 * 1024 and k * F * 4 <= 96 * 1024
-        if ops.shared is not None:
-            _, tsg, ssg = self.weight(ops.shared.gate)
-            _, tsd, _ = self.weight(ops.shared.down)
-            Fs = int(ssg[0])
-            ok = ok and all(t in moe.GEMV_TYPES for t in (tsg, tsd)) and Fs % max(8, qtype(tsd).block) == 0 \
-                and Fs * 4 <= 96 * 1024
-        return ok
+    def decode_gemv(self, c: int) -> bool:
+        """Whether chunk size c runs the experts and their router as matrix-vector products
+        (kernels/moe/gemv.cu): the one-token decode step, by option decode_moe."""
+        return c == 1 and self.o.decode_moe == "gemv" and self.o.precision != "f32"
 
     def moe_gemm(self, n, ws):
         from ggfuse.kernels.moe import launch as moe
@@ -523,8 +503,11 @@ class _Lowering:
                "max_blocks": o.moe_blocks, "expert_tables": False, "by_chunk": {}}
         if n.attrs.get("act", "silu") != "silu":
             rec["act"] = n.attrs.act         # absent: "silu"
+        # the decode step's matrix-vector kernels, where they take these experts (and the shared one)
+        gemv_ok = moe.gemv_supported(tg, td, D, F, k) and (
+            ops.shared is None or moe.gemv_supported(tsg, tsd, D, Fs, 1))
         for c in self.sizes:
-            if self.moe_gemv(c, n):
+            if gemv_ok and self.decode_gemv(c):
                 # one token: the k picked experts' rows as stored, no tiles (kernels/moe/gemv.cu)
                 rec["by_chunk"][str(c)] = {"impl": "gemv", "a": x_st}
                 ws[c] = moe.gemv_workspace(c, k, F, shared_ffn=Fs)

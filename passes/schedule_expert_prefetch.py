@@ -75,35 +75,32 @@ def expert_layers(g: Graph) -> dict[int, list]:
     return dict(sorted(out.items()))
 
 
-def gathered_embedding(g: Graph):
-    """(tensor name, bytes of one row) of an embedding table the runtime can gather on the host:
-    a weight read only by one GET_ROWS of the chunk's token ids (not a tied LM head). Else None."""
-    for n in g.by_op(Op.GET_ROWS):
+def _host_gatherable(g: Graph, op: Op):
+    """(tensor name, bytes of one row) of a table read only by one `op` node (GET_ROWS,
+    PLE_GATHER) of the chunk's token ids, which the runtime can then gather on the host. Else None."""
+    for n in g.by_op(op):
         w, ids = g.node(n.inputs[0].node), g.node(n.inputs[1].node)
         if w.op != Op.WEIGHT or ids.op != Op.INPUT or ids.attrs.kind != "tokens":
             continue
         same = [x for x in g.weights() if x.attrs.tensor == w.attrs.tensor]
         if [u.id for x in same for u in g.users(x.id)] != [n.id]:
-            continue        # e.g. tied to the LM head: the table stays resident
+            continue        # e.g. an embedding tied to the LM head: the table stays resident
         rows = int(w.outputs[0].shape[0])
         return w.attrs.tensor, _wbytes(w) // rows
     return None
+
+
+def gathered_embedding(g: Graph):
+    """(tensor name, bytes of one row) of an embedding table the runtime can gather on the host:
+    a weight read only by one GET_ROWS of the chunk's token ids (not a tied LM head). Else None."""
+    return _host_gatherable(g, Op.GET_ROWS)
 
 
 def gathered_ple(g: Graph):
     """(tensor name, bytes of one row) of a per-layer-embedding table (Gemma 4's
     per_layer_token_embd: [V, L*P], 2-3 GB on E2B / E4B) the runtime can gather on the host: a
     weight read only by one PLE_GATHER of the chunk's token ids. Else None."""
-    for n in g.by_op(Op.PLE_GATHER):
-        w, ids = g.node(n.inputs[0].node), g.node(n.inputs[1].node)
-        if w.op != Op.WEIGHT or ids.op != Op.INPUT or ids.attrs.kind != "tokens":
-            continue
-        same = [x for x in g.weights() if x.attrs.tensor == w.attrs.tensor]
-        if [u.id for x in same for u in g.users(x.id)] != [n.id]:
-            continue
-        rows = int(w.outputs[0].shape[0])
-        return w.attrs.tensor, _wbytes(w) // rows
-    return None
+    return _host_gatherable(g, Op.PLE_GATHER)
 
 
 def _device_bytes(g: Graph, n) -> int:

@@ -114,10 +114,7 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
                 row["profile"] = f"eager (the replayed profile failed: {type(e).__name__}: {e})"
             row["ops"] = ops
             log(f"  op profile ({row['profile'].split(':')[0]}), slowest first:")
-            for o in ops[:12]:
-                fl = f"  {100 * o['of_floor']:5.1f}% of floor" if o.get("of_floor") is not None else ""
-                log(f"    {o['ms']:8.2f} ms  x{o['launches']:<4} {o['op']:<20} {o['name']:<34}"
-                    + (f" {o['tflops']:6.1f} TFLOP/s" if o['gflop'] else "") + fl)
+            log_ops(ops[:12], log)
             import cupy as cp
             row["peak_device_bytes"] = int(cp.get_default_memory_pool().total_bytes())
             if getattr(backend, "streamer", None) is not None:   # --vram-budget: streamed experts
@@ -137,9 +134,7 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
             decode["phases"] = replay_profile(model, backend, rng.integers(0, model.n_vocab, size=1), ops, ceilings)
             decode["ops"] = ops
             log("  decode step op profile (replayed, one token from an empty context), slowest first:")
-            for o in ops[:16]:
-                fl = f"  {100 * o['of_floor']:5.1f}% of floor" if o.get("of_floor") is not None else ""
-                log(f"    {1e3 * o['ms']:8.1f} us  x{o['launches']:<4} {o['op']:<20} {o['name']:<34}{fl}")
+            log_ops(ops[:16], log, us=True)
         except Exception as e:  # noqa: BLE001 -- the profile is extra information, the row stands without it
             decode["profile_error"] = f"{type(e).__name__}: {e}"
     if device == "cuda":
@@ -291,6 +286,16 @@ def op_bytes(g, node, env) -> int:
         st = (node.meta.get("storage") or [t.dtype.value] * len(node.outputs))[i]
         total += nbytes_of(DType(st), t.numel(env))
     return total
+
+
+def log_ops(ops: list, log=print, *, us: bool = False) -> None:
+    """One line per kind of node of an op profile (replay_profile's ops_out): time (ms, or us
+    for the decode step), launches, op, name, TFLOP/s where it does useful FLOPs, share of floor."""
+    for o in ops:
+        t = f"{1e3 * o['ms']:8.1f} us" if us else f"{o['ms']:8.2f} ms"
+        fl = f"  {100 * o['of_floor']:5.1f}% of floor" if o.get("of_floor") is not None else ""
+        log(f"    {t}  x{o['launches']:<4} {o['op']:<20} {o['name']:<34}"
+            + (f" {o['tflops']:6.1f} TFLOP/s" if o['gflop'] else "") + fl)
 
 
 def replay_profile(model, backend, tokens, ops_out: list, ceilings: dict | None) -> dict:

@@ -557,6 +557,13 @@ GEMV_MAX_M = 8
 GEMV_MAX_SMEM = 96 * 1024      # sm_89 allows 99 KiB per block, sm_90 227 KiB
 
 
+def gemv_supported(w_type, K: int, M: int = 1) -> bool:
+    """Whether gemv() takes M rows times a [N, K] weight of w_type (the lowering asks before it
+    records a gemv; gemv() itself says why not)."""
+    qt = _qtype(w_type)
+    return qt.name in GEMV_TYPES and K % 8 == 0 and K % qt.block == 0 and M * K * 4 <= GEMV_MAX_SMEM
+
+
 def gemv(x, w, w_type, N: int, K: int, y, *, M: int | None = None, nvalid=None, stream=None):
     """y[m, :N] = x[r + m, :K] @ W[N, K]^T for m < M <= 8, reading W as the GGUF stores it
     (GGML blocks, or "bf16"/"f32"/"f16" rows): the bandwidth-bound LM head of the last token.

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ggfuse.kernels.dense.launch import GEMV_MAX_SMEM as _DENSE_GEMV_MAX_SMEM
+from ggfuse.kernels.dense.launch import GEMV_TYPES as _DENSE_GEMV_TYPES
 from ggfuse.kernels.gemm import launch as gl
 from ggfuse.kernels.moe import table
 from ggfuse.kernels.nvrtc import load_module
@@ -273,9 +275,20 @@ def moe_down(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_off
 # ---- the few-token path (decode): matrix-vector products on the picked experts (moe/gemv.cu) ----
 
 GEMV_SOURCE = "moe/gemv.cu"
-GEMV_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+GEMV_TYPES = _DENSE_GEMV_TYPES          # the same dequant8 instantiations as dense/gemv.cu
+GEMV_MAX_SMEM = _DENSE_GEMV_MAX_SMEM    # x (gate_up) or a token's k h rows (down), f32 in shared memory
 GEMV_MAX_T = 8          # the lowering picks these kernels for chunks of at most this many tokens
 ACTS = {"silu": 0, "gelu": 1}
+
+
+def gemv_supported(gate_up_type, down_type, D: int, F: int, k: int) -> bool:
+    """Whether moe_gemv_gate_up / moe_gemv_down take these experts (gate/up [F, D] and down
+    [D, F] rows of these types, k slots per token): the lowering asks before it records them."""
+    def rows_ok(t, K):
+        q = qtype(t)
+        return q.name in GEMV_TYPES and K % 8 == 0 and K % q.block == 0
+    return rows_ok(gate_up_type, D) and rows_ok(down_type, F) and D * 4 <= GEMV_MAX_SMEM \
+        and k * F * 4 <= GEMV_MAX_SMEM
 
 
 def gemv_workspace(T: int, k: int, F: int, *, shared_ffn: int = 0) -> dict[str, int]:
