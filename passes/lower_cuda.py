@@ -512,9 +512,16 @@ class _Lowering:
                 rec["by_chunk"][str(c)] = {"impl": "gemv", "a": x_st}
                 ws[c] = moe.gemv_workspace(c, k, F, shared_ffn=Fs)
                 continue
-            rec["by_chunk"][str(c)] = {
-                "schedule_gate_up": moe.pick_schedule(o.moe_schedule, tg, a, c, k, E),
-                "schedule_down": moe.pick_schedule(o.moe_schedule, td, "bf16", c, k, E)}
+            try:
+                sg = moe.pick_schedule(o.moe_schedule, tg, a, c, k, E, K=D, N=F, row_step=16)
+                sd = moe.pick_schedule(o.moe_schedule, td, "bf16", c, k, E, K=F, N=D, row_step=32)
+            except ValueError as e:
+                raise GGFuseError(None, f"{n.name}: moe_schedule: {e}") from None
+            if (sg == "small") != (sd == "small"):
+                # the few-rows gate_up leaves h's padding rows unwritten: both halves small or neither
+                sg = moe.pick_schedule("persist", tg, a, c, k, E) if sg == "small" else sg
+                sd = moe.pick_schedule("persist", td, "bf16", c, k, E) if sd == "small" else sd
+            rec["by_chunk"][str(c)] = {"schedule_gate_up": sg, "schedule_down": sd}
             ws[c] = moe.grouped_workspace(c, k, E, F, D, tile, x_copy=x_copy, shared_ffn=Fs)
         if ops.shared is not None:
             self.check_gemm_weight(n, tsg, "shared expert")

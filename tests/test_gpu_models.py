@@ -13,14 +13,28 @@ from gpu_util import require_gpu  # noqa: E402
 cp = require_gpu()
 
 
+# A position whose top-1 differs counts as a near-tie, not a disagreement, when the reference's
+# own logits of the two picks lie within TIE of max |logit| (a quarter of the error bound): bf16
+# rounding alone swaps such pairs (measured on the CPU: the bf16 emulation flips gemma4-dense
+# positions with gaps of 1.8e-4 and 1.6e-3). Near-ties are counted and printed; any other
+# disagreement beyond the one-position allowance fails.
+TIE = 5e-3
+
+
 def _check(out, ref, what):
     scale = float(np.max(np.abs(ref)))
     err = float(np.max(np.abs(out - ref))) / scale
-    top1 = float(np.mean(out.argmax(-1) == ref.argmax(-1)))
-    print(f"{what}: max|diff|/max|ref| = {err:.2e}, top-1 agreement {top1:.3f}")
+    a, b = ref.argmax(-1), out.argmax(-1)
+    rows = np.arange(len(ref))
+    gap = (ref[rows, a] - ref[rows, b]) / scale
+    ties = int(np.sum((a != b) & (gap <= TIE)))
+    top1 = float(np.mean((a == b) | (gap <= TIE)))
+    print(f"{what}: max|diff|/max|ref| = {err:.2e}, top-1 agreement {float(np.mean(a == b)):.3f} "
+          f"({ties} near-ties, gaps {np.round(gap[a != b], 5).tolist()})")
     assert np.isfinite(out).all(), what
     assert err <= 2e-2, f"{what}: {err:.3e}"
-    assert top1 >= 0.99 or (len(out) < 100 and top1 >= (len(out) - 1) / len(out)), f"{what}: top-1 {top1:.3f}"
+    assert top1 >= 0.99 or (len(out) < 100 and top1 >= (len(out) - 1) / len(out)), \
+        f"{what}: top-1 {top1:.3f} counting {ties} near-ties"
 
 
 # Fixture cases where the default (bf16 tensor-core) GEMMs flip a near-tied expert of a

@@ -5,7 +5,7 @@
 set -u
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  > "$OUT/pip.log" 2>&1 || echo "wheel install failed (see pip.log)"
+  > "$OUT/pip.log" 2>&1 || { echo "wheel install failed (is .whl/ carried?): $(tail -1 "$OUT/pip.log")"; exit 2; }
 mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/ggfuse
 export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1 GGFUSE_CACHE=/tmp/ggfuse-cubin
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
@@ -17,6 +17,7 @@ W="${WORKERS:-1}"
 # the device-memory measurement needs the GPU to itself: with several workers it runs alone after
 MEM=tests/test_gpu_streaming.py::test_measured_memory_under_budget_on_a_shortened_35b
 timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -v -m gpu -p no:cacheprovider --maxfail=80 --tb=short -rfE \
+    $(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=${PER_TEST_TIMEOUT:-200}") \
     ${K:+-k "$K"} $([ "$W" -gt 1 ] && echo "-n $W --deselect $MEM") tests/ > "$OUT/pytest.log" 2>&1
 echo "pytest exit $?"
 [ "$W" -gt 1 ] && [ -z "$K" ] && timeout 120 python3 -m pytest -v -m gpu -p no:cacheprovider "$MEM" >> "$OUT/pytest.log" 2>&1

@@ -36,9 +36,12 @@ template<> __device__ __forceinline__ void storev<4>(__nv_bfloat16* p, const flo
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + __expf(-x)); }
 __device__ __forceinline__ float siluf_(float x) { return x / (1.0f + __expf(-x)); }
-// GELU, tanh approximation (ggml_gelu; kernels/dense/ref.py gelu)
+// GELU, tanh approximation (ggml_gelu; kernels/dense/ref.py gelu): 0.5 x (1 + tanh u) written as
+// x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3). Same function; under --use_fast_math tanhf is
+// tanh.approx (2^-11 absolute), and 1 + tanh u cancels where tanh u nears -1 (x < -2): the
+// sigmoid form keeps the relative error of __expf there.
 __device__ __forceinline__ float geluf_(float x) {
-    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    return x / (1.0f + __expf(-1.5957691216057308f * (x + 0.044715f * x * x * x)));
 }
 
 // ---- row norms -----------------------------------------------------------------------------------
@@ -256,7 +259,7 @@ __device__ __forceinline__ void ew_impl(const float* a, View va, const float* b,
                 case 4: r[i] = x[i] * factor; break;
                 case 6: r[i] = geluf_(x[i]); break;
                 case 7: r[i] = geluf_(x[i]) * y[i]; break;
-                case 8: r[i] = factor * tanhf(x[i] / factor); break;
+                case 8: r[i] = factor * (1.0f - 2.0f / (__expf(2.0f * x[i] / factor) + 1.0f)); break;   // cap tanh(x/cap); tanhf here would be tanh.approx
                 default: r[i] = x[i]; break;
             }
         }

@@ -80,7 +80,7 @@ __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 #endif
 __device__ __forceinline__ float glu_gate(float x) {
 #if GLU_ACT == 1
-    return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    return x / (1.0f + __expf(-1.5957691216057308f * (x + 0.044715f * x * x * x)));
 #else
     return silu(x);
 #endif

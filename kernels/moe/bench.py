@@ -7,7 +7,7 @@ importable): the same layer with bf16 weights in torch: router mm, softmax, topk
 torch._grouped_mm (gate|up), SwiGLU, torch._grouped_mm (down), weight, index_add.
 The grouped GEMMs are timed with each kernel family (gemm.bench.impls: mma, and wgmma /
 wgmma_generic = fast / element-wise dequantisation on cc 9.0, both with persistent blocks, and
-wgmma_tiles = fast dequantisation with a block per tile);
+wgmma_tiles = fast dequantisation with a block per tile; small = the few-rows kernels);
 the err column compares each family's h and out with the first family's (mma.sync, which
 tests/test_gpu_moe.py checks against the float64 reference).
 """
@@ -22,11 +22,12 @@ from ggfuse.kernels.moe import launch
 
 D, E, K_TOP, F = 2048, 256, 8, 512
 GU_TYPE, DN_TYPE = "q4_k", "q6_k"
-TOKENS = (512, 2048, 4096)
+TOKENS = (64, 256, 512, 1024, 2048, 4096)
 # kernel families (--impls selects): wgmma = persistent blocks on 256-row tiles
 # (moe90w_*), wgmma_persist = persistent on 128-row tiles (moe90p_*), wgmma_tiles
-# = a block per tile (moe90_*), wgmma_generic = persistent with the element-wise dequantisation
-MOE_FAMILIES = (*FAMILIES, "wgmma_persist", "wgmma_tiles")
+# = a block per tile (moe90_*), wgmma_generic = persistent with the element-wise dequantisation,
+# small = the few-rows kernels (moe/grouped_small.cu, every device)
+MOE_FAMILIES = (*FAMILIES, "wgmma_persist", "wgmma_tiles", "small")
 
 
 def row(name, ms, flops, nbytes=0):

@@ -29,10 +29,8 @@
 #include "quant/ggml_quants.cuh"
 
 __device__ __forceinline__ float moe_act(float g, int act) {
-    if (act == 1) {   // GELU, tanh approximation (Gemma 4)
-        const float c = 0.7978845608028654f;
-        return 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g)));
-    }
+    if (act == 1)     // GELU, tanh approximation (Gemma 4), as g sigmoid(2u): see dense/elementwise.cu gelu_f
+        return g / (1.0f + __expf(-1.5957691216057308f * (g + 0.044715f * g * g * g)));
     return g / (1.0f + __expf(-g));
 }
 

@@ -26,8 +26,12 @@ ROUTE_SOURCE = "moe/route.cu"
 GEMM_SOURCE = "moe/grouped_gemm.cu"
 GEMM_SOURCE90 = "moe/grouped_gemm90.cu"    # wgmma variants, picked as kernels/gemm/launch.pick_impl says
 MOE_TILE = 128          # the grouped GEMM's row tile (gemm_core.cuh BM)
-SCHEDULES = ("auto", "wide", "persist", "tiles")   # wgmma grouped GEMMs: persistent blocks on 256- or 128-row tiles, or a block per tile
+SMALL_SOURCE = "moe/grouped_small.cu"      # few rows per expert, every target (mma.sync)
+# grouped GEMM schedules: the few-rows kernels (moe/grouped_small.cu, any impl), and for wgmma
+# persistent blocks on 256- or 128-row tiles, or a block per tile
+SCHEDULES = ("auto", "small", "wide", "persist", "tiles")
 WIDE_MIN_ROWS = 96      # "auto": wide tiles from this many rows per expert on average (T k / E)
+SMALL_MAX_ROWS = 32     # "auto": the few-rows kernels up to this many rows per expert on average
 ROUTE_CHUNK = 256       # slots per histogram chunk (route.cu)
 MAX_EXPERTS = 512       # route.cu ROUTE_MAX_PER_LANE * 32
 GATINGS = {"softmax": 0, "sigmoid": 1}
@@ -67,20 +71,40 @@ def _wide_ok(w_name: str, a_kind: str) -> bool:
     return w_name != "bf16" and a_kind == "bf16"
 
 
-def pick_schedule(schedule: str | None, w_name: str, a_kind: str, T: int, k: int, E: int) -> str:
-    """How the wgmma grouped GEMMs are launched: "wide" (about one block per SM, each walking
-    (row tile, column tile) items of 256-row tiles that never cross an expert, moe90w_*; GGML
-    weights and bf16 activations only, otherwise "persist"), "persist" (the same on 128-row
-    tiles, moe90p_*), "tiles" (a block per 128-row item, the grid covering the worst-case layout,
-    moe90_*) or "auto" / None: wide from WIDE_MIN_ROWS rows per expert on average (T k / E), where
-    halving the dequantisation per MMA pays; measured on the H100 for the 35B-A3B layer: 4096
-    tokens (128 rows per expert) 1.17 ms wide vs 1.35 ms persist, 2048 tokens (64) 1.08 vs 0.92.
-    The plan's lowering calls this per captured chunk size and records the result."""
+def small_ok(w_name: str, K: int | None, N: int | None, row_step: int) -> bool:
+    """Whether the few-rows kernels (moe/grouped_small.cu) take a [N, K] expert matrix of this
+    type: a dequant8 type, K a multiple of 32 and of the type's block, N of row_step (16 gate_up
+    rows, 32 down rows per warp). K / N None: not known (type only)."""
+    q = qtype(w_name)
+    if q.name not in GEMV_TYPES:
+        return False
+    return (K is None or (K % 32 == 0 and K % q.block == 0)) and (N is None or N % row_step == 0)
+
+
+def pick_schedule(schedule: str | None, w_name: str, a_kind: str, T: int, k: int, E: int, *,
+                  K: int | None = None, N: int | None = None, row_step: int = 32) -> str:
+    """How the grouped GEMMs are launched: "small" (moe/grouped_small.cu: a block per (expert,
+    64 or 128 weight rows), the tokens as the MMA's 8-wide side; any impl, mma.sync), or on the
+    wgmma impl "wide" (about one block per SM, each walking (row tile, column tile) items of
+    256-row tiles that never cross an expert, moe90w_*; GGML weights and bf16 activations only,
+    otherwise "persist"), "persist" (the same on 128-row tiles, moe90p_*), "tiles" (a block per
+    128-row item, the grid covering the worst-case layout, moe90_*); the mma.sync impl ignores
+    all but "small". "auto" / None: small up to SMALL_MAX_ROWS rows per expert on average
+    (T k / E) where small_ok, wide from WIDE_MIN_ROWS, persist between; measured on the H100 for
+    the 35B-A3B layer: 4096 tokens (128 rows per expert) 1.17 ms wide vs 1.35 ms persist, 2048
+    tokens (64) 1.08 vs 0.92. K, N: the matrix (gate_up: K = D, N = F, row_step 16; down: K = F,
+    N = D, row_step 32). The plan's lowering calls this per captured chunk size and records it."""
     sch = schedule or "auto"
     if sch not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {sch!r}")
     if sch == "auto":
-        sch = "wide" if T * k >= WIDE_MIN_ROWS * E else "persist"
+        if T * k <= SMALL_MAX_ROWS * E and small_ok(w_name, K, N, row_step):
+            sch = "small"
+        else:
+            sch = "wide" if T * k >= WIDE_MIN_ROWS * E else "persist"
+    if sch == "small" and not small_ok(w_name, K, N, row_step):
+        raise ValueError(f"schedule small: {w_name} experts [{N}, {K}] are not taken by the few-rows kernels "
+                         f"(K a multiple of 32 and of the block, rows of {row_step})")
     if sch == "wide" and not _wide_ok(w_name, a_kind):
         sch = "persist"
     return sch
@@ -118,6 +142,17 @@ def prepare(x_dtype, w_gate_type, w_down_type, impl: str | None = None, dequant:
             gl.function90(GEMM_SOURCE90, f"{pfx}_gate_up_{a}a_{gu}", gu, a, wide, dequant=dequant, act=act)
         if gl.pick_impl(dn, 64, impl) == "wgmma" and (not wide or _wide_ok(dn, "bf16")):
             gl.function90(GEMM_SOURCE90, f"{pfx}_down_{dn}", dn, "bf16", wide, dequant=dequant)
+    if small_ok(gu, None, None, 16):
+        _small_fn(f"moe_small_gate_up_{a}a_{gu}")
+    if small_ok(dn, None, None, 32):
+        _small_fn(f"moe_small_down_{dn}")
+
+
+def _small_fn(name: str):
+    return load_module(SMALL_SOURCE).get_function(name)
+
+
+SMALL_THREADS = 128     # grouped_small.cu gs::THREADS
 
 
 def moe_route(logits, T: int, E: int, k: int, norm: bool, scale: float, tile: int, n_valid_dev,
@@ -180,7 +215,8 @@ def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted
 
     x [T, ldx] f32 or bf16 (x_dtype); w_gate, w_up [E, F, D] raw GGUF bytes (w_up None: w_gate is
     the merged [E, 2F, D] gate_up, gate rows first); h_out [S, F] bf16 (S = sorted_slots.size),
-    rows of padding slots get 0, rows from expert_offsets[E] on are not written. The layout's tile
+    rows of padding slots get 0 (schedule "small": not written, and its moe_down never reads them),
+    rows from expert_offsets[E] on are not written. The layout's tile
     must be a multiple of MOE_TILE. grid (ceil(F/64), S // 128); tiles past the layout exit.
     wgmma: schedule (schedule90) "persist" = about one block per SM looping over the tiles.
     wtab: an expert table (kernels/moe/table.py gate_up_pointers on the device, uint64 [2E]):
@@ -204,6 +240,17 @@ def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted
     if h_out.itemsize != 2 or h_out.size < S * F:
         raise ValueError(f"moe_gate_up: h_out must be bf16 [{S}, {F}], got {h_out.dtype} {h_out.shape}")
     if S < MOE_TILE or F <= 0:
+        return
+    if schedule == "small":
+        pick_schedule("small", w_name, a_kind, x.shape[0], k, E, K=D, N=F, row_step=16)   # checks
+        if ldx % 8 or gl.ptr(x) % 16:
+            raise ValueError("moe_gate_up: schedule small needs 16-byte aligned x rows")
+        _small_fn(f"moe_small_gate_up_{a_kind}a_{w_name}")(
+            ((F + 63) // 64, E, 1), (SMALL_THREADS, 1, 1),
+            (gl.ptr(x), np.int64(ldx), gl.ptr(w_gate), np.uint64(up_ptr), np.int64(e_bytes), np.int64(rb),
+             np.int32(F), np.int32(D), gl.ptr(h_out), np.int64(F), sorted_slots, expert_offsets, np.int32(E),
+             np.int32(k), gl.ptr(0 if wtab is None else wtab), np.int32(ACTS[act])),
+            stream=stream)
         return
     if gl.pick_impl(w_name, D, impl) == "wgmma":
         sch = pick_schedule(schedule, w_name, a_kind, x.shape[0], k, E)
@@ -255,6 +302,15 @@ def moe_down(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_off
     if S < MOE_TILE or D <= 0:
         return
     rb = qtype(w_name).row_bytes(F)
+    if schedule == "small":
+        pick_schedule("small", w_name, "bf16", out.size // D, k, E, K=F, N=D, row_step=32)   # checks
+        _small_fn(f"moe_small_down_{w_name}")(
+            ((D + 127) // 128, E, 1), (SMALL_THREADS, 1, 1),
+            (gl.ptr(h), np.int64(F), gl.ptr(w_down), np.int64(D * rb), np.int64(rb), np.int32(D), np.int32(F),
+             gl.ptr(out), np.int64(D), sorted_slots, expert_offsets, np.int32(E), np.int32(k), weights,
+             gl.ptr(0 if wtab is None else wtab)),
+            stream=stream)
+        return
     if gl.pick_impl(w_name, F, impl) == "wgmma":
         sch = pick_schedule(schedule, w_name, "bf16", out.size // D, k, E)
         bn, threads, smem = gl.cfg90(w_name, "bf16", sch == "wide")

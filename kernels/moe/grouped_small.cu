@@ -1,0 +1,297 @@
+// MoE grouped GEMMs for few rows per expert: prefill chunks where each expert sees a handful of
+// the chunk's T k slots (512 tokens, 8 of 256 experts: 16 on average). The tile kernels
+// (grouped_gemm*.cu) give every expert 128- or 256-row tiles, so at 16 rows they dequantise
+// each weight for an MMA that is 7/8 padding, with one block per SM walking its tiles; here the
+// weights are the MMA's M side (mma.sync m16n8k16, weight rows x tokens), the tokens its N side
+// in steps of 8, every weight element is dequantised once per 32 tokens of its expert, straight
+// from global memory into the MMA's registers, and many small blocks per SM keep enough bytes
+// in flight to stream the experts at memory speed. Built for sm_80 and up (sm_89 and sm_90
+// alike; the same numerics as the tile kernels: bf16 weights and activations, f32 sums).
+//
+// Layout: moe_route's (kernels/moe/ref.py route_layout): expert e owns the sorted rows
+// [expert_offsets[e], expert_offsets[e + 1]), its slots first (slot = t k + j), then -1 padding.
+//
+//   moe_small_gate_up_<a>a_<w>(x, ldx, w_gate, up_ptr, e_bytes, row_bytes, F, K, h, ldh,
+//                              sorted_slots, expert_offsets, E, k, wtab, act)
+//       h[r, f] = act(x[t] . Wg_e[f]) * (x[t] . Wu_e[f]) for every valid sorted row r of expert e
+//       (t = sorted_slots[r] / k); padding rows are not written.  grid (F / 64, E), 128 threads:
+//       warp w computes f in [64 bx + 16 w, +16) of gate and up (two m16 tiles) for every token.
+//   moe_small_down_<w>(h, ldh, w_down, e_bytes, row_bytes, D, F, out, ldo, sorted_slots,
+//                      expert_offsets, E, k, route_w, wtab)
+//       out[t, d] += route_w[slot] * (h[r] . Wd_e[d]) for every valid sorted row r (f32 atomics:
+//       the order of an output's k additions, and so its last bit, may vary between runs).
+//       grid (D / 128, E), 128 threads: warp w computes d in [128 bx + 32 w, +32) (two m16 tiles).
+// Expert e's weights as in grouped_gemm.cu: w + e * e_bytes (gate_up: up at up_ptr + e * e_bytes),
+// or with an expert table wtab (kernels/moe/table.py): gate / down at wtab[e], up at wtab[E + e].
+// act: 0 SiLU, 1 GELU-tanh. Shapes (launch.py checks): F % 16 == 0, D % 32 == 0, K (D for
+// gate_up, F for down) a multiple of 32 and of the weight type's block; x / h rows 16-byte aligned.
+//
+// Per warp and 32-element group of K, lane (g = lane / 4, q = lane % 4) dequantises the 8
+// consecutive elements [8q, 8q + 8) of its 4 weight rows (g, g + 8 of each m16 tile) and reads the
+// same 8 elements of token g of each 8-token tile from shared memory (one 16-byte load). Those
+// are the A / B fragments of two k16 MMAs with K permuted inside the group (fragment k 2q, 2q+1,
+// 2q+8, 2q+9 <- elements 8q + 0..3, then 8q + 4..7): a dot product does not care in which order
+// K is summed as long as both operands use the same one.
+#include "common.cuh"
+#include "quant/ggml_quants.cuh"
+
+namespace gs {
+
+typedef unsigned char u8;
+typedef unsigned int u32;
+
+constexpr int THREADS = 128;
+constexpr int KC = 256;                 // K elements per shared-memory chunk of the tokens
+constexpr int NT = 4;                   // 8-token MMA tiles per pass: 32 tokens
+constexpr int MT = 8 * NT;
+// a token's row in shared memory: KC bf16 + 64 bytes, so that the 16-byte loads of one phase
+// (tokens g, g + 1, four lanes each) cover the 32 banks once
+constexpr int XS = KC + 32;
+
+// 8 consecutive elements [e0, e0 + 8) of a GGML row (e0 % 8 == 0)
+template<int W> __device__ __forceinline__ void dq8(const u8* __restrict__ row, int e0, float v[8]) {
+    constexpr int QK = QBlock<W>::QK, BY = QBlock<W>::BYTES;
+    dequant8<W>(row + (long long)(e0 / QK) * BY, (e0 % QK) >> 3, v);
+}
+// Q4_K with word loads: d and dmin in one 32-bit word, the 8 quant bytes in one 64-bit load
+// (a row of a Q4_K matrix starts 16-byte aligned and blocks are 144 bytes)
+template<> __device__ __forceinline__ void dq8<GGML_Q4_K>(const u8* __restrict__ row, int e0, float v[8]) {
+    const u8* b = row + (long long)(e0 >> 8) * 144;
+    const int o = e0 & 255, s = o >> 5;
+    const u32 dm = *reinterpret_cast<const u32*>(b);
+    int sc, m;
+    ggf::k4_scale_min(b + 4, s, sc, m);
+    const float dl = ggf::half_bits_to_float((unsigned short)(dm & 0xffffu)) * (float)sc;
+    const float ml = ggf::half_bits_to_float((unsigned short)(dm >> 16)) * (float)m;
+    const uint2 qw = *reinterpret_cast<const uint2*>(b + 16 + 32 * (s >> 1) + (o & 31));
+    const int sh = 4 * (s & 1);
+    const u32 lo = (qw.x >> sh) & 0x0F0F0F0Fu, hi = (qw.y >> sh) & 0x0F0F0F0Fu;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        // 2^23 + q as a float, minus 2^23: the nibble as a float without a conversion instruction
+        v[i] = dl * (__uint_as_float(0x4B000000u | ((lo >> (8 * i)) & 0xFFu)) - 8388608.0f) - ml;
+        v[4 + i] = dl * (__uint_as_float(0x4B000000u | ((hi >> (8 * i)) & 0xFFu)) - 8388608.0f) - ml;
+    }
+}
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const u32*>(&v);
+}
+
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float act_f(float g, int act) {
+    if (act == 1) return g / (1.0f + __expf(-1.5957691216057308f * (g + 0.044715f * g * g * g)));  // GELU-tanh
+    return g / (1.0f + __expf(-g));
+}
+
+// The valid rows of expert e's segment (slots first, then -1): a block-wide count.
+__device__ __forceinline__ int segment_count(const int* __restrict__ sorted_slots, int off0, int off1) {
+    int n = 0;
+    for (int base = off0; base < off1; base += THREADS) {
+        const int r = base + (int)threadIdx.x;
+        n += __syncthreads_count(r < off1 && sorted_slots[r] >= 0);
+    }
+    return n;
+}
+
+// One chunk of the tokens' K elements [c, c + kc) into shared memory as bf16, token row i of the
+// pass from rows[i] of `src` (ld elements; -1: zeros).
+template<typename XT>
+__device__ __forceinline__ void load_chunk(const XT* __restrict__ src, long long ld, const int* rows, int c, int kc,
+                                           __nv_bfloat16* xs) {
+    const int per = kc >> 3;
+    for (int idx = threadIdx.x; idx < MT * per; idx += THREADS) {
+        const int i = idx / per, j = idx - i * per;
+        const int r = rows[i];
+        uint4 u = make_uint4(0u, 0u, 0u, 0u);
+        if (r >= 0) {
+            const XT* p = src + (long long)r * ld + c + 8 * j;
+            if constexpr (sizeof(XT) == 2) {
+                u = *reinterpret_cast<const uint4*>(p);
+            } else {
+                const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+                u = make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
+            }
+        }
+        *reinterpret_cast<uint4*>(xs + i * XS + 8 * j) = u;
+    }
+}
+
+// acc[m][t] (+)= W rows (m16 tile m: rows rr[2m], rr[2m + 1] of this lane) x tokens of tile t,
+// over the chunk's K elements [c, c + kc).
+template<int W>
+__device__ __forceinline__ void chunk_mma(const u8* const* rr, const __nv_bfloat16* xs, int c, int kc, int nt,
+                                          int lane, float acc[2][NT][4]) {
+    const int g = lane >> 2, q = lane & 3;
+#pragma unroll 2
+    for (int gi = 0; gi < (kc >> 5); ++gi) {
+        const int e0 = c + 32 * gi + 8 * q;
+        float w[4][8];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) dq8<W>(rr[r], e0, w[r]);
+        u32 a[2][2][4];       // [m tile][k16 step][fragment register]
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                a[m][s][0] = pack_bf16(w[2 * m][4 * s], w[2 * m][4 * s + 1]);
+                a[m][s][1] = pack_bf16(w[2 * m + 1][4 * s], w[2 * m + 1][4 * s + 1]);
+                a[m][s][2] = pack_bf16(w[2 * m][4 * s + 2], w[2 * m][4 * s + 3]);
+                a[m][s][3] = pack_bf16(w[2 * m + 1][4 * s + 2], w[2 * m + 1][4 * s + 3]);
+            }
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            if (t >= nt) break;       // warp-uniform
+            const uint4 xv = *reinterpret_cast<const uint4*>(xs + (8 * t + g) * XS + 32 * gi + 8 * q);
+#pragma unroll
+            for (int m = 0; m < 2; ++m) {
+                mma16816(acc[m][t], a[m][0], xv.x, xv.y);
+                mma16816(acc[m][t], a[m][1], xv.z, xv.w);
+            }
+        }
+    }
+}
+
+// The block's passes over its expert's tokens (MT at a time): rows[] and slots[] of each pass in
+// shared memory, the tokens' K in chunks of KC, then the epilogue `store(acc, pass base, nt)`.
+template<int W, typename XT, typename Store>
+__device__ __forceinline__ void expert_passes(const XT* __restrict__ src, long long ld, bool gather,
+                                              const int* __restrict__ sorted_slots, int off0, int count, int k,
+                                              const u8* const* rr, bool live, int K, Store store) {
+    __shared__ __align__(16) __nv_bfloat16 xs[MT * XS];
+    __shared__ int rows[MT];
+    const int lane = threadIdx.x & 31;
+    for (int base = 0; base < count; base += MT) {
+        const int nt = min(NT, (count - base + 7) >> 3);
+        __syncthreads();              // the previous pass is done with rows[] and xs
+        if (threadIdx.x < MT) {
+            const int i = base + (int)threadIdx.x;
+            rows[threadIdx.x] = i < count ? (gather ? sorted_slots[off0 + i] / k : off0 + i) : -1;
+        }
+        float acc[2][NT][4];
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+            for (int t = 0; t < NT; ++t)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[m][t][i] = 0.0f;
+        for (int c = 0; c < K; c += KC) {
+            const int kc = min(KC, K - c);
+            __syncthreads();          // rows[] written / xs free
+            load_chunk<XT>(src, ld, rows, c, kc, xs);
+            __syncthreads();
+            if (live) chunk_mma<W>(rr, xs, c, kc, nt, lane, acc);
+        }
+        if (live) store(acc, base, nt);
+    }
+}
+
+template<int W, typename XT>
+__device__ __forceinline__ void gate_up(const XT* __restrict__ x, long long ldx, const u8* __restrict__ w_gate,
+                                        unsigned long long up_ptr, long long e_bytes, long long row_bytes, int F,
+                                        int K, __nv_bfloat16* __restrict__ h, long long ldh,
+                                        const int* __restrict__ sorted_slots, const int* __restrict__ expert_offsets,
+                                        int E, int k, const unsigned long long* __restrict__ wtab, int act) {
+    const int e = blockIdx.y;
+    const int off0 = expert_offsets[e], off1 = expert_offsets[e + 1];
+    if (off1 <= off0) return;
+    const int count = segment_count(sorted_slots, off0, off1);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+    const int f0 = blockIdx.x * 64 + 16 * warp;
+    const bool live = f0 < F;
+    const u8* wg = wtab ? reinterpret_cast<const u8*>(wtab[e]) : w_gate + e * e_bytes;
+    const u8* wu = wtab ? reinterpret_cast<const u8*>(wtab[E + e]) : reinterpret_cast<const u8*>(up_ptr) + e * e_bytes;
+    const int f = live ? f0 + g : 0;
+    const u8* rr[4] = {wg + f * row_bytes, wg + (f + 8) * row_bytes, wu + f * row_bytes, wu + (f + 8) * row_bytes};
+    expert_passes<W, XT>(x, ldx, true, sorted_slots, off0, count, k, rr, live, K,
+        [&](float (&acc)[2][NT][4], int base, int nt) {
+            for (int t = 0; t < nt; ++t)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int tok = base + 8 * t + 2 * q + (i & 1);
+                    if (tok < count)
+                        h[(long long)(off0 + tok) * ldh + f + 8 * (i >> 1)] =
+                            __float2bfloat16_rn(act_f(acc[0][t][i], act) * acc[1][t][i]);
+                }
+        });
+}
+
+template<int W>
+__device__ __forceinline__ void down(const __nv_bfloat16* __restrict__ hh, long long ldh, const u8* __restrict__ w_down,
+                                     long long e_bytes, long long row_bytes, int D, int F, float* __restrict__ out,
+                                     long long ldo, const int* __restrict__ sorted_slots,
+                                     const int* __restrict__ expert_offsets, int E, int k,
+                                     const float* __restrict__ route_w, const unsigned long long* __restrict__ wtab) {
+    const int e = blockIdx.y;
+    const int off0 = expert_offsets[e], off1 = expert_offsets[e + 1];
+    if (off1 <= off0) return;
+    const int count = segment_count(sorted_slots, off0, off1);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+    const int d0 = blockIdx.x * 128 + 32 * warp;
+    const bool live = d0 < D;
+    const u8* wd = wtab ? reinterpret_cast<const u8*>(wtab[e]) : w_down + e * e_bytes;
+    const int d = live ? d0 + g : 0;
+    const u8* rr[4] = {wd + d * row_bytes, wd + (d + 8) * row_bytes, wd + (d + 16) * row_bytes,
+                       wd + (d + 24) * row_bytes};
+    expert_passes<W, __nv_bfloat16>(hh, ldh, false, sorted_slots, off0, count, k, rr, live, F,
+        [&](float (&acc)[2][NT][4], int base, int nt) {
+            for (int t = 0; t < nt; ++t)
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    const int tok = base + 8 * t + 2 * q + i;
+                    if (tok >= count) continue;
+                    const int slot = sorted_slots[off0 + tok];
+                    float* o = out + (long long)(slot / k) * ldo + d;
+                    const float wgt = route_w[slot];
+#pragma unroll
+                    for (int m = 0; m < 2; ++m) {
+                        atomicAdd(o + 16 * m, wgt * acc[m][t][i]);
+                        atomicAdd(o + 16 * m + 8, wgt * acc[m][t][2 + i]);
+                    }
+                }
+        });
+}
+
+}  // namespace gs
+
+#define MOE_SMALL_GU(WNAME, WTYPE, ATYPE, ANAME)                                                               \
+extern "C" __global__ void __launch_bounds__(gs::THREADS, 4)                                                    \
+moe_small_gate_up_##ANAME##_##WNAME(const ATYPE* x, long long ldx, const unsigned char* w_gate,                \
+                                    unsigned long long up_ptr, long long e_bytes, long long row_bytes, int F,  \
+                                    int K, __nv_bfloat16* h, long long ldh, const int* sorted_slots,           \
+                                    const int* expert_offsets, int E, int k, const unsigned long long* wtab,    \
+                                    int act) {                                                                  \
+    gs::gate_up<WTYPE, ATYPE>(x, ldx, w_gate, up_ptr, e_bytes, row_bytes, F, K, h, ldh, sorted_slots,          \
+                              expert_offsets, E, k, wtab, act);                                                \
+}
+#define MOE_SMALL(WNAME, WTYPE)                                                                                \
+MOE_SMALL_GU(WNAME, WTYPE, float, f32a) MOE_SMALL_GU(WNAME, WTYPE, __nv_bfloat16, bf16a)                       \
+extern "C" __global__ void __launch_bounds__(gs::THREADS, 4)                                                    \
+moe_small_down_##WNAME(const __nv_bfloat16* h, long long ldh, const unsigned char* w_down, long long e_bytes,   \
+                       long long row_bytes, int D, int F, float* out, long long ldo, const int* sorted_slots,   \
+                       const int* expert_offsets, int E, int k, const float* route_w,                           \
+                       const unsigned long long* wtab) {                                                        \
+    gs::down<WTYPE>(h, ldh, w_down, e_bytes, row_bytes, D, F, out, ldo, sorted_slots, expert_offsets, E, k,     \
+                    route_w, wtab);                                                                             \
+}
+
+MOE_SMALL(f32, GGML_F32)
+MOE_SMALL(f16, GGML_F16)
+MOE_SMALL(bf16, GGML_BF16)
+MOE_SMALL(q4_0, GGML_Q4_0)
+MOE_SMALL(q4_1, GGML_Q4_1)
+MOE_SMALL(q5_0, GGML_Q5_0)
+MOE_SMALL(q5_1, GGML_Q5_1)
+MOE_SMALL(q8_0, GGML_Q8_0)
+MOE_SMALL(q2_k, GGML_Q2_K)
+MOE_SMALL(q3_k, GGML_Q3_K)
+MOE_SMALL(q4_k, GGML_Q4_K)
+MOE_SMALL(q5_k, GGML_Q5_K)
+MOE_SMALL(q6_k, GGML_Q6_K)
