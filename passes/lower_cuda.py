@@ -513,8 +513,10 @@ class _Lowering:
                 ws[c] = moe.gemv_workspace(c, k, F, shared_ffn=Fs)
                 continue
             try:
-                sg = moe.pick_schedule(o.moe_schedule, tg, a, c, k, E, K=D, N=F, row_step=16)
-                sd = moe.pick_schedule(o.moe_schedule, td, "bf16", c, k, E, K=F, N=D, row_step=32)
+                sg = moe.pick_schedule(o.moe_schedule, tg, a, c, k, E, K=D, N=F, row_step=16,
+                                       impl=rec["impl_gate_up"])
+                sd = moe.pick_schedule(o.moe_schedule, td, "bf16", c, k, E, K=F, N=D, row_step=32,
+                                       impl=rec["impl_down"])
             except ValueError as e:
                 raise GGFuseError(None, f"{n.name}: moe_schedule: {e}") from None
             if (sg == "small") != (sd == "small"):

@@ -61,8 +61,8 @@ template<> __device__ __forceinline__ void dq8<GGML_Q4_K>(const u8* __restrict__
     const u32 dm = *reinterpret_cast<const u32*>(b);
     int sc, m;
     ggf::k4_scale_min(b + 4, s, sc, m);
-    const float dl = ggf::half_bits_to_float((unsigned short)(dm & 0xffffu)) * (float)sc;
-    const float ml = ggf::half_bits_to_float((unsigned short)(dm >> 16)) * (float)m;
+    const float dl = __half2float(__ushort_as_half((unsigned short)(dm & 0xffffu))) * (float)sc;   // exact
+    const float ml = __half2float(__ushort_as_half((unsigned short)(dm >> 16))) * (float)m;
     const uint2 qw = *reinterpret_cast<const uint2*>(b + 16 + 32 * (s >> 1) + (o & 31));
     const int sh = 4 * (s & 1);
     const u32 lo = (qw.x >> sh) & 0x0F0F0F0Fu, hi = (qw.y >> sh) & 0x0F0F0F0Fu;
@@ -101,13 +101,13 @@ __device__ __forceinline__ int segment_count(const int* __restrict__ sorted_slot
     return n;
 }
 
-// One chunk of the tokens' K elements [c, c + kc) into shared memory as bf16, token row i of the
-// pass from rows[i] of `src` (ld elements; -1: zeros).
+// One chunk of the tokens' K elements [c, c + kc) into shared memory as bf16, token row i < n_rows
+// of the pass from rows[i] of `src` (ld elements; -1: zeros).
 template<typename XT>
 __device__ __forceinline__ void load_chunk(const XT* __restrict__ src, long long ld, const int* rows, int c, int kc,
-                                           __nv_bfloat16* xs) {
+                                           int n_rows, __nv_bfloat16* xs) {
     const int per = kc >> 3;
-    for (int idx = threadIdx.x; idx < MT * per; idx += THREADS) {
+    for (int idx = threadIdx.x; idx < n_rows * per; idx += THREADS) {
         const int i = idx / per, j = idx - i * per;
         const int r = rows[i];
         uint4 u = make_uint4(0u, 0u, 0u, 0u);
@@ -130,7 +130,7 @@ template<int W>
 __device__ __forceinline__ void chunk_mma(const u8* const* rr, const __nv_bfloat16* xs, int c, int kc, int nt,
                                           int lane, float acc[2][NT][4]) {
     const int g = lane >> 2, q = lane & 3;
-#pragma unroll 2
+#pragma unroll 4
     for (int gi = 0; gi < (kc >> 5); ++gi) {
         const int e0 = c + 32 * gi + 8 * q;
         float w[4][8];
@@ -185,7 +185,7 @@ __device__ __forceinline__ void expert_passes(const XT* __restrict__ src, long l
         for (int c = 0; c < K; c += KC) {
             const int kc = min(KC, K - c);
             __syncthreads();          // rows[] written / xs free
-            load_chunk<XT>(src, ld, rows, c, kc, xs);
+            load_chunk<XT>(src, ld, rows, c, kc, 8 * nt, xs);   // the pass's 8-token tiles only
             __syncthreads();
             if (live) chunk_mma<W>(rr, xs, c, kc, nt, lane, acc);
         }

@@ -31,7 +31,7 @@ SMALL_SOURCE = "moe/grouped_small.cu"      # few rows per expert, every target (
 # persistent blocks on 256- or 128-row tiles, or a block per tile
 SCHEDULES = ("auto", "small", "wide", "persist", "tiles")
 WIDE_MIN_ROWS = 96      # "auto": wide tiles from this many rows per expert on average (T k / E)
-SMALL_MAX_ROWS = 32     # "auto": the few-rows kernels up to this many rows per expert on average
+SMALL_MAX_ROWS = 16     # "auto" on the mma.sync impl: the few-rows kernels up to this many rows per expert on average
 ROUTE_CHUNK = 256       # slots per histogram chunk (route.cu)
 MAX_EXPERTS = 512       # route.cu ROUTE_MAX_PER_LANE * 32
 GATINGS = {"softmax": 0, "sigmoid": 1}
@@ -82,23 +82,26 @@ def small_ok(w_name: str, K: int | None, N: int | None, row_step: int) -> bool:
 
 
 def pick_schedule(schedule: str | None, w_name: str, a_kind: str, T: int, k: int, E: int, *,
-                  K: int | None = None, N: int | None = None, row_step: int = 32) -> str:
+                  K: int | None = None, N: int | None = None, row_step: int = 32, impl: str | None = None) -> str:
     """How the grouped GEMMs are launched: "small" (moe/grouped_small.cu: a block per (expert,
     64 or 128 weight rows), the tokens as the MMA's 8-wide side; any impl, mma.sync), or on the
     wgmma impl "wide" (about one block per SM, each walking (row tile, column tile) items of
     256-row tiles that never cross an expert, moe90w_*; GGML weights and bf16 activations only,
     otherwise "persist"), "persist" (the same on 128-row tiles, moe90p_*), "tiles" (a block per
     128-row item, the grid covering the worst-case layout, moe90_*); the mma.sync impl ignores
-    all but "small". "auto" / None: small up to SMALL_MAX_ROWS rows per expert on average
-    (T k / E) where small_ok, wide from WIDE_MIN_ROWS, persist between; measured on the H100 for
-    the 35B-A3B layer: 4096 tokens (128 rows per expert) 1.17 ms wide vs 1.35 ms persist, 2048
-    tokens (64) 1.08 vs 0.92. K, N: the matrix (gate_up: K = D, N = F, row_step 16; down: K = F,
-    N = D, row_step 32). The plan's lowering calls this per captured chunk size and records it."""
+    all but "small". "auto" / None: on the mma.sync impl (impl "mma"), small up to SMALL_MAX_ROWS
+    rows per expert on average (T k / E) where small_ok (the 35B-A3B layer on an H200: 64 / 256 /
+    512 tokens 0.97 / 1.16 / 1.20 ms small against 1.16 / 1.40 / 1.46 mma.sync tiles, 1024 tokens
+    1.82 against 1.56); on wgmma wide from WIDE_MIN_ROWS, else persist (persist beats small at
+    every size there: 0.72 / 0.86 ms at 64 / 512 tokens); measured on the H100 for the same layer:
+    4096 tokens (128 rows per expert) 1.17 ms wide vs 1.35 ms persist, 2048 tokens (64) 1.08 vs
+    0.92. K, N: the matrix (gate_up: K = D, N = F, row_step 16; down: K = F, N = D, row_step 32).
+    The plan's lowering calls this per captured chunk size and records it."""
     sch = schedule or "auto"
     if sch not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {sch!r}")
     if sch == "auto":
-        if T * k <= SMALL_MAX_ROWS * E and small_ok(w_name, K, N, row_step):
+        if impl == "mma" and T * k <= SMALL_MAX_ROWS * E and small_ok(w_name, K, N, row_step):
             sch = "small"
         else:
             sch = "wide" if T * k >= WIDE_MIN_ROWS * E else "persist"
