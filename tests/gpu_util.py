@@ -24,7 +24,11 @@ def require_gpu():
 
 
 def run_captured(s, fn):
-    """Capture fn(s) on stream s into a CUDA graph, replay it once, wait; returns the graph."""
+    """Capture fn(s) on stream s into a CUDA graph, replay it once, wait; returns the graph.
+    Waits for the device first: inputs filled on the default stream must land before a replay on
+    a non-blocking s reads them."""
+    import cupy
+    cupy.cuda.Device().synchronize()
     s.begin_capture()
     fn(s)
     g = s.end_capture()

@@ -94,6 +94,7 @@ def run(T, n_valid, E, k, D, F, gu, dn, x_kind, merged, shared, act, graph, tabl
     if graph:
         g = run_captured(cp.cuda.Stream(non_blocking=True), layer)
         out.fill(np.nan)        # a replay must write every element again
+        cp.cuda.Device().synchronize()   # the fill runs on the default stream, the replay on s
         s = cp.cuda.Stream(non_blocking=True)
         g.launch(s)
         s.synchronize()

@@ -205,6 +205,7 @@ def test_router_gemm_in_cuda_graph(split):
     x2, _ = make_inputs(np.random.default_rng(12), M, N, K, ties=False)
     xd[...] = cp.asarray(x2)
     cbuf.fill(np.nan)
+    cp.cuda.Device().synchronize()   # the copy and fill run on the default stream, the replay on s
     g.launch(s)
     s.synchronize()
     check_out(cbuf, N, x2.astype(np.float64) @ w.astype(np.float64).T, f"{split} graph replay", rms_max=2e-5, abs_max=1e-4)
