@@ -519,10 +519,10 @@ class _Lowering:
                                        impl=rec["impl_down"])
             except ValueError as e:
                 raise GGFuseError(None, f"{n.name}: moe_schedule: {e}") from None
-            if (sg == "small") != (sd == "small"):
+            if (sg in moe.SMALL_SCHEDULES) != (sd in moe.SMALL_SCHEDULES):
                 # the few-rows gate_up leaves h's padding rows unwritten: both halves small or neither
-                sg = moe.pick_schedule("persist", tg, a, c, k, E) if sg == "small" else sg
-                sd = moe.pick_schedule("persist", td, "bf16", c, k, E) if sd == "small" else sd
+                sg = moe.pick_schedule("persist", tg, a, c, k, E) if sg in moe.SMALL_SCHEDULES else sg
+                sd = moe.pick_schedule("persist", td, "bf16", c, k, E) if sd in moe.SMALL_SCHEDULES else sd
             rec["by_chunk"][str(c)] = {"schedule_gate_up": sg, "schedule_down": sd}
             ws[c] = moe.grouped_workspace(c, k, E, F, D, tile, x_copy=x_copy, shared_ffn=Fs)
         if ops.shared is not None:

@@ -65,7 +65,7 @@ def test_backend_binds_every_op(arch, quant, monkeypatch):
             if name == "gemm.gemm":
                 assert bound.arguments.get("impl") in ("wgmma", "mma")
             if name in ("moe.moe_gate_up", "moe.moe_down"):
-                assert bound.arguments["schedule"] in ("small", "wide", "persist", "tiles")
+                assert bound.arguments["schedule"] in ("small", "smallq", "wide", "persist", "tiles")
         # values the plan stores bf16 are bf16 on the device; every value in its planned slot
         for n in plan.graph.nodes():
             for i, st in enumerate(n.meta.get("storage") or []):

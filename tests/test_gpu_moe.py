@@ -28,21 +28,24 @@ from ggfuse.kernels.moe import ref as moe_ref  # noqa: E402
 TILE = launch.MOE_TILE
 
 
-@pytest.fixture(params=[*gl.IMPLS, "wgmma_persist", "wgmma_tiles", "wgmma_generic", "small"])
+@pytest.fixture(params=[*gl.IMPLS, "wgmma_persist", "wgmma_tiles", "wgmma_generic", "small", "smallq"])
 def impl(request):
     """The grouped-GEMM kernel family under test (gpu_util.Family; the launchers' arguments in
     .moe): mma.sync, or wgmma on cc 9.0 with persistent blocks on 256-row tiles (schedule wide;
     GGML weights and bf16 x, else the 128-row persistent kernels), wgmma_persist (persistent,
     128-row tiles), wgmma_tiles (a block per tile), wgmma_generic (the wide schedule with the
-    element-wise dequant8), small (moe/grouped_small.cu: the few-rows kernels, every device)."""
+    element-wise dequant8), small (moe/grouped_small.cu: the few-rows kernels, every device),
+    smallq (the same with Q4_K / Q6_K quants entering the MMA as integers: exact weights)."""
     if request.param.startswith("wgmma") and gl.device_cc() != 90:
         pytest.skip("the wgmma kernels need a compute capability 9.0 device")
     return Family(request.param)
 
 
 def need(impl, *w_types):
-    if impl == "small" and any(not launch.small_ok(t, None, None, 1) for t in w_types):
+    if impl.startswith("small") and any(not launch.small_ok(t, None, None, 1) for t in w_types):
         pytest.skip(f"no few-rows kernel for {w_types}")
+    if impl == "smallq" and not any(t in launch.SMALLQ_TYPES for t in w_types):
+        pytest.skip(f"smallq runs {w_types} as small does")
     if impl.startswith("wgmma") and any(t not in gl.SM90_TYPES for t in w_types):
         pytest.skip(f"no wgmma kernel for {w_types}")
     if impl == "wgmma_generic" and all(t == "bf16" for t in w_types):
@@ -273,7 +276,11 @@ def run_moe(T, E, k, D, F, gu_type, dn_type, x_kind, merged, n_valid, rng, graph
         np.testing.assert_allclose(cp.asnumpy(out2), cp.asnumpy(out), rtol=1e-5, atol=1e-6)
     check_route(r, logits, n_valid)
     slots, offs, wts = cp.asnumpy(r.slots), cp.asnumpy(r.offs), cp.asnumpy(r.w)
-    WGr, WUr, WDr = (round_bf16(w).astype(np.float64) for w in (WG, WU, WD))
+    # the kernels' weights: rounded to bf16, except the integer-valued path's (smallq), exact
+    exact = (kw.get("schedule") == "smallq" and gu_type in launch.SMALLQ_TYPES,
+             kw.get("schedule") == "smallq" and dn_type in launch.SMALLQ_TYPES)
+    WGr, WUr, WDr = (w.astype(np.float64) if ex else round_bf16(w).astype(np.float64)
+                     for w, ex in ((WG, exact[0]), (WU, exact[0]), (WD, exact[1])))
     ref, h_rows = expected(x_host[:n_valid], wts[:n_valid], slots, offs, k, WGr, WUr, WDr, act=act)
     got = cp.asnumpy(out)
     check(got[:n_valid], ref, tol_rms=2e-3)
@@ -284,7 +291,7 @@ def run_moe(T, E, k, D, F, gu_type, dn_type, x_kind, merged, n_valid, rng, graph
     hs = np.stack([h_host[pos[s]] for s in sorted(h_rows)])
     check(hs, np.stack([h_rows[s] for s in sorted(h_rows)]))
     pad = [i for i in range(offs[-1]) if slots[i] < 0]
-    if kw.get("schedule") == "small":
+    if kw.get("schedule") in launch.SMALL_SCHEDULES:
         # the few-rows kernels leave padding rows as they were (the poison, NaN bits), and the
         # output above is finite: their down never read them
         assert np.isnan(h_host[pad]).all()

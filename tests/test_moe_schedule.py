@@ -57,3 +57,13 @@ def test_forced_small_on_sm90_and_bad_schedule():
     assert forced and all(s == ("small", "small") for s in forced.values())
     with pytest.raises(GGFuseError, match="moe_schedule"):
         compile_gguf(path, chunk=16, target="sm_90a", max_context=64, moe_schedule="tiny")
+
+
+def test_smallq_is_only_chosen_by_the_option():
+    path = fixture("qwen35moe", "q4_k_m")
+    for target in ("sm_89", "sm_90a"):
+        auto = _schedules(compile_gguf(path, chunk=16, target=target, max_context=64))
+        assert all("smallq" not in s for s in auto.values())
+        forced = _schedules(compile_gguf(path, chunk=16, target=target, max_context=64, moe_schedule="smallq"))
+        assert forced and all(s == ("smallq", "smallq") for s in forced.values())
+    assert set(moe.SMALLQ_TYPES) <= set(moe.GEMV_TYPES)

@@ -70,18 +70,20 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-ALL_FAMILIES = (*FAMILIES, "wgmma_persist", "wgmma_tiles", "small")
+ALL_FAMILIES = (*FAMILIES, "wgmma_persist", "wgmma_tiles", "small", "smallq")
 GEMM_FAMILIES = (*FAMILIES, "wgmma_tiles")    # the dense GEMM benchmark: persistent (wgmma) and a block per tile
 
 
 def family_kwargs(family: str) -> dict:
     """The launcher arguments of a kernel family: impl and dequant for every GEMM; persist for the
     dense ones (wgmma_tiles: a block per tile); schedule for the grouped ones ("small": the
-    few-rows grouped kernels, moe/grouped_small.cu, on any device)."""
-    return {"impl": "wgmma" if family.startswith("wgmma") else "mma" if family == "small" else family,
+    few-rows grouped kernels, moe/grouped_small.cu, on any device; "smallq": the same with integer
+    Q4_K / Q6_K quants)."""
+    return {"impl": "wgmma" if family.startswith("wgmma") else "mma" if family.startswith("small") else family,
             "dequant": "generic" if family == "wgmma_generic" else "fast",
             "persist": family != "wgmma_tiles",
-            "schedule": {"wgmma_tiles": "tiles", "wgmma_persist": "persist", "small": "small"}.get(family, "wide")}
+            "schedule": {"wgmma_tiles": "tiles", "wgmma_persist": "persist", "small": "small",
+                         "smallq": "smallq"}.get(family, "wide")}
 
 
 def host_rows(w, w_type, rows, K: int) -> np.ndarray:

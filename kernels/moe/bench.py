@@ -26,8 +26,8 @@ TOKENS = (64, 256, 512, 1024, 2048, 4096)
 # kernel families (--impls selects): wgmma = persistent blocks on 256-row tiles
 # (moe90w_*), wgmma_persist = persistent on 128-row tiles (moe90p_*), wgmma_tiles
 # = a block per tile (moe90_*), wgmma_generic = persistent with the element-wise dequantisation,
-# small = the few-rows kernels (moe/grouped_small.cu, every device)
-MOE_FAMILIES = (*FAMILIES, "wgmma_persist", "wgmma_tiles", "small")
+# small = the few-rows kernels (moe/grouped_small.cu, every device), smallq = the same with integer quants
+MOE_FAMILIES = (*FAMILIES, "wgmma_persist", "wgmma_tiles", "small", "smallq")
 
 
 def row(name, ms, flops, nbytes=0):

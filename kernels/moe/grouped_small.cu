@@ -45,8 +45,11 @@ constexpr int KC = 256;                 // K elements per shared-memory chunk of
 constexpr int NT = 4;                   // 8-token MMA tiles per pass: 32 tokens
 constexpr int MT = 8 * NT;
 // a token's row in shared memory: KC bf16 + 64 bytes, so that the 16-byte loads of one phase
-// (tokens g, g + 1, four lanes each) cover the 32 banks once
+// (tokens g, g + 1, four lanes each) cover the 32 banks once; the integer-valued path reads 8 bytes
+// per lane (a phase: tokens g .. g + 3) and pads by 32 bytes
 constexpr int XS = KC + 32;
+constexpr int XSQ = KC + 16;
+constexpr int STEPS = KC / 16;          // k16 steps per chunk (the integer-valued path: one block)
 
 // 8 consecutive elements [e0, e0 + 8) of a GGML row (e0 % 8 == 0)
 template<int W> __device__ __forceinline__ void dq8(const u8* __restrict__ row, int e0, float v[8]) {
@@ -103,7 +106,7 @@ __device__ __forceinline__ int segment_count(const int* __restrict__ sorted_slot
 
 // One chunk of the tokens' K elements [c, c + kc) into shared memory as bf16, token row i < n_rows
 // of the pass from rows[i] of `src` (ld elements; -1: zeros).
-template<typename XT>
+template<typename XT, int LDS>
 __device__ __forceinline__ void load_chunk(const XT* __restrict__ src, long long ld, const int* rows, int c, int kc,
                                            int n_rows, __nv_bfloat16* xs) {
     const int per = kc >> 3;
@@ -120,7 +123,7 @@ __device__ __forceinline__ void load_chunk(const XT* __restrict__ src, long long
                 u = make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
             }
         }
-        *reinterpret_cast<uint4*>(xs + i * XS + 8 * j) = u;
+        *reinterpret_cast<uint4*>(xs + i * LDS + 8 * j) = u;
     }
 }
 
@@ -159,13 +162,136 @@ __device__ __forceinline__ void chunk_mma(const u8* const* rr, const __nv_bfloat
     }
 }
 
+
+// ---- the integer-valued path (schedule "smallq"; Q4_K and Q6_K) -------------------------------
+// Each quant q becomes the bf16 number 128 + q exactly (0x4300 | q: bf16 has 8 significant bits),
+// so the MMA sums x (128 + q) over a scale's elements, and the scale is applied once per
+// (weight row, token, scale group) instead of once per weight:
+//   Q4_K  w = dl q - ml            sum x w = dl sum x (128 + q) - (128 dl + ml) sum x
+//   Q6_K  w = dl (q - 32)          sum x w = dl sum x (128 + q) - 160 dl sum x
+// with sum x over the same elements from shared memory (ssum, per k16 step and token). The
+// weights enter the MMA exact (the dequantising path rounds each to bf16); the activations are
+// bf16 in both. A chunk is one 256-element block. Lane layout: in the k16 step st, lane q holds
+// elements 16 st + 4q .. + 3 of its rows (fragment k 2q, 2q+1, 2q+8, 2q+9 <- those four), so every
+// step lies inside one Q6_K scale (16 elements) or one half of a Q4_K sub-block (32).
+template<int W> struct IQ;
+template<> struct IQ<GGML_Q4_K> {
+    static constexpr int STEPS_PER_SCALE = 2;
+    static __device__ __forceinline__ void scale(const u8* __restrict__ b, int sg, float& dl, float& bl) {
+        const u32 dm = *reinterpret_cast<const u32*>(b);
+        int sc, m;
+        ggf::k4_scale_min(b + 4, sg, sc, m);
+        dl = __half2float(__ushort_as_half((unsigned short)(dm & 0xffffu))) * (float)sc;
+        bl = 128.0f * dl + __half2float(__ushort_as_half((unsigned short)(dm >> 16))) * (float)m;
+    }
+    // the quants of elements 16 st + 4q .. + 3 in bytes 0..3 of one word
+    static __device__ __forceinline__ u32 quads(const u8* __restrict__ b, int st, int q) {
+        const int sb = st >> 1;
+        const u32 w = *reinterpret_cast<const u32*>(b + 16 + 32 * (sb >> 1) + 16 * (st & 1) + 4 * q);
+        return (w >> (4 * (sb & 1))) & 0x0F0F0F0Fu;
+    }
+};
+template<> struct IQ<GGML_Q6_K> {
+    static constexpr int STEPS_PER_SCALE = 1;
+    static __device__ __forceinline__ void scale(const u8* __restrict__ b, int sg, float& dl, float& bl) {
+        dl = __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(b + 208))) *
+             (float)(signed char)b[192 + sg];
+        bl = 160.0f * dl;
+    }
+    // 210-byte blocks: 2-byte aligned only
+    static __device__ __forceinline__ u32 quads(const u8* __restrict__ b, int st, int q) {
+        const int e0 = 16 * st + 4 * q, h = e0 >> 7, r = e0 & 127;
+        const unsigned short* pl = reinterpret_cast<const unsigned short*>(b + 64 * h + (r & 63));
+        const unsigned short* ph = reinterpret_cast<const unsigned short*>(b + 128 + 32 * h + (r & 31));
+        const u32 lo = (u32)pl[0] | ((u32)pl[1] << 16), hi = (u32)ph[0] | ((u32)ph[1] << 16);
+        return ((lo >> (4 * (r >> 6))) & 0x0F0F0F0Fu) | (((hi >> (2 * (r >> 5))) & 0x03030303u) << 4);
+    }
+};
+
+// bytes q0 q1 of v -> bf16 pair (128 + q0, 128 + q1); q2 q3 with sel 0x4342
+__device__ __forceinline__ u32 int_pair(u32 v, u32 sel) { return __byte_perm(v, 0x43434343u, sel); }
+
+// ssum[st][i] = the sum of token i's 16 elements of step st (the chunk in xs), i < n_rows
+__device__ __forceinline__ void step_sums(const __nv_bfloat16* xs, int n_rows, float* ssum) {
+    for (int idx = threadIdx.x; idx < n_rows * STEPS; idx += THREADS) {
+        const int st = idx / n_rows, i = idx - st * n_rows;
+        const uint4* p = reinterpret_cast<const uint4*>(xs + i * XSQ + 16 * st);
+        float v = 0.0f;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const uint4 u = p[h];
+            const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) v += __uint_as_float(w[j] << 16) + __uint_as_float(w[j] & 0xFFFF0000u);
+        }
+        ssum[st * MT + i] = v;
+    }
+}
+
+// acc[m][t] (+)= W rows x tokens of tile t over the chunk's block (elements [c, c + 256)).
+template<int W>
+__device__ __forceinline__ void chunk_mma_iq(const u8* const* rr, const __nv_bfloat16* xs, const float* ssum, int c,
+                                             int nt, int lane, float acc[2][NT][4]) {
+    constexpr int SPS = IQ<W>::STEPS_PER_SCALE;
+    const int g = lane >> 2, q = lane & 3;
+    const u8* blk[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) blk[r] = rr[r] + (long long)(c >> 8) * QBlock<W>::BYTES;
+#pragma unroll 2
+    for (int sg = 0; sg < STEPS / SPS; ++sg) {
+        float dl[4], bl[4];
+        u32 a[SPS][2][4];     // [step][m tile][fragment register]
+#pragma unroll
+        for (int r = 0; r < 4; ++r) IQ<W>::scale(blk[r], sg, dl[r], bl[r]);
+#pragma unroll
+        for (int s = 0; s < SPS; ++s) {
+            u32 v[4];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) v[r] = IQ<W>::quads(blk[r], sg * SPS + s, q);
+#pragma unroll
+            for (int m = 0; m < 2; ++m) {
+                a[s][m][0] = int_pair(v[2 * m], 0x4140);
+                a[s][m][1] = int_pair(v[2 * m + 1], 0x4140);
+                a[s][m][2] = int_pair(v[2 * m], 0x4342);
+                a[s][m][3] = int_pair(v[2 * m + 1], 0x4342);
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            if (t >= nt) break;       // warp-uniform
+            float tmp[2][4] = {};
+            float2 S = make_float2(0.0f, 0.0f);
+#pragma unroll
+            for (int s = 0; s < SPS; ++s) {
+                const int st = sg * SPS + s;
+                const uint2 xv = *reinterpret_cast<const uint2*>(xs + (8 * t + g) * XSQ + 16 * st + 4 * q);
+#pragma unroll
+                for (int m = 0; m < 2; ++m) mma16816(tmp[m], a[s][m], xv.x, xv.y);
+                const float2 s2 = *reinterpret_cast<const float2*>(ssum + st * MT + 8 * t + 2 * q);
+                S.x += s2.x;
+                S.y += s2.y;
+            }
+#pragma unroll
+            for (int m = 0; m < 2; ++m) {
+                // C: (row g, tokens 2q, 2q+1), (row g + 8, same tokens)
+                acc[m][t][0] += dl[2 * m] * tmp[m][0] - bl[2 * m] * S.x;
+                acc[m][t][1] += dl[2 * m] * tmp[m][1] - bl[2 * m] * S.y;
+                acc[m][t][2] += dl[2 * m + 1] * tmp[m][2] - bl[2 * m + 1] * S.x;
+                acc[m][t][3] += dl[2 * m + 1] * tmp[m][3] - bl[2 * m + 1] * S.y;
+            }
+        }
+    }
+}
+
 // The block's passes over its expert's tokens (MT at a time): rows[] and slots[] of each pass in
 // shared memory, the tokens' K in chunks of KC, then the epilogue `store(acc, pass base, nt)`.
-template<int W, typename XT, typename Store>
+template<int W, bool IQP, typename XT, typename Store>
 __device__ __forceinline__ void expert_passes(const XT* __restrict__ src, long long ld, bool gather,
                                               const int* __restrict__ sorted_slots, int off0, int count, int k,
                                               const u8* const* rr, bool live, int K, Store store) {
-    __shared__ __align__(16) __nv_bfloat16 xs[MT * XS];
+    constexpr int LDS = IQP ? XSQ : XS;
+    __shared__ __align__(16) __nv_bfloat16 xs[MT * LDS];
+    __shared__ __align__(16) float ssum[IQP ? STEPS * MT : 1];
     __shared__ int rows[MT];
     const int lane = threadIdx.x & 31;
     for (int base = 0; base < count; base += MT) {
@@ -185,15 +311,21 @@ __device__ __forceinline__ void expert_passes(const XT* __restrict__ src, long l
         for (int c = 0; c < K; c += KC) {
             const int kc = min(KC, K - c);
             __syncthreads();          // rows[] written / xs free
-            load_chunk<XT>(src, ld, rows, c, kc, 8 * nt, xs);   // the pass's 8-token tiles only
+            load_chunk<XT, LDS>(src, ld, rows, c, kc, 8 * nt, xs);   // the pass's 8-token tiles only
             __syncthreads();
-            if (live) chunk_mma<W>(rr, xs, c, kc, nt, lane, acc);
+            if constexpr (IQP) {
+                step_sums(xs, 8 * nt, ssum);
+                __syncthreads();
+                if (live) chunk_mma_iq<W>(rr, xs, ssum, c, nt, lane, acc);
+            } else {
+                if (live) chunk_mma<W>(rr, xs, c, kc, nt, lane, acc);
+            }
         }
         if (live) store(acc, base, nt);
     }
 }
 
-template<int W, typename XT>
+template<int W, bool IQP, typename XT>
 __device__ __forceinline__ void gate_up(const XT* __restrict__ x, long long ldx, const u8* __restrict__ w_gate,
                                         unsigned long long up_ptr, long long e_bytes, long long row_bytes, int F,
                                         int K, __nv_bfloat16* __restrict__ h, long long ldh,
@@ -210,7 +342,7 @@ __device__ __forceinline__ void gate_up(const XT* __restrict__ x, long long ldx,
     const u8* wu = wtab ? reinterpret_cast<const u8*>(wtab[E + e]) : reinterpret_cast<const u8*>(up_ptr) + e * e_bytes;
     const int f = live ? f0 + g : 0;
     const u8* rr[4] = {wg + f * row_bytes, wg + (f + 8) * row_bytes, wu + f * row_bytes, wu + (f + 8) * row_bytes};
-    expert_passes<W, XT>(x, ldx, true, sorted_slots, off0, count, k, rr, live, K,
+    expert_passes<W, IQP, XT>(x, ldx, true, sorted_slots, off0, count, k, rr, live, K,
         [&](float (&acc)[2][NT][4], int base, int nt) {
             for (int t = 0; t < nt; ++t)
 #pragma unroll
@@ -223,7 +355,7 @@ __device__ __forceinline__ void gate_up(const XT* __restrict__ x, long long ldx,
         });
 }
 
-template<int W>
+template<int W, bool IQP>
 __device__ __forceinline__ void down(const __nv_bfloat16* __restrict__ hh, long long ldh, const u8* __restrict__ w_down,
                                      long long e_bytes, long long row_bytes, int D, int F, float* __restrict__ out,
                                      long long ldo, const int* __restrict__ sorted_slots,
@@ -240,7 +372,7 @@ __device__ __forceinline__ void down(const __nv_bfloat16* __restrict__ hh, long 
     const int d = live ? d0 + g : 0;
     const u8* rr[4] = {wd + d * row_bytes, wd + (d + 8) * row_bytes, wd + (d + 16) * row_bytes,
                        wd + (d + 24) * row_bytes};
-    expert_passes<W, __nv_bfloat16>(hh, ldh, false, sorted_slots, off0, count, k, rr, live, F,
+    expert_passes<W, IQP, __nv_bfloat16>(hh, ldh, false, sorted_slots, off0, count, k, rr, live, F,
         [&](float (&acc)[2][NT][4], int base, int nt) {
             for (int t = 0; t < nt; ++t)
 #pragma unroll
@@ -261,26 +393,27 @@ __device__ __forceinline__ void down(const __nv_bfloat16* __restrict__ hh, long 
 
 }  // namespace gs
 
-#define MOE_SMALL_GU(WNAME, WTYPE, ATYPE, ANAME)                                                               \
-extern "C" __global__ void __launch_bounds__(gs::THREADS, 4)                                                    \
-moe_small_gate_up_##ANAME##_##WNAME(const ATYPE* x, long long ldx, const unsigned char* w_gate,                \
-                                    unsigned long long up_ptr, long long e_bytes, long long row_bytes, int F,  \
-                                    int K, __nv_bfloat16* h, long long ldh, const int* sorted_slots,           \
-                                    const int* expert_offsets, int E, int k, const unsigned long long* wtab,    \
-                                    int act) {                                                                  \
-    gs::gate_up<WTYPE, ATYPE>(x, ldx, w_gate, up_ptr, e_bytes, row_bytes, F, K, h, ldh, sorted_slots,          \
-                              expert_offsets, E, k, wtab, act);                                                \
+#define MOE_SMALL_GU(PFX, IQP, WNAME, WTYPE, ATYPE, ANAME)                                                    \
+extern "C" __global__ void __launch_bounds__(gs::THREADS, 4)                                                   \
+PFX##_gate_up_##ANAME##_##WNAME(const ATYPE* x, long long ldx, const unsigned char* w_gate,                    \
+                                unsigned long long up_ptr, long long e_bytes, long long row_bytes, int F,      \
+                                int K, __nv_bfloat16* h, long long ldh, const int* sorted_slots,               \
+                                const int* expert_offsets, int E, int k, const unsigned long long* wtab,        \
+                                int act) {                                                                      \
+    gs::gate_up<WTYPE, IQP, ATYPE>(x, ldx, w_gate, up_ptr, e_bytes, row_bytes, F, K, h, ldh, sorted_slots,     \
+                                   expert_offsets, E, k, wtab, act);                                           \
 }
-#define MOE_SMALL(WNAME, WTYPE)                                                                                \
-MOE_SMALL_GU(WNAME, WTYPE, float, f32a) MOE_SMALL_GU(WNAME, WTYPE, __nv_bfloat16, bf16a)                       \
-extern "C" __global__ void __launch_bounds__(gs::THREADS, 4)                                                    \
-moe_small_down_##WNAME(const __nv_bfloat16* h, long long ldh, const unsigned char* w_down, long long e_bytes,   \
-                       long long row_bytes, int D, int F, float* out, long long ldo, const int* sorted_slots,   \
-                       const int* expert_offsets, int E, int k, const float* route_w,                           \
-                       const unsigned long long* wtab) {                                                        \
-    gs::down<WTYPE>(h, ldh, w_down, e_bytes, row_bytes, D, F, out, ldo, sorted_slots, expert_offsets, E, k,     \
-                    route_w, wtab);                                                                             \
+#define MOE_SMALL_P(PFX, IQP, WNAME, WTYPE)                                                                    \
+MOE_SMALL_GU(PFX, IQP, WNAME, WTYPE, float, f32a) MOE_SMALL_GU(PFX, IQP, WNAME, WTYPE, __nv_bfloat16, bf16a)   \
+extern "C" __global__ void __launch_bounds__(gs::THREADS, 4)                                                   \
+PFX##_down_##WNAME(const __nv_bfloat16* h, long long ldh, const unsigned char* w_down, long long e_bytes,       \
+                   long long row_bytes, int D, int F, float* out, long long ldo, const int* sorted_slots,       \
+                   const int* expert_offsets, int E, int k, const float* route_w,                               \
+                   const unsigned long long* wtab) {                                                            \
+    gs::down<WTYPE, IQP>(h, ldh, w_down, e_bytes, row_bytes, D, F, out, ldo, sorted_slots, expert_offsets, E,   \
+                         k, route_w, wtab);                                                                     \
 }
+#define MOE_SMALL(WNAME, WTYPE) MOE_SMALL_P(moe_small, false, WNAME, WTYPE)
 
 MOE_SMALL(f32, GGML_F32)
 MOE_SMALL(f16, GGML_F16)
@@ -295,3 +428,6 @@ MOE_SMALL(q3_k, GGML_Q3_K)
 MOE_SMALL(q4_k, GGML_Q4_K)
 MOE_SMALL(q5_k, GGML_Q5_K)
 MOE_SMALL(q6_k, GGML_Q6_K)
+// the integer-valued path: moe_smallq_*
+MOE_SMALL_P(moe_smallq, true, q4_k, GGML_Q4_K)
+MOE_SMALL_P(moe_smallq, true, q6_k, GGML_Q6_K)

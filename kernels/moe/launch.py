@@ -29,7 +29,11 @@ MOE_TILE = 128          # the grouped GEMM's row tile (gemm_core.cuh BM)
 SMALL_SOURCE = "moe/grouped_small.cu"      # few rows per expert, every target (mma.sync)
 # grouped GEMM schedules: the few-rows kernels (moe/grouped_small.cu, any impl), and for wgmma
 # persistent blocks on 256- or 128-row tiles, or a block per tile
-SCHEDULES = ("auto", "small", "wide", "persist", "tiles")
+SCHEDULES = ("auto", "small", "smallq", "wide", "persist", "tiles")
+SMALL_SCHEDULES = ("small", "smallq")
+# "smallq": the few-rows kernels with integer-valued quants and per-scale sums (moe_smallq_*) for
+# these types, the dequantising ones (moe_small_*) for the others; not picked by "auto"
+SMALLQ_TYPES = ("q4_k", "q6_k")
 WIDE_MIN_ROWS = 96      # "auto": wide tiles from this many rows per expert on average (T k / E)
 SMALL_MAX_ROWS = 16     # "auto" on the mma.sync impl: the few-rows kernels up to this many rows per expert on average
 ROUTE_CHUNK = 256       # slots per histogram chunk (route.cu)
@@ -84,7 +88,9 @@ def small_ok(w_name: str, K: int | None, N: int | None, row_step: int) -> bool:
 def pick_schedule(schedule: str | None, w_name: str, a_kind: str, T: int, k: int, E: int, *,
                   K: int | None = None, N: int | None = None, row_step: int = 32, impl: str | None = None) -> str:
     """How the grouped GEMMs are launched: "small" (moe/grouped_small.cu: a block per (expert,
-    64 or 128 weight rows), the tokens as the MMA's 8-wide side; any impl, mma.sync), or on the
+    64 or 128 weight rows), the tokens as the MMA's 8-wide side; any impl, mma.sync), "smallq"
+    (the same with Q4_K / Q6_K quants entering the MMA as integers, the scales applied per
+    scale group: never picked by "auto", chosen by the option), or on the
     wgmma impl "wide" (about one block per SM, each walking (row tile, column tile) items of
     256-row tiles that never cross an expert, moe90w_*; GGML weights and bf16 activations only,
     otherwise "persist"), "persist" (the same on 128-row tiles, moe90p_*), "tiles" (a block per
@@ -105,8 +111,8 @@ def pick_schedule(schedule: str | None, w_name: str, a_kind: str, T: int, k: int
             sch = "small"
         else:
             sch = "wide" if T * k >= WIDE_MIN_ROWS * E else "persist"
-    if sch == "small" and not small_ok(w_name, K, N, row_step):
-        raise ValueError(f"schedule small: {w_name} experts [{N}, {K}] are not taken by the few-rows kernels "
+    if sch in SMALL_SCHEDULES and not small_ok(w_name, K, N, row_step):
+        raise ValueError(f"schedule {sch}: {w_name} experts [{N}, {K}] are not taken by the few-rows kernels "
                          f"(K a multiple of 32 and of the block, rows of {row_step})")
     if sch == "wide" and not _wide_ok(w_name, a_kind):
         sch = "persist"
@@ -147,12 +153,18 @@ def prepare(x_dtype, w_gate_type, w_down_type, impl: str | None = None, dequant:
             gl.function90(GEMM_SOURCE90, f"{pfx}_down_{dn}", dn, "bf16", wide, dequant=dequant)
     if small_ok(gu, None, None, 16):
         _small_fn(f"moe_small_gate_up_{a}a_{gu}")
+        _small_fn(f"{_small_prefix('smallq', gu)}_gate_up_{a}a_{gu}")
     if small_ok(dn, None, None, 32):
         _small_fn(f"moe_small_down_{dn}")
+        _small_fn(f"{_small_prefix('smallq', dn)}_down_{dn}")
 
 
 def _small_fn(name: str):
     return load_module(SMALL_SOURCE).get_function(name)
+
+
+def _small_prefix(schedule: str, w_name: str) -> str:
+    return "moe_smallq" if schedule == "smallq" and w_name in SMALLQ_TYPES else "moe_small"
 
 
 SMALL_THREADS = 128     # grouped_small.cu gs::THREADS
@@ -244,11 +256,11 @@ def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted
         raise ValueError(f"moe_gate_up: h_out must be bf16 [{S}, {F}], got {h_out.dtype} {h_out.shape}")
     if S < MOE_TILE or F <= 0:
         return
-    if schedule == "small":
-        pick_schedule("small", w_name, a_kind, x.shape[0], k, E, K=D, N=F, row_step=16)   # checks
+    if schedule in SMALL_SCHEDULES:
+        pick_schedule(schedule, w_name, a_kind, x.shape[0], k, E, K=D, N=F, row_step=16)   # checks
         if ldx % 8 or gl.ptr(x) % 16:
-            raise ValueError("moe_gate_up: schedule small needs 16-byte aligned x rows")
-        _small_fn(f"moe_small_gate_up_{a_kind}a_{w_name}")(
+            raise ValueError(f"moe_gate_up: schedule {schedule} needs 16-byte aligned x rows")
+        _small_fn(f"{_small_prefix(schedule, w_name)}_gate_up_{a_kind}a_{w_name}")(
             ((F + 63) // 64, E, 1), (SMALL_THREADS, 1, 1),
             (gl.ptr(x), np.int64(ldx), gl.ptr(w_gate), np.uint64(up_ptr), np.int64(e_bytes), np.int64(rb),
              np.int32(F), np.int32(D), gl.ptr(h_out), np.int64(F), sorted_slots, expert_offsets, np.int32(E),
@@ -305,9 +317,9 @@ def moe_down(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_off
     if S < MOE_TILE or D <= 0:
         return
     rb = qtype(w_name).row_bytes(F)
-    if schedule == "small":
-        pick_schedule("small", w_name, "bf16", out.size // D, k, E, K=F, N=D, row_step=32)   # checks
-        _small_fn(f"moe_small_down_{w_name}")(
+    if schedule in SMALL_SCHEDULES:
+        pick_schedule(schedule, w_name, "bf16", out.size // D, k, E, K=F, N=D, row_step=32)   # checks
+        _small_fn(f"{_small_prefix(schedule, w_name)}_down_{w_name}")(
             ((D + 127) // 128, E, 1), (SMALL_THREADS, 1, 1),
             (gl.ptr(h), np.int64(F), gl.ptr(w_down), np.int64(D * rb), np.int64(rb), np.int32(D), np.int32(F),
              gl.ptr(out), np.int64(D), sorted_slots, expert_offsets, np.int32(E), np.int32(k), weights,
