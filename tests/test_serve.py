@@ -364,6 +364,25 @@ def test_the_default_bind_is_loopback(model):
         assert srv.sock.getsockname()[0] == "127.0.0.1"
 
 
+def test_accepted_connections_do_not_wait_for_delayed_acks(model):
+    """Nagle is off on the server's side of every connection (TCP_NODELAY): with it on, a response
+    written in two pieces on a kept-alive connection waits for the client's delayed ACK (40 ms on
+    Linux). asyncio sets it only on sockets whose proto is IPPROTO_TCP, so the listening socket
+    must be made with that proto for the accepted ones to inherit it."""
+    import socket
+    import httpx
+    with served(model) as srv:
+        assert srv.sock.proto == socket.IPPROTO_TCP
+        with httpx.Client() as c:
+            assert c.get(srv.url + "/health").status_code == 200
+            conns = list(srv._uvicorn.server_state.connections)
+            assert conns
+            for proto in conns:
+                sock = proto.transport.get_extra_info("socket")
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            assert c.get(srv.url + "/health").status_code == 200
+
+
 def test_chat_without_a_template_is_a_400(model):
     m = ggfuse.load(fixture("qwen3moe"), device="cpu")
     assert m.tokenizer.chat_template is None

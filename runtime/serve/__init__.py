@@ -66,8 +66,12 @@ def warm_up(model) -> None:
 def _listen(host: str, port: int) -> socket.socket:
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on accepted sockets
+        # whose proto says TCP, and with Nagle on, a response written in two pieces (headers, then
+        # the body or an event) waits for the client's delayed ACK: 40 ms on a kept-alive connection
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
     except (OSError, UnicodeError) as e:
         raise GGFuseError(None, f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
