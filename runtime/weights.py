@@ -20,15 +20,44 @@ def _dequant(raw: np.ndarray, type_name: str, shape: tuple) -> np.ndarray:
     return dequantize(raw, qt).astype(np.float32, copy=False).reshape(shape)
 
 
+class ExpertCache:
+    """Dequantised experts of stacked [E, N, K] tensors, least recently used dropped first once
+    their bytes pass `budget`: a prefill call reads each routed expert once, so without it every
+    call (a chunk, a cut of the prefix cache, a decode step) dequantises them again."""
+
+    def __init__(self, budget: int):
+        import collections
+        self.budget = int(budget)
+        self.nbytes = 0
+        self._d: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, key):
+        d = self._d.get(key)
+        if d is not None:
+            self._d.move_to_end(key)
+        return d
+
+    def put(self, key, d: np.ndarray) -> None:
+        if d.nbytes > self.budget:
+            return
+        self._d[key] = d
+        self.nbytes += d.nbytes
+        while self.nbytes > self.budget:
+            _, old = self._d.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+
 class LazyWeight:
     """One GGUF tensor as the reference ops see it (see kernels/dequant/ref.py)."""
 
-    def __init__(self, gf, tensor: str, view_shape: tuple | None = None, cache: bool = True):
+    def __init__(self, gf, tensor: str, view_shape: tuple | None = None, cache: bool = True,
+                 experts: ExpertCache | None = None):
         self.gf = gf
         self.info = gf.tensor(tensor)
         self.shape = tuple(view_shape or self.info.shape)
         self._dense = None
         self._cache = cache
+        self._experts = experts
 
     @property
     def type_name(self) -> str:
@@ -73,16 +102,26 @@ class LazyWeight:
         raw = self.gf.raw(self.info.name)
         if not 0 <= e < E:
             raise IndexError(f"expert {e} out of range for {self.info.name}")
-        return _dequant(raw[e * eb:(e + 1) * eb], self.type_name, per)
+        key = (self.info.name, int(e))
+        if self._experts is not None:
+            d = self._experts.get(key)
+            if d is not None:
+                return d
+        d = _dequant(raw[e * eb:(e + 1) * eb], self.type_name, per)
+        if self._experts is not None:
+            d.flags.writeable = False        # shared by every later call: nobody writes into it
+            self._experts.put(key, d)
+        return d
 
 
 class WeightStore:
     """Weights of one model, shared by every chunk; stacked experts are never densified."""
 
-    def __init__(self, gf, dense_limit_bytes: int = 1 << 30):
+    def __init__(self, gf, dense_limit_bytes: int = 1 << 30, expert_cache_bytes: int = 1 << 30):
         self.gf = gf
         self._w: dict = {}
         self.dense_limit = dense_limit_bytes
+        self.experts = ExpertCache(expert_cache_bytes)
 
     def __call__(self, node) -> LazyWeight:
         key = (node.attrs.tensor, tuple(node.attrs.shape))
@@ -90,6 +129,6 @@ class WeightStore:
         if w is None:
             info = self.gf.tensor(node.attrs.tensor)
             big = int(np.prod(info.shape)) * 4 > self.dense_limit or len(info.shape) == 3
-            w = LazyWeight(self.gf, node.attrs.tensor, tuple(node.attrs.shape), cache=not big)
+            w = LazyWeight(self.gf, node.attrs.tensor, tuple(node.attrs.shape), cache=not big, experts=self.experts)
             self._w[key] = w
         return w
