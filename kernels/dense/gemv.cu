@@ -9,10 +9,12 @@
 //   blocks (or bf16 / f32 / f16); y: f32 [M, ldy]. K a multiple of 8 (of the block size for
 //   quantised W). 256 threads = 8 warps, one output row n per warp at a time; the M rows of x
 //   sit in shared memory as f32 (M * K * 4 bytes of dynamic shared memory).
-// Each lane dequantises 8 consecutive elements (dequant8) per step, so a warp reads 32 x 8
-// consecutive elements of its row: 512 contiguous bytes of bf16, one whole Q4_K/Q6_K block.
+// Each lane dequantises 8 consecutive elements (dq8: dequant8's values by word loads) per step,
+// so a warp reads 32 x 8 consecutive elements of its row: 512 contiguous bytes of bf16, one
+// whole Q4_K/Q6_K block.
 #include "common.cuh"
 #include "quant/ggml_quants.cuh"
+#include "quant/dq8.cuh"
 
 template<int W, typename A>
 __device__ __forceinline__ void gemv_impl(const A* __restrict__ x, long long ldx, int M,
@@ -20,7 +22,6 @@ __device__ __forceinline__ void gemv_impl(const A* __restrict__ x, long long ldx
                                           int N, int K, float* __restrict__ y, long long ldy,
                                           const int* __restrict__ nvalid) {
     extern __shared__ float xs[];
-    constexpr int QK = QBlock<W>::QK, BY = QBlock<W>::BYTES, UPB = QK / 8;
     const long long r0 = nvalid ? (long long)max(nvalid[0] - 1, 0) : 0;
     for (int i = threadIdx.x; i < M * K; i += blockDim.x) {
         const int m = i / K, k = i - m * K;
@@ -36,7 +37,7 @@ __device__ __forceinline__ void gemv_impl(const A* __restrict__ x, long long ldx
         for (int m = 0; m < 8; ++m) acc[m] = 0.0f;
         for (int g = lane; g < groups; g += 32) {
             float v[8];
-            dequant8<W>(row + (long long)(g / UPB) * BY, g % UPB, v);
+            dq8<W>(row, 8 * g, v);          // dequant8's values, word loads (quant/dq8.cuh)
 #pragma unroll
             for (int m = 0; m < 8; ++m) {
                 if (m < M) {

@@ -27,6 +27,7 @@
 // x row (gate_up) or the token's k h rows (down) sit in shared memory as f32.
 #include "common.cuh"
 #include "quant/ggml_quants.cuh"
+#include "quant/dq8.cuh"
 
 __device__ __forceinline__ float moe_act(float g, int act) {
     if (act == 1)     // GELU, tanh approximation (Gemma 4), as g sigmoid(2u): see dense/elementwise.cu gelu_f
@@ -38,11 +39,11 @@ __device__ __forceinline__ float moe_act(float g, int act) {
 template<int W>
 __device__ __forceinline__ float row_dot(const unsigned char* __restrict__ row, const float* __restrict__ xs,
                                          int K, int lane) {
-    constexpr int QK = QBlock<W>::QK, BY = QBlock<W>::BYTES, UPB = QK / 8;
     float acc = 0.0f;
+#pragma unroll 4
     for (int g = lane; g < (K >> 3); g += 32) {
         float v[8];
-        dequant8<W>(row + (long long)(g / UPB) * BY, g % UPB, v);
+        dq8<W>(row, 8 * g, v);          // dequant8's values, word loads (quant/dq8.cuh)
         const float4 a = *reinterpret_cast<const float4*>(xs + g * 8);
         const float4 b = *reinterpret_cast<const float4*>(xs + g * 8 + 4);
         acc += v[0] * a.x + v[1] * a.y + v[2] * a.z + v[3] * a.w + v[4] * b.x + v[5] * b.y + v[6] * b.z + v[7] * b.w;

@@ -34,6 +34,7 @@
 // K is summed as long as both operands use the same one.
 #include "common.cuh"
 #include "quant/ggml_quants.cuh"
+#include "quant/dq8.cuh"     // dq8: 8 consecutive elements of a row by word loads
 
 namespace gs {
 
@@ -50,32 +51,6 @@ constexpr int MT = 8 * NT;
 constexpr int XS = KC + 32;
 constexpr int XSQ = KC + 16;
 constexpr int STEPS = KC / 16;          // k16 steps per chunk (the integer-valued path: one block)
-
-// 8 consecutive elements [e0, e0 + 8) of a GGML row (e0 % 8 == 0)
-template<int W> __device__ __forceinline__ void dq8(const u8* __restrict__ row, int e0, float v[8]) {
-    constexpr int QK = QBlock<W>::QK, BY = QBlock<W>::BYTES;
-    dequant8<W>(row + (long long)(e0 / QK) * BY, (e0 % QK) >> 3, v);
-}
-// Q4_K with word loads: d and dmin in one 32-bit word, the 8 quant bytes in one 64-bit load
-// (a row of a Q4_K matrix starts 16-byte aligned and blocks are 144 bytes)
-template<> __device__ __forceinline__ void dq8<GGML_Q4_K>(const u8* __restrict__ row, int e0, float v[8]) {
-    const u8* b = row + (long long)(e0 >> 8) * 144;
-    const int o = e0 & 255, s = o >> 5;
-    const u32 dm = *reinterpret_cast<const u32*>(b);
-    int sc, m;
-    ggf::k4_scale_min(b + 4, s, sc, m);
-    const float dl = __half2float(__ushort_as_half((unsigned short)(dm & 0xffffu))) * (float)sc;   // exact
-    const float ml = __half2float(__ushort_as_half((unsigned short)(dm >> 16))) * (float)m;
-    const uint2 qw = *reinterpret_cast<const uint2*>(b + 16 + 32 * (s >> 1) + (o & 31));
-    const int sh = 4 * (s & 1);
-    const u32 lo = (qw.x >> sh) & 0x0F0F0F0Fu, hi = (qw.y >> sh) & 0x0F0F0F0Fu;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        // 2^23 + q as a float, minus 2^23: the nibble as a float without a conversion instruction
-        v[i] = dl * (__uint_as_float(0x4B000000u | ((lo >> (8 * i)) & 0xFFu)) - 8388608.0f) - ml;
-        v[4 + i] = dl * (__uint_as_float(0x4B000000u | ((hi >> (8 * i)) & 0xFFu)) - 8388608.0f) - ml;
-    }
-}
 
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
