@@ -552,6 +552,17 @@ def lm_head_workspace(block_rows: int, N: int) -> dict[str, int]:
 
 
 GEMV = "dense/gemv.cu"
+# the alignment of a row that quant/dq8.cuh's word loads need, per weight type (others: 1)
+DQ8_ALIGN = {"f32": 16, "f16": 16, "bf16": 16, "q4_k": 16, "q8_0": 2, "q6_k": 2}
+
+
+def check_dq8_rows(fn: str, base: int, row_bytes: int, type_name: str) -> None:
+    """ValueError unless every row (base + i row_bytes) is aligned as quant/dq8.cuh reads it."""
+    a = DQ8_ALIGN.get(type_name, 1)
+    if base % a or row_bytes % a:
+        raise ValueError(f"{fn}: {type_name} rows must start {a}-byte aligned (base {base:#x}, {row_bytes} bytes per row)")
+
+
 GEMV_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 GEMV_MAX_M = 8
 GEMV_MAX_SMEM = 96 * 1024      # sm_89 allows 99 KiB per block, sm_90 227 KiB
@@ -591,6 +602,7 @@ def gemv(x, w, w_type, N: int, K: int, y, *, M: int | None = None, nvalid=None, 
     rb = qt.row_bytes(K)
     if w.nbytes < N * rb:
         raise ValueError(f"gemv: W has {w.nbytes} bytes, [{N}, {K}] {qt.name} needs {N * rb}")
+    check_dq8_rows("gemv", w.data.ptr, rb, qt.name)
     smem = M * K * 4
     if smem > GEMV_MAX_SMEM:
         raise ValueError(f"gemv: M * K = {M * K} floats exceed {GEMV_MAX_SMEM // 1024} KiB of shared memory")

@@ -17,6 +17,7 @@ import numpy as np
 
 from ggfuse.kernels.dense.launch import GEMV_MAX_SMEM as _DENSE_GEMV_MAX_SMEM
 from ggfuse.kernels.dense.launch import GEMV_TYPES as _DENSE_GEMV_TYPES
+from ggfuse.kernels.dense.launch import check_dq8_rows
 from ggfuse.kernels.gemm import launch as gl
 from ggfuse.kernels.moe import table
 from ggfuse.kernels.nvrtc import load_module
@@ -260,6 +261,9 @@ def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted
         pick_schedule(schedule, w_name, a_kind, x.shape[0], k, E, K=D, N=F, row_step=16)   # checks
         if ldx % 8 or gl.ptr(x) % 16:
             raise ValueError(f"moe_gate_up: schedule {schedule} needs 16-byte aligned x rows")
+        if wtab is None:
+            check_dq8_rows("moe_gate_up", int(gl.ptr(w_gate)), rb, w_name)
+            check_dq8_rows("moe_gate_up", int(up_ptr), rb, w_name)
         _small_fn(f"{_small_prefix(schedule, w_name)}_gate_up_{a_kind}a_{w_name}")(
             ((F + 63) // 64, E, 1), (SMALL_THREADS, 1, 1),
             (gl.ptr(x), np.int64(ldx), gl.ptr(w_gate), np.uint64(up_ptr), np.int64(e_bytes), np.int64(rb),
@@ -319,6 +323,10 @@ def moe_down(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_off
     rb = qtype(w_name).row_bytes(F)
     if schedule in SMALL_SCHEDULES:
         pick_schedule(schedule, w_name, "bf16", out.size // D, k, E, K=F, N=D, row_step=32)   # checks
+        if gl.ptr(h) % 16:
+            raise ValueError(f"moe_down: schedule {schedule} needs 16-byte aligned h rows")
+        if wtab is None:
+            check_dq8_rows("moe_down", int(gl.ptr(w_down)), rb, w_name)
         _small_fn(f"{_small_prefix(schedule, w_name)}_down_{w_name}")(
             ((D + 127) // 128, E, 1), (SMALL_THREADS, 1, 1),
             (gl.ptr(h), np.int64(F), gl.ptr(w_down), np.int64(D * rb), np.int64(rb), np.int32(D), np.int32(F),
@@ -413,6 +421,10 @@ def moe_gemv_gate_up(x, w_gate, up_ptr: int, e_bytes: int, w_type, E: int, F: in
     if sorted_slots is not None:
         moe_slot_experts(sorted_slots, expert_offsets, E, T * k, slot_expert, stream=stream)
     a = gl.act_kind(x.dtype, "x")
+    if wtab is None:
+        base = 0 if w_gate is None else gl.ptr(w_gate)
+        check_dq8_rows("moe_gemv_gate_up", int(base), qt.row_bytes(D), name)
+        check_dq8_rows("moe_gemv_gate_up", int(up_ptr), int(e_bytes or qt.row_bytes(D)), name)
     smem = D * 4
     fn = _gemv_fn(f"moe_gemv_gate_up_{a}a_{name}", smem)
     ldx = x.strides[0] // x.itemsize
@@ -456,6 +468,8 @@ def moe_gemv_down(h, w_down, e_bytes: int, w_type, D: int, F: int, k: int, weigh
         raise ValueError(f"moe_gemv_down: h must be f32 [{T * k}, {F}]")
     if T == 0:
         return
+    if wtab is None and w_down is not None:
+        check_dq8_rows("moe_gemv_down", int(gl.ptr(w_down)), qt.row_bytes(F), name)
     smem = k * F * 4
     fn = _gemv_fn(f"moe_gemv_down_{name}", smem)
     fn(((D + 7) // 8, T, 1), (256, 1, 1),
