@@ -439,3 +439,18 @@ def test_the_command_serves_until_interrupted(tmp_path):
         p.send_signal(signal.SIGINT)
         rc = p.wait(30)
     assert rc == 0, p.stderr.read()
+
+
+def test_serve_captures_small_chunks_unless_told():
+    """`ggfuse serve` captures down to 16 tokens (the answer's prompt after a cached prefix runs the
+    smallest captured size); a --sub-chunk-min given wins, and a bad one is the usual error."""
+    from ggfuse.compiler.cli import build_parser
+    from ggfuse.errors import GGFuseError
+    from ggfuse.options import Options
+    from ggfuse.runtime.serve.cli import SERVE_SUB_CHUNK_MIN, serve_options
+    p = build_parser()
+    assert serve_options(p.parse_args(["serve", "m.gguf"])).sub_chunk_min == SERVE_SUB_CHUNK_MIN == 16
+    assert Options().sub_chunk_min == 256
+    assert serve_options(p.parse_args(["serve", "m.gguf", "--sub-chunk-min", "64"])).sub_chunk_min == 64
+    with pytest.raises(GGFuseError, match="--sub-chunk-min"):
+        serve_options(p.parse_args(["serve", "m.gguf", "--sub-chunk-min", "zero"]))
