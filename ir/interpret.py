@@ -12,10 +12,11 @@ from ggfuse.ir.types import shape_eval
 
 
 def interpret(g: Graph, feeds: Mapping[str, np.ndarray], weight: Callable[[Node], Any],
-              env: Mapping[str, int]) -> dict[str, np.ndarray]:
+              env: Mapping[str, int], order: list[Node] | None = None) -> dict[str, np.ndarray]:
     """Run `g`. feeds: INPUT name -> array; weight(node) -> array or lazy weight; env binds the
-    shape symbols (T, P). Returns every named graph output."""
-    vals = _run(g, feeds, weight, env, keep_all=False)
+    shape symbols (T, P). order: g.topo(), when the caller keeps it for a graph that no longer
+    changes (the cpu device runs the same graph every chunk). Returns every named graph output."""
+    vals = _run(g, feeds, weight, env, keep_all=False, order=order)
     return {k: vals[v] for k, v in g.outputs.items()}
 
 
@@ -26,8 +27,8 @@ def interpret_values(g: Graph, feeds: Mapping[str, np.ndarray], weight: Callable
     return _run(g, feeds, weight, env, keep_all=True)
 
 
-def _run(g: Graph, feeds, weight, env, *, keep_all: bool) -> dict:
-    order = g.topo()
+def _run(g: Graph, feeds, weight, env, *, keep_all: bool, order=None) -> dict:
+    order = g.topo() if order is None else order
     last_use: dict = {}
     for i, n in enumerate(order):
         for v in n.inputs:

@@ -22,6 +22,7 @@ class CPUBackend:
         self.state_inputs = self.graph.states()
         self.input_names = set(self.graph.inputs())
         self.positional = positional_states(self.graph)
+        self.order = self.graph.topo()      # the plan's graph is final: one order for every chunk
         self.reset()
 
     def reset(self) -> None:
@@ -37,7 +38,7 @@ class CPUBackend:
         feeds["tokens"] = tokens.astype(np.int32)
         feeds["positions"] = (self.n_past + np.arange(T)).astype(np.int32)
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
-        out = interpret(self.graph, feeds, self.weights, env)
+        out = interpret(self.graph, feeds, self.weights, env, order=self.order)
         for k in self.state_inputs:
             self.state[k] = out[k]
         self.n_past += T
