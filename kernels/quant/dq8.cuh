@@ -42,21 +42,16 @@ GGF_HD void f16x2(u32 w, float& a, float& b) {     // exact, as half_bits_to_flo
     b = h2f((unsigned short)(w >> 16));
 }
 
-template<> GGF_HD void dq8<GGML_BF16>(const u8* __restrict__ row, int e0, float v[8]) {
+// 8 two-byte elements from one 16-byte load, each pair of them converted by CV
+template<void (*CV)(u32, float&, float&)> GGF_HD void dq8_pairs(const u8* __restrict__ row, int e0, float v[8]) {
     const uint4 u = *reinterpret_cast<const uint4*>(row + 2LL * e0);
-    bf16x2(u.x, v[0], v[1]);
-    bf16x2(u.y, v[2], v[3]);
-    bf16x2(u.z, v[4], v[5]);
-    bf16x2(u.w, v[6], v[7]);
+    CV(u.x, v[0], v[1]);
+    CV(u.y, v[2], v[3]);
+    CV(u.z, v[4], v[5]);
+    CV(u.w, v[6], v[7]);
 }
-
-template<> GGF_HD void dq8<GGML_F16>(const u8* __restrict__ row, int e0, float v[8]) {
-    const uint4 u = *reinterpret_cast<const uint4*>(row + 2LL * e0);
-    f16x2(u.x, v[0], v[1]);
-    f16x2(u.y, v[2], v[3]);
-    f16x2(u.z, v[4], v[5]);
-    f16x2(u.w, v[6], v[7]);
-}
+template<> GGF_HD void dq8<GGML_BF16>(const u8* __restrict__ row, int e0, float v[8]) { dq8_pairs<bf16x2>(row, e0, v); }
+template<> GGF_HD void dq8<GGML_F16>(const u8* __restrict__ row, int e0, float v[8]) { dq8_pairs<f16x2>(row, e0, v); }
 
 template<> GGF_HD void dq8<GGML_F32>(const u8* __restrict__ row, int e0, float v[8]) {
     const float4 a = reinterpret_cast<const float4*>(row + 4LL * e0)[0];
