@@ -73,6 +73,29 @@ __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
     const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);  // .x = lo (lower address)
     return *reinterpret_cast<const unsigned*>(&h);
 }
+
+// D += A B on the tensor cores, one m16n8k16 bf16 MMA with f32 accumulators (sm_80 and up):
+// a [4] and b [2] the registers of the A (row) and B (col) fragments, c [4] of C.
+__device__ __forceinline__ void mma_bf16(float c[4], const unsigned a[4], const unsigned b[2]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// ---- activations ---------------------------------------------------------------------------------
+
+// GELU, tanh approximation (ggml_gelu; kernels/dense/ref.py gelu): 0.5 x (1 + tanh u) written as
+// x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3). Same function; under --use_fast_math tanhf is
+// tanh.approx (2^-11 absolute), and 1 + tanh u cancels where tanh u nears -1 (x < -2): the
+// sigmoid form keeps the relative error of __expf there.
+__device__ __forceinline__ float gelu_tanh(float x) {
+    return x / (1.0f + __expf(-1.5957691216057308f * (x + 0.044715f * x * x * x)));
+}
+// A GLU's gate chosen at run time: act 0 SiLU, 1 GELU-tanh (Gemma 4)
+__device__ __forceinline__ float glu_gate_by(float g, int act) {
+    return act == 1 ? gelu_tanh(g) : g / (1.0f + __expf(-g));
+}
 __device__ __forceinline__ void store8(__nv_bfloat16* p, const float v[8]) {
     uint4 u;
     u.x = pack_bf16x2(v[0], v[1]);

@@ -36,13 +36,7 @@ template<> __device__ __forceinline__ void storev<4>(__nv_bfloat16* p, const flo
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + __expf(-x)); }
 __device__ __forceinline__ float siluf_(float x) { return x / (1.0f + __expf(-x)); }
-// GELU, tanh approximation (ggml_gelu; kernels/dense/ref.py gelu): 0.5 x (1 + tanh u) written as
-// x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3). Same function; under --use_fast_math tanhf is
-// tanh.approx (2^-11 absolute), and 1 + tanh u cancels where tanh u nears -1 (x < -2): the
-// sigmoid form keeps the relative error of __expf there.
-__device__ __forceinline__ float geluf_(float x) {
-    return x / (1.0f + __expf(-1.5957691216057308f * (x + 0.044715f * x * x * x)));
-}
+__device__ __forceinline__ float geluf_(float x) { return gelu_tanh(x); }   // common.cuh
 
 // ---- row norms -----------------------------------------------------------------------------------
 //

@@ -80,7 +80,7 @@ __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 #endif
 __device__ __forceinline__ float glu_gate(float x) {
 #if GLU_ACT == 1
-    return x / (1.0f + __expf(-1.5957691216057308f * (x + 0.044715f * x * x * x)));
+    return gelu_tanh(x);     // common.cuh
 #else
     return silu(x);
 #endif

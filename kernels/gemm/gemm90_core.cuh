@@ -170,7 +170,7 @@ __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g));
 enum Act { kSilu = 0, kGeluTanh = 1 };
 template<int ACT>
 __device__ __forceinline__ float glu_act(float g) {
-    if constexpr (ACT == kGeluTanh) return g / (1.0f + __expf(-1.5957691216057308f * (g + 0.044715f * g * g * g)));
+    if constexpr (ACT == kGeluTanh) return gelu_tanh(g);     // common.cuh
     else return silu(g);
 }
 

@@ -90,12 +90,7 @@ __device__ __forceinline__ void ldmatrix_x4(u32& r0, u32& r1, u32& r2, u32& r3, 
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(smem_addr(p)));
 }
 
-__device__ __forceinline__ void mma_bf16(float c[4], const u32 a[4], const u32 b[2]) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
+// mma_bf16: common.cuh
 
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);   // .x = lo at the lower address
@@ -129,7 +124,7 @@ __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g));
 enum Act { kSilu = 0, kGeluTanh = 1 };
 template<int ACT>
 __device__ __forceinline__ float glu_act(float g) {
-    if constexpr (ACT == kGeluTanh) return g / (1.0f + __expf(-1.5957691216057308f * (g + 0.044715f * g * g * g)));
+    if constexpr (ACT == kGeluTanh) return gelu_tanh(g);     // common.cuh
     else return silu(g);
 }
 

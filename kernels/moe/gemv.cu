@@ -29,12 +29,6 @@
 #include "quant/ggml_quants.cuh"
 #include "quant/dq8.cuh"
 
-__device__ __forceinline__ float moe_act(float g, int act) {
-    if (act == 1)     // GELU, tanh approximation (Gemma 4), as g sigmoid(2u): see dense/elementwise.cu gelu_f
-        return g / (1.0f + __expf(-1.5957691216057308f * (g + 0.044715f * g * g * g)));
-    return g / (1.0f + __expf(-g));
-}
-
 // dot of one GGML row (K elements) with an f32 vector in shared memory, summed over the warp
 template<int W>
 __device__ __forceinline__ float row_dot(const unsigned char* __restrict__ row, const float* __restrict__ xs,
@@ -96,7 +90,7 @@ __device__ __forceinline__ void gate_up_impl(const A* __restrict__ x, long long 
                                    : reinterpret_cast<const unsigned char*>(up_ptr) + e * e_bytes;
     const float g = row_dot<W>(wg + (long long)f * row_bytes, xs, D, lane);
     const float u = row_dot<W>(wu + (long long)f * row_bytes, xs, D, lane);
-    if (lane == 0) h[(long long)j * F + f] = moe_act(g, act) * u;
+    if (lane == 0) h[(long long)j * F + f] = glu_gate_by(g, act) * u;
 }
 
 template<int W>

@@ -52,23 +52,6 @@ constexpr int XS = KC + 32;
 constexpr int XSQ = KC + 16;
 constexpr int STEPS = KC / 16;          // k16 steps per chunk (the integer-valued path: one block)
 
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const u32*>(&v);
-}
-
-__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ float act_f(float g, int act) {
-    if (act == 1) return g / (1.0f + __expf(-1.5957691216057308f * (g + 0.044715f * g * g * g)));  // GELU-tanh
-    return g / (1.0f + __expf(-g));
-}
-
 // The valid rows of expert e's segment (slots first, then -1): a block-wide count.
 __device__ __forceinline__ int segment_count(const int* __restrict__ sorted_slots, int off0, int off1) {
     int n = 0;
@@ -95,7 +78,7 @@ __device__ __forceinline__ void load_chunk(const XT* __restrict__ src, long long
                 u = *reinterpret_cast<const uint4*>(p);
             } else {
                 const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
-                u = make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
+                u = make_uint4(pack_bf16x2(a.x, a.y), pack_bf16x2(a.z, a.w), pack_bf16x2(b.x, b.y), pack_bf16x2(b.z, b.w));
             }
         }
         *reinterpret_cast<uint4*>(xs + i * LDS + 8 * j) = u;
@@ -119,10 +102,10 @@ __device__ __forceinline__ void chunk_mma(const u8* const* rr, const __nv_bfloat
         for (int m = 0; m < 2; ++m)
 #pragma unroll
             for (int s = 0; s < 2; ++s) {
-                a[m][s][0] = pack_bf16(w[2 * m][4 * s], w[2 * m][4 * s + 1]);
-                a[m][s][1] = pack_bf16(w[2 * m + 1][4 * s], w[2 * m + 1][4 * s + 1]);
-                a[m][s][2] = pack_bf16(w[2 * m][4 * s + 2], w[2 * m][4 * s + 3]);
-                a[m][s][3] = pack_bf16(w[2 * m + 1][4 * s + 2], w[2 * m + 1][4 * s + 3]);
+                a[m][s][0] = pack_bf16x2(w[2 * m][4 * s], w[2 * m][4 * s + 1]);
+                a[m][s][1] = pack_bf16x2(w[2 * m + 1][4 * s], w[2 * m + 1][4 * s + 1]);
+                a[m][s][2] = pack_bf16x2(w[2 * m][4 * s + 2], w[2 * m][4 * s + 3]);
+                a[m][s][3] = pack_bf16x2(w[2 * m + 1][4 * s + 2], w[2 * m + 1][4 * s + 3]);
             }
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
@@ -130,8 +113,9 @@ __device__ __forceinline__ void chunk_mma(const u8* const* rr, const __nv_bfloat
             const uint4 xv = *reinterpret_cast<const uint4*>(xs + (8 * t + g) * XS + 32 * gi + 8 * q);
 #pragma unroll
             for (int m = 0; m < 2; ++m) {
-                mma16816(acc[m][t], a[m][0], xv.x, xv.y);
-                mma16816(acc[m][t], a[m][1], xv.z, xv.w);
+                const u32 b0[2] = {xv.x, xv.y}, b1[2] = {xv.z, xv.w};
+                mma_bf16(acc[m][t], a[m][0], b0);
+                mma_bf16(acc[m][t], a[m][1], b1);
             }
         }
     }
@@ -241,7 +225,9 @@ __device__ __forceinline__ void chunk_mma_iq(const u8* const* rr, const __nv_bfl
                 const int st = sg * SPS + s;
                 const uint2 xv = *reinterpret_cast<const uint2*>(xs + (8 * t + g) * XSQ + 16 * st + 4 * q);
 #pragma unroll
-                for (int m = 0; m < 2; ++m) mma16816(tmp[m], a[s][m], xv.x, xv.y);
+                const u32 b[2] = {xv.x, xv.y};
+#pragma unroll
+                for (int m = 0; m < 2; ++m) mma_bf16(tmp[m], a[s][m], b);
                 const float2 s2 = *reinterpret_cast<const float2*>(ssum + st * MT + 8 * t + 2 * q);
                 S.x += s2.x;
                 S.y += s2.y;
@@ -325,7 +311,7 @@ __device__ __forceinline__ void gate_up(const XT* __restrict__ x, long long ldx,
                     const int tok = base + 8 * t + 2 * q + (i & 1);
                     if (tok < count)
                         h[(long long)(off0 + tok) * ldh + f + 8 * (i >> 1)] =
-                            __float2bfloat16_rn(act_f(acc[0][t][i], act) * acc[1][t][i]);
+                            __float2bfloat16_rn(glu_gate_by(acc[0][t][i], act) * acc[1][t][i]);
                 }
         });
 }

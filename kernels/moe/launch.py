@@ -86,6 +86,13 @@ def small_ok(w_name: str, K: int | None, N: int | None, row_step: int) -> bool:
     return (K is None or (K % 32 == 0 and K % q.block == 0)) and (N is None or N % row_step == 0)
 
 
+def check_small(schedule: str, w_name: str, K: int | None, N: int | None, row_step: int) -> None:
+    """ValueError unless the few-rows kernels take these experts (small_ok)."""
+    if not small_ok(w_name, K, N, row_step):
+        raise ValueError(f"schedule {schedule}: {w_name} experts [{N}, {K}] are not taken by the few-rows kernels "
+                         f"(K a multiple of 32 and of the block, rows of {row_step})")
+
+
 def pick_schedule(schedule: str | None, w_name: str, a_kind: str, T: int, k: int, E: int, *,
                   K: int | None = None, N: int | None = None, row_step: int = 32, impl: str | None = None) -> str:
     """How the grouped GEMMs are launched: "small" (moe/grouped_small.cu: a block per (expert,
@@ -112,9 +119,8 @@ def pick_schedule(schedule: str | None, w_name: str, a_kind: str, T: int, k: int
             sch = "small"
         else:
             sch = "wide" if T * k >= WIDE_MIN_ROWS * E else "persist"
-    if sch in SMALL_SCHEDULES and not small_ok(w_name, K, N, row_step):
-        raise ValueError(f"schedule {sch}: {w_name} experts [{N}, {K}] are not taken by the few-rows kernels "
-                         f"(K a multiple of 32 and of the block, rows of {row_step})")
+    if sch in SMALL_SCHEDULES:
+        check_small(sch, w_name, K, N, row_step)
     if sch == "wide" and not _wide_ok(w_name, a_kind):
         sch = "persist"
     return sch
@@ -258,7 +264,7 @@ def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted
     if S < MOE_TILE or F <= 0:
         return
     if schedule in SMALL_SCHEDULES:
-        pick_schedule(schedule, w_name, a_kind, x.shape[0], k, E, K=D, N=F, row_step=16)   # checks
+        check_small(schedule, w_name, D, F, 16)
         if ldx % 8 or gl.ptr(x) % 16:
             raise ValueError(f"moe_gate_up: schedule {schedule} needs 16-byte aligned x rows")
         if wtab is None:
@@ -322,7 +328,7 @@ def moe_down(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_off
         return
     rb = qtype(w_name).row_bytes(F)
     if schedule in SMALL_SCHEDULES:
-        pick_schedule(schedule, w_name, "bf16", out.size // D, k, E, K=F, N=D, row_step=32)   # checks
+        check_small(schedule, w_name, F, D, 32)
         if gl.ptr(h) % 16:
             raise ValueError(f"moe_down: schedule {schedule} needs 16-byte aligned h rows")
         if wtab is None:
