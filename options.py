@@ -196,8 +196,8 @@ class Options:
                                    "bf16 anyway)", None, _bool, default=True)
     moe_x_bf16: bool = _opt(COMPILE, "the expert GEMMs read a bf16 copy of the (f32) MoE input", None, _bool,
                             default=True)
-    moe_schedule: str = _opt(COMPILE, "grouped-GEMM schedule: auto (mma.sync: the few-rows kernels up to 16 "
-                                      "rows per expert; sm_90a: wide 256-row tiles from 96), small, smallq (few rows, "
+    moe_schedule: str = _opt(COMPILE, "grouped-GEMM schedule: auto (the few-rows kernels up to 16 rows per "
+                                      "expert; beyond, on sm_90a: persist, wide 256-row tiles from 96), small, smallq (few rows, "
                                       "Q4_K / Q6_K quants as integers), and on sm_90a wide, persist, tiles",
                              ("auto", "small", "smallq", "wide", "persist", "tiles"),
                              default="auto")

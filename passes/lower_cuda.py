@@ -521,8 +521,10 @@ class _Lowering:
                 raise GGFuseError(None, f"{n.name}: moe_schedule: {e}") from None
             if (sg in moe.SMALL_SCHEDULES) != (sd in moe.SMALL_SCHEDULES):
                 # the few-rows gate_up leaves h's padding rows unwritten: both halves small or neither
-                sg = moe.pick_schedule("persist", tg, a, c, k, E) if sg in moe.SMALL_SCHEDULES else sg
-                sd = moe.pick_schedule("persist", td, "bf16", c, k, E) if sd in moe.SMALL_SCHEDULES else sd
+                sg = moe.tile_schedule(o.moe_schedule if o.moe_schedule not in moe.SMALL_SCHEDULES else None,
+                                       tg, a, c, k, E) if sg in moe.SMALL_SCHEDULES else sg
+                sd = moe.tile_schedule(o.moe_schedule if o.moe_schedule not in moe.SMALL_SCHEDULES else None,
+                                       td, "bf16", c, k, E) if sd in moe.SMALL_SCHEDULES else sd
             rec["by_chunk"][str(c)] = {"schedule_gate_up": sg, "schedule_down": sd}
             ws[c] = moe.grouped_workspace(c, k, E, F, D, tile, x_copy=x_copy, shared_ffn=Fs)
         if ops.shared is not None:

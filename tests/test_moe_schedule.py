@@ -1,6 +1,6 @@
 """Which grouped-GEMM schedule the lowering records per captured chunk size (kernels/moe/launch.py
-pick_schedule): the few-rows kernels (moe/grouped_small.cu) on the mma.sync path for few rows per
-expert, the wgmma tiles on sm_90a, both halves of a layer agreeing, and a forced schedule the
+pick_schedule): the few-rows kernels (moe/grouped_small.cu) for few rows per expert on both
+paths, the wgmma tiles beyond on sm_90a, both halves of a layer agreeing, and a forced schedule the
 kernels cannot take a one-line error naming the node."""
 import pytest
 
@@ -12,13 +12,19 @@ from util import fixture
 
 def test_pick_schedule_rules():
     E, k = 256, 8
-    # mma.sync: small up to SMALL_MAX_ROWS rows per expert on average, tiles beyond
+    # either impl: small up to SMALL_MAX_ROWS rows per expert on average, tiles beyond
     few = moe.SMALL_MAX_ROWS * E // k
-    assert moe.pick_schedule(None, "q4_k", "bf16", few, k, E, K=2048, N=512, row_step=16, impl="mma") == "small"
-    assert moe.pick_schedule(None, "q4_k", "bf16", few + 1, k, E, K=2048, N=512, row_step=16, impl="mma") != "small"
-    # wgmma: never small by itself (persist is faster there at every size), wide from WIDE_MIN_ROWS
-    assert moe.pick_schedule(None, "q4_k", "bf16", 64, k, E, K=2048, N=512, row_step=16, impl="wgmma") == "persist"
+    for impl in ("mma", "wgmma"):
+        assert moe.pick_schedule(None, "q4_k", "bf16", few, k, E, K=2048, N=512, row_step=16, impl=impl) == "small"
+        assert moe.pick_schedule(None, "q4_k", "bf16", 64, k, E, K=2048, N=512, row_step=16, impl=impl) == "small"
+        assert moe.pick_schedule(None, "q4_k", "bf16", few + 1, k, E, K=2048, N=512, row_step=16, impl=impl) != "small"
+    # wgmma beyond: persist, wide from WIDE_MIN_ROWS (GGML weights, bf16 activations only)
+    assert moe.pick_schedule(None, "q4_k", "bf16", few + 1, k, E, K=2048, N=512, row_step=16, impl="wgmma") == "persist"
     assert moe.pick_schedule(None, "q4_k", "bf16", 4096, k, E, impl="wgmma") == "wide"
+    assert moe.pick_schedule(None, "bf16", "bf16", 4096, k, E, impl="wgmma") == "persist"
+    assert moe.tile_schedule(None, "q4_k", "bf16", 64, k, E) == "persist"
+    with pytest.raises(ValueError, match="tile schedule"):
+        moe.tile_schedule("small", "q4_k", "bf16", 64, k, E)
     # types and shapes the few-rows kernels do not take keep the tiles
     assert moe.pick_schedule(None, "q4_k", "bf16", 64, k, E, K=2048, N=520, row_step=16, impl="mma") != "small"
     assert moe.pick_schedule(None, "q4_k", "bf16", 64, k, E, K=2040, N=512, row_step=16, impl="mma") != "small"
@@ -40,15 +46,17 @@ def _schedules(plan):
 
 
 @pytest.mark.parametrize("arch", ["qwen35moe", "qwen3moe"])
-def test_lowering_records_small_on_the_ada_path_only(arch):
+def test_lowering_records_small_for_few_rows_on_both_paths(arch):
     path = fixture(arch, "q4_k_m")
-    ada = _schedules(compile_gguf(path, chunk=16, target="sm_89", max_context=64))
-    hopper = _schedules(compile_gguf(path, chunk=16, target="sm_90a", max_context=64))
-    assert ada and hopper
-    for c, (gu, dn) in ada.items():
-        assert (gu == "small") == (dn == "small"), "both halves small or neither"
-    assert any(gu == "small" for gu, _ in ada.values())
-    assert all(gu != "small" and dn != "small" for gu, dn in hopper.values())
+    for target in ("sm_89", "sm_90a"):
+        got = _schedules(compile_gguf(path, chunk=16, target=target, max_context=64))
+        assert got, target
+        for c, (gu, dn) in got.items():
+            assert (gu == "small") == (dn == "small"), "both halves small or neither"
+        assert any(gu == "small" for gu, _ in got.values()), target
+    # a forced tile schedule stays a tile schedule at every size
+    forced = _schedules(compile_gguf(path, chunk=16, target="sm_90a", max_context=64, moe_schedule="persist"))
+    assert forced and all(s == ("persist", "persist") for s in forced.values())
 
 
 def test_forced_small_on_sm90_and_bad_schedule():

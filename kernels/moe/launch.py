@@ -36,7 +36,7 @@ SMALL_SCHEDULES = ("small", "smallq")
 # these types, the dequantising ones (moe_small_*) for the others; not picked by "auto"
 SMALLQ_TYPES = ("q4_k", "q6_k")
 WIDE_MIN_ROWS = 96      # "auto": wide tiles from this many rows per expert on average (T k / E)
-SMALL_MAX_ROWS = 16     # "auto" on the mma.sync impl: the few-rows kernels up to this many rows per expert on average
+SMALL_MAX_ROWS = 16     # "auto", either impl: the few-rows kernels up to this many rows per expert on average
 ROUTE_CHUNK = 256       # slots per histogram chunk (route.cu)
 MAX_EXPERTS = 512       # route.cu ROUTE_MAX_PER_LANE * 32
 GATINGS = {"softmax": 0, "sigmoid": 1}
@@ -103,24 +103,37 @@ def pick_schedule(schedule: str | None, w_name: str, a_kind: str, T: int, k: int
     256-row tiles that never cross an expert, moe90w_*; GGML weights and bf16 activations only,
     otherwise "persist"), "persist" (the same on 128-row tiles, moe90p_*), "tiles" (a block per
     128-row item, the grid covering the worst-case layout, moe90_*); the mma.sync impl ignores
-    all but "small". "auto" / None: on the mma.sync impl (impl "mma"), small up to SMALL_MAX_ROWS
-    rows per expert on average (T k / E) where small_ok (the 35B-A3B layer on an H200: 64 / 256 /
-    512 tokens 0.97 / 1.16 / 1.20 ms small against 1.16 / 1.40 / 1.46 mma.sync tiles, 1024 tokens
-    1.82 against 1.56); on wgmma wide from WIDE_MIN_ROWS, else persist (persist beats small at
-    every size there: 0.72 / 0.86 ms at 64 / 512 tokens); measured on the H100 for the same layer:
-    4096 tokens (128 rows per expert) 1.17 ms wide vs 1.35 ms persist, 2048 tokens (64) 1.08 vs
-    0.92. K, N: the matrix (gate_up: K = D, N = F, row_step 16; down: K = F, N = D, row_step 32).
+    all but "small". "auto" / None: small up to SMALL_MAX_ROWS rows per expert on average
+    (T k / E) where small_ok, on either impl; above it on wgmma wide from WIDE_MIN_ROWS, else
+    persist, and on mma.sync its tiles. The 35B-A3B layer on an H200 (kernels/moe/bench.py):
+    64 / 256 / 512 tokens (2 / 8 / 16 rows per expert) 0.645 / 0.760 / 0.821 ms small against
+    0.754 / 0.851 / 0.852 wgmma persist and 1.212 / 1.387 / 1.435 mma.sync tiles; 1024 tokens
+    (32 rows) 1.241 small against 0.858 persist and 1.559 tiles. Whole model, 512-token
+    prompt: 40.8 ms with the few-rows kernels against 44.2 ms with persist. Measured on the H100
+    for the same layer: 4096 tokens (128 rows per expert) 1.17 ms wide vs 1.35 ms persist,
+    2048 tokens (64) 1.08 vs 0.92. K, N: the matrix (gate_up: K = D, N = F, row_step 16; down:
+    K = F, N = D, row_step 32).
     The plan's lowering calls this per captured chunk size and records it."""
     sch = schedule or "auto"
     if sch not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {sch!r}")
-    if sch == "auto":
-        if impl == "mma" and T * k <= SMALL_MAX_ROWS * E and small_ok(w_name, K, N, row_step):
-            sch = "small"
-        else:
-            sch = "wide" if T * k >= WIDE_MIN_ROWS * E else "persist"
+    if sch == "auto" and T * k <= SMALL_MAX_ROWS * E and small_ok(w_name, K, N, row_step):
+        return "small"
     if sch in SMALL_SCHEDULES:
         check_small(sch, w_name, K, N, row_step)
+        return sch
+    return tile_schedule(sch, w_name, a_kind, T, k, E)
+
+
+def tile_schedule(schedule: str | None, w_name: str, a_kind: str, T: int, k: int, E: int) -> str:
+    """The wgmma tile schedule ("wide", "persist" or "tiles") for schedule "auto" / None or one of
+    those: "auto" is wide from WIDE_MIN_ROWS rows per expert on average, else persist; wide only
+    for GGML weights and bf16 activations (otherwise persist)."""
+    sch = schedule or "auto"
+    if sch not in ("auto", "wide", "persist", "tiles"):
+        raise ValueError(f"tile schedule must be auto, wide, persist or tiles, got {sch!r}")
+    if sch == "auto":
+        sch = "wide" if T * k >= WIDE_MIN_ROWS * E else "persist"
     if sch == "wide" and not _wide_ok(w_name, a_kind):
         sch = "persist"
     return sch
@@ -278,7 +291,7 @@ def moe_gate_up(x, x_dtype, w_gate, w_up, w_type, E: int, F: int, D: int, sorted
             stream=stream)
         return
     if gl.pick_impl(w_name, D, impl) == "wgmma":
-        sch = pick_schedule(schedule, w_name, a_kind, x.shape[0], k, E)
+        sch = tile_schedule(schedule, w_name, a_kind, x.shape[0], k, E)
         bn, threads, smem = gl.cfg90(w_name, a_kind, sch == "wide")
         pfx, grid = _grid90((F + bn // 2 - 1) // (bn // 2), S, E, sch, max_blocks)
         fn = gl.function90(GEMM_SOURCE90, f"{pfx}_gate_up_{a_kind}a_{w_name}", w_name, a_kind, sch == "wide",
@@ -341,7 +354,7 @@ def moe_down(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_off
             stream=stream)
         return
     if gl.pick_impl(w_name, F, impl) == "wgmma":
-        sch = pick_schedule(schedule, w_name, "bf16", out.size // D, k, E)
+        sch = tile_schedule(schedule, w_name, "bf16", out.size // D, k, E)
         bn, threads, smem = gl.cfg90(w_name, "bf16", sch == "wide")
         pfx, grid = _grid90((D + bn - 1) // bn, S, E, sch, max_blocks)
         fn = gl.function90(GEMM_SOURCE90, f"{pfx}_down_{w_name}", w_name, "bf16", sch == "wide", dequant=dequant)
