@@ -46,7 +46,7 @@ PLAN_FORMAT = "ggfuse-plan"
 #              streamed layers' grouped GEMMs read "decode_tables" at chunk 1; options
 #              decode_cache*); Gemma 4's records (attention.window, kv_ring_append, ple_gather,
 #              norm_add, act "gelu", the LM head's softcap, expert_scale); option check_tensors.
-PLAN_VERSION = (6, 0)
+PLAN_VERSION = (7, 0)
 
 
 @dataclass(frozen=True)

@@ -559,6 +559,29 @@ def fold_softcap(g: Graph) -> bool:
     return True
 
 
+def _route_slot_experts(g: Graph) -> None:
+    """Where a chunk size runs a MoE's experts as matrix-vector products (by_chunk impl gemv),
+    they need only each slot's expert, not the sorted layout: its router then records layout
+    "slot_expert" (moe_topk writes the slots' experts into the sorted_slots value, the
+    histogram, scan and scatter do not run, expert_offsets stays unwritten) and the MoE records
+    slots "slot_expert" (it reads them from there). Only where that MoE is the sole reader of
+    the router's slots and offsets."""
+    for n in g.by_op(Op.MOE_GROUPED_GEMM):
+        rec = n.meta.get("kernel") or {}
+        ops = moe_operands(n.attrs, n.inputs)
+        route = g.node(ops.slots.node)
+        if route.op != Op.MOE_ROUTE or ops.offsets.node != route.id or rec.get("name") != "moe.grouped":
+            continue
+        readers = {u.id for v in (ops.slots, ops.offsets) for u, _ in g.uses_of(v)}
+        if readers != {n.id}:
+            continue
+        by_route = (route.meta.get("kernel") or {}).get("by_chunk", {})
+        for c, at in rec.get("by_chunk", {}).items():
+            if at.get("impl") == "gemv" and c in by_route:
+                at["slots"] = "slot_expert"
+                by_route[c]["layout"] = "slot_expert"
+
+
 def run(g: Graph, *, options, device_free: int | None = None) -> PassResult:
     """options: ggfuse.options.Options with a resolved target (not "auto" or "cpu")."""
     if options.target not in TARGETS:
@@ -611,6 +634,7 @@ def run(g: Graph, *, options, device_free: int | None = None) -> PassResult:
         n.meta["kernel"] = rec
         if ws:
             n.meta["workspace"] = {str(c): w for c, w in ws.items()}
+    _route_slot_experts(g)
     logits = g.outputs.get("logits")
     if logits is None or g.node(logits.node).op != Op.LM_HEAD:
         raise GGFuseError(None, "the CUDA lowering needs the logits to come from an LM_HEAD node")

@@ -272,6 +272,18 @@ def moe_route(logits, T, E, k, norm, scale, tile, n_valid_dev, ids_out, weights_
     expert_offsets_out[...] = offs
 
 
+def moe_route_slot_experts(logits, T, E, k, norm, scale, n_valid_dev, ids_out, weights_out, slot_expert_out,
+                           stream=None, *, gating="softmax"):
+    """moe_route's ids and weights; slot_expert_out = ids, -1 for a padding token's slots."""
+    nv = int(np.asarray(n_valid_dev)[0])
+    offs = np.zeros(E + 1, np.int32)
+    slots = np.zeros(T * k + E * 15, np.int32)
+    moe_route(logits, T, E, k, norm, scale, 16, n_valid_dev, ids_out, weights_out, slots, offs, None, gating=gating)
+    se = np.asarray(ids_out).reshape(-1)[:T * k].copy()
+    se[nv * k:] = -1
+    slot_expert_out[:T * k] = se
+
+
 def _experts(w, w_type, E, rows, K):
     return _dequant(w, w_type, E * rows, K).reshape(E, rows, K) if np.asarray(w).dtype == np.uint8 else \
         _matrix(w, w_type, E * rows, K).reshape(E, rows, K)
@@ -334,9 +346,13 @@ def moe_gemv_gate_up(x, w_gate, up_ptr, e_bytes, w_type, E, F, D, k, h, *, sorte
     xs = _val(x)
     T = xs.shape[0]
     rb = _qt(w_type).row_bytes(D)
-    e_of = _slot_experts(sorted_slots, expert_offsets, T * k) if sorted_slots is not None else np.zeros(T * k, np.int32)
-    if slot_expert is not None:
-        slot_expert[...] = e_of
+    if sorted_slots is not None:
+        e_of = _slot_experts(sorted_slots, expert_offsets, T * k)
+        slot_expert[:T * k] = e_of
+    elif slot_expert is not None:               # given: each slot's expert (moe_route_slot_experts)
+        e_of = np.asarray(slot_expert).reshape(-1)[:T * k].copy()
+    else:
+        e_of = np.zeros(T * k, np.int32)
     base = w_gate.data.ptr
     out = np.zeros((T * k, F), np.float32)
     for j in range(T * k):
@@ -380,7 +396,7 @@ EMULATED = {
                                     "rowdot_sigmoid", "axpy_rows", "scale_by_expert"],
     "ggfuse.kernels.gemm.launch": ["gemm", "gemm_swiglu"],
     "ggfuse.kernels.gemm.blas": ["gemm_bf16"],
-    "ggfuse.kernels.moe.launch": ["moe_route", "moe_gate_up", "moe_down", "moe_gemv_gate_up", "moe_gemv_down"],
+    "ggfuse.kernels.moe.launch": ["moe_route", "moe_route_slot_experts", "moe_gate_up", "moe_down", "moe_gemv_gate_up", "moe_gemv_down"],
     "ggfuse.kernels.attention.launch": ["flash_attn_prefill", "window_attn"],
 }
 

@@ -73,7 +73,7 @@ def test_emulated_gemma4_moe_streamed_and_decode_steps(monkeypatch):
     from ggfuse.runtime.api import Model
     from ggfuse.runtime.cuda.backend import CUDABackend
     tokens = refs("gemma4-moe")["tokens"]
-    with emulated_device(monkeypatch):
+    with emulated_device(monkeypatch) as used:
         gf, plan, _ = streamed_plan("gemma4-moe", "q4_k_m", 8, room="whole")
         be = CUDABackend(plan, gf, chunk=8, progress=False)
         assert be.streamer is not None
@@ -85,6 +85,11 @@ def test_emulated_gemma4_moe_streamed_and_decode_steps(monkeypatch):
         steps = np.concatenate([m.prefill(tokens[i:i + 1]) for i in range(30, 40)])
     assert _rel(streamed, resident) < 1e-6
     assert _rel(steps, resident[30:]) < 3e-2 and np.mean(steps.argmax(-1) == resident[30:].argmax(-1)) >= 0.9
+    # the one-token step's routers wrote each slot's expert, no sorted layout (plan 7.0)
+    assert "moe.moe_route_slot_experts" in used
+    routes = [n.meta["kernel"] for n in m.plan.graph.nodes() if (n.meta.get("kernel") or {}).get("name") == "moe.route"]
+    assert routes and all(r["by_chunk"]["1"]["layout"] == "slot_expert" for r in routes)
+    assert all("layout" not in at for r in routes for c, at in r["by_chunk"].items() if c != "1")
 
 
 def ple_budget(arch="gemma4-dense", quant="q4_k_m", chunk=16):

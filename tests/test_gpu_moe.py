@@ -145,6 +145,34 @@ def test_route_graph_replay_n_valid():
         check_route(r, new, n_valid)
 
 
+@pytest.mark.parametrize("T,E,k,n_valid,gating", [
+    (1, 256, 8, 1, "softmax"),        # the decode step of Qwen3.5-35B-A3B
+    (1, 128, 8, 0, "softmax"),        # a padding token only
+    (6, 60, 4, 4, "sigmoid"),
+])
+def test_route_slot_experts(T, E, k, n_valid, gating):
+    """moe_route_slot_experts: moe_route's ids and weights, and slot_expert = ids (-1 for a
+    padding token's slots), what moe_slot_experts derives from the full layout."""
+    rng = np.random.default_rng(seed("route_slots", T, E, k))
+    logits = separated_logits(T, E, rng)
+    ids = cp.full((T, k), -7, dtype=cp.int32)
+    w = cp.full((T, k), np.nan, dtype=cp.float32)
+    se = cp.full(T * k + 5, -7, dtype=cp.int32)
+    launch.moe_route_slot_experts(cp.asarray(logits), T, E, k, True, 0.0, cp.asarray([n_valid], dtype=cp.int32),
+                                  ids, w, se, gating=gating)
+    cp.cuda.Device().synchronize()
+    g_ids, g_w, g_se = cp.asnumpy(ids), cp.asnumpy(w), cp.asnumpy(se)
+    want = np.full(T * k, -1, np.int32)
+    if n_valid:
+        r_ids, r_w, _, _ = ref_route(logits[:n_valid], k, True, 0.0, TILE, gating)
+        np.testing.assert_array_equal(g_ids[:n_valid], r_ids)
+        np.testing.assert_allclose(g_w[:n_valid], r_w, rtol=2e-5, atol=1e-7)
+        want[:n_valid * k] = r_ids.reshape(-1)
+    assert (g_w[n_valid:] == 0).all()
+    np.testing.assert_array_equal(g_se[:T * k], want)
+    assert (g_se[T * k:] == -7).all(), "nothing written past the T k slots"
+
+
 # ---- grouped GEMMs ---------------------------------------------------------------------------
 
 def silu(x):

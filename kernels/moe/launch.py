@@ -218,7 +218,8 @@ def moe_route(logits, T: int, E: int, k: int, norm: bool, scale: float, tile: in
     if T > 0:
         _route_fn("moe_topk")(((T + 7) // 8, 1, 1), (256, 1, 1),
                               (logits, np.int32(T), np.int32(E), np.int32(k), np.int32(GATINGS[gating]),
-                               np.int32(bool(norm)), np.float32(scale), n_valid_dev, ids_out, weights_out),
+                               np.int32(bool(norm)), np.float32(scale), n_valid_dev, ids_out, weights_out,
+                               np.uint64(0)),
                               stream=stream)
     _route_fn("moe_hist")((n_chunks_launch, 1, 1), (ROUTE_CHUNK, 1, 1),
                           (ids_out, np.int32(T), np.int32(k), np.int32(E), n_valid_dev, scratch,
@@ -232,6 +233,28 @@ def moe_route(logits, T: int, E: int, k: int, norm: bool, scale: float, tile: in
                                  (ids_out, np.int32(T), np.int32(k), np.int32(E), n_valid_dev, scratch,
                                   expert_offsets_out, sorted_slots_out),
                                  stream=stream)
+
+
+def moe_route_slot_experts(logits, T: int, E: int, k: int, norm: bool, scale: float, n_valid_dev, ids_out,
+                           weights_out, slot_expert_out, stream=None, *, gating: str = "softmax") -> None:
+    """moe_route without the sorted layout, for the matrix-vector experts (moe_gemv_*): ids and
+    weights as moe_route, and slot_expert_out [T k] i32 = ids (-1 for a padding token's slots),
+    what moe_slot_experts would derive from the layout. One kernel instead of four."""
+    if not 0 < k <= min(E, 32) or E > MAX_EXPERTS:
+        raise ValueError(f"moe_route_slot_experts: need 0 < k <= min(E, 32) and E <= {MAX_EXPERTS}, got k={k}, E={E}")
+    if gating not in GATINGS:
+        raise ValueError(f"moe_route_slot_experts: gating {gating!r} is not one of {sorted(GATINGS)}")
+    for arr, n, name in ((logits, T * E, "logits"), (ids_out, T * k, "ids_out"), (weights_out, T * k, "weights_out"),
+                         (slot_expert_out, T * k, "slot_expert_out")):
+        if arr.size < n or arr.itemsize != 4 or not arr.flags.c_contiguous:
+            raise ValueError(f"moe_route_slot_experts: {name} must be contiguous with >= {n} 4-byte elements, "
+                             f"got {arr.dtype} {arr.shape}")
+    if T > 0:
+        _route_fn("moe_topk")(((T + 7) // 8, 1, 1), (256, 1, 1),
+                              (logits, np.int32(T), np.int32(E), np.int32(k), np.int32(GATINGS[gating]),
+                               np.int32(bool(norm)), np.float32(scale), n_valid_dev, ids_out, weights_out,
+                               slot_expert_out),
+                              stream=stream)
 
 
 def _check_layout(fn: str, sorted_slots, expert_offsets, E: int) -> int:

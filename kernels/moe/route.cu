@@ -3,7 +3,10 @@
 // kernels, no host round trip, deterministic (counts are order-free; positions come from
 // per-chunk prefix sums and in-chunk ranks, not from atomics).
 //
-//   moe_topk     grid ceil(T / 8), 256 threads (a warp per token)
+//   moe_topk     grid ceil(T / 8), 256 threads (a warp per token); slot_expert (may be null):
+//                also slot_expert[t k + j] = ids[t, j], -1 for a padding token's slots: all that
+//                the decode step's matrix-vector experts (gemv.cu) need, so there the other
+//                three kernels do not run
 //   moe_hist     grid C = ceil(T*k / 256), 256 threads: hist[c, e] = slots of chunk c on expert e;
 //                also fills sorted_slots with -1 (the padding)
 //   moe_scan     1 block of 1024 threads: hist[c, e] -> exclusive prefix over chunks, offsets
@@ -17,7 +20,8 @@
 
 extern "C" __global__ void __launch_bounds__(256)
 moe_topk(const float* __restrict__ logits, int T, int E, int k, int gating, int norm, float scale,
-         const int* __restrict__ n_valid, int* __restrict__ ids, float* __restrict__ weights) {
+         const int* __restrict__ n_valid, int* __restrict__ ids, float* __restrict__ weights,
+         int* __restrict__ slot_expert) {
     const int lane = threadIdx.x & 31;
     const int t = blockIdx.x * 8 + (threadIdx.x >> 5);
     if (t >= T) return;
@@ -25,6 +29,7 @@ moe_topk(const float* __restrict__ logits, int T, int E, int k, int gating, int 
         for (int j = lane; j < k; j += 32) {
             ids[(long long)t * k + j] = j;
             weights[(long long)t * k + j] = 0.f;
+            if (slot_expert) slot_expert[(long long)t * k + j] = -1;
         }
         return;
     }
@@ -75,6 +80,7 @@ moe_topk(const float* __restrict__ logits, int T, int E, int k, int gating, int 
     if (lane < k) {
         ids[(long long)t * k + lane] = my_e;
         weights[(long long)t * k + lane] = p;
+        if (slot_expert) slot_expert[(long long)t * k + lane] = my_e;
     }
 }
 

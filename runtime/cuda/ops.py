@@ -694,10 +694,17 @@ def _moe_route(ctx, n):
     # Gemma 4: each expert's output scale (ffn_down_exps.scale) folded into its slots' weights
     escale = _f32(ctx, n.inputs[-1]).reshape(-1) if rec.get("expert_scale") else None
 
+    # the matrix-vector experts read each slot's expert from `slots`; no sorted layout
+    slot_experts = ctx.at(rec).get("layout") == "slot_expert"
+
     def run():
         router()
-        moe.moe_route(logits, T, E, a.k, a.norm, a.scale, a.tile, be.nvalid_dev, ids, weights, slots, offsets,
-                      scratch, ctx.stream, gating=a.gating)
+        if slot_experts:
+            moe.moe_route_slot_experts(logits, T, E, a.k, a.norm, a.scale, be.nvalid_dev, ids, weights, slots,
+                                       ctx.stream, gating=a.gating)
+        else:
+            moe.moe_route(logits, T, E, a.k, a.norm, a.scale, a.tile, be.nvalid_dev, ids, weights, slots,
+                          offsets, scratch, ctx.stream, gating=a.gating)
         if escale is not None:
             d.scale_by_expert(weights, ids, escale, stream=ctx.stream)
         if shexp is not None:
@@ -822,7 +829,12 @@ def _moe_gemv(ctx, n, o, at):
     _expect(n, "expert activation dtype", _dt(o.x), at["a"])
     act = n.attrs.get("act", "silu")
     h = ctx.ws(n, "h_gemv", (o.T * o.k, o.F), np.float32)
-    slot_e = ctx.ws(n, "slot_expert", (o.T * o.k,), np.int32)
+    if at.get("slots") == "slot_expert":
+        # the router wrote each slot's expert into `slots` (moe_route_slot_experts)
+        slot_e, layout = o.slots, {}
+    else:
+        slot_e = ctx.ws(n, "slot_expert", (o.T * o.k,), np.int32)
+        layout = {"sorted_slots": o.slots, "expert_offsets": o.offsets}
     rb_gu = qtype(o.tg).row_bytes(o.D)
     tabbed = o.tab_gu is not None
     if tabbed:
@@ -848,8 +860,8 @@ def _moe_gemv(ctx, n, o, at):
 
     def run():
         s = ctx.stream
-        moe.moe_gemv_gate_up(o.x, w_gate, up_ptr, e_gu, o.tg, o.E, o.F, o.D, o.k, h, sorted_slots=o.slots,
-                             expert_offsets=o.offsets, slot_expert=slot_e, wtab=o.tab_gu, act=act, stream=s)
+        moe.moe_gemv_gate_up(o.x, w_gate, up_ptr, e_gu, o.tg, o.E, o.F, o.D, o.k, h, **layout,
+                             slot_expert=slot_e, wtab=o.tab_gu, act=act, stream=s)
         moe.moe_gemv_down(h, w_down, e_d, o.td, o.D, o.F, o.k, o.weights, o.out, slot_expert=slot_e,
                           wtab=o.tab_d, stream=s)
         if shared is not None:
