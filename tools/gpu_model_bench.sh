@@ -3,7 +3,7 @@
 # layer per kernel family, then the synthetic Qwen3.5-35B-A3B Q4_K_M whole, each `ggfuse bench`
 # row set in its own process with its own time limit, JSONs and logs in $OUT.
 # Usage on the device machine, from the repo root:  bash tools/gpu_model_bench.sh [ROWS...]
-#   ROWS: names from the table below (default: all), e.g.  bash tools/gpu_model_bench.sh auto smallq
+#   ROWS: names from the table below (default: the first seven), e.g.  bash tools/gpu_model_bench.sh auto smallq
 set -u
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 if [ ! -d /tmp/site ]; then
@@ -15,6 +15,9 @@ export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1 GGFUSE_CACHE=/tmp/ggfuse
 MODEL=/tmp/q35.gguf
 [ -f "$MODEL" ] || python3 -m ggfuse.compiler.cli synth --preset qwen3.5-35b-a3b --quant q4_k_m -o "$MODEL" \
   > "$OUT/synth.log" 2>&1 || { echo "synth failed: $(tail -1 "$OUT/synth.log")"; exit 2; }
+# without git history on the device, the bench JSONs take their commit from .build-commit:
+# write it here (git rev-parse HEAD > .build-commit) and carry it with the wheels
+[ -f .build-commit ] && echo "build commit $(cat .build-commit)" || echo "warning: no .build-commit: the JSONs name no commit"
 PROMPTS=64,128,256,512,1024,2048
 declare -A ROW=(
   [layer]="kernel"
@@ -24,6 +27,11 @@ declare -A ROW=(
   [ada]="--target sm_89 --prompt 512,2048 --chunk 2048 --sub-chunk-min 512 --tg 0"
   [ada_smallq]="--target sm_89 --prompt 512,2048 --chunk 2048 --sub-chunk-min 512 --tg 0 --moe-schedule smallq"
   [long]="--prompt 4096,8192 --chunk 8192 --tg 0"
+  # a same-run A/B of the few-rows schedules at the short prompts, and of the decode step's dense GEMVs
+  [short_small]="--prompt 64,128,256,512 --chunk 512 --sub-chunk-min 64 --tg 0 --moe-schedule small"
+  [short_smallq]="--prompt 64,128,256,512 --chunk 512 --sub-chunk-min 64 --tg 0 --moe-schedule smallq"
+  [tg_gemm]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --decode-dense gemm"
+  [tg_gemv]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --decode-dense gemv"
 )
 ORDER=(layer auto smallq small ada ada_smallq long)
 [ $# -gt 0 ] && ORDER=("$@")

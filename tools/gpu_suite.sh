@@ -8,6 +8,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   > "$OUT/pip.log" 2>&1 || { echo "wheel install failed (is .whl/ carried?): $(tail -1 "$OUT/pip.log")"; exit 2; }
 mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/ggfuse
 export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1 GGFUSE_CACHE=/tmp/ggfuse-cubin
+[ -f .build-commit ] || echo "warning: no .build-commit (git rev-parse HEAD > .build-commit, and carry it)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import cupy, cuda.bindings, torch; print('cupy', cupy.__version__, 'torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 K="${1:-}"
