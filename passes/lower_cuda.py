@@ -513,18 +513,15 @@ class _Lowering:
                 ws[c] = moe.gemv_workspace(c, k, F, shared_ffn=Fs)
                 continue
             try:
-                sg = moe.pick_schedule(o.moe_schedule, tg, a, c, k, E, K=D, N=F, row_step=16,
-                                       impl=rec["impl_gate_up"])
-                sd = moe.pick_schedule(o.moe_schedule, td, "bf16", c, k, E, K=F, N=D, row_step=32,
-                                       impl=rec["impl_down"])
+                sg = moe.pick_schedule(o.moe_schedule, tg, a, c, k, E, K=D, N=F, row_step=16)
+                sd = moe.pick_schedule(o.moe_schedule, td, "bf16", c, k, E, K=F, N=D, row_step=32)
             except ValueError as e:
                 raise GGFuseError(None, f"{n.name}: moe_schedule: {e}") from None
             if (sg in moe.SMALL_SCHEDULES) != (sd in moe.SMALL_SCHEDULES):
                 # the few-rows gate_up leaves h's padding rows unwritten: both halves small or neither
-                sg = moe.tile_schedule(o.moe_schedule if o.moe_schedule not in moe.SMALL_SCHEDULES else None,
-                                       tg, a, c, k, E) if sg in moe.SMALL_SCHEDULES else sg
-                sd = moe.tile_schedule(o.moe_schedule if o.moe_schedule not in moe.SMALL_SCHEDULES else None,
-                                       td, "bf16", c, k, E) if sd in moe.SMALL_SCHEDULES else sd
+                # (only "auto" gets here: a forced few-rows schedule either fits both or raised)
+                sg = moe.tile_schedule("auto", tg, a, c, k, E) if sg in moe.SMALL_SCHEDULES else sg
+                sd = moe.tile_schedule("auto", td, "bf16", c, k, E) if sd in moe.SMALL_SCHEDULES else sd
             rec["by_chunk"][str(c)] = {"schedule_gate_up": sg, "schedule_down": sd}
             ws[c] = moe.grouped_workspace(c, k, E, F, D, tile, x_copy=x_copy, shared_ffn=Fs)
         if ops.shared is not None:

@@ -250,8 +250,9 @@ def scale_by_expert(weights, ids, scale, *, stream=None):
     _put(weights, _val(weights) * _val(scale).reshape(-1)[np.asarray(ids)])
 
 
-def moe_route(logits, T, E, k, norm, scale, tile, n_valid_dev, ids_out, weights_out, sorted_slots_out,
-              expert_offsets_out, scratch, stream=None, *, gating="softmax"):
+def _topk(logits, T, k, norm, scale, n_valid_dev, ids_out, weights_out, gating):
+    """moe_topk: ids and weights into the outputs (padding tokens: ids 0..k-1, weight 0);
+    returns (ids, n_valid)."""
     from ggfuse.kernels.moe import ref as moe_ref
     nv = int(np.asarray(n_valid_dev)[0])
     lg = _val(logits)[:T]
@@ -264,9 +265,16 @@ def moe_route(logits, T, E, k, norm, scale, tile, n_valid_dev, ids_out, weights_
         w = w * np.float32(scale)
     ids[nv:] = np.arange(k)
     w[nv:] = 0
-    slots, offs = moe_ref.route_layout(ids[:nv], n_expert=E, tile=tile)
     ids_out[...] = ids
     _put(weights_out, w)
+    return ids, nv
+
+
+def moe_route(logits, T, E, k, norm, scale, tile, n_valid_dev, ids_out, weights_out, sorted_slots_out,
+              expert_offsets_out, scratch, stream=None, *, gating="softmax"):
+    from ggfuse.kernels.moe import ref as moe_ref
+    ids, nv = _topk(logits, T, k, norm, scale, n_valid_dev, ids_out, weights_out, gating)
+    slots, offs = moe_ref.route_layout(ids[:nv], n_expert=E, tile=tile)
     sorted_slots_out[...] = -1
     sorted_slots_out[:slots.size] = slots
     expert_offsets_out[...] = offs
@@ -275,11 +283,8 @@ def moe_route(logits, T, E, k, norm, scale, tile, n_valid_dev, ids_out, weights_
 def moe_route_slot_experts(logits, T, E, k, norm, scale, n_valid_dev, ids_out, weights_out, slot_expert_out,
                            stream=None, *, gating="softmax"):
     """moe_route's ids and weights; slot_expert_out = ids, -1 for a padding token's slots."""
-    nv = int(np.asarray(n_valid_dev)[0])
-    offs = np.zeros(E + 1, np.int32)
-    slots = np.zeros(T * k + E * 15, np.int32)
-    moe_route(logits, T, E, k, norm, scale, 16, n_valid_dev, ids_out, weights_out, slots, offs, None, gating=gating)
-    se = np.asarray(ids_out).reshape(-1)[:T * k].copy()
+    ids, nv = _topk(logits, T, k, norm, scale, n_valid_dev, ids_out, weights_out, gating)
+    se = ids.reshape(-1).astype(np.int32)
     se[nv * k:] = -1
     slot_expert_out[:T * k] = se
 

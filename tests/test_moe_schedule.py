@@ -14,20 +14,19 @@ def test_pick_schedule_rules():
     E, k = 256, 8
     # either impl: small up to SMALL_MAX_ROWS rows per expert on average, tiles beyond
     few = moe.SMALL_MAX_ROWS * E // k
-    for impl in ("mma", "wgmma"):
-        assert moe.pick_schedule(None, "q4_k", "bf16", few, k, E, K=2048, N=512, row_step=16, impl=impl) == "small"
-        assert moe.pick_schedule(None, "q4_k", "bf16", 64, k, E, K=2048, N=512, row_step=16, impl=impl) == "small"
-        assert moe.pick_schedule(None, "q4_k", "bf16", few + 1, k, E, K=2048, N=512, row_step=16, impl=impl) != "small"
+    assert moe.pick_schedule(None, "q4_k", "bf16", few, k, E, K=2048, N=512, row_step=16) == "small"
+    assert moe.pick_schedule(None, "q4_k", "bf16", 64, k, E, K=2048, N=512, row_step=16) == "small"
+    assert moe.pick_schedule(None, "q4_k", "bf16", few + 1, k, E, K=2048, N=512, row_step=16) != "small"
     # wgmma beyond: persist, wide from WIDE_MIN_ROWS (GGML weights, bf16 activations only)
-    assert moe.pick_schedule(None, "q4_k", "bf16", few + 1, k, E, K=2048, N=512, row_step=16, impl="wgmma") == "persist"
-    assert moe.pick_schedule(None, "q4_k", "bf16", 4096, k, E, impl="wgmma") == "wide"
-    assert moe.pick_schedule(None, "bf16", "bf16", 4096, k, E, impl="wgmma") == "persist"
+    assert moe.pick_schedule(None, "q4_k", "bf16", few + 1, k, E, K=2048, N=512, row_step=16) == "persist"
+    assert moe.pick_schedule(None, "q4_k", "bf16", 4096, k, E) == "wide"
+    assert moe.pick_schedule(None, "bf16", "bf16", 4096, k, E) == "persist"
     assert moe.tile_schedule(None, "q4_k", "bf16", 64, k, E) == "persist"
     with pytest.raises(ValueError, match="tile schedule"):
         moe.tile_schedule("small", "q4_k", "bf16", 64, k, E)
     # types and shapes the few-rows kernels do not take keep the tiles
-    assert moe.pick_schedule(None, "q4_k", "bf16", 64, k, E, K=2048, N=520, row_step=16, impl="mma") != "small"
-    assert moe.pick_schedule(None, "q4_k", "bf16", 64, k, E, K=2040, N=512, row_step=16, impl="mma") != "small"
+    assert moe.pick_schedule(None, "q4_k", "bf16", 64, k, E, K=2048, N=520, row_step=16) != "small"
+    assert moe.pick_schedule(None, "q4_k", "bf16", 64, k, E, K=2040, N=512, row_step=16) != "small"
     with pytest.raises(ValueError, match="schedule small"):
         moe.pick_schedule("small", "q4_k", "bf16", 64, k, E, K=2048, N=520, row_step=16)
     with pytest.raises(ValueError, match="schedule must be one of"):

@@ -94,7 +94,7 @@ def check_small(schedule: str, w_name: str, K: int | None, N: int | None, row_st
 
 
 def pick_schedule(schedule: str | None, w_name: str, a_kind: str, T: int, k: int, E: int, *,
-                  K: int | None = None, N: int | None = None, row_step: int = 32, impl: str | None = None) -> str:
+                  K: int | None = None, N: int | None = None, row_step: int = 32) -> str:
     """How the grouped GEMMs are launched: "small" (moe/grouped_small.cu: a block per (expert,
     64 or 128 weight rows), the tokens as the MMA's 8-wide side; any impl, mma.sync), "smallq"
     (the same with Q4_K / Q6_K quants entering the MMA as integers, the scales applied per
@@ -190,6 +190,30 @@ def _small_prefix(schedule: str, w_name: str) -> str:
 SMALL_THREADS = 128     # grouped_small.cu gs::THREADS
 
 
+def _route_checks(fn: str, T: int, E: int, k: int, gating: str, buffers) -> None:
+    """ValueError unless k, E and gating are ones moe_topk takes and every (array, elements,
+    name) in buffers is contiguous with at least that many 4-byte elements."""
+    if not 0 < k <= min(E, 32) or E > MAX_EXPERTS:
+        raise ValueError(f"{fn}: need 0 < k <= min(E, 32) and E <= {MAX_EXPERTS}, got k={k}, E={E}")
+    if gating not in GATINGS:
+        raise ValueError(f"{fn}: gating {gating!r} is not one of {sorted(GATINGS)}")
+    for arr, n, name in buffers:
+        if arr.size < n or arr.itemsize != 4 or not arr.flags.c_contiguous:
+            raise ValueError(f"{fn}: {name} must be contiguous with >= {n} 4-byte elements, "
+                             f"got {arr.dtype} {arr.shape}")
+
+
+def _topk(logits, T: int, E: int, k: int, norm: bool, scale: float, n_valid_dev, ids_out, weights_out,
+          slot_expert_out, gating: str, stream) -> None:
+    """moe_topk: ids and weights, and each slot's expert where slot_expert_out is not None."""
+    if T > 0:
+        _route_fn("moe_topk")(((T + 7) // 8, 1, 1), (256, 1, 1),
+                              (logits, np.int32(T), np.int32(E), np.int32(k), np.int32(GATINGS[gating]),
+                               np.int32(bool(norm)), np.float32(scale), n_valid_dev, ids_out, weights_out,
+                               np.uint64(0) if slot_expert_out is None else slot_expert_out),
+                              stream=stream)
+
+
 def moe_route(logits, T: int, E: int, k: int, norm: bool, scale: float, tile: int, n_valid_dev,
               ids_out, weights_out, sorted_slots_out, expert_offsets_out, scratch, stream=None,
               *, gating: str = "softmax") -> None:
@@ -201,26 +225,14 @@ def moe_route(logits, T: int, E: int, k: int, norm: bool, scale: float, tile: in
     (/ max(sum, 2^-14) if norm, * scale unless scale is 0 or 1), sorted_slots
     [T*k + E*(tile-1)] i32, expert_offsets [E+1] i32. Deterministic.
     """
-    if not 0 < k <= min(E, 32) or E > MAX_EXPERTS:
-        raise ValueError(f"moe_route: need 0 < k <= min(E, 32) and E <= {MAX_EXPERTS}, got k={k}, E={E}")
-    if gating not in GATINGS:
-        raise ValueError(f"moe_route: gating {gating!r} is not one of {sorted(GATINGS)}")
     S = sorted_len(T, k, E, tile)
+    _route_checks("moe_route", T, E, k, gating,
+                  ((logits, T * E, "logits"), (ids_out, T * k, "ids_out"), (weights_out, T * k, "weights_out"),
+                   (sorted_slots_out, S, "sorted_slots_out"), (expert_offsets_out, E + 1, "expert_offsets_out"),
+                   (scratch, route_scratch_ints(T, k, E), "scratch")))
     n_chunks = -(-T * k // ROUTE_CHUNK)
-    checks = ((logits, T * E, 4, "logits"), (ids_out, T * k, 4, "ids_out"), (weights_out, T * k, 4, "weights_out"),
-              (sorted_slots_out, S, 4, "sorted_slots_out"), (expert_offsets_out, E + 1, 4, "expert_offsets_out"),
-              (scratch, route_scratch_ints(T, k, E), 4, "scratch"))
-    for arr, n, isz, name in checks:
-        if arr.size < n or arr.itemsize != isz or not arr.flags.c_contiguous:
-            raise ValueError(f"moe_route: {name} must be contiguous with >= {n} {isz}-byte elements, "
-                             f"got {arr.dtype} {arr.shape}")
     n_chunks_launch = max(n_chunks, 1)   # an empty chunk still fills sorted_slots with -1
-    if T > 0:
-        _route_fn("moe_topk")(((T + 7) // 8, 1, 1), (256, 1, 1),
-                              (logits, np.int32(T), np.int32(E), np.int32(k), np.int32(GATINGS[gating]),
-                               np.int32(bool(norm)), np.float32(scale), n_valid_dev, ids_out, weights_out,
-                               np.uint64(0)),
-                              stream=stream)
+    _topk(logits, T, E, k, norm, scale, n_valid_dev, ids_out, weights_out, None, gating, stream)
     _route_fn("moe_hist")((n_chunks_launch, 1, 1), (ROUTE_CHUNK, 1, 1),
                           (ids_out, np.int32(T), np.int32(k), np.int32(E), n_valid_dev, scratch,
                            sorted_slots_out, np.int64(S)),
@@ -240,21 +252,10 @@ def moe_route_slot_experts(logits, T: int, E: int, k: int, norm: bool, scale: fl
     """moe_route without the sorted layout, for the matrix-vector experts (moe_gemv_*): ids and
     weights as moe_route, and slot_expert_out [T k] i32 = ids (-1 for a padding token's slots),
     what moe_slot_experts would derive from the layout. One kernel instead of four."""
-    if not 0 < k <= min(E, 32) or E > MAX_EXPERTS:
-        raise ValueError(f"moe_route_slot_experts: need 0 < k <= min(E, 32) and E <= {MAX_EXPERTS}, got k={k}, E={E}")
-    if gating not in GATINGS:
-        raise ValueError(f"moe_route_slot_experts: gating {gating!r} is not one of {sorted(GATINGS)}")
-    for arr, n, name in ((logits, T * E, "logits"), (ids_out, T * k, "ids_out"), (weights_out, T * k, "weights_out"),
-                         (slot_expert_out, T * k, "slot_expert_out")):
-        if arr.size < n or arr.itemsize != 4 or not arr.flags.c_contiguous:
-            raise ValueError(f"moe_route_slot_experts: {name} must be contiguous with >= {n} 4-byte elements, "
-                             f"got {arr.dtype} {arr.shape}")
-    if T > 0:
-        _route_fn("moe_topk")(((T + 7) // 8, 1, 1), (256, 1, 1),
-                              (logits, np.int32(T), np.int32(E), np.int32(k), np.int32(GATINGS[gating]),
-                               np.int32(bool(norm)), np.float32(scale), n_valid_dev, ids_out, weights_out,
-                               slot_expert_out),
-                              stream=stream)
+    _route_checks("moe_route_slot_experts", T, E, k, gating,
+                  ((logits, T * E, "logits"), (ids_out, T * k, "ids_out"), (weights_out, T * k, "weights_out"),
+                   (slot_expert_out, T * k, "slot_expert_out")))
+    _topk(logits, T, E, k, norm, scale, n_valid_dev, ids_out, weights_out, slot_expert_out, gating, stream)
 
 
 def _check_layout(fn: str, sorted_slots, expert_offsets, E: int) -> int:
@@ -444,7 +445,8 @@ def moe_gemv_gate_up(x, w_gate, up_ptr: int, e_bytes: int, w_type, E: int, F: in
 
     x [T, ldx] f32 or bf16 rows; w_gate: the stacked gate (or merged gate_up) weight [E, F, D]
     (or [E, 2F, D]); up_ptr: the address of expert 0's up rows, e_bytes: bytes from one expert
-    to the next; h [T k, F] f32; slot_expert [T k] i32. Without a layout (sorted_slots None):
+    to the next; h [T k, F] f32; slot_expert [T k] i32, filled from the layout when one is given
+    (moe_slot_experts), else read as given (moe_route_slot_experts wrote it). Without either:
     one expert for every slot (the shared expert: E = 1, k = 1). wtab: an expert table (gate at
     wtab[e], up at wtab[E + e]) for a streamed layer; w_gate is then not read."""
     name = _gemv_type(w_type, "moe_gemv_gate_up")
