@@ -213,10 +213,12 @@ class Options:
     decode_deltanet: str = _opt(COMPILE, "delta rule of the one-token (decode) step: recurrent (the state "
                                          "update for one token) or chunk (the prefill's chunked kernels)",
                                 ("recurrent", "chunk"), default="recurrent")
-    decode_dense: str = _opt(COMPILE, "dense matmuls of the one-token (decode) step: gemm (the prefill's GEMMs: "
-                                      "cuBLAS on bf16 matrices) or gemv (one row times the matrix as the device "
-                                      "holds it; slower on bf16 matrices on the H200)",
-                             ("gemm", "gemv"), default="gemm")
+    decode_dense: str = _opt(COMPILE, "dense matmuls of the one-token (decode) step and the LM head's last row: "
+                                      "auto (a matrix-vector kernel on the GGUF's quantised rows, kept on the device "
+                                      "beside a bf16 copy where the GEMMs read one; the GEMM where the matrix is "
+                                      "stored as floats), gemm (the prefill's GEMMs: cuBLAS on bf16 matrices; the "
+                                      "head's last row on the GEMMs' form) or gemv (auto, and the bf16 matrices too)",
+                             ("auto", "gemm", "gemv"), default="auto")
     check_tensors: str = _opt(COMPILE, "check weight values for NaN / Inf before compiling: small (vectors: norms, "
                                        "biases, scales; and tensors of at most 4096 elements; cheap) or all (every weight "
                                        "the graph reads, dequantised block by block, with a progress bar; as "

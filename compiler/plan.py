@@ -46,7 +46,13 @@ PLAN_FORMAT = "ggfuse-plan"
 #              streamed layers' grouped GEMMs read "decode_tables" at chunk 1; options
 #              decode_cache*); Gemma 4's records (attention.window, kv_ring_append, ple_gather,
 #              norm_add, act "gelu", the LM head's softcap, expert_scale); option check_tensors.
-PLAN_VERSION = (7, 0)
+#          6.0 the grouped GEMMs' few-rows schedules small / smallq. 7.0 the decode router's
+#              slot_expert layout.
+#          8.0 one-row products read the stored quantised rows (option decode_dense auto): a
+#              matmul's by_chunk gemv entry names the form it reads ("w"), the LM head's "last"
+#              record may name a GGUF type while "all" reads bf16, and a matrix's forms may be
+#              both "bf16" and "raw". A 7.x runtime would read the bf16 copy.
+PLAN_VERSION = (8, 0)
 
 
 @dataclass(frozen=True)

@@ -133,8 +133,11 @@ def _tensors(g: Graph) -> dict[str, dict]:
     return out
 
 
-def forms_of(roles: set, ggml_type: str, rank: int, *, precision: str, dense_bf16: bool) -> list[str]:
-    """Device forms of one tensor: "raw" GGUF bytes, "bf16" or "f32"."""
+def forms_of(roles: set, ggml_type: str, rank: int, *, precision: str, dense_bf16: bool,
+             gemv_raw: bool = False) -> list[str]:
+    """Device forms of one tensor: "raw" GGUF bytes, "bf16" or "f32". gemv_raw: a one-row product
+    (the decode step's matmuls, the LM head's last row) reads its stored quantised rows, so a
+    matrix dequantised to bf16 for the GEMMs keeps its raw bytes beside that copy."""
     out = []
     if "f32" in roles:
         out.append("f32")
@@ -149,7 +152,26 @@ def forms_of(roles: set, ggml_type: str, rank: int, *, precision: str, dense_bf1
             out.append("bf16")       # dequantised once at load (types the GEMM cannot read, too)
         else:
             out.append("raw")
+        if gemv_raw and precision != "f32" and rank == 2 and ggml_type not in FLOAT_TYPES and "bf16" in out:
+            out.append("raw")
     return list(dict.fromkeys(out))
+
+
+def _gemv_raw_tensors(g: Graph, tensors: dict, options, sizes: list[int]) -> set:
+    """Matrices a one-row product reads as stored (option decode_dense auto / gemv): the decode
+    step's matmul weights (when the plan captures a 1-token step) and the LM head's, where a GEMV
+    kernel takes their quantised type."""
+    from ggfuse.kernels.dense.launch import gemv_supported
+    if options.precision == "f32" or options.decode_dense == "gemm":
+        return set()
+    out = set()
+    for n in g.nodes():
+        if n.op == Op.LM_HEAD or (n.op == Op.MATMUL and 1 in sizes):
+            name = g.tensor_of(n.inputs[1])
+            t = tensors[name]
+            if t["ggml_type"] not in FLOAT_TYPES and gemv_supported(_lower(t["ggml_type"]), int(t["shape"][-1])):
+                out.add(name)
+    return out
 
 
 def form_bytes(form: str, shape, raw_bytes: int) -> int:
@@ -325,6 +347,19 @@ class _Lowering:
             rec.update(persist=self.o.dense_persist, dequant=self.o.dequant)
         return rec
 
+    def gemv_form(self, name: str, w: str, K: int, *, head: bool = False) -> str | None:
+        """The form a one-row product of tensor `name` reads (option decode_dense; the LM head's
+        last row with head=True), or None where it runs the GEMM: auto, the stored quantised rows
+        (kept beside a bf16 copy, forms_of gemv_raw); gemv, those or else the GEMM's bf16 matrix."""
+        from ggfuse.kernels.dense.launch import gemv_supported
+        raw = _lower(self.tensors[name]["ggml_type"])
+        if self.o.decode_dense != "gemm" and "raw" in self.forms[name] and raw not in ("f32", "f16", "bf16") \
+                and gemv_supported(raw, K):
+            return raw
+        if head or (self.o.decode_dense == "gemv" and gemv_supported(w, K)):
+            return w
+        return None
+
     def check_gemm_weight(self, node, w: str, name: str):
         if self.o.precision != "f32" and w not in GEMM_TYPES:
             raise GGFuseError(None, f"{node.name}: weight {name} of type {w} cannot be read by the tensor-core GEMMs "
@@ -343,12 +378,14 @@ class _Lowering:
             if n.op == Op.MATMUL:
                 rec = self.gemm(a, w, K, "f32")
                 if self.o.precision != "f32" and 1 in self.sizes:
-                    from ggfuse.kernels.dense.launch import gemv_supported
-                    # the decode step: one row times W, read once as the device holds it
-                    one = self.o.decode_dense == "gemv" and gemv_supported(w, K)
-                    rec["by_chunk"] = {str(c): {"impl": "gemv" if c == 1 and one else "gemm"} for c in self.sizes}
+                    # the decode step: one row times W, read once (its quantised rows where kept)
+                    wv = self.gemv_form(name, w, K)
+                    rec["by_chunk"] = {str(c): ({"impl": "gemv", "w": wv} if c == 1 and wv else {"impl": "gemm"})
+                                       for c in self.sizes}
                 return rec, ws
-            rec = {"name": "lm_head", "all": self.gemm(a, w, K, "f32"), "last": {"name": "dense.gemv", "a": a, "w": w},
+            # the last row's GEMV reads the stored quantised rows where the plan keeps them
+            last_w = self.gemv_form(name, w, K, head=True) or w
+            rec = {"name": "lm_head", "all": self.gemm(a, w, K, "f32"), "last": {"name": "dense.gemv", "a": a, "w": last_w},
                    "block_rows": HEAD_BLOCK}
             if n.attrs.get("softcap"):
                 rec["softcap"] = float(n.attrs.softcap)      # cap * tanh(logits / cap) on each block / row
@@ -590,8 +627,9 @@ def run(g: Graph, *, options, device_free: int | None = None) -> PassResult:
     tensors = _tensors(g)
     roles = weight_roles(g)
     dense_bf16, why = _dense_policy(g, tensors, roles, options=options, device_free=device_free)
+    gemv_raw = _gemv_raw_tensors(g, tensors, options, sizes)
     forms = {name: forms_of(roles.get(name, {"gemm"}), t["ggml_type"], len(t["shape"]), precision=options.precision,
-                            dense_bf16=dense_bf16) for name, t in tensors.items()}
+                            dense_bf16=dense_bf16, gemv_raw=name in gemv_raw) for name, t in tensors.items()}
     lay = _layouts(g, sizes)
     # RESHAPE: a view of its input, or a copy into its own buffer (a column slice merged across
     # heads, e.g. the attention gate): decided before the storage dtypes (a copy reads f32)

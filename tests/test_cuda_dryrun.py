@@ -383,3 +383,51 @@ def test_decode_step_experts(decode_moe, monkeypatch):
             assert "blas.gemm_bf16" not in names and "gemm.gemm" not in names and "gemm.gemm_swiglu" not in names
         # the delta rule of one token is the recurrent state update (option decode_deltanet)
         assert "deltanet.gated_delta_rule_recurrent" in names and "deltanet.chunk_gated_delta_rule" not in names
+
+
+@pytest.mark.parametrize("decode_dense", ["auto", "gemm", "gemv"])
+def test_decode_dense_reads_the_stored_rows(decode_dense, monkeypatch):
+    """decode_dense auto: the one-token step's matmuls and the LM head's last row are GEMVs on
+    the GGUF's quantised rows, uploaded beside the bf16 copy the prefill's GEMMs read; gemm: the
+    GEMMs at one row and the head's last row on the bf16 copy, no raw copies; gemv: the stored
+    rows too."""
+    with fake_device(monkeypatch) as calls:
+        plan, be = _backend("qwen35moe", "q4_k_m", monkeypatch, decode_dense=decode_dense)
+        g = plan.graph
+        weights = g.meta["weights"]
+        mms = [n for n in g.nodes() if n.op.value == "matmul"]
+        assert mms
+        for n in mms:
+            name = g.tensor_of(n.inputs[1])
+            w = weights[name]
+            one = n.meta["kernel"]["by_chunk"]["1"]
+            if decode_dense == "gemm":
+                assert one == {"impl": "gemm"} and w["forms"] == ["bf16"]
+            else:
+                assert one == {"impl": "gemv", "w": w["ggml_type"].lower()} and w["forms"] == ["bf16", "raw"]
+                assert w["device_bytes"] > 2 * int(np.prod(w["shape"]))       # both copies counted
+            assert n.meta["kernel"]["by_chunk"]["16"] == {"impl": "gemm"}
+        head = g.node(g.outputs["logits"].node).meta["kernel"]
+        assert head["all"]["w"] == "bf16"
+        assert head["last"]["w"] == ("bf16" if decode_dense == "gemm" else "q6_k")
+        be.run_chunk(np.arange(10, dtype=np.int32), "last")
+        calls.clear()
+        be.run_chunk(np.array([5], dtype=np.int32), "last")
+        gemvs = [b for name, b in calls if name == "dense.gemv"]
+        types = {b.arguments["w_type"] for b in gemvs}
+        if decode_dense == "gemm":
+            assert types == {"f32", "bf16"}           # the f32 routers; the head's bf16 copy
+        else:
+            assert "bf16" not in types and {"q4_k", "q6_k"} <= types
+            # each launch got the raw array of its tensor: bytes as stored
+            raw_sizes = {w["device_bytes"] - 2 * int(np.prod(w["shape"])) for w in weights.values()
+                         if w["forms"] == ["bf16", "raw"]}
+            assert {int(b.arguments["w"].nbytes) for b in gemvs if b.arguments["w_type"] != "f32"} <= raw_sizes
+
+
+def test_gemv_warps_per_row():
+    from ggfuse.kernels.dense.launch import gemv_warps_per_row
+    assert gemv_warps_per_row(32, 2048) == 8           # the DeltaNet gates: 32 blocks, not 4
+    assert gemv_warps_per_row(2048, 4096) == 2
+    assert gemv_warps_per_row(4096, 2048) == 1 and gemv_warps_per_row(248320, 2048) == 1
+    assert gemv_warps_per_row(32, 256) == 1            # every lane keeps a group of each row

@@ -54,7 +54,15 @@ def test_emulated_cuda_backend_matches_the_cpu(arch, quant, monkeypatch):
     for out in (got, split):
         assert _rel(out, cpu) < 3e-2, _rel(out, cpu)
         assert np.mean(out.argmax(-1) == cpu.argmax(-1)) >= 0.95
-    assert _rel(last[0], got[-1]) < 1e-5
+    head = m.plan.graph.node(m.plan.graph.outputs["logits"].node).meta["kernel"]
+    if head["last"]["w"] == head["all"]["w"]:
+        assert _rel(last[0], got[-1]) < 1e-5
+    else:
+        # the last row's GEMV reads the stored quantised rows, the all-rows head their bf16 copy:
+        # the last row is the closer of the two to the CPU's (exact) dequantisation
+        assert head["all"]["w"] == "bf16" and head["last"]["w"] != "bf16"
+        assert _rel(last[0], cpu[-1]) <= _rel(got[-1], cpu[-1]) * 1.05 + 1e-6, (_rel(last[0], cpu[-1]),
+                                                                                _rel(got[-1], cpu[-1]))
     if arch in GEMMA4:
         assert {"attention.window_attn", "dense.kv_ring_append", "dense.norm_add", "dense.softcap",
                 "gemm.gemm_swiglu"} <= used

@@ -48,6 +48,26 @@ def test_gemv(w_type, a_kind, M):
     assert rms < 1e-4 and mx < 1e-4, (rms, mx)
 
 
+@pytest.mark.parametrize("w_type", ["bf16", "q8_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("N,K,wpr", [(32, 2048, 8), (61, 2048, 8), (500, 4096, 8), (2100, 4096, 2), (700, 256, 1)],
+                         ids=["gates32", "n61", "n500", "n2100", "k256"])
+@pytest.mark.parametrize("M", [1, 5])
+def test_gemv_rows_shared_by_warps(w_type, N, K, wpr, M):
+    """Small N: several warps of a block share each row (wpr), their sums added in shared memory."""
+    assert launch.gemv_warps_per_row(N, K) == wpr
+    rng = np.random.default_rng(zlib.crc32(f"{w_type} {N} {K} {M}".encode()))
+    raw, dense = random_weight(w_type, (N, K), rng)
+    w = cp.asarray(np.ascontiguousarray(raw)).view(cp.uint8).reshape(-1)
+    x, xh = _x(M, K, "bf16", rng)
+    y = cp.full((M, N + 8), np.nan, dtype=cp.float32)
+    launch.gemv(x, w, w_type, N, K, y[:, :N])
+    cp.cuda.Device().synchronize()
+    got = cp.asnumpy(y)
+    assert np.isnan(got[:, N:]).all(), "wrote past N"
+    rms, mx = errors(got[:, :N], xh @ dense.astype(np.float64).T)
+    assert rms < 1e-4 and mx < 1e-4, (rms, mx)
+
+
 @pytest.mark.parametrize("w_type", ["bf16", "q6_k"])
 def test_gemv_last_row_in_graph(w_type):
     """The LM head of time-to-first-token: row nvalid-1, read at replay time."""

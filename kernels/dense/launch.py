@@ -610,11 +610,23 @@ def gemv(x, w, w_type, N: int, K: int, y, *, M: int | None = None, nvalid=None, 
     fn = _fn(GEMV, f"gemv_{a}a_{name}")
     if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem     # opt-in above 48 KiB (a function attribute, not stream work)
-    grid = (min(-(-N // 8), 132 * 16),)
+    wpr = gemv_warps_per_row(N, K)
+    grid = (min(-(-N // (8 // wpr)), 132 * 16),)
     ldx, ldy = x.strides[0] // x.itemsize, y.strides[0] // 4
     with (stream if stream is not None else contextlib.nullcontext()):
         fn(grid, (256,), (_ptr(x), np.int64(ldx), np.int32(M), _ptr(w), np.int64(rb), np.int32(N), np.int32(K),
-                          _ptr(y), np.int64(ldy), _ptr(nvalid)), shared_mem=smem)
+                          _ptr(y), np.int64(ldy), _ptr(nvalid), np.int32(wpr)), shared_mem=smem)
+
+
+def gemv_warps_per_row(N: int, K: int, target_blocks: int = 2 * 132) -> int:
+    """Warps sharing one output row in gemv(): the fewest of 1, 2, 4, 8 that give `target_blocks`
+    blocks of 8 / wpr rows (two per SM of an H200; small N such as the [2048 -> 32] DeltaNet
+    gates would otherwise leave most SMs idle), while every lane keeps at least one 8-element
+    group of each row."""
+    wpr = 1
+    while wpr < 8 and -(-N * wpr // 8) < target_blocks and (K // 8) >= 32 * wpr * 2:
+        wpr *= 2
+    return wpr
 
 
 # ---- Gemma 4 ---------------------------------------------------------------------------------------

@@ -331,7 +331,7 @@ class CUDABackend:
         """(array, format, ggml type, numpy shape) of a tensor in the form `role` needs, as the
         plan uploaded it ("gemm": bf16 where the plan dequantised it, else raw)."""
         fmts = self.buf.formats[name]
-        want = {"rows": ["raw"], "f32": ["f32"], "gemm": ["bf16", "raw"]}[role]
+        want = {"rows": ["raw"], "raw": ["raw"], "f32": ["f32"], "gemm": ["bf16", "raw"]}[role]
         for f in want:
             if f in fmts:
                 return self.buf.weights[(name, f)]

@@ -214,9 +214,12 @@ def _dense():
     return launch
 
 
-def _weight(ctx, value):
-    """(array, kernel weight type name, numpy shape) of a matmul / expert weight."""
-    arr, fmt, gt, shape = ctx.be.weight(ctx.weights[value], "gemm")
+def _weight(ctx, value, form: str | None = None):
+    """(array, kernel weight type name, numpy shape) of a matmul / expert weight: the GEMMs'
+    form (bf16 where the plan dequantised it, else raw), or the one a record names (`form`: "bf16",
+    or a GGUF type for the stored rows)."""
+    role = "gemm" if form is None or form == "bf16" else "raw"
+    arr, fmt, gt, shape = ctx.be.weight(ctx.weights[value], role)
     return arr, ("bf16" if fmt == "bf16" else gt.lower()), shape
 
 
@@ -293,11 +296,13 @@ def swiglu_closure(ctx, node, rec: dict, x, wg_value, wu_value, out, out_dt: str
 @launcher("gemm.gemm", "cublas.gemm_bf16", "qf32.gemm")
 def _matmul(ctx, n):
     rec = n.meta["kernel"]
-    if ctx.at(rec).get("impl") == "gemv":       # the decode step: one row, W read once as held
+    at = ctx.at(rec)
+    if at.get("impl") == "gemv":       # the decode step: one row, W read once (as stored, where kept)
         d = _dense()
         a, c = _rows2d(ctx.v(n.inputs[0])), _rows2d(ctx.v(n.out))
-        w, wtype, shape = _weight(ctx, n.inputs[1])
-        _expect(n, "weight", wtype, rec["w"])
+        want = at.get("w", rec["w"])   # (plans before 7.1: the GEMMs' form)
+        w, wtype, shape = _weight(ctx, n.inputs[1], want)
+        _expect(n, "weight", wtype, want)
         N, K = shape[-2], shape[-1]
         return lambda: d.gemv(a, w, wtype, N, K, c, M=a.shape[0], stream=ctx.stream)
     return gemm_closure(ctx, n, rec, ctx.v(n.inputs[0]), n.inputs[1], ctx.v(n.out))
@@ -351,7 +356,7 @@ def _lm_head_last(ctx, n, rec):
     """logits of the chunk's last valid row only: a GEMV straight from the stored weight."""
     d = _dense()
     x = ctx.v(n.inputs[0])
-    w, wtype, shape = _weight(ctx, n.inputs[1])
+    w, wtype, shape = _weight(ctx, n.inputs[1], rec["w"])
     _expect(n, "head weight", wtype, rec["w"])
     N, K = shape[-2], shape[-1]
     y = ctx.ws(n, "last", (1, N), np.float32)
