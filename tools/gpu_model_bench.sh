@@ -32,6 +32,7 @@ declare -A ROW=(
   [short_smallq]="--prompt 64,128,256,512 --chunk 512 --sub-chunk-min 64 --tg 0 --moe-schedule smallq"
   [tg_gemm]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --decode-dense gemm"
   [tg_gemv]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --decode-dense gemv"
+  [tg_auto]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --decode-dense auto"
 )
 ORDER=(layer auto smallq small ada ada_smallq long)
 [ $# -gt 0 ] && ORDER=("$@")
