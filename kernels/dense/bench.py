@@ -127,14 +127,63 @@ def bench_router(cp, launch, rng):
                   f"x{base / us:5.2f} vs gemm_f32  max-abs err {err:.2e}")
 
 
+# the decode step's one-row products of Qwen3.5-35B-A3B: (name, N, K, weight type)
+GEMV_SHAPES = [("qkv", 8192, 2048, "q4_k"), ("qkv", 8192, 2048, "q6_k"), ("z", 4096, 2048, "q4_k"),
+               ("ssm_out", 2048, 4096, "q4_k"), ("alpha", 32, 2048, "q4_k"), ("router", 256, 2048, "f32"),
+               ("qkv", 8192, 2048, "bf16"), ("z", 4096, 2048, "bf16"), ("lm_head", 248320, 2048, "q6_k"),
+               ("lm_head", 248320, 2048, "bf16")]
+
+
+def bench_gemv(cp, launch, rng, n_launch: int = 20):
+    """One-row products (kernels/dense/gemv.cu) as the decode graph runs them: n_launch launches
+    back to back in one CUDA graph, each on its own copy of the weight (so the 50 MB L2 does not
+    serve them), bf16 x; per launch. cuBLAS on the bf16 matrix beside (the decode_dense gemm path)."""
+    from ggfuse.kernels.gemm import blas
+    from ggfuse.kernels.gemm.weights import random_weight
+    from ggfuse.kernels.quant.types import qtype
+    for name, N, K, wt in GEMV_SHAPES:
+        qt = qtype(wt)
+        nbytes = N * qt.row_bytes(K)
+        copies = max(2, min(n_launch, int(2e9 // nbytes)))
+        raw, _ = random_weight(wt, (min(N, 4096), K), rng)
+        base = cp.asarray(np.ascontiguousarray(raw)).view(cp.uint8).reshape(-1)
+        reps = -(-N // min(N, 4096))
+        ws = [cp.tile(base, reps)[:nbytes].copy() for _ in range(copies)]
+        x = cp.asarray(rng.standard_normal((1, K), dtype=np.float32)).astype(cp.float32)
+        xb = cp.asarray(np.frombuffer(x.get().astype(np.float32).tobytes(), np.uint32) >> 16).astype(cp.uint16)
+        y = cp.zeros((1, N), dtype=cp.float32)
+
+        def run(s, ws=ws):
+            for i in range(n_launch):
+                launch.gemv(xb.reshape(1, K), ws[i % len(ws)], wt, N, K, y, M=1, stream=s)
+        us = _time_graphs(cp, [run]) / n_launch
+        _row(f"gemv {name} [{N}, {K}] {wt} (wpr {launch.gemv_warps_per_row(N, K)})", us,
+             nbytes + K * 2 + N * 4)
+        if wt == "bf16" and blas.usable("bf16", "bf16"):
+            def run_blas(s, ws=ws):
+                for i in range(n_launch):
+                    blas.gemm_bf16(xb.reshape(1, K), K, ws[i % len(ws)].view(cp.uint16), N, K, y, "f32", N, 1, s)
+            us = _time_graphs(cp, [run_blas]) / n_launch
+            _row(f"cublas {name} [{N}, {K}] bf16 M=1", us, nbytes + K * 2 + N * 4)
+        del ws
+
+
 def main():
+    import argparse
+
     import cupy as cp
     from ggfuse.kernels.dense import launch
     from ggfuse.kernels.quant.types import qtype
 
+    ap = argparse.ArgumentParser(description="memory-bound dense kernels on this GPU")
+    ap.add_argument("--gemv", action="store_true", help="only the decode step's one-row products")
+    args = ap.parse_args()
     rng = np.random.default_rng(0)
     print(f"device: {cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)['name'].decode()}")
     print(f"{'kernel':<44} {'median':>12} {'achieved':>14}")
+    if args.gemv:
+        bench_gemv(cp, launch, rng)
+        return
     bench_norms(cp, launch, rng)
     bench_dequant(cp, launch, rng, qtype("q4_k"))
     bench_get_rows(cp, launch, rng, qtype("q4_k"))
