@@ -1,4 +1,7 @@
-"""The token-recurrent GPU fallback of the gated delta rule against its numpy definition."""
+"""The token-recurrent GPU kernels of the gated delta rule (kernels/deltanet/recurrent.cu) against
+its numpy definition: the loop kernel gdr_recurrent_* (any T; the fallback) and the one-token
+step kernel gdr_step_* that the launcher picks for T = 1 (the decode step), which kernel ran for
+which shape, and the step inside a captured graph."""
 import numpy as np
 import pytest
 
@@ -67,3 +70,154 @@ def test_recurrent_bf16_storage(in_dt, out_dt, T, Hk, Hv, K, V):
     tol = 1e-2 if out_dt == "bf16" else 1e-4
     np.testing.assert_allclose(got, o_ref, rtol=tol, atol=tol * np.abs(o_ref).max())
     np.testing.assert_allclose(cp.asnumpy(state), s_ref, rtol=1e-4, atol=1e-4 * np.abs(s_ref).max())
+
+
+# ---- one token: the step kernel (gdr_step_*) and when the launcher falls back ------------------
+
+def _loaded_kernels(monkeypatch) -> list:
+    """Spy on the recurrent.cu functions the launcher looks up (in call order)."""
+    from ggfuse.kernels.deltanet import launch as dn
+    names, real = [], dn.load_module
+
+    class Spy:
+        def __init__(self, mod):
+            self.mod = mod
+
+        def get_function(self, name):
+            names.append(name)
+            return self.mod.get_function(name)
+    monkeypatch.setattr(dn, "load_module", lambda *a, **k: Spy(real(*a, **k)))
+    return names
+
+
+def _operands(rng, T, Hk, Hv, K, V, in_dt):
+    """q, k as column slices of one fused row (the conv output), v a slice of a wider row (row
+    stride > Hv V), in the decode plan's layout; host values bf16-rounded where stored bf16, so
+    the reference sees what the kernel reads. Returns (host q, k, v, g, beta, s0), (device q, k, v)."""
+    from ggfuse.kernels.gemm.weights import bf16_bits_to_f32, f32_to_bf16_bits
+    row = np.concatenate([ref_norm(rng.standard_normal((T, Hk, K))).reshape(T, -1),
+                          ref_norm(rng.standard_normal((T, Hk, K))).reshape(T, -1),
+                          rng.standard_normal((T, Hv * V + 8)).astype(np.float32)], axis=1)
+    if in_dt == "bf16":
+        bits = f32_to_bf16_bits(row)
+        row, dev = bf16_bits_to_f32(bits), cp.asarray(bits)
+    else:
+        dev = cp.asarray(row)
+    cut = lambda a, lo, n, H, D: a[:, lo:lo + n].reshape(T, H, D)
+    host = [cut(row, 0, Hk * K, Hk, K), cut(row, Hk * K, Hk * K, Hk, K), cut(row, 2 * Hk * K, Hv * V, Hv, V)]
+    devs = [cut(dev, 0, Hk * K, Hk, K), cut(dev, Hk * K, Hk * K, Hk, K), cut(dev, 2 * Hk * K, Hv * V, Hv, V)]
+    g = (-np.abs(rng.standard_normal((T, Hv)))).astype(np.float32)
+    beta = rng.uniform(0.1, 0.9, (T, Hv)).astype(np.float32)
+    s0 = rng.standard_normal((Hv, K, V)).astype(np.float32) * 0.1
+    return (*host, g, beta, s0), devs
+
+
+def _out(T, Hv, V, out_dt):
+    """out filled with NaN (bf16 0xFFFF), so an element the kernel skips fails the check."""
+    if out_dt == "bf16":
+        return cp.full((T, Hv, V), 0xFFFF, dtype=cp.uint16)
+    return cp.full((T, Hv, V), np.nan, dtype=cp.float32)
+
+
+def _check(out, state, o_ref, s_ref, out_dt):
+    from ggfuse.kernels.gemm.weights import bf16_bits_to_f32
+    got = bf16_bits_to_f32(cp.asnumpy(out)) if out_dt == "bf16" else cp.asnumpy(out)
+    tol = 1e-2 if out_dt == "bf16" else 1e-4
+    np.testing.assert_allclose(got, o_ref, rtol=tol, atol=tol * np.abs(o_ref).max())
+    np.testing.assert_allclose(cp.asnumpy(state), s_ref, rtol=1e-4, atol=1e-4 * np.abs(s_ref).max())
+
+
+DTYPES = [("f32", "f32"), ("bf16", "f32"), ("f32", "bf16"), ("bf16", "bf16")]
+STEP_SHAPES = {   # (Hk, Hv, K, V)
+    "decode-q35": (16, 32, 128, 128),
+    "odd-K40-V36": (2, 4, 40, 36),        # rows past K idle, a column block cut at V % 32 = 4
+    "K16-V48": (1, 3, 16, 48),
+    "K256": (2, 6, 256, 64),              # the most rows a thread holds
+    "K200-V20": (4, 8, 200, 20),
+}
+
+
+@pytest.mark.parametrize("in_dt,out_dt", DTYPES, ids=[f"{a}-{b}" for a, b in DTYPES])
+@pytest.mark.parametrize("head_map", ["tile", "interleave"])
+@pytest.mark.parametrize("shape", list(STEP_SHAPES), ids=list(STEP_SHAPES))
+def test_step_matches_reference(shape, head_map, in_dt, out_dt, monkeypatch):
+    """One token through gdr_step_* (the launcher's pick for T = 1): output and state against
+    the float64 definition."""
+    from ggfuse.kernels.deltanet import launch as dn
+    Hk, Hv, K, V = STEP_SHAPES[shape]
+    loaded = _loaded_kernels(monkeypatch)
+    (q, k, v, g, beta, s0), (qd, kd, vd) = _operands(np.random.default_rng(K * V + Hv), 1, Hk, Hv, K, V, in_dt)
+    o_ref, s_ref = ref.gated_delta_rule(q, k, v, g, beta, s0, scale=K ** -0.5, head_map=head_map)
+    state, out = cp.asarray(s0), _out(1, Hv, V, out_dt)
+    dn.gated_delta_rule_recurrent(qd, kd, vd, cp.asarray(g), cp.asarray(beta), state, out, K ** -0.5, head_map)
+    assert loaded == [f"gdr_step_{in_dt}_{out_dt}"]
+    _check(out, state, o_ref, s_ref, out_dt)
+
+
+FALLBACKS = {   # (T, Hk, Hv, K, V) -> why the loop kernel runs
+    "K288": (1, 1, 2, 288, 32),       # K > 256
+    "V30": (1, 2, 4, 32, 30),         # V % 4 != 0
+    "T2": (2, 16, 32, 128, 128),      # more than one token
+}
+
+
+@pytest.mark.parametrize("case", list(FALLBACKS), ids=list(FALLBACKS))
+def test_step_falls_back_to_the_loop(case, monkeypatch):
+    from ggfuse.kernels.deltanet import launch as dn
+    T, Hk, Hv, K, V = FALLBACKS[case]
+    loaded = _loaded_kernels(monkeypatch)
+    (q, k, v, g, beta, s0), (qd, kd, vd) = _operands(np.random.default_rng(T + K + V), T, Hk, Hv, K, V, "bf16")
+    o_ref, s_ref = ref.gated_delta_rule(q, k, v, g, beta, s0, scale=K ** -0.5, head_map="tile")
+    state, out = cp.asarray(s0), _out(T, Hv, V, "f32")
+    dn.gated_delta_rule_recurrent(qd, kd, vd, cp.asarray(g), cp.asarray(beta), state, out, K ** -0.5, "tile")
+    assert loaded == ["gdr_recurrent_bf16_f32"]
+    _check(out, state, o_ref, s_ref, "f32")
+    with pytest.raises(ValueError, match="step kernel"):
+        dn.gated_delta_rule_recurrent(qd, kd, vd, cp.asarray(g), cp.asarray(beta), state, out, K ** -0.5,
+                                      "tile", kernel="step")
+
+
+@pytest.mark.parametrize("in_dt,out_dt", [("f32", "f32"), ("bf16", "bf16")], ids=["f32-f32", "bf16-bf16"])
+def test_step_agrees_with_the_loop(in_dt, out_dt):
+    """At the decode shape the two kernels (kernel="step" / "loop") differ by f32 rounding only."""
+    from ggfuse.kernels.deltanet import launch as dn
+    Hk, Hv, K, V = STEP_SHAPES["decode-q35"]
+    (_, _, _, g, beta, s0), (qd, kd, vd) = _operands(np.random.default_rng(5), 1, Hk, Hv, K, V, in_dt)
+    res = {}
+    for kern in ("loop", "step"):
+        state, out = cp.asarray(s0), _out(1, Hv, V, out_dt)
+        dn.gated_delta_rule_recurrent(qd, kd, vd, cp.asarray(g), cp.asarray(beta), state, out, K ** -0.5,
+                                      "interleave", kernel=kern)
+        res[kern] = out, state
+    from ggfuse.kernels.gemm.weights import bf16_bits_to_f32
+    val = (lambda a: bf16_bits_to_f32(cp.asnumpy(a))) if out_dt == "bf16" else cp.asnumpy
+    o_loop, o_step = val(res["loop"][0]), val(res["step"][0])
+    tol = 1e-2 if out_dt == "bf16" else 1e-5
+    np.testing.assert_allclose(o_step, o_loop, rtol=tol, atol=tol * np.abs(o_loop).max())
+    s_loop, s_step = cp.asnumpy(res["loop"][1]), cp.asnumpy(res["step"][1])
+    np.testing.assert_allclose(s_step, s_loop, rtol=1e-5, atol=1e-5 * np.abs(s_loop).max())
+
+
+@pytest.mark.parametrize("head_map", ["tile", "interleave"])
+def test_step_in_a_captured_graph(head_map, monkeypatch):
+    """The decode step as the runtime replays it: captured once, replayed twice; each replay
+    advances the state in place by one token (the same token twice here)."""
+    from gpu_util import run_captured
+
+    from ggfuse.kernels.deltanet import launch as dn
+    Hk, Hv, K, V = STEP_SHAPES["decode-q35"]
+    (q, k, v, g, beta, s0), (qd, kd, vd) = _operands(np.random.default_rng(11), 1, Hk, Hv, K, V, "f32")
+    o1, s1 = ref.gated_delta_rule(q, k, v, g, beta, s0, scale=K ** -0.5, head_map=head_map)
+    o2, s2 = ref.gated_delta_rule(q, k, v, g, beta, s1, scale=K ** -0.5, head_map=head_map)
+    state, out = cp.asarray(s0), _out(1, Hv, V, "f32")
+    gd, bd = cp.asarray(g), cp.asarray(beta)
+    dn.gated_delta_rule_recurrent(qd, kd, vd, gd, bd, cp.asarray(s0), _out(1, Hv, V, "f32"), K ** -0.5, head_map)
+    loaded = _loaded_kernels(monkeypatch)   # the module is loaded before the capture, as the runtime does
+    s = cp.cuda.Stream(non_blocking=True)
+    graph = run_captured(s, lambda st: dn.gated_delta_rule_recurrent(qd, kd, vd, gd, bd, state, out, K ** -0.5,
+                                                                     head_map, stream=st))
+    assert loaded == ["gdr_step_f32_f32"]
+    _check(out, state, o1, s1, "f32")
+    graph.launch(s)
+    s.synchronize()
+    _check(out, state, o2, s2, "f32")

@@ -68,3 +68,22 @@ def test_compiles_sm90a_without_spills(path, defines):
     bad = [e for e in entries if e[1:] != ("0", "0", "0")]
     assert not bad, f"stack / spills: {bad}"
     assert "C7508" not in log, log
+
+
+@pytest.mark.parametrize("arch", ["sm_89", "sm_90"])
+def test_deltanet_recurrent_kernels_exist_without_spills(arch, tmp_path, monkeypatch):
+    """Every function gated_delta_rule_recurrent can ask for (the loop and the one-token step
+    family, each dtype pair) is an entry point of recurrent.cu; the step kernels keep their
+    state rows in registers (no stack, no spills)."""
+    from ggfuse.kernels.deltanet.launch import RECURRENT_KERNELS, recurrent_kernel_name
+    monkeypatch.setenv("GGFUSE_CACHE", str(tmp_path))
+    path = os.path.join(KERNELS_DIR, "deltanet", "recurrent.cu")
+    cubin = compile_cubin(path, arch)
+    names = [recurrent_kernel_name(kern, a, o) for kern in RECURRENT_KERNELS for a in ("f32", "bf16")
+             for o in ("f32", "bf16")]
+    assert [n for n in names if n.encode() + b"\0" not in cubin] == []
+    props = r"Function properties for (\w+)\n[^\n]*?(\d+) bytes stack frame, (\d+) bytes spill stores, " \
+            r"(\d+) bytes spill loads"
+    entries = {name: rest for name, *rest in re.findall(props, ptxas_report(path, arch))}
+    steps = [n for n in names if n.startswith("gdr_step_")]
+    assert {n: entries.get(n) for n in steps} == {n: ["0", "0", "0"] for n in steps}

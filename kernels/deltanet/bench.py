@@ -1,6 +1,7 @@
 """Time the chunked gated delta rule at Qwen3.5-35B-A3B DeltaNet shapes (Hk 16, Hv 32, K = V = 128).
 
     python -m ggfuse.kernels.deltanet.bench [--v-block 32,64,128]
+    python -m ggfuse.kernels.deltanet.bench --decode       # the one-token step: loop vs step kernel
 
 Each row: median over >= 20 replays of a captured graph that runs one layer's call REPS times
 (CUDA events around each replay; the state is updated in place, which is what a layer does).
@@ -15,6 +16,17 @@ larger ones do not).
 If torch and flash-linear-attention are importable, fla.ops.gated_delta_rule.chunk_gated_delta_rule
 is timed on the same shapes (q, k expanded to Hv heads, [1, T, H, D] bf16, initial_state and
 output_final_state=True, use_qk_l2norm_in_kernel=False), captured in a torch CUDA graph.
+
+--decode: the decode step's delta rule (T = 1, launch.gated_delta_rule_recurrent) with each kernel
+family, gdr_recurrent_* ("loop", one 32-thread block per 32 value columns walking the K rows) and
+gdr_step_* ("step", the state through registers). One graph launches it once per DeltaNet layer
+(DECODE_LAYERS = 30, each layer its own 2 MB state: 60 MB, more than the L2 holds, so the states
+come from HBM as in a decode step whose weights sweep the L2 between layers); us per launch is
+the median replay / 30. Dtypes: f32 q, k, v and f32 out first (what the decode plan binds: q, k are
+l2_norm outputs, the delta rule's output feeds the gated norm; runtime/cuda/ops.py _chunk_gdr),
+then bf16 in with f32 / bf16 out. Bytes: the state read and written (2 MB each per layer) plus
+q, k, v, o; the floor is that at 3.0 TB/s. Each row first runs both kernels once from one state
+and prints their largest differences (output, state; relative to the largest value).
 """
 from __future__ import annotations
 
@@ -126,9 +138,91 @@ def time_fla(T: int) -> float | None:
         return None
 
 
+DECODE_LAYERS = 30
+DECODE_DTYPES = (("f32", "f32"), ("bf16", "f32"), ("bf16", "bf16"))
+
+
+def decode_bytes(in_dt: str, out_dt: str) -> float:
+    isz, osz = (4 if in_dt == "f32" else 2), (4 if out_dt == "f32" else 2)
+    return 2 * 4.0 * HV * K * V + isz * (2 * HK * K + HV * V) + osz * HV * V + 4.0 * 2 * HV
+
+
+def _decode_operands(in_dt: str, rng):
+    """One token's q, k (as l2_norm writes them: [1, Hk, K] each) and v (a view of the conv
+    output row [1, 2 Hk K + Hv V]), g, beta [1, Hv] on the device."""
+    import cupy as cp
+    width = 2 * HK * K + HV * V
+    x = rng.standard_normal((1, width)).astype(np.float32) * 0.09   # ~ unit rows of 128
+    dev = cp.asarray(((x.view(np.uint32) + 0x8000) >> 16).astype(np.uint16) if in_dt == "bf16" else x)
+    q = dev[:, :HK * K].reshape(1, HK, K).copy()
+    k = dev[:, HK * K:2 * HK * K].reshape(1, HK, K).copy()
+    v = dev[:, 2 * HK * K:].reshape(1, HV, V)
+    g = cp.asarray(-np.log1p(np.exp(rng.standard_normal((1, HV)))).astype(np.float32))
+    beta = cp.asarray((1 / (1 + np.exp(-rng.standard_normal((1, HV))))).astype(np.float32))
+    return q, k, v, g, beta
+
+
+def time_decode(in_dt: str, out_dt: str) -> dict:
+    """us per launch of each kernel family (a graph of DECODE_LAYERS launches on their own
+    states), and the step kernel's largest differences from the loop kernel's output and state."""
+    import cupy as cp
+
+    from ggfuse.kernels.gemm.weights import bf16_bits_to_f32
+    rng = np.random.default_rng(0)
+    q, k, v, g, beta = _decode_operands(in_dt, rng)
+    s0 = cp.asarray(rng.standard_normal((DECODE_LAYERS, HV, K, V)).astype(np.float32) * 0.05)
+    odt = cp.uint16 if out_dt == "bf16" else cp.float32
+    outs = cp.zeros((DECODE_LAYERS, 1, HV, V), odt)
+    scale = K ** -0.5
+    res, got = {}, {}
+    for kern in ("loop", "step"):   # one eager call each: loads the module, and the check
+        st, o = s0[0].copy(), cp.zeros((1, HV, V), odt)
+        launch.gated_delta_rule_recurrent(q, k, v, g, beta, st, o, scale, "tile", kernel=kern)
+        got[kern] = (bf16_bits_to_f32(cp.asnumpy(o)) if out_dt == "bf16" else cp.asnumpy(o)), cp.asnumpy(st)
+    rel = lambda a, b: float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
+    res["err_o"] = rel(got["step"][0], got["loop"][0])
+    res["err_s"] = rel(got["step"][1], got["loop"][1])
+    s = cp.cuda.Stream(non_blocking=True)
+    for kern in ("loop", "step"):
+        states = s0.copy()
+        cp.cuda.Device().synchronize()
+        s.begin_capture()
+        for layer in range(DECODE_LAYERS):
+            launch.gated_delta_rule_recurrent(q, k, v, g, beta, states[layer], outs[layer], scale, "tile", s,
+                                              kernel=kern)
+        graph = s.end_capture()
+        res[kern] = _median_ms(lambda: graph.launch(s), s, DECODE_LAYERS) * 1e3
+    return res
+
+
+def main_decode() -> None:
+    import cupy as cp
+    dev = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    print(f"gated_delta_rule_recurrent, one token, on {dev['name'].decode()}: Hk={HK} Hv={HV} K={K} V={V}, "
+          f"head_map tile, a graph of {DECODE_LAYERS} launches (one state each)")
+    print(f"{'in':>4} {'out':>4} {'MB':>5} {'floor us':>8} | {'loop us':>8} {'GB/s':>6} | {'step us':>8} {'GB/s':>6} | "
+          f"{'loop/step':>9} | {'max d(o)':>8} {'max d(S)':>8}")
+    bad = []
+    for in_dt, out_dt in DECODE_DTYPES:
+        by = decode_bytes(in_dt, out_dt)
+        r = time_decode(in_dt, out_dt)
+        # f32 sums reassociated: ~1e-6; a bf16 output may round to the neighbouring value
+        ok = r["err_s"] <= 1e-4 and r["err_o"] <= (1e-2 if out_dt == "bf16" else 1e-4)
+        print(f"{in_dt:>4} {out_dt:>4} {by / 1e6:5.2f} {by / PEAK_BYTES * 1e6:8.2f} | {r['loop']:8.2f} "
+              f"{by / r['loop'] / 1e3:6.0f} | {r['step']:8.2f} {by / r['step'] / 1e3:6.0f} | "
+              f"{r['loop'] / r['step']:9.2f} | {r['err_o']:8.1e} {r['err_s']:8.1e}{'' if ok else '  MISMATCH'}")
+        if not ok:
+            bad.append(f"{in_dt}->{out_dt}")
+    if bad:
+        raise SystemExit(f"the step kernel's output or state differs from the loop kernel's: {', '.join(bad)}")
+
+
 def main(argv=None) -> None:
     import cupy as cp
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--decode":
+        main_decode()
+        return
     blocks = [64]
     if argv and argv[0] == "--v-block":
         blocks = [int(b) for b in argv[1].split(",")]

@@ -259,32 +259,68 @@ def flops(T: int, Hk: int, Hv: int, K: int, V: int) -> float:
     return float(prep + recur)
 
 
-# ---- token-recurrent fallback (kernels/deltanet/recurrent.cu) -----------------------------------
+# ---- token-recurrent kernels (kernels/deltanet/recurrent.cu): the fallback and the decode step --
 
 def chunked_supported(K: int, V: int) -> bool:
     """Head dims the tensor-core chunked kernels take; others use the recurrent fallback."""
     return K in (64, 128) and V in (64, 128)
 
 
-def gated_delta_rule_recurrent(q, k, v, g, beta, state, out, scale: float, head_map, stream=None) -> None:
-    """The token-recurrent delta rule on the GPU, for any head dims (exact f32 arithmetic): the
+STEP_MAX_K = 256   # gdr_step_*: 8 state rows per thread, 32 row groups (recurrent.cu STEP_ROWS)
+STEP_THREADS = 256
+RECURRENT_KERNELS = ("loop", "step")
+
+
+def step_supported(K: int, V: int) -> bool:
+    """Head dims the one-token kernel gdr_step_* takes (K <= 256 state rows in registers, float4
+    column groups: V % 4 == 0); the loop kernel gdr_recurrent_* takes any."""
+    return 0 < K <= STEP_MAX_K and V > 0 and V % 4 == 0
+
+
+def recurrent_kernel_name(kernel: str, in_kind: str, out_kind: str) -> str:
+    """The recurrent.cu function of a kernel family ("loop" or "step") for q/k/v stored as in_kind
+    and out as out_kind ("f32" or "bf16")."""
+    if kernel == "step":
+        return f"gdr_step_{in_kind}_{out_kind}"
+    return "gdr_recurrent_f32" if (in_kind, out_kind) == ("f32", "f32") else f"gdr_recurrent_{in_kind}_{out_kind}"
+
+
+def gated_delta_rule_recurrent(q, k, v, g, beta, state, out, scale: float, head_map, stream=None, *,
+                               kernel: str = "auto") -> None:
+    """The token-recurrent delta rule on the GPU, for any head dims (f32 arithmetic): the
     fallback for head dims without a chunked kernel, precision f32's delta rule, and the decode
     step (one token). q, k [T, Hk, K] views sharing a row stride and v [T, Hv, V], f32 or bf16
     (uint16 words), all of one dtype; g, beta [T, Hv] f32; state [Hv, K, V] f32 (in place);
-    out [T, Hv, V] f32 or bf16, contiguous."""
-    import contextlib
-    from ggfuse.kernels.nvrtc import load_module
+    out [T, Hv, V] f32 or bf16, contiguous.
+
+    Two kernels (recurrent.cu): with one token (T == 1) and head dims `step_supported` takes (and
+    the state 16-byte aligned), gdr_step_*: the state read once into registers and written once
+    (the decode step); otherwise gdr_recurrent_*, which walks the tokens in order. kernel: "auto"
+    (that choice), "loop" (always gdr_recurrent_*) or "step" (gdr_step_*; an error where it
+    cannot run): the explicit ones are for the benchmark and the tests."""
     T, Hk, K = q.shape
     Hv, V = v.shape[1], v.shape[2]
     hm = head_map if isinstance(head_map, int) else (0 if head_map == "tile" else 1)
     a, o = _elem_kind(q, "q"), _elem_kind(out, "out")
     if _elem_kind(k, "k") != a or _elem_kind(v, "v") != a:
         raise ValueError("gated_delta_rule_recurrent: q, k and v must share a dtype")
-    name = "gdr_recurrent_f32" if (a, o) == ("f32", "f32") else f"gdr_recurrent_{a}_{o}"
-    fn = load_module("deltanet/recurrent.cu").get_function(name)
-    smem = (K * 32 + 2 * K) * 4
+    step_ok = T == 1 and step_supported(K, V) and state.data.ptr % 16 == 0
+    if kernel == "auto":
+        kernel = "step" if step_ok else "loop"
+    elif kernel not in RECURRENT_KERNELS:
+        raise ValueError(f"gated_delta_rule_recurrent: kernel must be 'auto', 'loop' or 'step', got {kernel!r}")
+    elif kernel == "step" and not step_ok:
+        raise ValueError(f"gated_delta_rule_recurrent: the step kernel takes one token, K <= {STEP_MAX_K}, "
+                         f"V % 4 == 0 and a 16-byte aligned state; got T={T} K={K} V={V} "
+                         f"(state at {state.data.ptr % 16} bytes past 16)")
+    fn = load_module("deltanet/recurrent.cu").get_function(recurrent_kernel_name(kernel, a, o))
+    i32, f32 = np.int32, np.float32
     with (stream if stream is not None else contextlib.nullcontext()):
-        fn((Hv, (V + 31) // 32), (32,),
-           (q, k, np.int64(q.strides[0] // q.itemsize), v, np.int64(v.strides[0] // v.itemsize), g, beta, state, out,
-            np.int32(T), np.int32(Hk), np.int32(Hv), np.int32(K), np.int32(V), np.float32(scale), np.int32(hm)),
-           shared_mem=smem)
+        if kernel == "step":
+            fn((Hv, (V + 31) // 32), (STEP_THREADS,),
+               (q, k, v, g, beta, state, out, i32(Hk), i32(Hv), i32(K), i32(V), f32(scale), i32(hm)))
+        else:
+            fn((Hv, (V + 31) // 32), (32,),
+               (q, k, np.int64(q.strides[0] // q.itemsize), v, np.int64(v.strides[0] // v.itemsize), g, beta,
+                state, out, i32(T), i32(Hk), i32(Hv), i32(K), i32(V), f32(scale), i32(hm)),
+               shared_mem=(K * 32 + 2 * K) * 4)
