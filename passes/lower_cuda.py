@@ -169,9 +169,19 @@ def _gemv_raw_tensors(g: Graph, tensors: dict, options, sizes: list[int]) -> set
         if n.op == Op.LM_HEAD or (n.op == Op.MATMUL and 1 in sizes):
             name = g.tensor_of(n.inputs[1])
             t = tensors[name]
-            if t["ggml_type"] not in FLOAT_TYPES and gemv_supported(_lower(t["ggml_type"]), int(t["shape"][-1])):
+            raw = _lower(t["ggml_type"])
+            if t["ggml_type"] not in FLOAT_TYPES and gemv_supported(raw, int(t["shape"][-1])) and \
+                    _gemv_reads_raw(options.decode_dense, raw):
                 out.add(name)
     return out
+
+
+def _gemv_reads_raw(decode_dense: str, raw: str) -> bool:
+    """Whether a one-row product reads a quantised type as stored: gemv, every type with a GEMV
+    kernel; auto, the types whose one-row kernel beats cuBLAS on the bf16 copy on the H200
+    (kernels/dense/launch.py GEMV1_TYPES; `python -m ggfuse.kernels.dense.bench --gemv`)."""
+    from ggfuse.kernels.dense.launch import GEMV1_TYPES
+    return decode_dense == "gemv" or (decode_dense == "auto" and raw in GEMV1_TYPES)
 
 
 def form_bytes(form: str, shape, raw_bytes: int) -> int:
@@ -353,8 +363,8 @@ class _Lowering:
         (kept beside a bf16 copy, forms_of gemv_raw); gemv, those or else the GEMM's bf16 matrix."""
         from ggfuse.kernels.dense.launch import gemv_supported
         raw = _lower(self.tensors[name]["ggml_type"])
-        if self.o.decode_dense != "gemm" and "raw" in self.forms[name] and raw not in ("f32", "f16", "bf16") \
-                and gemv_supported(raw, K):
+        if "raw" in self.forms[name] and raw not in ("f32", "f16", "bf16") and gemv_supported(raw, K) and \
+                _gemv_reads_raw(self.o.decode_dense, raw):
             return raw
         if head or (self.o.decode_dense == "gemv" and gemv_supported(w, K)):
             return w

@@ -9,6 +9,8 @@ import pytest
 from fake_cupy import fake_device
 from util import ARCHS, GEMMA4, fixture
 
+from ggfuse.kernels.dense.launch import GEMV1_TYPES
+
 MODELS = list(ARCHS) + list(GEMMA4)
 
 # kernel record name -> the launcher stub it must call (fake_cupy names stubs module.function)
@@ -397,19 +399,23 @@ def test_decode_dense_reads_the_stored_rows(decode_dense, monkeypatch):
         weights = g.meta["weights"]
         mms = [n for n in g.nodes() if n.op.value == "matmul"]
         assert mms
+        reads = set()
         for n in mms:
             name = g.tensor_of(n.inputs[1])
             w = weights[name]
             one = n.meta["kernel"]["by_chunk"]["1"]
-            if decode_dense == "gemm":
+            raw = w["ggml_type"].lower()
+            if decode_dense == "gemm" or (decode_dense == "auto" and raw not in GEMV1_TYPES):
                 assert one == {"impl": "gemm"} and w["forms"] == ["bf16"]
             else:
-                assert one == {"impl": "gemv", "w": w["ggml_type"].lower()} and w["forms"] == ["bf16", "raw"]
+                assert one == {"impl": "gemv", "w": raw} and w["forms"] == ["bf16", "raw"]
                 assert w["device_bytes"] > 2 * int(np.prod(w["shape"]))       # both copies counted
+                reads.add(raw)
             assert n.meta["kernel"]["by_chunk"]["16"] == {"impl": "gemm"}
         head = g.node(g.outputs["logits"].node).meta["kernel"]
         assert head["all"]["w"] == "bf16"
-        assert head["last"]["w"] == ("bf16" if decode_dense == "gemm" else "q6_k")
+        assert head["last"]["w"] == ("q6_k" if decode_dense == "gemv" else "bf16")     # (auto: no Q6_K one-row kernel)
+        assert ("q4_k" in reads) == (decode_dense != "gemm")
         be.run_chunk(np.arange(10, dtype=np.int32), "last")
         calls.clear()
         be.run_chunk(np.array([5], dtype=np.int32), "last")
@@ -418,15 +424,17 @@ def test_decode_dense_reads_the_stored_rows(decode_dense, monkeypatch):
         if decode_dense == "gemm":
             assert types == {"f32", "bf16"}           # the f32 routers; the head's bf16 copy
         else:
-            assert "bf16" not in types and {"q4_k", "q6_k"} <= types
+            assert reads <= types and ("bf16" in types) == (decode_dense == "auto")
             # each launch got the raw array of its tensor: bytes as stored
             raw_sizes = {w["device_bytes"] - 2 * int(np.prod(w["shape"])) for w in weights.values()
                          if w["forms"] == ["bf16", "raw"]}
-            assert {int(b.arguments["w"].nbytes) for b in gemvs if b.arguments["w_type"] != "f32"} <= raw_sizes
+            assert {int(b.arguments["w"].nbytes) for b in gemvs if b.arguments["w_type"] not in ("f32", "bf16")} <= raw_sizes
 
 
 def test_gemv_warps_per_row():
-    from ggfuse.kernels.dense.launch import gemv_warps_per_row
+    from ggfuse.kernels.dense.launch import gemv1_warps_per_row, gemv_warps_per_row
+    assert gemv1_warps_per_row(32, 2048) == 2 and gemv1_warps_per_row(32, 4096) == 4
+    assert gemv1_warps_per_row(8192, 2048) == 1
     assert gemv_warps_per_row(32, 2048) == 8           # the DeltaNet gates: 32 blocks, not 4
     assert gemv_warps_per_row(2048, 4096) == 2
     assert gemv_warps_per_row(4096, 2048) == 1 and gemv_warps_per_row(248320, 2048) == 1

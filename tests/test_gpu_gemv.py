@@ -68,7 +68,30 @@ def test_gemv_rows_shared_by_warps(w_type, N, K, wpr, M):
     assert rms < 1e-4 and mx < 1e-4, (rms, mx)
 
 
-@pytest.mark.parametrize("w_type", ["bf16", "q6_k"])
+@pytest.mark.parametrize("a_kind", ["f32", "bf16"])
+@pytest.mark.parametrize("N,K", [(8192, 2048), (33, 2048), (300, 1280), (70, 256), (1000, 4096)],
+                         ids=["qkv", "n33", "k1280", "k256", "k4096"])
+def test_gemv_one_row_q4_k(N, K, a_kind, monkeypatch):
+    """M = 1 on Q4_K runs the kernel laid out for its blocks (gemv1_*): 8 lanes per block, the
+    x sums per 16 elements for the mins; K not a multiple of the 4 blocks a warp step covers."""
+    names = []
+    real = launch._fn
+    monkeypatch.setattr(launch, "_fn", lambda path, name: names.append(name) or real(path, name))
+    rng = np.random.default_rng(zlib.crc32(f"one {N} {K} {a_kind}".encode()))
+    raw, dense = random_weight("q4_k", (N, K), rng)
+    w = cp.asarray(np.ascontiguousarray(raw)).view(cp.uint8).reshape(-1)
+    x, xh = _x(1, K, a_kind, rng)
+    y = cp.full((1, N + 8), np.nan, dtype=cp.float32)
+    launch.gemv(x, w, "q4_k", N, K, y[:, :N])
+    cp.cuda.Device().synchronize()
+    assert names == [f"gemv1_{a_kind}a_q4_k"]
+    got = cp.asnumpy(y)
+    assert np.isnan(got[:, N:]).all(), "wrote past N"
+    rms, mx = errors(got[:, :N], xh @ dense.astype(np.float64).T)
+    assert rms < 1e-4 and mx < 1e-4, (rms, mx)
+
+
+@pytest.mark.parametrize("w_type", ["bf16", "q6_k", "q4_k"])
 def test_gemv_last_row_in_graph(w_type):
     """The LM head of time-to-first-token: row nvalid-1, read at replay time."""
     rng = np.random.default_rng(7)

@@ -92,6 +92,125 @@ __device__ __forceinline__ void gemv_impl(const A* __restrict__ x, long long ldx
     }
 }
 
+// One row times a Q4_K matrix (M = 1: the decode step, the LM head's last row), laid out for the
+// 144-byte blocks instead of dq8's 8-element groups: 8 lanes per 256-element block, lane
+// t = 2 j + h owns the 16 quant bytes qs[32 j + 16 h, +16) of sub-block pair j, i.e. 16 elements
+// of sub-block 2 j (low nibbles) and 16 of 2 j + 1 (high nibbles). Per lane and block: one
+// 16-byte header load (d, dmin, the 12 scale bytes), one 16-byte quant load, the two sub-blocks'
+// scale and min decoded once, 32 FMAs on the nibbles as floats (byte_f), and
+//   sum = dl0 (q . x)_lo - ml0 sum(x)_lo + dl1 (q . x)_hi - ml1 sum(x)_hi,
+// the x sums of every 16 elements staged once per block. A warp covers 4 blocks (1024
+// elements) per step, two steps in flight. x sits in shared memory as f32 with 4 floats of
+// padding per 64 (an 8-lane phase of 16-byte reads then hits 32 different banks).
+//   gemv1_<a>_q4_k(x, ldx, w, row_bytes, N, K, y, nvalid, wpr): y[0, n] = x[r] . W[n], r as
+//   in gemv_<a>_<w>; K a multiple of 256; wpr warps share a row (taking every wpr-th step).
+__device__ __forceinline__ unsigned q4k_sbyte(const uint4& hdr, int k) {   // scale byte k (0..11)
+    const unsigned wd = k < 4 ? hdr.y : (k < 8 ? hdr.z : hdr.w);
+    return (wd >> (8 * (k & 3))) & 0xFFu;
+}
+__device__ __forceinline__ void q4k_scale_min(const uint4& hdr, int s, float d, float dmin, float& dl, float& ml) {
+    int sc, m;
+    if (s < 4) {
+        sc = q4k_sbyte(hdr, s) & 63;
+        m = q4k_sbyte(hdr, s + 4) & 63;
+    } else {
+        sc = (q4k_sbyte(hdr, s + 4) & 0x0F) | ((q4k_sbyte(hdr, s - 4) >> 6) << 4);
+        m = (q4k_sbyte(hdr, s + 4) >> 4) | ((q4k_sbyte(hdr, s) >> 6) << 4);
+    }
+    dl = d * (float)sc;
+    ml = dmin * (float)m;
+}
+
+template<typename A>
+__device__ __forceinline__ void gemv1_q4k_impl(const A* __restrict__ x, long long ldx,
+                                               const unsigned char* __restrict__ w, long long row_bytes,
+                                               int N, int K, float* __restrict__ y,
+                                               const int* __restrict__ nvalid, int wpr) {
+    extern __shared__ float smem[];
+    __shared__ float part[8];
+    float* xs = smem;                           // K + K / 16 floats: x, padded
+    float* sx = smem + K + K / 16;              // K / 16: sums of 16 consecutive x
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int rpb = 8 / wpr, sub = warp % wpr;
+    const int nb = K >> 8;
+    const int n0 = blockIdx.x * rpb + warp / wpr;
+    if (n0 < N) {
+        const unsigned char* row = w + (long long)n0 * row_bytes;
+        for (long long b = (long long)(sub * 32 + lane) * 128; b < row_bytes; b += 32LL * 128 * wpr)
+            asm volatile("prefetch.global.L2 [%0];" :: "l"(row + b));
+    }
+    const long long r0 = nvalid ? (long long)max(nvalid[0] - 1, 0) : 0;
+    for (int i = threadIdx.x; i < K; i += blockDim.x) xs[i + 4 * (i >> 6)] = load_f(x + r0 * ldx + i);
+    __syncthreads();
+    for (int g = threadIdx.x; g < (K >> 4); g += blockDim.x) {
+        const float* p = xs + 16 * g + 4 * (g >> 2);
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) s += p[i];
+        sx[g] = s;
+    }
+    __syncthreads();
+    const int bl = lane >> 3, t = lane & 7, j = t >> 1, h = t & 1;
+    for (int base = blockIdx.x * rpb; base < N; base += gridDim.x * rpb) {
+        const int n = base + warp / wpr;
+        float acc = 0.0f;
+        if (n < N) {
+            const unsigned char* row = w + (long long)n * row_bytes;
+#pragma unroll 2
+            for (int it = sub; it * 4 < nb; it += wpr) {
+                const int b = it * 4 + bl;
+                if (b < nb) {
+                    const unsigned char* blk = row + (long long)b * 144;
+                    const uint4 hdr = *reinterpret_cast<const uint4*>(blk);
+                    const uint4 q = *reinterpret_cast<const uint4*>(blk + 16 + 32 * j + 16 * h);
+                    const float d = dq::h2f((unsigned short)(hdr.x & 0xFFFFu));
+                    const float dmin = dq::h2f((unsigned short)(hdr.x >> 16));
+                    float dl0, ml0, dl1, ml1;
+                    q4k_scale_min(hdr, 2 * j, d, dmin, dl0, ml0);
+                    q4k_scale_min(hdr, 2 * j + 1, d, dmin, dl1, ml1);
+                    const int e_lo = b * 256 + 64 * j + 16 * h;          // e_hi = e_lo + 32
+                    const float* xl = xs + e_lo + 4 * (e_lo >> 6);
+                    const unsigned qw[4] = {q.x, q.y, q.z, q.w};
+                    float s_lo = 0.0f, s_hi = 0.0f;
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) {
+                        const float4 a = *reinterpret_cast<const float4*>(xl + 4 * k);
+                        const float4 c = *reinterpret_cast<const float4*>(xl + 32 + 4 * k);
+                        const unsigned lo = qw[k] & 0x0F0F0F0Fu, hi = (qw[k] >> 4) & 0x0F0F0F0Fu;
+                        s_lo += dq::byte_f(lo, 0, 0.0f) * a.x + dq::byte_f(lo, 1, 0.0f) * a.y
+                              + dq::byte_f(lo, 2, 0.0f) * a.z + dq::byte_f(lo, 3, 0.0f) * a.w;
+                        s_hi += dq::byte_f(hi, 0, 0.0f) * c.x + dq::byte_f(hi, 1, 0.0f) * c.y
+                              + dq::byte_f(hi, 2, 0.0f) * c.z + dq::byte_f(hi, 3, 0.0f) * c.w;
+                    }
+                    acc += dl0 * s_lo - ml0 * sx[e_lo >> 4] + dl1 * s_hi - ml1 * sx[(e_lo >> 4) + 2];
+                }
+            }
+        }
+        const float s = warp_sum(acc);
+        if (wpr == 1) {
+            if (lane == 0 && n < N) y[n] = s;
+            continue;
+        }
+        if (lane == 0) part[warp] = s;
+        __syncthreads();
+        if (sub == 0 && lane == 0 && n < N) {
+            float r = 0.0f;
+            for (int i = 0; i < wpr; ++i) r += part[warp + i];
+            y[n] = r;
+        }
+        __syncthreads();
+    }
+}
+
+#define GEMV1_Q4K(ATYPE, ANAME)                                                                       \
+extern "C" __global__ void __launch_bounds__(256)                                                     \
+gemv1_##ANAME##_q4_k(const ATYPE* x, long long ldx, const unsigned char* w, long long row_bytes,      \
+                     int N, int K, float* y, const int* nvalid, int wpr) {                            \
+    gemv1_q4k_impl<ATYPE>(x, ldx, w, row_bytes, N, K, y, nvalid, wpr);                                \
+}
+GEMV1_Q4K(float, f32a)
+GEMV1_Q4K(__nv_bfloat16, bf16a)
+
 #define GEMV(WNAME, WTYPE, ATYPE, ANAME)                                                              \
 extern "C" __global__ void __launch_bounds__(256)                                                     \
 gemv_##ANAME##_##WNAME(const ATYPE* x, long long ldx, int M, const unsigned char* w,                  \

@@ -565,6 +565,7 @@ def check_dq8_rows(fn: str, base: int, row_bytes: int, type_name: str) -> None:
 
 GEMV_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 GEMV_MAX_M = 8
+GEMV1_TYPES = ("q4_k",)          # one-row kernels laid out for the type's blocks (gemv1_<a>_<w>)
 GEMV_MAX_SMEM = 96 * 1024      # sm_89 allows 99 KiB per block, sm_90 227 KiB
 
 
@@ -610,12 +611,33 @@ def gemv(x, w, w_type, N: int, K: int, y, *, M: int | None = None, nvalid=None, 
     fn = _fn(GEMV, f"gemv_{a}a_{name}")
     if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem     # opt-in above 48 KiB (a function attribute, not stream work)
+    ldx, ldy = x.strides[0] // x.itemsize, y.strides[0] // 4
+    smem1 = (K + K // 16 + K // 16) * 4
+    if M == 1 and name in GEMV1_TYPES and smem1 <= GEMV_MAX_SMEM:
+        # one row: the kernel laid out for the type's blocks (gemv1_<a>_<w>)
+        wpr = gemv1_warps_per_row(N, K)
+        fn = _fn(GEMV, f"gemv1_{a}a_{name}")
+        if smem1 > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem1:
+            fn.max_dynamic_shared_size_bytes = smem1
+        with (stream if stream is not None else contextlib.nullcontext()):
+            fn((min(-(-N // (8 // wpr)), 132 * 16),), (256,),
+               (_ptr(x), np.int64(ldx), _ptr(w), np.int64(rb), np.int32(N), np.int32(K), _ptr(y), _ptr(nvalid),
+                np.int32(wpr)), shared_mem=smem1)
+        return
     wpr = gemv_warps_per_row(N, K)
     grid = (min(-(-N // (8 // wpr)), 132 * 16),)
-    ldx, ldy = x.strides[0] // x.itemsize, y.strides[0] // 4
     with (stream if stream is not None else contextlib.nullcontext()):
         fn(grid, (256,), (_ptr(x), np.int64(ldx), np.int32(M), _ptr(w), np.int64(rb), np.int32(N), np.int32(K),
                           _ptr(y), np.int64(ldy), _ptr(nvalid), np.int32(wpr)), shared_mem=smem)
+
+
+def gemv1_warps_per_row(N: int, K: int, target_blocks: int = 2 * 132) -> int:
+    """Warps sharing one output row in the one-row kernels (gemv1_*: a warp step is 1024
+    elements), as gemv_warps_per_row."""
+    wpr = 1
+    while wpr < 8 and -(-N * wpr // 8) < target_blocks and -(-K // 1024) >= 2 * wpr:
+        wpr *= 2
+    return wpr
 
 
 def gemv_warps_per_row(N: int, K: int, target_blocks: int = 2 * 132) -> int:
