@@ -344,13 +344,20 @@ def _slot_experts(slots, offs, n_slots):
     return e_of
 
 
-def moe_gemv_gate_up(x, w_gate, up_ptr, e_bytes, w_type, E, F, D, k, h, *, sorted_slots=None, expert_offsets=None,
-                     slot_expert=None, wtab=None, act="silu", stream=None):
+def _gemv_rows(x, wg_ptr, wu_ptr, w_type, F, D, act):
+    """act(x Wg^T) * (x Wu^T) of one [F, D] gate and up pair at these (fake device) addresses."""
     from ggfuse.kernels.quant.types import qtype as _qt
+    rb = _qt(w_type).row_bytes(D)
+    wg = _dequant(_bytes_at(wg_ptr, F * rb), w_type, F, D)
+    wu = _dequant(_bytes_at(wu_ptr, F * rb), w_type, F, D)
+    return _act(act)(x @ wg.T) * (x @ wu.T)
+
+
+def moe_gemv_gate_up(x, w_gate, up_ptr, e_bytes, w_type, E, F, D, k, h, *, sorted_slots=None, expert_offsets=None,
+                     slot_expert=None, wtab=None, act="silu", shared=None, stream=None):
     assert wtab is None, "expert tables are not emulated"
     xs = _val(x)
     T = xs.shape[0]
-    rb = _qt(w_type).row_bytes(D)
     if sorted_slots is not None:
         e_of = _slot_experts(sorted_slots, expert_offsets, T * k)
         slot_expert[:T * k] = e_of
@@ -362,17 +369,17 @@ def moe_gemv_gate_up(x, w_gate, up_ptr, e_bytes, w_type, E, F, D, k, h, *, sorte
     out = np.zeros((T * k, F), np.float32)
     for j in range(T * k):
         e = int(e_of[j])
-        if e < 0:
-            continue
-        wg = _dequant(_bytes_at(base + e * e_bytes, F * rb), w_type, F, D)
-        wu = _dequant(_bytes_at(int(up_ptr) + e * e_bytes, F * rb), w_type, F, D)
-        t = xs[j // k, :D]
-        out[j] = _act(act)(t @ wg.T) * (t @ wu.T)
+        if e >= 0:
+            out[j] = _gemv_rows(xs[j // k, :D], base + e * e_bytes, int(up_ptr) + e * e_bytes, w_type, F, D, act)
     _put(h.reshape(-1)[:out.size].reshape(out.shape), out)
+    if shared is not None:                      # one more slot per token, the same launch
+        hs = np.stack([_gemv_rows(xs[t, :D], shared.gate.data.ptr, shared.up.data.ptr, shared.gate_up_type,
+                                  shared.F, D, "silu") for t in range(T)]).astype(np.float32)
+        _put(shared.h.reshape(-1)[:hs.size].reshape(hs.shape), hs)
 
 
 def moe_gemv_down(h, w_down, e_bytes, w_type, D, F, k, weights, out, *, slot_expert=None, accumulate=False, wtab=None,
-                  stream=None):
+                  shared=None, stream=None):
     from ggfuse.kernels.quant.types import qtype as _qt
     assert wtab is None, "expert tables are not emulated"
     T = out.size // D
@@ -387,6 +394,11 @@ def moe_gemv_down(h, w_down, e_bytes, w_type, D, F, k, weights, out, *, slot_exp
             continue
         wd = _dequant(_bytes_at(w_down.data.ptr + e * e_bytes, D * rb), w_type, D, F)
         o[j // k] += wts[j] * (hs[j] @ wd.T)
+    if shared is not None:
+        Fs = shared.F
+        wsd = _dequant(_bytes_at(shared.down.data.ptr, D * _qt(shared.down_type).row_bytes(Fs)), shared.down_type, D, Fs)
+        sh = _val(shared.h).reshape(-1)[:T * Fs].reshape(T, Fs)
+        o += _val(shared.scale).reshape(-1)[:T, None] * (sh @ wsd.T)
     _put(out, o)
 
 

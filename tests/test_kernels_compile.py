@@ -40,6 +40,21 @@ def test_compiles_gelu_glu(rel, arch, tmp_path, monkeypatch):
     assert cubin[:4] == b"\x7fELF" and len(cubin) > 1000
 
 
+# The decode experts' module for a shared expert of another type than the routed ones
+# (kernels/moe/launch.py _gemv_kernel): gemv.cu built for one (routed, shared) pair
+GEMV_PAIRS = [("q4_k", "q8_0"), ("q6_k", "q4_k"), ("q5_k", "bf16")]
+
+
+@pytest.mark.parametrize("arch", ["sm_89", "sm_90"])
+@pytest.mark.parametrize("wr,ws", GEMV_PAIRS, ids=[f"gemv-{r}-{s}" for r, s in GEMV_PAIRS])
+def test_compiles_gemv_type_pair(wr, ws, arch, tmp_path, monkeypatch):
+    monkeypatch.setenv("GGFUSE_CACHE", str(tmp_path))
+    from ggfuse.kernels.moe.launch import gemv_pair_defines
+    cubin = compile_cubin(os.path.join(KERNELS_DIR, "moe/gemv.cu"), arch, defines=gemv_pair_defines(wr, ws))
+    assert cubin[:4] == b"\x7fELF" and f"moe_gemv_down_{wr}_{ws}".encode() in cubin
+    assert f"moe_gemv_gate_up_bf16a_{wr}_{ws}".encode() in cubin
+
+
 SM90A = [p for p in SOURCES if source_arch(p, "sm_90") == "sm_90a"]
 
 

@@ -10,14 +10,22 @@ wgmma_generic = fast / element-wise dequantisation on cc 9.0, both with persiste
 wgmma_tiles = fast dequantisation with a block per tile; small = the few-rows kernels);
 the err column compares each family's h and out with the first family's (mma.sync, which
 tests/test_gpu_moe.py checks against the float64 reference).
+
+--decode: the one-token step's experts (kernels/moe/gemv.cu) of the same layer, top-8 of 256 plus
+the shared expert (F 512, gate/up Q4_K, down Q6_K, x f32), 40 layers captured in one CUDA graph,
+per layer: the two launches of gemv.cu against the four of the kernels it replaced
+(moe/gemv_baseline.cu), whole and per half. The layers cycle through 8 distinct weight sets
+(each all 256 experts and a shared expert, ~0.5 GB) and each layer picks its own random experts,
+so one replay reads ~370 MB of distinct experts and the 50 MB L2 keeps little of the previous
+replay. Also checks that both give the same outputs (f32 accumulation order only).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ggfuse.kernels.gemm import launch as gl
-from ggfuse.kernels.gemm.bench import (FAMILIES, PEAK_TBS, PEAK_TFLOPS, device_weight, err, family_kwargs, impls,
-                                       parse_args, time_graph, time_torch)
+from ggfuse.kernels.gemm.bench import (ALL_FAMILIES, FAMILIES, PEAK_TBS, PEAK_TFLOPS, device_weight, err,
+                                       family_kwargs, impls, time_graph, time_torch)
 from ggfuse.kernels.moe import launch
 
 D, E, K_TOP, F = 2048, 256, 8, 512
@@ -67,8 +75,23 @@ def torch_layer(N: int):
     return layer, gemms_only
 
 
+def parse_args(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--impls", help=f"comma-separated kernel families (known: {', '.join(ALL_FAMILIES)})")
+    ap.add_argument("--decode", action="store_true", help="the one-token step's experts, gemv.cu against its baseline")
+    ap.add_argument("--layers", type=int, default=40, help="--decode: layers per captured graph")
+    ap.add_argument("--sets", type=int, default=8, help="--decode: distinct weight sets the layers cycle through")
+    ap.add_argument("--reps", type=int, default=30, help="--decode: timed replays (median)")
+    return ap.parse_args(argv)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.decode:
+        from ggfuse.kernels.moe.bench_decode import main as decode_main
+        decode_main(args)
+        return
     import cupy as cp
     try:
         import torch

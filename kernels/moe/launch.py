@@ -13,9 +13,10 @@ MOE_TILE for the MOE_ROUTE node's `tile`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from ggfuse.kernels.dense.launch import GEMV_MAX_SMEM as _DENSE_GEMV_MAX_SMEM
 from ggfuse.kernels.dense.launch import GEMV_TYPES as _DENSE_GEMV_TYPES
 from ggfuse.kernels.dense.launch import check_dq8_rows
 from ggfuse.kernels.gemm import launch as gl
@@ -397,20 +398,40 @@ def moe_down(h, w_down, w_type, E: int, D: int, F: int, sorted_slots, expert_off
 # ---- the few-token path (decode): matrix-vector products on the picked experts (moe/gemv.cu) ----
 
 GEMV_SOURCE = "moe/gemv.cu"
-GEMV_TYPES = _DENSE_GEMV_TYPES          # the same dequant8 instantiations as dense/gemv.cu
-GEMV_MAX_SMEM = _DENSE_GEMV_MAX_SMEM    # x (gate_up) or a token's k h rows (down), f32 in shared memory
+GEMV_TYPES = _DENSE_GEMV_TYPES          # the same types as dense/gemv.cu
 GEMV_MAX_T = 8          # the lowering picks these kernels for chunks of at most this many tokens
 ACTS = {"silu": 0, "gelu": 1}
+GEMV_GU_WARPS, GEMV_GU_F = 4, 2         # gemv.cu GU_WARPS, GU_F: a gate_up block holds 8 f values of one slot
+GEMV_DN_ROWS, GEMV_DN_MAX_WARPS = 8, 9  # gemv.cu DN_ROWS, DN_MAX_WARPS: a down block, 8 rows of a token
+
+
+@dataclass(frozen=True)
+class GemvShared:
+    """A shared expert run as one more slot of each token in the routed experts' two launches
+    (moe_gemv_gate_up, moe_gemv_down): its gate and up [Fs, D] and down [D, Fs] weights as
+    stored (device arrays) and their types, hs [T, Fs] f32 (the hidden between the launches),
+    and scale [T] f32, the weight of its output per token (the router's sigmoid gate). Its
+    gate is SiLU (ref.moe_grouped_gemm), whatever the routed experts' act."""
+    gate: object
+    up: object
+    down: object
+    gate_up_type: str
+    down_type: str
+    F: int
+    h: object
+    scale: object
+
+
+def _rows_ok(w_type, K: int) -> bool:
+    q = qtype(w_type)
+    return q.name in GEMV_TYPES and K % 8 == 0 and K % q.block == 0
 
 
 def gemv_supported(gate_up_type, down_type, D: int, F: int, k: int) -> bool:
     """Whether moe_gemv_gate_up / moe_gemv_down take these experts (gate/up [F, D] and down
-    [D, F] rows of these types, k slots per token): the lowering asks before it records them."""
-    def rows_ok(t, K):
-        q = qtype(t)
-        return q.name in GEMV_TYPES and K % 8 == 0 and K % q.block == 0
-    return rows_ok(gate_up_type, D) and rows_ok(down_type, F) and D * 4 <= GEMV_MAX_SMEM \
-        and k * F * 4 <= GEMV_MAX_SMEM
+    [D, F] rows of these types, k slots per token; any k: a down block's warps loop over the
+    slots): the lowering asks before it records them."""
+    return _rows_ok(gate_up_type, D) and _rows_ok(down_type, F) and k >= 1
 
 
 def gemv_workspace(T: int, k: int, F: int, *, shared_ffn: int = 0) -> dict[str, int]:
@@ -429,55 +450,90 @@ def _gemv_type(w_type, fn: str) -> str:
     return name
 
 
-def _gemv_fn(name: str, smem: int):
-    fn = load_module(GEMV_SOURCE).get_function(name)
-    if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
-        fn.max_dynamic_shared_size_bytes = smem
-    return fn
+def _gemv_kernel(half: str, w_routed: str, w_shared: str | None):
+    """gemv.cu's kernel `half` ("gate_up_f32a", "gate_up_bf16a", "down") for routed experts of
+    w_routed and a shared expert of w_shared (None: none): the module of every type when the
+    two agree, else a module built for that pair (each slot reads its own type)."""
+    if w_shared is None or w_shared == w_routed:
+        return load_module(GEMV_SOURCE).get_function(f"moe_gemv_{half}_{w_routed}")
+    return load_module(GEMV_SOURCE, defines=gemv_pair_defines(w_routed, w_shared)).get_function(
+        f"moe_gemv_{half}_{w_routed}_{w_shared}")
+
+
+def gemv_pair_defines(w_routed: str, w_shared: str) -> dict:
+    """The defines that build gemv.cu for routed experts of one type and a shared expert of
+    another: kernels moe_gemv_*_<routed>_<shared> only."""
+    return {"MOE_GEMV_PAIR_NAME": f"{w_routed}_{w_shared}", "MOE_GEMV_PAIR_WR": f"GGML_{w_routed.upper()}",
+            "MOE_GEMV_PAIR_WS": f"GGML_{w_shared.upper()}"}
+
+
+def _check_x16(fn: str, a, what: str) -> None:
+    """Rows of a vector the kernels read in 16-byte pieces (quant/dot_unit.cuh)."""
+    if a.strides[-1] != a.itemsize:
+        raise ValueError(f"{fn}: {what} rows must be contiguous")
+    if int(gl.ptr(a)) % 16 or (a.shape[0] > 1 and a.strides[0] % 16):
+        raise ValueError(f"{fn}: {what} rows must start 16-byte aligned (address {int(gl.ptr(a)):#x}, "
+                         f"row stride {a.strides[0]} bytes)")
+
+
+def _check_f32(fn: str, a, n: int, what: str) -> None:
+    if a.itemsize != 4 or a.size < n or int(gl.ptr(a)) % 16:
+        raise ValueError(f"{fn}: {what} must be 16-byte aligned f32 of >= {n} elements, got {a.dtype} {a.shape}")
 
 
 def moe_gemv_gate_up(x, w_gate, up_ptr: int, e_bytes: int, w_type, E: int, F: int, D: int, k: int, h, *,
                      sorted_slots=None, expert_offsets=None, slot_expert=None, wtab=None, act: str = "silu",
-                     stream=None) -> None:
+                     shared: GemvShared | None = None, stream=None) -> None:
     """h[j] = act(x[j // k] Wg_e^T) * (x[j // k] Wu_e^T) for every slot j < T k, e its expert in
     the sorted layout (slot_expert[j] = e, -1 for a slot the layout does not hold; its h row 0),
-    reading only the picked experts' rows as the GGUF stores them.
+    reading only the picked experts' rows as the GGUF stores them; with `shared`, in the same
+    launch, shared.h[t] = silu(x[t] Wsg^T) * (x[t] Wsu^T) for every token t.
 
-    x [T, ldx] f32 or bf16 rows; w_gate: the stacked gate (or merged gate_up) weight [E, F, D]
-    (or [E, 2F, D]); up_ptr: the address of expert 0's up rows, e_bytes: bytes from one expert
-    to the next; h [T k, F] f32; slot_expert [T k] i32, filled from the layout when one is given
-    (moe_slot_experts), else read as given (moe_route_slot_experts wrote it). Without either:
-    one expert for every slot (the shared expert: E = 1, k = 1). wtab: an expert table (gate at
-    wtab[e], up at wtab[E + e]) for a streamed layer; w_gate is then not read."""
-    name = _gemv_type(w_type, "moe_gemv_gate_up")
+    x [T, ldx] f32 or bf16 rows, 16-byte aligned; w_gate: the stacked gate (or merged gate_up)
+    weight [E, F, D] (or [E, 2F, D]); up_ptr: the address of expert 0's up rows, e_bytes: bytes
+    from one expert to the next; h [T k, F] f32; slot_expert [T k] i32, filled from the layout
+    when one is given (moe_slot_experts, one launch more), else read as given
+    (moe_route_slot_experts wrote it). Without either: one expert for every slot. wtab: an expert
+    table (gate at wtab[e], up at wtab[E + e]) for a streamed layer; w_gate is then not read.
+    One launch: grid (ceil(max(F, Fs) / 8), T k (+ T)), 128 threads (moe/gemv.cu)."""
+    fn_name = "moe_gemv_gate_up"
+    name = _gemv_type(w_type, fn_name)
     T = x.shape[0]
     qt = qtype(name)
     if D % 8 or D % qt.block:
-        raise ValueError(f"moe_gemv_gate_up: D={D} must be a multiple of 8 and of the {name} block ({qt.block})")
-    if x.strides[-1] != x.itemsize:
-        raise ValueError("moe_gemv_gate_up: x rows must be contiguous")
-    if h.itemsize != 4 or h.size < T * k * F:
-        raise ValueError(f"moe_gemv_gate_up: h must be f32 [{T * k}, {F}], got {h.dtype} {h.shape}")
+        raise ValueError(f"{fn_name}: D={D} must be a multiple of 8 and of the {name} block ({qt.block})")
+    _check_x16(fn_name, x, "x")
+    _check_f32(fn_name, h, T * k * F, f"h [{T * k}, {F}]")
     if (sorted_slots is None) != (expert_offsets is None) or (sorted_slots is not None and slot_expert is None):
-        raise ValueError("moe_gemv_gate_up: sorted_slots, expert_offsets and slot_expert go together")
-    if T == 0 or F <= 0:
+        raise ValueError(f"{fn_name}: sorted_slots, expert_offsets and slot_expert go together")
+    sname, Fs, sh = None, 0, None
+    if shared is not None:
+        sname, Fs = _gemv_type(shared.gate_up_type, f"{fn_name} (shared expert)"), int(shared.F)
+        if Fs <= 0 or not _rows_ok(sname, D):
+            raise ValueError(f"{fn_name}: shared expert rows of {D} {sname} elements are not taken (F={Fs})")
+        _check_f32(fn_name, shared.h, T * Fs, f"shared.h [{T}, {Fs}]")
+        srb = qtype(sname).row_bytes(D)
+        for w in (shared.gate, shared.up):
+            check_dq8_rows(f"{fn_name} (shared expert)", int(gl.ptr(w)), srb, sname)
+        sh = (gl.ptr(shared.gate), gl.ptr(shared.up), np.int64(srb), np.int32(Fs), gl.ptr(shared.h))
+    if T == 0 or max(F, Fs) <= 0:
         return
     if sorted_slots is not None:
         moe_slot_experts(sorted_slots, expert_offsets, E, T * k, slot_expert, stream=stream)
     a = gl.act_kind(x.dtype, "x")
     if wtab is None:
         base = 0 if w_gate is None else gl.ptr(w_gate)
-        check_dq8_rows("moe_gemv_gate_up", int(base), qt.row_bytes(D), name)
-        check_dq8_rows("moe_gemv_gate_up", int(up_ptr), int(e_bytes or qt.row_bytes(D)), name)
-    smem = D * 4
-    fn = _gemv_fn(f"moe_gemv_gate_up_{a}a_{name}", smem)
+        check_dq8_rows(fn_name, int(base), qt.row_bytes(D), name)
+        check_dq8_rows(fn_name, int(up_ptr), int(e_bytes or qt.row_bytes(D)), name)
+    fn = _gemv_kernel(f"gate_up_{a}a", name, sname)
     ldx = x.strides[0] // x.itemsize
-    fn(((F + 7) // 8, T * k, 1), (256, 1, 1),
+    per_block = GEMV_GU_WARPS * GEMV_GU_F
+    fn((-(-max(F, Fs) // per_block), T * k + (T if shared is not None else 0), 1), (GEMV_GU_WARPS * 32, 1, 1),
        (gl.ptr(x), np.int64(ldx), np.int32(T), np.int32(k), np.int32(E), gl.ptr(0 if w_gate is None else w_gate),
         np.uint64(up_ptr), np.int64(e_bytes), np.int64(qt.row_bytes(D)), np.int32(F), np.int32(D), gl.ptr(h),
         gl.ptr(0 if slot_expert is None else slot_expert), gl.ptr(0 if wtab is None else wtab),
-        np.int32(ACTS[act])),
-       shared_mem=smem, stream=stream)
+        np.int32(ACTS[act]), *(sh or (np.uint64(0), np.uint64(0), np.int64(0), np.int32(0), np.uint64(0)))),
+       stream=stream)
 
 
 def moe_slot_experts(sorted_slots, expert_offsets, E: int, n_slots: int, slot_expert, stream=None) -> None:
@@ -487,38 +543,51 @@ def moe_slot_experts(sorted_slots, expert_offsets, E: int, n_slots: int, slot_ex
         raise ValueError(f"moe_slot_experts: sorted_slots must be int32 and expert_offsets int32[{E + 1}]")
     if slot_expert.itemsize != 4 or slot_expert.size < n_slots:
         raise ValueError(f"moe_slot_experts: slot_expert must be int32 [{n_slots}]")
-    fn = _gemv_fn("moe_slot_experts", (E + 1) * 4)
+    fn = load_module(GEMV_SOURCE).get_function("moe_slot_experts")
     fn((1, 1, 1), (1024, 1, 1), (sorted_slots, expert_offsets, np.int32(E), np.int32(n_slots), slot_expert),
        shared_mem=(E + 1) * 4, stream=stream)
 
 
 def moe_gemv_down(h, w_down, e_bytes: int, w_type, D: int, F: int, k: int, weights, out, *, slot_expert=None,
-                  accumulate: bool = False, wtab=None, stream=None) -> None:
+                  accumulate: bool = False, wtab=None, shared: GemvShared | None = None, stream=None) -> None:
     """out[t] (+)= sum_j weights[t, j] * (h[t k + j] Wd_e^T), e = slot_expert[t k + j] (slots with
-    e < 0 add nothing; slot_expert None: expert 0 for every slot, the shared expert with k = 1
-    and weights its gate [T]). h [T k, F] f32; w_down [E, D, F] as stored (e_bytes apart) or an
-    expert table wtab; out [T, D] f32 contiguous, written (accumulate False) or added to.
-    Deterministic: no atomics."""
-    name = _gemv_type(w_type, "moe_gemv_down")
+    e < 0 add nothing; slot_expert None: expert 0 for every slot), plus with `shared`, in the
+    same launch, shared.scale[t] * (shared.h[t] Wsd^T). h [T k, F] f32; w_down [E, D, F] as
+    stored (e_bytes apart) or an expert table wtab; out [T, D] f32 contiguous, written
+    (accumulate False) or added to. Deterministic: each block adds its slots' partial rows in
+    slot order, no atomics. One launch: grid (ceil(D / 8), T), a warp per slot (moe/gemv.cu)."""
+    fn_name = "moe_gemv_down"
+    name = _gemv_type(w_type, fn_name)
     qt = qtype(name)
     if F % 8 or F % qt.block:
-        raise ValueError(f"moe_gemv_down: F={F} must be a multiple of 8 and of the {name} block ({qt.block})")
+        raise ValueError(f"{fn_name}: F={F} must be a multiple of 8 and of the {name} block ({qt.block})")
     if out.itemsize != 4 or not out.flags.c_contiguous or out.size % D:
-        raise ValueError(f"moe_gemv_down: out must be contiguous f32 [T, {D}], got {out.dtype} {out.shape}")
+        raise ValueError(f"{fn_name}: out must be contiguous f32 [T, {D}], got {out.dtype} {out.shape}")
     T = out.size // D
     if weights.itemsize != 4 or weights.size < T * k:
-        raise ValueError(f"moe_gemv_down: weights must be f32 [{T}, {k}]")
-    if h.itemsize != 4 or h.size < T * k * F:
-        raise ValueError(f"moe_gemv_down: h must be f32 [{T * k}, {F}]")
+        raise ValueError(f"{fn_name}: weights must be f32 [{T}, {k}]")
+    _check_f32(fn_name, h, T * k * F, f"h [{T * k}, {F}]")
+    sname, sh = None, None
+    if shared is not None:
+        sname, Fs = _gemv_type(shared.down_type, f"{fn_name} (shared expert)"), int(shared.F)
+        if Fs <= 0 or not _rows_ok(sname, Fs):
+            raise ValueError(f"{fn_name}: shared expert rows of {Fs} {sname} elements are not taken")
+        _check_f32(fn_name, shared.h, T * Fs, f"shared.h [{T}, {Fs}]")
+        if shared.scale.itemsize != 4 or shared.scale.size < T:
+            raise ValueError(f"{fn_name}: shared.scale must be f32 [{T}]")
+        srb = qtype(sname).row_bytes(Fs)
+        check_dq8_rows(f"{fn_name} (shared expert)", int(gl.ptr(shared.down)), srb, sname)
+        sh = (gl.ptr(shared.down), np.int64(srb), np.int32(Fs), gl.ptr(shared.h), gl.ptr(shared.scale))
     if T == 0:
         return
     if wtab is None and w_down is not None:
-        check_dq8_rows("moe_gemv_down", int(gl.ptr(w_down)), qt.row_bytes(F), name)
-    smem = k * F * 4
-    fn = _gemv_fn(f"moe_gemv_down_{name}", smem)
-    fn(((D + 7) // 8, T, 1), (256, 1, 1),
+        check_dq8_rows(fn_name, int(gl.ptr(w_down)), qt.row_bytes(F), name)
+    fn = _gemv_kernel("down", name, sname)
+    warps = min(max(k + (1 if shared is not None else 0), 1), GEMV_DN_MAX_WARPS)
+    fn((-(-D // GEMV_DN_ROWS), T, 1), (32 * warps, 1, 1),
        (gl.ptr(h), np.int32(T), np.int32(k), gl.ptr(weights), gl.ptr(0 if w_down is None else w_down),
         np.int64(e_bytes), np.int64(qt.row_bytes(F)), np.int32(D), np.int32(F),
         gl.ptr(0 if slot_expert is None else slot_expert), gl.ptr(out), np.int32(bool(accumulate)),
-        gl.ptr(0 if wtab is None else wtab)),
-       shared_mem=smem, stream=stream)
+        gl.ptr(0 if wtab is None else wtab),
+        *(sh or (np.uint64(0), np.int64(0), np.int32(0), np.uint64(0), np.uint64(0)))),
+       stream=stream)

@@ -828,7 +828,8 @@ def _moe_grouped_gemm(ctx, n):
 
 def _moe_gemv(ctx, n, o, at):
     """The few-token (decode) experts: matrix-vector products on the picked experts' rows
-    (kernels/moe/gemv.cu), the shared expert through the same kernels as one expert of its own."""
+    (kernels/moe/gemv.cu), two launches per layer: the shared expert is one more slot of each
+    token in both (launch.GemvShared), of its own weight types."""
     from ggfuse.kernels.moe import launch as moe
     from ggfuse.kernels.quant.types import qtype
     _expect(n, "expert activation dtype", _dt(o.x), at["a"])
@@ -859,20 +860,15 @@ def _moe_gemv(ctx, n, o, at):
         if tus != tgs:
             raise GGFuseError(None, f"cuda: {n.name}: shared gate ({tgs}) and up ({tus}) differ in type")
         Fs = sgs[0]
-        hs = ctx.ws(n, "hs_gemv", (o.T, Fs), np.float32)
-        gate = ctx.v(sh.scale).reshape(-1)
-        shared = (wgs, wus, tgs, wds, tds, Fs, hs, gate)
+        shared = moe.GemvShared(gate=wgs, up=wus, down=wds, gate_up_type=tgs, down_type=tds, F=Fs,
+                                h=ctx.ws(n, "hs_gemv", (o.T, Fs), np.float32), scale=ctx.v(sh.scale).reshape(-1))
 
     def run():
         s = ctx.stream
         moe.moe_gemv_gate_up(o.x, w_gate, up_ptr, e_gu, o.tg, o.E, o.F, o.D, o.k, h, **layout,
-                             slot_expert=slot_e, wtab=o.tab_gu, act=act, stream=s)
+                             slot_expert=slot_e, wtab=o.tab_gu, act=act, shared=shared, stream=s)
         moe.moe_gemv_down(h, w_down, e_d, o.td, o.D, o.F, o.k, o.weights, o.out, slot_expert=slot_e,
-                          wtab=o.tab_d, stream=s)
-        if shared is not None:
-            wgs, wus, tgs, wds, tds, Fs, hs, gate = shared
-            moe.moe_gemv_gate_up(o.x, wgs, wus.data.ptr, 0, tgs, 1, Fs, o.D, 1, hs, act="silu", stream=s)
-            moe.moe_gemv_down(hs, wds, 0, tds, o.D, Fs, 1, gate, o.out, accumulate=True, stream=s)
+                          wtab=o.tab_d, shared=shared, stream=s)
     return run
 
 
