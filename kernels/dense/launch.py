@@ -583,6 +583,9 @@ def gemv(x, w, w_type, N: int, K: int, y, *, M: int | None = None, nvalid=None, 
     x: f32 or bf16 (uint16) rows, row-strided; y: f32 [M, >= N] row-strided. With `nvalid` (a
     device int32 [1], the chunk's valid rows) M is 1 and the row read is nvalid[0] - 1, decided
     at run time, so a captured graph serves every prompt length; else r = 0.
+    One row of a type in GEMV1_TYPES (Q4_K) runs the kernel laid out for its blocks
+    (gemv1_<a>_<w>), every other case the 8-element-group kernel (gemv_<a>_<w>); warps share a
+    row where N is small (gemv1_warps_per_row / gemv_warps_per_row).
     """
     qt = _qtype(w_type)
     name = qt.name if qt.name in GEMV_TYPES else None
@@ -608,9 +611,6 @@ def gemv(x, w, w_type, N: int, K: int, y, *, M: int | None = None, nvalid=None, 
     if smem > GEMV_MAX_SMEM:
         raise ValueError(f"gemv: M * K = {M * K} floats exceed {GEMV_MAX_SMEM // 1024} KiB of shared memory")
     a = _dtype_name(x)
-    fn = _fn(GEMV, f"gemv_{a}a_{name}")
-    if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
-        fn.max_dynamic_shared_size_bytes = smem     # opt-in above 48 KiB (a function attribute, not stream work)
     ldx, ldy = x.strides[0] // x.itemsize, y.strides[0] // 4
     smem1 = (K + K // 16 + K // 16) * 4
     if M == 1 and name in GEMV1_TYPES and smem1 <= GEMV_MAX_SMEM:
@@ -624,6 +624,9 @@ def gemv(x, w, w_type, N: int, K: int, y, *, M: int | None = None, nvalid=None, 
                (_ptr(x), np.int64(ldx), _ptr(w), np.int64(rb), np.int32(N), np.int32(K), _ptr(y), _ptr(nvalid),
                 np.int32(wpr)), shared_mem=smem1)
         return
+    fn = _fn(GEMV, f"gemv_{a}a_{name}")
+    if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem     # opt-in above 48 KiB (a function attribute, not stream work)
     wpr = gemv_warps_per_row(N, K)
     grid = (min(-(-N // (8 // wpr)), 132 * 16),)
     with (stream if stream is not None else contextlib.nullcontext()):
