@@ -216,7 +216,7 @@ class Options:
     decode_dense: str = _opt(COMPILE, "dense matmuls of the one-token (decode) step and the LM head's last row: "
                                       "auto (a matrix-vector kernel on the GGUF's quantised rows, kept on the device "
                                       "beside a bf16 copy where the GEMMs read one, for the types whose one-row "
-                                      "kernel is faster than cuBLAS on that copy: Q4_K; the GEMMs otherwise), gemm (the prefill's GEMMs: cuBLAS on bf16 matrices; the "
+                                      "kernel is faster than cuBLAS on that copy: Q4_K, Q6_K; the GEMMs otherwise), gemm (the prefill's GEMMs: cuBLAS on bf16 matrices; the "
                                       "head's last row on the GEMMs' form) or gemv (auto, and the bf16 matrices too)",
                              ("auto", "gemm", "gemv"), default="auto")
     check_tensors: str = _opt(COMPILE, "check weight values for NaN / Inf before compiling: small (vectors: norms, "

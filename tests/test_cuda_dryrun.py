@@ -419,7 +419,7 @@ def test_decode_dense_reads_the_stored_rows(decode_dense, monkeypatch):
             assert n.meta["kernel"]["by_chunk"]["16"] == {"impl": "gemm"}
         head = g.node(g.outputs["logits"].node).meta["kernel"]
         assert head["all"]["w"] == "bf16"
-        assert head["last"]["w"] == ("q6_k" if decode_dense == "gemv" else "bf16")     # (auto: no Q6_K one-row kernel)
+        assert head["last"]["w"] == ("bf16" if decode_dense == "gemm" else "q6_k")     # (auto: Q6_K in GEMV1_TYPES)
         assert ("q4_k" in reads) == (decode_dense != "gemm")
         be.run_chunk(np.arange(10, dtype=np.int32), "last")
         calls.clear()
@@ -429,7 +429,7 @@ def test_decode_dense_reads_the_stored_rows(decode_dense, monkeypatch):
         if decode_dense == "gemm":
             assert types == {"f32", "bf16"}           # the f32 routers; the head's bf16 copy
         else:
-            assert reads <= types and ("bf16" in types) == (decode_dense == "auto")
+            assert reads <= types and "bf16" not in types     # the head's last row: Q6_K as stored
             # each launch got the raw array of its tensor: bytes as stored
             raw_sizes = {w["device_bytes"] - 2 * int(np.prod(w["shape"])) for w in weights.values()
                          if w["forms"] == ["bf16", "raw"]}
@@ -440,6 +440,7 @@ def test_gemv_warps_per_row():
     from ggfuse.kernels.dense.launch import gemv1_warps_per_row, gemv_warps_per_row
     assert gemv1_warps_per_row(32, 2048) == 2 and gemv1_warps_per_row(32, 4096) == 4
     assert gemv1_warps_per_row(8192, 2048) == 1
+    assert gemv1_warps_per_row(32, 2048, step=2048) == 1 and gemv1_warps_per_row(32, 4096, step=2048) == 2
     assert gemv_warps_per_row(32, 2048) == 8           # the DeltaNet gates: 32 blocks, not 4
     assert gemv_warps_per_row(2048, 4096) == 2
     assert gemv_warps_per_row(4096, 2048) == 1 and gemv_warps_per_row(248320, 2048) == 1

@@ -69,25 +69,50 @@ def test_gemv_rows_shared_by_warps(w_type, N, K, wpr, M):
 
 
 @pytest.mark.parametrize("a_kind", ["f32", "bf16"])
-@pytest.mark.parametrize("N,K", [(8192, 2048), (33, 2048), (300, 1280), (70, 256), (1000, 4096)],
-                         ids=["qkv", "n33", "k1280", "k256", "k4096"])
-def test_gemv_one_row_q4_k(N, K, a_kind, monkeypatch):
-    """M = 1 on Q4_K runs the kernel laid out for its blocks (gemv1_*): 8 lanes per block, the
-    x sums per 16 elements for the mins; K not a multiple of the 4 blocks a warp step covers."""
+@pytest.mark.parametrize("w_type", ["q4_k", "q6_k"])
+@pytest.mark.parametrize("N,K", [(8192, 2048), (33, 2048), (300, 1280), (70, 256), (1000, 4096), (8192, 256),
+                                 (33, 768)],
+                         ids=["qkv", "n33", "k1280", "k256", "k4096", "n8192-k256", "n33-k768"])
+def test_gemv_one_row(w_type, N, K, a_kind, monkeypatch):
+    """M = 1 on Q4_K / Q6_K runs the kernel laid out for their blocks (gemv1_*): Q4_K 8 lanes per
+    block and the x sums per 16 elements for the mins, Q6_K 4 lanes per block; K not a multiple of
+    the blocks a warp step covers (4 / 8). Q6_K blocks are 210 bytes: with K >= 512 odd blocks
+    start 2 mod 4, and with K = 256 or 768 (odd blocks per row) so do odd rows."""
     names = []
     real = launch._fn
     monkeypatch.setattr(launch, "_fn", lambda path, name: names.append(name) or real(path, name))
-    rng = np.random.default_rng(zlib.crc32(f"one {N} {K} {a_kind}".encode()))
-    raw, dense = random_weight("q4_k", (N, K), rng)
+    rng = np.random.default_rng(zlib.crc32(f"one {w_type} {N} {K} {a_kind}".encode()))
+    raw, dense = random_weight(w_type, (N, K), rng)
     w = cp.asarray(np.ascontiguousarray(raw)).view(cp.uint8).reshape(-1)
     x, xh = _x(1, K, a_kind, rng)
     y = cp.full((1, N + 8), np.nan, dtype=cp.float32)
-    launch.gemv(x, w, "q4_k", N, K, y[:, :N])
+    launch.gemv(x, w, w_type, N, K, y[:, :N])
     cp.cuda.Device().synchronize()
-    assert names == [f"gemv1_{a_kind}a_q4_k"]
+    assert names == [f"gemv1_{a_kind}a_{w_type}"]
     got = cp.asnumpy(y)
     assert np.isnan(got[:, N:]).all(), "wrote past N"
     rms, mx = errors(got[:, :N], xh @ dense.astype(np.float64).T)
+    assert rms < 1e-4 and mx < 1e-4, (rms, mx)
+
+
+def test_gemv_one_row_q6_k_2_byte_aligned(monkeypatch):
+    """A Q6_K matrix at 2 mod 4 (gemv1_q6k's word loads would reach 2 bytes before it) takes the
+    8-element-group kernel, with the same result."""
+    names = []
+    real = launch._fn
+    monkeypatch.setattr(launch, "_fn", lambda path, name: names.append(name) or real(path, name))
+    rng = np.random.default_rng(11)
+    N, K = 100, 512
+    raw, dense = random_weight("q6_k", (N, K), rng)
+    buf = cp.zeros(raw.nbytes + 16, dtype=cp.uint8)
+    w = buf[2:2 + raw.nbytes]
+    w.set(np.ascontiguousarray(raw).view(np.uint8).reshape(-1))
+    x, xh = _x(1, K, "f32", rng)
+    y = cp.full((1, N), np.nan, dtype=cp.float32)
+    launch.gemv(x, w, "q6_k", N, K, y)
+    cp.cuda.Device().synchronize()
+    assert names == ["gemv_f32a_q6_k"]
+    rms, mx = errors(cp.asnumpy(y), xh @ dense.astype(np.float64).T)
     assert rms < 1e-4 and mx < 1e-4, (rms, mx)
 
 

@@ -102,3 +102,15 @@ def test_deltanet_recurrent_kernels_exist_without_spills(arch, tmp_path, monkeyp
     entries = {name: rest for name, *rest in re.findall(props, ptxas_report(path, arch))}
     steps = [n for n in names if n.startswith("gdr_step_")]
     assert {n: entries.get(n) for n in steps} == {n: ["0", "0", "0"] for n in steps}
+
+
+@pytest.mark.parametrize("arch", ["sm_89", "sm_90"])
+def test_gemv1_kernels_exist_without_spills(arch):
+    """The one-row GEMV kernels gemv() can launch (kernels/dense/launch.py GEMV1_TYPES, f32 and
+    bf16 x) are entry points of dense/gemv.cu with no stack and no spills."""
+    from ggfuse.kernels.dense.launch import GEMV1_TYPES
+    props = r"Function properties for (\w+)\n[^\n]*?(\d+) bytes stack frame, (\d+) bytes spill stores, " \
+            r"(\d+) bytes spill loads"
+    entries = {name: rest for name, *rest in re.findall(props, ptxas_report(os.path.join(KERNELS_DIR, "dense", "gemv.cu"), arch))}
+    names = [f"gemv1_{a}a_{w}" for w in GEMV1_TYPES for a in ("f32", "bf16")]
+    assert {n: entries.get(n) for n in names} == {n: ["0", "0", "0"] for n in names}

@@ -16,9 +16,13 @@
 // Each lane dequantises 8 consecutive elements (dq8: dequant8's values by word loads) per step,
 // 4 steps unrolled so their loads are in flight together; a warp reads 32 x 8 consecutive
 // elements of its row per step: 512 contiguous bytes of bf16, one whole Q4_K/Q6_K block.
+// One row (M = 1) of Q4_K or Q6_K runs gemv1_<a>_<w> instead (below), laid out for the type's
+// blocks: dq8's per-group decode makes gemv_<a>_<w> bound by instructions per weight there, not
+// by bytes (H200, [8192, 2048] Q4_K: 20 us -> 11 us).
 #include "common.cuh"
 #include "quant/ggml_quants.cuh"
 #include "quant/dq8.cuh"
+#include "dense/gemv1_q6k.cuh"
 
 template<int W, typename A>
 __device__ __forceinline__ void gemv_impl(const A* __restrict__ x, long long ldx, int M,
@@ -210,6 +214,72 @@ gemv1_##ANAME##_q4_k(const ATYPE* x, long long ldx, const unsigned char* w, long
 }
 GEMV1_Q4K(float, f32a)
 GEMV1_Q4K(__nv_bfloat16, bf16a)
+
+// One row times a Q6_K matrix, laid out for the 210-byte blocks: 4 lanes per block, lane
+// t = 2 h + u owning 64 elements of half h (dense/gemv1_q6k.cuh q6k_unit_dot: 15 aligned word
+// loads and 5 two-byte loads per lane and block, 64 FMAs, 4 scale products). A warp covers 8
+// blocks (2048 elements) per step, two steps in flight. No x sums: byte_f's offset takes the 32
+// off each quant exactly, at the cost of the add it does anyway. x sits in shared memory as f32
+// with 4 floats of padding per 128: a lane's 16-byte reads start at 264 b + 132 h + 16 u (+ 32 m
+// + 4 k), i.e. bank 8 b + 4 h + 16 u (mod 32), so the 8 lanes of a phase (two blocks, both
+// halves, both u) hit 32 different banks (Q4_K's 4 per 64 would put u = 0 and 1 on one bank).
+//   gemv1_<a>_q6_k(x, ldx, w, row_bytes, N, K, y, nvalid, wpr): as gemv1_<a>_q4_k; w 4-byte aligned.
+template<typename A>
+__device__ __forceinline__ void gemv1_q6k_impl(const A* __restrict__ x, long long ldx,
+                                               const unsigned char* __restrict__ w, long long row_bytes,
+                                               int N, int K, float* __restrict__ y,
+                                               const int* __restrict__ nvalid, int wpr) {
+    extern __shared__ float xs[];               // K + K / 32 floats: x, padded
+    __shared__ float part[8];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int rpb = 8 / wpr, sub = warp % wpr;
+    const int nb = K >> 8;
+    const int n0 = blockIdx.x * rpb + warp / wpr;
+    if (n0 < N) {
+        const unsigned char* row = w + (long long)n0 * row_bytes;
+        for (long long b = (long long)(sub * 32 + lane) * 128; b < row_bytes; b += 32LL * 128 * wpr)
+            asm volatile("prefetch.global.L2 [%0];" :: "l"(row + b));
+    }
+    const long long r0 = nvalid ? (long long)max(nvalid[0] - 1, 0) : 0;
+    for (int i = threadIdx.x; i < K; i += blockDim.x) xs[i + 4 * (i >> 7)] = load_f(x + r0 * ldx + i);
+    __syncthreads();
+    const int bl = lane >> 2, t = lane & 3;
+    const float* xu0 = xs + 264 * bl + 132 * (t >> 1) + 16 * (t & 1);
+    for (int base = blockIdx.x * rpb; base < N; base += gridDim.x * rpb) {
+        const int n = base + warp / wpr;
+        float acc = 0.0f;
+        if (n < N) {
+            const unsigned char* row = w + (long long)n * row_bytes;
+#pragma unroll 2
+            for (int it = sub; it * 8 < nb; it += wpr) {
+                const int b = it * 8 + bl;
+                if (b < nb) acc += g1::q6k_unit_dot(row + (long long)b * 210, t, xu0 + 2112 * it);
+            }
+        }
+        const float s = warp_sum(acc);
+        if (wpr == 1) {
+            if (lane == 0 && n < N) y[n] = s;
+            continue;
+        }
+        if (lane == 0) part[warp] = s;
+        __syncthreads();
+        if (sub == 0 && lane == 0 && n < N) {
+            float r = 0.0f;
+            for (int i = 0; i < wpr; ++i) r += part[warp + i];
+            y[n] = r;
+        }
+        __syncthreads();
+    }
+}
+
+#define GEMV1_Q6K(ATYPE, ANAME)                                                                       \
+extern "C" __global__ void __launch_bounds__(256)                                                     \
+gemv1_##ANAME##_q6_k(const ATYPE* x, long long ldx, const unsigned char* w, long long row_bytes,      \
+                     int N, int K, float* y, const int* nvalid, int wpr) {                            \
+    gemv1_q6k_impl<ATYPE>(x, ldx, w, row_bytes, N, K, y, nvalid, wpr);                                \
+}
+GEMV1_Q6K(float, f32a)
+GEMV1_Q6K(__nv_bfloat16, bf16a)
 
 #define GEMV(WNAME, WTYPE, ATYPE, ANAME)                                                              \
 extern "C" __global__ void __launch_bounds__(256)                                                     \

@@ -565,8 +565,20 @@ def check_dq8_rows(fn: str, base: int, row_bytes: int, type_name: str) -> None:
 
 GEMV_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 GEMV_MAX_M = 8
-GEMV1_TYPES = ("q4_k",)          # one-row kernels laid out for the type's blocks (gemv1_<a>_<w>)
+GEMV1_TYPES = ("q4_k", "q6_k")  # one-row kernels laid out for the type's blocks (gemv1_<a>_<w>)
+# per type: elements a warp covers per step (Q4_K 4 blocks of 8 lanes, Q6_K 8 of 4), the matrix
+# alignment its loads need (Q6_K: aligned words around the 2-byte aligned blocks, which reach up
+# to 2 bytes before a block: dense/gemv1_q6k.cuh); gemv1_smem: its shared memory
+GEMV1_STEP = {"q4_k": 1024, "q6_k": 2048}
+GEMV1_ALIGN = {"q4_k": 16, "q6_k": 4}
+
 GEMV_MAX_SMEM = 96 * 1024      # sm_89 allows 99 KiB per block, sm_90 227 KiB
+
+
+def gemv1_smem(type_name: str, K: int) -> int:
+    """Dynamic shared memory of gemv1_<a>_<type_name> in bytes: Q4_K x padded by 4 floats per
+    64 and the sums of 16; Q6_K x padded by 4 floats per 128 (dense/gemv.cu)."""
+    return 4 * (K + K // 8 if type_name == "q4_k" else K + K // 32)
 
 
 def gemv_supported(w_type, K: int, M: int = 1) -> bool:
@@ -583,9 +595,10 @@ def gemv(x, w, w_type, N: int, K: int, y, *, M: int | None = None, nvalid=None, 
     x: f32 or bf16 (uint16) rows, row-strided; y: f32 [M, >= N] row-strided. With `nvalid` (a
     device int32 [1], the chunk's valid rows) M is 1 and the row read is nvalid[0] - 1, decided
     at run time, so a captured graph serves every prompt length; else r = 0.
-    One row of a type in GEMV1_TYPES (Q4_K) runs the kernel laid out for its blocks
-    (gemv1_<a>_<w>), every other case the 8-element-group kernel (gemv_<a>_<w>); warps share a
-    row where N is small (gemv1_warps_per_row / gemv_warps_per_row).
+    One row of a type in GEMV1_TYPES (Q4_K, Q6_K) runs the kernel laid out for its blocks
+    (gemv1_<a>_<w>; a Q6_K matrix only 2-byte aligned, never one the runtime places, takes the
+    other), every other case the 8-element-group kernel (gemv_<a>_<w>); warps share a row where
+    N is small (gemv1_warps_per_row / gemv_warps_per_row).
     """
     qt = _qtype(w_type)
     name = qt.name if qt.name in GEMV_TYPES else None
@@ -612,10 +625,10 @@ def gemv(x, w, w_type, N: int, K: int, y, *, M: int | None = None, nvalid=None, 
         raise ValueError(f"gemv: M * K = {M * K} floats exceed {GEMV_MAX_SMEM // 1024} KiB of shared memory")
     a = _dtype_name(x)
     ldx, ldy = x.strides[0] // x.itemsize, y.strides[0] // 4
-    smem1 = (K + K // 16 + K // 16) * 4
-    if M == 1 and name in GEMV1_TYPES and smem1 <= GEMV_MAX_SMEM:
+    smem1 = gemv1_smem(name, K)
+    if M == 1 and name in GEMV1_TYPES and smem1 <= GEMV_MAX_SMEM and w.data.ptr % GEMV1_ALIGN[name] == 0:
         # one row: the kernel laid out for the type's blocks (gemv1_<a>_<w>)
-        wpr = gemv1_warps_per_row(N, K)
+        wpr = gemv1_warps_per_row(N, K, step=GEMV1_STEP[name])
         fn = _fn(GEMV, f"gemv1_{a}a_{name}")
         if smem1 > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem1:
             fn.max_dynamic_shared_size_bytes = smem1
@@ -634,11 +647,11 @@ def gemv(x, w, w_type, N: int, K: int, y, *, M: int | None = None, nvalid=None, 
                           _ptr(y), np.int64(ldy), _ptr(nvalid), np.int32(wpr)), shared_mem=smem)
 
 
-def gemv1_warps_per_row(N: int, K: int, target_blocks: int = 2 * 132) -> int:
-    """Warps sharing one output row in the one-row kernels (gemv1_*: a warp step is 1024
-    elements), as gemv_warps_per_row."""
+def gemv1_warps_per_row(N: int, K: int, target_blocks: int = 2 * 132, *, step: int = 1024) -> int:
+    """Warps sharing one output row in the one-row kernels (gemv1_*: a warp step is `step`
+    elements, GEMV1_STEP), as gemv_warps_per_row."""
     wpr = 1
-    while wpr < 8 and -(-N * wpr // 8) < target_blocks and -(-K // 1024) >= 2 * wpr:
+    while wpr < 8 and -(-N * wpr // 8) < target_blocks and -(-K // step) >= 2 * wpr:
         wpr *= 2
     return wpr
 
