@@ -51,7 +51,8 @@ PLAN_FORMAT = "ggfuse-plan"
 #          8.0 one-row products read the stored quantised rows (option decode_dense auto): a
 #              matmul's by_chunk gemv entry names the form it reads ("w"), the LM head's "last"
 #              record may name a GGUF type while "all" reads bf16, and a matrix's forms may be
-#              both "bf16" and "raw". A 7.x runtime would read the bf16 copy.
+#              both "bf16" and "raw". A 7.x runtime would read the bf16 copy. The one-token
+#              delta rule names its kernel (by_chunk "kernel": "step" gdr_step_*, or "loop").
 PLAN_VERSION = (8, 0)
 
 

@@ -456,14 +456,20 @@ class _Lowering:
             if not dn.chunked_supported(K, V) or o.precision == "f32":
                 why = "precision f32: the exact f32 token recurrence" if o.precision == "f32" else \
                     f"head dims K={K}, V={V} have no tensor-core chunked kernel"
-                return {"name": "deltanet.recurrent", "why": why}, ws
+                rec = {"name": "deltanet.recurrent", "why": why}
+                if 1 in self.sizes:     # one token: the step kernel where it takes the head dims
+                    rec["by_chunk"] = {str(c): {"kernel": "step" if c == 1 and dn.step_supported(K, V) else "loop"}
+                                       for c in self.sizes}
+                return rec, ws
             in_dt = self.storage(n.inputs[0])
             rec = {"name": "deltanet.chunk", "in": in_dt, "out": self.storage(n.out),
                    "v_block": dn.default_v_block(V), "by_chunk": {}}
             for c in self.sizes:
                 if c == 1 and o.decode_deltanet == "recurrent":
                     # one token: the state update itself, no chunk to factor (recurrent.cu)
-                    rec["by_chunk"][str(c)] = {"impl": "recurrent"}
+                    # (gdr_step_*: one token's state update in registers; gdr_recurrent_*: the loop)
+                    rec["by_chunk"][str(c)] = {"impl": "recurrent",
+                                               "kernel": "step" if dn.step_supported(K, V) else "loop"}
                     ws[c] = {}
                     continue
                 rec["by_chunk"][str(c)] = {"impl": "chunk"}

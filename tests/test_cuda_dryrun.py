@@ -445,3 +445,23 @@ def test_gemv_warps_per_row():
     assert gemv_warps_per_row(2048, 4096) == 2
     assert gemv_warps_per_row(4096, 2048) == 1 and gemv_warps_per_row(248320, 2048) == 1
     assert gemv_warps_per_row(32, 256) == 1            # every lane keeps a group of each row
+
+
+@pytest.mark.parametrize("precision", ["bf16", "f32"])
+def test_one_token_delta_rule_kernel_is_the_plans(precision, monkeypatch):
+    """The plan names the one-token delta rule's kernel (by_chunk kernel: step at chunk 1 for the
+    head dims gdr_step_* takes, loop for the prefill chunks) and the launcher is told it."""
+    with fake_device(monkeypatch) as calls:
+        plan, be = _backend("qwen35moe", "q4_k_m", monkeypatch, precision=precision)
+        dn = [n for n in plan.graph.nodes() if n.op.value == "chunk_gated_delta_rule"]
+        assert dn
+        for n in dn:
+            by = n.meta["kernel"]["by_chunk"]
+            assert by["1"]["kernel"] == "step"
+            if precision == "f32":
+                assert n.meta["kernel"]["name"] == "deltanet.recurrent" and by["16"] == {"kernel": "loop"}
+        be.run_chunk(np.arange(10, dtype=np.int32), "last")
+        calls.clear()
+        be.run_chunk(np.array([5], dtype=np.int32), "last")
+        kernels = {b.arguments.get("kernel") for name, b in calls if name == "deltanet.gated_delta_rule_recurrent"}
+        assert kernels == {"step"}

@@ -603,8 +603,10 @@ def _chunk_gdr(ctx, n):
         # the exact f32 token recurrence (also the decode step of the chunked path's operands)
         if rec["name"] == "deltanet.chunk":
             _expect(n, "input dtype", _dt(q), rec["in"])
+        # the kernel family the plan names for this chunk size (plans before 8.0: by shape)
+        kern = ctx.at(rec).get("kernel", "auto")
         return lambda: dn.gated_delta_rule_recurrent(q, k, v, g, beta, state, out, n.attrs.scale,
-                                                     n.attrs.head_map, stream=ctx.stream)
+                                                     n.attrs.head_map, stream=ctx.stream, kernel=kern)
     in_dt = _dt(q)
     _expect(n, "input dtype", in_dt, rec["in"])
     ws = ctx.ws(n, "ws", (dn.workspace_bytes(T, Hv, K, V, Hk=Hk, in_dtype=in_dt),), np.uint8)
