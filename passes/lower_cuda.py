@@ -311,8 +311,10 @@ def _root(g: Graph, v):
 # ---- kernels -----------------------------------------------------------------------------------
 
 class _Lowering:
-    def __init__(self, g: Graph, spec: TargetSpec, options, sizes: list[int], forms: dict, tensors: dict):
+    def __init__(self, g: Graph, spec: TargetSpec, options, sizes: list[int], forms: dict, tensors: dict,
+                 gemv_raw: set):
         self.g, self.spec, self.o, self.sizes, self.forms, self.tensors = g, spec, options, sizes, forms, tensors
+        self.gemv_raw = gemv_raw      # tensors whose one-row products read the stored rows
 
     def storage(self, v) -> str:
         """Storage dtype of a value (through views)."""
@@ -362,10 +364,8 @@ class _Lowering:
         last row with head=True), or None where it runs the GEMM: auto, the stored quantised rows
         (kept beside a bf16 copy, forms_of gemv_raw); gemv, those or else the GEMM's bf16 matrix."""
         from ggfuse.kernels.dense.launch import gemv_supported
-        raw = _lower(self.tensors[name]["ggml_type"])
-        if "raw" in self.forms[name] and raw not in ("f32", "f16", "bf16") and gemv_supported(raw, K) and \
-                _gemv_reads_raw(self.o.decode_dense, raw):
-            return raw
+        if name in self.gemv_raw:           # _gemv_raw_tensors: uploaded raw for this
+            return _lower(self.tensors[name]["ggml_type"])
         if head or (self.o.decode_dense == "gemv" and gemv_supported(w, K)):
             return w
         return None
@@ -670,7 +670,7 @@ def run(g: Graph, *, options, device_free: int | None = None) -> PassResult:
             n.meta["storage"] = list(g.node(n.inputs[0].node).meta["storage"])
         else:
             n.meta["storage"] = ["bf16" if n.value(i) in bf16 else t.dtype.value for i, t in enumerate(n.outputs)]
-    lw = _Lowering(g, spec, options, sizes, forms, tensors)
+    lw = _Lowering(g, spec, options, sizes, forms, tensors, gemv_raw)
     for n in g.topo():
         if n.op in _NO_KERNEL:
             if n.op == Op.SLICE:

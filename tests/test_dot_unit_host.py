@@ -3,13 +3,9 @@ against dequant8: the units of a row cover each element exactly once (a one-hot 
 dequant8's value of that element, up to one f32 rounding) and a row's units summed give
 dequant8's row times a random vector, up to f32 rounding. Built for the host with the system
 C++ compiler (skipped without one), on random bytes with sane scales."""
-import os
-import shutil
 import subprocess
 
-import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from quant_blocks import build_host_driver
 
 PROGRAM = r"""
 #include <cmath>
@@ -98,16 +94,8 @@ int main() {
 NAMES = {"q4_k", "q4_k_2048", "q6_k", "q6_k_768", "q8_0", "q5_k", "q4_0", "bf16"}
 
 
-def test_dot_units_match_dequant8(tmp_path):
-    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    src = tmp_path / "dot_unit_check.cpp"
-    src.write_text(PROGRAM)
-    exe = tmp_path / "dot_unit_check"
-    subprocess.run([cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-Wno-unknown-pragmas", "-I",
-                    os.path.join(ROOT, "kernels"), str(src), "-o", str(exe)], check=True, capture_output=True,
-                   text=True)
+def test_dot_units_match_dequant8(tmp_path_factory):
+    exe = build_host_driver(tmp_path_factory, "dot_unit_host", PROGRAM)
     out = subprocess.run([str(exe)], capture_output=True, text=True)
     rows = {line.split()[0]: line.split()[1:] for line in out.stdout.split("\n") if line.strip()}
     assert set(rows) == NAMES, out.stdout + out.stderr

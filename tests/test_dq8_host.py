@@ -1,13 +1,9 @@
 """kernels/quant/dq8.cuh (the word-load dequantisation the GEMV and few-rows kernels use) gives
 dequant8's values bit for bit, for every type it specialises and every 8-element group of a row:
 built for the host with the system C++ compiler (skipped without one), on random bytes."""
-import os
-import shutil
 import subprocess
 
-import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from quant_blocks import build_host_driver
 
 PROGRAM = r"""
 #include <cstdio>
@@ -53,15 +49,8 @@ int main() {
 """
 
 
-def test_dq8_matches_dequant8_bit_for_bit(tmp_path):
-    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    src = tmp_path / "dq8_check.cpp"
-    src.write_text(PROGRAM)
-    exe = tmp_path / "dq8_check"
-    subprocess.run([cxx, "-std=c++17", "-O1", "-Wno-unknown-pragmas", "-I", os.path.join(ROOT, "kernels"),
-                    str(src), "-o", str(exe)], check=True, capture_output=True, text=True)
+def test_dq8_matches_dequant8_bit_for_bit(tmp_path_factory):
+    exe = build_host_driver(tmp_path_factory, "dq8_host", PROGRAM)
     out = subprocess.run([str(exe)], capture_output=True, text=True)
     lines = dict(line.split() for line in out.stdout.split("\n") if line.strip())
     assert set(lines) == {"f32", "f16", "bf16", "q8_0", "q4_k", "q6_k", "q5_k"}, out.stdout + out.stderr

@@ -7,16 +7,14 @@ outside it kills the program. Built for the host with the system C++ compiler (s
 one)."""
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
+from quant_blocks import build_host_driver
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROGRAM = r"""
 #include <cmath>
@@ -31,16 +29,7 @@ struct uint4 { unsigned int x, y, z, w; };
 struct float4 { float x, y, z, w; };
 #include "dense/gemv1_q6k.cuh"
 
-static std::vector<unsigned char> read_all(const char* path) {
-    FILE* f = fopen(path, "rb");
-    std::vector<unsigned char> v;
-    unsigned char buf[4096];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, f)) > 0) v.insert(v.end(), buf, buf + n);
-    fclose(f);
-    return v;
-}
-
+// read_all: quant_blocks.HOST_IO
 // y[n] = sum over blocks b and lanes t as gemv1_q6k_impl computes it, x staged and padded as
 // there (4 floats per 128), the matrix at `base`
 static void gemv1(const unsigned char* base, int N, int K, const float* x, float* y) {
@@ -94,16 +83,14 @@ def _rows(N, K, rng):
     return raw.reshape(N, nb * 210)
 
 
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    return build_host_driver(tmp_path_factory, "gemv1_q6k_host", PROGRAM)
+
+
 @pytest.mark.parametrize("N,K", [(7, 256), (5, 768), (3, 1280)], ids=["k256", "k768", "k1280"])
-def test_gemv1_q6k_units_match_gguf(N, K, tmp_path):
-    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    src, exe = tmp_path / "gemv1_q6k.cpp", tmp_path / "gemv1_q6k"
-    src.write_text(PROGRAM)
-    subprocess.run([cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-Wno-unknown-pragmas", "-I",
-                    os.path.join(ROOT, "kernels"), str(src), "-o", str(exe)], check=True, capture_output=True,
-                   text=True)
+def test_gemv1_q6k_units_match_gguf(N, K, driver, tmp_path):
+    exe = driver
     rng = np.random.default_rng(K)
     raw = _rows(N, K, rng)
     x = rng.standard_normal(K).astype(np.float32)

@@ -58,6 +58,12 @@ def test_compiles_gemv_type_pair(wr, ws, arch, tmp_path, monkeypatch):
 SM90A = [p for p in SOURCES if source_arch(p, "sm_90") == "sm_90a"]
 
 
+def _spill_entries(log: str) -> list[tuple]:
+    """(function, stack bytes, spill stores, spill loads) of each entry in a ptxas report."""
+    return re.findall(r"Function properties for (\w+)\n[^\n]*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                      r"(\d+) bytes spill loads", log)
+
+
 def test_sm90a_sources_are_marked():
     names = {os.path.relpath(p, KERNELS_DIR) for p in SM90A}
     assert {"gemm/gemm90.cu", "moe/grouped_gemm90.cu"} <= names
@@ -77,8 +83,7 @@ def test_compiles_sm90a_without_spills(path, defines):
     """Sources marked for sm_90a (wgmma, setmaxnreg) build for it with no stack and no spills,
     and ptxas honours setmaxnreg (it warns C7508 when it ignores it)."""
     log = ptxas_report(path, "sm_90a", defines)
-    entries = re.findall(r"Function properties for (\w+)\n[^\n]*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
-                         r"(\d+) bytes spill loads", log)
+    entries = _spill_entries(log)
     assert entries, log[:2000]
     bad = [e for e in entries if e[1:] != ("0", "0", "0")]
     assert not bad, f"stack / spills: {bad}"
@@ -97,9 +102,7 @@ def test_deltanet_recurrent_kernels_exist_without_spills(arch, tmp_path, monkeyp
     names = [recurrent_kernel_name(kern, a, o) for kern in RECURRENT_KERNELS for a in ("f32", "bf16")
              for o in ("f32", "bf16")]
     assert [n for n in names if n.encode() + b"\0" not in cubin] == []
-    props = r"Function properties for (\w+)\n[^\n]*?(\d+) bytes stack frame, (\d+) bytes spill stores, " \
-            r"(\d+) bytes spill loads"
-    entries = {name: rest for name, *rest in re.findall(props, ptxas_report(path, arch))}
+    entries = {name: list(rest) for name, *rest in _spill_entries(ptxas_report(path, arch))}
     steps = [n for n in names if n.startswith("gdr_step_")]
     assert {n: entries.get(n) for n in steps} == {n: ["0", "0", "0"] for n in steps}
 
@@ -109,8 +112,7 @@ def test_gemv1_kernels_exist_without_spills(arch):
     """The one-row GEMV kernels gemv() can launch (kernels/dense/launch.py GEMV1_TYPES, f32 and
     bf16 x) are entry points of dense/gemv.cu with no stack and no spills."""
     from ggfuse.kernels.dense.launch import GEMV1_TYPES
-    props = r"Function properties for (\w+)\n[^\n]*?(\d+) bytes stack frame, (\d+) bytes spill stores, " \
-            r"(\d+) bytes spill loads"
-    entries = {name: rest for name, *rest in re.findall(props, ptxas_report(os.path.join(KERNELS_DIR, "dense", "gemv.cu"), arch))}
+    entries = {name: list(rest)
+               for name, *rest in _spill_entries(ptxas_report(os.path.join(KERNELS_DIR, "dense", "gemv.cu"), arch))}
     names = [f"gemv1_{a}a_{w}" for w in GEMV1_TYPES for a in ("f32", "bf16")]
     assert {n: entries.get(n) for n in names} == {n: ["0", "0", "0"] for n in names}

@@ -22,6 +22,37 @@
 #include "common.cuh"
 #include "quant/ggml_quants.cuh"
 #include "quant/dq8.cuh"
+#include "quant/dot_unit.cuh"
+
+// row n0 of W (if n0 < N) asked of L2 while the block stages x: lines first_line, first_line +
+// 32 wpr, ... of 128 bytes (the warps sharing the row take every wpr-th run of 32 lines)
+__device__ __forceinline__ void prefetch_row_l2(const unsigned char* w, long long row_bytes, int n0,
+                                                int N, int first_line, int wpr) {
+    if (n0 < N) {
+        const unsigned char* row = w + (long long)n0 * row_bytes;
+        for (long long b = (long long)first_line * 128; b < row_bytes; b += 32LL * 128 * wpr)
+            asm volatile("prefetch.global.L2 [%0];" :: "l"(row + b));
+    }
+}
+
+// the one-row kernels' end of a block step: y[n] = the row's sum over its wpr warps (in warp
+// order, through part[8]); every thread of the block calls it (it has barriers when wpr > 1)
+__device__ __forceinline__ void store_row_sum(float acc, int n, int N, int wpr, int sub, int lane, int warp,
+                                              float* part, float* __restrict__ y) {
+    const float s = warp_sum(acc);
+    if (wpr == 1) {
+        if (lane == 0 && n < N) y[n] = s;
+        return;
+    }
+    if (lane == 0) part[warp] = s;
+    __syncthreads();
+    if (sub == 0 && lane == 0 && n < N) {
+        float r = 0.0f;
+        for (int i = 0; i < wpr; ++i) r += part[warp + i];
+        y[n] = r;
+    }
+    __syncthreads();
+}
 #include "dense/gemv1_q6k.cuh"
 
 template<int W, typename A>
@@ -34,11 +65,7 @@ __device__ __forceinline__ void gemv_impl(const A* __restrict__ x, long long ldx
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int rpb = 8 / wpr, sub = warp % wpr;   // rows per block step, this warp's share of K
     const int n0 = blockIdx.x * rpb + warp / wpr;
-    if (n0 < N) {                                // the first row's bytes on their way to L2
-        const unsigned char* row = w + (long long)n0 * row_bytes;
-        for (long long b = (long long)(sub * 32 + lane) * 128; b < row_bytes; b += 32LL * 128 * wpr)
-            asm volatile("prefetch.global.L2 [%0];" :: "l"(row + b));
-    }
+    prefetch_row_l2(w, row_bytes, n0, N, sub * 32 + lane, wpr);   // the first row's bytes on their way to L2
     const long long r0 = nvalid ? (long long)max(nvalid[0] - 1, 0) : 0;
     for (int i = threadIdx.x; i < M * K; i += blockDim.x) {
         const int m = i / K, k = i - m * K;
@@ -98,7 +125,8 @@ __device__ __forceinline__ void gemv_impl(const A* __restrict__ x, long long ldx
 
 // One row times a Q4_K matrix (M = 1: the decode step, the LM head's last row), laid out for the
 // 144-byte blocks instead of dq8's 8-element groups: 8 lanes per 256-element block, lane
-// t = 2 j + h owns the 16 quant bytes qs[32 j + 16 h, +16) of sub-block pair j, i.e. 16 elements
+// t = 2 j + h owns the 16 quant bytes qs[32 j + 16 h, +16) of sub-block pair j (quant/dot_unit.cuh
+// Unit<GGML_Q4_K>'s unit t, its scales decoded by du::q4k_pair_scales), i.e. 16 elements
 // of sub-block 2 j (low nibbles) and 16 of 2 j + 1 (high nibbles). Per lane and block: one
 // 16-byte header load (d, dmin, the 12 scale bytes), one 16-byte quant load, the two sub-blocks'
 // scale and min decoded once, 32 FMAs on the nibbles as floats (byte_f), and
@@ -108,23 +136,6 @@ __device__ __forceinline__ void gemv_impl(const A* __restrict__ x, long long ldx
 // padding per 64 (an 8-lane phase of 16-byte reads then hits 32 different banks).
 //   gemv1_<a>_q4_k(x, ldx, w, row_bytes, N, K, y, nvalid, wpr): y[0, n] = x[r] . W[n], r as
 //   in gemv_<a>_<w>; K a multiple of 256; wpr warps share a row (taking every wpr-th step).
-__device__ __forceinline__ unsigned q4k_sbyte(const uint4& hdr, int k) {   // scale byte k (0..11)
-    const unsigned wd = k < 4 ? hdr.y : (k < 8 ? hdr.z : hdr.w);
-    return (wd >> (8 * (k & 3))) & 0xFFu;
-}
-__device__ __forceinline__ void q4k_scale_min(const uint4& hdr, int s, float d, float dmin, float& dl, float& ml) {
-    int sc, m;
-    if (s < 4) {
-        sc = q4k_sbyte(hdr, s) & 63;
-        m = q4k_sbyte(hdr, s + 4) & 63;
-    } else {
-        sc = (q4k_sbyte(hdr, s + 4) & 0x0F) | ((q4k_sbyte(hdr, s - 4) >> 6) << 4);
-        m = (q4k_sbyte(hdr, s + 4) >> 4) | ((q4k_sbyte(hdr, s) >> 6) << 4);
-    }
-    dl = d * (float)sc;
-    ml = dmin * (float)m;
-}
-
 template<typename A>
 __device__ __forceinline__ void gemv1_q4k_impl(const A* __restrict__ x, long long ldx,
                                                const unsigned char* __restrict__ w, long long row_bytes,
@@ -138,11 +149,7 @@ __device__ __forceinline__ void gemv1_q4k_impl(const A* __restrict__ x, long lon
     const int rpb = 8 / wpr, sub = warp % wpr;
     const int nb = K >> 8;
     const int n0 = blockIdx.x * rpb + warp / wpr;
-    if (n0 < N) {
-        const unsigned char* row = w + (long long)n0 * row_bytes;
-        for (long long b = (long long)(sub * 32 + lane) * 128; b < row_bytes; b += 32LL * 128 * wpr)
-            asm volatile("prefetch.global.L2 [%0];" :: "l"(row + b));
-    }
+    prefetch_row_l2(w, row_bytes, n0, N, sub * 32 + lane, wpr);
     const long long r0 = nvalid ? (long long)max(nvalid[0] - 1, 0) : 0;
     for (int i = threadIdx.x; i < K; i += blockDim.x) xs[i + 4 * (i >> 6)] = load_f(x + r0 * ldx + i);
     __syncthreads();
@@ -167,11 +174,8 @@ __device__ __forceinline__ void gemv1_q4k_impl(const A* __restrict__ x, long lon
                     const unsigned char* blk = row + (long long)b * 144;
                     const uint4 hdr = *reinterpret_cast<const uint4*>(blk);
                     const uint4 q = *reinterpret_cast<const uint4*>(blk + 16 + 32 * j + 16 * h);
-                    const float d = dq::h2f((unsigned short)(hdr.x & 0xFFFFu));
-                    const float dmin = dq::h2f((unsigned short)(hdr.x >> 16));
                     float dl0, ml0, dl1, ml1;
-                    q4k_scale_min(hdr, 2 * j, d, dmin, dl0, ml0);
-                    q4k_scale_min(hdr, 2 * j + 1, d, dmin, dl1, ml1);
+                    du::q4k_pair_scales(hdr, j, dl0, dl1, ml0, ml1);      // sub-blocks 2j, 2j + 1
                     const int e_lo = b * 256 + 64 * j + 16 * h;          // e_hi = e_lo + 32
                     const float* xl = xs + e_lo + 4 * (e_lo >> 6);
                     const unsigned qw[4] = {q.x, q.y, q.z, q.w};
@@ -190,19 +194,7 @@ __device__ __forceinline__ void gemv1_q4k_impl(const A* __restrict__ x, long lon
                 }
             }
         }
-        const float s = warp_sum(acc);
-        if (wpr == 1) {
-            if (lane == 0 && n < N) y[n] = s;
-            continue;
-        }
-        if (lane == 0) part[warp] = s;
-        __syncthreads();
-        if (sub == 0 && lane == 0 && n < N) {
-            float r = 0.0f;
-            for (int i = 0; i < wpr; ++i) r += part[warp + i];
-            y[n] = r;
-        }
-        __syncthreads();
+        store_row_sum(acc, n, N, wpr, sub, lane, warp, part, y);
     }
 }
 
@@ -235,11 +227,7 @@ __device__ __forceinline__ void gemv1_q6k_impl(const A* __restrict__ x, long lon
     const int rpb = 8 / wpr, sub = warp % wpr;
     const int nb = K >> 8;
     const int n0 = blockIdx.x * rpb + warp / wpr;
-    if (n0 < N) {
-        const unsigned char* row = w + (long long)n0 * row_bytes;
-        for (long long b = (long long)(sub * 32 + lane) * 128; b < row_bytes; b += 32LL * 128 * wpr)
-            asm volatile("prefetch.global.L2 [%0];" :: "l"(row + b));
-    }
+    prefetch_row_l2(w, row_bytes, n0, N, sub * 32 + lane, wpr);
     const long long r0 = nvalid ? (long long)max(nvalid[0] - 1, 0) : 0;
     for (int i = threadIdx.x; i < K; i += blockDim.x) xs[i + 4 * (i >> 7)] = load_f(x + r0 * ldx + i);
     __syncthreads();
@@ -256,19 +244,7 @@ __device__ __forceinline__ void gemv1_q6k_impl(const A* __restrict__ x, long lon
                 if (b < nb) acc += g1::q6k_unit_dot(row + (long long)b * 210, t, xu0 + 2112 * it);
             }
         }
-        const float s = warp_sum(acc);
-        if (wpr == 1) {
-            if (lane == 0 && n < N) y[n] = s;
-            continue;
-        }
-        if (lane == 0) part[warp] = s;
-        __syncthreads();
-        if (sub == 0 && lane == 0 && n < N) {
-            float r = 0.0f;
-            for (int i = 0; i < wpr; ++i) r += part[warp + i];
-            y[n] = r;
-        }
-        __syncthreads();
+        store_row_sum(acc, n, N, wpr, sub, lane, warp, part, y);
     }
 }
 

@@ -650,19 +650,22 @@ def gemv(x, w, w_type, N: int, K: int, y, *, M: int | None = None, nvalid=None, 
 def gemv1_warps_per_row(N: int, K: int, target_blocks: int = 2 * 132, *, step: int = 1024) -> int:
     """Warps sharing one output row in the one-row kernels (gemv1_*: a warp step is `step`
     elements, GEMV1_STEP), as gemv_warps_per_row."""
-    wpr = 1
-    while wpr < 8 and -(-N * wpr // 8) < target_blocks and -(-K // step) >= 2 * wpr:
-        wpr *= 2
-    return wpr
+    return _warps_per_row(N, -(-K // step), target_blocks)
 
 
 def gemv_warps_per_row(N: int, K: int, target_blocks: int = 2 * 132) -> int:
     """Warps sharing one output row in gemv(): the fewest of 1, 2, 4, 8 that give `target_blocks`
     blocks of 8 / wpr rows (two per SM of an H200; small N such as the [2048 -> 32] DeltaNet
     gates would otherwise leave most SMs idle), while every lane keeps at least one 8-element
-    group of each row."""
+    group of each row (a warp step: 32 lanes x 8 elements)."""
+    return _warps_per_row(N, K // 256, target_blocks)
+
+
+def _warps_per_row(N: int, steps: int, target_blocks: int) -> int:
+    """The fewest of 1, 2, 4, 8 warps per row giving target_blocks blocks of 8 / wpr rows, while
+    each warp keeps at least two of the row's `steps` warp steps."""
     wpr = 1
-    while wpr < 8 and -(-N * wpr // 8) < target_blocks and (K // 8) >= 32 * wpr * 2:
+    while wpr < 8 and -(-N * wpr // 8) < target_blocks and steps >= 2 * wpr:
         wpr *= 2
     return wpr
 

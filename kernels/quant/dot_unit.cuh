@@ -41,14 +41,8 @@ typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 
-// byte i of w as a float, exactly: 2^23 + w.byte_i, minus (2^23 + bias)
-template<int BIAS> GGF_HD float byte_f(u32 w, int i) {
-#if defined(__CUDA_ARCH__)
-    return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7650u | (u32)i)) - (8388608.0f + (float)BIAS);
-#else
-    return (float)(int)((w >> (8 * i)) & 0xFFu) - (float)BIAS;
-#endif
-}
+// byte i of w minus BIAS as a float, exactly (quant/dq8.cuh byte_f: the byte under 2^23's exponent)
+template<int BIAS> GGF_HD float byte_f(u32 w, int i) { return dq::byte_f(w, i, (float)BIAS); }
 // v < 2^23 as a float, exactly, without the I2F pipe
 GGF_HD float small_f(u32 v) {
 #if defined(__CUDA_ARCH__)
@@ -114,6 +108,21 @@ template<int W> struct Unit {
 };
 
 // ---- Q4_K: d dmin scales[12] qs[128]; y = (d sc) q - dmin m per 32-element sub-block -----------
+// d sc and dmin m of sub-blocks 2q and 2q + 1 of a block whose first 16 bytes (d, dmin,
+// scales[12]) are hd: the 6-bit scales and mins (ggml_quants.cuh k4_scale_min) decoded as byte
+// pairs, bytes 2(q%2), 2(q%2) + 1 of scales[0..4), [4..8), [8..12); exact products
+GGF_HD void q4k_pair_scales(const uint4& hd, int q, float& dl0, float& dl1, float& ml0, float& ml1) {
+    const int sh = 16 * (q & 1);
+    const u32 y = (hd.y >> sh) & 0xFFFFu, z = (hd.z >> sh) & 0xFFFFu, w = (hd.w >> sh) & 0xFFFFu;
+    const u32 sc = q < 2 ? (y & 0x3F3Fu) : ((w & 0x0F0Fu) | ((y >> 2) & 0x3030u));
+    const u32 mn = q < 2 ? (z & 0x3F3Fu) : (((w >> 4) & 0x0F0Fu) | ((z >> 2) & 0x3030u));
+    const float d = dq::h2f((unsigned short)(hd.x & 0xFFFFu)), dmin = dq::h2f((unsigned short)(hd.x >> 16));
+    dl0 = d * small_f(sc & 0xFFu);
+    dl1 = d * small_f(sc >> 8);
+    ml0 = dmin * small_f(mn & 0xFFu);
+    ml1 = dmin * small_f(mn >> 8);
+}
+
 template<> struct Unit<GGML_Q4_K> {
     static constexpr int UE = 32;
     struct X { float lo[16], hi[16]; float slo, shi; };
@@ -135,13 +144,6 @@ template<> struct Unit<GGML_Q4_K> {
         const int p = u & 7, q = p >> 1;
         const uint4 hd = ldg(reinterpret_cast<const uint4*>(blk));             // d dmin | scales[0..12)
         const uint4 qs = ldg(reinterpret_cast<const uint4*>(blk + 16 + 16 * p));
-        // the 6-bit scales and mins of sub-blocks 2q and 2q + 1 (ggml_quants.cuh k4_scale_min), as
-        // byte pairs: bytes 2(q%2), 2(q%2) + 1 of scales[0..4), [4..8), [8..12)
-        const int sh = 16 * (q & 1);
-        const u32 y = (hd.y >> sh) & 0xFFFFu, z = (hd.z >> sh) & 0xFFFFu, w = (hd.w >> sh) & 0xFFFFu;
-        const u32 sc = q < 2 ? (y & 0x3F3Fu) : ((w & 0x0F0Fu) | ((y >> 2) & 0x3030u));
-        const u32 mn = q < 2 ? (z & 0x3F3Fu) : (((w >> 4) & 0x0F0Fu) | ((z >> 2) & 0x3030u));
-        const float d = dq::h2f((unsigned short)(hd.x & 0xFFFFu)), dmin = dq::h2f((unsigned short)(hd.x >> 16));
         const u32 qw[4] = {qs.x, qs.y, qs.z, qs.w};
         float alo = 0.0f, ahi = 0.0f;
 #pragma unroll
@@ -149,8 +151,8 @@ template<> struct Unit<GGML_Q4_K> {
             alo = dot4<0>(qw[i] & 0x0F0F0F0Fu, x.lo + 4 * i, alo);
             ahi = dot4<0>((qw[i] >> 4) & 0x0F0F0F0Fu, x.hi + 4 * i, ahi);
         }
-        const float dl0 = d * small_f(sc & 0xFFu), dl1 = d * small_f(sc >> 8);
-        const float ml0 = dmin * small_f(mn & 0xFFu), ml1 = dmin * small_f(mn >> 8);
+        float dl0, dl1, ml0, ml1;
+        q4k_pair_scales(hd, q, dl0, dl1, ml0, ml1);
         return fmaf(dl0, alo, fmaf(dl1, ahi, -fmaf(ml0, x.slo, ml1 * x.shi)));
     }
 };
