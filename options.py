@@ -219,6 +219,10 @@ class Options:
                                       "kernel is faster than cuBLAS on that copy: Q4_K, Q6_K; the GEMMs otherwise), gemm (the prefill's GEMMs: cuBLAS on bf16 matrices; the "
                                       "head's last row on the GEMMs' form) or gemv (auto, and the bf16 matrices too)",
                              ("auto", "gemm", "gemv"), default="auto")
+    pdl: str = _opt(COMPILE, "programmatic dependent launch in the captured graphs: auto (on for sm_90a targets: a "
+                             "kernel's blocks start while the kernel before it drains, and wait in the kernel for its "
+                             "results), on (an error where the target lacks it), off", ("auto", "on", "off"),
+                    default="auto")
     check_tensors: str = _opt(COMPILE, "check weight values for NaN / Inf before compiling: small (vectors: norms, "
                                        "biases, scales; and tensors of at most 4096 elements; cheap) or all (every weight "
                                        "the graph reads, dequantised block by block, with a progress bar; as "

@@ -218,6 +218,8 @@ def print_summary(d: dict) -> None:
         t = low["target"]
         print(f"lowered for {t['name']} (cc {t['cc']}, {t['sms']} SMs assumed), precision {low['precision']}, "
               f"captured chunk sizes {low['captures']}; dense matrices {low['dense_form']['why']}")
+        if low.get("pdl"):
+            print(f"programmatic dependent launch {'on' if low['pdl']['on'] else 'off'}: {low['pdl']['why']}")
         print("kernels: " + ", ".join(f"{k} x{v}" for k, v in d["kernels"].items()))
         forms: dict = {}
         for w in d["weights"]:

@@ -53,7 +53,9 @@ PLAN_FORMAT = "ggfuse-plan"
 #              record may name a GGUF type while "all" reads bf16, and a matrix's forms may be
 #              both "bf16" and "raw". A 7.x runtime would read the bf16 copy. The one-token
 #              delta rule names its kernel (by_chunk "kernel": "step" gdr_step_*, or "loop").
-PLAN_VERSION = (8, 0)
+#          8.1 lowering "pdl" (option pdl): whether the captured graphs' kernel-to-kernel edges are
+#              programmatic (kernels/graph.py); an 8.0 runtime ignores it and runs them in full order.
+PLAN_VERSION = (8, 1)
 
 
 @dataclass(frozen=True)

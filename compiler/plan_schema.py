@@ -148,11 +148,17 @@ class DenseForm(_M):
     why: Name
 
 
+class Pdl(_M):
+    on: bool
+    why: Annotated[str, Field(max_length=400)]
+
+
 class Lowering(_M):
     target: Target
     precision: Name
     captures: Annotated[list[PosInt], Field(min_length=1, max_length=64)]
     dense_form: DenseForm
+    pdl: Optional[Pdl] = None
 
 
 class DeviceWeight(_M):

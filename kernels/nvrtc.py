@@ -20,6 +20,8 @@ DEFAULT_OPTIONS = ("-std=c++17", "-default-device", "--use_fast_math", "-lineinf
 _INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.M)
 _lock = threading.Lock()
 _modules: dict = {}
+_ARCH_CC = re.compile(r"^(?:sm|compute)_(\d+)")
+_pdl_ready: set = set()     # CUfunction handles of kernels that wait before reading (kernels/pdl.cuh)
 
 
 class KernelBuildError(RuntimeError):
@@ -190,9 +192,34 @@ def load_module(path: str, options=(), defines: dict | None = None):
             if not os.path.exists(fd):
                 with open(fd, "wb") as f:
                     f.write(cubin)
-            mod = cupy.RawModule(path=fd)
+            mod = _Module(cupy.RawModule(path=fd), pdl=int(_ARCH_CC.match(arch).group(1)) >= 90)
             _modules[key] = mod
     return mod
+
+
+class _Module:
+    """A loaded module (cupy.RawModule's methods) whose get_function notes, for a module built
+    for sm_90 or newer, the kernel's handle as ready for a programmatic edge (kernels/pdl.cuh:
+    every ggfuse kernel waits before it reads what an earlier kernel wrote; below sm_90 the
+    wait compiles to nothing)."""
+
+    def __init__(self, mod, pdl: bool):
+        self._mod, self.pdl = mod, pdl
+
+    def get_function(self, name: str):
+        fn = self._mod.get_function(name)
+        if self.pdl and getattr(fn, "ptr", None):
+            _pdl_ready.add(int(fn.ptr))
+        return fn
+
+    def __getattr__(self, name):
+        return getattr(self._mod, name)
+
+
+def pdl_ready(func_handle: int) -> bool:
+    """Whether the kernel with this CUfunction handle came from a module load_module built for
+    sm_90 or newer (so it waits for the kernels before it: kernels/pdl.cuh)."""
+    return int(func_handle) in _pdl_ready
 
 
 def all_sources() -> list[str]:

@@ -176,6 +176,20 @@ def _gemv_raw_tensors(g: Graph, tensors: dict, options, sizes: list[int]) -> set
     return out
 
 
+def _pdl(option: str, spec: TargetSpec) -> dict:
+    """Programmatic dependent launch in the captured graphs (kernels/graph.py): sm_90 and newer
+    have it; the kernels built for older targets have no wait in them (kernels/pdl.cuh)."""
+    if spec.cc < 90:
+        if option == "on":
+            raise GGFuseError(None, f"option pdl: on needs an sm_90a target (programmatic dependent launch), "
+                                    f"not {spec.name}")
+        return {"on": False, "why": f"target {spec.name}: no programmatic dependent launch below sm_90"}
+    if option == "off":
+        return {"on": False, "why": "option pdl off"}
+    return {"on": True, "why": f"target {spec.name}: kernel-to-kernel edges of the captured graphs are "
+                               f"programmatic (each kernel waits in griddepcontrol.wait for the one before)"}
+
+
 def _gemv_reads_raw(decode_dense: str, raw: str) -> bool:
     """Whether a one-row product reads a quantised type as stored: gemv, every type with a GEMV
     kernel; auto, the types whose one-row kernel beats cuBLAS on the bf16 copy on the H200
@@ -692,6 +706,7 @@ def run(g: Graph, *, options, device_free: int | None = None) -> PassResult:
     g.meta["lowering"] = {
         "target": spec.to_json(), "precision": options.precision, "captures": sizes,
         "dense_form": {"form": "bf16" if dense_bf16 else "raw", "why": why},
+        "pdl": _pdl(options.pdl, spec),
     }
     g.meta["weights"] = {name: {"roles": sorted(roles.get(name, {"gemm"})), "forms": forms[name],
                                 "ggml_type": t["ggml_type"], "shape": list(t["shape"]),

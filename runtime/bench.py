@@ -182,8 +182,12 @@ def decode_row(model, backend, n: int, rng, repeat: int, log=print) -> dict:
     cache = decode_cache_report(backend)      # of the last timed run (random tokens: a cache's worst case)
     if cache is not None:
         row["expert_cache"] = cache
+    if getattr(backend, "pdl", None) is not None:
+        row["pdl"] = bool(backend.pdl)
+        row["pdl_edges"] = int(getattr(backend, "pdl_edges", 0))     # in every graph captured so far
     log(f"tg{n:<7} {row['tok_per_s']:10.1f} tok/s   {row['ms_per_token']:.2f} ms/token"
         + (f"   host {row['host_ms_per_token']:.3f} ms/token ({100 * row['host_fraction']:.1f}%)" if host else "")
+        + (f"   pdl {row['pdl_edges']} edges" if row.get("pdl") else "")
         + expert_cache_text(cache))
     return row
 

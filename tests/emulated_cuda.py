@@ -459,6 +459,10 @@ def emulated_device(monkeypatch):
             return types.SimpleNamespace(launch=launch)
         monkeypatch.setattr(Stream, "begin_capture", begin)
         monkeypatch.setattr(Stream, "end_capture", end)
+        # a programmatic-launch capture (kernels/graph.py) ends through the runtime: the same graph
+        from ggfuse.kernels import graph as kgraph
+        monkeypatch.setattr(cp.cuda.runtime, "streamEndCapture", lambda ptr: end(None))
+        monkeypatch.setattr(kgraph, "_programmatic_graph", lambda g: g)
         # copies issued while capturing (a streamed layer's expert fetch joined to the graph)
         # are part of the graph: they run when it is launched
         copy = cp.cuda.runtime.memcpyAsync

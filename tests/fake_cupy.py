@@ -42,9 +42,12 @@ _ids = itertools.count(1)
 class Stream:
     log: list = []
 
+    by_ptr: dict = {}
+
     def __init__(self, non_blocking=False):
         self.captures = 0
         self.ptr = 0x1000 + next(_ids)
+        Stream.by_ptr[self.ptr] = self
 
     def __enter__(self):
         return self
@@ -64,7 +67,19 @@ class Stream:
 
     def end_capture(self):
         Stream.log.append(("capture.end", self))
-        return types.SimpleNamespace(launch=lambda stream=None: Stream.log.append(("graph.launch", stream)))
+        return _fake_graph()
+
+
+def _fake_graph(pdl: bool = False):
+    return types.SimpleNamespace(launch=lambda stream=None: Stream.log.append(("graph.launch", stream)),
+                                 pdl_edges=0, pdl=pdl)
+
+
+def _stream_end_capture(ptr):
+    """cudaStreamEndCapture as kernels/graph.py calls it for a programmatic graph: the handle
+    its _programmatic_graph (patched by fake_device) receives."""
+    Stream.log.append(("capture.end", Stream.by_ptr[ptr]))
+    return ptr
 
 
 class Event:
@@ -106,6 +121,7 @@ def make_fake_cupy():
     cuda.alloc_pinned_memory = lambda n: bytearray(n)
     cuda.runtime = types.SimpleNamespace(memGetInfo=lambda: (70 << 30, 80 << 30), getDeviceCount=lambda: 1,
                                          memcpyAsync=_memcpy_async, hostRegister=_host_register,
+                                         streamEndCapture=_stream_end_capture,
                                          hostUnregister=lambda ptr: Stream.log.append(("runtime.hostUnregister", ptr)),
                                          getDeviceProperties=lambda i: {"multiProcessorCount": 132,
                                                                         "name": b"fake H200"})
@@ -138,6 +154,8 @@ def fake_device(monkeypatch, refuse_register: bool = False, cc: str = "90"):
     monkeypatch.setattr(blas, "usable", lambda a_dtype, w_type: a_dtype == "bf16" and w_type == "bf16")
     monkeypatch.setattr(gl, "_cc", {})      # per-device caches of the real device's properties
     monkeypatch.setattr(gl, "_sms", {})
+    from ggfuse.kernels import graph as kgraph
+    monkeypatch.setattr(kgraph, "_programmatic_graph", lambda handle: _fake_graph(pdl=True))
     for modname in LAUNCH_MODULES:
         mod = importlib.import_module(modname)
         for name, fn in list(vars(mod).items()):

@@ -105,3 +105,29 @@ def test_generate_under_a_budget_reports_the_cache():
     assert st.expert_cache is not None and st.expert_cache["tokens"] == st.n_decode
     assert "experts on the device" in st.line()
     be.close()
+
+
+# ---- programmatic dependent launch (kernels/graph.py, option pdl) ------------------------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_programmatic_launch_changes_no_result(arch):
+    """The captured prefill chunks and one-token steps with programmatic edges (pdl auto on
+    sm_90a) give the same logits, bit for bit, as with full dependencies (pdl off): every kernel
+    waits before it reads what the kernels before it wrote."""
+    tokens = refs(arch)["tokens"]
+    out = {}
+    for pdl in ("off", "auto"):
+        m = ggfuse.load(fixture(arch, "q4_k_m"), device="cuda", chunk=16, pdl=pdl)
+        full = []
+        for _ in range(2):                                   # eager, then replayed
+            m.reset()
+            full.append(m.prefill(tokens))
+        m.reset()
+        m.prefill(tokens[:30], logits="last")
+        steps = np.concatenate([m.prefill(tokens[i:i + 1], logits="last") for i in range(30, 40)])
+        out[pdl] = (full[1], steps, m.backend.pdl, m.backend.pdl_edges)
+        assert np.array_equal(full[0], full[1])
+    assert out["off"][2:] == (False, 0)
+    sm90 = int(cp.cuda.Device().compute_capability) >= 90
+    assert out["auto"][2] is sm90 and (out["auto"][3] > 0) is sm90, out["auto"][2:]
+    assert np.array_equal(out["off"][0], out["auto"][0]) and np.array_equal(out["off"][1], out["auto"][1])

@@ -38,6 +38,28 @@ def test_inspect_names_a_kernel_for_every_step(arch, target, tmp_path):
     assert code == 0 and "steps (kernel and variant" in out and f"lowered for {target}" in out
 
 
+@pytest.mark.parametrize("target,flag,on", [("sm_90a", None, True), ("sm_90a", "off", False), ("sm_90a", "on", True),
+                                           ("sm_89", None, False), ("sm_80", "off", False)])
+def test_plan_records_programmatic_launch(target, flag, on, tmp_path):
+    plan = tmp_path / "p.json"
+    extra = ["--pdl", flag] if flag else []
+    code, out, err = run_cli("compile", EXAMPLE, "-o", str(plan), "--target", target, "--chunk", "64", *extra)
+    assert code == 0, err
+    d = json.loads(run_cli("inspect", str(plan), "--json")[1])
+    assert d["lowering"]["pdl"]["on"] is on and d["options"]["pdl"] == (flag or "auto")
+    assert (target in d["lowering"]["pdl"]["why"]) or flag == "off"
+    code, out, err = run_cli("inspect", str(plan))
+    assert f"programmatic dependent launch {'on' if on else 'off'}" in out
+
+
+@pytest.mark.parametrize("bad", [["--target", "sm_89", "--pdl", "on"], ["--target", "sm_90a", "--pdl", "yes"]])
+def test_bad_pdl_is_one_line(bad, tmp_path):
+    plan = tmp_path / "p.json"
+    code, out, err = run_cli("compile", EXAMPLE, "-o", str(plan), *bad)
+    assert code == 2 and "pdl" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not plan.exists()
+
+
 def test_cpu_plan_is_not_lowered(tmp_path):
     plan = tmp_path / "p.json"
     code, out, err = run_cli("compile", EXAMPLE, "-o", str(plan), "--target", "cpu")

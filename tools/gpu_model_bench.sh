@@ -33,6 +33,10 @@ declare -A ROW=(
   [tg_gemm]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --decode-dense gemm"
   [tg_gemv]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --decode-dense gemv"
   [tg_auto]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --decode-dense auto"
+  # programmatic dependent launch off (the default, auto, is on for sm_90a)
+  [tg_nopdl]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --pdl off"
+  [short_nopdl]="--prompt 64,128,256,512 --chunk 512 --sub-chunk-min 64 --tg 0 --pdl off"
+  [short]="--prompt 64,128,256,512 --chunk 512 --sub-chunk-min 64 --tg 0"
 )
 ORDER=(layer auto smallq small ada ada_smallq long)
 [ $# -gt 0 ] && ORDER=("$@")

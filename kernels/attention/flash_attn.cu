@@ -25,6 +25,7 @@
 // Throughput bound: every warp reads its Q slice and the whole K and V tile through ldmatrix,
 // 72 KB of smem per 1 MFLOP of mma, so at 128 B/clk/SM this design tops out near 16 FLOP per
 // smem byte (~420 TFLOP/s on an H100 SXM); wgmma (sm_90a) would be the next step past that.
+#include "pdl.cuh"
 #include <cuda_bf16.h>
 
 namespace fa {
@@ -322,7 +323,7 @@ __device__ __forceinline__ void flash_attn_prefill(
     extern "C" __global__ void __launch_bounds__(fa::THREADS, 2) NAME(                                \
             const QT* q, long long q_stride_t, long long q_stride_h, const __nv_bfloat16* k_cache,   \
             const __nv_bfloat16* v_cache, OT* out, int T, int Hq, int Hkv, float scale,              \
-            const int* past_dev, const int* n_valid_dev) {                                           \
+            const int* past_dev, const int* n_valid_dev) { ggf_pdl_entry();                          \
         fa::flash_attn_prefill<D, DV, QT, OT>(q, q_stride_t, q_stride_h, k_cache, v_cache, out, T,   \
                                               Hq, Hkv, scale, past_dev, n_valid_dev);                \
     }

@@ -23,6 +23,7 @@
 // Lane l of the warp holds dims d = i * 32 + l (i < D / 32) of q and of the output accumulator,
 // so every key row is read with coalesced 32-element loads; scores use an online softmax in
 // log2 units (exp2 of score * scale * log2 e). Blocks of 4 warps: 4 consecutive queries of a head.
+#include "pdl.cuh"
 #include "common.cuh"
 #include "attention/window_keys.cuh"
 
@@ -123,7 +124,7 @@ __device__ __forceinline__ void window_attn(
             const QT* q, long long q_st, long long q_sh, const float* k, long long k_st, long long k_sh, \
             const float* v, long long v_st, long long v_sh, const __nv_bfloat16* k_ring,             \
             const __nv_bfloat16* v_ring, OT* out, int T, int Hq, int Hkv, int R, int window,         \
-            float scale, const int* past_dev, const int* n_valid_dev) {                              \
+            float scale, const int* past_dev, const int* n_valid_dev) { ggf_pdl_entry();             \
         wa::window_attn<D, QT, OT>(q, q_st, q_sh, k, k_st, k_sh, v, v_st, v_sh, k_ring, v_ring, out, T, \
                                    Hq, Hkv, R, window, scale, past_dev, n_valid_dev);                 \
     }

@@ -31,6 +31,7 @@
 //   GDR_VB 64    value columns per recurrence CTA (16 per warp)
 //   GDR_STAGES 2 shared-memory stages of the recurrence (1 where 2 do not fit: sm_89)
 
+#include "pdl.cuh"
 #include <cuda_bf16.h>
 
 #ifndef GDR_DK
@@ -590,10 +591,10 @@ __device__ __forceinline__ void recur_impl(
     bf16* vc, int T, int Hk, int Hv, float scale, int head_map
 #define GDR_PREP_PASS q, k, qk_stride, v, v_stride, GDR_DV, g, beta, Tg, Pg, Fg, qc, kc, vc, T, Hk, Hv, scale, head_map
 
-extern "C" __global__ void __launch_bounds__(128, 3) gdr_prep_bf16(GDR_PREP_ARGS(bf16)) {
+extern "C" __global__ void __launch_bounds__(128, 3) gdr_prep_bf16(GDR_PREP_ARGS(bf16)) { ggf_pdl_entry();
     gdr::prep_impl<GDR_DK, bf16>(GDR_PREP_PASS);
 }
-extern "C" __global__ void __launch_bounds__(128, 3) gdr_prep_f32(GDR_PREP_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(128, 3) gdr_prep_f32(GDR_PREP_ARGS(float)) { ggf_pdl_entry();
     gdr::prep_impl<GDR_DK, float>(GDR_PREP_PASS);
 }
 
@@ -603,9 +604,9 @@ extern "C" __global__ void __launch_bounds__(128, 3) gdr_prep_f32(GDR_PREP_ARGS(
     int Hv, float scale, int head_map
 #define GDR_RECUR_PASS q, k, qk_stride, v, v_stride, Tg, Pg, Fg, state, out, T, Hk, Hv, scale, head_map
 
-extern "C" __global__ void __launch_bounds__(GDR_VB * 2, 1) gdr_recur_f32(GDR_RECUR_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(GDR_VB * 2, 1) gdr_recur_f32(GDR_RECUR_ARGS(float)) { ggf_pdl_entry();
     gdr::recur_impl<GDR_DK, GDR_DV, GDR_VB, GDR_STAGES, float>(GDR_RECUR_PASS);
 }
-extern "C" __global__ void __launch_bounds__(GDR_VB * 2, 1) gdr_recur_bf16(GDR_RECUR_ARGS(bf16)) {
+extern "C" __global__ void __launch_bounds__(GDR_VB * 2, 1) gdr_recur_bf16(GDR_RECUR_ARGS(bf16)) { ggf_pdl_entry();
     gdr::recur_impl<GDR_DK, GDR_DV, GDR_VB, GDR_STAGES, bf16>(GDR_RECUR_PASS);
 }

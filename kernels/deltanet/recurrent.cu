@@ -13,6 +13,7 @@
 //   registers and written once, 256 threads per (value head, 32 value columns); K <= 256,
 //   V % 4 == 0, state 16-byte aligned (layout and why: its section below). The launcher
 //   (launch.py gated_delta_rule_recurrent) picks it for one token and the loop kernel otherwise.
+#include "pdl.cuh"
 #include "common.cuh"
 
 template<typename TI, typename TO>
@@ -63,7 +64,7 @@ __device__ __forceinline__ void gdr_recurrent_impl(const TI* __restrict__ q, con
 #define GDR_RECURRENT(NAME, TI, TO)                                                                           \
 extern "C" __global__ void NAME(const TI* q, const TI* k, long long qk_ld, const TI* v, long long v_ld,      \
                                 const float* g, const float* beta, float* state, TO* out, int T, int Hk,      \
-                                int Hv, int K, int V, float scale, int head_map) {                            \
+                                int Hv, int K, int V, float scale, int head_map) { ggf_pdl_entry();           \
     gdr_recurrent_impl<TI, TO>(q, k, qk_ld, v, v_ld, g, beta, state, out, T, Hk, Hv, K, V, scale, head_map);   \
 }
 GDR_RECURRENT(gdr_recurrent_f32, float, float)
@@ -179,7 +180,7 @@ __device__ __forceinline__ void gdr_step_impl(const TI* __restrict__ q, const TI
 #define GDR_STEP(NAME, TI, TO)                                                                                \
 extern "C" __global__ void __launch_bounds__(STEP_THREADS)                                                    \
 NAME(const TI* q, const TI* k, const TI* v, const float* g, const float* beta, float* state, TO* out, int Hk,  \
-     int Hv, int K, int V, float scale, int head_map) {                                                        \
+     int Hv, int K, int V, float scale, int head_map) { ggf_pdl_entry();                                       \
     gdr_step_impl<TI, TO>(q, k, v, g, beta, state, out, Hk, Hv, K, V, scale, head_map);                        \
 }
 GDR_STEP(gdr_step_f32_f32, float, float)

@@ -7,6 +7,7 @@
 //   get_rows_<type>_<out>(raw, n_table_rows, row_len, row_bytes, ids, n_tokens, out)
 //       out[t, :] = table[clamp(ids[t]), :]; out [n_tokens, row_len]. One block per token.
 //       Out-of-range ids (e.g. padding tokens) are clamped, never read out of bounds.
+#include "pdl.cuh"
 #include "common.cuh"
 #include "quant/ggml_quants.cuh"
 
@@ -55,12 +56,12 @@ __device__ __forceinline__ void get_rows_impl(const unsigned char* __restrict__ 
 
 #define GGF_DEQUANT_KERNELS(T, tname, O, oname)                                                            \
     extern "C" __global__ void __launch_bounds__(256) dequantize_##tname##_##oname(                        \
-        const unsigned char* __restrict__ raw, long long n_elems, O* __restrict__ out) {                    \
+        const unsigned char* __restrict__ raw, long long n_elems, O* __restrict__ out) { ggf_pdl_entry();   \
         dequantize_flat<T, O>(raw, n_elems, out);                                                          \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(256) get_rows_##tname##_##oname(                          \
         const unsigned char* __restrict__ raw, int n_table_rows, int row_len, long long row_bytes,         \
-        const int* __restrict__ ids, int n_tokens, O* __restrict__ out) {                                  \
+        const int* __restrict__ ids, int n_tokens, O* __restrict__ out) { ggf_pdl_entry();                 \
         get_rows_impl<T, O>(raw, n_table_rows, row_len, row_bytes, ids, n_tokens, out);                    \
     }
 

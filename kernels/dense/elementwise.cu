@@ -9,6 +9,7 @@
 //
 // Run-time scalars that change between CUDA-graph replays (P, n_valid) are read from device
 // int32 pointers, never passed by value.
+#include "pdl.cuh"
 #include "common.cuh"
 
 // ---- V-wide f32 loads, O stores (V = 1 or 4; V = 4 needs 16-byte aligned f32 and 8-byte
@@ -126,7 +127,7 @@ __device__ __forceinline__ void row_norm_impl(
         const float* a, long long a_st, long long a_sh, const float* b, long long b_st, long long b_sh, \
         const float* w, const float* z, long long z_st, long long z_sh,                                 \
         O* out, long long o_st, long long o_sh, float* out_sum, long long s_st, long long s_sh,         \
-        int n_rows, int H, int D, float eps, int l2) {                                                  \
+        int n_rows, int H, int D, float eps, int l2) { ggf_pdl_entry();                                 \
         row_norm_impl<G, V, O>(a, View{a_st, a_sh}, b, View{b_st, b_sh}, w, z, View{z_st, z_sh},        \
                                out, View{o_st, o_sh}, out_sum, View{s_st, s_sh}, n_rows, H, D, eps, l2);  \
     }
@@ -153,7 +154,7 @@ extern "C" __global__ void __launch_bounds__(NR_WARPS * 32) norm_rope_f32(
     const float* __restrict__ x, long long x_st, long long x_sh, const float* __restrict__ w,
     const int* __restrict__ pos, float* __restrict__ out, long long o_st, long long o_sh,
     int H, int D, int n_dims, double freq_base, double freq_scale, float eps, int mode,
-    const float* __restrict__ ff) {
+    const float* __restrict__ ff) { ggf_pdl_entry();
     __shared__ float cs[NR_MAX_D / 2], sn[NR_MAX_D / 2];
     __shared__ float rowbuf[NR_WARPS][NR_MAX_D];
     const int t = blockIdx.x;
@@ -265,7 +266,7 @@ __device__ __forceinline__ void ew_impl(const float* a, View va, const float* b,
     extern "C" __global__ void __launch_bounds__(256) ew_v##V##_##oname(                                \
         const float* a, long long a_st, long long a_sh, const float* b, long long b_st, long long b_sh, \
         int b_bcast, O* out, long long o_st, long long o_sh, int n_rows, int H, int D, int op,          \
-        float factor) {                                                                                 \
+        float factor) { ggf_pdl_entry();                                                                \
         ew_impl<V, O>(a, View{a_st, a_sh}, b, View{b_st, b_sh}, b_bcast, out, View{o_st, o_sh}, n_rows,  \
                       H, D, op, factor);                                                                \
     }
@@ -286,7 +287,7 @@ GGF_EW(4, __nv_bfloat16, bf16)
 extern "C" __global__ void __launch_bounds__(256) deltanet_gates_f32(
     const float* __restrict__ alpha, long long a_st, long long a_sg, const float* __restrict__ beta_lin,
     long long b_st, long long b_sg, int group, const float* __restrict__ dt_bias, const float* __restrict__ ssm_a,
-    float* __restrict__ g_out, float* __restrict__ beta_out, const int* __restrict__ n_valid, int T, int Hv) {
+    float* __restrict__ g_out, float* __restrict__ beta_out, const int* __restrict__ n_valid, int T, int Hv) { ggf_pdl_entry();
     const int nv = n_valid ? *n_valid : T;
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < (long long)T * Hv;
          idx += (long long)gridDim.x * blockDim.x) {
@@ -365,11 +366,11 @@ __device__ __forceinline__ void ssm_conv_state_impl(const float* __restrict__ x,
 #define GGF_CONV(KC)                                                                                    \
     extern "C" __global__ void __launch_bounds__(256) ssm_conv_silu_k##KC(                              \
         const float* x, long long x_st, const float* state, const float* w, float* out, long long o_st, \
-        int T, int C) {                                                                                 \
+        int T, int C) { ggf_pdl_entry();                                                                \
         ssm_conv_silu_impl<KC>(x, x_st, state, w, out, o_st, T, C);                                     \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) ssm_conv_state_k##KC(                             \
-        const float* x, long long x_st, float* state, const int* n_valid, int T, int C) {               \
+        const float* x, long long x_st, float* state, const int* n_valid, int T, int C) { ggf_pdl_entry(); \
         ssm_conv_state_impl<KC>(x, x_st, state, n_valid, T, C);                                         \
     }
 GGF_CONV(2)
@@ -384,7 +385,7 @@ GGF_CONV(4)
 extern "C" __global__ void __launch_bounds__(256) kv_append_bf16(
     const float* __restrict__ k, long long k_st, long long k_sh, const float* __restrict__ v, long long v_st,
     long long v_sh, __nv_bfloat16* __restrict__ k_cache, __nv_bfloat16* __restrict__ v_cache,
-    const int* __restrict__ p_dev, int T, int Hkv, int D, int max_ctx) {
+    const int* __restrict__ p_dev, int T, int Hkv, int D, int max_ctx) { ggf_pdl_entry();
     const int P = *p_dev;
     const bool is_v = blockIdx.y == 1;
     const float* src = is_v ? v : k;
@@ -405,7 +406,7 @@ extern "C" __global__ void __launch_bounds__(256) kv_append_bf16(
 // x [R, N] (row stride x_st) -> out [R] int32, the first index of the largest value (as
 // numpy.argmax; NaN is not treated specially). One block per row.
 extern "C" __global__ void __launch_bounds__(256) argmax_rows_f32(const float* __restrict__ x, long long x_st,
-                                                                   int* __restrict__ out, int N) {
+                                                                   int* __restrict__ out, int N) { ggf_pdl_entry();
     __shared__ float sv[32];
     __shared__ int si[32];
     const float* xr = x + blockIdx.x * x_st;
@@ -521,7 +522,7 @@ __device__ __forceinline__ void norm_add_impl(
         const float* x, long long x_st, long long x_sh, const float* w, const float* res,              \
         long long r_st, long long r_sh, const float* s, const float* w_next, float* out_sum,            \
         long long s_st, long long s_sh, O* out_norm, long long o_st, long long o_sh, int n_rows, int H, \
-        int D, float eps, float eps_next) {                                                             \
+        int D, float eps, float eps_next) { ggf_pdl_entry();                                            \
         norm_add_impl<G, V, O>(x, View{x_st, x_sh}, w, res, View{r_st, r_sh}, s, w_next, out_sum,       \
                                View{s_st, s_sh}, out_norm, View{o_st, o_sh}, n_rows, H, D, eps, eps_next); \
     }
@@ -540,7 +541,7 @@ GGF_NORM_ADD_O(256, 4)
 // Every ring element is written at most once, so threads do not race.
 extern "C" __global__ void __launch_bounds__(256) kv_ring_append_bf16(
     const float* __restrict__ x, long long x_st, long long x_sh, __nv_bfloat16* __restrict__ ring,
-    const int* __restrict__ p_dev, const int* __restrict__ n_valid, int T, int Hkv, int D, int R) {
+    const int* __restrict__ p_dev, const int* __restrict__ n_valid, int T, int Hkv, int D, int R) { ggf_pdl_entry();
     const int P = *p_dev;
     const int nv = min(max(*n_valid, 0), T);
     const int t0 = max(0, nv - R);

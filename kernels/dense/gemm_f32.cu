@@ -2,6 +2,7 @@
 // router weights f32 and multiplies in f32, and random-init routers have near-ties that bf16
 // rounding flips. A 64x64 output tile per 256-thread block, 4x4 per thread, K in steps of 16.
 // A rows have stride lda, C rows stride ldc (elements); W is contiguous [N, K].
+#include "pdl.cuh"
 #include "common.cuh"
 
 #define BM 64
@@ -10,7 +11,7 @@
 
 extern "C" __global__ void __launch_bounds__(256) gemm_f32_nt(
         const float* __restrict__ A, long long lda, const float* __restrict__ W,
-        float* __restrict__ C, long long ldc, int M, int N, int K) {
+        float* __restrict__ C, long long ldc, int M, int N, int K) { ggf_pdl_entry();
     __shared__ float As[BK][BM + 4];
     __shared__ float Ws[BK][BN + 4];
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;

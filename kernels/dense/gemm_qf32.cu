@@ -7,6 +7,7 @@
 //       C[m, n] = silu(A[m] . Wg[n]) * (A[m] . Wu[n])          grid (ceil(N/64), ceil(M/64))
 //       (built with GLU_ACT=1: gelu(A[m] . Wg[n]) * (A[m] . Wu[n]), Gemma 4)
 // A: f32 rows of stride lda; C: f32 rows of stride ldc; W: N rows of row_bytes; K % 8 == 0.
+#include "pdl.cuh"
 #include "dense/qf32_tile.cuh"
 
 template<int W, bool SWIGLU>
@@ -35,13 +36,13 @@ __device__ __forceinline__ void gemm_qf32_impl(const float* __restrict__ A, long
 #define GEMM_QF32(WNAME, WTYPE)                                                                     \
 extern "C" __global__ void __launch_bounds__(qf32::THREADS)                                         \
 gemm_qf32_##WNAME(const float* A, long long lda, const unsigned char* w, long long row_bytes,        \
-                  float* C, long long ldc, int M, int N, int K, int accumulate) {                    \
+                  float* C, long long ldc, int M, int N, int K, int accumulate) { ggf_pdl_entry();   \
     gemm_qf32_impl<WTYPE, false>(A, lda, w, w, row_bytes, C, ldc, M, N, K, accumulate);             \
 }                                                                                                   \
 extern "C" __global__ void __launch_bounds__(qf32::THREADS)                                         \
 gemm_swiglu_qf32_##WNAME(const float* A, long long lda, const unsigned char* wg,                    \
                          const unsigned char* wu, long long row_bytes, float* C, long long ldc,     \
-                         int M, int N, int K) {                                                     \
+                         int M, int N, int K) { ggf_pdl_entry();                                    \
     gemm_qf32_impl<WTYPE, true>(A, lda, wg, wu, row_bytes, C, ldc, M, N, K, 0);                     \
 }
 

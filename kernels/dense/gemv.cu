@@ -19,6 +19,7 @@
 // One row (M = 1) of Q4_K or Q6_K runs gemv1_<a>_<w> instead (below), laid out for the type's
 // blocks: dq8's per-group decode makes gemv_<a>_<w> bound by instructions per weight there, not
 // by bytes (H200, [8192, 2048] Q4_K: 20 us -> 11 us).
+#include "pdl.cuh"
 #include "common.cuh"
 #include "quant/ggml_quants.cuh"
 #include "quant/dq8.cuh"
@@ -65,7 +66,9 @@ __device__ __forceinline__ void gemv_impl(const A* __restrict__ x, long long ldx
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int rpb = 8 / wpr, sub = warp % wpr;   // rows per block step, this warp's share of K
     const int n0 = blockIdx.x * rpb + warp / wpr;
+    ggf_pdl_launch();
     prefetch_row_l2(w, row_bytes, n0, N, sub * 32 + lane, wpr);   // the first row's bytes on their way to L2
+    ggf_pdl_wait();                  // the weights need no earlier kernel; x and nvalid do
     const long long r0 = nvalid ? (long long)max(nvalid[0] - 1, 0) : 0;
     for (int i = threadIdx.x; i < M * K; i += blockDim.x) {
         const int m = i / K, k = i - m * K;
@@ -149,7 +152,9 @@ __device__ __forceinline__ void gemv1_q4k_impl(const A* __restrict__ x, long lon
     const int rpb = 8 / wpr, sub = warp % wpr;
     const int nb = K >> 8;
     const int n0 = blockIdx.x * rpb + warp / wpr;
+    ggf_pdl_launch();
     prefetch_row_l2(w, row_bytes, n0, N, sub * 32 + lane, wpr);
+    ggf_pdl_wait();
     const long long r0 = nvalid ? (long long)max(nvalid[0] - 1, 0) : 0;
     for (int i = threadIdx.x; i < K; i += blockDim.x) xs[i + 4 * (i >> 6)] = load_f(x + r0 * ldx + i);
     __syncthreads();
@@ -227,7 +232,9 @@ __device__ __forceinline__ void gemv1_q6k_impl(const A* __restrict__ x, long lon
     const int rpb = 8 / wpr, sub = warp % wpr;
     const int nb = K >> 8;
     const int n0 = blockIdx.x * rpb + warp / wpr;
+    ggf_pdl_launch();
     prefetch_row_l2(w, row_bytes, n0, N, sub * 32 + lane, wpr);
+    ggf_pdl_wait();
     const long long r0 = nvalid ? (long long)max(nvalid[0] - 1, 0) : 0;
     for (int i = threadIdx.x; i < K; i += blockDim.x) xs[i + 4 * (i >> 7)] = load_f(x + r0 * ldx + i);
     __syncthreads();

@@ -2,11 +2,12 @@
 //   rowdot_sigmoid: out[t] = sigmoid(dot(x[t, :], w))      (the shared expert's gate, [T, D] x [D])
 //   axpy_rows:      out[t, :] += y[t, :] * s[t]             (adding the gated shared expert)
 // x, y, out rows have strides (elements); D is the row length.
+#include "pdl.cuh"
 #include "common.cuh"
 
 extern "C" __global__ void rowdot_sigmoid_f32(const float* __restrict__ x, long long ldx,
                                               const float* __restrict__ w, float* __restrict__ out,
-                                              int T, int D) {
+                                              int T, int D) { ggf_pdl_entry();
     // one warp per row
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -21,7 +22,7 @@ extern "C" __global__ void rowdot_sigmoid_f32(const float* __restrict__ x, long 
 
 extern "C" __global__ void axpy_rows_f32(float* __restrict__ out, long long ldo,
                                          const float* __restrict__ y, long long ldy,
-                                         const float* __restrict__ s, int T, int D) {
+                                         const float* __restrict__ s, int T, int D) { ggf_pdl_entry();
     const long long n = (long long)T * D;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
@@ -33,7 +34,7 @@ extern "C" __global__ void axpy_rows_f32(float* __restrict__ out, long long ldo,
 // Gemma 4's per-expert output scale folded into the route weights (kernels/moe/ref.py moe_route
 // expert_scale): weights[t, j] *= scale[ids[t, j]] for the T*k slots. ids and weights contiguous.
 extern "C" __global__ void scale_by_expert_f32(float* __restrict__ weights, const int* __restrict__ ids,
-                                               const float* __restrict__ scale, int n) {
+                                               const float* __restrict__ scale, int n) { ggf_pdl_entry();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
         weights[i] *= scale[ids[i]];
 }

@@ -34,6 +34,7 @@
 // __syncthreads per step. Rows of A past M and rows of W past N are zero; k is a multiple of 4
 // (the launcher asks for K % 32 == 0). The loop body is branch-free (a tail tile computes its
 // zero rows) so that ptxas schedules each step as one block.
+#include "pdl.cuh"
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include "gemm/gemm_core.cuh"
@@ -276,7 +277,7 @@ __device__ __forceinline__ void router_gemm_block(
 #define ROUTER_GEMM1(NAME, BM, BN, WM, WN, KG, F16, AVEC, CHAIN)                                      \
     extern "C" __global__ void __launch_bounds__(32 * WM * WN * KG, 1) NAME(                          \
             const float* __restrict__ A, long long lda, const float* __restrict__ W,                  \
-            float* __restrict__ C, long long ldc, int M, int N, int K, float w_scale) {               \
+            float* __restrict__ C, long long ldc, int M, int N, int K, float w_scale) { ggf_pdl_entry(); \
         router::router_gemm_block<BM, BN, WM, WN, KG, F16, AVEC, CHAIN>(A, lda, W, C, ldc, M, N, K, w_scale); \
     }
 

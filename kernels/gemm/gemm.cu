@@ -4,6 +4,7 @@
 // <a> = f32a | bf16a (activation storage), <w> = the GGML type of W (bf16 = pre-dequantised).
 // grid (ceil(N / 128), ceil(M / 128)) [swiglu: (ceil(F / 64), ...)], 256 threads,
 // dynamic shared memory = launch.smem_bytes(w_type).
+#include "pdl.cuh"
 #include "gemm/gemm_core.cuh"
 #ifndef GLU_ACT
 #define GLU_ACT 0   // the GLU's gate: 0 SiLU (SwiGLU), 1 GELU-tanh (Gemma 4; launch.py builds a module with -DGLU_ACT=1)
@@ -12,14 +13,14 @@
 #define GEMM_KERNELS(WNAME, WTYPE, AF32, ANAME)                                                     \
 extern "C" __global__ void __launch_bounds__(gemm::kThreads, 2)                                     \
 gemm_##ANAME##_##WNAME(const void* a, long long lda, const unsigned char* w, long long w_row_bytes,   \
-                       int M, int N, int K, void* c, long long ldc, int c_bf16, int accumulate) {     \
+                       int M, int N, int K, void* c, long long ldc, int c_bf16, int accumulate) { ggf_pdl_entry(); \
     gemm::gemm_block<WTYPE, AF32, gemm::kGemm>(a, lda, w, w, w_row_bytes, 0, M, N, K, c, ldc, c_bf16, \
                                                accumulate, nullptr, nullptr, 0, 1, nullptr);          \
 }                                                                                                   \
 extern "C" __global__ void __launch_bounds__(gemm::kThreads, 2)                                     \
 gemm_swiglu_##ANAME##_##WNAME(const void* a, long long lda, const unsigned char* wg,                  \
                               const unsigned char* wu, long long w_row_bytes, int M, int F, int K,    \
-                              void* c, long long ldc, int c_bf16) {                                  \
+                              void* c, long long ldc, int c_bf16) { ggf_pdl_entry();                 \
     gemm::gemm_block<WTYPE, AF32, gemm::kSwiglu, GLU_ACT>(a, lda, wg, wu, w_row_bytes, 0, M, F, K, c, ldc,     \
                                                  c_bf16, 0, nullptr, nullptr, 0, 1, nullptr);        \
 }

@@ -10,6 +10,7 @@
 // (row tile, column tile) items; launch.py's default, GGFUSE_GEMM90_PERSIST=0 for a block per tile).
 // Compiled for sm_90a; for any other target the entry points are empty (launch.py never picks
 // them there).
+#include "pdl.cuh"
 #include "gemm/gemm90_core.cuh"
 #ifndef GLU_ACT
 #define GLU_ACT 0   // the GLU's gate: 0 SiLU (SwiGLU), 1 GELU-tanh (Gemma 4; launch.py builds a module with -DGLU_ACT=1)
@@ -26,14 +27,14 @@
 #define GEMM90_KERNELS_P(WNAME, WTYPE, AF32, ANAME, PFX, PERSIST)                                   \
 extern "C" __global__ void __launch_bounds__((g90::Cfg<WTYPE, AF32>::THREADS), 1)                   \
 PFX##_##ANAME##_##WNAME(const void* a, long long lda, const unsigned char* w, long long w_row_bytes,  \
-                        int M, int N, int K, void* c, long long ldc, int c_bf16, int accumulate) {    \
+                        int M, int N, int K, void* c, long long ldc, int c_bf16, int accumulate) { ggf_pdl_entry(); \
     GEMM90_BODY(g90::gemm_block<WTYPE, AF32, g90::kGemm, PERSIST>(a, lda, w, w, w_row_bytes, 0, M, N,   \
                 K, c, ldc, c_bf16, accumulate, nullptr, nullptr, 0, 1, nullptr);)                    \
 }                                                                                                   \
 extern "C" __global__ void __launch_bounds__((g90::Cfg<WTYPE, AF32>::THREADS), 1)                   \
 PFX##_swiglu_##ANAME##_##WNAME(const void* a, long long lda, const unsigned char* wg,                 \
                                const unsigned char* wu, long long w_row_bytes, int M, int F, int K,   \
-                               void* c, long long ldc, int c_bf16) {                                 \
+                               void* c, long long ldc, int c_bf16) { ggf_pdl_entry();                \
     GEMM90_BODY(g90::gemm_block<WTYPE, AF32, g90::kSwiglu, PERSIST, false, GLU_ACT>(a, lda, wg, wu, w_row_bytes, 0,    \
                 M, F, K, c, ldc, c_bf16, 0, nullptr, nullptr, 0, 1, nullptr);)                       \
 }

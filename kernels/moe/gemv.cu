@@ -57,6 +57,7 @@
 //   block adds the slots' partial rows in shared memory in slot order. (The old kernel walked a
 //   token's k experts one after another with a warp reduction per expert per row.) One unit per
 //   lane per step: two would spill under these bounds; rows longer than 32 units take more steps.
+#include "pdl.cuh"
 #include "common.cuh"
 #include "quant/ggml_quants.cuh"
 #include "quant/dq8.cuh"
@@ -95,7 +96,7 @@ __device__ __forceinline__ float warp_sum_n(float (&a)[N], int lane) {
 // its expert up in the offsets (binary search in shared memory) and writes it at its slot.
 extern "C" __global__ void __launch_bounds__(1024)
 moe_slot_experts(const int* __restrict__ slots, const int* __restrict__ offsets, int E, int n_slots,
-                 int* __restrict__ slot_expert) {
+                 int* __restrict__ slot_expert) { ggf_pdl_entry();
     extern __shared__ int offs[];        // E + 1
     for (int i = threadIdx.x; i <= E; i += blockDim.x) offs[i] = offsets[i];
     for (int j = threadIdx.x; j < n_slots; j += blockDim.x) slot_expert[j] = -1;
@@ -264,7 +265,7 @@ moe_gemv_gate_up_##ANAME##_##NAME(const ATYPE* x, long long ldx, int T, int k, i
                                   unsigned long long up_ptr, long long e_bytes, long long row_bytes, int F,      \
                                   int D, float* h, const int* slot_expert, const unsigned long long* wtab,       \
                                   int act, const u8* sh_gate, const u8* sh_up, long long sh_row_bytes, int Fs,   \
-                                  float* hs) {                                                                   \
+                                  float* hs) { ggf_pdl_entry();                                                  \
     gate_up_impl<WR, WS, ATYPE>(x, ldx, T, k, E, w_gate, up_ptr, e_bytes, row_bytes, F, D, h, slot_expert,       \
                                 wtab, act, sh_gate, sh_up, sh_row_bytes, Fs, hs);                                \
 }
@@ -274,7 +275,7 @@ extern "C" __global__ void __launch_bounds__(DN_MAX_WARPS * 32, 2)              
 moe_gemv_down_##NAME(const float* h, int T, int k, const float* weights, const u8* w_down, long long e_bytes,    \
                      long long row_bytes, int D, int F, const int* slot_expert, float* out, int accumulate,      \
                      const unsigned long long* wtab, const u8* sh_down, long long sh_row_bytes, int Fs,          \
-                     const float* hs, const float* sh_scale) {                                                   \
+                     const float* hs, const float* sh_scale) { ggf_pdl_entry();                                  \
     down_impl<WR, WS>(h, T, k, weights, w_down, e_bytes, row_bytes, D, F, slot_expert, out, accumulate, wtab,    \
                       sh_down, sh_row_bytes, Fs, hs, sh_scale);                                                  \
 }

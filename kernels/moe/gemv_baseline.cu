@@ -11,6 +11,7 @@
 //                     accumulate, wtab)                     grid (ceil(D / 8), T), 256 threads,
 //                                                           k F * 4 bytes of dynamic shared memory
 // (the shared expert: E = 1, k = 1, slot_expert nullptr, weights its gate, accumulate 1).
+#include "pdl.cuh"
 #include "common.cuh"
 #include "quant/ggml_quants.cuh"
 #include "quant/dq8.cuh"
@@ -88,7 +89,7 @@ extern "C" __global__ void __launch_bounds__(256)                               
 moe_gemv_gate_up_##ANAME##_##WNAME(const ATYPE* x, long long ldx, int T, int k, int E,                        \
                                    const unsigned char* w_gate, unsigned long long up_ptr, long long e_bytes,  \
                                    long long row_bytes, int F, int D, float* h, const int* slot_expert,         \
-                                   const unsigned long long* wtab, int act) {                                   \
+                                   const unsigned long long* wtab, int act) { ggf_pdl_entry();                  \
     gate_up_impl<WTYPE, ATYPE>(x, ldx, T, k, E, w_gate, up_ptr, e_bytes, row_bytes, F, D, h, slot_expert,      \
                                wtab, act);                                                                     \
 }
@@ -97,7 +98,7 @@ MOE_GEMV(WNAME, WTYPE, float, f32a) MOE_GEMV(WNAME, WTYPE, __nv_bfloat16, bf16a)
 extern "C" __global__ void __launch_bounds__(256)                                                              \
 moe_gemv_down_##WNAME(const float* h, int T, int k, const float* weights, const unsigned char* w_down,         \
                       long long e_bytes, long long row_bytes, int D, int F, const int* slot_expert, float* out,  \
-                      int accumulate, const unsigned long long* wtab) {                                         \
+                      int accumulate, const unsigned long long* wtab) { ggf_pdl_entry();                        \
     down_impl<WTYPE>(h, T, k, weights, w_down, e_bytes, row_bytes, D, F, slot_expert, out, accumulate, wtab);  \
 }
 

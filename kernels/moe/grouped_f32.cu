@@ -16,6 +16,7 @@
 //       out[t, d] = sum_{j < k} y[t*k + j, d], j in order (deterministic; no atomics)
 // Weight e of a stack starts expert_bytes after weight e-1; rows are row_bytes apart. With an
 // expert table wtab (may be null) expert e is at wtab[e] (gate, down) and wtab[E + e] (up) instead.
+#include "pdl.cuh"
 #include "dense/qf32_tile.cuh"
 
 // The expert owning sorted row m0 (offs[e] <= m0 < offs[e+1]), or -1 past offs[E].
@@ -90,14 +91,14 @@ extern "C" __global__ void __launch_bounds__(qf32::THREADS)                     
 moe_gate_up_qf32_##WNAME(const float* x, long long ldx, const unsigned char* wg,                    \
                          const unsigned char* wu, long long row_bytes, long long expert_bytes,      \
                          int F, int D, float* h, long long ldh, const int* slots, const int* offs,  \
-                         int E, int topk, const unsigned long long* wtab) {                         \
+                         int E, int topk, const unsigned long long* wtab) { ggf_pdl_entry();        \
     gate_up_impl<WTYPE>(x, ldx, wg, wu, row_bytes, expert_bytes, F, D, h, ldh, slots, offs, E, topk, wtab); \
 }                                                                                                   \
 extern "C" __global__ void __launch_bounds__(qf32::THREADS)                                         \
 moe_down_qf32_##WNAME(const float* h, long long ldh, const unsigned char* wd, long long row_bytes,  \
                       long long expert_bytes, int D, int F, const int* slots, const int* offs,      \
                       int E, const float* route_w, float* y, long long ldy,                         \
-                      const unsigned long long* wtab) {                                             \
+                      const unsigned long long* wtab) { ggf_pdl_entry();                            \
     down_impl<WTYPE>(h, ldh, wd, row_bytes, expert_bytes, D, F, slots, offs, E, route_w, y, ldy, wtab); \
 }
 
@@ -105,7 +106,7 @@ QF32_ALL_TYPES(MOE_QF32)
 
 extern "C" __global__ void __launch_bounds__(256)
 moe_sum_slots_f32(const float* __restrict__ y, long long ldy, int T, int k, int D, float* __restrict__ out,
-                  long long ldo) {
+                  long long ldo) { ggf_pdl_entry();
     const long long n = (long long)T * D;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         const long long t = i / D, d = i - t * D;

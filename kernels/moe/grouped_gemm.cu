@@ -11,6 +11,7 @@
 //                        by f32 vector atomics. grid (ceil(D / 128), S / 128), out f32 [T, D].
 // wtab (last argument, may be null): an expert table, expert e's weights at wtab[e] (gate or down)
 // and wtab[n_expert + e] (up) instead of w + e * w_expert_bytes (kernels/moe/launch.py).
+#include "pdl.cuh"
 #include "gemm/gemm_core.cuh"
 #ifndef GLU_ACT
 #define GLU_ACT 0   // the GLU's gate: 0 SiLU (SwiGLU), 1 GELU-tanh (Gemma 4; launch.py builds a module with -DGLU_ACT=1)
@@ -22,7 +23,7 @@ moe_gate_up_##ANAME##_##WNAME(const void* x, long long ldx, const unsigned char*
                               const unsigned char* wu, long long w_row_bytes, long long w_expert_bytes,\
                               int F, int K, void* h, long long ldh, const int* sorted_slots,          \
                               const int* expert_offsets, int n_expert, int topk,                      \
-                              const unsigned long long* wtab) {                                       \
+                              const unsigned long long* wtab) { ggf_pdl_entry();                      \
     gemm::gemm_block<WTYPE, AF32, gemm::kMoeGateUp, GLU_ACT>(x, ldx, wg, wu, w_row_bytes, w_expert_bytes, 0,   \
         F, K, h, ldh, 1, 0, sorted_slots, expert_offsets, n_expert, topk, nullptr, wtab);             \
 }
@@ -34,7 +35,7 @@ extern "C" __global__ void __launch_bounds__(gemm::kThreads, 2)                 
 moe_down_##WNAME(const void* h, long long ldh, const unsigned char* wd, long long w_row_bytes,        \
                  long long w_expert_bytes, int D, int F, float* out, long long ldo,                   \
                  const int* sorted_slots, const int* expert_offsets, int n_expert, int topk,          \
-                 const float* route_w, const unsigned long long* wtab) {                              \
+                 const float* route_w, const unsigned long long* wtab) { ggf_pdl_entry();             \
     gemm::gemm_block<WTYPE, false, gemm::kMoeDown>(h, ldh, wd, wd, w_row_bytes, w_expert_bytes, 0,    \
         D, F, out, ldo, 0, 0, sorted_slots, expert_offsets, n_expert, topk, route_w, wtab);           \
 }

@@ -15,6 +15,7 @@
 //     the dequantisation per MMA of the 128-row tiles.
 // wtab (last argument, may be null): an expert table, as in moe/grouped_gemm.cu.
 // Empty entry points for any target but sm_90a (launch.py picks them only there).
+#include "pdl.cuh"
 #include "gemm/gemm90_core.cuh"
 #ifndef GLU_ACT
 #define GLU_ACT 0   // the GLU's gate: 0 SiLU (SwiGLU), 1 GELU-tanh (Gemma 4; launch.py builds a module with -DGLU_ACT=1)
@@ -34,7 +35,7 @@ PFX##_gate_up_##ANAME##_##WNAME(const void* x, long long ldx, const unsigned cha
                                 const unsigned char* wu, long long w_row_bytes,                       \
                                 long long w_expert_bytes, int F, int K, void* h, long long ldh,       \
                                 const int* sorted_slots, const int* expert_offsets, int n_expert,     \
-                                int topk, const unsigned long long* wtab) {                           \
+                                int topk, const unsigned long long* wtab) { ggf_pdl_entry();          \
     MOE90_BODY(g90::gemm_block<WTYPE, AF32, g90::kMoeGateUp, PERSIST, WIDE, GLU_ACT>(x, ldx, wg, wu, w_row_bytes,       \
         w_expert_bytes, 0, F, K, h, ldh, 1, 0, sorted_slots, expert_offsets, n_expert, topk, nullptr, wtab);) \
 }
@@ -44,7 +45,7 @@ extern "C" __global__ void __launch_bounds__((g90::Cfg<WTYPE, false, WIDE>::THRE
 PFX##_down_##WNAME(const void* h, long long ldh, const unsigned char* wd, long long w_row_bytes,      \
                    long long w_expert_bytes, int D, int F, float* out, long long ldo,                 \
                    const int* sorted_slots, const int* expert_offsets, int n_expert, int topk,        \
-                   const float* route_w, const unsigned long long* wtab) {                            \
+                   const float* route_w, const unsigned long long* wtab) { ggf_pdl_entry();           \
     MOE90_BODY(g90::gemm_block<WTYPE, false, g90::kMoeDown, PERSIST, WIDE>(h, ldh, wd, wd, w_row_bytes,        \
         w_expert_bytes, 0, D, F, out, ldo, 0, 0, sorted_slots, expert_offsets, n_expert, topk, route_w, wtab);) \
 }

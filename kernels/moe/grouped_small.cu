@@ -32,6 +32,7 @@
 // are the A / B fragments of two k16 MMAs with K permuted inside the group (fragment k 2q, 2q+1,
 // 2q+8, 2q+9 <- elements 8q + 0..3, then 8q + 4..7): a dot product does not care in which order
 // K is summed as long as both operands use the same one.
+#include "pdl.cuh"
 #include "common.cuh"
 #include "quant/ggml_quants.cuh"
 #include "quant/dq8.cuh"     // dq8: 8 consecutive elements of a row by word loads
@@ -360,7 +361,7 @@ PFX##_gate_up_##ANAME##_##WNAME(const ATYPE* x, long long ldx, const unsigned ch
                                 unsigned long long up_ptr, long long e_bytes, long long row_bytes, int F,      \
                                 int K, __nv_bfloat16* h, long long ldh, const int* sorted_slots,               \
                                 const int* expert_offsets, int E, int k, const unsigned long long* wtab,        \
-                                int act) {                                                                      \
+                                int act) { ggf_pdl_entry();                                                     \
     gs::gate_up<WTYPE, IQP, ATYPE>(x, ldx, w_gate, up_ptr, e_bytes, row_bytes, F, K, h, ldh, sorted_slots,     \
                                    expert_offsets, E, k, wtab, act);                                           \
 }
@@ -370,7 +371,7 @@ extern "C" __global__ void __launch_bounds__(gs::THREADS, 4)                    
 PFX##_down_##WNAME(const __nv_bfloat16* h, long long ldh, const unsigned char* w_down, long long e_bytes,       \
                    long long row_bytes, int D, int F, float* out, long long ldo, const int* sorted_slots,       \
                    const int* expert_offsets, int E, int k, const float* route_w,                               \
-                   const unsigned long long* wtab) {                                                            \
+                   const unsigned long long* wtab) { ggf_pdl_entry();                                           \
     gs::down<WTYPE, IQP>(h, ldh, w_down, e_bytes, row_bytes, D, F, out, ldo, sorted_slots, expert_offsets, E,   \
                          k, route_w, wtab);                                                                     \
 }

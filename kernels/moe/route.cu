@@ -13,6 +13,7 @@
 //   moe_scatter  grid C, 256 threads: sorted_slots[off[e] + hist[c, e] + rank] = slot
 // Tokens t >= n_valid[0] (the padded tail of a chunk) get ids 0..k-1 and weight 0 and take no
 // part in the sort.
+#include "pdl.cuh"
 #include "common.cuh"
 
 #define ROUTE_MAX_PER_LANE 16   // E <= 512
@@ -21,7 +22,7 @@
 extern "C" __global__ void __launch_bounds__(256)
 moe_topk(const float* __restrict__ logits, int T, int E, int k, int gating, int norm, float scale,
          const int* __restrict__ n_valid, int* __restrict__ ids, float* __restrict__ weights,
-         int* __restrict__ slot_expert) {
+         int* __restrict__ slot_expert) { ggf_pdl_entry();
     const int lane = threadIdx.x & 31;
     const int t = blockIdx.x * 8 + (threadIdx.x >> 5);
     if (t >= T) return;
@@ -86,7 +87,7 @@ moe_topk(const float* __restrict__ logits, int T, int E, int k, int gating, int 
 
 extern "C" __global__ void __launch_bounds__(ROUTE_CHUNK)
 moe_hist(const int* __restrict__ ids, int T, int k, int E, const int* __restrict__ n_valid,
-         int* __restrict__ hist, int* __restrict__ sorted_slots, long long n_sorted) {
+         int* __restrict__ hist, int* __restrict__ sorted_slots, long long n_sorted) { ggf_pdl_entry();
     extern __shared__ int s_count[];   // E ints
     for (int e = threadIdx.x; e < E; e += ROUTE_CHUNK) s_count[e] = 0;
     for (long long i = (long long)blockIdx.x * ROUTE_CHUNK + threadIdx.x; i < n_sorted;
@@ -100,7 +101,7 @@ moe_hist(const int* __restrict__ ids, int T, int k, int E, const int* __restrict
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
-moe_scan(int* __restrict__ hist, int n_chunks, int E, int tile, int* __restrict__ offsets) {
+moe_scan(int* __restrict__ hist, int n_chunks, int E, int tile, int* __restrict__ offsets) { ggf_pdl_entry();
     __shared__ int s_warp[32];
     const int e = threadIdx.x, lane = e & 31, w = e >> 5;
     int run = 0;
@@ -137,7 +138,7 @@ moe_scan(int* __restrict__ hist, int n_chunks, int E, int tile, int* __restrict_
 
 extern "C" __global__ void __launch_bounds__(ROUTE_CHUNK)
 moe_scatter(const int* __restrict__ ids, int T, int k, int E, const int* __restrict__ n_valid,
-            const int* __restrict__ hist, const int* __restrict__ offsets, int* __restrict__ sorted_slots) {
+            const int* __restrict__ hist, const int* __restrict__ offsets, int* __restrict__ sorted_slots) { ggf_pdl_entry();
     __shared__ int s_e[ROUTE_CHUNK];
     const long long slot = (long long)blockIdx.x * ROUTE_CHUNK + threadIdx.x;
     const bool valid = slot < (long long)T * k && slot / k < n_valid[0];

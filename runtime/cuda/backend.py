@@ -149,6 +149,9 @@ class CUDABackend:
                                        f"has compute capability {cc}; recompile with --target "
                                        f"{tgt.for_device(cc).name if tgt.for_device(cc) else 'cpu'}")
         self.precision = low["precision"]
+        # programmatic dependent launch (kernels/graph.py); plans before 8.1 have no record: off
+        self.pdl = bool((low.get("pdl") or {}).get("on")) and cc >= 90
+        self.pdl_edges = 0
         self.captures = [int(c) for c in low["captures"]]
         self.chunk = int(plan.chunk)
         if chunk is not None and int(chunk) not in self.captures:
@@ -537,16 +540,11 @@ class CUDABackend:
                 self.graphs[key] = self._capture(launches)
 
     def _capture(self, launches: list):
-        s = self.stream
         # Capturing records the launches without running them; the state the eager run
         # produced stays as it is.
-        s.begin_capture()
-        try:
-            with s:   # launches that use "the current stream" must record into the capture too
-                for fn in launches:
-                    fn()
-        finally:
-            g = s.end_capture()
+        from ggfuse.kernels.graph import capture
+        g = capture(self.stream, launches, pdl=self.pdl)
+        self.pdl_edges += getattr(g, "pdl_edges", 0)
         return g
 
     def device_memory(self) -> dict:
