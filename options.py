@@ -219,6 +219,9 @@ class Options:
                                       "kernel is faster than cuBLAS on that copy: Q4_K, Q6_K; the GEMMs otherwise), gemm (the prefill's GEMMs: cuBLAS on bf16 matrices; the "
                                       "head's last row on the GEMMs' form) or gemv (auto, and the bf16 matrices too)",
                              ("auto", "gemm", "gemv"), default="auto")
+    decode_gemv_group: bool = _opt(COMPILE, "the one-token step's one-row products of one input on matrices of one "
+                                            "type (qkv, z, beta, alpha; q, k, v) as one launch", None, _bool,
+                                   default=True)
     pdl: str = _opt(COMPILE, "programmatic dependent launch in the captured graphs: auto (on for sm_90a targets: a "
                              "kernel's blocks start while the kernel before it drains, and wait in the kernel for its "
                              "results), on (an error where the target lacks it), off", ("auto", "on", "off"),

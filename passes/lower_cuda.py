@@ -646,6 +646,42 @@ def _route_slot_experts(g: Graph) -> None:
                 by_route[c]["layout"] = "slot_expert"
 
 
+GEMV_GROUP_MAX = 4      # matrices one launch of the one-row kernel reads (kernels/dense/gemv.cu Segs)
+
+
+def _group_decode_gemvs(g: Graph) -> None:
+    """The one-token step's one-row products of one input, on matrices of one stored type with
+    a one-row kernel and one K (the DeltaNet projections qkv / z / beta / alpha, attention's q /
+    k / v), run as one launch (kernels/dense/launch.py gemv_group), up to GEMV_GROUP_MAX each, in
+    schedule order: the first records "group" (the others' names, in order), the others
+    "in_group" (the first's name) and launch nothing; plan_memory makes their outputs live
+    from the first's step, where they are written."""
+    from ggfuse.kernels.dense.launch import GEMV1_TYPES
+    names: dict = {}
+    for n in g.topo():
+        names[n.name] = names.get(n.name, 0) + 1
+    open_groups: dict = {}
+    for n in g.topo():
+        if n.op != Op.MATMUL or not n.name or names[n.name] != 1:
+            continue
+        at = ((n.meta.get("kernel") or {}).get("by_chunk") or {}).get("1")
+        if not at or at.get("impl") != "gemv" or at.get("w") not in GEMV1_TYPES:
+            continue
+        K = int(g.type_of(n.inputs[1]).shape[-1])
+        key = (n.inputs[0], at["w"], K)
+        lead = open_groups.get(key)
+        if lead is None or len(lead[1]["group"]) + 1 >= GEMV_GROUP_MAX:
+            at["group"] = []
+            open_groups[key] = (n, at)
+            continue
+        lead[1]["group"].append(n.name)
+        at["in_group"] = lead[0].name
+    for n in g.by_op(Op.MATMUL):
+        at = ((n.meta.get("kernel") or {}).get("by_chunk") or {}).get("1") or {}
+        if at.get("group") == []:
+            del at["group"]                # alone: the plain one-row launch
+
+
 def run(g: Graph, *, options, device_free: int | None = None) -> PassResult:
     """options: ggfuse.options.Options with a resolved target (not "auto" or "cpu")."""
     if options.target not in TARGETS:
@@ -700,6 +736,8 @@ def run(g: Graph, *, options, device_free: int | None = None) -> PassResult:
         if ws:
             n.meta["workspace"] = {str(c): w for c, w in ws.items()}
     _route_slot_experts(g)
+    if options.decode_gemv_group:
+        _group_decode_gemvs(g)
     logits = g.outputs.get("logits")
     if logits is None or g.node(logits.node).op != Op.LM_HEAD:
         raise GGFuseError(None, "the CUDA lowering needs the logits to come from an LM_HEAD node")

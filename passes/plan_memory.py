@@ -6,7 +6,8 @@ Liveness over the schedule (the graph's deterministic topological order) gives e
 overlaps no buffer live at the same time (greedy by size, as TFLite's arena planner does).
 Sizes use each value's storage dtype (lower_cuda's meta["storage"]: bf16 activations take half).
 A launch's workspace (lower_cuda's meta["workspace"]) lives during its own step only; the LM
-head's runs after the chunk's last step, with the head's inputs still live.
+head's runs after the chunk's last step, with the head's inputs still live. A one-row product
+that another one's launch computes (by_chunk "in_group") is live from that launch's step.
 Not in the arena: weights and fetched expert slots (weight memory), carried states and the
 KV-cache values that become them (state buffers, sized by the context, not the chunk), the
 logits (the LM head writes them into its workspace block by block), and views (SLICE, and a
@@ -66,6 +67,7 @@ def buffers(g: Graph, chunk: int):
     env = {"T": chunk, "P": 0}
     last = len(order)
     key = str(chunk)
+    by_name = {n.name: n for n in order if n.name}
     for n in order:
         if n.op in _NOT_ARENA or (n.op == Op.INPUT and n.attrs.kind == "state"):
             continue
@@ -78,7 +80,11 @@ def buffers(g: Graph, chunk: int):
                 continue
             alias[v] = v
             nb = nbytes_of(_storage(n, i, t), max(1, _numel(t.shape, env)))
-            intervals[v] = [step[n.id], step[n.id], _aligned(nb)]
+            first = step[n.id]
+            lead = ((n.meta.get("kernel") or {}).get("by_chunk") or {}).get(key, {}).get("in_group")
+            if lead is not None:           # written by its group's first launch (lower_cuda _group_decode_gemvs)
+                first = min(first, step[by_name[lead].id])
+            intervals[v] = [first, step[n.id], _aligned(nb)]
         ws = (n.meta.get("workspace") or {}).get(key) or {}
         at = last if head is not None and n.id == head.id else step[n.id]
         for name, nb in sorted(ws.items()):

@@ -230,6 +230,12 @@ def gemv(x, w, w_type, N, K, y, *, M=None, nvalid=None, stream=None):
     _put(y[:row.shape[0], :N], row[:, :K] @ _matrix(w, w_type, N, K).T)
 
 
+def gemv_group(x, mats, w_type, K, *, stream=None):
+    row = _val(x)[:1]
+    for w, n, y in mats:
+        _put(y[:1, :n], row[:, :K] @ _matrix(w, w_type, n, K).T)
+
+
 def gemm_f32(a, w, c, *, stream=None):
     _put(c, _val(a) @ _val(w).reshape(c.shape[1], -1).T)
 
@@ -409,7 +415,7 @@ def _noop(*a, **k):
 EMULATED = {
     "ggfuse.kernels.dense.launch": ["dequantize", "get_rows", "ple_gather", "rms_norm", "add_rms_norm", "norm_rope",
                                     "norm_add", "add", "mul", "sigmoid_mul", "silu_mul", "gelu", "gelu_mul", "softcap",
-                                    "scale", "copy", "kv_append", "kv_ring_append", "gemv", "gemm_f32", "router_gemm",
+                                    "scale", "copy", "kv_append", "kv_ring_append", "gemv", "gemv_group", "gemm_f32", "router_gemm",
                                     "rowdot_sigmoid", "axpy_rows", "scale_by_expert"],
     "ggfuse.kernels.gemm.launch": ["gemm", "gemm_swiglu"],
     "ggfuse.kernels.gemm.blas": ["gemm_bf16"],

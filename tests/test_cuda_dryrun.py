@@ -385,7 +385,9 @@ def test_decode_step_experts(decode_moe, monkeypatch):
             assert names.count("moe.moe_gate_up") == n_moe * reps and "moe.moe_gemv_gate_up" not in names
         # the dense matmuls of one token are gemvs too (option decode_dense), nothing through cuBLAS
         n_mm = sum(1 for n in plan.graph.nodes() if n.op.value == "matmul")
-        assert names.count("dense.gemv") >= (n_mm + (n_moe if decode_moe == "gemv" else 0) + 1) * reps
+        grouped = sum(len(c[1].arguments["mats"]) for c in calls if c[0] == "dense.gemv_group")
+        assert grouped > 0       # the projections of one input, one launch (option decode_gemv_group)
+        assert names.count("dense.gemv") + grouped >= (n_mm + (n_moe if decode_moe == "gemv" else 0) + 1) * reps
         if decode_moe == "gemv":     # (grouped: the shared expert's GEMMs stay)
             assert "blas.gemm_bf16" not in names and "gemm.gemm" not in names and "gemm.gemm_swiglu" not in names
         # the delta rule of one token is the recurrent state update (option decode_deltanet)
@@ -413,7 +415,7 @@ def test_decode_dense_reads_the_stored_rows(decode_dense, monkeypatch):
             if decode_dense == "gemm" or (decode_dense == "auto" and raw not in GEMV1_TYPES):
                 assert one == {"impl": "gemm"} and w["forms"] == ["bf16"]
             else:
-                assert one == {"impl": "gemv", "w": raw} and w["forms"] == ["bf16", "raw"]
+                assert {k: one[k] for k in ("impl", "w")} == {"impl": "gemv", "w": raw} and set(one) <= {"impl", "w", "group", "in_group"} and w["forms"] == ["bf16", "raw"]
                 assert w["device_bytes"] > 2 * int(np.prod(w["shape"]))       # both copies counted
                 reads.add(raw)
             assert n.meta["kernel"]["by_chunk"]["16"] == {"impl": "gemm"}
@@ -465,3 +467,42 @@ def test_one_token_delta_rule_kernel_is_the_plans(precision, monkeypatch):
         be.run_chunk(np.array([5], dtype=np.int32), "last")
         kernels = {b.arguments.get("kernel") for name, b in calls if name == "deltanet.gated_delta_rule_recurrent"}
         assert kernels == {"step"}
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_decode_projections_of_one_input_share_a_launch(group, monkeypatch):
+    """At chunk 1 the one-row products of one input on one stored type (qkv / z / beta / alpha,
+    q / k / v) are one gemv_group launch: the first records the others' names, they name it and
+    launch nothing, their outputs are live in the memory plan from its step (so nothing placed
+    between can share their bytes); each output is its own arena buffer. Off: one gemv each."""
+    from ggfuse.passes import plan_memory
+    with fake_device(monkeypatch) as calls:
+        plan, be = _backend("qwen35moe", "q4_k_m", monkeypatch, decode_gemv_group=group)
+        g = plan.graph
+        by_name = {n.name: n for n in g.nodes()}
+        leads = [n for n in g.nodes() if n.op.value == "matmul" and n.meta["kernel"]["by_chunk"]["1"].get("group")]
+        members = [n for n in g.nodes() if n.op.value == "matmul" and n.meta["kernel"]["by_chunk"]["1"].get("in_group")]
+        assert bool(leads) is group and bool(members) is group
+        intervals, _ = plan_memory.buffers(g, 1)
+        order = {n.id: i for i, n in enumerate(g.topo())}
+        for m in members:
+            at = m.meta["kernel"]["by_chunk"]["1"]
+            lead = by_name[at["in_group"]]
+            assert m.name in lead.meta["kernel"]["by_chunk"]["1"]["group"] and m.inputs[0] == lead.inputs[0]
+            assert lead.meta["kernel"]["by_chunk"]["1"]["w"] == at["w"]
+            assert intervals[m.out][0] == order[lead.id] < order[m.id]
+            assert "in_group" not in m.meta["kernel"]["by_chunk"]["16"]
+        for lead in leads:
+            assert 2 <= 1 + len(lead.meta["kernel"]["by_chunk"]["1"]["group"]) <= 4
+        be.run_chunk(np.arange(10, dtype=np.int32), "last")
+        calls.clear()
+        be.run_chunk(np.array([5], dtype=np.int32), "last")
+        groups = [c[1].arguments for c in calls if c[0] == "dense.gemv_group"]
+        if group:
+            assert groups
+            for a in groups:
+                outs = [m[2].data.ptr for m in a["mats"]]
+                assert len(outs) == len(set(outs))
+            assert not any(n in be.executor_for(1).launch_nodes for n in members)
+        else:
+            assert not groups

@@ -154,3 +154,43 @@ def test_gemv_rejects_bad_shapes():
         launch.gemv(big, cp.zeros(64 * 4096 * 2, dtype=cp.uint8), "bf16", 64, 4096, cp.zeros((8, 64), dtype=cp.float32))
     with pytest.raises(ValueError, match="multiple"):
         launch.gemv(x[:1], w, "q4_k", 64, 64, y[:1])
+
+
+@pytest.mark.parametrize("a_kind", ["f32", "bf16"])
+@pytest.mark.parametrize("w_type", ["q4_k", "q6_k"])
+@pytest.mark.parametrize("Ns", [(8192, 4096, 32, 32), (512, 61), (33,), (4096, 32, 32)],
+                         ids=["qkv-z-beta-alpha", "two", "one", "three"])
+def test_gemv_group(w_type, Ns, a_kind):
+    """Several matrices of one type and K in one launch (launch.gemv_group: the decode step's
+    projections of one input): each output equals its own product; rows of neighbouring
+    matrices never mix (the matrices sit apart in memory, outputs are poisoned)."""
+    rng = np.random.default_rng(zlib.crc32(f"group {w_type} {Ns} {a_kind}".encode()))
+    K = 2048
+    x, xh = _x(1, K, a_kind, rng)
+    mats, refs, ys = [], [], []
+    for n in Ns:
+        raw, dense = random_weight(w_type, (n, K), rng)
+        w = cp.asarray(np.ascontiguousarray(raw)).view(cp.uint8).reshape(-1)
+        y = cp.full((1, n + 8), np.nan, dtype=cp.float32)
+        mats.append((w, n, y[:, :n]))
+        refs.append(xh @ dense.astype(np.float64).T)
+        ys.append(y)
+    launch.gemv_group(x, mats, w_type, K)
+    cp.cuda.Device().synchronize()
+    for n, y, ref in zip(Ns, ys, refs):
+        got = cp.asnumpy(y)
+        assert np.isnan(got[:, n:]).all(), "wrote past N"
+        rms, mx = errors(got[:, :n], ref)
+        assert rms < 1e-4 and mx < 1e-4, (n, rms, mx)
+
+
+def test_gemv_group_refuses_bad_input():
+    x = cp.zeros((1, 2048), dtype=cp.float32)
+    y = cp.zeros((1, 64), dtype=cp.float32)
+    w = cp.zeros(64 * 144 * 8, dtype=cp.uint8)
+    with pytest.raises(ValueError, match="1 to 4"):
+        launch.gemv_group(x, [(w, 64, y)] * 5, "q4_k", 2048)
+    with pytest.raises(ValueError, match="one-row kernel"):
+        launch.gemv_group(x, [(w, 64, y)], "q8_0", 2048)
+    with pytest.raises(ValueError, match="needs"):
+        launch.gemv_group(x, [(w[:100], 64, y)], "q4_k", 2048)

@@ -25,32 +25,59 @@
 #include "quant/dq8.cuh"
 #include "quant/dot_unit.cuh"
 
-// row n0 of W (if n0 < N) asked of L2 while the block stages x: lines first_line, first_line +
-// 32 wpr, ... of 128 bytes (the warps sharing the row take every wpr-th run of 32 lines)
-__device__ __forceinline__ void prefetch_row_l2(const unsigned char* w, long long row_bytes, int n0,
-                                                int N, int first_line, int wpr) {
-    if (n0 < N) {
-        const unsigned char* row = w + (long long)n0 * row_bytes;
+// The one-row kernels read up to 4 matrices of one type and K in one launch (the decode step's
+// projections of one input: qkv, z, beta, alpha): output rows [0, n1) are matrix 0 (w, y),
+// [n1, n2) matrix 1, [n2, n3) matrix 2, [n3, N) matrix 3; one matrix has n1 = n2 = n3 = N.
+struct Segs {
+    const unsigned char* w[4];
+    float* y[4];
+    int end[3];
+};
+
+__device__ __forceinline__ Segs make_segs(const unsigned char* w0, float* y0, const unsigned char* w1, float* y1,
+                                          int n1, const unsigned char* w2, float* y2, int n2,
+                                          const unsigned char* w3, float* y3, int n3) {
+    Segs s;
+    s.w[0] = w0; s.w[1] = w1; s.w[2] = w2; s.w[3] = w3;
+    s.y[0] = y0; s.y[1] = y1; s.y[2] = y2; s.y[3] = y3;
+    s.end[0] = n1; s.end[1] = n2; s.end[2] = n3;
+    return s;
+}
+
+// row n of the launch: its bytes, and where its sum goes
+__device__ __forceinline__ const unsigned char* seg_row(const Segs& s, int n, long long row_bytes, float*& y) {
+    const int i = (n >= s.end[0]) + (n >= s.end[1]) + (n >= s.end[2]);
+    const int r = n - (i == 0 ? 0 : s.end[i - 1]);
+    y = s.y[i] + r;
+    return s.w[i] + (long long)r * row_bytes;
+}
+
+// a row's bytes (row != nullptr) asked of L2 while the block stages x: lines first_line,
+// first_line + 32 wpr, ... of 128 bytes (the warps sharing the row take every wpr-th run of 32 lines)
+__device__ __forceinline__ void prefetch_row_l2(const unsigned char* row, long long row_bytes, int first_line,
+                                                int wpr) {
+    if (row != nullptr) {
         for (long long b = (long long)first_line * 128; b < row_bytes; b += 32LL * 128 * wpr)
             asm volatile("prefetch.global.L2 [%0];" :: "l"(row + b));
     }
 }
 
-// the one-row kernels' end of a block step: y[n] = the row's sum over its wpr warps (in warp
-// order, through part[8]); every thread of the block calls it (it has barriers when wpr > 1)
-__device__ __forceinline__ void store_row_sum(float acc, int n, int N, int wpr, int sub, int lane, int warp,
-                                              float* part, float* __restrict__ y) {
+// the one-row kernels' end of a block step: *y = the row's sum over its wpr warps (in warp
+// order, through part[8]); y is null past the last row; every thread of the block calls it (it
+// has barriers when wpr > 1)
+__device__ __forceinline__ void store_row_sum(float acc, float* y, int wpr, int sub, int lane, int warp,
+                                              float* part) {
     const float s = warp_sum(acc);
     if (wpr == 1) {
-        if (lane == 0 && n < N) y[n] = s;
+        if (lane == 0 && y != nullptr) *y = s;
         return;
     }
     if (lane == 0) part[warp] = s;
     __syncthreads();
-    if (sub == 0 && lane == 0 && n < N) {
+    if (sub == 0 && lane == 0 && y != nullptr) {
         float r = 0.0f;
         for (int i = 0; i < wpr; ++i) r += part[warp + i];
-        y[n] = r;
+        *y = r;
     }
     __syncthreads();
 }
@@ -67,7 +94,7 @@ __device__ __forceinline__ void gemv_impl(const A* __restrict__ x, long long ldx
     const int rpb = 8 / wpr, sub = warp % wpr;   // rows per block step, this warp's share of K
     const int n0 = blockIdx.x * rpb + warp / wpr;
     ggf_pdl_launch();
-    prefetch_row_l2(w, row_bytes, n0, N, sub * 32 + lane, wpr);   // the first row's bytes on their way to L2
+    prefetch_row_l2(n0 < N ? w + (long long)n0 * row_bytes : nullptr, row_bytes, sub * 32 + lane, wpr);
     ggf_pdl_wait();                  // the weights need no earlier kernel; x and nvalid do
     const long long r0 = nvalid ? (long long)max(nvalid[0] - 1, 0) : 0;
     for (int i = threadIdx.x; i < M * K; i += blockDim.x) {
@@ -137,12 +164,12 @@ __device__ __forceinline__ void gemv_impl(const A* __restrict__ x, long long ldx
 // the x sums of every 16 elements staged once per block. A warp covers 4 blocks (1024
 // elements) per step, two steps in flight. x sits in shared memory as f32 with 4 floats of
 // padding per 64 (an 8-lane phase of 16-byte reads then hits 32 different banks).
-//   gemv1_<a>_q4_k(x, ldx, w, row_bytes, N, K, y, nvalid, wpr): y[0, n] = x[r] . W[n], r as
-//   in gemv_<a>_<w>; K a multiple of 256; wpr warps share a row (taking every wpr-th step).
+//   gemv1_<a>_q4_k(x, ldx, w, row_bytes, N, K, y, nvalid, wpr, w1, y1, n1, w2, y2, n2, w3, y3, n3):
+//   y[0, n] = x[r] . W[n], r as in gemv_<a>_<w>, over the matrices of Segs (one: n1 = n2 = n3 =
+//   N); K a multiple of 256; wpr warps share a row (taking every wpr-th step).
 template<typename A>
-__device__ __forceinline__ void gemv1_q4k_impl(const A* __restrict__ x, long long ldx,
-                                               const unsigned char* __restrict__ w, long long row_bytes,
-                                               int N, int K, float* __restrict__ y,
+__device__ __forceinline__ void gemv1_q4k_impl(const A* __restrict__ x, long long ldx, const Segs& segs,
+                                               long long row_bytes, int N, int K,
                                                const int* __restrict__ nvalid, int wpr) {
     extern __shared__ float smem[];
     __shared__ float part[8];
@@ -152,8 +179,9 @@ __device__ __forceinline__ void gemv1_q4k_impl(const A* __restrict__ x, long lon
     const int rpb = 8 / wpr, sub = warp % wpr;
     const int nb = K >> 8;
     const int n0 = blockIdx.x * rpb + warp / wpr;
+    float* y0;
     ggf_pdl_launch();
-    prefetch_row_l2(w, row_bytes, n0, N, sub * 32 + lane, wpr);
+    prefetch_row_l2(n0 < N ? seg_row(segs, n0, row_bytes, y0) : nullptr, row_bytes, sub * 32 + lane, wpr);
     ggf_pdl_wait();
     const long long r0 = nvalid ? (long long)max(nvalid[0] - 1, 0) : 0;
     for (int i = threadIdx.x; i < K; i += blockDim.x) xs[i + 4 * (i >> 6)] = load_f(x + r0 * ldx + i);
@@ -170,8 +198,9 @@ __device__ __forceinline__ void gemv1_q4k_impl(const A* __restrict__ x, long lon
     for (int base = blockIdx.x * rpb; base < N; base += gridDim.x * rpb) {
         const int n = base + warp / wpr;
         float acc = 0.0f;
+        float* yn = nullptr;
         if (n < N) {
-            const unsigned char* row = w + (long long)n * row_bytes;
+            const unsigned char* row = seg_row(segs, n, row_bytes, yn);
 #pragma unroll 2
             for (int it = sub; it * 4 < nb; it += wpr) {
                 const int b = it * 4 + bl;
@@ -199,15 +228,18 @@ __device__ __forceinline__ void gemv1_q4k_impl(const A* __restrict__ x, long lon
                 }
             }
         }
-        store_row_sum(acc, n, N, wpr, sub, lane, warp, part, y);
+        store_row_sum(acc, yn, wpr, sub, lane, warp, part);
     }
 }
 
 #define GEMV1_Q4K(ATYPE, ANAME)                                                                       \
 extern "C" __global__ void __launch_bounds__(256)                                                     \
 gemv1_##ANAME##_q4_k(const ATYPE* x, long long ldx, const unsigned char* w, long long row_bytes,      \
-                     int N, int K, float* y, const int* nvalid, int wpr) {                            \
-    gemv1_q4k_impl<ATYPE>(x, ldx, w, row_bytes, N, K, y, nvalid, wpr);                                \
+                     int N, int K, float* y, const int* nvalid, int wpr, const unsigned char* w1,     \
+                     float* y1, int n1, const unsigned char* w2, float* y2, int n2,                   \
+                     const unsigned char* w3, float* y3, int n3) {                                    \
+    gemv1_q4k_impl<ATYPE>(x, ldx, make_segs(w, y, w1, y1, n1, w2, y2, n2, w3, y3, n3), row_bytes, N, \
+                               K, nvalid, wpr);                                                      \
 }
 GEMV1_Q4K(float, f32a)
 GEMV1_Q4K(__nv_bfloat16, bf16a)
@@ -222,9 +254,8 @@ GEMV1_Q4K(__nv_bfloat16, bf16a)
 // halves, both u) hit 32 different banks (Q4_K's 4 per 64 would put u = 0 and 1 on one bank).
 //   gemv1_<a>_q6_k(x, ldx, w, row_bytes, N, K, y, nvalid, wpr): as gemv1_<a>_q4_k; w 4-byte aligned.
 template<typename A>
-__device__ __forceinline__ void gemv1_q6k_impl(const A* __restrict__ x, long long ldx,
-                                               const unsigned char* __restrict__ w, long long row_bytes,
-                                               int N, int K, float* __restrict__ y,
+__device__ __forceinline__ void gemv1_q6k_impl(const A* __restrict__ x, long long ldx, const Segs& segs,
+                                               long long row_bytes, int N, int K,
                                                const int* __restrict__ nvalid, int wpr) {
     extern __shared__ float xs[];               // K + K / 32 floats: x, padded
     __shared__ float part[8];
@@ -232,8 +263,9 @@ __device__ __forceinline__ void gemv1_q6k_impl(const A* __restrict__ x, long lon
     const int rpb = 8 / wpr, sub = warp % wpr;
     const int nb = K >> 8;
     const int n0 = blockIdx.x * rpb + warp / wpr;
+    float* y0;
     ggf_pdl_launch();
-    prefetch_row_l2(w, row_bytes, n0, N, sub * 32 + lane, wpr);
+    prefetch_row_l2(n0 < N ? seg_row(segs, n0, row_bytes, y0) : nullptr, row_bytes, sub * 32 + lane, wpr);
     ggf_pdl_wait();
     const long long r0 = nvalid ? (long long)max(nvalid[0] - 1, 0) : 0;
     for (int i = threadIdx.x; i < K; i += blockDim.x) xs[i + 4 * (i >> 7)] = load_f(x + r0 * ldx + i);
@@ -243,23 +275,27 @@ __device__ __forceinline__ void gemv1_q6k_impl(const A* __restrict__ x, long lon
     for (int base = blockIdx.x * rpb; base < N; base += gridDim.x * rpb) {
         const int n = base + warp / wpr;
         float acc = 0.0f;
+        float* yn = nullptr;
         if (n < N) {
-            const unsigned char* row = w + (long long)n * row_bytes;
+            const unsigned char* row = seg_row(segs, n, row_bytes, yn);
 #pragma unroll 2
             for (int it = sub; it * 8 < nb; it += wpr) {
                 const int b = it * 8 + bl;
                 if (b < nb) acc += g1::q6k_unit_dot(row + (long long)b * 210, t, xu0 + 2112 * it);
             }
         }
-        store_row_sum(acc, n, N, wpr, sub, lane, warp, part, y);
+        store_row_sum(acc, yn, wpr, sub, lane, warp, part);
     }
 }
 
 #define GEMV1_Q6K(ATYPE, ANAME)                                                                       \
 extern "C" __global__ void __launch_bounds__(256)                                                     \
 gemv1_##ANAME##_q6_k(const ATYPE* x, long long ldx, const unsigned char* w, long long row_bytes,      \
-                     int N, int K, float* y, const int* nvalid, int wpr) {                            \
-    gemv1_q6k_impl<ATYPE>(x, ldx, w, row_bytes, N, K, y, nvalid, wpr);                                \
+                     int N, int K, float* y, const int* nvalid, int wpr, const unsigned char* w1,     \
+                     float* y1, int n1, const unsigned char* w2, float* y2, int n2,                   \
+                     const unsigned char* w3, float* y3, int n3) {                                    \
+    gemv1_q6k_impl<ATYPE>(x, ldx, make_segs(w, y, w1, y1, n1, w2, y2, n2, w3, y3, n3), row_bytes, N, \
+                               K, nvalid, wpr);                                                      \
 }
 GEMV1_Q6K(float, f32a)
 GEMV1_Q6K(__nv_bfloat16, bf16a)

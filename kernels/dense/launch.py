@@ -628,14 +628,7 @@ def gemv(x, w, w_type, N: int, K: int, y, *, M: int | None = None, nvalid=None, 
     smem1 = gemv1_smem(name, K)
     if M == 1 and name in GEMV1_TYPES and smem1 <= GEMV_MAX_SMEM and w.data.ptr % GEMV1_ALIGN[name] == 0:
         # one row: the kernel laid out for the type's blocks (gemv1_<a>_<w>)
-        wpr = gemv1_warps_per_row(N, K, step=GEMV1_STEP[name])
-        fn = _fn(GEMV, f"gemv1_{a}a_{name}")
-        if smem1 > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem1:
-            fn.max_dynamic_shared_size_bytes = smem1
-        with (stream if stream is not None else contextlib.nullcontext()):
-            fn((min(-(-N // (8 // wpr)), 132 * 16),), (256,),
-               (_ptr(x), np.int64(ldx), _ptr(w), np.int64(rb), np.int32(N), np.int32(K), _ptr(y), _ptr(nvalid),
-                np.int32(wpr)), shared_mem=smem1)
+        _gemv1(x, a, name, [(w, N, y)], K, nvalid, stream)
         return
     fn = _fn(GEMV, f"gemv_{a}a_{name}")
     if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
@@ -645,6 +638,60 @@ def gemv(x, w, w_type, N: int, K: int, y, *, M: int | None = None, nvalid=None, 
     with (stream if stream is not None else contextlib.nullcontext()):
         fn(grid, (256,), (_ptr(x), np.int64(ldx), np.int32(M), _ptr(w), np.int64(rb), np.int32(N), np.int32(K),
                           _ptr(y), np.int64(ldy), _ptr(nvalid), np.int32(wpr)), shared_mem=smem)
+
+
+def _gemv1(x, a: str, name: str, mats: list, K: int, nvalid, stream) -> None:
+    """gemv1_<a>_<name> over up to 4 matrices [(w, N, y)] of one type and K (dense/gemv.cu Segs)."""
+    rb = _qtype(name).row_bytes(K)
+    ldx = x.strides[0] // x.itemsize
+    N = sum(n for _, n, _ in mats)
+    wpr = gemv1_warps_per_row(N, K, step=GEMV1_STEP[name])
+    smem1 = gemv1_smem(name, K)
+    fn = _fn(GEMV, f"gemv1_{a}a_{name}")
+    if smem1 > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem1:
+        fn.max_dynamic_shared_size_bytes = smem1
+    segs, end, ends = [], 0, []
+    for _, n, _ in mats:
+        end += n
+        ends.append(end)
+    # matrix i > 0 starts at row ends[i - 1]; missing matrices are empty ranges at N
+    for i in range(1, 4):
+        if i < len(mats):
+            w, _, y = mats[i]
+            segs += [_ptr(w), _ptr(y), np.int32(ends[i - 1])]
+        else:
+            segs += [np.uint64(0), np.uint64(0), np.int32(N)]
+    w0, _, y0 = mats[0]
+    with (stream if stream is not None else contextlib.nullcontext()):
+        fn((min(-(-N // (8 // wpr)), 132 * 16),), (256,),
+           (_ptr(x), np.int64(ldx), _ptr(w0), np.int64(rb), np.int32(N), np.int32(K), _ptr(y0), _ptr(nvalid),
+            np.int32(wpr), *segs), shared_mem=smem1)
+
+
+def gemv_group(x, mats: list, w_type, K: int, *, stream=None) -> None:
+    """y_i[0, :N_i] = x[0, :K] @ W_i[N_i, K]^T for up to 4 matrices [(W_i, N_i, y_i)] of one
+    type in GEMV1_TYPES and one K, in one launch of the one-row kernel (the decode step's
+    projections of one input: a launch costs about as much as a small matrix's bytes)."""
+    qt = _qtype(w_type)
+    name = qt.name
+    if name not in GEMV1_TYPES:
+        raise ValueError(f"gemv_group: weight type {name} has no one-row kernel (types: {', '.join(GEMV1_TYPES)})")
+    if not 1 <= len(mats) <= 4:
+        raise ValueError(f"gemv_group: 1 to 4 matrices, got {len(mats)}")
+    if K % qt.block or gemv1_smem(name, K) > GEMV_MAX_SMEM:
+        raise ValueError(f"gemv_group: K={K} must be a multiple of {qt.block} and fit shared memory")
+    if x.strides[-1] != x.itemsize or x.shape[-1] < K:
+        raise ValueError("gemv_group: x rows must be contiguous and >= K long")
+    rb = qt.row_bytes(K)
+    for i, (w, n, y) in enumerate(mats):
+        _check_f32(y, f"gemv_group y{i}")
+        if y.strides[-1] != 4 or y.shape[-1] < n or n < 1:
+            raise ValueError(f"gemv_group: y{i} must be contiguous f32 with >= {n} columns")
+        if w.nbytes < n * rb:
+            raise ValueError(f"gemv_group: W{i} has {w.nbytes} bytes, [{n}, {K}] {name} needs {n * rb}")
+        if w.data.ptr % GEMV1_ALIGN[name]:
+            raise ValueError(f"gemv_group: W{i} is not {GEMV1_ALIGN[name]}-byte aligned")
+    _gemv1(x, _dtype_name(x), name, list(mats), K, None, stream)
 
 
 def gemv1_warps_per_row(N: int, K: int, target_blocks: int = 2 * 132, *, step: int = 1024) -> int:

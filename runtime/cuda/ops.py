@@ -56,6 +56,12 @@ class Ctx:
     def shape(self, value):
         return shape_eval(self.t(value).shape, {"T": self.be.chunk, "P": 0})
 
+    @property
+    def by_name(self) -> dict:
+        if not hasattr(self, "_by_name"):
+            self._by_name = {n.name: n for n in self.g.topo() if n.name}
+        return self._by_name
+
     def ws(self, node, name: str, shape, dtype):
         """The node's workspace `name` in the arena (the plan placed it)."""
         return self.be.workspace_view(node, name, shape, dtype)
@@ -168,7 +174,10 @@ def build_launches(be) -> list:
                     joined.add(f.id)
                     out.append(_for_target(be, streamer.join(ctx, f)))
                     be.launch_nodes.append(f)
-        out.append(_for_target(be, fn(ctx, n)))
+        bound = fn(ctx, n)
+        if bound is None:              # computed by another node's launch (a one-row product's group)
+            continue
+        out.append(_for_target(be, bound))
         be.launch_nodes.append(n)
     if be.head_last is None:
         raise PlanError(None, "cuda: the plan has no lm_head producing the logits")
@@ -299,13 +308,41 @@ def _matmul(ctx, n):
     at = ctx.at(rec)
     if at.get("impl") == "gemv":       # the decode step: one row, W read once (as stored, where kept)
         d = _dense()
+        if at.get("in_group"):         # computed by its group's first launch (gemv_group)
+            return None
         a, c = _rows2d(ctx.v(n.inputs[0])), _rows2d(ctx.v(n.out))
         want = at.get("w", rec["w"])   # (plans before 7.1: the GEMMs' form)
         w, wtype, shape = _weight(ctx, n.inputs[1], want)
         _expect(n, "weight", wtype, want)
         N, K = shape[-2], shape[-1]
+        if at.get("group"):
+            mats = [(w, N, c)]
+            for m in _group_members(ctx, n, at):
+                src = ctx.g.node(m.inputs[1].node)
+                if m.inputs[1] not in ctx.weights and src.op == Op.WEIGHT:   # placed after this node
+                    ctx.weights[m.inputs[1]] = src.attrs.tensor
+                wm, tm, sm = _weight(ctx, m.inputs[1], want)
+                _expect(m, "weight", tm, want)
+                if sm[-1] != K or m.inputs[0] != n.inputs[0]:
+                    raise PlanError(None, f"cuda: {m.name}: grouped with {n.name} but not on its input and K")
+                mats.append((wm, sm[-2], _rows2d(ctx.be.arena_view(m, 0))))
+            return lambda: d.gemv_group(a, mats, wtype, K, stream=ctx.stream)
         return lambda: d.gemv(a, w, wtype, N, K, c, M=a.shape[0], stream=ctx.stream)
     return gemm_closure(ctx, n, rec, ctx.v(n.inputs[0]), n.inputs[1], ctx.v(n.out))
+
+
+def _group_members(ctx, n, at) -> list:
+    """The nodes a one-row product's launch also computes (by_chunk "group"), each naming it back."""
+    by_name = ctx.by_name
+    out = []
+    for name in at["group"]:
+        m = by_name.get(name)
+        back = ((m.meta.get("kernel") or {}).get("by_chunk") or {}).get(ctx.key, {}) if m is not None else {}
+        if m is None or m.op != Op.MATMUL or back.get("in_group") != n.name:
+            raise PlanError(None, f"cuda: {n.name}: its group names {name!r}, which is not a one-row product "
+                                  f"grouped with it; recompile the plan")
+        out.append(m)
+    return out
 
 
 @launcher("gemm.gemm_swiglu", "qf32.gemm_swiglu")
