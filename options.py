@@ -219,6 +219,9 @@ class Options:
                                       "kernel is faster than cuBLAS on that copy: Q4_K, Q6_K; the GEMMs otherwise), gemm (the prefill's GEMMs: cuBLAS on bf16 matrices; the "
                                       "head's last row on the GEMMs' form) or gemv (auto, and the bf16 matrices too)",
                              ("auto", "gemm", "gemv"), default="auto")
+    decode_router: str = _opt(COMPILE, "router of the one-token step's matrix-vector experts: fused (the f32 router "
+                                       "GEMV, the shared expert's gate and the top-k in one launch) or gemv (a launch "
+                                       "each)", ("fused", "gemv"), default="fused")
     decode_gemv_group: bool = _opt(COMPILE, "the one-token step's one-row products of one input on matrices of one "
                                             "type (qkv, z, beta, alpha; q, k, v) as one launch", None, _bool,
                                    default=True)

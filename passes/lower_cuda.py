@@ -623,7 +623,7 @@ def fold_softcap(g: Graph) -> bool:
     return True
 
 
-def _route_slot_experts(g: Graph) -> None:
+def _route_slot_experts(g: Graph, fuse: bool = False) -> None:
     """Where a chunk size runs a MoE's experts as matrix-vector products (by_chunk impl gemv),
     they need only each slot's expert, not the sorted layout: its router then records layout
     "slot_expert" (moe_topk writes the slots' experts into the sorted_slots value, the
@@ -639,11 +639,17 @@ def _route_slot_experts(g: Graph) -> None:
         readers = {u.id for v in (ops.slots, ops.offsets) for u, _ in g.uses_of(v)}
         if readers != {n.id}:
             continue
-        by_route = (route.meta.get("kernel") or {}).get("by_chunk", {})
+        route_rec = route.meta.get("kernel") or {}
+        by_route = route_rec.get("by_chunk", {})
+        E, D = (int(d) for d in g.type_of(route.inputs[1]).shape)
         for c, at in rec.get("by_chunk", {}).items():
             if at.get("impl") == "gemv" and c in by_route:
                 at["slots"] = "slot_expert"
                 by_route[c]["layout"] = "slot_expert"
+                if fuse and c == "1" and by_route[c].get("router") == "gemv" and not route_rec.get("expert_scale") \
+                        and D % 4 == 0 and E <= 512:
+                    # router GEMV, shared gate and top-k in one launch (kernels/moe/route.cu moe_route1)
+                    by_route[c]["router"] = "fused"
 
 
 GEMV_GROUP_MAX = 4      # matrices one launch of the one-row kernel reads (kernels/dense/gemv.cu Segs)
@@ -735,7 +741,7 @@ def run(g: Graph, *, options, device_free: int | None = None) -> PassResult:
         n.meta["kernel"] = rec
         if ws:
             n.meta["workspace"] = {str(c): w for c, w in ws.items()}
-    _route_slot_experts(g)
+    _route_slot_experts(g, fuse=options.decode_router == "fused")
     if options.decode_gemv_group:
         _group_decode_gemvs(g)
     logits = g.outputs.get("logits")

@@ -286,6 +286,17 @@ def moe_route(logits, T, E, k, norm, scale, tile, n_valid_dev, ids_out, weights_
     expert_offsets_out[...] = offs
 
 
+def moe_route1(x, w_router, w_shared, D, E, k, norm, scale, n_valid_dev, logits, counter, ids_out, weights_out,
+               slot_expert_out, shared_out=None, stream=None, *, gating="softmax"):
+    """One token: the router's f32 logits, the shared gate, then moe_route_slot_experts."""
+    xv = _val(x).reshape(-1)[:D].astype(np.float32)
+    _put(logits, (_val(w_router).reshape(E, D) @ xv).reshape(logits.shape))
+    if w_shared is not None:
+        _put(shared_out, dense_ref.sigmoid(np.array([xv @ _val(w_shared).reshape(-1)])).reshape(shared_out.shape))
+    moe_route_slot_experts(logits, 1, E, k, norm, scale, n_valid_dev, ids_out, weights_out, slot_expert_out,
+                           gating=gating)
+
+
 def moe_route_slot_experts(logits, T, E, k, norm, scale, n_valid_dev, ids_out, weights_out, slot_expert_out,
                            stream=None, *, gating="softmax"):
     """moe_route's ids and weights; slot_expert_out = ids, -1 for a padding token's slots."""
@@ -419,7 +430,7 @@ EMULATED = {
                                     "rowdot_sigmoid", "axpy_rows", "scale_by_expert"],
     "ggfuse.kernels.gemm.launch": ["gemm", "gemm_swiglu"],
     "ggfuse.kernels.gemm.blas": ["gemm_bf16"],
-    "ggfuse.kernels.moe.launch": ["moe_route", "moe_route_slot_experts", "moe_gate_up", "moe_down", "moe_gemv_gate_up", "moe_gemv_down"],
+    "ggfuse.kernels.moe.launch": ["moe_route", "moe_route1", "moe_route_slot_experts", "moe_gate_up", "moe_down", "moe_gemv_gate_up", "moe_gemv_down"],
     "ggfuse.kernels.attention.launch": ["flash_attn_prefill", "window_attn"],
 }
 

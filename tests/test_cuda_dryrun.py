@@ -373,7 +373,10 @@ def test_decode_step_experts(decode_moe, monkeypatch):
             assert names.count("moe.moe_gemv_gate_up") == names.count("moe.moe_gemv_down") == n_moe * reps
             # the layout's slot -> expert map is found by the launcher itself (stubbed here)
             assert "moe.moe_gate_up" not in names and "moe.moe_down" not in names
-            assert names.count("dense.gemv") >= (n_moe + 1) * reps   # each router, and the LM head's last row
+            # each router, its shared gate and top-k in one launch (option decode_router fused)
+            assert names.count("moe.moe_route1") == n_moe * reps
+            assert "moe.moe_route_slot_experts" not in names and "dense.rowdot_sigmoid" not in names
+            assert names.count("dense.gemv") >= reps   # the LM head's last row
             assert "dense.router_gemm" not in names
             ups = [c[1].arguments for c in calls if c[0] == "moe.moe_gemv_gate_up"]
             downs = [c[1].arguments for c in calls if c[0] == "moe.moe_gemv_down"]
@@ -387,7 +390,7 @@ def test_decode_step_experts(decode_moe, monkeypatch):
         n_mm = sum(1 for n in plan.graph.nodes() if n.op.value == "matmul")
         grouped = sum(len(c[1].arguments["mats"]) for c in calls if c[0] == "dense.gemv_group")
         assert grouped > 0       # the projections of one input, one launch (option decode_gemv_group)
-        assert names.count("dense.gemv") + grouped >= (n_mm + (n_moe if decode_moe == "gemv" else 0) + 1) * reps
+        assert names.count("dense.gemv") + grouped >= (n_mm + 1) * reps
         if decode_moe == "gemv":     # (grouped: the shared expert's GEMMs stay)
             assert "blas.gemm_bf16" not in names and "gemm.gemm" not in names and "gemm.gemm_swiglu" not in names
         # the delta rule of one token is the recurrent state update (option decode_deltanet)
@@ -429,7 +432,7 @@ def test_decode_dense_reads_the_stored_rows(decode_dense, monkeypatch):
         gemvs = [b for name, b in calls if name == "dense.gemv"]
         types = {b.arguments["w_type"] for b in gemvs}
         if decode_dense == "gemm":
-            assert types == {"f32", "bf16"}           # the f32 routers; the head's bf16 copy
+            assert types == {"bf16"}           # the head's bf16 copy (the f32 routers: moe_route1)
         else:
             assert reads <= types and "bf16" not in types     # the head's last row: Q6_K as stored
             # each launch got the raw array of its tensor: bytes as stored
@@ -506,3 +509,29 @@ def test_decode_projections_of_one_input_share_a_launch(group, monkeypatch):
             assert not any(n in be.executor_for(1).launch_nodes for n in members)
         else:
             assert not groups
+
+
+@pytest.mark.parametrize("router", ["fused", "gemv"])
+def test_decode_router_in_one_launch(router, monkeypatch):
+    """decode_router fused: the one-token step's router GEMV, shared gate and top-k are one
+    moe_route1 launch reading the f32 router and shared gate and writing the slots' experts;
+    gemv: the f32 GEMV, the top-k and the shared gate's row dot, a launch each."""
+    with fake_device(monkeypatch) as calls:
+        plan, be = _backend("qwen35moe", "q4_k_m", monkeypatch, decode_router=router)
+        routes = [n for n in plan.graph.nodes() if n.op.value == "moe_route"]
+        assert routes and all(n.meta["kernel"]["by_chunk"]["1"]["router"] == router for n in routes)
+        assert all(n.meta["kernel"]["by_chunk"]["16"].get("router") is None for n in routes)
+        be.run_chunk(np.arange(10, dtype=np.int32), "last")
+        calls.clear()
+        be.run_chunk(np.array([5], dtype=np.int32), "last")
+        names = [c[0] for c in calls]
+        reps = names.count("dense.get_rows")
+        if router == "fused":
+            r1 = [c[1].arguments for c in calls if c[0] == "moe.moe_route1"]
+            assert len(r1) == len(routes) * reps and "moe.moe_route_slot_experts" not in names
+            for a in r1:
+                assert a["w_router"].dtype == np.float32 and a["w_shared"] is not None
+                assert a["counter"].dtype == np.uint32 and a["counter"].size == 1
+        else:
+            assert names.count("moe.moe_route_slot_experts") == len(routes) * reps
+            assert names.count("dense.rowdot_sigmoid") == len(routes) * reps and "moe.moe_route1" not in names

@@ -440,3 +440,56 @@ def test_moe_layer_through_expert_tables(impl, merged, first):
     rng = np.random.default_rng(111 + first)
     run_moe(T=400, E=12, k=4, D=512, F=256, gu_type="q4_k", dn_type="q6_k", x_kind="bf16",
             merged=merged, n_valid=397, rng=rng, kw=impl.moe, table_first=first, graph=first == 11)
+
+
+@pytest.mark.parametrize("E,k,D,shared,gating", [
+    (256, 8, 2048, True, "softmax"),      # Qwen3.5-35B-A3B's decode step
+    (128, 8, 2048, False, "softmax"),
+    (60, 4, 1024, True, "sigmoid"),
+    (512, 8, 256, False, "softmax"),
+])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_route1_one_launch(E, k, D, shared, gating, pdl):
+    """moe_route1: the router's f32 logits (against float64), the shared gate's sigmoid, and the
+    top-k of moe_route_slot_experts on those logits, from one launch; replayed several times in a
+    captured graph (with programmatic edges: kernels/graph.py), as the counter that finds the last
+    block must come back to 0 each time."""
+    from ggfuse.kernels.graph import capture
+    rng = np.random.default_rng(seed("route1", E, k, D, shared))
+    x = rng.standard_normal(D).astype(np.float32)
+    W = (rng.standard_normal((E, D)) / np.sqrt(D)).astype(np.float32)
+    ws = rng.standard_normal(D).astype(np.float32) / np.sqrt(D) if shared else None
+    ref = W.astype(np.float64) @ x.astype(np.float64)
+    d_x, d_w = cp.asarray(x), cp.asarray(W)
+    d_ws = cp.asarray(ws) if shared else None
+    logits = cp.full(E, np.nan, dtype=cp.float32)
+    counter = cp.zeros(1, dtype=cp.uint32)
+    ids = cp.full((1, k), -7, dtype=cp.int32)
+    wts = cp.full((1, k), np.nan, dtype=cp.float32)
+    se = cp.full(k + 5, -7, dtype=cp.int32)
+    sh = cp.full((1, 1), np.nan, dtype=cp.float32) if shared else None
+    nv = cp.asarray([1], dtype=cp.int32)
+    s = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.Device().synchronize()
+
+    def run():
+        launch.moe_route1(d_x, d_w, d_ws, D, E, k, True, 0.0, nv, logits, counter, ids, wts, se, sh, s, gating=gating)
+    g = capture(s, [run], pdl=pdl)
+    for _ in range(3):
+        ids.fill(-7)
+        se.fill(-7)
+        cp.cuda.Device().synchronize()
+        g.launch(s)
+        s.synchronize()
+        got = cp.asnumpy(logits).astype(np.float64)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+        r_ids, r_w, _, _ = ref_route(cp.asnumpy(logits)[None], k, True, 0.0, TILE, gating)
+        np.testing.assert_array_equal(cp.asnumpy(ids), r_ids)
+        np.testing.assert_allclose(cp.asnumpy(wts), r_w, rtol=2e-5, atol=1e-7)
+        np.testing.assert_array_equal(cp.asnumpy(se)[:k], r_ids.reshape(-1))
+        assert (cp.asnumpy(se)[k:] == -7).all() and int(counter.get()[0]) == 0
+        if shared:
+            np.testing.assert_allclose(float(sh.get()[0, 0]), 1 / (1 + np.exp(-(ws.astype(np.float64) @ x))),
+                                       rtol=1e-5)
+    if pdl:
+        assert g.pdl_edges == 0      # one kernel: no edge to make programmatic

@@ -259,6 +259,36 @@ def moe_route_slot_experts(logits, T: int, E: int, k: int, norm: bool, scale: fl
     _topk(logits, T, E, k, norm, scale, n_valid_dev, ids_out, weights_out, slot_expert_out, gating, stream)
 
 
+def moe_route1(x, w_router, w_shared, D: int, E: int, k: int, norm: bool, scale: float, n_valid_dev, logits,
+               counter, ids_out, weights_out, slot_expert_out, shared_out=None, stream=None, *,
+               gating: str = "softmax") -> None:
+    """The one-token step's router in one launch (route.cu moe_route1): logits[e] = x . W[e] in
+    f32, shared_out[0] = sigmoid(x . w_shared) where w_shared is given, then moe_route_slot_experts'
+    ids, weights and slot_expert_out from the logits, by the last block to finish.
+
+    x [1, D] or [D] f32 contiguous; w_router [E, D] f32; w_shared [D] f32 or None (then
+    shared_out is not written); logits [E] f32 scratch; counter a device uint32 [1] that is 0
+    before the first launch (each launch leaves it 0 again); D % 4 == 0."""
+    _route_checks("moe_route1", 1, E, k, gating,
+                  ((logits, E, "logits"), (ids_out, k, "ids_out"), (weights_out, k, "weights_out"),
+                   (slot_expert_out, k, "slot_expert_out"), (counter, 1, "counter")))
+    if D % 4 or x.dtype != np.float32 or x.size < D or not x.flags.c_contiguous:
+        raise ValueError(f"moe_route1: x must be contiguous f32 with D = {D} (a multiple of 4) elements")
+    if w_router.dtype != np.float32 or w_router.size < E * D:
+        raise ValueError(f"moe_route1: the router must be f32 [{E}, {D}]")
+    if (w_shared is None) != (shared_out is None):
+        raise ValueError("moe_route1: w_shared and shared_out go together")
+    if w_shared is not None and (w_shared.dtype != np.float32 or w_shared.size < D):
+        raise ValueError(f"moe_route1: the shared gate must be f32 [{D}]")
+    grid = E + (w_shared is not None)
+    _route_fn("moe_route1")((grid, 1, 1), (256, 1, 1),
+                            (x, w_router, np.uint64(0) if w_shared is None else w_shared, np.int32(D), np.int32(E),
+                             np.int32(k), np.int32(GATINGS[gating]), np.int32(bool(norm)), np.float32(scale),
+                             n_valid_dev, logits, counter, ids_out, weights_out, slot_expert_out,
+                             np.uint64(0) if shared_out is None else shared_out),
+                            stream=stream)
+
+
 def _check_layout(fn: str, sorted_slots, expert_offsets, E: int) -> int:
     S = sorted_slots.size
     if sorted_slots.itemsize != 4 or expert_offsets.itemsize != 4 or expert_offsets.size != E + 1:

@@ -11,6 +11,7 @@
 //                also fills sorted_slots with -1 (the padding)
 //   moe_scan     1 block of 1024 threads: hist[c, e] -> exclusive prefix over chunks, offsets
 //   moe_scatter  grid C, 256 threads: sorted_slots[off[e] + hist[c, e] + rank] = slot
+//   moe_route1   the one-token step's router GEMV, shared gate and top-k in one launch (below)
 // Tokens t >= n_valid[0] (the padded tail of a chunk) get ids 0..k-1 and weight 0 and take no
 // part in the sort.
 #include "pdl.cuh"
@@ -19,22 +20,11 @@
 #define ROUTE_MAX_PER_LANE 16   // E <= 512
 #define ROUTE_CHUNK 256
 
-extern "C" __global__ void __launch_bounds__(256)
-moe_topk(const float* __restrict__ logits, int T, int E, int k, int gating, int norm, float scale,
-         const int* __restrict__ n_valid, int* __restrict__ ids, float* __restrict__ weights,
-         int* __restrict__ slot_expert) { ggf_pdl_entry();
-    const int lane = threadIdx.x & 31;
-    const int t = blockIdx.x * 8 + (threadIdx.x >> 5);
-    if (t >= T) return;
-    if (t >= n_valid[0]) {
-        for (int j = lane; j < k; j += 32) {
-            ids[(long long)t * k + j] = j;
-            weights[(long long)t * k + j] = 0.f;
-            if (slot_expert) slot_expert[(long long)t * k + j] = -1;
-        }
-        return;
-    }
-    const float* row = logits + (long long)t * E;
+// one token's top-k over row[0, E) by one warp (every lane calls it): ids, weights and, where
+// slot_expert is not null, each slot's expert, for slots [0, k)
+__device__ __forceinline__ void topk_row(const float* row, int E, int k, int gating, int norm, float scale,
+                                         int lane, int* __restrict__ ids, float* __restrict__ weights,
+                                         int* __restrict__ slot_expert) {
     float v[ROUTE_MAX_PER_LANE];
     float mx = __int_as_float(0xff800000);
 #pragma unroll
@@ -79,10 +69,79 @@ moe_topk(const float* __restrict__ logits, int T, int E, int k, int gating, int 
     }
     if (scale != 0.f && scale != 1.f) p *= scale;
     if (lane < k) {
-        ids[(long long)t * k + lane] = my_e;
-        weights[(long long)t * k + lane] = p;
-        if (slot_expert) slot_expert[(long long)t * k + lane] = my_e;
+        ids[lane] = my_e;
+        weights[lane] = p;
+        if (slot_expert) slot_expert[lane] = my_e;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+moe_topk(const float* __restrict__ logits, int T, int E, int k, int gating, int norm, float scale,
+         const int* __restrict__ n_valid, int* __restrict__ ids, float* __restrict__ weights,
+         int* __restrict__ slot_expert) { ggf_pdl_entry();
+    const int lane = threadIdx.x & 31;
+    const int t = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (t >= T) return;
+    if (t >= n_valid[0]) {
+        for (int j = lane; j < k; j += 32) {
+            ids[(long long)t * k + j] = j;
+            weights[(long long)t * k + j] = 0.f;
+            if (slot_expert) slot_expert[(long long)t * k + j] = -1;
+        }
+        return;
+    }
+    topk_row(logits + (long long)t * E, E, k, gating, norm, scale, lane, ids + (long long)t * k,
+             weights + (long long)t * k, slot_expert ? slot_expert + (long long)t * k : nullptr);
+}
+
+// The one-token step's whole router in one launch: block r < E computes logits[r] = x . W[r]
+// (f32, in f32), block E (with a shared expert) shared_out[0] = sigmoid(x . w_shared); the last
+// block to finish (counter: an atomicInc that wraps back to 0 for the next launch) reads the E
+// logits back and runs moe_topk's top-k on them (ids, weights, slot_expert). Each block asks L2
+// for its weight row before it waits for the kernel before it (kernels/pdl.cuh).
+//   moe_route1(x, w, w_shared, D, E, k, gating, norm, scale, n_valid, logits, counter, ids,
+//              weights, slot_expert, shared_out)   grid E (+1), 256 threads; D % 4 == 0, E <= 512
+extern "C" __global__ void __launch_bounds__(256)
+moe_route1(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ w_shared, int D,
+           int E, int k, int gating, int norm, float scale, const int* __restrict__ n_valid, float* logits,
+           unsigned* counter, int* __restrict__ ids, float* __restrict__ weights, int* __restrict__ slot_expert,
+           float* __restrict__ shared_out) {
+    __shared__ float red[32];
+    __shared__ float row[32 * ROUTE_MAX_PER_LANE];
+    __shared__ int last;
+    const int r = blockIdx.x;
+    const float* wr = r < E ? w + (long long)r * D : w_shared;
+    ggf_pdl_launch();
+    for (int i = threadIdx.x * 32; i < D; i += blockDim.x * 32) asm volatile("prefetch.global.L2 [%0];" :: "l"(wr + i));
+    ggf_pdl_wait();
+    float acc = 0.f;
+    for (int i = threadIdx.x * 4; i < D; i += blockDim.x * 4) {
+        const float4 a = *reinterpret_cast<const float4*>(x + i);
+        const float4 b = *reinterpret_cast<const float4*>(wr + i);
+        acc += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+    }
+    acc = block_sum(acc, red);
+    if (threadIdx.x == 0) {
+        if (r < E) logits[r] = acc;
+        else shared_out[0] = 1.f / (1.f + __expf(-acc));
+        __threadfence();
+        last = atomicInc(counter, gridDim.x - 1) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last || threadIdx.x >= 32) return;
+    __threadfence();
+    const int lane = threadIdx.x;
+    if (n_valid[0] < 1) {                 // a padding token (never in a decode step; as moe_topk)
+        for (int j = lane; j < k; j += 32) {
+            ids[j] = j;
+            weights[j] = 0.f;
+            if (slot_expert) slot_expert[j] = -1;
+        }
+        return;
+    }
+    for (int e = lane; e < E; e += 32) row[e] = __ldcg(logits + e);   // other blocks' writes, past L1
+    __syncwarp();
+    topk_row(row, E, k, gating, norm, scale, lane, ids, weights, slot_expert);
 }
 
 extern "C" __global__ void __launch_bounds__(ROUTE_CHUNK)

@@ -740,6 +740,20 @@ def _moe_route(ctx, n):
 
     # the matrix-vector experts read each slot's expert from `slots`; no sorted layout
     slot_experts = ctx.at(rec).get("layout") == "slot_expert"
+    if ctx.at(rec).get("router") == "fused":
+        # one launch: router GEMV, shared gate, top-k (kernels/moe/route.cu moe_route1)
+        if T != 1 or not slot_experts or escale is not None:
+            raise PlanError(None, f"cuda: {n.name}: the fused router takes one token, the slot_expert layout "
+                                  f"and no expert scale; recompile the plan")
+        key = (n.name, "route1_counter", ctx.key)
+        if key not in be.buf.tables:
+            be.buf.tables[key] = ctx.cp.zeros(1, dtype=np.uint32)   # each launch leaves it 0
+        counter = be.buf.tables[key]
+        D = ctx.t(w_router).shape[1]
+        wsh, sh_out = (shexp if shexp is not None else (None, None))
+        return lambda: moe.moe_route1(x.reshape(-1), w_f32, wsh, D, E, a.k, a.norm, a.scale, be.nvalid_dev,
+                                      logits.reshape(-1), counter, ids, weights, slots, sh_out, ctx.stream,
+                                      gating=a.gating)
 
     def run():
         router()
