@@ -36,7 +36,8 @@ declare -A ROW=(
   # programmatic dependent launch off (the default, auto, is on for sm_90a)
   [tg_nopdl]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --pdl off"
   [tg_nogroup]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --decode-gemv-group false"
-  [tg_base]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --pdl off --decode-gemv-group false"
+  [tg_norouter]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --decode-router gemv"
+  [tg_base]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --pdl off --decode-gemv-group false --decode-router gemv"
   [short_nopdl]="--prompt 64,128,256,512 --chunk 512 --sub-chunk-min 64 --tg 0 --pdl off"
   [short]="--prompt 64,128,256,512 --chunk 512 --sub-chunk-min 64 --tg 0"
 )
