@@ -458,7 +458,7 @@ def test_route1_one_launch(E, k, D, shared, gating, pdl):
     rng = np.random.default_rng(seed("route1", E, k, D, shared))
     x = rng.standard_normal(D).astype(np.float32)
     W = (rng.standard_normal((E, D)) / np.sqrt(D)).astype(np.float32)
-    ws = rng.standard_normal(D).astype(np.float32) / np.sqrt(D) if shared else None
+    ws = (rng.standard_normal(D) / np.sqrt(D)).astype(np.float32) if shared else None
     ref = W.astype(np.float64) @ x.astype(np.float64)
     d_x, d_w = cp.asarray(x), cp.asarray(W)
     d_ws = cp.asarray(ws) if shared else None

@@ -151,7 +151,7 @@ class CUDABackend:
         self.precision = low["precision"]
         # programmatic dependent launch (kernels/graph.py); plans before 8.1 have no record: off
         self.pdl = bool((low.get("pdl") or {}).get("on")) and cc >= 90
-        self.pdl_edges = 0
+        self._pdl_edges = [0]       # shared with the smaller chunk sizes' executors (copies)
         self.captures = [int(c) for c in low["captures"]]
         self.chunk = int(plan.chunk)
         if chunk is not None and int(chunk) not in self.captures:
@@ -544,8 +544,13 @@ class CUDABackend:
         # produced stays as it is.
         from ggfuse.kernels.graph import capture
         g = capture(self.stream, launches, pdl=self.pdl)
-        self.pdl_edges += getattr(g, "pdl_edges", 0)
+        self._pdl_edges[0] += getattr(g, "pdl_edges", 0)
         return g
+
+    @property
+    def pdl_edges(self) -> int:
+        """Programmatic edges in every graph captured so far, at every chunk size."""
+        return self._pdl_edges[0]
 
     def device_memory(self) -> dict:
         """Measured device memory: what this process's CuPy pool holds (weights, slots, arena,
