@@ -208,8 +208,11 @@ class _Module:
 
     def get_function(self, name: str):
         fn = self._mod.get_function(name)
-        if self.pdl and getattr(fn, "ptr", None):
-            _pdl_ready.add(int(fn.ptr))
+        if self.pdl:
+            # a cupy.RawKernel: its cupy.cuda.function.Function (.kernel) holds the CUfunction
+            ptr = getattr(fn, "ptr", None) or getattr(getattr(fn, "kernel", None), "ptr", None)
+            if ptr:
+                _pdl_ready.add(int(ptr))
         return fn
 
     def __getattr__(self, name):
