@@ -12,4 +12,7 @@ for n in libcublas.so.13 libcudart.so.13; do
   f="$(find "$site/nvidia" -name "$n" 2>/dev/null | head -1)"
   [ -n "$f" ] && libs="$libs:$(dirname "$f")"
 done
-echo "export LD_LIBRARY_PATH=$libs\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH} LLAMA_BENCH=$dest/bin/llama-bench"
+# a build linked against a stub driver library may not name libcuda.so.1: preload the driver's
+drv="$(ldconfig -p 2>/dev/null | awk '/libcuda\.so\.1 /{print $NF; exit}')"
+[ -z "$drv" ] && for d in /usr/local/nvidia/lib64 /usr/lib/x86_64-linux-gnu; do [ -e "$d/libcuda.so.1" ] && drv="$d/libcuda.so.1" && break; done
+echo "export LD_LIBRARY_PATH=$libs\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH} LLAMA_BENCH=$dest/bin/llama-bench${drv:+ LD_PRELOAD=$drv}"
