@@ -98,11 +98,16 @@ def make_programmatic(cu, graph) -> int:
         _, dst_ready = _node_info(cu, dst, cache)
         if not (dst_ready and src_kernel):
             continue
-        _check(remove(graph, [src], [dst], [data] if data is not None else None, 1), "cuGraphRemoveDependencies")
+        # the driver refuses some edges (CUDA_ERROR_NOT_SUPPORTED, e.g. around library kernels
+        # that captured nodes of their own): those keep their full dependency
+        if int(remove(graph, [src], [dst], [data] if data is not None else None, 1)[0]) != 0:
+            continue
         ed = cu.CUgraphEdgeData()
         ed.type = prog
         ed.from_port = cu.CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC
-        _check(add(graph, [src], [dst], [ed], 1), "cuGraphAddDependencies")
+        if int(add(graph, [src], [dst], [ed], 1)[0]) != 0:
+            _check(add(graph, [src], [dst], [data] if data is not None else None, 1), "cuGraphAddDependencies")
+            continue
         changed += 1
     return changed
 

@@ -53,7 +53,11 @@ class FakeDriver:
             return (1, None)
         return (0, types.SimpleNamespace(func=self.nodes[node][1]))
 
+    refuse: set = set()
+
     def cuGraphRemoveDependencies(self, graph, src, dst, data, n):
+        if (src[0], dst[0]) in self.refuse:
+            return (801,)      # CUDA_ERROR_NOT_SUPPORTED
         e = next(e for e in self.edges if e[0] == src[0] and e[1] == dst[0])
         self.edges.remove(e)
         return (0,)
@@ -147,3 +151,12 @@ def test_every_sm90_kernel_waits_before_touching_memory(path, tmp_path, monkeypa
 def test_sm89_builds_have_no_programmatic_wait(path, tmp_path, monkeypatch):
     monkeypatch.setenv("GGFUSE_CACHE", str(tmp_path))
     assert "griddepcontrol" not in knvrtc.compile_cubin(path, "compute_89").decode()
+
+
+def test_an_edge_the_driver_refuses_keeps_its_full_dependency(ready):
+    nodes = {1: (NodeType.KERNEL, 101), 2: (NodeType.KERNEL, 102), 3: (NodeType.KERNEL, 103)}
+    cu = FakeDriver(nodes, [(1, 2, EdgeData()), (2, 3, EdgeData())])
+    cu.refuse = {(1, 2)}
+    assert kgraph.make_programmatic(cu, "g") == 1
+    k = _kinds(cu)
+    assert k[(1, 2)] == (DepType.DEFAULT, 0) and k[(2, 3)] == (DepType.PROGRAMMATIC, 1)
