@@ -222,6 +222,9 @@ class Options:
     decode_router: str = _opt(COMPILE, "router of the one-token step's matrix-vector experts: fused (the f32 router "
                                        "GEMV, the shared expert's gate and the top-k in one launch) or gemv (a launch "
                                        "each)", ("fused", "gemv"), default="fused")
+    decode_deltanet_fold: bool = _opt(COMPILE, "the one-token delta rule also normalises q and k and computes its "
+                                               "gates (one launch instead of four per DeltaNet layer)", None, _bool,
+                                      default=True)
     decode_gemv_group: bool = _opt(COMPILE, "the one-token step's one-row products of one input on matrices of one "
                                             "type (qkv, z, beta, alpha; q, k, v) as one launch", None, _bool,
                                    default=True)

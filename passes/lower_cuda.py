@@ -688,6 +688,40 @@ def _group_decode_gemvs(g: Graph) -> None:
             del at["group"]                # alone: the plain one-row launch
 
 
+def _fold_decode_deltanet(g: Graph, sizes: list[int]) -> None:
+    """The one-token step's delta rule where it runs gdr_step (by_chunk kernel "step") also does
+    its q / k l2 normalisation and its gates (kernels/deltanet/launch.py gdr_step_fused): the
+    delta rule records "fold" {"q", "k", "gates": the folded nodes' names}, those record
+    "folded_into" (its name) at chunk 1 and launch nothing there; plan_memory keeps their inputs
+    live to the delta rule's step. Only where the folded nodes feed nothing else and the raw
+    q / k / v and the gate inputs are stored f32."""
+    def st(v):
+        return g.node(v.node).meta.get("storage", ["f32"])[v.index]
+
+    def sole_user(v, n) -> bool:
+        return {u.id for u, _ in g.uses_of(v)} == {n.id}
+
+    for n in g.by_op(Op.CHUNK_GATED_DELTA_RULE):
+        at = ((n.meta.get("kernel") or {}).get("by_chunk") or {}).get("1")
+        if not at or at.get("kernel") != "step" or not n.name:
+            continue
+        q, k, v, gv, bv = n.inputs[:5]
+        lq, lk, gates = g.node(q.node), g.node(k.node), g.node(gv.node)
+        if lq.op != Op.L2_NORM or lk.op != Op.L2_NORM or lq.id == lk.id or gates.op != Op.DELTANET_GATES \
+                or bv.node != gates.id or gv.index != 0 or bv.index != 1:
+            continue
+        if not (sole_user(q, n) and sole_user(k, n) and sole_user(gv, n) and sole_user(bv, n)):
+            continue
+        if any(st(x) != "f32" for x in (lq.inputs[0], lk.inputs[0], v, gates.inputs[0], gates.inputs[1])):
+            continue
+        if not all(x.name for x in (lq, lk, gates)):
+            continue
+        at["fold"] = {"q": lq.name, "k": lk.name, "gates": gates.name}
+        for f in (lq, lk, gates):
+            rec = f.meta["kernel"]
+            rec["by_chunk"] = {str(c): ({"folded_into": n.name} if c == 1 else {}) for c in sizes}
+
+
 def run(g: Graph, *, options, device_free: int | None = None) -> PassResult:
     """options: ggfuse.options.Options with a resolved target (not "auto" or "cpu")."""
     if options.target not in TARGETS:
@@ -744,6 +778,8 @@ def run(g: Graph, *, options, device_free: int | None = None) -> PassResult:
     _route_slot_experts(g, fuse=options.decode_router == "fused")
     if options.decode_gemv_group:
         _group_decode_gemvs(g)
+    if options.decode_deltanet_fold:
+        _fold_decode_deltanet(g, sizes)
     logits = g.outputs.get("logits")
     if logits is None or g.node(logits.node).op != Op.LM_HEAD:
         raise GGFuseError(None, "the CUDA lowering needs the logits to come from an LM_HEAD node")

@@ -7,7 +7,8 @@ overlaps no buffer live at the same time (greedy by size, as TFLite's arena plan
 Sizes use each value's storage dtype (lower_cuda's meta["storage"]: bf16 activations take half).
 A launch's workspace (lower_cuda's meta["workspace"]) lives during its own step only; the LM
 head's runs after the chunk's last step, with the head's inputs still live. A one-row product
-that another one's launch computes (by_chunk "in_group") is live from that launch's step.
+that another one's launch computes (by_chunk "in_group") is live from that launch's step; the
+inputs of a step folded into a later one (by_chunk "folded_into") live to that one's step.
 Not in the arena: weights and fetched expert slots (weight memory), carried states and the
 KV-cache values that become them (state buffers, sized by the context, not the chunk), the
 logits (the LM head writes them into its workspace block by block), and views (SLICE, and a
@@ -90,10 +91,14 @@ def buffers(g: Graph, chunk: int):
         for name, nb in sorted(ws.items()):
             intervals[("ws", n.id, name)] = [at, at, _aligned(max(int(nb), 1))]
     for n in order:
+        # a step another one does (by_chunk "folded_into": the decode delta rule's l2 norms and
+        # gates) reads its inputs at that one's step
+        into = ((n.meta.get("kernel") or {}).get("by_chunk") or {}).get(key, {}).get("folded_into")
+        at = step[by_name[into].id] if into is not None else step[n.id]
         for v in n.inputs:
             root = alias.get(v)
             if root is not None and root in intervals:
-                intervals[root][1] = max(intervals[root][1], step[n.id])
+                intervals[root][1] = max(intervals[root][1], step[n.id], at)
     for v in list(g.outputs.values()) + list(head_inputs):  # live to the end of the chunk
         root = alias.get(v)
         if root is not None and root in intervals:

@@ -394,7 +394,8 @@ def test_decode_step_experts(decode_moe, monkeypatch):
         if decode_moe == "gemv":     # (grouped: the shared expert's GEMMs stay)
             assert "blas.gemm_bf16" not in names and "gemm.gemm" not in names and "gemm.gemm_swiglu" not in names
         # the delta rule of one token is the recurrent state update (option decode_deltanet)
-        assert "deltanet.gated_delta_rule_recurrent" in names and "deltanet.chunk_gated_delta_rule" not in names
+        # (with its l2 norms and gates folded in: option decode_deltanet_fold)
+        assert "deltanet.gdr_step_fused" in names and "deltanet.chunk_gated_delta_rule" not in names
 
 
 @pytest.mark.parametrize("decode_dense", ["auto", "gemm", "gemv"])
@@ -457,7 +458,7 @@ def test_one_token_delta_rule_kernel_is_the_plans(precision, monkeypatch):
     """The plan names the one-token delta rule's kernel (by_chunk kernel: step at chunk 1 for the
     head dims gdr_step_* takes, loop for the prefill chunks) and the launcher is told it."""
     with fake_device(monkeypatch) as calls:
-        plan, be = _backend("qwen35moe", "q4_k_m", monkeypatch, precision=precision)
+        plan, be = _backend("qwen35moe", "q4_k_m", monkeypatch, precision=precision, decode_deltanet_fold=False)
         dn = [n for n in plan.graph.nodes() if n.op.value == "chunk_gated_delta_rule"]
         assert dn
         for n in dn:
@@ -535,3 +536,49 @@ def test_decode_router_in_one_launch(router, monkeypatch):
         else:
             assert names.count("moe.moe_route_slot_experts") == len(routes) * reps
             assert names.count("dense.rowdot_sigmoid") == len(routes) * reps and "moe.moe_route1" not in names
+
+
+@pytest.mark.parametrize("precision", ["bf16", "f32"])
+@pytest.mark.parametrize("fold", [True, False])
+def test_decode_delta_rule_folds_its_norms_and_gates(fold, precision, monkeypatch):
+    """decode_deltanet_fold: at chunk 1 the delta rule's record names its q / k l2 norms and its
+    gates, which name it back and launch nothing; the one launch reads the raw q, k (the l2
+    norms' inputs), v and the gate inputs, and those stay live in the memory plan to its step.
+    Prefill chunks keep every launch."""
+    from ggfuse.passes import plan_memory
+    with fake_device(monkeypatch) as calls:
+        plan, be = _backend("qwen35moe", "q4_k_m", monkeypatch, decode_deltanet_fold=fold, precision=precision)
+        g = plan.graph
+        by_name = {n.name: n for n in g.nodes()}
+        dn = [n for n in g.nodes() if n.op.value == "chunk_gated_delta_rule"]
+        order = {n.id: i for i, n in enumerate(g.topo())}
+        intervals, alias = plan_memory.buffers(g, 1)
+        for n in dn:
+            f = n.meta["kernel"]["by_chunk"]["1"].get("fold")
+            assert bool(f) is fold
+            if not fold:
+                continue
+            lq, lk, gates = by_name[f["q"]], by_name[f["k"]], by_name[f["gates"]]
+            assert (lq.op.value, lk.op.value, gates.op.value) == ("l2_norm", "l2_norm", "deltanet_gates")
+            for x in (lq, lk, gates):
+                assert x.meta["kernel"]["by_chunk"]["1"] == {"folded_into": n.name}
+                assert x.meta["kernel"]["by_chunk"]["16"] == {}
+                for v in x.inputs:
+                    root = alias.get(v)
+                    if root in intervals:
+                        assert intervals[root][1] >= order[n.id]
+        be.run_chunk(np.arange(10, dtype=np.int32), "last")
+        prefill = [c[0] for c in calls]
+        calls.clear()
+        be.run_chunk(np.array([5], dtype=np.int32), "last")
+        names = [c[0] for c in calls]
+        reps = names.count("dense.get_rows")
+        assert "dense.l2_norm" in prefill and "dense.deltanet_gates" in prefill
+        if fold:
+            fused = [c[1].arguments for c in calls if c[0] == "deltanet.gdr_step_fused"]
+            assert len(fused) == len(dn) * reps
+            assert "dense.l2_norm" not in names and "dense.deltanet_gates" not in names
+            for a in fused:
+                assert a["q"].dtype == np.float32 and a["eps_q"] > 0 and a["n_valid"] is be.nvalid_dev
+        else:
+            assert names.count("dense.l2_norm") == 2 * len(dn) * reps and "deltanet.gdr_step_fused" not in names

@@ -221,3 +221,64 @@ def test_step_in_a_captured_graph(head_map, monkeypatch):
     graph.launch(s)
     s.synchronize()
     _check(out, state, o2, s2, "f32")
+
+
+@pytest.mark.parametrize("out_dt", ["f32", "bf16"])
+@pytest.mark.parametrize("Hk,Hv,K,V,grouped,head_map", [(16, 32, 128, 128, False, "tile"), (16, 32, 128, 128, True, "interleave"),
+                                                        (2, 4, 64, 64, False, "interleave"), (4, 4, 32, 48, False, "tile")],
+                         ids=["q35", "q3next-grouped", "small", "v48"])
+@pytest.mark.parametrize("n_valid", [1, 0])
+def test_step_fused_matches_the_separate_launches(Hk, Hv, K, V, grouped, head_map, out_dt, n_valid):
+    """gdr_step_fused (the decode plan's delta rule with its l2 norms and gates folded in) against
+    the launches it replaces: l2_norm on q and k, deltanet_gates, then gdr_step; to f32 rounding,
+    a padding token (n_valid 0) included, and inside a captured graph with programmatic edges."""
+    from ggfuse.kernels.deltanet import launch as dn
+    from ggfuse.kernels.dense import launch as dl
+    from ggfuse.kernels.graph import capture
+    rng = np.random.default_rng(Hk * 1000 + Hv * 10 + K + n_valid)
+    qkv = cp.asarray(rng.standard_normal((1, 2 * Hk * K + Hv * V)).astype(np.float32))   # the conv output row
+    q = qkv[:, :Hk * K].reshape(1, Hk, K)
+    k = qkv[:, Hk * K:2 * Hk * K].reshape(1, Hk, K)
+    v = qkv[:, 2 * Hk * K:].reshape(1, Hv, V)
+    r = Hv // Hk
+    ab = cp.asarray(rng.standard_normal((1, 2 * Hv)).astype(np.float32))
+    alpha, beta_lin = (ab[:, :Hv], ab[:, Hv:]) if not grouped else \
+        (ab.reshape(1, Hk, 2 * r)[:, :, :r], ab.reshape(1, Hk, 2 * r)[:, :, r:])
+    dtb = cp.asarray(rng.standard_normal(Hv).astype(np.float32))
+    ssm_a = cp.asarray(-np.abs(rng.standard_normal(Hv)).astype(np.float32))
+    nv = cp.asarray([n_valid], dtype=cp.int32)
+    s0 = (rng.standard_normal((Hv, K, V)) * 0.1).astype(np.float32)
+    odt = cp.float32 if out_dt == "f32" else cp.uint16
+    # the separate launches
+    qn, kn = cp.empty((1, Hk, K), cp.float32), cp.empty((1, Hk, K), cp.float32)
+    g, beta = cp.empty((1, Hv), cp.float32), cp.empty((1, Hv), cp.float32)
+    st_ref, out_ref = cp.asarray(s0), cp.zeros((1, Hv, V), odt)
+    dl.l2_norm(q, qn, eps=1e-6)
+    dl.l2_norm(k, kn, eps=1e-6)
+    dl.deltanet_gates(alpha, beta_lin, dtb, ssm_a, g, beta, nv)
+    dn.gated_delta_rule_recurrent(qn, kn, v, g, beta, st_ref, out_ref, K ** -0.5, head_map, kernel="step")
+    # the fused one, twice in a captured graph (the state carried)
+    st, out = cp.asarray(s0), cp.full((1, Hv, V), 0xFFFF if out_dt == "bf16" else np.nan, odt)
+    s = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.Device().synchronize()
+    run = lambda: dn.gdr_step_fused(q, k, v, st, out, K ** -0.5, head_map, eps_q=1e-6, eps_k=1e-6, alpha=alpha,  # noqa: E731
+                                    beta_lin=beta_lin, dt_bias=dtb, ssm_a=ssm_a, n_valid=nv, stream=s)
+    run()
+    s.synchronize()
+    o = cp.asnumpy(out).view(np.uint16) if out_dt == "bf16" else cp.asnumpy(out)
+    o_ref = cp.asnumpy(out_ref).view(np.uint16) if out_dt == "bf16" else cp.asnumpy(out_ref)
+    if out_dt == "bf16":
+        from ggfuse.kernels.gemm.weights import bf16_bits_to_f32
+        o, o_ref = bf16_bits_to_f32(o), bf16_bits_to_f32(o_ref)
+        tol = 1e-2
+    else:
+        tol = 1e-5
+    np.testing.assert_allclose(o, o_ref, rtol=tol, atol=tol * np.abs(o_ref).max())
+    np.testing.assert_allclose(cp.asnumpy(st), cp.asnumpy(st_ref), rtol=1e-5, atol=1e-5 * np.abs(s0).max())
+    if n_valid == 0:
+        np.testing.assert_array_equal(cp.asnumpy(st), s0)        # a padding token leaves the state
+    g2 = capture(s, [run], pdl=True)
+    dn.gated_delta_rule_recurrent(qn, kn, v, g, beta, st_ref, out_ref, K ** -0.5, head_map, kernel="step")
+    g2.launch(s)
+    s.synchronize()
+    np.testing.assert_allclose(cp.asnumpy(st), cp.asnumpy(st_ref), rtol=1e-5, atol=1e-5 * np.abs(s0).max())

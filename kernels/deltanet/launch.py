@@ -324,3 +324,50 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, state, out, scale: float, head_
                (q, k, np.int64(q.strides[0] // q.itemsize), v, np.int64(v.strides[0] // v.itemsize), g, beta,
                 state, out, i32(T), i32(Hk), i32(Hv), i32(K), i32(V), f32(scale), i32(hm)),
                shared_mem=(K * 32 + 2 * K) * 4)
+
+
+def _gate_strides(a, T: int, Hv: int, what: str):
+    """(row stride, group stride, group) of a gate input as deltanet_gates reads it: [T, Hv], or
+    [T, Hk, r] (value head h = c r + j at [t, c, j])."""
+    if np.dtype(a.dtype) != np.float32:
+        raise ValueError(f"gdr_step_fused: {what} must be float32")
+    if a.ndim == 3:
+        if a.shape[0] != T or a.shape[1] * a.shape[2] != Hv or a.strides[2] != a.itemsize:
+            raise ValueError(f"gdr_step_fused: {what} must be [{T}, Hk, Hv/Hk] with a contiguous last dim, got {a.shape}")
+        return a.strides[1] // a.itemsize, int(a.shape[2])
+    if tuple(a.shape) != (T, Hv) or (Hv > 1 and a.strides[1] != a.itemsize):
+        raise ValueError(f"gdr_step_fused: {what} must be [{T}, {Hv}], got {a.shape}")
+    return Hv, Hv
+
+
+def gdr_step_fused(q, k, v, state, out, scale: float, head_map, *, eps_q: float, eps_k: float, alpha, beta_lin,
+                   dt_bias, ssm_a, n_valid, stream=None) -> None:
+    """The decode step's delta rule with the q / k l2 normalisation and the gates folded in
+    (recurrent.cu gdr_step_fused_*): as l2_norm(q), l2_norm(k) (eps_q, eps_k), deltanet_gates(alpha,
+    beta_lin, dt_bias, ssm_a, n_valid) and gated_delta_rule_recurrent(kernel="step") in one launch,
+    to f32 rounding. q, k [1, Hk, K] and v [1, Hv, V] f32 (raw: before the normalisation; only row
+    0 read, each head contiguous); alpha, beta_lin [1, Hv] or [1, Hk, Hv/Hk] f32 views; dt_bias,
+    ssm_a [Hv] f32; state [Hv, K, V] f32 16-byte aligned (in place); out [1, Hv, V] f32 or bf16."""
+    T, Hk, K = q.shape
+    Hv, V = v.shape[1], v.shape[2]
+    if T != 1 or not step_supported(K, V) or state.data.ptr % 16:
+        raise ValueError(f"gdr_step_fused: one token, K <= {STEP_MAX_K}, V % 4 == 0 and a 16-byte aligned state; "
+                         f"got T={T} K={K} V={V}")
+    for a, what in ((q, "q"), (k, "k"), (v, "v")):
+        if _elem_kind(a, what) != "f32" or a.strides[-1] != a.itemsize or a.strides[1] != a.shape[2] * a.itemsize:
+            raise ValueError(f"gdr_step_fused: {what} must be f32 with contiguous heads")
+    for a, what, n in ((dt_bias, "dt_bias", Hv), (ssm_a, "ssm_a", Hv)):
+        if np.dtype(a.dtype) != np.float32 or a.size != n:
+            raise ValueError(f"gdr_step_fused: {what} must be f32 [{Hv}]")
+    a_sg, grp = _gate_strides(alpha, T, Hv, "alpha")
+    b_sg, grp_b = _gate_strides(beta_lin, T, Hv, "beta_lin")
+    if grp != grp_b:
+        raise ValueError("gdr_step_fused: alpha and beta_lin must group the value heads alike")
+    hm = head_map if isinstance(head_map, int) else (0 if head_map == "tile" else 1)
+    o = _elem_kind(out, "out")
+    fn = load_module("deltanet/recurrent.cu").get_function(f"gdr_step_fused_{o}")
+    i32, f32 = np.int32, np.float32
+    with (stream if stream is not None else contextlib.nullcontext()):
+        fn((Hv, (V + 31) // 32), (STEP_THREADS,),
+           (q, k, v, state, out, i32(Hk), i32(Hv), i32(K), i32(V), f32(scale), i32(hm), f32(eps_q), f32(eps_k),
+            alpha, np.int64(a_sg), beta_lin, np.int64(b_sg), i32(grp), dt_bias, ssm_a, n_valid))

@@ -91,15 +91,31 @@ GDR_RECURRENT(gdr_recurrent_bf16_bf16, __nv_bfloat16, __nv_bfloat16)
 // row strides; the other arguments as gdr_recurrent's.
 constexpr int STEP_THREADS = 256, STEP_COLS = 32, STEP_ROWS = 8;
 
-template<typename TI, typename TO>
+// What the fused step (gdr_step_fused_*) computes itself instead of reading g, beta and
+// normalised q, k: llama.cpp's l2 normalisation of q and k (x / sqrt(sum x^2 + eps)) and the
+// DeltaNet gates (dense/elementwise.cu deltanet_gates: g = softplus(alpha + dt_bias) ssm_a,
+// beta = sigmoid(beta_lin); both 0 for a padding token), from the projections' raw outputs.
+struct StepFold {
+    float eps_q, eps_k;
+    const float* alpha; long long a_sg;
+    const float* beta_lin; long long b_sg;
+    int group;
+    const float* dt_bias;
+    const float* ssm_a;
+    const int* n_valid;
+};
+
+__device__ __forceinline__ float step_sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
+
+template<typename TI, typename TO, bool FUSED = false>
 __device__ __forceinline__ void gdr_step_impl(const TI* __restrict__ q, const TI* __restrict__ k,
                                               const TI* __restrict__ v, const float* __restrict__ g,
                                               const float* __restrict__ beta, float* __restrict__ state,
                                               TO* __restrict__ out, int Hk, int Hv, int K, int V, float scale,
-                                              int head_map) {
+                                              int head_map, const StepFold fold = StepFold{}) {
     constexpr int GROUPS = STEP_COLS / 4, WARPS = STEP_THREADS / 32, ROW_STEP = STEP_THREADS / GROUPS;
     __shared__ float4 part_k[WARPS][GROUPS], part_q[WARPS][GROUPS];
-    __shared__ float part_kq[WARPS];
+    __shared__ float part_kq[WARPS], part_qq[WARPS], part_kk[WARPS];
     const int h = blockIdx.x;
     const int c4 = threadIdx.x % GROUPS, row0 = threadIdx.x / GROUPS;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -124,16 +140,31 @@ __device__ __forceinline__ void gdr_step_impl(const TI* __restrict__ q, const TI
     float vj[4];
 #pragma unroll
     for (int c = 0; c < 4; ++c) vj[c] = cols ? load_f(v + (long long)h * V + j + c) : 0.f;
-    const float decay = __expf(g[h]);
-    const float b = beta[h];
+    float decay, b;
+    if (FUSED) {
+        const int c = h / fold.group, jj = h - c * fold.group;
+        float gv = 0.0f, bt = 0.0f;
+        if (*fold.n_valid > 0) {
+            const float xg = fold.alpha[c * fold.a_sg + jj] + fold.dt_bias[h];
+            const float sp = xg > 20.0f ? xg : log1pf(expf(xg));
+            gv = sp * fold.ssm_a[h];
+            bt = step_sigmoid(fold.beta_lin[c * fold.b_sg + jj]);
+        }
+        decay = __expf(gv);
+        b = bt;
+    } else {
+        decay = __expf(g[h]);
+        b = beta[h];
+    }
 
     float4 sk = make_float4(0.f, 0.f, 0.f, 0.f), sq = sk;
-    float kq = 0.f;
+    float kq = 0.f, qq = 0.f, kk = 0.f;
 #pragma unroll
     for (int r = 0; r < STEP_ROWS; ++r) {
         sk.x += s[r].x * ki[r]; sk.y += s[r].y * ki[r]; sk.z += s[r].z * ki[r]; sk.w += s[r].w * ki[r];
         sq.x += s[r].x * qi[r]; sq.y += s[r].y * qi[r]; sq.z += s[r].z * qi[r]; sq.w += s[r].w * qi[r];
         kq += ki[r] * qi[r];
+        if (FUSED) { qq += qi[r] * qi[r]; kk += ki[r] * ki[r]; }
     }
     // lanes c4, c4 + 8, c4 + 16, c4 + 24 of a warp hold the same columns in 4 row groups
 #pragma unroll
@@ -143,20 +174,37 @@ __device__ __forceinline__ void gdr_step_impl(const TI* __restrict__ q, const TI
         sq.x += __shfl_xor_sync(GGF_FULL_MASK, sq.x, o); sq.y += __shfl_xor_sync(GGF_FULL_MASK, sq.y, o);
         sq.z += __shfl_xor_sync(GGF_FULL_MASK, sq.z, o); sq.w += __shfl_xor_sync(GGF_FULL_MASK, sq.w, o);
         kq += __shfl_xor_sync(GGF_FULL_MASK, kq, o);
+        if (FUSED) {
+            qq += __shfl_xor_sync(GGF_FULL_MASK, qq, o);
+            kk += __shfl_xor_sync(GGF_FULL_MASK, kk, o);
+        }
     }
     if (lane < GROUPS) {
         part_k[warp][lane] = sk;
         part_q[warp][lane] = sq;
-        if (lane == 0) part_kq[warp] = kq;
+        if (lane == 0) {
+            part_kq[warp] = kq;
+            if (FUSED) { part_qq[warp] = qq; part_kk[warp] = kk; }
+        }
     }
     __syncthreads();
     sk = part_k[0][c4]; sq = part_q[0][c4]; kq = part_kq[0];
+    if (FUSED) { qq = part_qq[0]; kk = part_kk[0]; }
 #pragma unroll
     for (int w = 1; w < WARPS; ++w) {
         const float4 a = part_k[w][c4], c = part_q[w][c4];
         sk.x += a.x; sk.y += a.y; sk.z += a.z; sk.w += a.w;
         sq.x += c.x; sq.y += c.y; sq.z += c.z; sq.w += c.w;
         kq += part_kq[w];
+        if (FUSED) { qq += part_qq[w]; kk += part_kk[w]; }
+    }
+    if (FUSED) {        // the sums are linear in q and k: scale them, and k for the update below
+        const float iq = 1.0f / sqrtf(qq + fold.eps_q), ik = 1.0f / sqrtf(kk + fold.eps_k);
+        sk.x *= ik; sk.y *= ik; sk.z *= ik; sk.w *= ik;
+        sq.x *= iq; sq.y *= iq; sq.z *= iq; sq.w *= iq;
+        kq *= iq * ik;
+#pragma unroll
+        for (int r = 0; r < STEP_ROWS; ++r) ki[r] *= ik;
     }
     const float d0 = (vj[0] - decay * sk.x) * b, d1 = (vj[1] - decay * sk.y) * b,
                 d2 = (vj[2] - decay * sk.z) * b, d3 = (vj[3] - decay * sk.w) * b;
@@ -183,6 +231,23 @@ NAME(const TI* q, const TI* k, const TI* v, const float* g, const float* beta, f
      int Hv, int K, int V, float scale, int head_map) { ggf_pdl_entry();                                       \
     gdr_step_impl<TI, TO>(q, k, v, g, beta, state, out, Hk, Hv, K, V, scale, head_map);                        \
 }
+// gdr_step_fused_<out>(q, k, v, state, out, Hk, Hv, K, V, scale, head_map, eps_q, eps_k, alpha,
+// a_sg, beta_lin, b_sg, group, dt_bias, ssm_a, n_valid): gdr_step on raw q, k (f32) with the l2
+// normalisation and the gates folded in (StepFold; alpha, beta_lin at [c * sg + j] for value
+// head h = c * group + j), for the decode step whose plan folds those launches into this one.
+#define GDR_STEP_FUSED(NAME, TO)                                                                              \
+extern "C" __global__ void __launch_bounds__(STEP_THREADS)                                                    \
+NAME(const float* q, const float* k, const float* v, float* state, TO* out, int Hk, int Hv, int K, int V,     \
+     float scale, int head_map, float eps_q, float eps_k, const float* alpha, long long a_sg,                 \
+     const float* beta_lin, long long b_sg, int group, const float* dt_bias, const float* ssm_a,             \
+     const int* n_valid) { ggf_pdl_entry();                                                                   \
+    gdr_step_impl<float, TO, true>(q, k, v, nullptr, nullptr, state, out, Hk, Hv, K, V, scale, head_map,      \
+                                   StepFold{eps_q, eps_k, alpha, a_sg, beta_lin, b_sg, group, dt_bias, ssm_a, \
+                                            n_valid});                                                        \
+}
+GDR_STEP_FUSED(gdr_step_fused_f32, float)
+GDR_STEP_FUSED(gdr_step_fused_bf16, __nv_bfloat16)
+
 GDR_STEP(gdr_step_f32_f32, float, float)
 GDR_STEP(gdr_step_bf16_f32, __nv_bfloat16, float)
 GDR_STEP(gdr_step_f32_bf16, float, __nv_bfloat16)

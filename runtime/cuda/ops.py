@@ -511,6 +511,8 @@ def _add_rms_norm(ctx, n):
 @launcher("dense.l2_norm")
 def _l2_norm(ctx, n):
     d = _dense()
+    if ctx.at(n.meta["kernel"]).get("folded_into"):      # the decode delta rule does it (gdr_step_fused)
+        return None
     x, out = ctx.v(n.inputs[0]), ctx.v(n.out)
     return lambda: d.l2_norm(x, out, eps=n.attrs.eps, stream=ctx.stream)
 
@@ -619,6 +621,8 @@ def _ssm_conv_silu(ctx, n):
 @launcher("dense.deltanet_gates")
 def _deltanet_gates(ctx, n):
     d = _dense()
+    if ctx.at(n.meta["kernel"]).get("folded_into"):
+        return None
     alpha, beta_lin, dtb, ssm_a = (_in(ctx, v) for v in n.inputs)
     g_out, b_out = ctx.v(n.value(0)), ctx.v(n.value(1))
     nv = ctx.be.nvalid_dev
@@ -640,6 +644,18 @@ def _chunk_gdr(ctx, n):
         # the exact f32 token recurrence (also the decode step of the chunked path's operands)
         if rec["name"] == "deltanet.chunk":
             _expect(n, "input dtype", _dt(q), rec["in"])
+        fold = ctx.at(rec).get("fold")
+        if fold:
+            # the l2 norms of q and k and the gates, in the step kernel (gdr_step_fused)
+            lq, lk, gates = (_folded(ctx, n, fold[x]) for x in ("q", "k", "gates"))
+            if (lq.out, lk.out, gates.value(0), gates.value(1)) != tuple(n.inputs[:2]) + tuple(n.inputs[3:5]):
+                raise PlanError(None, f"cuda: {n.name}: its fold names steps that are not its q, k and gates")
+            qr, kr = ctx.v(lq.inputs[0]), ctx.v(lk.inputs[0])
+            alpha, beta_lin, dtb, ssm_a = (_in(ctx, x) for x in gates.inputs)
+            return lambda: dn.gdr_step_fused(qr, kr, v, state, out, n.attrs.scale, n.attrs.head_map,
+                                             eps_q=float(lq.attrs.eps), eps_k=float(lk.attrs.eps), alpha=alpha,
+                                             beta_lin=beta_lin, dt_bias=dtb.reshape(-1), ssm_a=ssm_a.reshape(-1),
+                                             n_valid=ctx.be.nvalid_dev, stream=ctx.stream)
         # the kernel family the plan names for this chunk size (plans before 8.0: by shape)
         kern = ctx.at(rec).get("kernel", "auto")
         return lambda: dn.gated_delta_rule_recurrent(q, k, v, g, beta, state, out, n.attrs.scale,
@@ -654,6 +670,14 @@ def _chunk_gdr(ctx, n):
     return lambda: dn.chunk_gated_delta_rule(q, k, v, q.strides[0] // item, 0, 0, v.strides[0] // v.itemsize, 0,
                                              g, beta, state, out, out_dt, T, Hk, Hv, K, V, n.attrs.scale,
                                              n.attrs.head_map, ws, ctx.stream)
+
+
+def _folded(ctx, n, name: str):
+    """A step folded into n (by_chunk "folded_into" naming n)."""
+    f = ctx.by_name.get(name)
+    if f is None or ctx.at(f.meta.get("kernel") or {}).get("folded_into") != n.name:
+        raise PlanError(None, f"cuda: {n.name}: it folds {name!r}, which is not folded into it; recompile the plan")
+    return f
 
 
 # ---- attention ------------------------------------------------------------------------------
