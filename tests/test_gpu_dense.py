@@ -394,6 +394,9 @@ CONV_CASES = [  # (id, T, C, n_valid)
     ("nv0", 20, 300, 0),
     ("nv1_short", 2, 300, 1),
     ("exact_tiles", 32, 256, 32),
+    ("one_token", 1, 8192, 1),         # the decode step: ssm_conv1_k, one launch
+    ("one_padding", 1, 300, 0),
+    ("one_no_nvalid", 1, 1000, None),
 ]
 
 

@@ -377,6 +377,38 @@ GGF_CONV(2)
 GGF_CONV(3)
 GGF_CONV(4)
 
+// One token (T = 1: the decode step): the conv and the window update in one launch, a thread per
+// channel reading its window once: out = silu(w . [state; x]) as ssm_conv_silu_k, then, if the
+// token is valid (n_valid >= 1), state = [state[1:]; x] in place (each thread its own column).
+template<int KC>
+__device__ __forceinline__ void ssm_conv1_impl(const float* __restrict__ x, float* state, const float* __restrict__ w,
+                                               float* __restrict__ out, const int* __restrict__ n_valid, int C) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float win[KC];
+#pragma unroll
+    for (int j = 0; j < KC - 1; ++j) win[j] = state[(long long)j * C + c];
+    win[KC - 1] = x[c];
+    float acc = 0.0f;
+#pragma unroll
+    for (int j = 0; j < KC; ++j) acc += w[(long long)c * KC + j] * win[j];
+    out[c] = siluf_(acc);
+    if ((n_valid ? *n_valid : 1) >= 1) {
+#pragma unroll
+        for (int j = 0; j < KC - 1; ++j) state[(long long)j * C + c] = win[j + 1];
+    }
+}
+
+#define GGF_CONV1(KC)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) ssm_conv1_k##KC(                                  \
+        const float* x, float* state, const float* w, float* out, const int* n_valid, int C) {          \
+        ggf_pdl_entry();                                                                                \
+        ssm_conv1_impl<KC>(x, state, w, out, n_valid, C);                                               \
+    }
+GGF_CONV1(2)
+GGF_CONV1(3)
+GGF_CONV1(4)
+
 // ---- KV-cache append ------------------------------------------------------------------------------
 //
 // k, v [T, Hkv, D] f32 views -> k_cache, v_cache [max_ctx, Hkv, D] bf16 (contiguous) rows

@@ -392,7 +392,8 @@ def ssm_conv_silu(x, conv_state, w, out, n_valid=None, *, stream=None):
 
     x [T, C] f32 view (row stride allowed); conv_state [Kc-1, C] f32 contiguous; w [C, Kc] f32
     contiguous; out [T, C] f32 view, must not overlap x; n_valid device int32 [1] or None (= T).
-    Two launches (conv, then state update) on the same stream.
+    Two launches (conv, then state update) on the same stream; one token (T = 1, the decode
+    step), one launch (ssm_conv1_k: each thread reads its channel's window once).
     """
     T, C = (int(s) for s in x.shape)
     Kc = int(w.shape[1])
@@ -409,6 +410,10 @@ def ssm_conv_silu(x, conv_state, w, out, n_valid=None, *, stream=None):
     if T == 0:
         return
     gx = -(-C // _THREADS)
+    if T == 1:          # one token: conv and window update in one launch (ssm_conv1_k)
+        _launch(ELEMENTWISE, f"ssm_conv1_k{Kc}", (gx,), (_THREADS,),
+                (_ptr(x), _ptr(conv_state), _ptr(w), _ptr(out), _ptr(n_valid), np.int32(C)), stream)
+        return
     _launch(ELEMENTWISE, f"ssm_conv_silu_k{Kc}", (gx, -(-T // _CONV_TT)), (_THREADS,),
             (_ptr(x), np.int64(sx[0]), _ptr(conv_state), _ptr(w), _ptr(out), np.int64(so[0]), np.int32(T), np.int32(C)),
             stream)
