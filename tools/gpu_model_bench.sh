@@ -37,10 +37,12 @@ declare -A ROW=(
   [tg_nopdl]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --pdl off"
   [tg_nogroup]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --decode-gemv-group false"
   [tg_norouter]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --decode-router gemv"
-  [tg_base]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --pdl off --decode-gemv-group false --decode-router gemv"
+  [tg_nofold]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --decode-deltanet-fold false"
+  [tg_base]="--prompt 64 --chunk 512 --sub-chunk-min 64 --tg 128 --pdl off --decode-gemv-group false --decode-router gemv --decode-deltanet-fold false"
   [short_nopdl]="--prompt 64,128,256,512 --chunk 512 --sub-chunk-min 64 --tg 0 --pdl off"
   [short]="--prompt 64,128,256,512 --chunk 512 --sub-chunk-min 64 --tg 0"
 )
+[ -n "${LLAMA_BENCH:-}" ] && ROW[vs_llama]="--prompt 64,128,256,512 --chunk 512 --sub-chunk-min 64 --tg 128 --against-llama-bench $LLAMA_BENCH"
 ORDER=(layer auto smallq small ada ada_smallq long)
 [ $# -gt 0 ] && ORDER=("$@")
 for r in "${ORDER[@]}"; do
