@@ -28,28 +28,28 @@
 // The one-row kernels read up to 4 matrices of one type and K in one launch (the decode step's
 // projections of one input: qkv, z, beta, alpha): output rows [0, n1) are matrix 0 (w, y),
 // [n1, n2) matrix 1, [n2, n3) matrix 2, [n3, N) matrix 3; one matrix has n1 = n2 = n3 = N.
-struct Segs {
-    const unsigned char* w[4];
-    float* y[4];
-    int end[3];
+struct Segs {      // scalar fields: an indexed array would live in local memory
+    const unsigned char *w0, *w1, *w2, *w3;
+    float *y0, *y1, *y2, *y3;
+    int n1, n2, n3;
 };
 
 __device__ __forceinline__ Segs make_segs(const unsigned char* w0, float* y0, const unsigned char* w1, float* y1,
                                           int n1, const unsigned char* w2, float* y2, int n2,
                                           const unsigned char* w3, float* y3, int n3) {
-    Segs s;
-    s.w[0] = w0; s.w[1] = w1; s.w[2] = w2; s.w[3] = w3;
-    s.y[0] = y0; s.y[1] = y1; s.y[2] = y2; s.y[3] = y3;
-    s.end[0] = n1; s.end[1] = n2; s.end[2] = n3;
-    return s;
+    return Segs{w0, w1, w2, w3, y0, y1, y2, y3, n1, n2, n3};
 }
 
 // row n of the launch: its bytes, and where its sum goes
 __device__ __forceinline__ const unsigned char* seg_row(const Segs& s, int n, long long row_bytes, float*& y) {
-    const int i = (n >= s.end[0]) + (n >= s.end[1]) + (n >= s.end[2]);
-    const int r = n - (i == 0 ? 0 : s.end[i - 1]);
-    y = s.y[i] + r;
-    return s.w[i] + (long long)r * row_bytes;
+    const unsigned char* w = s.w0;
+    float* yb = s.y0;
+    int base = 0;
+    if (n >= s.n1) { w = s.w1; yb = s.y1; base = s.n1; }
+    if (n >= s.n2) { w = s.w2; yb = s.y2; base = s.n2; }
+    if (n >= s.n3) { w = s.w3; yb = s.y3; base = s.n3; }
+    y = yb + (n - base);
+    return w + (long long)(n - base) * row_bytes;
 }
 
 // a row's bytes (row != nullptr) asked of L2 while the block stages x: lines first_line,
