@@ -56,5 +56,31 @@ build)
   mkdir -p "$prefix/bin"; cp "$prefix/build/bin/llama-bench" "$prefix/bin/"
   ls -la "$prefix/bin/llama-bench"
   ;;
-*) echo "usage: $0 pack SDIST OUT.tar.xz | build TARBALL [PREFIX] [ARCH] [JOBS]" >&2; exit 2 ;;
+build-shared)
+  # A build on a machine with nvcc but no GPU driver (a CPU-only box), to copy to the GPU machine:
+  # shared libraries, the CUDA backend for ARCH and every x86 CPU variant loaded at run time
+  # (GGML_BACKEND_DL), linked against a stub libcuda.so.1 (the real driver is found at run time;
+  # tools/device_llama_bench.sh unpacks it there and sets the library path and the driver).
+  #   bash tools/build_llama_bench.sh build-shared .llama/llama-src.tar.xz /tmp/llama 90-real 2 /path/to/nvidia/cu13
+  tarball="${2:?tarball}"; prefix="${3:-/tmp/llama}"; arch="${4:-90-real}"; jobs="${5:-2}"; cub="${6:?cuBLAS dir (nvidia/cu13 of the nvidia-cublas wheel)}"
+  mkdir -p "$prefix/stub"; tar xJf "$tarball" -C "$prefix"
+  echo 'void ggfuse_libcuda_stub(void) {}' > "$prefix/stub/s.c"
+  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$prefix/stub/libcuda.so" "$prefix/stub/s.c"
+  for l in "$cub"/lib/libcublas*.so.*; do b="${l%%.so.*}.so"; [ -e "$b" ] || ln -sf "$l" "$b"; done
+  CPATH="$cub/include" cmake -S "$prefix/llama.cpp" -B "$prefix/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch" -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=ON \
+    -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
+    -DCUDA_cublas_LIBRARY="$cub/lib/libcublas.so" -DCUDA_cublasLt_LIBRARY="$cub/lib/libcublasLt.so" \
+    -DCUDA_cuda_driver_LIBRARY="$prefix/stub/libcuda.so" \
+    -DCMAKE_CUDA_FLAGS="-I$cub/include" -DCMAKE_CXX_FLAGS="-I$cub/include" \
+    -DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined -DCMAKE_SHARED_LINKER_FLAGS="-L$cub/lib"
+  CPATH="$cub/include" cmake --build "$prefix/build" -j "$jobs"
+  # sapphirerapids' AMX code faults where the kernel does not grant AMX state (seen in a VM)
+  (cd "$prefix/build" && rm -f bin/libggml-cpu-sapphirerapids.so && strip --strip-unneeded bin/*.so* || true)
+  tar cJf "$prefix/llama-bench-bin.tar.xz" -C "$prefix/build" bin
+  ls -la "$prefix/llama-bench-bin.tar.xz"
+  ;;
+*) echo "usage: $0 pack SDIST OUT.tar.xz | build TARBALL [PREFIX] [ARCH] [JOBS] | build-shared TARBALL PREFIX ARCH JOBS CUBLAS_DIR" >&2; exit 2 ;;
 esac
