@@ -5,6 +5,8 @@
 
 #define GGF_FULL_MASK 0xffffffffu
 
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + __expf(-x)); }
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(GGF_FULL_MASK, v, o);

@@ -27,3 +27,15 @@ __device__ __forceinline__ void ggf_pdl_entry() {
     ggf_pdl_wait();
     ggf_pdl_launch();
 }
+
+// What a kernel may do before its wait: ask L2 for bytes no kernel of the graph writes (a weight
+// row; null: nothing). Lines first_line, first_line + 32 wpr, ... of 128 bytes: the wpr warps
+// sharing a row take every wpr-th run of 32 lines (a whole block of 256 threads: first_line =
+// threadIdx.x, wpr = 8).
+__device__ __forceinline__ void prefetch_row_l2(const unsigned char* row, long long row_bytes, int first_line,
+                                                int wpr) {
+    if (row != nullptr) {
+        for (long long b = (long long)first_line * 128; b < row_bytes; b += 32LL * 128 * wpr)
+            asm volatile("prefetch.global.L2 [%0];" :: "l"(row + b));
+    }
+}

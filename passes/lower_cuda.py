@@ -663,29 +663,32 @@ def _group_decode_gemvs(g: Graph) -> None:
     "in_group" (the first's name) and launch nothing; plan_memory makes their outputs live
     from the first's step, where they are written."""
     from ggfuse.kernels.dense.launch import GEMV1_TYPES
-    names: dict = {}
+    unique = _unique_names(g)
+    groups: dict = {}       # (input, stored type, K) -> the open group's [first node, its record, others' names]
     for n in g.topo():
-        names[n.name] = names.get(n.name, 0) + 1
-    open_groups: dict = {}
-    for n in g.topo():
-        if n.op != Op.MATMUL or not n.name or names[n.name] != 1:
+        if n.op != Op.MATMUL or n.name not in unique:
             continue
         at = ((n.meta.get("kernel") or {}).get("by_chunk") or {}).get("1")
         if not at or at.get("impl") != "gemv" or at.get("w") not in GEMV1_TYPES:
             continue
-        K = int(g.type_of(n.inputs[1]).shape[-1])
-        key = (n.inputs[0], at["w"], K)
-        lead = open_groups.get(key)
-        if lead is None or len(lead[1]["group"]) + 1 >= GEMV_GROUP_MAX:
-            at["group"] = []
-            open_groups[key] = (n, at)
+        key = (n.inputs[0], at["w"], int(g.type_of(n.inputs[1]).shape[-1]))
+        grp = groups.get(key)
+        if grp is None or len(grp[2]) + 1 >= GEMV_GROUP_MAX:
+            groups[key] = [n, at, []]
+            if grp is not None and grp[2]:
+                grp[1]["group"] = grp[2]
             continue
-        lead[1]["group"].append(n.name)
-        at["in_group"] = lead[0].name
-    for n in g.by_op(Op.MATMUL):
-        at = ((n.meta.get("kernel") or {}).get("by_chunk") or {}).get("1") or {}
-        if at.get("group") == []:
-            del at["group"]                # alone: the plain one-row launch
+        grp[2].append(n.name)
+        at["in_group"] = grp[0].name
+    for _, at, others in groups.values():
+        if others:
+            at["group"] = others
+
+
+def _unique_names(g: Graph) -> set:
+    """Names that one node of g has (a record may name such a node)."""
+    from collections import Counter
+    return {name for name, c in Counter(n.name for n in g.nodes()).items() if name and c == 1}
 
 
 def _fold_decode_deltanet(g: Graph, sizes: list[int]) -> None:
@@ -701,9 +704,10 @@ def _fold_decode_deltanet(g: Graph, sizes: list[int]) -> None:
     def sole_user(v, n) -> bool:
         return {u.id for u, _ in g.uses_of(v)} == {n.id}
 
+    unique = _unique_names(g)
     for n in g.by_op(Op.CHUNK_GATED_DELTA_RULE):
         at = ((n.meta.get("kernel") or {}).get("by_chunk") or {}).get("1")
-        if not at or at.get("kernel") != "step" or not n.name:
+        if not at or at.get("kernel") != "step":
             continue
         q, k, v, gv, bv = n.inputs[:5]
         lq, lk, gates = g.node(q.node), g.node(k.node), g.node(gv.node)
@@ -714,7 +718,7 @@ def _fold_decode_deltanet(g: Graph, sizes: list[int]) -> None:
             continue
         if any(st(x) != "f32" for x in (lq.inputs[0], lk.inputs[0], v, gates.inputs[0], gates.inputs[1])):
             continue
-        if not all(x.name for x in (lq, lk, gates)):
+        if not {n.name, lq.name, lk.name, gates.name} <= unique:
             continue
         at["fold"] = {"q": lq.name, "k": lk.name, "gates": gates.name}
         for f in (lq, lk, gates):

@@ -326,20 +326,6 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, state, out, scale: float, head_
                shared_mem=(K * 32 + 2 * K) * 4)
 
 
-def _gate_strides(a, T: int, Hv: int, what: str):
-    """(row stride, group stride, group) of a gate input as deltanet_gates reads it: [T, Hv], or
-    [T, Hk, r] (value head h = c r + j at [t, c, j])."""
-    if np.dtype(a.dtype) != np.float32:
-        raise ValueError(f"gdr_step_fused: {what} must be float32")
-    if a.ndim == 3:
-        if a.shape[0] != T or a.shape[1] * a.shape[2] != Hv or a.strides[2] != a.itemsize:
-            raise ValueError(f"gdr_step_fused: {what} must be [{T}, Hk, Hv/Hk] with a contiguous last dim, got {a.shape}")
-        return a.strides[1] // a.itemsize, int(a.shape[2])
-    if tuple(a.shape) != (T, Hv) or (Hv > 1 and a.strides[1] != a.itemsize):
-        raise ValueError(f"gdr_step_fused: {what} must be [{T}, {Hv}], got {a.shape}")
-    return Hv, Hv
-
-
 def gdr_step_fused(q, k, v, state, out, scale: float, head_map, *, eps_q: float, eps_k: float, alpha, beta_lin,
                    dt_bias, ssm_a, n_valid, stream=None) -> None:
     """The decode step's delta rule with the q / k l2 normalisation and the gates folded in
@@ -359,10 +345,10 @@ def gdr_step_fused(q, k, v, state, out, scale: float, head_map, *, eps_q: float,
     for a, what, n in ((dt_bias, "dt_bias", Hv), (ssm_a, "ssm_a", Hv)):
         if np.dtype(a.dtype) != np.float32 or a.size != n:
             raise ValueError(f"gdr_step_fused: {what} must be f32 [{Hv}]")
-    a_sg, grp = _gate_strides(alpha, T, Hv, "alpha")
-    b_sg, grp_b = _gate_strides(beta_lin, T, Hv, "beta_lin")
-    if grp != grp_b:
-        raise ValueError("gdr_step_fused: alpha and beta_lin must group the value heads alike")
+    from ggfuse.kernels.dense.launch import gate_layout
+    Tg, Hg, grp, (_, a_sg), (_, b_sg) = gate_layout(alpha, beta_lin, "gdr_step_fused")
+    if (Tg, Hg) != (T, Hv):
+        raise ValueError(f"gdr_step_fused: alpha and beta_lin must be [{T}, {Hv}] (or grouped), got {alpha.shape}")
     hm = head_map if isinstance(head_map, int) else (0 if head_map == "tile" else 1)
     o = _elem_kind(out, "out")
     fn = load_module("deltanet/recurrent.cu").get_function(f"gdr_step_fused_{o}")

@@ -15,6 +15,7 @@
 //   (launch.py gated_delta_rule_recurrent) picks it for one token and the loop kernel otherwise.
 #include "pdl.cuh"
 #include "common.cuh"
+#include "deltanet/gates.cuh"
 
 template<typename TI, typename TO>
 __device__ __forceinline__ void gdr_recurrent_impl(const TI* __restrict__ q, const TI* __restrict__ k,
@@ -93,8 +94,8 @@ constexpr int STEP_THREADS = 256, STEP_COLS = 32, STEP_ROWS = 8;
 
 // What the fused step (gdr_step_fused_*) computes itself instead of reading g, beta and
 // normalised q, k: llama.cpp's l2 normalisation of q and k (x / sqrt(sum x^2 + eps)) and the
-// DeltaNet gates (dense/elementwise.cu deltanet_gates: g = softplus(alpha + dt_bias) ssm_a,
-// beta = sigmoid(beta_lin); both 0 for a padding token), from the projections' raw outputs.
+// DeltaNet gates (deltanet/gates.cuh, as dense/elementwise.cu deltanet_gates; both 0 for a
+// padding token), from the projections' raw outputs.
 struct StepFold {
     float eps_q, eps_k;
     const float* alpha; long long a_sg;
@@ -104,8 +105,6 @@ struct StepFold {
     const float* ssm_a;
     const int* n_valid;
 };
-
-__device__ __forceinline__ float step_sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
 
 template<typename TI, typename TO, bool FUSED = false>
 __device__ __forceinline__ void gdr_step_impl(const TI* __restrict__ q, const TI* __restrict__ k,
@@ -144,12 +143,9 @@ __device__ __forceinline__ void gdr_step_impl(const TI* __restrict__ q, const TI
     if (FUSED) {
         const int c = h / fold.group, jj = h - c * fold.group;
         float gv = 0.0f, bt = 0.0f;
-        if (*fold.n_valid > 0) {
-            const float xg = fold.alpha[c * fold.a_sg + jj] + fold.dt_bias[h];
-            const float sp = xg > 20.0f ? xg : log1pf(expf(xg));
-            gv = sp * fold.ssm_a[h];
-            bt = step_sigmoid(fold.beta_lin[c * fold.b_sg + jj]);
-        }
+        if (*fold.n_valid > 0)
+            gdn_gates(fold.alpha[c * fold.a_sg + jj], fold.dt_bias[h], fold.ssm_a[h], fold.beta_lin[c * fold.b_sg + jj],
+                      gv, bt);
         decay = __expf(gv);
         b = bt;
     } else {

@@ -11,6 +11,7 @@
 // int32 pointers, never passed by value.
 #include "pdl.cuh"
 #include "common.cuh"
+#include "deltanet/gates.cuh"
 
 // ---- V-wide f32 loads, O stores (V = 1 or 4; V = 4 needs 16-byte aligned f32 and 8-byte
 // aligned bf16 addresses, which the launcher checks) --------------------------------------------
@@ -35,7 +36,6 @@ template<> __device__ __forceinline__ void storev<4>(__nv_bfloat16* p, const flo
     *reinterpret_cast<uint2*>(p) = u;
 }
 
-__device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + __expf(-x)); }
 __device__ __forceinline__ float siluf_(float x) { return x / (1.0f + __expf(-x)); }
 __device__ __forceinline__ float geluf_(float x) { return gelu_tanh(x); }   // common.cuh
 
@@ -295,12 +295,7 @@ extern "C" __global__ void __launch_bounds__(256) deltanet_gates_f32(
         const int h = (int)(idx - t * Hv);
         const int c = h / group, j = h - c * group;
         float g = 0.0f, bt = 0.0f;
-        if (t < nv) {
-            const float x = alpha[t * a_st + c * a_sg + j] + dt_bias[h];
-            const float sp = x > 20.0f ? x : log1pf(expf(x));
-            g = sp * ssm_a[h];
-            bt = sigmoidf_(beta_lin[t * b_st + c * b_sg + j]);
-        }
+        if (t < nv) gdn_gates(alpha[t * a_st + c * a_sg + j], dt_bias[h], ssm_a[h], beta_lin[t * b_st + c * b_sg + j], g, bt);
         g_out[idx] = g;
         beta_out[idx] = bt;
     }

@@ -52,16 +52,6 @@ __device__ __forceinline__ const unsigned char* seg_row(const Segs& s, int n, lo
     return w + (long long)(n - base) * row_bytes;
 }
 
-// a row's bytes (row != nullptr) asked of L2 while the block stages x: lines first_line,
-// first_line + 32 wpr, ... of 128 bytes (the warps sharing the row take every wpr-th run of 32 lines)
-__device__ __forceinline__ void prefetch_row_l2(const unsigned char* row, long long row_bytes, int first_line,
-                                                int wpr) {
-    if (row != nullptr) {
-        for (long long b = (long long)first_line * 128; b < row_bytes; b += 32LL * 128 * wpr)
-            asm volatile("prefetch.global.L2 [%0];" :: "l"(row + b));
-    }
-}
-
 // the one-row kernels' end of a block step: *y = the row's sum over its wpr warps (in warp
 // order, through part[8]); y is null past the last row; every thread of the block calls it (it
 // has barriers when wpr > 1)
@@ -232,17 +222,18 @@ __device__ __forceinline__ void gemv1_q4k_impl(const A* __restrict__ x, long lon
     }
 }
 
-#define GEMV1_Q4K(ATYPE, ANAME)                                                                       \
+// the one-row kernels' entry points: gemv1_<a>_<w>, the Segs of their matrices built from the arguments
+#define GEMV1(WNAME, IMPL, ATYPE, ANAME)                                                               \
 extern "C" __global__ void __launch_bounds__(256)                                                     \
-gemv1_##ANAME##_q4_k(const ATYPE* x, long long ldx, const unsigned char* w, long long row_bytes,      \
-                     int N, int K, float* y, const int* nvalid, int wpr, const unsigned char* w1,     \
-                     float* y1, int n1, const unsigned char* w2, float* y2, int n2,                   \
-                     const unsigned char* w3, float* y3, int n3) {                                    \
-    gemv1_q4k_impl<ATYPE>(x, ldx, make_segs(w, y, w1, y1, n1, w2, y2, n2, w3, y3, n3), row_bytes, N, \
-                               K, nvalid, wpr);                                                      \
+gemv1_##ANAME##_##WNAME(const ATYPE* x, long long ldx, const unsigned char* w, long long row_bytes,   \
+                        int N, int K, float* y, const int* nvalid, int wpr, const unsigned char* w1,  \
+                        float* y1, int n1, const unsigned char* w2, float* y2, int n2,                \
+                        const unsigned char* w3, float* y3, int n3) {                                 \
+    IMPL<ATYPE>(x, ldx, make_segs(w, y, w1, y1, n1, w2, y2, n2, w3, y3, n3), row_bytes, N, K, nvalid,  \
+                wpr);                                                                                 \
 }
-GEMV1_Q4K(float, f32a)
-GEMV1_Q4K(__nv_bfloat16, bf16a)
+GEMV1(q4_k, gemv1_q4k_impl, float, f32a)
+GEMV1(q4_k, gemv1_q4k_impl, __nv_bfloat16, bf16a)
 
 // One row times a Q6_K matrix, laid out for the 210-byte blocks: 4 lanes per block, lane
 // t = 2 h + u owning 64 elements of half h (dense/gemv1_q6k.cuh q6k_unit_dot: 15 aligned word
@@ -288,17 +279,8 @@ __device__ __forceinline__ void gemv1_q6k_impl(const A* __restrict__ x, long lon
     }
 }
 
-#define GEMV1_Q6K(ATYPE, ANAME)                                                                       \
-extern "C" __global__ void __launch_bounds__(256)                                                     \
-gemv1_##ANAME##_q6_k(const ATYPE* x, long long ldx, const unsigned char* w, long long row_bytes,      \
-                     int N, int K, float* y, const int* nvalid, int wpr, const unsigned char* w1,     \
-                     float* y1, int n1, const unsigned char* w2, float* y2, int n2,                   \
-                     const unsigned char* w3, float* y3, int n3) {                                    \
-    gemv1_q6k_impl<ATYPE>(x, ldx, make_segs(w, y, w1, y1, n1, w2, y2, n2, w3, y3, n3), row_bytes, N, \
-                               K, nvalid, wpr);                                                      \
-}
-GEMV1_Q6K(float, f32a)
-GEMV1_Q6K(__nv_bfloat16, bf16a)
+GEMV1(q6_k, gemv1_q6k_impl, float, f32a)
+GEMV1(q6_k, gemv1_q6k_impl, __nv_bfloat16, bf16a)
 
 #define GEMV(WNAME, WTYPE, ATYPE, ANAME)                                                              \
 extern "C" __global__ void __launch_bounds__(256)                                                     \

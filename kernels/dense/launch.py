@@ -345,13 +345,10 @@ def copy(src, dst, *, stream=None):
 
 # ---- DeltaNet ----------------------------------------------------------------------------------------
 
-def deltanet_gates(alpha, beta_lin, dt_bias, ssm_a, g_out, beta_out, n_valid=None, *, stream=None):
-    """g = softplus(alpha + dt_bias) * ssm_a, beta = sigmoid(beta_lin); rows t >= n_valid -> 0.
-
-    alpha, beta_lin: [T, Hv] f32 views, or [T, Hk, r] views (value head h = c*r + j at [t, c, j],
-    Qwen3-Next's interleaved ba projection) with r = Hv / Hk; dt_bias, ssm_a [Hv] f32;
-    g_out, beta_out [T, Hv] f32 contiguous; n_valid: device int32 [1] or None (all valid).
-    """
+def gate_layout(alpha, beta_lin, fn: str):
+    """(T, Hv, r, (row, group) strides of alpha, of beta_lin) of the DeltaNet gate inputs as
+    deltanet_gates reads them: [T, Hv] f32 views, or [T, Hk, r] (value head h = c r + j at
+    [t, c, j]); ValueError naming `fn` otherwise."""
     if alpha.ndim == 3:
         T, nc, r = (int(s) for s in alpha.shape)
         Hv = nc * r
@@ -360,15 +357,25 @@ def deltanet_gates(alpha, beta_lin, dt_bias, ssm_a, g_out, beta_out, n_valid=Non
         nc, r = 1, Hv
 
     def grouped(a, what):
-        _check_f32(a, f"deltanet_gates {what}")
+        _check_f32(a, f"{fn} {what}")
         if a.ndim == 3:
             if tuple(a.shape) != (T, nc, r) or a.strides[2] != a.itemsize:
-                raise ValueError(f"deltanet_gates {what}: expected [{T}, {nc}, {r}] with a contiguous last dim, got {a.shape}")
+                raise ValueError(f"{fn} {what}: expected [{T}, {nc}, {r}] with a contiguous last dim, got {a.shape}")
             return a.strides[0] // a.itemsize, a.strides[1] // a.itemsize
         if tuple(a.shape) != (T, Hv) or (Hv > 1 and a.strides[1] != a.itemsize):
-            raise ValueError(f"deltanet_gates {what}: expected [{T}, {Hv}], got {a.shape}")
+            raise ValueError(f"{fn} {what}: expected [{T}, {Hv}], got {a.shape}")
         return a.strides[0] // a.itemsize, Hv
-    sa, sb = grouped(alpha, "alpha"), grouped(beta_lin, "beta_lin")
+    return T, Hv, r, grouped(alpha, "alpha"), grouped(beta_lin, "beta_lin")
+
+
+def deltanet_gates(alpha, beta_lin, dt_bias, ssm_a, g_out, beta_out, n_valid=None, *, stream=None):
+    """g = softplus(alpha + dt_bias) * ssm_a, beta = sigmoid(beta_lin); rows t >= n_valid -> 0.
+
+    alpha, beta_lin: [T, Hv] f32 views, or [T, Hk, r] views (value head h = c*r + j at [t, c, j],
+    Qwen3-Next's interleaved ba projection) with r = Hv / Hk; dt_bias, ssm_a [Hv] f32;
+    g_out, beta_out [T, Hv] f32 contiguous; n_valid: device int32 [1] or None (all valid).
+    """
+    T, Hv, r, sa, sb = gate_layout(alpha, beta_lin, "deltanet_gates")
     for arr, nm, n in ((dt_bias, "dt_bias", Hv), (ssm_a, "ssm_a", Hv), (g_out, "g_out", T * Hv), (beta_out, "beta_out", T * Hv)):
         _check_f32(arr, f"deltanet_gates {nm}")
         if arr.size != n or not arr.flags.c_contiguous:

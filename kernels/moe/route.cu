@@ -112,7 +112,7 @@ moe_route1(const float* __restrict__ x, const float* __restrict__ w, const float
     const int r = blockIdx.x;
     const float* wr = r < E ? w + (long long)r * D : w_shared;
     ggf_pdl_launch();
-    for (int i = threadIdx.x * 32; i < D; i += blockDim.x * 32) asm volatile("prefetch.global.L2 [%0];" :: "l"(wr + i));
+    prefetch_row_l2(reinterpret_cast<const unsigned char*>(wr), 4LL * D, threadIdx.x, 8);   // 256 threads
     ggf_pdl_wait();
     float acc = 0.f;
     for (int i = threadIdx.x * 4; i < D; i += blockDim.x * 4) {

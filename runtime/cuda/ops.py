@@ -110,6 +110,10 @@ def build_launches(be) -> list:
     be.head_all = be.head_last = be.head_node = be.logits_last_view = None
     streamer = getattr(be, "streamer", None)
     joined = set()
+    # weights first: a launch may read a weight whose node the schedule places after it (a
+    # one-row product's group reads its members' matrices)
+    for n in be.graph.by_op(Op.WEIGHT):
+        ctx.weights[n.out] = n.attrs.tensor
     for n in be.graph.topo():
         if n.op == Op.INPUT:
             kind = n.attrs.kind
@@ -117,7 +121,6 @@ def build_launches(be) -> list:
                 else be.states[n.attrs.key]
             continue
         if n.op == Op.WEIGHT:
-            ctx.weights[n.out] = n.attrs.tensor
             continue
         if n.op == Op.FETCH_WEIGHTS:
             # the fetched value is looked up by tensor name: the weight itself when resident, its
@@ -317,10 +320,10 @@ def _matmul(ctx, n):
         N, K = shape[-2], shape[-1]
         if at.get("group"):
             mats = [(w, N, c)]
-            for m in _group_members(ctx, n, at):
-                src = ctx.g.node(m.inputs[1].node)
-                if m.inputs[1] not in ctx.weights and src.op == Op.WEIGHT:   # placed after this node
-                    ctx.weights[m.inputs[1]] = src.attrs.tensor
+            for name in at["group"]:
+                m = _partner(ctx, n, name, "in_group")
+                if m.op != Op.MATMUL:
+                    raise PlanError(None, f"cuda: {n.name}: its group names {name!r}, which is not a matmul")
                 wm, tm, sm = _weight(ctx, m.inputs[1], want)
                 _expect(m, "weight", tm, want)
                 if sm[-1] != K or m.inputs[0] != n.inputs[0]:
@@ -331,18 +334,14 @@ def _matmul(ctx, n):
     return gemm_closure(ctx, n, rec, ctx.v(n.inputs[0]), n.inputs[1], ctx.v(n.out))
 
 
-def _group_members(ctx, n, at) -> list:
-    """The nodes a one-row product's launch also computes (by_chunk "group"), each naming it back."""
-    by_name = ctx.by_name
-    out = []
-    for name in at["group"]:
-        m = by_name.get(name)
-        back = ((m.meta.get("kernel") or {}).get("by_chunk") or {}).get(ctx.key, {}) if m is not None else {}
-        if m is None or m.op != Op.MATMUL or back.get("in_group") != n.name:
-            raise PlanError(None, f"cuda: {n.name}: its group names {name!r}, which is not a one-row product "
-                                  f"grouped with it; recompile the plan")
-        out.append(m)
-    return out
+def _partner(ctx, n, name: str, field: str):
+    """The node `name` that n's record names (a one-row product's group, a delta rule's fold),
+    whose record at this chunk size names n back in `field` ("in_group", "folded_into")."""
+    m = ctx.by_name.get(name)
+    if m is None or ctx.at(m.meta.get("kernel") or {}).get(field) != n.name:
+        raise PlanError(None, f"cuda: {n.name}: its record names {name!r}, whose {field} does not name it back; "
+                              f"recompile the plan")
+    return m
 
 
 @launcher("gemm.gemm_swiglu", "qf32.gemm_swiglu")
@@ -647,7 +646,7 @@ def _chunk_gdr(ctx, n):
         fold = ctx.at(rec).get("fold")
         if fold:
             # the l2 norms of q and k and the gates, in the step kernel (gdr_step_fused)
-            lq, lk, gates = (_folded(ctx, n, fold[x]) for x in ("q", "k", "gates"))
+            lq, lk, gates = (_partner(ctx, n, fold[x], "folded_into") for x in ("q", "k", "gates"))
             if (lq.out, lk.out, gates.value(0), gates.value(1)) != tuple(n.inputs[:2]) + tuple(n.inputs[3:5]):
                 raise PlanError(None, f"cuda: {n.name}: its fold names steps that are not its q, k and gates")
             qr, kr = ctx.v(lq.inputs[0]), ctx.v(lk.inputs[0])
@@ -670,14 +669,6 @@ def _chunk_gdr(ctx, n):
     return lambda: dn.chunk_gated_delta_rule(q, k, v, q.strides[0] // item, 0, 0, v.strides[0] // v.itemsize, 0,
                                              g, beta, state, out, out_dt, T, Hk, Hv, K, V, n.attrs.scale,
                                              n.attrs.head_map, ws, ctx.stream)
-
-
-def _folded(ctx, n, name: str):
-    """A step folded into n (by_chunk "folded_into" naming n)."""
-    f = ctx.by_name.get(name)
-    if f is None or ctx.at(f.meta.get("kernel") or {}).get("folded_into") != n.name:
-        raise PlanError(None, f"cuda: {n.name}: it folds {name!r}, which is not folded into it; recompile the plan")
-    return f
 
 
 # ---- attention ------------------------------------------------------------------------------
