@@ -726,6 +726,50 @@ def _fold_decode_deltanet(g: Graph, sizes: list[int]) -> None:
             rec["by_chunk"] = {str(c): ({"folded_into": n.name} if c == 1 else {}) for c in sizes}
 
 
+def _fold_decode_norms(g: Graph, sizes: list[int]) -> None:
+    """The one-token step's add_rms_norm whose first reader is a one-row launch on its normed
+    output runs inside that launch: a one-row product (a gemv group's first, or a product of
+    its own: the DeltaNet and attention projections after attn_norm; kernels/dense/launch.py
+    gemv_group norm=) or the fused router (the MoE after the post-attention norm;
+    kernels/moe/launch.py moe_route1 add_norm=). That step records "norm" (the norm's name), the
+    norm records "folded_into" (its name) at chunk 1 and launches nothing there; the launch
+    writes the norm's sum and normed output for the later readers, and plan_memory keeps the
+    norm's inputs live to its step. Only where the norm's operands are stored f32 (for the
+    router its outputs too) and no step between the two reads the norm's outputs."""
+    from ggfuse.kernels.dense.launch import GEMV1_TYPES
+
+    def st(v):
+        return g.node(v.node).meta.get("storage", ["f32"])[v.index]
+
+    unique = _unique_names(g)
+    step = {n.id: i for i, n in enumerate(g.topo())}
+    for n in g.by_op(Op.ADD_RMS_NORM):
+        if n.name not in unique or any(st(v) != "f32" for v in n.inputs[:2]):
+            continue
+        if g.node(n.inputs[2].node).op not in (Op.WEIGHT, Op.FETCH_WEIGHTS):
+            continue
+        users = [u for i in range(len(n.outputs)) for u, _ in g.uses_of(n.value(i))]
+        if not users:
+            continue
+        first = min(users, key=lambda u: step[u.id])
+        if first.inputs[0] != n.value(0) or first.name not in unique:
+            continue
+        at = ((first.meta.get("kernel") or {}).get("by_chunk") or {}).get("1")
+        if not at or int(g.type_of(first.inputs[1]).shape[-1]) != int(g.type_of(n.value(0)).shape[-1]):
+            continue
+        if first.op == Op.MATMUL:
+            if at.get("impl") != "gemv" or at.get("w") not in GEMV1_TYPES or at.get("in_group"):
+                continue
+        elif first.op == Op.MOE_ROUTE:
+            # the fused router (moe_route1 add_norm=) writes the normed row f32 for the experts
+            if at.get("router") != "fused" or st(n.value(0)) != "f32" or st(n.value(1)) != "f32":
+                continue
+        else:
+            continue
+        at["norm"] = n.name
+        n.meta["kernel"]["by_chunk"] = {str(c): ({"folded_into": first.name} if c == 1 else {}) for c in sizes}
+
+
 def run(g: Graph, *, options, device_free: int | None = None) -> PassResult:
     """options: ggfuse.options.Options with a resolved target (not "auto" or "cpu")."""
     if options.target not in TARGETS:
@@ -784,6 +828,8 @@ def run(g: Graph, *, options, device_free: int | None = None) -> PassResult:
         _group_decode_gemvs(g)
     if options.decode_deltanet_fold:
         _fold_decode_deltanet(g, sizes)
+    if options.decode_norm_fold:
+        _fold_decode_norms(g, sizes)
     logits = g.outputs.get("logits")
     if logits is None or g.node(logits.node).op != Op.LM_HEAD:
         raise GGFuseError(None, "the CUDA lowering needs the logits to come from an LM_HEAD node")

@@ -329,6 +329,9 @@ def test_real_launchers_accept_what_the_backend_binds(arch, monkeypatch):
         for m in mods:
             if hasattr(m, "load_module"):
                 monkeypatch.setattr(m, "load_module", fake_load_module)
+        # the one-row kernels' grid asks the driver how many blocks one wave holds (an H200's
+        # 132 SMs x 5 blocks here)
+        monkeypatch.setattr(mods[0], "_one_wave", lambda fn, smem: 5 * 132)
         import sys
         cp = sys.modules["cupy"]
         cp.cuda.runtime.memsetAsync = lambda ptr, v, n, s: None
@@ -419,7 +422,7 @@ def test_decode_dense_reads_the_stored_rows(decode_dense, monkeypatch):
             if decode_dense == "gemm" or (decode_dense == "auto" and raw not in GEMV1_TYPES):
                 assert one == {"impl": "gemm"} and w["forms"] == ["bf16"]
             else:
-                assert {k: one[k] for k in ("impl", "w")} == {"impl": "gemv", "w": raw} and set(one) <= {"impl", "w", "group", "in_group"} and w["forms"] == ["bf16", "raw"]
+                assert {k: one[k] for k in ("impl", "w")} == {"impl": "gemv", "w": raw} and set(one) <= {"impl", "w", "group", "in_group", "norm"} and w["forms"] == ["bf16", "raw"]
                 assert w["device_bytes"] > 2 * int(np.prod(w["shape"]))       # both copies counted
                 reads.add(raw)
             assert n.meta["kernel"]["by_chunk"]["16"] == {"impl": "gemm"}
@@ -481,7 +484,7 @@ def test_decode_projections_of_one_input_share_a_launch(group, monkeypatch):
     between can share their bytes); each output is its own arena buffer. Off: one gemv each."""
     from ggfuse.passes import plan_memory
     with fake_device(monkeypatch) as calls:
-        plan, be = _backend("qwen35moe", "q4_k_m", monkeypatch, decode_gemv_group=group)
+        plan, be = _backend("qwen35moe", "q4_k_m", monkeypatch, decode_gemv_group=group, decode_norm_fold=False)
         g = plan.graph
         by_name = {n.name: n for n in g.nodes()}
         leads = [n for n in g.nodes() if n.op.value == "matmul" and n.meta["kernel"]["by_chunk"]["1"].get("group")]
@@ -510,6 +513,62 @@ def test_decode_projections_of_one_input_share_a_launch(group, monkeypatch):
             assert not any(n in be.executor_for(1).launch_nodes for n in members)
         else:
             assert not groups
+
+
+@pytest.mark.parametrize("group", [True, False])
+@pytest.mark.parametrize("fold", [True, False])
+def test_decode_norm_runs_in_the_next_launch(fold, group, monkeypatch):
+    """decode_norm_fold: at chunk 1 an add_rms_norm whose first reader is a one-row product or
+    the fused router on its normed output records folded_into (that step's name), the step
+    records norm (the norm's name) and launches with the norm's second operand, weight, eps,
+    sum and normed outputs (gemv_group norm=, with or without grouping; moe_route1 add_norm=);
+    the norm launches nothing there, its operands stay live in the memory plan to that step and
+    its outputs are live from its own step. Every layer's two norms but the first layer's input
+    norm (an rms_norm) fold; the output norm before the LM head does not. Prefill chunks keep
+    the norms' launches. Off: no record, an add_rms_norm launch each."""
+    from ggfuse.passes import plan_memory
+    with fake_device(monkeypatch) as calls:
+        plan, be = _backend("qwen35moe", "q4_k_m", monkeypatch, decode_norm_fold=fold, decode_gemv_group=group)
+        g = plan.graph
+        by_name = {n.name: n for n in g.nodes()}
+        norms = [n for n in g.nodes() if n.op.value == "add_rms_norm"]
+        folded = [n for n in norms if (n.meta["kernel"].get("by_chunk") or {}).get("1", {}).get("folded_into")]
+        into = [n for n in g.nodes() if ((n.meta.get("kernel") or {}).get("by_chunk") or {}).get("1", {}).get("norm")]
+        assert bool(folded) is fold and len(into) == len(folded)
+        assert not fold or len(folded) == 2 * plan.hparams["n_layer"] - 1 == len(norms) - 1
+        assert {n.op.value for n in into} <= {"matmul", "moe_route"}
+        order = {n.id: i for i, n in enumerate(g.topo())}
+        intervals, alias = plan_memory.buffers(g, 1)
+        for n in folded:
+            p = by_name[n.meta["kernel"]["by_chunk"]["1"]["folded_into"]]
+            assert p.meta["kernel"]["by_chunk"]["1"]["norm"] == n.name and p.inputs[0] == n.value(0)
+            assert "in_group" not in p.meta["kernel"]["by_chunk"]["1"]
+            assert n.meta["kernel"]["by_chunk"]["16"] == {}
+            # nothing between the two reads the norm's outputs
+            assert not [u for i in range(2) for u, _ in g.uses_of(n.value(i)) if order[u.id] < order[p.id]]
+            for v in n.inputs[:2]:
+                assert intervals[alias[v]][1] >= order[p.id]
+            for i in range(2):
+                assert intervals[n.value(i)][0] == order[n.id]
+        be.run_chunk(np.arange(10, dtype=np.int32), "last")
+        prefill = [c[0] for c in calls]
+        calls.clear()
+        be.run_chunk(np.array([5], dtype=np.int32), "last")
+        names = [c[0] for c in calls]
+        reps = names.count("dense.get_rows")
+        gemv_norm = [c[1].arguments for c in calls if c[0] == "dense.gemv_group" and c[1].arguments.get("norm")]
+        route_norm = [c[1].arguments for c in calls if c[0] == "moe.moe_route1" and c[1].arguments.get("add_norm")]
+        assert prefill.count("dense.add_rms_norm") == len(norms) * prefill.count("dense.get_rows")
+        if fold:
+            assert len(gemv_norm) == sum(n.op.value == "matmul" for n in into) * reps
+            assert len(route_norm) == sum(n.op.value == "moe_route" for n in into) * reps
+            assert names.count("dense.add_rms_norm") == (len(norms) - len(folded)) * reps
+            for x, (b, w, eps, osum, onorm) in [(a["x"], a["norm"]) for a in gemv_norm] + \
+                                               [(a["x"], a["add_norm"]) for a in route_norm]:
+                assert x.dtype == b.dtype == w.dtype == osum.dtype == np.float32 and eps > 0
+                assert onorm is not None and osum.data.ptr not in (x.data.ptr, b.data.ptr)
+        else:
+            assert not gemv_norm and not route_norm and names.count("dense.add_rms_norm") == len(norms) * reps
 
 
 @pytest.mark.parametrize("router", ["fused", "gemv"])

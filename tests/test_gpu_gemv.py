@@ -184,6 +184,62 @@ def test_gemv_group(w_type, Ns, a_kind):
         assert rms < 1e-4 and mx < 1e-4, (n, rms, mx)
 
 
+@pytest.mark.parametrize("out_kind", ["f32", "bf16", "none"])
+@pytest.mark.parametrize("w_type", ["q4_k", "q6_k"])
+@pytest.mark.parametrize("Ns", [(8192, 4096, 32, 32), (1000,)], ids=["qkv-z-beta-alpha", "one"])
+def test_gemv_group_with_norm(w_type, Ns, out_kind):
+    """gemv_group norm=: the launch computes add_rms_norm(x, b) * w itself (the decode step's
+    attn_norm folded into its projections): every product equals the numpy reference on the
+    normed row (rounded to bf16 where the normed output is bf16, as the unfolded launch would
+    read it); the sum and the normed row are written once, whole, and nothing past them; x and
+    b are left as they were."""
+    from ggfuse.kernels.elementwise import ref as ew_ref
+    rng = np.random.default_rng(zlib.crc32(f"norm {w_type} {Ns} {out_kind}".encode()))
+    K, eps = 2048, 1e-6
+    a = rng.standard_normal((1, K), dtype=np.float32)
+    b = rng.standard_normal((1, K), dtype=np.float32) * 3
+    nw = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
+    normed, total = ew_ref.add_rms_norm(a, b, nw, eps=eps)
+    xh = normed.astype(np.float64)
+    if out_kind == "bf16":
+        xh = bf16_bits_to_f32(f32_to_bf16_bits(normed.astype(np.float32))).astype(np.float64)
+    xa, xb = cp.asarray(a), cp.asarray(b)
+    osum = cp.full((1, K + 8), np.nan, dtype=cp.float32)
+    onorm = None if out_kind == "none" else cp.full((1, K + 8), 0x7FC0 if out_kind == "bf16" else np.nan,
+                                                    dtype=cp.uint16 if out_kind == "bf16" else cp.float32)
+    mats, refs, ys = [], [], []
+    for n in Ns:
+        raw, dense = random_weight(w_type, (n, K), rng)
+        w = cp.asarray(np.ascontiguousarray(raw)).view(cp.uint8).reshape(-1)
+        y = cp.full((1, n + 8), np.nan, dtype=cp.float32)
+        mats.append((w, n, y[:, :n]))
+        refs.append(xh @ dense.astype(np.float64).T)
+        ys.append(y)
+    launch.gemv_group(xa, mats, w_type, K, norm=(xb, cp.asarray(nw), eps, osum[:, :K],
+                                                   None if onorm is None else onorm[:, :K]))
+    cp.cuda.Device().synchronize()
+    for n, y, ref in zip(Ns, ys, refs):
+        got = cp.asnumpy(y)
+        assert np.isnan(got[:, n:]).all(), "wrote past N"
+        rms, mx = errors(got[:, :n], ref)
+        # bf16: an element whose normed value sits on a rounding midpoint may round the other way
+        tol = 3e-4 if out_kind == "bf16" else 1e-4
+        assert rms < tol and mx < tol, (n, rms, mx)
+    s_got = cp.asnumpy(osum)
+    np.testing.assert_array_equal(s_got[:, :K], total)
+    assert np.isnan(s_got[:, K:]).all()
+    if out_kind == "f32":
+        got = cp.asnumpy(onorm)
+        np.testing.assert_allclose(got[:, :K], normed, rtol=1e-5, atol=1e-6)
+        assert np.isnan(got[:, K:]).all()
+    elif out_kind == "bf16":
+        got = bf16_bits_to_f32(cp.asnumpy(onorm))
+        np.testing.assert_allclose(got[:, :K], xh, rtol=8e-3, atol=1e-6)
+        assert (cp.asnumpy(onorm)[:, K:] == 0x7FC0).all()
+    np.testing.assert_array_equal(cp.asnumpy(xa), a)
+    np.testing.assert_array_equal(cp.asnumpy(xb), b)
+
+
 def test_gemv_group_refuses_bad_input():
     x = cp.zeros((1, 2048), dtype=cp.float32)
     y = cp.zeros((1, 64), dtype=cp.float32)
@@ -194,3 +250,7 @@ def test_gemv_group_refuses_bad_input():
         launch.gemv_group(x, [(w, 64, y)], "q8_0", 2048)
     with pytest.raises(ValueError, match="needs"):
         launch.gemv_group(x, [(w[:100], 64, y)], "q4_k", 2048)
+    with pytest.raises(ValueError, match="norm b"):
+        launch.gemv_group(x, [(w, 64, y)], "q4_k", 2048, norm=(x[:, :100], x[0], 1e-6, x, None))
+    with pytest.raises(TypeError, match="with norm"):
+        launch.gemv_group(x.astype(cp.uint16), [(w, 64, y)], "q4_k", 2048, norm=(x, x[0], 1e-6, x, None))

@@ -493,3 +493,50 @@ def test_route1_one_launch(E, k, D, shared, gating, pdl):
                                        rtol=1e-5)
     if pdl:
         assert g.pdl_edges == 0      # one kernel: no edge to make programmatic
+
+
+@pytest.mark.parametrize("E,k,D,shared", [(256, 8, 2048, True), (60, 4, 1024, False)])
+def test_route1_with_its_add_rms_norm(E, k, D, shared):
+    """moe_route1 add_norm=: the launch computes x = rms_norm(a + b) * w itself (the decode
+    step's post-attention norm folded into the router): the logits and the shared gate equal
+    float64 on that x, the top-k follows them, block 0 writes the sum exactly and the normed row
+    as the unfolded norm's reference, whole and nothing past them; a and b are left alone."""
+    from ggfuse.kernels.elementwise import ref as ew_ref
+    rng = np.random.default_rng(seed("route1 norm", E, k, D, shared))
+    a = rng.standard_normal(D).astype(np.float32)
+    b = (3 * rng.standard_normal(D)).astype(np.float32)
+    nw = (1 + 0.1 * rng.standard_normal(D)).astype(np.float32)
+    eps = 1e-6
+    normed, total = ew_ref.add_rms_norm(a[None], b[None], nw, eps=eps)
+    x = normed[0].astype(np.float64)
+    W = (rng.standard_normal((E, D)) / np.sqrt(D)).astype(np.float32)
+    ws = (rng.standard_normal(D) / np.sqrt(D)).astype(np.float32) if shared else None
+    d_a, d_b, d_w = cp.asarray(a), cp.asarray(b), cp.asarray(W)
+    d_ws = cp.asarray(ws) if shared else None
+    osum = cp.full(D + 8, np.nan, dtype=cp.float32)
+    onorm = cp.full(D + 8, np.nan, dtype=cp.float32)
+    logits = cp.full(E, np.nan, dtype=cp.float32)
+    counter = cp.zeros(1, dtype=cp.uint32)
+    ids = cp.full((1, k), -7, dtype=cp.int32)
+    wts = cp.full((1, k), np.nan, dtype=cp.float32)
+    se = cp.full(k, -7, dtype=cp.int32)
+    sh = cp.full((1, 1), np.nan, dtype=cp.float32) if shared else None
+    nv = cp.asarray([1], dtype=cp.int32)
+    launch.moe_route1(d_a, d_w, d_ws, D, E, k, True, 0.0, nv, logits, counter, ids, wts, se, sh, None,
+                      add_norm=(d_b, cp.asarray(nw), eps, osum[:D], onorm[:D]))
+    cp.cuda.Device().synchronize()
+    np.testing.assert_allclose(cp.asnumpy(logits).astype(np.float64), W.astype(np.float64) @ x, rtol=1e-4, atol=1e-5)
+    r_ids, r_w, _, _ = ref_route(cp.asnumpy(logits)[None], k, True, 0.0, TILE, "softmax")
+    np.testing.assert_array_equal(cp.asnumpy(ids), r_ids)
+    np.testing.assert_allclose(cp.asnumpy(wts), r_w, rtol=2e-5, atol=1e-7)
+    if shared:
+        np.testing.assert_allclose(float(sh.get()[0, 0]), 1 / (1 + np.exp(-(ws.astype(np.float64) @ x))), rtol=1e-5)
+    got_s, got_n = cp.asnumpy(osum), cp.asnumpy(onorm)
+    np.testing.assert_array_equal(got_s[:D], total[0])
+    np.testing.assert_allclose(got_n[:D], normed[0], rtol=1e-5, atol=1e-6)
+    assert np.isnan(got_s[D:]).all() and np.isnan(got_n[D:]).all() and int(counter.get()[0]) == 0
+    np.testing.assert_array_equal(cp.asnumpy(d_a), a)
+    np.testing.assert_array_equal(cp.asnumpy(d_b), b)
+    with pytest.raises(ValueError, match="add_norm b"):
+        launch.moe_route1(d_a, d_w, d_ws, D, E, k, True, 0.0, nv, logits, counter, ids, wts, se, sh, None,
+                          add_norm=(d_b[:8], cp.asarray(nw), eps, osum[:D], onorm[:D]))

@@ -5,7 +5,8 @@ per-prompt ratio (a change must not make any row slower than its noise):
 
 A tree is a folder that is the `ggfuse` package (a checkout, or `git archive REV` unpacked).
 Each round runs `ggfuse bench MODEL [flags] --json DIR/{old,new}-R.json` for the old tree, then
-the new; the table gives each prompt's median tok/s over the rounds. Flags go to `ggfuse bench`
+the new; the table gives each prompt's median tok/s over the rounds (and the decode row's, tgN,
+with --tg N). Flags go to `ggfuse bench`
 unchanged (both trees must accept them)."""
 from __future__ import annotations
 
@@ -50,9 +51,12 @@ def main(argv=None) -> int:
         for run in runs:
             for row in run["results"]:
                 rows.setdefault(row["prompt"], {}).setdefault(tag, []).append(row["tok_per_s"])
+            d = run.get("decode")
+            if d:           # the decode row (--tg N): tokens per second of the one-token steps
+                rows.setdefault(f"tg{d['tg']}", {}).setdefault(tag, []).append(d["tok_per_s"])
     print(f"{'prompt':>8} {'old tok/s':>12} {'new tok/s':>12} {'new/old':>8}")
     summary = []
-    for n in sorted(rows):
+    for n in sorted(rows, key=lambda r: (isinstance(r, str), str(r).zfill(8))):
         o, w = float(np.median(rows[n]["old"])), float(np.median(rows[n]["new"]))
         print(f"{n:>8} {o:>12.1f} {w:>12.1f} {w / o:>8.3f}")
         summary.append({"prompt": n, "old_tok_per_s": o, "new_tok_per_s": w, "ratio": w / o})

@@ -73,6 +73,53 @@ __device__ __forceinline__ void store_row_sum(float acc, float* y, int wpr, int 
 }
 #include "dense/gemv1_q6k.cuh"
 
+// The one-row kernels' x staging, into shared memory at xs[i + 4 (i >> SH)] (the kernel's
+// padding). Plain (nrm.w null): x[r0] as f32. With a folded add_rms_norm (nrm.w set; the decode
+// step's attn_norm before its projections: one launch instead of two), x is the norm's first
+// operand a (f32) and the block computes the norm itself from a and b:
+//   s = a + b, x = s / sqrt(mean(s^2) + eps) * w   (rounded to bf16 where the norm's output is
+//   stored bf16, so the products see what the unfolded launch would have read),
+// and block 0 also writes s to sum and, where other steps read it, x to out (f32 or bf16).
+struct NormIn {
+    const float* b;
+    const float* w;
+    float eps;
+    float* sum;
+    void* out;
+    int out_bf16;
+};
+
+template<int SH, typename A>
+__device__ __forceinline__ void stage_x(const A* __restrict__ x, long long r0, long long ldx, int K, float* xs,
+                                        const NormIn& nrm, float* scratch) {
+    if (nrm.w == nullptr) {
+        for (int i = threadIdx.x; i < K; i += blockDim.x) xs[i + 4 * (i >> SH)] = load_f(x + r0 * ldx + i);
+        return;
+    }
+    const float* a = reinterpret_cast<const float*>(x);
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < K; i += blockDim.x) {
+        const float v = a[i] + nrm.b[i];
+        xs[i + 4 * (i >> SH)] = v;
+        ss += v * v;
+    }
+    const float scale = 1.0f / sqrtf(block_sum(ss, scratch) / (float)K + nrm.eps);
+    const bool first = blockIdx.x == 0;
+    for (int i = threadIdx.x; i < K; i += blockDim.x) {
+        const float v = xs[i + 4 * (i >> SH)];
+        float y = v * scale * nrm.w[i];
+        if (nrm.out_bf16) y = __bfloat162float(__float2bfloat16_rn(y));
+        if (first) {
+            nrm.sum[i] = v;
+            if (nrm.out != nullptr) {
+                if (nrm.out_bf16) reinterpret_cast<__nv_bfloat16*>(nrm.out)[i] = __float2bfloat16_rn(y);
+                else reinterpret_cast<float*>(nrm.out)[i] = y;
+            }
+        }
+        xs[i + 4 * (i >> SH)] = y;
+    }
+}
+
 template<int W, typename A>
 __device__ __forceinline__ void gemv_impl(const A* __restrict__ x, long long ldx, int M,
                                           const unsigned char* __restrict__ w, long long row_bytes,
@@ -154,15 +201,17 @@ __device__ __forceinline__ void gemv_impl(const A* __restrict__ x, long long ldx
 // the x sums of every 16 elements staged once per block. A warp covers 4 blocks (1024
 // elements) per step, two steps in flight. x sits in shared memory as f32 with 4 floats of
 // padding per 64 (an 8-lane phase of 16-byte reads then hits 32 different banks).
-//   gemv1_<a>_q4_k(x, ldx, w, row_bytes, N, K, y, nvalid, wpr, w1, y1, n1, w2, y2, n2, w3, y3, n3):
+//   gemv1_<a>_q4_k(x, ldx, w, row_bytes, N, K, y, nvalid, wpr, w1, y1, n1, w2, y2, n2, w3, y3, n3,
+//                  nb, nw, eps, nsum, nout, nout_bf16):
 //   y[0, n] = x[r] . W[n], r as in gemv_<a>_<w>, over the matrices of Segs (one: n1 = n2 = n3 =
-//   N); K a multiple of 256; wpr warps share a row (taking every wpr-th step).
+//   N); K a multiple of 256; wpr warps share a row (taking every wpr-th step). With nw set, x is
+//   add_rms_norm(x, nb) (NormIn: f32a only, r = 0).
 template<typename A>
 __device__ __forceinline__ void gemv1_q4k_impl(const A* __restrict__ x, long long ldx, const Segs& segs,
                                                long long row_bytes, int N, int K,
-                                               const int* __restrict__ nvalid, int wpr) {
+                                               const int* __restrict__ nvalid, int wpr, const NormIn& nrm) {
     extern __shared__ float smem[];
-    __shared__ float part[8];
+    __shared__ float part[8], scratch[32];
     float* xs = smem;                           // K + K / 16 floats: x, padded
     float* sx = smem + K + K / 16;              // K / 16: sums of 16 consecutive x
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -174,7 +223,7 @@ __device__ __forceinline__ void gemv1_q4k_impl(const A* __restrict__ x, long lon
     prefetch_row_l2(n0 < N ? seg_row(segs, n0, row_bytes, y0) : nullptr, row_bytes, sub * 32 + lane, wpr);
     ggf_pdl_wait();
     const long long r0 = nvalid ? (long long)max(nvalid[0] - 1, 0) : 0;
-    for (int i = threadIdx.x; i < K; i += blockDim.x) xs[i + 4 * (i >> 6)] = load_f(x + r0 * ldx + i);
+    stage_x<6>(x, r0, ldx, K, xs, nrm, scratch);
     __syncthreads();
     for (int g = threadIdx.x; g < (K >> 4); g += blockDim.x) {
         const float* p = xs + 16 * g + 4 * (g >> 2);
@@ -228,9 +277,10 @@ extern "C" __global__ void __launch_bounds__(256)                               
 gemv1_##ANAME##_##WNAME(const ATYPE* x, long long ldx, const unsigned char* w, long long row_bytes,   \
                         int N, int K, float* y, const int* nvalid, int wpr, const unsigned char* w1,  \
                         float* y1, int n1, const unsigned char* w2, float* y2, int n2,                \
-                        const unsigned char* w3, float* y3, int n3) {                                 \
+                        const unsigned char* w3, float* y3, int n3, const float* nb, const float* nw, \
+                        float eps, float* nsum, void* nout, int nout_bf16) {                          \
     IMPL<ATYPE>(x, ldx, make_segs(w, y, w1, y1, n1, w2, y2, n2, w3, y3, n3), row_bytes, N, K, nvalid,  \
-                wpr);                                                                                 \
+                wpr, NormIn{nb, nw, eps, nsum, nout, nout_bf16});                                     \
 }
 GEMV1(q4_k, gemv1_q4k_impl, float, f32a)
 GEMV1(q4_k, gemv1_q4k_impl, __nv_bfloat16, bf16a)
@@ -247,9 +297,9 @@ GEMV1(q4_k, gemv1_q4k_impl, __nv_bfloat16, bf16a)
 template<typename A>
 __device__ __forceinline__ void gemv1_q6k_impl(const A* __restrict__ x, long long ldx, const Segs& segs,
                                                long long row_bytes, int N, int K,
-                                               const int* __restrict__ nvalid, int wpr) {
+                                               const int* __restrict__ nvalid, int wpr, const NormIn& nrm) {
     extern __shared__ float xs[];               // K + K / 32 floats: x, padded
-    __shared__ float part[8];
+    __shared__ float part[8], scratch[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int rpb = 8 / wpr, sub = warp % wpr;
     const int nb = K >> 8;
@@ -259,7 +309,7 @@ __device__ __forceinline__ void gemv1_q6k_impl(const A* __restrict__ x, long lon
     prefetch_row_l2(n0 < N ? seg_row(segs, n0, row_bytes, y0) : nullptr, row_bytes, sub * 32 + lane, wpr);
     ggf_pdl_wait();
     const long long r0 = nvalid ? (long long)max(nvalid[0] - 1, 0) : 0;
-    for (int i = threadIdx.x; i < K; i += blockDim.x) xs[i + 4 * (i >> 7)] = load_f(x + r0 * ldx + i);
+    stage_x<7>(x, r0, ldx, K, xs, nrm, scratch);
     __syncthreads();
     const int bl = lane >> 2, t = lane & 3;
     const float* xu0 = xs + 264 * bl + 132 * (t >> 1) + 16 * (t & 1);

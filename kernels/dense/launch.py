@@ -652,8 +652,40 @@ def gemv(x, w, w_type, N: int, K: int, y, *, M: int | None = None, nvalid=None, 
                           _ptr(y), np.int64(ldy), _ptr(nvalid), np.int32(wpr)), shared_mem=smem)
 
 
-def _gemv1(x, a: str, name: str, mats: list, K: int, nvalid, stream) -> None:
-    """gemv1_<a>_<name> over up to 4 matrices [(w, N, y)] of one type and K (dense/gemv.cu Segs)."""
+_WAVE: dict = {}
+
+
+def _one_wave(fn, smem: int) -> int:
+    """Blocks of 256 threads that one wave of kernel fn holds on this GPU (its registers and
+    shared memory, as the driver's occupancy calculator counts them), cached per kernel."""
+    key = (id(fn), smem)
+    if key not in _WAVE:
+        import cupy
+        from cuda.bindings import driver as cu
+        kern = getattr(fn, "kernel", fn)
+        err, per_sm = cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(cu.CUfunction(int(kern.ptr)), 256, smem)
+        if err != cu.CUresult.CUDA_SUCCESS or per_sm < 1:
+            per_sm = 1
+        sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        _WAVE[key] = int(per_sm) * int(sms)
+    return _WAVE[key]
+
+
+def gemv1_grid(rows_blocks: int, wave: int) -> int:
+    """Blocks of a one-row launch needing rows_blocks blocks (one per 8 / wpr rows): up to four
+    waves' worth, one wave (each warp takes several rows: no partial last wave, and the x
+    staging once per block; H200, the decode step's [12320, 2048] Q4_K group: 2.3 waves ->
+    one, 0.72 -> 0.65 ms over 30 layers with their output projections); beyond that, 16 blocks
+    per SM (the LM head's 248k rows: a wave-sized grid was 5% slower there)."""
+    if rows_blocks <= 4 * wave:
+        return min(rows_blocks, wave)
+    return min(rows_blocks, 16 * max(1, wave // 4))
+
+
+def _gemv1(x, a: str, name: str, mats: list, K: int, nvalid, stream, norm=None) -> None:
+    """gemv1_<a>_<name> over up to 4 matrices [(w, N, y)] of one type and K (dense/gemv.cu Segs).
+    norm: (b, w, eps, out_sum, out_norm or None) where x is an add_rms_norm's first operand
+    (dense/gemv.cu NormIn: the launch computes the norm itself)."""
     rb = _qtype(name).row_bytes(K)
     ldx = x.strides[0] // x.itemsize
     N = sum(n for _, n, _ in mats)
@@ -662,6 +694,12 @@ def _gemv1(x, a: str, name: str, mats: list, K: int, nvalid, stream) -> None:
     fn = _fn(GEMV, f"gemv1_{a}a_{name}")
     if smem1 > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem1:
         fn.max_dynamic_shared_size_bytes = smem1
+    if norm is None:
+        nargs = [np.uint64(0), np.uint64(0), np.float32(0), np.uint64(0), np.uint64(0), np.int32(0)]
+    else:
+        nb, nw, eps, nsum, nout = norm
+        nargs = [_ptr(nb), _ptr(nw), np.float32(eps), _ptr(nsum), _ptr(nout),
+                 np.int32(nout is not None and nout.dtype != np.float32)]
     segs, end, ends = [], 0, []
     for _, n, _ in mats:
         end += n
@@ -674,16 +712,23 @@ def _gemv1(x, a: str, name: str, mats: list, K: int, nvalid, stream) -> None:
         else:
             segs += [np.uint64(0), np.uint64(0), np.int32(N)]
     w0, _, y0 = mats[0]
+    grid = gemv1_grid(-(-N // (8 // wpr)), _one_wave(fn, smem1))
     with (stream if stream is not None else contextlib.nullcontext()):
-        fn((min(-(-N // (8 // wpr)), 132 * 16),), (256,),
+        fn((grid,), (256,),
            (_ptr(x), np.int64(ldx), _ptr(w0), np.int64(rb), np.int32(N), np.int32(K), _ptr(y0), _ptr(nvalid),
-            np.int32(wpr), *segs), shared_mem=smem1)
+            np.int32(wpr), *segs, *nargs), shared_mem=smem1)
 
 
-def gemv_group(x, mats: list, w_type, K: int, *, stream=None) -> None:
+def gemv_group(x, mats: list, w_type, K: int, *, norm=None, stream=None) -> None:
     """y_i[0, :N_i] = x[0, :K] @ W_i[N_i, K]^T for up to 4 matrices [(W_i, N_i, y_i)] of one
     type in GEMV1_TYPES and one K, in one launch of the one-row kernel (the decode step's
-    projections of one input: a launch costs about as much as a small matrix's bytes)."""
+    projections of one input: a launch costs about as much as a small matrix's bytes).
+
+    norm = (b, w, eps, out_sum, out_norm): x is instead add_rms_norm(x, b) with weight w (f32
+    x, b, w, out_sum [1, K]; the launch writes out_sum = x + b and, unless out_norm is None, the
+    normed row to out_norm, f32 or bf16 [1, K]; where out_norm is bf16 the products read the
+    normed row rounded to bf16, as they would read it from there): the decode step's attn_norm
+    and its projections in one launch. out_sum and out_norm must not overlap x or b."""
     qt = _qtype(w_type)
     name = qt.name
     if name not in GEMV1_TYPES:
@@ -703,7 +748,18 @@ def gemv_group(x, mats: list, w_type, K: int, *, stream=None) -> None:
             raise ValueError(f"gemv_group: W{i} has {w.nbytes} bytes, [{n}, {K}] {name} needs {n * rb}")
         if w.data.ptr % GEMV1_ALIGN[name]:
             raise ValueError(f"gemv_group: W{i} is not {GEMV1_ALIGN[name]}-byte aligned")
-    _gemv1(x, _dtype_name(x), name, list(mats), K, None, stream)
+    if norm is not None:
+        nb, nw, _, nsum, nout = norm
+        _check_f32(x, "gemv_group x (with norm)")
+        for v, what in ((nb, "norm b"), (nw, "norm w"), (nsum, "norm out_sum")):
+            _check_f32(v, f"gemv_group {what}")
+            if v.size < K or not v.flags.c_contiguous:
+                raise ValueError(f"gemv_group: {what} must be contiguous f32 with >= {K} elements")
+        if nout is not None and (nout.size < K or not nout.flags.c_contiguous):
+            raise ValueError(f"gemv_group: norm out_norm must be contiguous with >= {K} elements")
+        if nout is not None:
+            _dtype_name(nout)       # f32 or bf16, else a TypeError naming it
+    _gemv1(x, _dtype_name(x), name, list(mats), K, None, stream, norm=norm)
 
 
 def gemv1_warps_per_row(N: int, K: int, target_blocks: int = 2 * 132, *, step: int = 1024) -> int:

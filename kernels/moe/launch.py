@@ -261,14 +261,19 @@ def moe_route_slot_experts(logits, T: int, E: int, k: int, norm: bool, scale: fl
 
 def moe_route1(x, w_router, w_shared, D: int, E: int, k: int, norm: bool, scale: float, n_valid_dev, logits,
                counter, ids_out, weights_out, slot_expert_out, shared_out=None, stream=None, *,
-               gating: str = "softmax") -> None:
+               gating: str = "softmax", add_norm=None) -> None:
     """The one-token step's router in one launch (route.cu moe_route1): logits[e] = x . W[e] in
     f32, shared_out[0] = sigmoid(x . w_shared) where w_shared is given, then moe_route_slot_experts'
     ids, weights and slot_expert_out from the logits, by the last block to finish.
 
     x [1, D] or [D] f32 contiguous; w_router [E, D] f32; w_shared [D] f32 or None (then
     shared_out is not written); logits [E] f32 scratch; counter a device uint32 [1] that is 0
-    before the first launch (each launch leaves it 0 again); D % 4 == 0."""
+    before the first launch (each launch leaves it 0 again); D % 4 == 0.
+
+    add_norm = (b, w, eps, out_sum, out_norm): x is instead rms_norm(x + b) * w (all f32 [D];
+    the launch writes out_sum = x + b and out_norm, the normed row the experts read: the decode
+    step's post-attention add_rms_norm in this launch). out_sum and out_norm must not overlap
+    x or b."""
     _route_checks("moe_route1", 1, E, k, gating,
                   ((logits, E, "logits"), (ids_out, k, "ids_out"), (weights_out, k, "weights_out"),
                    (slot_expert_out, k, "slot_expert_out"), (counter, 1, "counter")))
@@ -280,12 +285,20 @@ def moe_route1(x, w_router, w_shared, D: int, E: int, k: int, norm: bool, scale:
         raise ValueError("moe_route1: w_shared and shared_out go together")
     if w_shared is not None and (w_shared.dtype != np.float32 or w_shared.size < D):
         raise ValueError(f"moe_route1: the shared gate must be f32 [{D}]")
+    null = np.uint64(0)
+    nargs = (null, null, np.float32(0), null, null)
+    if add_norm is not None:
+        nb, nw, eps, nsum, nout = add_norm
+        for v, what in ((nb, "b"), (nw, "w"), (nsum, "out_sum"), (nout, "out_norm")):
+            if v is None or v.dtype != np.float32 or v.size < D or not v.flags.c_contiguous:
+                raise ValueError(f"moe_route1: add_norm {what} must be contiguous f32 with D = {D} elements")
+        nargs = (nb, nw, np.float32(eps), nsum, nout)
     grid = E + (w_shared is not None)
     _route_fn("moe_route1")((grid, 1, 1), (256, 1, 1),
-                            (x, w_router, np.uint64(0) if w_shared is None else w_shared, np.int32(D), np.int32(E),
+                            (x, w_router, null if w_shared is None else w_shared, np.int32(D), np.int32(E),
                              np.int32(k), np.int32(GATINGS[gating]), np.int32(bool(norm)), np.float32(scale),
                              n_valid_dev, logits, counter, ids_out, weights_out, slot_expert_out,
-                             np.uint64(0) if shared_out is None else shared_out),
+                             null if shared_out is None else shared_out, *nargs),
                             stream=stream)
 
 

@@ -99,13 +99,19 @@ moe_topk(const float* __restrict__ logits, int T, int E, int k, int gating, int 
 // block to finish (counter: an atomicInc that wraps back to 0 for the next launch) reads the E
 // logits back and runs moe_topk's top-k on them (ids, weights, slot_expert). Each block asks L2
 // for its weight row before it waits for the kernel before it (kernels/pdl.cuh).
+// With nw set (a folded add_rms_norm: the decode step's post-attention norm, one launch fewer per
+// layer), x is the norm's first operand and each block computes the norm of x + nb itself,
+//   s = x + nb, xn = s / sqrt(mean(s^2) + eps) * nw   (as dense/elementwise.cu row_norm),
+// and takes its dot product with xn; block 0 also writes s to nsum and xn to nout for the experts.
 //   moe_route1(x, w, w_shared, D, E, k, gating, norm, scale, n_valid, logits, counter, ids,
-//              weights, slot_expert, shared_out)   grid E (+1), 256 threads; D % 4 == 0, E <= 512
+//              weights, slot_expert, shared_out, nb, nw, eps, nsum, nout)
+//   grid E (+1), 256 threads; D % 4 == 0, E <= 512
 extern "C" __global__ void __launch_bounds__(256)
 moe_route1(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ w_shared, int D,
            int E, int k, int gating, int norm, float scale, const int* __restrict__ n_valid, float* logits,
            unsigned* counter, int* __restrict__ ids, float* __restrict__ weights, int* __restrict__ slot_expert,
-           float* __restrict__ shared_out) {
+           float* __restrict__ shared_out, const float* __restrict__ nb, const float* __restrict__ nw, float eps,
+           float* __restrict__ nsum, float* __restrict__ nout) {
     __shared__ float red[32];
     __shared__ float row[32 * ROUTE_MAX_PER_LANE];
     __shared__ int last;
@@ -115,10 +121,34 @@ moe_route1(const float* __restrict__ x, const float* __restrict__ w, const float
     prefetch_row_l2(reinterpret_cast<const unsigned char*>(wr), 4LL * D, threadIdx.x, 8);   // 256 threads
     ggf_pdl_wait();
     float acc = 0.f;
-    for (int i = threadIdx.x * 4; i < D; i += blockDim.x * 4) {
-        const float4 a = *reinterpret_cast<const float4*>(x + i);
-        const float4 b = *reinterpret_cast<const float4*>(wr + i);
-        acc += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+    if (nw == nullptr) {
+        for (int i = threadIdx.x * 4; i < D; i += blockDim.x * 4) {
+            const float4 a = *reinterpret_cast<const float4*>(x + i);
+            const float4 b = *reinterpret_cast<const float4*>(wr + i);
+            acc += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+        }
+    } else {
+        float ss = 0.f;
+        for (int i = threadIdx.x * 4; i < D; i += blockDim.x * 4) {
+            const float4 a = *reinterpret_cast<const float4*>(x + i);
+            const float4 c = *reinterpret_cast<const float4*>(nb + i);
+            const float s0 = a.x + c.x, s1 = a.y + c.y, s2 = a.z + c.z, s3 = a.w + c.w;
+            ss += s0 * s0 + s1 * s1 + s2 * s2 + s3 * s3;
+        }
+        const float sc = 1.0f / sqrtf(block_sum(ss, red) / (float)D + eps);
+        for (int i = threadIdx.x * 4; i < D; i += blockDim.x * 4) {
+            const float4 a = *reinterpret_cast<const float4*>(x + i);
+            const float4 c = *reinterpret_cast<const float4*>(nb + i);
+            const float4 g = *reinterpret_cast<const float4*>(nw + i);
+            const float4 b = *reinterpret_cast<const float4*>(wr + i);
+            const float4 sv = make_float4(a.x + c.x, a.y + c.y, a.z + c.z, a.w + c.w);
+            const float4 xn = make_float4(sv.x * sc * g.x, sv.y * sc * g.y, sv.z * sc * g.z, sv.w * sc * g.w);
+            acc += xn.x * b.x + xn.y * b.y + xn.z * b.z + xn.w * b.w;
+            if (r == 0) {
+                *reinterpret_cast<float4*>(nsum + i) = sv;
+                *reinterpret_cast<float4*>(nout + i) = xn;
+            }
+        }
     }
     acc = block_sum(acc, red);
     if (threadIdx.x == 0) {

@@ -318,9 +318,17 @@ def _matmul(ctx, n):
         w, wtype, shape = _weight(ctx, n.inputs[1], want)
         _expect(n, "weight", wtype, want)
         N, K = shape[-2], shape[-1]
-        if at.get("group"):
+        norm = None
+        if at.get("norm"):             # its input's add_rms_norm runs in this launch (gemv_group norm=)
+            m = _partner(ctx, n, at["norm"], "folded_into")
+            if m.op != Op.ADD_RMS_NORM or m.value(0) != n.inputs[0]:
+                raise PlanError(None, f"cuda: {n.name}: its norm {at['norm']!r} is not the add_rms_norm of its input")
+            a0, b0, w0 = (_in(ctx, v) for v in m.inputs)
+            a = _rows2d(a0)
+            norm = (b0, w0, m.attrs.eps, ctx.v(m.value(1)), ctx.v(m.value(0)))
+        if at.get("group") or norm is not None:
             mats = [(w, N, c)]
-            for name in at["group"]:
+            for name in at.get("group", []):
                 m = _partner(ctx, n, name, "in_group")
                 if m.op != Op.MATMUL:
                     raise PlanError(None, f"cuda: {n.name}: its group names {name!r}, which is not a matmul")
@@ -329,7 +337,7 @@ def _matmul(ctx, n):
                 if sm[-1] != K or m.inputs[0] != n.inputs[0]:
                     raise PlanError(None, f"cuda: {m.name}: grouped with {n.name} but not on its input and K")
                 mats.append((wm, sm[-2], _rows2d(ctx.be.arena_view(m, 0))))
-            return lambda: d.gemv_group(a, mats, wtype, K, stream=ctx.stream)
+            return lambda: d.gemv_group(a, mats, wtype, K, norm=norm, stream=ctx.stream)
         return lambda: d.gemv(a, w, wtype, N, K, c, M=a.shape[0], stream=ctx.stream)
     return gemm_closure(ctx, n, rec, ctx.v(n.inputs[0]), n.inputs[1], ctx.v(n.out))
 
@@ -502,6 +510,8 @@ def _rms_norm(ctx, n):
 @launcher("dense.add_rms_norm")
 def _add_rms_norm(ctx, n):
     d = _dense()
+    if ctx.at(n.meta["kernel"]).get("folded_into"):      # the one-row launch after it does it (gemv_group norm=)
+        return None
     a, b, w = (_in(ctx, v) for v in n.inputs)
     on, osum = ctx.v(n.value(0)), ctx.v(n.value(1))
     return lambda: d.add_rms_norm(a, b, w, on, osum, eps=n.attrs.eps, stream=ctx.stream)
@@ -766,9 +776,19 @@ def _moe_route(ctx, n):
         counter = be.buf.tables[key]
         D = ctx.t(w_router).shape[1]
         wsh, sh_out = (shexp if shexp is not None else (None, None))
+        add_norm = None
+        if ctx.at(rec).get("norm"):     # its input's add_rms_norm runs in this launch (moe_route1 add_norm=)
+            m = _partner(ctx, n, ctx.at(rec)["norm"], "folded_into")
+            if m.op != Op.ADD_RMS_NORM or m.value(0) != n.inputs[0]:
+                raise PlanError(None, f"cuda: {n.name}: its norm {ctx.at(rec)['norm']!r} is not the add_rms_norm "
+                                      f"of its input")
+            a0, b0, w0 = (_in(ctx, v) for v in m.inputs)
+            x = a0
+            add_norm = (b0.reshape(-1), w0.reshape(-1), m.attrs.eps, ctx.v(m.value(1)).reshape(-1),
+                        ctx.v(m.value(0)).reshape(-1))
         return lambda: moe.moe_route1(x.reshape(-1), w_f32, wsh, D, E, a.k, a.norm, a.scale, be.nvalid_dev,
                                       logits.reshape(-1), counter, ids, weights, slots, sh_out, ctx.stream,
-                                      gating=a.gating)
+                                      gating=a.gating, add_norm=add_norm)
 
     def run():
         router()
