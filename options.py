@@ -225,9 +225,11 @@ class Options:
     decode_deltanet_fold: bool = _opt(COMPILE, "the one-token delta rule also normalises q and k and computes its "
                                                "gates (one launch instead of four per DeltaNet layer)", None, _bool,
                                       default=True)
-    decode_norm_fold: bool = _opt(COMPILE, "the one-token step's residual add + RMSNorm runs inside the one-row "
-                                           "launch of the projections that read it (one launch instead of two per "
-                                           "layer)", None, _bool, default=True)
+    decode_norm_fold: bool = _opt(COMPILE, "the one-token step's residual add + RMSNorm runs inside the next launch "
+                                           "(the projections' one-row kernel, the fused router): two launches fewer "
+                                           "per layer, but each of that launch's blocks computes the norm before it "
+                                           "reads its weights (off by default: 1.8% slower decode on an H200)",
+                                  None, _bool, default=False)
     decode_gemv_group: bool = _opt(COMPILE, "the one-token step's one-row products of one input on matrices of one "
                                             "type (qkv, z, beta, alpha; q, k, v) as one launch", None, _bool,
                                    default=True)

@@ -55,7 +55,10 @@ PLAN_FORMAT = "ggfuse-plan"
 #              delta rule names its kernel (by_chunk "kernel": "step" gdr_step_*, or "loop").
 #          8.1 lowering "pdl" (option pdl): whether the captured graphs' kernel-to-kernel edges are
 #              programmatic (kernels/graph.py); an 8.0 runtime ignores it and runs them in full order.
-PLAN_VERSION = (8, 1)
+#          8.2 option decode_norm_fold: the one-token step's add_rms_norm may run inside the next
+#              launch (the norm's by_chunk "folded_into", that step's "norm"); an 8.1 runtime
+#              ignores both records and runs the norm's own launch.
+PLAN_VERSION = (8, 2)
 
 
 @dataclass(frozen=True)

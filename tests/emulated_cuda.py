@@ -230,8 +230,12 @@ def gemv(x, w, w_type, N, K, y, *, M=None, nvalid=None, stream=None):
     _put(y[:row.shape[0], :N], row[:, :K] @ _matrix(w, w_type, N, K).T)
 
 
-def gemv_group(x, mats, w_type, K, *, stream=None):
+def gemv_group(x, mats, w_type, K, *, norm=None, stream=None):
     row = _val(x)[:1]
+    if norm is not None:        # x is the first operand of an add_rms_norm the launch does itself
+        b, w, eps, out_sum, out_norm = norm
+        add_rms_norm(x, b, w, out_norm, out_sum, eps=eps)
+        row = _val(out_norm).reshape(1, -1)      # as stored (bf16 where the norm's output is)
     for w, n, y in mats:
         _put(y[:1, :n], row[:, :K] @ _matrix(w, w_type, n, K).T)
 
@@ -261,7 +265,7 @@ def _topk(logits, T, k, norm, scale, n_valid_dev, ids_out, weights_out, gating):
     returns (ids, n_valid)."""
     from ggfuse.kernels.moe import ref as moe_ref
     nv = int(np.asarray(n_valid_dev)[0])
-    lg = _val(logits)[:T]
+    lg = _val(logits).reshape(T, -1) if _val(logits).ndim == 1 else _val(logits)[:T]   # moe_route1: [E]
     probs = dense_ref.softmax(lg, axis=-1) if gating == "softmax" else dense_ref.sigmoid(lg)
     ids = moe_ref.topk(probs, k=k)
     w = moe_ref.take_along(probs, ids)
@@ -287,8 +291,13 @@ def moe_route(logits, T, E, k, norm, scale, tile, n_valid_dev, ids_out, weights_
 
 
 def moe_route1(x, w_router, w_shared, D, E, k, norm, scale, n_valid_dev, logits, counter, ids_out, weights_out,
-               slot_expert_out, shared_out=None, stream=None, *, gating="softmax"):
-    """One token: the router's f32 logits, the shared gate, then moe_route_slot_experts."""
+               slot_expert_out, shared_out=None, stream=None, *, gating="softmax", add_norm=None):
+    """One token: the router's f32 logits, the shared gate, then moe_route_slot_experts (with
+    add_norm: on rms_norm(x + b) * w, whose sum and normed row it writes)."""
+    if add_norm is not None:
+        b, w, eps, out_sum, out_norm = add_norm
+        add_rms_norm(x, b, w, out_norm, out_sum, eps=eps)
+        x = out_norm
     xv = _val(x).reshape(-1)[:D].astype(np.float32)
     _put(logits, (_val(w_router).reshape(E, D) @ xv).reshape(logits.shape))
     if w_shared is not None:

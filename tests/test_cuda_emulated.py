@@ -100,6 +100,28 @@ def test_emulated_gemma4_moe_streamed_and_decode_steps(monkeypatch):
     assert all("layout" not in at for r in routes for c, at in r["by_chunk"].items() if c != "1")
 
 
+def test_emulated_decode_steps_with_the_norms_folded(monkeypatch):
+    """decode_norm_fold: the one-token steps with each add_rms_norm inside the launch after it
+    (the projections' gemv_group, the fused router) give the logits of the steps with the norms
+    launched on their own, and both continue the prompt as its long prefill does. (qwen3moe:
+    the stand-ins do not reproduce the DeltaNet kernels: emulated qwen35moe logits are O(1) off the
+    CPU's, so no emulated test runs it; the dry-run tests cover qwen35moe's records.)"""
+    tokens = refs("qwen3moe")["tokens"]
+    out = {}
+    with emulated_device(monkeypatch):
+        for fold in (False, True):
+            m, be = _cuda_model("qwen3moe", "q4_k_m", decode_norm_fold=fold)
+            full = m.prefill(tokens)
+            m.reset()
+            m.prefill(tokens[:30], logits="last")
+            out[fold] = np.concatenate([m.prefill(tokens[i:i + 1]) for i in range(30, 40)])
+            recs = [n for n in m.plan.graph.nodes()
+                    if ((n.meta.get("kernel") or {}).get("by_chunk") or {}).get("1", {}).get("norm")]
+            assert bool(recs) is fold and ({n.op.value for n in recs} == {"matmul", "moe_route"} or not fold)
+            assert _rel(out[fold], full[30:]) < 3e-2
+    assert _rel(out[True], out[False]) < 1e-5
+
+
 def ple_budget(arch="gemma4-dense", quant="q4_k_m", chunk=16):
     """A budget the resident plan exceeds and the lean one (the PLE table gathered on the host)
     fits; the reserve is budget / 16 for toy budgets, so solve for it."""
