@@ -16,6 +16,7 @@ import contextlib
 import numpy as np
 
 from ggfuse.kernels.attention import ref as attn_ref
+from ggfuse.kernels.deltanet import ref as dn_ref
 from ggfuse.kernels.dense import ref as dense_ref
 from ggfuse.kernels.dequant.ref import bf16_bits_to_f32, f32_to_bf16_bits
 from ggfuse.kernels.elementwise import ref as ew_ref
@@ -214,7 +215,7 @@ def gemm(a, a_dtype, lda, w, w_type, N, K, c, c_dtype, ldc, M, stream=None, *, a
     _put(cv, y + (_val(cv) if accumulate else 0))
 
 
-def gemm_bf16(a, lda, w, N, K, c, c_dtype, ldc, M, stream, *, accumulate=False):
+def gemm_bf16(a, lda, w, N, K, c, c_dtype, ldc, M, stream=None, *, accumulate=False):
     gemm(a, "bf16", lda, w, "bf16", N, K, c, c_dtype, ldc, M, accumulate=accumulate)
 
 
@@ -428,6 +429,121 @@ def moe_gemv_down(h, w_down, e_bytes, w_type, D, F, k, weights, out, *, slot_exp
     _put(out, o)
 
 
+# ---- DeltaNet ------------------------------------------------------------------------------------
+
+def _nv(n_valid_dev, T: int) -> int:
+    return T if n_valid_dev is None else int(np.asarray(n_valid_dev)[0])
+
+
+def _read(base, off: int, shape, strides) -> np.ndarray:
+    """What a kernel given base's address, an element offset and element strides reads, as f32
+    (checked to lie inside the allocation base views)."""
+    import ctypes
+    a = np.asarray(base)
+    root = a
+    while True:                 # the array owning the memory: up through views, as_strided's too
+        b = root.base
+        b = b if isinstance(b, np.ndarray) else getattr(b, "base", None)
+        if not isinstance(b, np.ndarray):
+            break
+        root = b
+    item, lo = a.itemsize, root.__array_interface__["data"][0]
+    start = a.__array_interface__["data"][0] + off * item
+    span = (sum((n - 1) * s for n, s in zip(shape, strides)) + 1) * item
+    assert lo <= start and start + span <= lo + root.nbytes, "a read past the operand's allocation"
+    buf = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(start)).view(a.dtype)
+    return _val(np.lib.stride_tricks.as_strided(buf, tuple(shape), tuple(s * item for s in strides)).copy())
+
+
+def _head_map(head_map) -> str:
+    return head_map if isinstance(head_map, str) else ("tile", "interleave")[int(head_map)]
+
+
+def l2_norm(x, out, *, eps, stream=None):
+    _put(out, dense_ref.l2_norm(_val(x), eps=eps))
+
+
+def gated_rms_norm(o, w, z, out, *, eps, stream=None):
+    """rms_norm(o) * w * silu(z) per head (z may be [T, Hv*V])."""
+    ov = _val(o)
+    _put(out, ew_ref.gated_rms_norm(ov, _val(w), _val(z).reshape(ov.shape), eps=eps))
+
+
+def ssm_conv_silu(x, conv_state, w, out, n_valid=None, *, stream=None):
+    """silu(causal conv) of every row; the window then advances by the n_valid valid rows only."""
+    xv, st = _val(x), _val(conv_state)
+    y, _ = dn_ref.ssm_conv_silu(xv, st, _val(w))
+    _put(out, y)
+    _put(conv_state, dn_ref.ssm_conv_state(xv, st, n_valid=_nv(n_valid, xv.shape[0])))
+
+
+def _gates(alpha, beta_lin, dt_bias, ssm_a, n_valid, fn: str):
+    """deltanet_gates' g, beta [T, Hv] (rows past n_valid 0), from [T, Hv] or [T, Hk, r] views."""
+    from ggfuse.kernels.dense.launch import gate_layout
+    T, Hv, *_ = gate_layout(alpha, beta_lin, fn)        # the real launcher's layout checks
+    return dn_ref.deltanet_gates(_val(alpha).reshape(T, Hv), _val(beta_lin).reshape(T, Hv), _val(dt_bias).reshape(-1),
+                                 _val(ssm_a).reshape(-1), n_valid=_nv(n_valid, T))
+
+
+def deltanet_gates(alpha, beta_lin, dt_bias, ssm_a, g_out, beta_out, n_valid=None, *, stream=None):
+    g, b = _gates(alpha, beta_lin, dt_bias, ssm_a, n_valid, "deltanet_gates")
+    _put(g_out, g)
+    _put(beta_out, b)
+
+
+def chunk_gated_delta_rule(q, k, v, q_k_row_stride, q_col_off, k_col_off, v_row_stride, v_col_off, g, beta, state,
+                           out, out_dtype, T, Hk, Hv, K, V, scale, head_map, workspace, stream=None, *, v_block=None):
+    """The chunked delta rule (ref's chunked form, chunks of 64) on q, k, v read from the base
+    arrays at the offsets and row strides given; the final state written into `state`."""
+    from ggfuse.kernels.deltanet import launch as dn
+    if T <= 0:
+        return
+    assert out_dtype == ("f32" if out.dtype == np.float32 else "bf16"), (out_dtype, out.dtype)
+    assert tuple(state.shape) == (Hv, K, V) and tuple(g.shape) == tuple(beta.shape) == (T, Hv)
+    in_dtype = "f32" if np.asarray(q).dtype == np.float32 else "bf16"
+    assert workspace.size * workspace.itemsize >= dn.workspace_bytes(T, Hv, K, V, Hk=Hk, in_dtype=in_dtype)
+    qv = _read(q, q_col_off, (T, Hk, K), (q_k_row_stride, K, 1))
+    kv = _read(k, k_col_off, (T, Hk, K), (q_k_row_stride, K, 1))
+    vv = _read(v, v_col_off, (T, Hv, V), (v_row_stride, V, 1))
+    o, s = dn_ref.chunk_gated_delta_rule(qv, kv, vv, _val(g), _val(beta), _val(state), scale=scale,
+                                         head_map=_head_map(head_map), chunk=dn.CHUNK)
+    _put(out.reshape(-1)[:T * Hv * V], o)
+    _put(state, s)
+
+
+def gated_delta_rule_recurrent(q, k, v, g, beta, state, out, scale, head_map, stream=None, *, kernel="auto"):
+    """The token-recurrent delta rule (ref's definition): q and k read with q's row stride, heads
+    contiguous; the step kernel (one token) reads row 0 only. State in place."""
+    from ggfuse.kernels.deltanet import launch as dn
+    T, Hk, K = q.shape
+    Hv, V = v.shape[1], v.shape[2]
+    step_ok = T == 1 and dn.step_supported(K, V) and state.data.ptr % 16 == 0
+    assert kernel in ("auto", "loop") or (kernel == "step" and step_ok), (kernel, T, K, V)
+    rq, rv = q.strides[0] // q.itemsize, v.strides[0] // v.itemsize
+    qv, kv = (_read(a, 0, (T, Hk, K), (rq, K, 1)) for a in (q, k))
+    vv = _read(v, 0, (T, Hv, V), (rv, V, 1))
+    o, s = dn_ref.gated_delta_rule(qv, kv, vv, _val(g).reshape(T, Hv), _val(beta).reshape(T, Hv), _val(state),
+                                   scale=scale, head_map=_head_map(head_map))
+    _put(out.reshape(-1)[:T * Hv * V], o)
+    _put(state, s)
+
+
+def gdr_step_fused(q, k, v, state, out, scale, head_map, *, eps_q, eps_k, alpha, beta_lin, dt_bias, ssm_a, n_valid,
+                   stream=None):
+    """One token: l2_norm(q), l2_norm(k) (eps_q, eps_k), deltanet_gates(alpha, beta_lin, dt_bias,
+    ssm_a, n_valid), then the recurrent step; q, k, v row 0, heads contiguous."""
+    T, Hk, K = q.shape
+    Hv, V = v.shape[1], v.shape[2]
+    assert T == 1 and state.data.ptr % 16 == 0
+    qv, kv = (_read(a, 0, (1, Hk, K), (0, K, 1)) for a in (q, k))
+    vv = _read(v, 0, (1, Hv, V), (0, V, 1))
+    g, b = _gates(alpha, beta_lin, dt_bias, ssm_a, n_valid, "gdr_step_fused")
+    o, s = dn_ref.gated_delta_rule(dense_ref.l2_norm(qv, eps=eps_q), dense_ref.l2_norm(kv, eps=eps_k), vv, g, b,
+                                   _val(state), scale=scale, head_map=_head_map(head_map))
+    _put(out.reshape(-1)[:Hv * V], o)
+    _put(state, s)
+
+
 def _noop(*a, **k):
     return None
 
@@ -436,7 +552,9 @@ EMULATED = {
     "ggfuse.kernels.dense.launch": ["dequantize", "get_rows", "ple_gather", "rms_norm", "add_rms_norm", "norm_rope",
                                     "norm_add", "add", "mul", "sigmoid_mul", "silu_mul", "gelu", "gelu_mul", "softcap",
                                     "scale", "copy", "kv_append", "kv_ring_append", "gemv", "gemv_group", "gemm_f32", "router_gemm",
-                                    "rowdot_sigmoid", "axpy_rows", "scale_by_expert"],
+                                    "rowdot_sigmoid", "axpy_rows", "scale_by_expert", "l2_norm", "gated_rms_norm",
+                                    "ssm_conv_silu", "deltanet_gates"],
+    "ggfuse.kernels.deltanet.launch": ["chunk_gated_delta_rule", "gated_delta_rule_recurrent", "gdr_step_fused"],
     "ggfuse.kernels.gemm.launch": ["gemm", "gemm_swiglu"],
     "ggfuse.kernels.gemm.blas": ["gemm_bf16"],
     "ggfuse.kernels.moe.launch": ["moe_route", "moe_route1", "moe_route_slot_experts", "moe_gate_up", "moe_down", "moe_gemv_gate_up", "moe_gemv_down"],

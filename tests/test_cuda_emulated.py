@@ -4,12 +4,31 @@ plumbing from the plan's kernel records to each launcher's arguments (which valu
 operand, views and strides, bf16 storage, states updated in place, graph capture and replay,
 the LM head's blocks and last row) computes the model. The kernels are tested on the GPU
 (tests/test_gpu_*.py); here a wrong operand, a missed soft-cap or expert scale, a ring written
-before its last reader or a stale replay shows as wrong logits."""
+before its last reader, a conv window or delta-rule state advanced by a chunk's padding rows or
+a stale replay shows as wrong logits."""
 import numpy as np
 import pytest
 
-from emulated_cuda import emulated_device
-from util import GEMMA4, fixture, refs
+from emulated_cuda import _val, emulated_device
+from util import BF16_NEAR_TIES, GEMMA4, fixture, refs
+
+DELTANET = ("qwen35moe", "qwen35", "qwen3next")
+
+
+def test_stand_ins_take_their_launchers_arguments():
+    """Each stand-in has its launcher's parameters (names, kinds, defaults): emulated_device
+    replaces the launcher by it, so a call the real one would refuse fails here too."""
+    import importlib
+    import inspect
+
+    import emulated_cuda
+
+    def params(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+    for modname, names in emulated_cuda.EMULATED.items():
+        mod = importlib.import_module(modname)
+        for name in names:
+            assert params(getattr(emulated_cuda, name)) == params(getattr(mod, name)), f"{modname}.{name}"
 
 
 def _rel(a, b):
@@ -29,11 +48,18 @@ def _cuda_model(arch, quant, **opts):
 
 
 @pytest.mark.parametrize("quant", ["f32", "q4_k_m"])
-@pytest.mark.parametrize("arch", list(GEMMA4) + ["qwen3moe"])
+@pytest.mark.parametrize("arch", list(GEMMA4) + ["qwen3moe", *DELTANET])
 def test_emulated_cuda_backend_matches_the_cpu(arch, quant, monkeypatch):
     import ggfuse
     tokens = refs(arch)["tokens"]
     cpu = ggfuse.load(fixture(arch, quant), device="cpu").prefill(tokens)
+    ref = cpu
+    if (arch, quant) in BF16_NEAR_TIES:
+        # a near-tied router that bf16 rounding flips moves these logits by ~0.2 of max |logit|,
+        # here as on the GPU (util.BF16_NEAR_TIES; measured 0.233 / 0.193): checked, as the GPU
+        # test checks them, against the CPU with the GPU's bf16 roundings put back
+        from precision_emulation import emulated_logits
+        ref = emulated_logits(arch, quant, chunk=16)
     with emulated_device(monkeypatch) as used:
         m, be = _cuda_model(arch, quant)
         # 40 tokens in chunks of 16: the last one padded (a smaller captured size); the first
@@ -49,20 +75,36 @@ def test_emulated_cuda_backend_matches_the_cpu(arch, quant, monkeypatch):
     # at load, bf16 norm outputs, bf16 KV caches and rings. On the Gemma fixtures that alone moves
     # the logits by 1.1e-2 .. 2.1e-2 of max |logit| (measured: 4e-3 with dense_form=raw and
     # bf16_act=False, i.e. mostly the bf16 weights, which the tensor cores round to anyway);
-    # a wrong operand or a missed step moves them by O(1).
-    print(f"{arch} {quant}: {_rel(got, cpu):.3e}, split calls {_rel(split, cpu):.3e} of max |logit|")
+    # a wrong operand or a missed step moves them by O(1). The DeltaNet fixtures: 2.4e-3 .. 2.7e-2
+    # (qwen35moe q4_k_m, a router near-tie at one position; 4.2e-3 with dense_form=raw,
+    # bf16_act=False and moe_x_bf16=False), against the bf16-rounded CPU where BF16_NEAR_TIES.
+    print(f"{arch} {quant}: {_rel(got, ref):.3e}, split calls {_rel(split, ref):.3e} of max |logit|"
+          f"{' (cpu with bf16 roundings)' if ref is not cpu else ''}")
     for out in (got, split):
-        assert _rel(out, cpu) < 3e-2, _rel(out, cpu)
-        assert np.mean(out.argmax(-1) == cpu.argmax(-1)) >= 0.95
-    head = m.plan.graph.node(m.plan.graph.outputs["logits"].node).meta["kernel"]
+        assert _rel(out, ref) < 3e-2, _rel(out, ref)
+        assert np.mean(out.argmax(-1) == ref.argmax(-1)) >= 0.95
+    hn = m.plan.graph.node(m.plan.graph.outputs["logits"].node)
+    head = hn.meta["kernel"]
     if head["last"]["w"] == head["all"]["w"]:
         assert _rel(last[0], got[-1]) < 1e-5
     else:
         # the last row's GEMV reads the stored quantised rows, the all-rows head their bf16 copy:
-        # the last row is the closer of the two to the CPU's (exact) dequantisation
+        # on the head's input row of the last token (still in the arena), the last row is the
+        # product with the exact dequantisation, the all-rows head's with its bf16 rounding
+        # (their distance to the CPU's logits is mostly the hidden state's: the last row is not
+        # always the closer one, qwen3next q4_k_m 4.1e-3 vs 3.5e-3)
+        from ggfuse.kernels.dense import ref as dense_ref
+        from ggfuse.kernels.dequant.ref import round_bf16
+        from ggfuse.runtime.weights import LazyWeight
         assert head["all"]["w"] == "bf16" and head["last"]["w"] != "bf16"
-        assert _rel(last[0], cpu[-1]) <= _rel(got[-1], cpu[-1]) * 1.05 + 1e-6, (_rel(last[0], cpu[-1]),
-                                                                                _rel(got[-1], cpu[-1]))
+        x = _val(be.ctx.v(hn.inputs[0]))[int(be.nvalid_dev[0]) - 1]
+        w = LazyWeight(be.gf, be.ctx.weights[hn.inputs[1]]).dense().reshape(-1, x.shape[-1])
+        cap = head.get("softcap")
+        for out, wf in ((last[0], w), (got[-1], round_bf16(w))):
+            want = x @ wf.T
+            want = dense_ref.softcap(want, cap=cap) if cap else want
+            assert _rel(out, want) < 1e-5, _rel(out, want)
+        assert _rel(last[0], got[-1]) > 1e-4
     if arch in GEMMA4:
         assert {"attention.window_attn", "dense.kv_ring_append", "dense.norm_add", "dense.softcap",
                 "gemm.gemm_swiglu"} <= used
@@ -70,6 +112,13 @@ def test_emulated_cuda_backend_matches_the_cpu(arch, quant, monkeypatch):
             assert {"dense.scale_by_expert", "moe.moe_gate_up"} <= used
         else:
             assert "dense.ple_gather" in used
+    if arch in DELTANET:
+        assert {"dense.ssm_conv_silu", "dense.deltanet_gates", "dense.l2_norm", "dense.gated_rms_norm"} <= used
+        # the delta rule the plan names for chunks of 16: qwen35's head dims (64) have the chunked
+        # kernels, the other fixtures' (32) the token-recurrent one
+        rules = [n.meta["kernel"] for n in m.plan.graph.nodes() if n.op.value == "chunk_gated_delta_rule"]
+        chunked = {r["name"] == "deltanet.chunk" and r["by_chunk"]["16"].get("impl") == "chunk" for r in rules}
+        assert len(chunked) == 1 and ("deltanet.chunk_gated_delta_rule" in used) == chunked.pop() == (arch == "qwen35")
 
 
 def test_emulated_gemma4_moe_streamed_and_decode_steps(monkeypatch):
@@ -100,25 +149,48 @@ def test_emulated_gemma4_moe_streamed_and_decode_steps(monkeypatch):
     assert all("layout" not in at for r in routes for c, at in r["by_chunk"].items() if c != "1")
 
 
+def _decode_steps(arch, **opts):
+    """(the prompt's logits, those of its tokens 30..39 as one-token steps after a prefill of
+    the first 30, the model)."""
+    tokens = refs(arch)["tokens"]
+    m, be = _cuda_model(arch, "q4_k_m", **opts)
+    full = m.prefill(tokens)
+    m.reset()
+    m.prefill(tokens[:30], logits="last")
+    return full, np.concatenate([m.prefill(tokens[i:i + 1]) for i in range(30, 40)]), m
+
+
 def test_emulated_decode_steps_with_the_norms_folded(monkeypatch):
     """decode_norm_fold: the one-token steps with each add_rms_norm inside the launch after it
     (the projections' gemv_group, the fused router) give the logits of the steps with the norms
-    launched on their own, and both continue the prompt as its long prefill does. (qwen3moe:
-    the stand-ins do not reproduce the DeltaNet kernels: emulated qwen35moe logits are O(1) off the
-    CPU's, so no emulated test runs it; the dry-run tests cover qwen35moe's records.)"""
-    tokens = refs("qwen3moe")["tokens"]
+    launched on their own, and both continue the prompt as its long prefill does."""
     out = {}
     with emulated_device(monkeypatch):
         for fold in (False, True):
-            m, be = _cuda_model("qwen3moe", "q4_k_m", decode_norm_fold=fold)
-            full = m.prefill(tokens)
-            m.reset()
-            m.prefill(tokens[:30], logits="last")
-            out[fold] = np.concatenate([m.prefill(tokens[i:i + 1]) for i in range(30, 40)])
+            full, out[fold], m = _decode_steps("qwen35moe", decode_norm_fold=fold)
             recs = [n for n in m.plan.graph.nodes()
                     if ((n.meta.get("kernel") or {}).get("by_chunk") or {}).get("1", {}).get("norm")]
             assert bool(recs) is fold and ({n.op.value for n in recs} == {"matmul", "moe_route"} or not fold)
             assert _rel(out[fold], full[30:]) < 3e-2
+    assert _rel(out[True], out[False]) < 1e-5
+
+
+def test_emulated_decode_steps_with_the_delta_rule_folded(monkeypatch):
+    """decode_deltanet_fold: the one-token delta rule normalising q and k and computing its gates
+    itself (gdr_step_fused on the raw q, k and the gate inputs) gives the logits of the steps
+    with l2_norm, deltanet_gates and the recurrent step launched on their own, and both continue
+    the prompt as its long prefill does."""
+    out = {}
+    for fold in (True, False):
+        with emulated_device(monkeypatch) as used:
+            full, out[fold], m = _decode_steps("qwen35moe", decode_deltanet_fold=fold)
+        rules = [n.meta["kernel"]["by_chunk"]["1"] for n in m.plan.graph.nodes()
+                 if n.op.value == "chunk_gated_delta_rule"]
+        assert rules and all(bool(r.get("fold")) is fold for r in rules)
+        assert ("deltanet.gdr_step_fused" in used) is fold
+        assert _rel(out[fold], full[30:]) < 3e-2
+        print(f"decode_deltanet_fold={fold}: steps vs prefill {_rel(out[fold], full[30:]):.3e}")
+    print(f"folded vs not: {_rel(out[True], out[False]):.3e}")
     assert _rel(out[True], out[False]) < 1e-5
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import ggfuse
-from util import ARCHS, GEMMA4, QUANTS, fixture, refs
+from util import ARCHS, BF16_NEAR_TIES, GEMMA4, QUANTS, fixture, refs
 
 pytestmark = pytest.mark.gpu
 from gpu_util import require_gpu  # noqa: E402
@@ -35,16 +35,6 @@ def _check(out, ref, what):
     assert err <= 2e-2, f"{what}: {err:.3e}"
     assert top1 >= 0.99 or (len(out) < 100 and top1 >= (len(out) - 1) / len(out)), \
         f"{what}: top-1 {top1:.3f} counting {ties} near-ties"
-
-
-# Fixture cases where the default (bf16 tensor-core) GEMMs flip a near-tied expert of a
-# top-2-of-4 router (2nd - 3rd router logit ~0.01) at one position, which moves that position's
-# logits by 0.06-0.23 of max |logit|: not a kernel error but bf16 operand rounding itself. The
-# CPU reference with the GPU's bf16 roundings put back (tests/precision_emulation.py) reproduces
-# it (0.233 / 0.062 / 0.193 vs the GPU's 0.232 / 0.058 / 0.193), so these cases are checked
-# against that emulation at the same tolerance; precision="f32" matches the f32 references
-# (test_gpu_precision_f32_matches_cpu_and_llama).
-BF16_NEAR_TIES = {("qwen35moe", "f32"), ("qwen35moe", "q8_0"), ("qwen3next", "f32")}
 
 
 @pytest.mark.parametrize("target", ["auto", "sm_89"])

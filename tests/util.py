@@ -18,6 +18,16 @@ GEMMA4 = ("gemma4-dense", "gemma4-moe")
 MODELS = ARCHS + GEMMA4
 QUANTS = ("f32", "q8_0", "q4_k_m")
 
+# Fixture cases where the default (bf16 tensor-core) GEMMs flip a near-tied expert of a
+# top-2-of-4 router (2nd - 3rd router logit ~0.01) at one position, which moves that position's
+# logits by 0.06-0.23 of max |logit|: not a kernel error but bf16 operand rounding itself. The
+# CPU reference with the GPU's bf16 roundings put back (tests/precision_emulation.py) reproduces
+# it (0.233 / 0.062 / 0.193 vs the GPU's 0.232 / 0.058 / 0.193), so these cases are checked
+# against that emulation at the same tolerance (tests/test_gpu_models.py, and the CUDA backend
+# emulated on the CPU, tests/test_cuda_emulated.py); precision="f32" matches the f32 references
+# (test_gpu_models.py test_gpu_precision_f32_matches_cpu_and_llama).
+BF16_NEAR_TIES = {("qwen35moe", "f32"), ("qwen35moe", "q8_0"), ("qwen3next", "f32")}
+
 
 def fixture(arch: str, quant: str = "f32") -> str:
     return os.path.join(FIXTURES, arch, f"{quant}.gguf")
