@@ -136,6 +136,7 @@ class _Layer:
         self.ptrs = {}            # role -> numpy uint64 [E]
         self.tab = self.tab_gu = self.tab_d = None     # device [3E]: gate_up [2E] then down [E]
         self.up_offset = 0
+        self.src = None           # registered host mode: per tensor (offset in a slot, file address, bytes)
 
 
 class DecodeExpertCache:
@@ -154,6 +155,7 @@ class DecodeExpertCache:
         self._staging = None
         self._staged_done = None
         self._ids_host = None        # pinned: the router's ids read back without a pageable copy
+        self._entries = None         # the plan's weight entries by name (built once: the host step is per layer)
 
     # ---- memory -------------------------------------------------------------------------------
     def spare_bytes(self) -> int:
@@ -311,11 +313,15 @@ class DecodeExpertCache:
         page-locked GGUF mapping, or through a pinned staging buffer (bf16 converted there)."""
         st = self.be.streamer
         gf = self.be.gf
-        entries = {w.name: w for w in self.be.plan.weights}
+        if self._entries is None:
+            self._entries = {w.name: w for w in self.be.plan.weights}
+        entries = self._entries
         if st.host_mode == "registered":
-            return [(int(self.slot_addr[slot]) + t["offset"],
-                     st.file_base + int(entries[t["name"]].offset) + e * t["src_expert_bytes"], t["src_expert_bytes"])
-                    for e, slot, _ in misses for t in lay.tensors]
+            if lay.src is None:
+                lay.src = [(int(t["offset"]), st.file_base + int(entries[t["name"]].offset), int(t["src_expert_bytes"]))
+                           for t in lay.tensors]
+            return [(int(self.slot_addr[slot]) + off, base + e * n, n)
+                    for e, slot, _ in misses for off, base, n in lay.src]
         need = len(misses) * self.slot_bytes
         if self._staged_done is not None:
             self._staged_done.synchronize()      # the buffer's previous batch has landed
