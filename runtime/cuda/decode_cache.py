@@ -137,6 +137,7 @@ class _Layer:
         self.tab = self.tab_gu = self.tab_d = None     # device [3E]: gate_up [2E] then down [E]
         self.up_offset = 0
         self.src = None           # registered host mode: per tensor (offset in a slot, file address, bytes)
+        self.done = None          # the event the layer's copies record
 
 
 class DecodeExpertCache:
@@ -300,7 +301,9 @@ class DecodeExpertCache:
         for dst, src, n in copies:
             rt.memcpyAsync(dst, src, n, H2D, c.ptr)
         rt.memcpyAsync(lay.tab.data.ptr, lay.host.ctypes.data, lay.host.nbytes, H2D, c.ptr)
-        done = cp.cuda.Event(disable_timing=True)
+        done = lay.done
+        if done is None:            # one event per layer, re-recorded each token (a wait takes the record before it)
+            done = lay.done = cp.cuda.Event(disable_timing=True)
         done.record(c)
         s.wait_event(done)
         self._staged_done = done
