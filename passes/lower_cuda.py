@@ -691,6 +691,16 @@ def _unique_names(g: Graph) -> set:
     return {name for name, c in Counter(n.name for n in g.nodes()).items() if name and c == 1}
 
 
+def _stored(g: Graph, v) -> str:
+    """The storage dtype the lowering gave value v (meta["storage"]; f32 where none is set)."""
+    return g.node(v.node).meta.get("storage", ["f32"])[v.index]
+
+
+def _mark_folded(n, into: str, sizes: list[int]) -> None:
+    """n runs inside step `into` at chunk 1 (by_chunk "folded_into") and as itself elsewhere."""
+    n.meta["kernel"]["by_chunk"] = {str(c): ({"folded_into": into} if c == 1 else {}) for c in sizes}
+
+
 def _fold_decode_deltanet(g: Graph, sizes: list[int]) -> None:
     """The one-token step's delta rule where it runs gdr_step (by_chunk kernel "step") also does
     its q / k l2 normalisation and its gates (kernels/deltanet/launch.py gdr_step_fused): the
@@ -698,9 +708,6 @@ def _fold_decode_deltanet(g: Graph, sizes: list[int]) -> None:
     "folded_into" (its name) at chunk 1 and launch nothing there; plan_memory keeps their inputs
     live to the delta rule's step. Only where the folded nodes feed nothing else and the raw
     q / k / v and the gate inputs are stored f32."""
-    def st(v):
-        return g.node(v.node).meta.get("storage", ["f32"])[v.index]
-
     def sole_user(v, n) -> bool:
         return {u.id for u, _ in g.uses_of(v)} == {n.id}
 
@@ -716,14 +723,13 @@ def _fold_decode_deltanet(g: Graph, sizes: list[int]) -> None:
             continue
         if not (sole_user(q, n) and sole_user(k, n) and sole_user(gv, n) and sole_user(bv, n)):
             continue
-        if any(st(x) != "f32" for x in (lq.inputs[0], lk.inputs[0], v, gates.inputs[0], gates.inputs[1])):
+        if any(_stored(g, x) != "f32" for x in (lq.inputs[0], lk.inputs[0], v, gates.inputs[0], gates.inputs[1])):
             continue
         if not {n.name, lq.name, lk.name, gates.name} <= unique:
             continue
         at["fold"] = {"q": lq.name, "k": lk.name, "gates": gates.name}
         for f in (lq, lk, gates):
-            rec = f.meta["kernel"]
-            rec["by_chunk"] = {str(c): ({"folded_into": n.name} if c == 1 else {}) for c in sizes}
+            _mark_folded(f, n.name, sizes)
 
 
 def _fold_decode_norms(g: Graph, sizes: list[int]) -> None:
@@ -738,13 +744,10 @@ def _fold_decode_norms(g: Graph, sizes: list[int]) -> None:
     router its outputs too) and no step between the two reads the norm's outputs."""
     from ggfuse.kernels.dense.launch import GEMV1_TYPES
 
-    def st(v):
-        return g.node(v.node).meta.get("storage", ["f32"])[v.index]
-
     unique = _unique_names(g)
     step = {n.id: i for i, n in enumerate(g.topo())}
     for n in g.by_op(Op.ADD_RMS_NORM):
-        if n.name not in unique or any(st(v) != "f32" for v in n.inputs[:2]):
+        if n.name not in unique or any(_stored(g, v) != "f32" for v in n.inputs[:2]):
             continue
         if g.node(n.inputs[2].node).op not in (Op.WEIGHT, Op.FETCH_WEIGHTS):
             continue
@@ -762,12 +765,12 @@ def _fold_decode_norms(g: Graph, sizes: list[int]) -> None:
                 continue
         elif first.op == Op.MOE_ROUTE:
             # the fused router (moe_route1 add_norm=) writes the normed row f32 for the experts
-            if at.get("router") != "fused" or st(n.value(0)) != "f32" or st(n.value(1)) != "f32":
+            if at.get("router") != "fused" or _stored(g, n.value(0)) != "f32" or _stored(g, n.value(1)) != "f32":
                 continue
         else:
             continue
         at["norm"] = n.name
-        n.meta["kernel"]["by_chunk"] = {str(c): ({"folded_into": first.name} if c == 1 else {}) for c in sizes}
+        _mark_folded(n, first.name, sizes)
 
 
 def run(g: Graph, *, options, device_free: int | None = None) -> PassResult:

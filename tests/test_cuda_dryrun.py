@@ -27,6 +27,16 @@ CALLS = {"gemm.gemm": "gemm.gemm", "gemm.gemm_swiglu": "gemm.gemm_swiglu", "cubl
          "dense.norm_rope": "dense.norm_rope"}
 
 
+def _prefill_then_step(be, calls) -> list:
+    """A 10-token prefill, then one decode step (the captured T=1 graph): the prefill's launcher
+    names; `calls` keeps the step's calls only."""
+    be.run_chunk(np.arange(10, dtype=np.int32), "last")
+    prefill = [c[0] for c in calls]
+    calls.clear()
+    be.run_chunk(np.array([5], dtype=np.int32), "last")
+    return prefill
+
+
 def _backend(arch, quant, monkeypatch, **opts):
     from ggfuse.compiler.driver import compile_gguf
     from ggfuse.compiler.gguf_file import GGUFFile
@@ -362,9 +372,7 @@ def test_decode_step_experts(decode_moe, monkeypatch):
             assert (n.meta["kernel"]["by_chunk"]["1"].get("impl") == "gemv") == (decode_moe == "gemv")
             assert "h_gemv" in n.meta["workspace"]["1"] if decode_moe == "gemv" else "h" in n.meta["workspace"]["1"]
             assert "impl" not in n.meta["kernel"]["by_chunk"]["16"]
-        be.run_chunk(np.arange(10, dtype=np.int32), "last")
-        calls.clear()
-        be.run_chunk(np.array([5], dtype=np.int32), "last")     # the decode step (captured T=1)
+        _prefill_then_step(be, calls)     # the decode step (captured T=1)
         names = [c[0] for c in calls]
         n_moe = len(moe_nodes)
         # the first step runs the launches once eagerly and once more while capturing them
@@ -430,9 +438,7 @@ def test_decode_dense_reads_the_stored_rows(decode_dense, monkeypatch):
         assert head["all"]["w"] == "bf16"
         assert head["last"]["w"] == ("bf16" if decode_dense == "gemm" else "q6_k")     # (auto: Q6_K in GEMV1_TYPES)
         assert ("q4_k" in reads) == (decode_dense != "gemm")
-        be.run_chunk(np.arange(10, dtype=np.int32), "last")
-        calls.clear()
-        be.run_chunk(np.array([5], dtype=np.int32), "last")
+        _prefill_then_step(be, calls)
         gemvs = [b for name, b in calls if name == "dense.gemv"]
         types = {b.arguments["w_type"] for b in gemvs}
         if decode_dense == "gemm":
@@ -469,9 +475,7 @@ def test_one_token_delta_rule_kernel_is_the_plans(precision, monkeypatch):
             assert by["1"]["kernel"] == "step"
             if precision == "f32":
                 assert n.meta["kernel"]["name"] == "deltanet.recurrent" and by["16"] == {"kernel": "loop"}
-        be.run_chunk(np.arange(10, dtype=np.int32), "last")
-        calls.clear()
-        be.run_chunk(np.array([5], dtype=np.int32), "last")
+        _prefill_then_step(be, calls)
         kernels = {b.arguments.get("kernel") for name, b in calls if name == "deltanet.gated_delta_rule_recurrent"}
         assert kernels == {"step"}
 
@@ -501,9 +505,7 @@ def test_decode_projections_of_one_input_share_a_launch(group, monkeypatch):
             assert "in_group" not in m.meta["kernel"]["by_chunk"]["16"]
         for lead in leads:
             assert 2 <= 1 + len(lead.meta["kernel"]["by_chunk"]["1"]["group"]) <= 4
-        be.run_chunk(np.arange(10, dtype=np.int32), "last")
-        calls.clear()
-        be.run_chunk(np.array([5], dtype=np.int32), "last")
+        _prefill_then_step(be, calls)
         groups = [c[1].arguments for c in calls if c[0] == "dense.gemv_group"]
         if group:
             assert groups
@@ -550,10 +552,7 @@ def test_decode_norm_runs_in_the_next_launch(fold, group, monkeypatch):
                 assert intervals[alias[v]][1] >= order[p.id]
             for i in range(2):
                 assert intervals[n.value(i)][0] == order[n.id]
-        be.run_chunk(np.arange(10, dtype=np.int32), "last")
-        prefill = [c[0] for c in calls]
-        calls.clear()
-        be.run_chunk(np.array([5], dtype=np.int32), "last")
+        prefill = _prefill_then_step(be, calls)
         names = [c[0] for c in calls]
         reps = names.count("dense.get_rows")
         gemv_norm = [c[1].arguments for c in calls if c[0] == "dense.gemv_group" and c[1].arguments.get("norm")]
@@ -581,9 +580,7 @@ def test_decode_router_in_one_launch(router, monkeypatch):
         routes = [n for n in plan.graph.nodes() if n.op.value == "moe_route"]
         assert routes and all(n.meta["kernel"]["by_chunk"]["1"]["router"] == router for n in routes)
         assert all(n.meta["kernel"]["by_chunk"]["16"].get("router") is None for n in routes)
-        be.run_chunk(np.arange(10, dtype=np.int32), "last")
-        calls.clear()
-        be.run_chunk(np.array([5], dtype=np.int32), "last")
+        _prefill_then_step(be, calls)
         names = [c[0] for c in calls]
         reps = names.count("dense.get_rows")
         if router == "fused":
@@ -626,10 +623,7 @@ def test_decode_delta_rule_folds_its_norms_and_gates(fold, precision, monkeypatc
                     root = alias.get(v)
                     if root in intervals:
                         assert intervals[root][1] >= order[n.id]
-        be.run_chunk(np.arange(10, dtype=np.int32), "last")
-        prefill = [c[0] for c in calls]
-        calls.clear()
-        be.run_chunk(np.array([5], dtype=np.int32), "last")
+        prefill = _prefill_then_step(be, calls)
         names = [c[0] for c in calls]
         reps = names.count("dense.get_rows")
         assert "dense.l2_norm" in prefill and "dense.deltanet_gates" in prefill

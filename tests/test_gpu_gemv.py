@@ -156,6 +156,29 @@ def test_gemv_rejects_bad_shapes():
         launch.gemv(x[:1], w, "q4_k", 64, 64, y[:1])
 
 
+def _group_mats(w_type, Ns, K, xh, rng):
+    """A random [n, K] matrix of w_type per n in Ns, each apart in memory, with its output row
+    poisoned with NaN past n: (gemv_group's mats, float64 references xh @ W^T, the output rows)."""
+    mats, refs, ys = [], [], []
+    for n in Ns:
+        raw, dense = random_weight(w_type, (n, K), rng)
+        w = cp.asarray(np.ascontiguousarray(raw)).view(cp.uint8).reshape(-1)
+        y = cp.full((1, n + 8), np.nan, dtype=cp.float32)
+        mats.append((w, n, y[:, :n]))
+        refs.append(xh @ dense.astype(np.float64).T)
+        ys.append(y)
+    return mats, refs, ys
+
+
+def _check_group(Ns, ys, refs, tol):
+    """Each output row within tol of its reference (relative RMS and max), nothing written past N."""
+    for n, y, ref in zip(Ns, ys, refs):
+        got = cp.asnumpy(y)
+        assert np.isnan(got[:, n:]).all(), "wrote past N"
+        rms, mx = errors(got[:, :n], ref)
+        assert rms < tol and mx < tol, (n, rms, mx)
+
+
 @pytest.mark.parametrize("a_kind", ["f32", "bf16"])
 @pytest.mark.parametrize("w_type", ["q4_k", "q6_k"])
 @pytest.mark.parametrize("Ns", [(8192, 4096, 32, 32), (512, 61), (33,), (4096, 32, 32)],
@@ -167,21 +190,10 @@ def test_gemv_group(w_type, Ns, a_kind):
     rng = np.random.default_rng(zlib.crc32(f"group {w_type} {Ns} {a_kind}".encode()))
     K = 2048
     x, xh = _x(1, K, a_kind, rng)
-    mats, refs, ys = [], [], []
-    for n in Ns:
-        raw, dense = random_weight(w_type, (n, K), rng)
-        w = cp.asarray(np.ascontiguousarray(raw)).view(cp.uint8).reshape(-1)
-        y = cp.full((1, n + 8), np.nan, dtype=cp.float32)
-        mats.append((w, n, y[:, :n]))
-        refs.append(xh @ dense.astype(np.float64).T)
-        ys.append(y)
+    mats, refs, ys = _group_mats(w_type, Ns, K, xh, rng)
     launch.gemv_group(x, mats, w_type, K)
     cp.cuda.Device().synchronize()
-    for n, y, ref in zip(Ns, ys, refs):
-        got = cp.asnumpy(y)
-        assert np.isnan(got[:, n:]).all(), "wrote past N"
-        rms, mx = errors(got[:, :n], ref)
-        assert rms < 1e-4 and mx < 1e-4, (n, rms, mx)
+    _check_group(Ns, ys, refs, 1e-4)
 
 
 @pytest.mark.parametrize("out_kind", ["f32", "bf16", "none"])
@@ -207,24 +219,12 @@ def test_gemv_group_with_norm(w_type, Ns, out_kind):
     osum = cp.full((1, K + 8), np.nan, dtype=cp.float32)
     onorm = None if out_kind == "none" else cp.full((1, K + 8), 0x7FC0 if out_kind == "bf16" else np.nan,
                                                     dtype=cp.uint16 if out_kind == "bf16" else cp.float32)
-    mats, refs, ys = [], [], []
-    for n in Ns:
-        raw, dense = random_weight(w_type, (n, K), rng)
-        w = cp.asarray(np.ascontiguousarray(raw)).view(cp.uint8).reshape(-1)
-        y = cp.full((1, n + 8), np.nan, dtype=cp.float32)
-        mats.append((w, n, y[:, :n]))
-        refs.append(xh @ dense.astype(np.float64).T)
-        ys.append(y)
+    mats, refs, ys = _group_mats(w_type, Ns, K, xh, rng)
     launch.gemv_group(xa, mats, w_type, K, norm=(xb, cp.asarray(nw), eps, osum[:, :K],
                                                    None if onorm is None else onorm[:, :K]))
     cp.cuda.Device().synchronize()
-    for n, y, ref in zip(Ns, ys, refs):
-        got = cp.asnumpy(y)
-        assert np.isnan(got[:, n:]).all(), "wrote past N"
-        rms, mx = errors(got[:, :n], ref)
-        # bf16: an element whose normed value sits on a rounding midpoint may round the other way
-        tol = 3e-4 if out_kind == "bf16" else 1e-4
-        assert rms < tol and mx < tol, (n, rms, mx)
+    # bf16: an element whose normed value sits on a rounding midpoint may round the other way
+    _check_group(Ns, ys, refs, 3e-4 if out_kind == "bf16" else 1e-4)
     s_got = cp.asnumpy(osum)
     np.testing.assert_array_equal(s_got[:, :K], total)
     assert np.isnan(s_got[:, K:]).all()

@@ -699,7 +699,7 @@ def _gemv1(x, a: str, name: str, mats: list, K: int, nvalid, stream, norm=None) 
     else:
         nb, nw, eps, nsum, nout = norm
         nargs = [_ptr(nb), _ptr(nw), np.float32(eps), _ptr(nsum), _ptr(nout),
-                 np.int32(nout is not None and nout.dtype != np.float32)]
+                 np.int32(nout is not None and _dtype_name(nout) == "bf16")]
     segs, end, ends = [], 0, []
     for _, n, _ in mats:
         end += n
@@ -755,10 +755,10 @@ def gemv_group(x, mats: list, w_type, K: int, *, norm=None, stream=None) -> None
             _check_f32(v, f"gemv_group {what}")
             if v.size < K or not v.flags.c_contiguous:
                 raise ValueError(f"gemv_group: {what} must be contiguous f32 with >= {K} elements")
-        if nout is not None and (nout.size < K or not nout.flags.c_contiguous):
-            raise ValueError(f"gemv_group: norm out_norm must be contiguous with >= {K} elements")
         if nout is not None:
             _dtype_name(nout)       # f32 or bf16, else a TypeError naming it
+            if nout.size < K or not nout.flags.c_contiguous:
+                raise ValueError(f"gemv_group: norm out_norm must be contiguous with >= {K} elements")
     _gemv1(x, _dtype_name(x), name, list(mats), K, None, stream, norm=norm)
 
 

@@ -320,12 +320,8 @@ def _matmul(ctx, n):
         N, K = shape[-2], shape[-1]
         norm = None
         if at.get("norm"):             # its input's add_rms_norm runs in this launch (gemv_group norm=)
-            m = _partner(ctx, n, at["norm"], "folded_into")
-            if m.op != Op.ADD_RMS_NORM or m.value(0) != n.inputs[0]:
-                raise PlanError(None, f"cuda: {n.name}: its norm {at['norm']!r} is not the add_rms_norm of its input")
-            a0, b0, w0 = (_in(ctx, v) for v in m.inputs)
+            a0, norm = _folded_norm(ctx, n, at["norm"])
             a = _rows2d(a0)
-            norm = (b0, w0, m.attrs.eps, ctx.v(m.value(1)), ctx.v(m.value(0)))
         if at.get("group") or norm is not None:
             mats = [(w, N, c)]
             for name in at.get("group", []):
@@ -340,6 +336,17 @@ def _matmul(ctx, n):
             return lambda: d.gemv_group(a, mats, wtype, K, norm=norm, stream=ctx.stream)
         return lambda: d.gemv(a, w, wtype, N, K, c, M=a.shape[0], stream=ctx.stream)
     return gemm_closure(ctx, n, rec, ctx.v(n.inputs[0]), n.inputs[1], ctx.v(n.out))
+
+
+def _folded_norm(ctx, n, name: str):
+    """The add_rms_norm `name` of n's input that n's launch computes (by_chunk "norm"): its
+    first operand and (b, w, eps, sum output, normed output), as gemv_group norm= and
+    moe_route1 add_norm= take them."""
+    m = _partner(ctx, n, name, "folded_into")
+    if m.op != Op.ADD_RMS_NORM or m.value(0) != n.inputs[0]:
+        raise PlanError(None, f"cuda: {n.name}: its norm {name!r} is not the add_rms_norm of its input")
+    a, b, w = (_in(ctx, v) for v in m.inputs)
+    return a, (b, w, m.attrs.eps, ctx.v(m.value(1)), ctx.v(m.value(0)))
 
 
 def _partner(ctx, n, name: str, field: str):
@@ -778,14 +785,9 @@ def _moe_route(ctx, n):
         wsh, sh_out = (shexp if shexp is not None else (None, None))
         add_norm = None
         if ctx.at(rec).get("norm"):     # its input's add_rms_norm runs in this launch (moe_route1 add_norm=)
-            m = _partner(ctx, n, ctx.at(rec)["norm"], "folded_into")
-            if m.op != Op.ADD_RMS_NORM or m.value(0) != n.inputs[0]:
-                raise PlanError(None, f"cuda: {n.name}: its norm {ctx.at(rec)['norm']!r} is not the add_rms_norm "
-                                      f"of its input")
-            a0, b0, w0 = (_in(ctx, v) for v in m.inputs)
-            x = a0
-            add_norm = (b0.reshape(-1), w0.reshape(-1), m.attrs.eps, ctx.v(m.value(1)).reshape(-1),
-                        ctx.v(m.value(0)).reshape(-1))
+            x, parts = _folded_norm(ctx, n, ctx.at(rec)["norm"])
+            b0, w0, eps, osum, onorm = parts
+            add_norm = (b0.reshape(-1), w0.reshape(-1), eps, osum.reshape(-1), onorm.reshape(-1))
         return lambda: moe.moe_route1(x.reshape(-1), w_f32, wsh, D, E, a.k, a.norm, a.scale, be.nvalid_dev,
                                       logits.reshape(-1), counter, ids, weights, slots, sh_out, ctx.stream,
                                       gating=a.gating, add_norm=add_norm)
