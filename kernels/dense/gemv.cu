@@ -190,29 +190,6 @@ __device__ __forceinline__ void gemv_impl(const A* __restrict__ x, long long ldx
     }
 }
 
-// One Q4_K block's share of lane (bl, j, h) of the dot product: the 16-byte header hdr and the
-// 16 quant bytes q of block b, against x (xs, padded) and its sums of 16 (sx).
-__device__ __forceinline__ float q4k_lane_dot(const uint4 hdr, const uint4 q, int b, int j, int h,
-                                              const float* __restrict__ xs, const float* __restrict__ sx) {
-    float dl0, ml0, dl1, ml1;
-    du::q4k_pair_scales(hdr, j, dl0, dl1, ml0, ml1);      // sub-blocks 2j, 2j + 1
-    const int e_lo = b * 256 + 64 * j + 16 * h;          // e_hi = e_lo + 32
-    const float* xl = xs + e_lo + 4 * (e_lo >> 6);
-    const unsigned qw[4] = {q.x, q.y, q.z, q.w};
-    float s_lo = 0.0f, s_hi = 0.0f;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        const float4 a = *reinterpret_cast<const float4*>(xl + 4 * k);
-        const float4 c = *reinterpret_cast<const float4*>(xl + 32 + 4 * k);
-        const unsigned lo = qw[k] & 0x0F0F0F0Fu, hi = (qw[k] >> 4) & 0x0F0F0F0Fu;
-        s_lo += dq::byte_f(lo, 0, 0.0f) * a.x + dq::byte_f(lo, 1, 0.0f) * a.y
-              + dq::byte_f(lo, 2, 0.0f) * a.z + dq::byte_f(lo, 3, 0.0f) * a.w;
-        s_hi += dq::byte_f(hi, 0, 0.0f) * c.x + dq::byte_f(hi, 1, 0.0f) * c.y
-              + dq::byte_f(hi, 2, 0.0f) * c.z + dq::byte_f(hi, 3, 0.0f) * c.w;
-    }
-    return dl0 * s_lo - ml0 * sx[e_lo >> 4] + dl1 * s_hi - ml1 * sx[(e_lo >> 4) + 2];
-}
-
 // One row times a Q4_K matrix (M = 1: the decode step, the LM head's last row), laid out for the
 // 144-byte blocks instead of dq8's 8-element groups: 8 lanes per 256-element block, lane
 // t = 2 j + h owns the 16 quant bytes qs[32 j + 16 h, +16) of sub-block pair j (quant/dot_unit.cuh
@@ -224,10 +201,6 @@ __device__ __forceinline__ float q4k_lane_dot(const uint4 hdr, const uint4 q, in
 // the x sums of every 16 elements staged once per block. A warp covers 4 blocks (1024
 // elements) per step, two steps in flight. x sits in shared memory as f32 with 4 floats of
 // padding per 64 (an 8-lane phase of 16-byte reads then hits 32 different banks).
-// The first two steps of a warp's first row are loaded into registers before the kernel waits
-// for the one before it (weights: no kernel of the graph writes them), so their HBM reads overlap
-// that kernel's end and this one's x staging instead of following them (a 2048-long row is
-// two steps: all of it); the rest of the row is asked of L2 then.
 //   gemv1_<a>_q4_k(x, ldx, w, row_bytes, N, K, y, nvalid, wpr, w1, y1, n1, w2, y2, n2, w3, y3, n3,
 //                  nb, nw, eps, nsum, nout, nout_bf16):
 //   y[0, n] = x[r] . W[n], r as in gemv_<a>_<w>, over the matrices of Segs (one: n1 = n2 = n3 =
@@ -245,23 +218,9 @@ __device__ __forceinline__ void gemv1_q4k_impl(const A* __restrict__ x, long lon
     const int rpb = 8 / wpr, sub = warp % wpr;
     const int nb = K >> 8;
     const int n0 = blockIdx.x * rpb + warp / wpr;
-    const int bl = lane >> 3, t = lane & 7, j = t >> 1, h = t & 1;
     float* y0;
-    const unsigned char* row0 = n0 < N ? seg_row(segs, n0, row_bytes, y0) : nullptr;
-    // the first row's steps sub and sub + wpr (blocks b0, b1): zeros where the row has none
-    const int b0 = sub * 4 + bl, b1 = (sub + wpr) * 4 + bl;
-    uint4 ph0 = make_uint4(0u, 0u, 0u, 0u), pq0 = ph0, ph1 = ph0, pq1 = ph0;
-    if (row0 != nullptr && b0 < nb) {
-        ph0 = __ldg(reinterpret_cast<const uint4*>(row0 + (long long)b0 * 144));
-        pq0 = __ldg(reinterpret_cast<const uint4*>(row0 + (long long)b0 * 144 + 16 + 32 * j + 16 * h));
-    }
-    if (row0 != nullptr && b1 < nb) {
-        ph1 = __ldg(reinterpret_cast<const uint4*>(row0 + (long long)b1 * 144));
-        pq1 = __ldg(reinterpret_cast<const uint4*>(row0 + (long long)b1 * 144 + 16 + 32 * j + 16 * h));
-    }
     ggf_pdl_launch();
-    if (nb > 8 * wpr)                           // steps past the two in registers
-        prefetch_row_l2(row0, row_bytes, sub * 32 + lane, wpr);
+    prefetch_row_l2(n0 < N ? seg_row(segs, n0, row_bytes, y0) : nullptr, row_bytes, sub * 32 + lane, wpr);
     ggf_pdl_wait();
     const long long r0 = nvalid ? (long long)max(nvalid[0] - 1, 0) : 0;
     stage_x<6>(x, r0, ldx, K, xs, nrm, scratch);
@@ -274,29 +233,37 @@ __device__ __forceinline__ void gemv1_q4k_impl(const A* __restrict__ x, long lon
         sx[g] = s;
     }
     __syncthreads();
-    float acc0 = 0.0f;
-    if (b0 < nb) acc0 += q4k_lane_dot(ph0, pq0, b0, j, h, xs, sx);
-    if (b1 < nb) acc0 += q4k_lane_dot(ph1, pq1, b1, j, h, xs, sx);
-    bool first = true;
-    for (int base = blockIdx.x * rpb; base < N; base += gridDim.x * rpb, first = false) {
+    const int bl = lane >> 3, t = lane & 7, j = t >> 1, h = t & 1;
+    for (int base = blockIdx.x * rpb; base < N; base += gridDim.x * rpb) {
         const int n = base + warp / wpr;
         float acc = 0.0f;
         float* yn = nullptr;
         if (n < N) {
             const unsigned char* row = seg_row(segs, n, row_bytes, yn);
-            int it = sub;
-            if (first) {                        // n == n0: its first two steps are in registers
-                acc = acc0;
-                it = sub + 2 * wpr;
-            }
 #pragma unroll 2
-            for (; it * 4 < nb; it += wpr) {
+            for (int it = sub; it * 4 < nb; it += wpr) {
                 const int b = it * 4 + bl;
                 if (b < nb) {
                     const unsigned char* blk = row + (long long)b * 144;
                     const uint4 hdr = *reinterpret_cast<const uint4*>(blk);
                     const uint4 q = *reinterpret_cast<const uint4*>(blk + 16 + 32 * j + 16 * h);
-                    acc += q4k_lane_dot(hdr, q, b, j, h, xs, sx);
+                    float dl0, ml0, dl1, ml1;
+                    du::q4k_pair_scales(hdr, j, dl0, dl1, ml0, ml1);      // sub-blocks 2j, 2j + 1
+                    const int e_lo = b * 256 + 64 * j + 16 * h;          // e_hi = e_lo + 32
+                    const float* xl = xs + e_lo + 4 * (e_lo >> 6);
+                    const unsigned qw[4] = {q.x, q.y, q.z, q.w};
+                    float s_lo = 0.0f, s_hi = 0.0f;
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) {
+                        const float4 a = *reinterpret_cast<const float4*>(xl + 4 * k);
+                        const float4 c = *reinterpret_cast<const float4*>(xl + 32 + 4 * k);
+                        const unsigned lo = qw[k] & 0x0F0F0F0Fu, hi = (qw[k] >> 4) & 0x0F0F0F0Fu;
+                        s_lo += dq::byte_f(lo, 0, 0.0f) * a.x + dq::byte_f(lo, 1, 0.0f) * a.y
+                              + dq::byte_f(lo, 2, 0.0f) * a.z + dq::byte_f(lo, 3, 0.0f) * a.w;
+                        s_hi += dq::byte_f(hi, 0, 0.0f) * c.x + dq::byte_f(hi, 1, 0.0f) * c.y
+                              + dq::byte_f(hi, 2, 0.0f) * c.z + dq::byte_f(hi, 3, 0.0f) * c.w;
+                    }
+                    acc += dl0 * s_lo - ml0 * sx[e_lo >> 4] + dl1 * s_hi - ml1 * sx[(e_lo >> 4) + 2];
                 }
             }
         }
