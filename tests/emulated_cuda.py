@@ -385,8 +385,7 @@ def _gemv_rows(x, wg_ptr, wu_ptr, w_type, F, D, act):
 
 
 def moe_gemv_gate_up(x, w_gate, up_ptr, e_bytes, w_type, E, F, D, k, h, *, sorted_slots=None, expert_offsets=None,
-                     slot_expert=None, wtab=None, act="silu", shared=None, down=None, stream=None):
-    # down: the next launch's weights, only asked of L2 (nothing to emulate)
+                     slot_expert=None, wtab=None, act="silu", shared=None, stream=None):
     assert wtab is None, "expert tables are not emulated"
     xs = _val(x)
     T = xs.shape[0]

@@ -39,7 +39,7 @@ def close(got, ref, rms=1e-4, mx=1e-3):
 
 
 def run(T, n_valid, E, k, D, F, gu, dn, x_kind, merged, shared, act, graph, tables, seed, *, shared_types=None,
-        layout="sorted", accumulate=False, prefetch=True):
+        layout="sorted", accumulate=False):
     """One MoE layer through moe_gemv_gate_up + moe_gemv_down (the shared expert, of shared_types
     (gate_up, down), default the routed ones', as one more slot of each token in both launches)
     against the float64 reference. layout "sorted": slot_expert from the router's sorted layout
@@ -90,10 +90,6 @@ def run(T, n_valid, E, k, D, F, gu, dn, x_kind, merged, shared, act, graph, tabl
                                gate_up_type=sgu, down_type=sdn, F=Fs, h=cp.full((T, Fs), np.nan, dtype=cp.float32),
                                scale=cp.asarray(s_gate))
 
-    # prefetch: the gate_up launch asks L2 for the down launch's rows (no result may change)
-    down = None if not prefetch else launch.GemvDown(w=None if tables else w_down, e_bytes=0 if tables else e_d, w_type=dn,
-                                                 D=D, F=F, wtab=wtab_d)
-
     def layer(stream=None):
         if prior_dev is not None:        # a device copy on the stream: capturable
             cp.cuda.runtime.memcpyAsync(out.data.ptr, prior_dev.data.ptr, out.nbytes,
@@ -106,7 +102,7 @@ def run(T, n_valid, E, k, D, F, gu, dn, x_kind, merged, shared, act, graph, tabl
             where = {"sorted_slots": r.slots, "expert_offsets": r.offs}
         launch.moe_gemv_gate_up(x_dev, None if tables else w_gate, 0 if tables else up_ptr, 0 if tables else e_gu,
                                 gu, E, F, D, k, h, **where, slot_expert=slot_e, wtab=wtab_gu, act=act, shared=sh,
-                                down=down, stream=stream)
+                                stream=stream)
         launch.moe_gemv_down(h, None if tables else w_down, 0 if tables else e_d, dn, D, F, k, r.w, out,
                              slot_expert=slot_e, wtab=wtab_d, shared=sh, accumulate=accumulate, stream=stream)
 
@@ -197,8 +193,6 @@ def test_moe_gemv_given_slot_experts(graph):
         layout="given")
 
 
-@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
-def test_moe_gemv_accumulates(prefetch):
-    """out += the experts; with and without the gate_up launch asking L2 for the down rows."""
+def test_moe_gemv_accumulates():
     run(1, 1, 32, 8, 512, 256, "q4_k", "q6_k", "f32", True, True, "silu", graph=True, tables=False, seed=3,
-        accumulate=True, prefetch=prefetch)
+        accumulate=True)

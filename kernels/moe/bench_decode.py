@@ -5,8 +5,7 @@ plus the shared expert (F 512, same types, a per-token gate), x f32, T = 1; the 
 given (the decode plan's slots "slot_expert": the router wrote them). `layers` such layers are
 captured in one CUDA graph, replayed `reps` times after a warm-up, timed with CUDA events; the
 median over the layers. Rows:
-  new: kernels/moe/gemv.cu, the shared expert as a ninth slot: 2 launches a layer, the gate_up
-       launch asking L2 for the down launch's rows (and a row of the same without that)
+  new: kernels/moe/gemv.cu, the shared expert as a ninth slot: 2 launches a layer
   old: kernels/moe/gemv_baseline.cu, the kernels gemv.cu replaced: 4 launches a layer
 and each half alone. The layers cycle through `sets` distinct weight sets (all 256 experts and a
 shared expert each) and each layer picks its own random experts, so a replay reads mostly
@@ -53,16 +52,10 @@ def weight_set(cp):
 RB_GU, RB_DN, RB_SDN = qtype(GU_TYPE).row_bytes(D), qtype(DN_TYPE).row_bytes(F), qtype(DN_TYPE).row_bytes(FS)
 
 
-def new_gate_up(L, s, prefetch=True):
-    """prefetch: the launch asks L2 for the down launch's rows (launch.GemvDown)."""
+def new_gate_up(L, s):
     ws = L.ws
-    down = launch.GemvDown(w=ws["wd"], e_bytes=D * RB_DN, w_type=DN_TYPE, D=D, F=F) if prefetch else None
     launch.moe_gemv_gate_up(L.x, ws["wg"], ws["wu"].data.ptr, F * RB_GU, GU_TYPE, E, F, D, K_TOP, L.h,
-                            slot_expert=L.slot_e, shared=L.shared, down=down, stream=s)
-
-
-def new_gate_up_no_prefetch(L, s):
-    new_gate_up(L, s, prefetch=False)
+                            slot_expert=L.slot_e, shared=L.shared, stream=s)
 
 
 def new_down(L, s):
@@ -139,7 +132,5 @@ def main(args) -> None:
     for name, fn_new, fn_old, n_new, n_old in rows:
         t_new, t_old = us(fn_new), us(fn_old)
         print(f"{name:34s} {t_new:9.2f} us ({n_new:>10s}) {t_old:9.2f} us ({n_old:>10s})   x{t_old / t_new:.2f}")
-    t_np = us(over_layers(new_gate_up_no_prefetch, new_down))
-    print(f"{'whole layer, no down prefetch':34s} {t_np:9.2f} us ({'2 launches':>10s})")
     if worst >= 1e-4:
         raise SystemExit("new and old decode experts disagree")

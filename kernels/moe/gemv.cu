@@ -8,16 +8,12 @@
 //       slot_expert[j] = the expert e whose rows of the sorted layout hold slot j, or -1 for a
 //       slot the layout does not hold (a padding token's)
 //   moe_gemv_gate_up_<a>_<name>(x, ldx, T, k, E, w_gate, up_ptr, e_bytes, row_bytes, F, D, h,
-//                               slot_expert, wtab, act, sh_gate, sh_up, sh_row_bytes, Fs, hs,
-//                               pf_down, pf_e_bytes, pf_bytes, pf_wtab, pf_sh_down, pf_sh_bytes)
+//                               slot_expert, wtab, act, sh_gate, sh_up, sh_row_bytes, Fs, hs)
 //       routed slot j < T k (token t = j / k) of expert e = slot_expert[j]:
 //           h[j, f] = act(x[t] . Wg_e[f]) * (x[t] . Wu_e[f])      f < F   (act 0 silu, 1 gelu)
 //       a slot with e < 0 gets a zero row; slot_expert == nullptr: expert 0 for every slot.
 //       with sh_gate != nullptr, shared slot T k + t of token t:
 //           hs[t, f] = silu(x[t] . Wsg[f]) * (x[t] . Wsu[f])          f < Fs
-//       and asks L2 for the down rows moe_gemv_down reads next (nothing is written from them):
-//       pf_bytes > 0: the pf_bytes of slot j's expert at pf_wtab[e] or pf_down + e pf_e_bytes,
-//       the slot's blocks each a share; pf_sh_bytes > 0: the shared expert's at pf_sh_down.
 //   moe_gemv_down_<name>(h, T, k, weights, w_down, e_bytes, row_bytes, D, F, slot_expert, out,
 //                        accumulate, wtab, sh_down, sh_row_bytes, Fs, hs, sh_scale)
 //       out[t, d] (+)= sum_j weights[t, j] * (h[t k + j] . Wd_e[d])      e = slot_expert[t k + j]
@@ -51,10 +47,6 @@
 // - Type-specific units (quant/dot_unit.cuh) for Q4_K / Q6_K / Q8_0: a header decoded per 16-32
 //   elements and quants made floats without I2F (16 per SM per clock), which in dq8's groups of 8
 //   cost the old kernels ~8 us a layer of conversions alone.
-// - gate_up asks L2 for the down launch's rows (each block its share of its slot's expert, ~105
-//   lines of 128 bytes for the 35B, one per thread or less) before its own loads, and a shared-slot
-//   block asks for the shared expert's rows before its wait: the down launch's HBM reads overlap
-//   gate_up's, which alone keep too few bytes in flight to use the bandwidth.
 // - gate_up: 128-thread blocks, a warp per 2 f, grid (ceil(max(F, Fs) / 8), T k (+ T)): 9 x 64
 //   = 576 blocks for one 35B token; the launch bounds (5 blocks per SM, 96 registers) keep all
 //   of them resident on 132 SMs. Each warp reduces its 4 rows with one transposing butterfly
@@ -165,17 +157,6 @@ __device__ __forceinline__ void rows_dot(const A* __restrict__ xr, const u8* con
     }
 }
 
-// This block's share of the `bytes` at p (the grid's blocks along x split them, its threads take
-// a 128-byte line each in turn), asked of L2: gate_up asks for the down rows of its slot's expert,
-// which moe_gemv_down reads next, so their HBM reads overlap gate_up's own instead of starting
-// after it (gate_up alone keeps ~1.3 TB/s in flight: the read is latency-bound, not bandwidth-bound).
-__device__ __forceinline__ void prefetch_share_l2(const u8* p, long long bytes) {
-    const long long share = ((bytes + gridDim.x - 1) / gridDim.x + 127) & ~127LL;
-    const long long end = min(bytes, share * (blockIdx.x + 1));
-    for (long long b = share * blockIdx.x + threadIdx.x * 128LL; b < end; b += blockDim.x * 128LL)
-        asm volatile("prefetch.global.L2 [%0];" :: "l"(p + b));
-}
-
 template<int WR, int WS, typename A>
 __device__ __forceinline__ void gate_up_impl(const A* __restrict__ x, long long ldx, int T, int k, int E,
                                              const u8* __restrict__ w_gate, unsigned long long up_ptr,
@@ -183,19 +164,12 @@ __device__ __forceinline__ void gate_up_impl(const A* __restrict__ x, long long 
                                              float* __restrict__ h, const int* __restrict__ slot_expert,
                                              const unsigned long long* __restrict__ wtab, int act,
                                              const u8* __restrict__ sh_gate, const u8* __restrict__ sh_up,
-                                             long long sh_row_bytes, int Fs, float* __restrict__ hs,
-                                             const u8* __restrict__ pf_down, long long pf_e_bytes, long long pf_bytes,
-                                             const unsigned long long* __restrict__ pf_wtab) {
+                                             long long sh_row_bytes, int Fs, float* __restrict__ hs) {
     const int j = blockIdx.y, lane = threadIdx.x & 31;
     const int f0 = (blockIdx.x * GU_WARPS + (threadIdx.x >> 5)) * GU_F;
     const bool shared = j >= T * k;              // only with sh_gate: the grid has T more slots then
     const int t = shared ? j - T * k : j / k;
     const int Fj = shared ? Fs : F;
-    if (!shared && pf_bytes > 0) {               // the shared slot's were asked for before its wait
-        const int ep = slot_expert ? slot_expert[j] : 0;
-        if (ep >= 0)
-            prefetch_share_l2(pf_wtab ? reinterpret_cast<const u8*>(pf_wtab[ep]) : pf_down + ep * pf_e_bytes, pf_bytes);
-    }
     if (f0 >= Fj) return;
     float* hrow = shared ? hs + (long long)t * Fs : h + (long long)j * F;
     const int f1 = min(f0 + 1, Fj - 1);          // a lone last f reads its own rows twice, writes once
@@ -285,37 +259,15 @@ __device__ __forceinline__ void down_impl(const float* __restrict__ h, int T, in
     }
 }
 
-// Before its wait, a shared-slot block of gate_up asks L2 for what it and moe_gemv_down will read
-// of the shared expert (fixed weights): each warp its gate and up rows of 2 f, the block its
-// share of the down rows (pf_sh_bytes 0: not those).
-__device__ __forceinline__ void shared_prefetch(const u8* sh_gate, const u8* sh_up, long long rb, int Fs,
-                                                const u8* pf_sh_down, long long pf_sh_bytes) {
-    const int f0 = (blockIdx.x * GU_WARPS + (threadIdx.x >> 5)) * GU_F, lane = threadIdx.x & 31;
-    if (f0 < Fs) {
-        const long long r0 = (long long)f0 * rb, r1 = (long long)min(f0 + 1, Fs - 1) * rb;
-        prefetch_row_l2(sh_gate + r0, rb, lane, 1);
-        prefetch_row_l2(sh_up + r0, rb, lane, 1);
-        prefetch_row_l2(sh_gate + r1, rb, lane, 1);
-        prefetch_row_l2(sh_up + r1, rb, lane, 1);
-    }
-    if (pf_sh_bytes > 0) prefetch_share_l2(pf_sh_down, pf_sh_bytes);
-}
-
 #define MOE_GEMV_GU(NAME, WR, WS, ATYPE, ANAME)                                                                  \
 extern "C" __global__ void __launch_bounds__(GU_WARPS * 32, 5)                                                    \
 moe_gemv_gate_up_##ANAME##_##NAME(const ATYPE* x, long long ldx, int T, int k, int E, const u8* w_gate,         \
                                   unsigned long long up_ptr, long long e_bytes, long long row_bytes, int F,      \
                                   int D, float* h, const int* slot_expert, const unsigned long long* wtab,       \
                                   int act, const u8* sh_gate, const u8* sh_up, long long sh_row_bytes, int Fs,   \
-                                  float* hs, const u8* pf_down, long long pf_e_bytes, long long pf_bytes,        \
-                                  const unsigned long long* pf_wtab, const u8* pf_sh_down, long long pf_sh_bytes) { \
-    if (sh_gate != nullptr && blockIdx.y >= T * k) {   /* the shared slot: weights no kernel writes */           \
-        shared_prefetch(sh_gate, sh_up, sh_row_bytes, Fs, pf_sh_down, pf_sh_bytes);                              \
-    }                                                                                                            \
-    ggf_pdl_entry();                                                                                             \
+                                  float* hs) { ggf_pdl_entry();                                                  \
     gate_up_impl<WR, WS, ATYPE>(x, ldx, T, k, E, w_gate, up_ptr, e_bytes, row_bytes, F, D, h, slot_expert,       \
-                                wtab, act, sh_gate, sh_up, sh_row_bytes, Fs, hs, pf_down, pf_e_bytes, pf_bytes,  \
-                                pf_wtab);                                                                        \
+                                wtab, act, sh_gate, sh_up, sh_row_bytes, Fs, hs);                                \
 }
 #define MOE_GEMV_KERNELS_(NAME, WR, WS)                                                                          \
 MOE_GEMV_GU(NAME, WR, WS, float, f32a) MOE_GEMV_GU(NAME, WR, WS, __nv_bfloat16, bf16a)                           \

@@ -465,20 +465,6 @@ class GemvShared:
     scale: object
 
 
-@dataclass(frozen=True)
-class GemvDown:
-    """The down weights moe_gemv_down will read after a moe_gemv_gate_up: given to the gate_up
-    launch, whose blocks ask L2 for their slot's expert's rows (and the shared expert's) so that
-    the down launch finds them there. w: the stacked [E, D, F] rows as stored, e_bytes apart, or
-    wtab, an expert table (the down rows of expert e at wtab[e]); w_type their type."""
-    w: object
-    e_bytes: int
-    w_type: str
-    D: int
-    F: int
-    wtab: object = None
-
-
 def _rows_ok(w_type, K: int) -> bool:
     q = qtype(w_type)
     return q.name in GEMV_TYPES and K % 8 == 0 and K % q.block == 0
@@ -540,7 +526,7 @@ def _check_f32(fn: str, a, n: int, what: str) -> None:
 
 def moe_gemv_gate_up(x, w_gate, up_ptr: int, e_bytes: int, w_type, E: int, F: int, D: int, k: int, h, *,
                      sorted_slots=None, expert_offsets=None, slot_expert=None, wtab=None, act: str = "silu",
-                     shared: GemvShared | None = None, down: GemvDown | None = None, stream=None) -> None:
+                     shared: GemvShared | None = None, stream=None) -> None:
     """h[j] = act(x[j // k] Wg_e^T) * (x[j // k] Wu_e^T) for every slot j < T k, e its expert in
     the sorted layout (slot_expert[j] = e, -1 for a slot the layout does not hold; its h row 0),
     reading only the picked experts' rows as the GGUF stores them; with `shared`, in the same
@@ -552,7 +538,6 @@ def moe_gemv_gate_up(x, w_gate, up_ptr: int, e_bytes: int, w_type, E: int, F: in
     when one is given (moe_slot_experts, one launch more), else read as given
     (moe_route_slot_experts wrote it). Without either: one expert for every slot. wtab: an expert
     table (gate at wtab[e], up at wtab[E + e]) for a streamed layer; w_gate is then not read.
-    down: the next moe_gemv_down's weights, asked of L2 by this launch (results unchanged).
     One launch: grid (ceil(max(F, Fs) / 8), T k (+ T)), 128 threads (moe/gemv.cu)."""
     fn_name = "moe_gemv_gate_up"
     name = _gemv_type(w_type, fn_name)
@@ -584,22 +569,13 @@ def moe_gemv_gate_up(x, w_gate, up_ptr: int, e_bytes: int, w_type, E: int, F: in
         check_dq8_rows(fn_name, int(base), qt.row_bytes(D), name)
         check_dq8_rows(fn_name, int(up_ptr), int(e_bytes or qt.row_bytes(D)), name)
     fn = _gemv_kernel(f"gate_up_{a}a", name, sname)
-    pf = (np.uint64(0), np.int64(0), np.int64(0), np.uint64(0), np.uint64(0), np.int64(0))
-    if down is not None:
-        if down.w is None and down.wtab is None:
-            raise ValueError(f"{fn_name}: down needs its weights or an expert table")
-        dq = qtype(_gemv_type(down.w_type, f"{fn_name} (down)"))
-        sh_down = (gl.ptr(shared.down), np.int64(qtype(shared.down_type).row_bytes(Fs) * down.D)) \
-            if shared is not None else (np.uint64(0), np.int64(0))
-        pf = (gl.ptr(0 if down.w is None else down.w), np.int64(down.e_bytes),
-              np.int64(dq.row_bytes(down.F) * down.D), gl.ptr(0 if down.wtab is None else down.wtab), *sh_down)
     ldx = x.strides[0] // x.itemsize
     per_block = GEMV_GU_WARPS * GEMV_GU_F
     fn((-(-max(F, Fs) // per_block), T * k + (T if shared is not None else 0), 1), (GEMV_GU_WARPS * 32, 1, 1),
        (gl.ptr(x), np.int64(ldx), np.int32(T), np.int32(k), np.int32(E), gl.ptr(0 if w_gate is None else w_gate),
         np.uint64(up_ptr), np.int64(e_bytes), np.int64(qt.row_bytes(D)), np.int32(F), np.int32(D), gl.ptr(h),
         gl.ptr(0 if slot_expert is None else slot_expert), gl.ptr(0 if wtab is None else wtab),
-        np.int32(ACTS[act]), *(sh or (np.uint64(0), np.uint64(0), np.int64(0), np.int32(0), np.uint64(0))), *pf),
+        np.int32(ACTS[act]), *(sh or (np.uint64(0), np.uint64(0), np.int64(0), np.int32(0), np.uint64(0)))),
        stream=stream)
 
 

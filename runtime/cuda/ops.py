@@ -952,12 +952,11 @@ def _moe_gemv(ctx, n, o, at):
         Fs = sgs[0]
         shared = moe.GemvShared(gate=wgs, up=wus, down=wds, gate_up_type=tgs, down_type=tds, F=Fs,
                                 h=ctx.ws(n, "hs_gemv", (o.T, Fs), np.float32), scale=ctx.v(sh.scale).reshape(-1))
-    down = moe.GemvDown(w=w_down, e_bytes=e_d, w_type=o.td, D=o.D, F=o.F, wtab=o.tab_d)
 
     def run():
         s = ctx.stream
         moe.moe_gemv_gate_up(o.x, w_gate, up_ptr, e_gu, o.tg, o.E, o.F, o.D, o.k, h, **layout,
-                             slot_expert=slot_e, wtab=o.tab_gu, act=act, shared=shared, down=down, stream=s)
+                             slot_expert=slot_e, wtab=o.tab_gu, act=act, shared=shared, stream=s)
         moe.moe_gemv_down(h, w_down, e_d, o.td, o.D, o.F, o.k, o.weights, o.out, slot_expert=slot_e,
                           wtab=o.tab_d, shared=shared, stream=s)
     return run
