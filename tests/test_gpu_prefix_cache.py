@@ -1,5 +1,5 @@
 """The prompt-prefix cache on the CUDA backend (gpu marker): a greedy multi-turn conversation gives
-the same tokens and logits with the cache as without it on every architecture (util.ARCHS), the
+the same tokens and logits with the cache as without it on every architecture (util.MODELS: the Qwen ones and Gemma 4's sliding rings), the
 snapshots in device memory and in host memory; snapshot()/restore() put every state back bit for
 bit. The CPU side of the same checks: tests/test_prefix_cache.py."""
 import numpy as np
@@ -9,7 +9,7 @@ import ggfuse
 from ggfuse.runtime.prefix_cache import PrefixCache
 from ggfuse.runtime.snapshot import positional_states
 from test_prefix_cache import check_parity
-from util import ARCHS, fixture
+from util import MODELS, fixture
 
 pytestmark = pytest.mark.gpu
 from gpu_util import require_gpu  # noqa: E402
@@ -18,18 +18,19 @@ cp = require_gpu()
 
 
 @pytest.mark.parametrize("where", ["device", "host"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", MODELS)
 def test_gpu_cache_gives_the_same_tokens_and_logits_as_no_cache(arch, where, monkeypatch):
     m = ggfuse.load(fixture(arch), device="cuda", chunk=16, precision="f32", max_context=256)
     cache = PrefixCache(256 << 20, where=where)
     cached, cold = check_parity(m, cache, monkeypatch, tol=2e-3, near_tie=1e-3)
     print(f"{arch} ({where}): restored {cached} tokens per turn; {cache.summary()}")
-    small = PrefixCache(max(cache.nbytes // 4, 1), where=where)
+    rows = sum(n.snap.row_bytes for n in cache.nodes())      # as tests/test_prefix_cache.py
+    small = PrefixCache(rows + (cache.nbytes - rows) // 4, where=where)
     check_parity(m, small, monkeypatch, tol=2e-3, near_tie=1e-3, cold=cold)
     assert small.nbytes <= small.budget
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", MODELS)
 def test_gpu_snapshot_restore_round_trip(arch):
     m = ggfuse.load(fixture(arch), device="cuda", chunk=16, max_context=128)
     be = m.backend

@@ -35,6 +35,9 @@ def test_serve_bench_runs_on_the_cpu(tmp_path):
     assert "cold prefill of the last turn" in r.stdout and "llama-server" in r.stdout
     res = json.loads(out.read_text())
     assert res["ggfuse"]["version"] and res["options"]["device"] == "cpu"
+    # the options the server ran with (its own defaults), not Options' defaults
+    from ggfuse.runtime.serve.cli import SERVE_SUB_CHUNK_MIN
+    assert res["options"]["sub_chunk_min"] == SERVE_SUB_CHUNK_MIN and res["options"]["max_context"] == 512
     for name in ("ggfuse serve", "llama-server"):
         s = res["results"][name]["summary"]
         assert len(s["ttft_ms"]) == len(s["ttft_cold_ms"]) == 2

@@ -307,11 +307,13 @@ def main(argv=None) -> int:
             proc.stop()
     report = table(results)
     print(report)
-    from ggfuse.options import Options
-    serve_options = Options.make(**{k: getattr(args, k) for k in ("chunk", "max_context", "vram_budget", "precision")
-                                    if getattr(args, k) is not None}, device=args.device)
+    # the options the server ran with: its own command line through the CLI's parser and
+    # `ggfuse serve`'s defaults (runtime/serve/cli.py serve_options), not Options' defaults
+    from ggfuse.compiler.cli import build_parser
+    from ggfuse.runtime.serve.cli import serve_options
+    served = serve_options(build_parser().parse_args(commands["ggfuse"][3:]))
     write_json(args.out, {"ggfuse": build_info(), "date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args),
-                          "commands": commands, "options": serve_options.to_json(), "results": results,
+                          "commands": commands, "options": served.to_json(), "results": results,
                           "table": report})
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
