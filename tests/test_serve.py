@@ -454,3 +454,35 @@ def test_serve_captures_small_chunks_unless_told():
     assert serve_options(p.parse_args(["serve", "m.gguf", "--sub-chunk-min", "64"])).sub_chunk_min == 64
     with pytest.raises(GGFuseError, match="--sub-chunk-min"):
         serve_options(p.parse_args(["serve", "m.gguf", "--sub-chunk-min", "zero"]))
+
+
+def _marks_both_ways(endpoint, req):
+    """(ids, marks) of a chat request by the endpoint, and the mark by rendering the messages
+    without the answer's prompt (what the shortcut must agree with)."""
+    from ggfuse.runtime.generate import encode_rendered
+    ids, marks = endpoint.prompt_ids(req)
+    head = endpoint.template.render(req.messages, add_generation_prompt=False, **req.template_kwargs)
+    return ids, marks, encode_rendered(endpoint.model.tokenizer, head)
+
+
+@pytest.mark.parametrize("template", [None, "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+                                            "{% if add_generation_prompt %}<assistant turn={{ messages | length }}>"
+                                            "{% endif %}"])
+def test_chat_prompt_marks_where_the_messages_end(model, template):
+    # the model's own template (its answer's prompt found once, on a probe) and one whose answer
+    # prompt changes with the conversation (the probe's does not match: rendered without it)
+    from ggfuse.runtime.chat import ChatTemplate
+    from ggfuse.runtime.serve.app import TextEndpoint
+    from ggfuse.runtime.serve.protocol import parse_chat
+    ep = TextEndpoint(model, ChatTemplate.from_tokenizer(model.tokenizer, template), 4096)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]
+    for turn in range(3):
+        req = parse_chat({"model": "m", "messages": msgs}, "m")
+        ids, marks, head = _marks_both_ways(ep, req)
+        assert marks == (len(head),) and ids[:len(head)] == head and len(head) < len(ids), (turn, marks)
+        msgs = msgs + [{"role": "assistant", "content": f"Red, green and blue ({turn})."},
+                       {"role": "user", "content": "And three more?"}]
+    assert ep.prompt_ids(req, want_marks=False) == (ids, ())
+    if template is None:        # the shortcut was taken: the answer's prompt known from the probe
+        (text, tail), = ep._answer_prompts.values()
+        assert text and ids[-len(tail):] == tail

@@ -45,6 +45,7 @@ class TextEndpoint:
 
     def __init__(self, model, template, context: int):
         self.model, self.template, self.context = model, template, context
+        self._answer_prompts: dict = {}    # template kwargs -> (text, ids) of the answer's prompt, or None
 
     def prompt_ids(self, req, want_marks: bool = True) -> tuple[list[int], tuple]:
         """(the prompt's token ids, the positions to keep a prefix-cache snapshot at: for a chat,
@@ -78,7 +79,16 @@ class TextEndpoint:
         """Where the messages end in ids (the tokens of `full`): before the tokens of what the
         template adds for the answer (the rendering with it less the one without). Only a place
         to keep a snapshot: the next turn resumes there if its tokens start the same, so a guess
-        costs nothing."""
+        costs nothing.
+
+        The answer's prompt of a template is nearly always the same text whatever the messages
+        (`<|im_start|>assistant\n`): it is found once per set of template arguments on a probe
+        conversation, and a rendering that ends with it is cut there without rendering the
+        messages a second time (half of a long chat's tokenizing time); any other rendering is
+        cut by rendering it without the answer's prompt."""
+        known = self._answer_prompt(req.template_kwargs)
+        if known is not None and full.endswith(known[0]):
+            return self._cut(ids, known[1])
         from ggfuse.errors import GGFuseError
         from ggfuse.runtime.generate import encode_rendered
         try:
@@ -87,9 +97,34 @@ class TextEndpoint:
             return ()
         if not full.startswith(head) or len(full) == len(head):
             return ()
-        tail = encode_rendered(self.model.tokenizer, full[len(head):])
+        return self._cut(ids, encode_rendered(self.model.tokenizer, full[len(head):]))
+
+    @staticmethod
+    def _cut(ids, tail) -> tuple:
         n = len(ids) - len(tail)
         return (n,) if 0 < n < len(ids) and ids[n:] == tail else ()
+
+    def _answer_prompt(self, kwargs: dict):
+        """(text, token ids) the template appends for the answer under these template arguments,
+        from a probe conversation; None where the probe does not show one."""
+        from ggfuse.errors import GGFuseError
+        from ggfuse.runtime.generate import encode_rendered
+        key = json.dumps(kwargs, sort_keys=True, default=repr)
+        if key not in self._answer_prompts:
+            got = None
+            probe = [{"role": "user", "content": "Hello."}]
+            try:
+                full = self.template.render(probe, add_generation_prompt=True, **kwargs)
+                head = self.template.render(probe, add_generation_prompt=False, **kwargs)
+            except GGFuseError:
+                full = head = ""
+            if full.startswith(head) and len(full) > len(head):
+                text = full[len(head):]
+                got = (text, encode_rendered(self.model.tokenizer, text))
+            if len(self._answer_prompts) < 64:      # kwargs come from requests: keep a few
+                self._answer_prompts[key] = got
+            return got
+        return self._answer_prompts[key]
 
     def max_new(self, req, n_prompt: int) -> int:
         """The new-token budget, or APIError where the prompt and max_tokens overflow the context."""
