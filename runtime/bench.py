@@ -42,10 +42,11 @@ def _median(xs):
 
 def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None, device: str = "auto",
                 max_context: int | None = None, seed: int = 0, log=print, with_ceilings: bool = True,
-                options=None, tg: int = 0) -> dict:
+                options=None, tg: int = 0, tg_depth: int = 0) -> dict:
     """options: ggfuse.options.Options for everything else (target, precision, kernel variants,
     runtime switches); chunk / vram_budget / device / max_context given here override it.
-    tg > 0: also a decode row (tg one-token steps from an empty context, as llama-bench's tgN)."""
+    tg > 0: also a decode row (tg one-token steps from an empty context, as llama-bench's tgN;
+    after a prompt of tg_depth tokens where tg_depth > 0, as llama-bench's tgN @ dD)."""
     from ggfuse.compiler.driver import compile_gguf
     from ggfuse.compiler.gguf_file import GGUFFile
     from ggfuse.options import Options
@@ -53,7 +54,9 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
 
     if device == "auto":
         device = "cuda" if cuda_available() else "cpu"
-    ctx = max([max_context or 0, tg + 8 if tg else 0] + list(prompts))
+    # the decode row's context: its depth prompt (its last chunk padded, at most a chunk more)
+    # and its steps
+    ctx = max([max_context or 0, (tg_depth + chunk if tg_depth else 0) + tg + 8 if tg else 0] + list(prompts))
     opts = Options.make(options, chunk=chunk, vram_budget=vram_budget, max_context=ctx, device=device)
     if device == "cpu" and opts.target == "auto":
         opts = opts.replace(target="cpu")
@@ -127,7 +130,7 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
         host = (f"   host {row['host_ms_per_chunk']:.2f} ms/chunk ({100 * row['host_fraction']:.1f}% of the chunk)"
                 if "host_fraction" in row else "")
         log(f"pp{n:<6} {row['tok_per_s']:10.1f} tok/s   TTFT {ms:9.2f} ms{host}")
-    decode = decode_row(model, backend, tg, rng, repeat, log) if tg else None
+    decode = decode_row(model, backend, tg, rng, repeat, log, depth=tg_depth) if tg else None
     if decode is not None and device == "cuda" and getattr(backend, "streamer", None) is None:
         ops = []
         try:
@@ -147,18 +150,31 @@ def bench_model(path: str, prompts, *, chunk: int, repeat: int, vram_budget=None
             "device_name": _device_name() if device == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d")}
 
 
-def decode_row(model, backend, n: int, rng, repeat: int, log=print) -> dict:
+def tg_label(n: int, depth: int = 0) -> str:
+    """'tg128', or 'tg128@d4096' for a decode row at depth (llama-bench's 'tg128 @ d4096')."""
+    return f"tg{n}" + (f"@d{depth}" if depth else "")
+
+
+def decode_row(model, backend, n: int, rng, repeat: int, log=print, depth: int = 0) -> dict:
     """Decode speed as llama-bench's tgN measures it: n one-token steps from an empty context
     (each the captured one-token graph, its last-row logits copied to the host as sampling
     needs them), a warm-up run, then `repeat` timed runs (host clock around the whole run:
     every step waits for its logits); the median. Host time per token (staging the token and
-    launching the step's graph) against the step's wall time."""
+    launching the step's graph) against the step's wall time. depth > 0: each run first
+    prefills a prompt of `depth` random tokens (not timed), as llama-bench's -d: decode with
+    that much context before it, the attention over the KV cache included."""
     tokens = rng.integers(0, model.n_vocab, size=n)
+    before = rng.integers(0, model.n_vocab, size=depth) if depth else None
 
     from ggfuse.runtime.generate import decode_cache_report, expert_cache_text
 
     def run():
         model.reset()
+        if before is not None:
+            model.prefill(before, logits="last")
+            sync = getattr(getattr(backend, "stream", None), "synchronize", None)
+            if sync is not None:
+                sync()           # the prompt's chunks are not part of the steps' time
         decode_cache_report(backend, reset=True)
         hs = getattr(backend, "host_stats", None)
         if hs is not None:
@@ -175,7 +191,7 @@ def decode_row(model, backend, n: int, rng, repeat: int, log=print) -> dict:
         if h is not None:
             host.append(h * 1e3)
     ms = _median(times)
-    row = {"tg": n, "ms": ms, "tok_per_s": n / ms * 1e3, "ms_per_token": ms / n, "runs": times}
+    row = {"tg": n, "depth": depth, "ms": ms, "tok_per_s": n / ms * 1e3, "ms_per_token": ms / n, "runs": times}
     if host:
         row["host_ms_per_token"] = _median(host) / n
         row["host_fraction"] = row["host_ms_per_token"] / row["ms_per_token"]
@@ -185,7 +201,7 @@ def decode_row(model, backend, n: int, rng, repeat: int, log=print) -> dict:
     if getattr(backend, "pdl", None) is not None:
         row["pdl"] = bool(backend.pdl)
         row["pdl_edges"] = int(getattr(backend, "pdl_edges", 0))     # in every graph captured so far
-    log(f"tg{n:<7} {row['tok_per_s']:10.1f} tok/s   {row['ms_per_token']:.2f} ms/token"
+    log(f"{tg_label(n, depth):<9} {row['tok_per_s']:10.1f} tok/s   {row['ms_per_token']:.2f} ms/token"
         + (f"   host {row['host_ms_per_token']:.3f} ms/token ({100 * row['host_fraction']:.1f}%)" if host else "")
         + (f"   pdl {row['pdl_edges']} edges" if row.get("pdl") else "")
         + expert_cache_text(cache))
@@ -534,7 +550,7 @@ UBATCHES = (512, 2048, 4096, 8192)      # llama-bench -ub tried for a resident c
 
 def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe=None, vram_budget=None,
                     search_from: int | None = None, n_layers: int | None = None, log=None, tg: int = 0,
-                    ubatch=(2048,)) -> dict:
+                    ubatch=(2048,), tg_depth: int = 0) -> dict:
     """llama.cpp's own benchmark on the same file: flash attention on, every layer on the GPU,
     at the micro-batch sizes `ubatch` (-ub; the best per prompt is kept). With `n_cpu_moe` (an int or a list of ints: llama-bench runs once per setting and
     the best is kept per prompt), that many layers' experts stay in host memory, loaded into
@@ -546,13 +562,17 @@ def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe=None
     search_from (with vram_budget, instead of n_cpu_moe): find the fewest layers on the CPU that
     stay under the budget (llama.cpp's fastest setting that fits): from search_from up in steps of
     2 until one fits, then the one in between; or, if search_from fits already, down one at a time
-    until one does not. tg > 0: also its decode test tgN (-n tg), kept under the key "tgN".
+    until one does not. tg > 0: also its decode test tgN (-n tg), kept under the key "tgN"; with
+    tg_depth > 0 that test runs after a tg_depth-token prompt (-d, a second command per setting
+    with -p 0, so that the prompt tests stay at depth 0), still under "tgN".
     ubatch: the micro-batch sizes to try (-ub, with -b the largest); the best per prompt is kept."""
     if not (os.path.exists(exe) or shutil.which(exe)):
         raise GGFuseError(exe, "llama-bench not found (see BENCHMARKS.md for how to build it)")
     ub = sorted({int(u) for u in ubatch})
-    base = [exe, "-m", path, "-p", ",".join(map(str, prompts)), "-n", str(int(tg)), "-fa", "1", "-ngl", "99",
-            "-ub", ",".join(map(str, ub)), "-b", str(max(ub)), "-r", str(repeat), "-o", "json"]
+    common = ["-fa", "1", "-ngl", "99", "-ub", ",".join(map(str, ub)), "-b", str(max(ub)), "-r", str(repeat), "-o", "json"]
+    bases = [[exe, "-m", path, "-p", ",".join(map(str, prompts)), "-n", str(int(tg) if not tg_depth else 0)] + common]
+    if tg and tg_depth:
+        bases.append([exe, "-m", path, "-p", "0", "-n", str(int(tg)), "-d", str(int(tg_depth))] + common)
     settings = [None]
     if n_cpu_moe:
         settings = [n_cpu_moe] if isinstance(n_cpu_moe, int) else list(n_cpu_moe)
@@ -568,14 +588,16 @@ def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe=None
     def one(ncm) -> bool:
         """Run one setting; True when it stayed under the budget."""
         nonlocal build
-        cmd = base + (["--n-cpu-moe", str(ncm), "-lm", "none"] if ncm is not None else [])
-        cmds.append(" ".join(cmd))
+        res = []
         with _VramSampler() as vs:
-            p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode != 0:
-            tail = " | ".join(ln.strip() for ln in p.stderr.strip().splitlines()[-4:])
-            raise GGFuseError(exe, f"llama-bench failed ({p.returncode}): {tail}")
-        res = json.loads(p.stdout)
+            for base in bases:
+                cmd = base + (["--n-cpu-moe", str(ncm), "-lm", "none"] if ncm is not None else [])
+                cmds.append(" ".join(cmd))
+                p = subprocess.run(cmd, capture_output=True, text=True)
+                if p.returncode != 0:
+                    tail = " | ".join(ln.strip() for ln in p.stderr.strip().splitlines()[-4:])
+                    raise GGFuseError(exe, f"llama-bench failed ({p.returncode}): {tail}")
+                res += json.loads(p.stdout)
         if res and not build:
             build = {k: res[0].get(k) for k in ("build_commit", "build_number", "gpu_info", "backends")}
         fits = budget_mib is None or vs.peak is None or vs.peak <= budget_mib
@@ -583,7 +605,10 @@ def run_llama_bench(exe: str, path: str, prompts, *, repeat: int, n_cpu_moe=None
             n, ts = int(r["n_prompt"]), float(r["avg_ts"])
             if int(r.get("n_gen") or 0) > 0 and n == 0:
                 n = f"tg{int(r['n_gen'])}"         # the decode test
+            elif n == 0:
+                continue
             runs.append({"n_prompt": n, "avg_ts": ts, "stddev_ts": r.get("stddev_ts"), "n_ubatch": r.get("n_ubatch"),
+                         "n_depth": r.get("n_depth"),
                          "n_cpu_moe": r.get("n_cpu_moe", ncm), "peak_vram_mib": vs.peak, "fits_budget": fits})
             best_any[n] = max(best_any.get(n, 0.0), ts)
             if fits:
@@ -661,7 +686,8 @@ def _save_figure(fig, path: str) -> None:
     plt.close(fig)
 
 
-BENCH_ARGS = ("model", "prompt", "chunk", "vram_budget", "repeat", "device", "against_llama_bench", "n_cpu_moe", "tg")
+BENCH_ARGS = ("model", "prompt", "chunk", "vram_budget", "repeat", "device", "against_llama_bench", "n_cpu_moe", "tg",
+              "tg_depth")
 _BENCH_OWN = ("chunk", "vram_budget", "device", "max_context")     # bench's own flags, not the options'
 
 
@@ -681,6 +707,10 @@ def add_bench_parser(sub):
     b.add_argument("--tg", default=None, help="decode row: this many one-token steps from an empty "
                                                        "context, as llama-bench's tgN (0: none; default 128 on "
                                                        "cuda, 0 on the cpu reference)")
+    b.add_argument("--tg-depth", default="0", metavar="D",
+                   help="the decode row after a prompt of D tokens, as llama-bench's -d D (tgN @ dD): decode "
+                        "with D tokens of context, its attention over them included (default 0: from an empty "
+                        "context)")
     b.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
                    help="cuda, the cpu reference (slow), or auto (cuda when available) (default auto)")
     b.add_argument("--json", dest="json_out", help="write the results as JSON")
@@ -751,6 +781,7 @@ def bench_main(args) -> int:
     args.repeat = count(args.repeat, "--repeat", 1, 1 << 20)
     if args.tg is not None:
         args.tg = count(args.tg, "--tg", 0, 1 << 24)
+    args.tg_depth = count(args.tg_depth if args.tg_depth is not None else 0, "--tg-depth", 0, 1 << 24)
     if args.device not in ("auto", "cpu", "cuda"):
         raise GGFuseError(None, f"--device: {args.device!r} is not one of auto, cpu, cuda")
     if args.vram_budget is not None:
@@ -821,7 +852,8 @@ def bench_main(args) -> int:
         llama = run_llama_bench(args.against_llama_bench, args.model, prompts, repeat=args.repeat,
                                 n_cpu_moe=n_cpu_moe, vram_budget=args.vram_budget, search_from=search,
                                 n_layers=_n_expert_layers(args.model) if search is not None else None,
-                                tg=args.tg, ubatch=(2048,) if args.vram_budget else UBATCHES)
+                                tg=args.tg, ubatch=(2048,) if args.vram_budget else UBATCHES,
+                                tg_depth=args.tg_depth)
         for r in llama["runs"]:
             if r.get("peak_vram_mib") is not None:
                 log(f"llama-bench --n-cpu-moe {r['n_cpu_moe']}: pp{r['n_prompt']} {r['avg_ts']:.0f} tok/s, peak device "
@@ -834,7 +866,7 @@ def bench_main(args) -> int:
         last = i == len(runs) - 1       # the decode row once, with the last run's plan
         part = bench_model(args.model, ps, chunk=c, repeat=args.repeat, vram_budget=args.vram_budget,
                            device=args.device, log=log, max_context=ctx, options=options,
-                           tg=tg if last else 0)
+                           tg=tg if last else 0, tg_depth=args.tg_depth)
         for r in part["results"]:
             if auto:
                 r["chunk"] = c
@@ -878,7 +910,7 @@ def bench_main(args) -> int:
     d = res.get("decode")
     if d:
         other = lb.get(f"tg{d['tg']}")
-        line = f"{'tg' + str(d['tg']):>8} {d['tok_per_s']:>14.1f} {d['ms_per_token']:>10.2f} {'-':>9} {'-':>9}"
+        line = f"{tg_label(d['tg'], d.get('depth', 0)):>8} {d['tok_per_s']:>14.1f} {d['ms_per_token']:>10.2f} {'-':>9} {'-':>9}"
         if lb:
             line += f" {other:>16.1f} {d['tok_per_s'] / other:>7.2f}" if other else f" {'-':>16} {'-':>7}"
         from ggfuse.runtime.generate import expert_cache_text

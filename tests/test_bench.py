@@ -229,3 +229,55 @@ def test_decode_row_beside_llama_bench_tg(tmp_path, capsys):
     assert main(["bench", EXAMPLE, "--device", "cpu", "--prompt", "8", "--repeat", "1", "--chunk", "16",
                  "--tg", "0", "--json", str(js)]) == 0
     assert json.loads(js.read_text())["decode"] is None
+
+
+FAKE_TG_DEPTH = """#!/bin/sh
+# fake llama-bench: -p gives pp rows (none for 0), -n N a tgN row at depth -d D (its n_depth)
+p=0; n=0; d=0
+echo "$@" >> "$(dirname "$0")/calls"
+while [ $# -gt 0 ]; do [ "$1" = "-p" ] && p=$2; [ "$1" = "-n" ] && n=$2; [ "$1" = "-d" ] && d=$2; shift; done
+rows=""
+[ "$p" != 0 ] && rows="{\\"n_prompt\\": $p, \\"n_gen\\": 0, \\"n_depth\\": $d, \\"avg_ts\\": 1000}"
+[ "$n" != 0 ] && rows="${rows:+$rows, }{\\"n_prompt\\": 0, \\"n_gen\\": $n, \\"n_depth\\": $d, \\"avg_ts\\": $((60 - d))}"
+echo "[$rows]"
+"""
+
+
+def test_decode_row_at_depth_beside_llama_bench(tmp_path, capsys, monkeypatch):
+    """`ggfuse bench --tg N --tg-depth D`: the decode steps follow a D-token prompt (not timed;
+    the KV cache sized for it), and llama-bench runs its prompt tests at depth 0 and its tgN in a
+    second command with -d D, compared as tgN."""
+    from ggfuse.compiler.cli import main
+    exe = tmp_path / "llama-bench"
+    exe.write_text(FAKE_TG_DEPTH)
+    exe.chmod(0o755)
+    fed = []
+    from ggfuse.runtime.api import Model
+    orig = Model.prefill
+
+    def prefill(self, ids, *a, **k):
+        fed.append(len(ids))
+        return orig(self, ids, *a, **k)
+
+    monkeypatch.setattr(Model, "prefill", prefill)
+    js = tmp_path / "r.json"
+    assert main(["bench", EXAMPLE, "--device", "cpu", "--prompt", "8", "--repeat", "1", "--chunk", "16",
+                 "--tg", "4", "--tg-depth", "20", "--against-llama-bench", str(exe), "--json", str(js)]) == 0
+    data = json.loads(js.read_text())
+    d = data["decode"]
+    assert d["tg"] == 4 and d["depth"] == 20 and d["tok_per_s"] > 0
+    assert fed.count(20) == 2           # the warm-up run and the timed one each prefill the depth prompt
+    assert data["results"][0]["max_context"] >= 20 + 4
+    assert data["args"]["tg_depth"] == 20
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 2 and "-n 0" in calls[0] and "-d" not in calls[0].split()
+    assert "-p 0 -n 4 -d 20" in calls[1]
+    lb = data["llama_bench"]
+    assert lb["results"]["tg4"] == 40.0 and lb["results"]["8"] == 1000.0 and "0" not in lb["results"]
+    out = capsys.readouterr().out
+    assert "tg4@d20" in out and f"{d['tok_per_s'] / 40.0:.2f}" in out
+
+
+def test_bad_tg_depth_is_one_line():
+    from ggfuse.compiler.cli import main
+    assert main(["bench", EXAMPLE, "--device", "cpu", "--tg-depth", "-3"]) == 2
