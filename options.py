@@ -219,6 +219,10 @@ class Options:
                                       "kernel is faster than cuBLAS on that copy: Q4_K, Q6_K; the GEMMs otherwise), gemm (the prefill's GEMMs: cuBLAS on bf16 matrices; the "
                                       "head's last row on the GEMMs' form) or gemv (auto, and the bf16 matrices too)",
                              ("auto", "gemm", "gemv"), default="auto")
+    decode_attention: str = _opt(COMPILE, "attention of the one-token (decode) step over the KV cache: flash (the "
+                                          "prefill's kernel, a block per query head walking every key) or split (the "
+                                          "keys cut into ranges folded in parallel, then combined: flash-decoding; "
+                                          "not yet measured on a GPU)", ("flash", "split"), default="flash")
     decode_router: str = _opt(COMPILE, "router of the one-token step's matrix-vector experts: fused (the f32 router "
                                        "GEMV, the shared expert's gate and the top-k in one launch) or gemv (a launch "
                                        "each)", ("fused", "gemv"), default="fused")

@@ -58,7 +58,10 @@ PLAN_FORMAT = "ggfuse-plan"
 #          8.2 option decode_norm_fold: the one-token step's add_rms_norm may run inside the next
 #              launch (the norm's by_chunk "folded_into", that step's "norm"); an 8.1 runtime
 #              ignores both records and runs the norm's own launch.
-PLAN_VERSION = (8, 2)
+#          8.3 option decode_attention: an attention's by_chunk "1" may say impl "split" (the
+#              one-token step's key-split kernel, its "splits" and workspace "split"); an 8.2
+#              runtime ignores it and runs the record's prefill kernel for that step too.
+PLAN_VERSION = (8, 3)
 
 
 @dataclass(frozen=True)

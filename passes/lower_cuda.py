@@ -389,6 +389,27 @@ class _Lowering:
             raise GGFuseError(None, f"{node.name}: weight {name} of type {w} cannot be read by the tensor-core GEMMs "
                                     f"(types: {', '.join(GEMM_TYPES)})")
 
+    def decode_attention(self, n, rec: dict, impl: str, ws: dict) -> dict:
+        """An ATTENTION over the KV cache: with decode_attention "split", the one-token step runs
+        the key-split kernel (kernels/attention/decode_attn.cu; by_chunk "1": impl split and its
+        number of key ranges, its partials a workspace), every other chunk size `impl` (the
+        prefill kernel the record names)."""
+        from ggfuse.kernels.attention import launch as fa
+        if self.o.decode_attention != "split" or 1 not in self.sizes:
+            return rec
+        Hq, D = (int(x) for x in self.g.type_of(n.inputs[0]).shape[1:])
+        Hkv, Dv = (int(x) for x in self.g.type_of(n.inputs[2]).shape[1:])
+        if not fa.decode_supported(D, Dv, Hq, Hkv):
+            rec["decode_why"] = (f"decode_attention split: head dims {D}/{Dv} or {Hq} query heads over {Hkv} kv "
+                                 f"heads not taken (dims {fa.DECODE_HEAD_DIMS}, at most {fa.DECODE_MAX_GROUP} per kv "
+                                 f"head); the one-token step runs {rec['name']}")
+            return rec
+        splits = fa.decode_splits(Hkv, int(self.o.max_context))
+        rec["by_chunk"] = {str(c): ({"impl": "split", "splits": splits} if c == 1 else {"impl": impl})
+                           for c in self.sizes}
+        ws[1] = {"split": fa.decode_workspace_bytes(Hq, D, splits)}
+        return rec
+
     def node(self, n) -> tuple[dict | None, dict]:
         """(kernel record, {chunk: workspace}) of a node."""
         g, o = self.g, self.o
@@ -440,14 +461,16 @@ class _Lowering:
             D = int(g.type_of(n.inputs[0]).shape[2])
             Dv = int(g.type_of(n.inputs[2]).shape[2])
             if D in HEAD_DIMS and D == Dv:
-                return {"name": "attention.flash_prefill", "q": self.storage(n.inputs[0]), "o": self.storage(n.out),
-                        "head_dim": D}, ws
+                rec = {"name": "attention.flash_prefill", "q": self.storage(n.inputs[0]), "o": self.storage(n.out),
+                       "head_dim": D}
+                return self.decode_attention(n, rec, "flash", ws), ws
             if D not in WINDOW_HEAD_DIMS or D != Dv:
                 raise GGFuseError(None, f"{n.name}: head dims {D}/{Dv} have no attention kernel (tensor cores: "
                                         f"{HEAD_DIMS}; CUDA cores: {WINDOW_HEAD_DIMS}, K and V dims equal)")
-            return {"name": "attention.window", "impl": "simt", "q": self.storage(n.inputs[0]),
-                    "o": self.storage(n.out), "head_dim": D, "ring_rows": 0, "window": 0,
-                    "why": f"head dim {D} has no tensor-core flash kernel (have {HEAD_DIMS})"}, ws
+            rec = {"name": "attention.window", "impl": "simt", "q": self.storage(n.inputs[0]),
+                   "o": self.storage(n.out), "head_dim": D, "ring_rows": 0, "window": 0,
+                   "why": f"head dim {D} has no tensor-core flash kernel (have {HEAD_DIMS})"}
+            return self.decode_attention(n, rec, "window", ws), ws
         if n.op == Op.ATTENTION_WINDOW:
             from ggfuse.kernels.attention.launch import WINDOW_HEAD_DIMS
             q, k, v, kr, vr = (g.type_of(x) for x in n.inputs)

@@ -208,6 +208,18 @@ def window_attn(q, q_dtype, k, v, k_ring, v_ring, out, T, Hq, Hkv, D, ring_rows,
     _put(out, o)
 
 
+def decode_attn(q, q_dtype, q_stride_h, k_cache, v_cache, out, Hq, Hkv, D, scale, n_split, ws, past_dev, n_valid_dev,
+                stream=None):
+    from ggfuse.kernels.attention.launch import DECODE_MIN_KEYS, decode_workspace_bytes
+    P, nv = int(np.asarray(past_dev)[0]), int(np.asarray(n_valid_dev)[0])
+    assert ws.nbytes >= decode_workspace_bytes(Hq, D, n_split)
+    o = np.zeros((1, Hq, D), np.float32)
+    if nv:
+        o[:] = attn_ref.attention_decode_split(_val(q)[:1], _val(k_cache), _val(v_cache), P, scale=scale,
+                                               n_split=n_split, min_keys=DECODE_MIN_KEYS)
+    _put(out, o)
+
+
 def gemm(a, a_dtype, lda, w, w_type, N, K, c, c_dtype, ldc, M, stream=None, *, accumulate=False, impl=None,
          persist=True, dequant="fast"):
     y = _rows(a, M, K) @ _matrix(w, w_type, N, K).T
@@ -562,7 +574,7 @@ EMULATED = {
     "ggfuse.kernels.gemm.launch": ["gemm", "gemm_swiglu"],
     "ggfuse.kernels.gemm.blas": ["gemm_bf16"],
     "ggfuse.kernels.moe.launch": ["moe_route", "moe_route1", "moe_route_slot_experts", "moe_gate_up", "moe_down", "moe_gemv_gate_up", "moe_gemv_down"],
-    "ggfuse.kernels.attention.launch": ["flash_attn_prefill", "window_attn"],
+    "ggfuse.kernels.attention.launch": ["flash_attn_prefill", "window_attn", "decode_attn"],
 }
 
 

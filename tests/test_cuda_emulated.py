@@ -194,6 +194,27 @@ def test_emulated_decode_steps_with_the_delta_rule_folded(monkeypatch):
     assert _rel(out[True], out[False]) < 1e-5
 
 
+@pytest.mark.parametrize("arch", ["qwen35moe", "gemma4-dense"])
+def test_emulated_decode_steps_with_the_keys_split(arch, monkeypatch):
+    """decode_attention split: the one-token step's attention over the KV cache runs the
+    key-split kernel (its partials in the plan's workspace; Gemma's full layers too, head dim 512
+    on CUDA cores otherwise), the prefill chunks their own kernel, and the steps' logits equal
+    those of the prefill kernel's steps and continue the prompt as its long prefill does."""
+    out = {}
+    for impl in ("flash", "split"):
+        with emulated_device(monkeypatch) as used:
+            full, out[impl], m = _decode_steps(arch, decode_attention=impl, max_context=64)
+        recs = [n.meta["kernel"] for n in m.plan.graph.nodes() if n.op.value == "attention"]
+        assert recs
+        split = [r for r in recs if r.get("by_chunk", {}).get("1", {}).get("impl") == "split"]
+        assert (len(split) == len(recs)) is (impl == "split") and (bool(split) or impl == "flash")
+        for r in split:
+            assert r["by_chunk"]["1"]["splits"] >= 1 and r["by_chunk"]["16"]["impl"] in ("flash", "window")
+        assert ("attention.decode_attn" in used) is (impl == "split")
+        assert _rel(out[impl], full[30:]) < 3e-2
+    assert _rel(out["split"], out["flash"]) < 1e-5
+
+
 def ple_budget(arch="gemma4-dense", quant="q4_k_m", chunk=16):
     """A budget the resident plan exceeds and the lean one (the PLE table gathered on the host)
     fits; the reserve is budget / 16 for toy budgets, so solve for it."""

@@ -1,6 +1,11 @@
 """Time flash_attn_prefill at Qwen3.5-35B-A3B attention shapes (Hq 16, Hkv 2, head dim 256).
 
-    python -m ggfuse.kernels.attention.bench
+    python -m ggfuse.kernels.attention.bench            # prefill chunks
+    python -m ggfuse.kernels.attention.bench --decode   # the one-token step: flash against key-split
+
+--decode: the step at 512 .. 32768 positions of context, the prefill kernel with T = 1 (what the
+step runs with --decode-attention flash) against decode_attn (split, the plan's number of key
+ranges for that context), same replay method; bytes are the K/V rows read, against 3.0 TB/s.
 
 Each row: median over >= 20 replays of a captured graph that launches the kernel REPS times
 (CUDA events around each replay). FLOPs count the causal pairs only: 4 * Hq * D * pairs, pairs =
@@ -99,7 +104,59 @@ def time_torch(T: int, P: int) -> float | None:
         return None
 
 
+DECODE_CONTEXTS = (512, 2048, 4096, 8192, 32768)
+
+
+def time_decode(P: int, impl: str) -> float:
+    """ms per one-token step at P positions before it (bf16 q and out)."""
+    import cupy as cp
+    rng = np.random.default_rng(1)
+    max_ctx = P + 1
+    k = cp.asarray(rng.integers(0x3C00, 0x3F80, size=(max_ctx, HKV, D), dtype=np.uint16))
+    v = cp.asarray(rng.integers(0x3C00, 0x3F80, size=(max_ctx, HKV, D), dtype=np.uint16))
+    q = cp.asarray(rng.integers(0x3C00, 0x3F80, size=(1, HQ, D), dtype=np.uint16))
+    out = cp.empty((1, HQ, D), dtype=cp.uint16)
+    past = cp.asarray(np.array([P], np.int32))
+    n_valid = cp.asarray(np.array([1], np.int32))
+    splits = launch.decode_splits(HKV, max_ctx)
+    ws = cp.empty(launch.decode_workspace_bytes(HQ, D, splits), dtype=cp.uint8)
+
+    def one(stream):
+        if impl == "split":
+            launch.decode_attn(q, "bf16", D, k, v, out, HQ, HKV, D, 1.0 / np.sqrt(D), splits, ws, past, n_valid,
+                               stream=stream)
+        else:
+            launch.flash_attn_prefill(q, "bf16", HQ * D, D, k, v, out, 1, HQ, HKV, D, D, 1.0 / np.sqrt(D),
+                                      past, n_valid, stream=stream)
+    launch.prepare(D, "bf16", out.dtype)
+    s = cp.cuda.Stream(non_blocking=True)
+    one(s)                      # module loading outside the capture
+    s.synchronize()
+    s.begin_capture()
+    for _ in range(REPS):
+        one(s)
+    graph = s.end_capture()
+    return _median_ms(lambda: graph.launch(s), s, REPS)
+
+
+def main_decode() -> None:
+    import cupy as cp
+    dev = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    print(f"one-token attention step on {dev['name'].decode()}: Hq={HQ} Hkv={HKV} D={D}, bf16 KV cache")
+    print(f"{'context':>8} {'KV MB':>7} {'floor us':>9} | {'flash us':>9} {'GB/s':>6} | {'split us':>9} {'GB/s':>6} "
+          f"{'ranges':>6} | {'flash/split':>11}")
+    for P in DECODE_CONTEXTS:
+        kv = 2 * (P + 1) * HKV * D * 2
+        floor = kv / PEAK_BYTES * 1e6
+        fl, sp = time_decode(P, "flash") * 1e3, time_decode(P, "split") * 1e3
+        print(f"{P:8d} {kv / 1e6:7.1f} {floor:9.2f} | {fl:9.2f} {kv / fl / 1e3:6.0f} | {sp:9.2f} {kv / sp / 1e3:6.0f} "
+              f"{launch.decode_splits(HKV, P + 1):6d} | {fl / sp:11.2f}")
+
+
 def main() -> None:
+    import sys
+    if "--decode" in sys.argv[1:]:
+        return main_decode()
     import cupy as cp
     dev = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
     print(f"flash_attn_prefill on {dev['name'].decode()}: Hq={HQ} Hkv={HKV} D={D}, causal over the KV cache")

@@ -155,3 +155,71 @@ def window_attn(q, q_dtype, k, v, k_ring, v_ring, out, T: int, Hq: int, Hkv: int
         np.int64(vs[1]), k_ring, v_ring, out, np.int32(T), np.int32(Hq), np.int32(Hkv), np.int32(ring_rows),
         np.int32(window), np.float32(scale), past_dev, n_valid_dev),
        stream=stream)
+
+
+# ---- the one-token step over the KV cache, split along the keys (decode_attn.cu) ----------------
+
+DECODE_SOURCE = "attention/decode_attn.cu"
+DECODE_HEAD_DIMS = (64, 128, 256, 512)
+DECODE_MIN_KEYS = 32      # keys per range at least (decode_attn.cu da::MIN_KEYS)
+DECODE_MAX_GROUP = 16     # query heads per kv head at most (a warp each, blocks of <= 512 threads)
+DECODE_BLOCKS = 256       # ranges x kv heads aimed at: about two blocks per SM of an H200 / 4090
+
+
+def decode_supported(D: int, Dv: int, Hq: int, Hkv: int) -> bool:
+    """Whether decode_attn takes these shapes (else the prefill kernel runs the step)."""
+    return D == Dv and D in DECODE_HEAD_DIMS and Hkv > 0 and Hq % Hkv == 0 and Hq // Hkv <= DECODE_MAX_GROUP
+
+
+def decode_splits(Hkv: int, max_ctx: int) -> int:
+    """Key ranges of the split step: about DECODE_BLOCKS blocks over the kv heads, no more than a
+    full cache has ranges of DECODE_MIN_KEYS keys."""
+    return max(1, min(DECODE_BLOCKS // max(Hkv, 1), -(-max_ctx // DECODE_MIN_KEYS)))
+
+
+def decode_workspace_bytes(Hq: int, D: int, n_split: int) -> int:
+    """Partials of the split step: acc [Hq, n_split, D] then (m, l) [Hq, n_split, 2], f32."""
+    return 4 * Hq * n_split * (D + 2)
+
+
+def decode_attn(q, q_dtype, q_stride_h: int, k_cache, v_cache, out, Hq: int, Hkv: int, D: int, scale: float,
+                n_split: int, ws, past_dev, n_valid_dev, stream=None) -> None:
+    """The one-token step's causal GQA attention over the KV cache (ref.attention_cache, T = 1),
+    split into n_split key ranges (decode_attn.cu) and combined.
+
+    q [1, Hq, D] f32 or bf16 (q_dtype) view, unit stride along D, q_stride_h elements between
+    heads (16-byte aligned); k_cache, v_cache [max_ctx, Hkv, D] bf16 contiguous with the step's row
+    at P; out [1, Hq, D] f32 or bf16 contiguous; ws a uint8 workspace of at least
+    decode_workspace_bytes(Hq, D, n_split) bytes. past_dev = int32[1] P, n_valid_dev = int32[1]
+    (0: zeros). Two launches whose grids depend on n_split and Hq only: capturable once for every P."""
+    q_kind = _dtype_name(q_dtype, "q")
+    o_kind = _dtype_name(out.dtype, "out")
+    if not decode_supported(D, D, Hq, Hkv):
+        raise ValueError(f"decode_attn: head dim {D} (have {DECODE_HEAD_DIMS}), Hq={Hq}, Hkv={Hkv} (a multiple, "
+                         f"at most {DECODE_MAX_GROUP} query heads per kv head)")
+    if not scale > 0 or n_split < 1:
+        raise ValueError(f"decode_attn: scale {scale} must be > 0 and n_split {n_split} >= 1")
+    q_item = 4 if q_kind == "f32" else 2
+    if q.itemsize != q_item or q.size < Hq * D or q.strides[-1] != q.itemsize:
+        raise ValueError(f"decode_attn: q must be a {q_kind} [1, {Hq}, {D}] view with a unit stride along D")
+    if q.data.ptr % 16 or (q_stride_h * q_item) % 16:
+        raise ValueError(f"decode_attn: q base and head stride {q_stride_h} must be 16-byte aligned")
+    for name, a in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if a.itemsize != 2 or not a.flags.c_contiguous or a.ndim != 3 or tuple(a.shape[1:]) != (Hkv, D):
+            raise ValueError(f"decode_attn: {name} must be contiguous bf16 [max_ctx, {Hkv}, {D}], got {a.dtype} {a.shape}")
+    if out.size != Hq * D or not out.flags.c_contiguous:
+        raise ValueError(f"decode_attn: out must be contiguous [1, {Hq}, {D}], got {out.shape}")
+    need = decode_workspace_bytes(Hq, D, n_split)
+    if ws.nbytes < need or ws.data.ptr % 16:
+        raise ValueError(f"decode_attn: the workspace holds {ws.nbytes} bytes, the step needs {need} (16-byte aligned)")
+    mod = load_module(DECODE_SOURCE)
+    split = mod.get_function(f"decode_attn_split_d{D}_q{q_kind}")
+    comb = mod.get_function(f"decode_attn_combine_d{D}_o{o_kind}")
+    part_acc = ws.data.ptr
+    part_ml = part_acc + 4 * Hq * n_split * D
+    G = Hq // Hkv
+    split((n_split, Hkv, 1), (G * 32, 1, 1),
+          (q, np.int64(q_stride_h), k_cache, v_cache, np.uint64(part_acc), np.uint64(part_ml), np.int32(Hq),
+           np.int32(Hkv), np.float32(scale), past_dev, n_valid_dev), stream=stream)
+    comb((Hq, 1, 1), (D, 1, 1),
+         (np.uint64(part_acc), np.uint64(part_ml), out, np.int32(n_split), past_dev, n_valid_dev), stream=stream)

@@ -70,6 +70,40 @@ def attention_cache(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, P: 
     return attention(q, k_cache[:S], v_cache[:S], scale=scale)
 
 
+def decode_key_ranges(n: int, n_split: int, min_keys: int = 32) -> list[tuple[int, int]]:
+    """The key ranges of the split one-token step (decode_attn.cu da::key_range): n keys cut
+    into n_split ranges of ceil(n / n_split) keys, at least min_keys; the last ones may be empty."""
+    per = max(-(-n // n_split) if n else 0, min_keys)
+    return [(s * per, min(n, s * per + per)) for s in range(n_split)]
+
+
+def attention_decode_split(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, P: int, *, scale: float,
+                           n_split: int, min_keys: int = 32) -> np.ndarray:
+    """`attention_cache` of one query row (q [1, Hq, D], the step's K/V at row P) computed the way
+    decode_attn.cu does: a partial softmax state (m, l, acc) in log2 units per key range and
+    query head, then their combination. Equal to attention_cache up to rounding."""
+    _, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    group = Hq // Hkv
+    n = P + 1
+    sl2 = scale * np.log2(np.e)
+    out = np.zeros((1, Hq, v_cache.shape[2]), np.float64)
+    for h in range(Hq):
+        hk = h // group
+        parts = []
+        for lo, hi in decode_key_ranges(n, n_split, min_keys):
+            if lo >= hi:
+                continue
+            s = k_cache[lo:hi, hk].astype(np.float64) @ (q[0, h].astype(np.float64) * sl2)
+            m = s.max()
+            w = np.exp2(s - m)
+            parts.append((m, w.sum(), w @ v_cache[lo:hi, hk].astype(np.float64)))
+        M = max(p[0] for p in parts)
+        L = sum(l * np.exp2(m - M) for m, l, _ in parts)
+        out[0, h] = sum(a * np.exp2(m - M) for m, _, a in parts) / L
+    return out.astype(F32)
+
+
 def kv_append(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, P: int) -> None:
     """Write a chunk's keys and values into the cache, in place: k_cache[P + t] = k[t],
     v_cache[P + t] = v[t] for t < T, rounded to the cache's dtype (bf16 on the GPU; the

@@ -701,12 +701,34 @@ def _attention(ctx, n):
     be = ctx.be
     q_dt = _dt(q)
     _expect(n, "q dtype", q_dt, n.meta["kernel"]["q"])
+    split = _decode_split(ctx, n, q, q_dt, k_cache, v_cache, out, Hq, Hkv, D, Dv)
+    if split is not None:
+        return split
     fa.prepare(D, q_dt, out.dtype)
 
     def run():
         fa.flash_attn_prefill(q, q_dt, q.strides[0] // q.itemsize, q.strides[1] // q.itemsize, k_cache, v_cache,
                               out, T, Hq, Hkv, D, Dv, n.attrs.scale, be.past_dev, be.nvalid_dev, stream=ctx.stream)
     return run
+
+
+def _decode_split(ctx, n, q, q_dt, k_cache, v_cache, out, Hq, Hkv, D, Dv):
+    """The one-token step's key-split attention where the plan names it for this chunk size
+    (by_chunk impl "split", passes/lower_cuda.py decode_attention), else None."""
+    at = ctx.at(n.meta["kernel"])
+    if at.get("impl") != "split":
+        return None
+    from ggfuse.kernels.attention import launch as fa
+    T = q.shape[0]
+    if T != 1 or D != Dv:
+        raise PlanError(None, f"cuda: {n.name}: the plan splits the keys of a {T}-row chunk (only the one-token step)")
+    splits = int(at["splits"])
+    ws = ctx.ws(n, "split", (fa.decode_workspace_bytes(Hq, D, splits),), np.uint8)
+    be = ctx.be
+    q_sh = q.strides[1] // q.itemsize
+    scale = float(n.attrs.scale)
+    return lambda: fa.decode_attn(q, q_dt, q_sh, k_cache, v_cache, out, Hq, Hkv, D, scale, splits, ws,
+                                  be.past_dev, be.nvalid_dev, stream=ctx.stream)
 
 
 @launcher("attention.window")
@@ -731,6 +753,9 @@ def _attention_window(ctx, n):
         k, v = None, None
         k_ring, v_ring = ctx.v(n.inputs[1]), ctx.v(n.inputs[2])     # the caches, the chunk appended
         R, window = 0, 0
+        split = _decode_split(ctx, n, q, q_dt, k_ring, v_ring, out, Hq, k_ring.shape[1], D, v_ring.shape[2])
+        if split is not None:
+            return split
     Hkv = k_ring.shape[1]
     return lambda: fa.window_attn(q, q_dt, k, v, k_ring, v_ring, out, T, Hq, Hkv, D, R, window, float(n.attrs.scale),
                                   be.past_dev, be.nvalid_dev, stream=ctx.stream)
