@@ -171,10 +171,7 @@ def decode_row(model, backend, n: int, rng, repeat: int, log=print, depth: int =
     def run():
         model.reset()
         if before is not None:
-            model.prefill(before, logits="last")
-            sync = getattr(getattr(backend, "stream", None), "synchronize", None)
-            if sync is not None:
-                sync()           # the prompt's chunks are not part of the steps' time
+            model.prefill(before, logits="last")   # returns once its logits are on the host
         decode_cache_report(backend, reset=True)
         hs = getattr(backend, "host_stats", None)
         if hs is not None:

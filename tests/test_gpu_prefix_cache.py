@@ -8,7 +8,7 @@ import pytest
 import ggfuse
 from ggfuse.runtime.prefix_cache import PrefixCache
 from ggfuse.runtime.snapshot import positional_states
-from test_prefix_cache import check_parity
+from test_prefix_cache import check_parity, small_budget
 from util import MODELS, fixture
 
 pytestmark = pytest.mark.gpu
@@ -24,8 +24,7 @@ def test_gpu_cache_gives_the_same_tokens_and_logits_as_no_cache(arch, where, mon
     cache = PrefixCache(256 << 20, where=where)
     cached, cold = check_parity(m, cache, monkeypatch, tol=2e-3, near_tie=1e-3)
     print(f"{arch} ({where}): restored {cached} tokens per turn; {cache.summary()}")
-    rows = sum(n.snap.row_bytes for n in cache.nodes())      # as tests/test_prefix_cache.py
-    small = PrefixCache(rows + (cache.nbytes - rows) // 4, where=where)
+    small = PrefixCache(small_budget(cache), where=where)
     check_parity(m, small, monkeypatch, tol=2e-3, near_tie=1e-3, cold=cold)
     assert small.nbytes <= small.budget
 

@@ -252,6 +252,14 @@ def conversation_turns(n_vocab, seed=0):
             rng.integers(1, n_vocab, 9).tolist()]
 
 
+def small_budget(cache) -> int:
+    """A budget that evicts states along a conversation `cache` held whole: its KV rows fit (an
+    inner node keeps its rows for its children: a budget under them keeps nothing to resume from,
+    and a Gemma fixture's rows are most of its bytes), a quarter of the rest does."""
+    rows = sum(n.snap.row_bytes for n in cache.nodes())
+    return rows + (cache.nbytes - rows) // 4
+
+
 def check_parity(model, cache, monkeypatch, n_new=4, tol=2e-5, seed=0, near_tie=0.0, cold=None):
     """The conversation with and without the cache: the same tokens, logits within tol (relative to
     the largest). Tokens may part only where the uncached top-2 logits are within near_tie (a
@@ -282,11 +290,8 @@ def test_cache_gives_the_same_tokens_and_logits_as_no_cache(arch, monkeypatch):
     cache = PrefixCache(64 << 20)
     _, cold = check_parity(m, cache, monkeypatch)
     assert cache.stats.hits >= 4 and cache.nbytes <= cache.budget
-    # a small budget: states evicted along the way, same answers. The rows of the conversation
-    # fit (an inner node keeps its KV rows for its children: a budget under them keeps nothing to
-    # resume from, and a Gemma fixture's rows are most of its bytes), a quarter of the rest does
-    rows = sum(n.snap.row_bytes for n in cache.nodes())
-    small = PrefixCache(rows + (cache.nbytes - rows) // 4)
+    # a small budget: states evicted along the way, same answers
+    small = PrefixCache(small_budget(cache))
     check_parity(m, small, monkeypatch, cold=cold)
     assert small.stats.evictions > 0 and small.nbytes <= small.budget
 

@@ -34,10 +34,12 @@ __device__ __forceinline__ float tof(__nv_bfloat16 x) { return __bfloat162float(
 __device__ __forceinline__ void put(float* p, float x) { *p = x; }
 __device__ __forceinline__ void put(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
 
+// Keys per range of n keys over n_split ranges (the ranges past ceil(n / per) are empty).
+__device__ __forceinline__ int range_keys(int n, int n_split) { return max((n + n_split - 1) / n_split, MIN_KEYS); }
+
 // The keys of range `s` of n_split over n keys: [*lo, *hi) (empty when lo >= hi).
 __device__ __forceinline__ void key_range(int n, int n_split, int s, int* lo, int* hi) {
-    int per = (n + n_split - 1) / n_split;
-    per = max(per, MIN_KEYS);
+    const int per = range_keys(n, n_split);
     *lo = s * per;
     *hi = min(n, *lo + per);
 }
@@ -147,7 +149,7 @@ __device__ __forceinline__ void combine(const float* __restrict__ part_acc, cons
     const int n = nv > 0 ? *past_dev + 1 : 0;
     const float* pm = part_ml + static_cast<long long>(h) * n_split * 2;
     // the ranges that hold keys: the first `used` (key_range gives the rest nothing)
-    int per = max((n + n_split - 1) / n_split, MIN_KEYS);
+    const int per = range_keys(n, n_split);
     const int used = n > 0 ? min(n_split, (n + per - 1) / per) : 0;
     float M = __int_as_float(0xff800000);
     for (int s = 0; s < used; ++s) M = fmaxf(M, pm[2 * s]);

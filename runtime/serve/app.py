@@ -86,45 +86,42 @@ class TextEndpoint:
         conversation, and a rendering that ends with it is cut there without rendering the
         messages a second time (half of a long chat's tokenizing time); any other rendering is
         cut by rendering it without the answer's prompt."""
-        known = self._answer_prompt(req.template_kwargs)
-        if known is not None and full.endswith(known[0]):
-            return self._cut(ids, known[1])
+        kwargs = req.template_kwargs
+        known = self._answer_prompt(kwargs)
+        if known is None or not full.endswith(known[0]):
+            known = self._answer_tail(req.messages, kwargs, full)
+            if known is None:
+                return ()
+        tail = known[1]
+        n = len(ids) - len(tail)
+        return (n,) if 0 < n < len(ids) and ids[n:] == tail else ()
+
+    def _answer_tail(self, messages, kwargs: dict, full: str | None = None):
+        """(text, token ids) of what the template appends for the answer to `messages` (their
+        rendering with the answer's prompt, `full` where given, less the one without), or None."""
         from ggfuse.errors import GGFuseError
         from ggfuse.runtime.generate import encode_rendered
         try:
-            head = self.template.render(req.messages, add_generation_prompt=False, **req.template_kwargs)
+            if full is None:
+                full = self.template.render(messages, add_generation_prompt=True, **kwargs)
+            head = self.template.render(messages, add_generation_prompt=False, **kwargs)
         except GGFuseError:
-            return ()
+            return None
         if not full.startswith(head) or len(full) == len(head):
-            return ()
-        return self._cut(ids, encode_rendered(self.model.tokenizer, full[len(head):]))
-
-    @staticmethod
-    def _cut(ids, tail) -> tuple:
-        n = len(ids) - len(tail)
-        return (n,) if 0 < n < len(ids) and ids[n:] == tail else ()
+            return None
+        text = full[len(head):]
+        return text, encode_rendered(self.model.tokenizer, text)
 
     def _answer_prompt(self, kwargs: dict):
         """(text, token ids) the template appends for the answer under these template arguments,
         from a probe conversation; None where the probe does not show one."""
-        from ggfuse.errors import GGFuseError
-        from ggfuse.runtime.generate import encode_rendered
         key = json.dumps(kwargs, sort_keys=True, default=repr)
-        if key not in self._answer_prompts:
-            got = None
-            probe = [{"role": "user", "content": "Hello."}]
-            try:
-                full = self.template.render(probe, add_generation_prompt=True, **kwargs)
-                head = self.template.render(probe, add_generation_prompt=False, **kwargs)
-            except GGFuseError:
-                full = head = ""
-            if full.startswith(head) and len(full) > len(head):
-                text = full[len(head):]
-                got = (text, encode_rendered(self.model.tokenizer, text))
-            if len(self._answer_prompts) < 64:      # kwargs come from requests: keep a few
-                self._answer_prompts[key] = got
-            return got
-        return self._answer_prompts[key]
+        if key in self._answer_prompts:
+            return self._answer_prompts[key]
+        got = self._answer_tail([{"role": "user", "content": "Hello."}], kwargs)
+        if len(self._answer_prompts) < 64:      # kwargs come from requests: keep a few
+            self._answer_prompts[key] = got
+        return got
 
     def max_new(self, req, n_prompt: int) -> int:
         """The new-token budget, or APIError where the prompt and max_tokens overflow the context."""
